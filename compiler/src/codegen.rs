@@ -1,0 +1,572 @@
+//! LLVM codegen: loop IR kernels → one LLVM module → `default<O3>` for the target CPU → an
+//! object file in memory.
+//!
+//! Each kernel becomes `void NAME(ptr bufs, i64 start, i64 end)`: `bufs` is the program's
+//! buffer table, [start, end) the slice of the root loop this call runs (the runtime splits it
+//! across threads). The body is a separate function taking each buffer it touches as a
+//! `noalias` pointer, so the vectoriser needs no runtime alias checks; O3 inlines it.
+//! Loop counters and accumulators start as allocas; mem2reg turns them into SSA.
+
+use crate::dtype::{DType, Scalar};
+use crate::ir::{BinaryOp, CmpOp, Dim, UnaryOp};
+use crate::loop_ir::*;
+use crate::math::Math;
+use crate::target::Target;
+use inkwell::attributes::{Attribute, AttributeLoc};
+use inkwell::builder::{Builder, BuilderError};
+use inkwell::context::Context;
+use inkwell::module::{Linkage, Module};
+use inkwell::passes::PassBuilderOptions;
+use inkwell::targets::{CodeModel, FileType, RelocMode, Target as LlvmTarget, TargetMachine, TargetTriple};
+use inkwell::types::BasicTypeEnum;
+use inkwell::values::{BasicValueEnum, FloatValue, FunctionValue, IntValue, PointerValue};
+use inkwell::{AddressSpace, FloatPredicate, IntPredicate, OptimizationLevel};
+use std::collections::HashMap;
+
+#[derive(thiserror::Error, Debug)]
+pub enum CodegenError {
+    #[error("LLVM builder: {0}")]
+    Builder(#[from] BuilderError),
+    #[error("LLVM: {0}")]
+    Llvm(String),
+    #[error("codegen does not support {0}")]
+    Unsupported(String),
+}
+
+/// Machine code for a set of kernels, with the symbol of each.
+pub struct ObjectCode {
+    pub bytes: Vec<u8>,
+    pub symbols: Vec<String>,
+}
+
+pub struct CodegenOptions {
+    /// LLVM new-pass-manager pipeline.
+    pub pipeline: String,
+}
+
+impl Default for CodegenOptions {
+    fn default() -> Self {
+        CodegenOptions { pipeline: "default<O3>".into() }
+    }
+}
+
+fn target_machine(target: &Target) -> Result<TargetMachine, CodegenError> {
+    let triple = TargetTriple::create(&target.triple);
+    let t = LlvmTarget::from_triple(&triple).map_err(|e| CodegenError::Llvm(e.to_string()))?;
+    t.create_target_machine(&triple, &target.cpu, &target.features, OptimizationLevel::Aggressive, RelocMode::PIC, CodeModel::Default)
+        .ok_or_else(|| CodegenError::Llvm("cannot create target machine".into()))
+}
+
+/// Compiles kernels to an object file. Symbols are `{prefix}_{kernel.name}`.
+pub fn compile(kernels: &[Kernel], buffer_dtypes: &[DType], target: &Target, prefix: &str, opts: &CodegenOptions) -> Result<ObjectCode, CodegenError> {
+    let ctx = Context::create();
+    let module = ctx.create_module(prefix);
+    let tm = target_machine(target)?;
+    module.set_triple(&tm.get_triple());
+    module.set_data_layout(&tm.get_target_data().get_data_layout());
+    let mut symbols = vec![];
+    for k in kernels {
+        let name = format!("{prefix}_{}", k.name);
+        emit_kernel(&ctx, &module, k, buffer_dtypes, target, &name)?;
+        symbols.push(name);
+    }
+    module.verify().map_err(|e| CodegenError::Llvm(format!("invalid module: {e}")))?;
+    module
+        .run_passes(&opts.pipeline, &tm, PassBuilderOptions::create())
+        .map_err(|e| CodegenError::Llvm(e.to_string()))?;
+    let buf = tm.write_to_memory_buffer(&module, FileType::Object).map_err(|e| CodegenError::Llvm(e.to_string()))?;
+    Ok(ObjectCode { bytes: buf.as_slice().to_vec(), symbols })
+}
+
+/// The optimised LLVM IR of the kernels, for debugging and tests.
+pub fn llvm_ir(kernels: &[Kernel], buffer_dtypes: &[DType], target: &Target, opts: &CodegenOptions) -> Result<String, CodegenError> {
+    let ctx = Context::create();
+    let module = ctx.create_module("kiln");
+    let tm = target_machine(target)?;
+    for k in kernels {
+        emit_kernel(&ctx, &module, k, buffer_dtypes, target, &k.name)?;
+    }
+    module.run_passes(&opts.pipeline, &tm, PassBuilderOptions::create()).map_err(|e| CodegenError::Llvm(e.to_string()))?;
+    Ok(module.print_to_string().to_string())
+}
+
+fn used_buffers(k: &Kernel) -> Vec<BufId> {
+    let mut bufs = vec![];
+    for (e, _) in &k.exprs {
+        if let Expr::Load { buf, .. } = e {
+            bufs.push(*buf);
+        }
+    }
+    fn stores(l: &Loop, out: &mut Vec<BufId>) {
+        for s in &l.body {
+            match s {
+                Stmt::Loop(i) => stores(i, out),
+                Stmt::Store { buf, .. } => out.push(*buf),
+                _ => {}
+            }
+        }
+    }
+    stores(&k.root, &mut bufs);
+    bufs.sort_by_key(|b| b.0);
+    bufs.dedup();
+    bufs
+}
+
+fn set_target_attrs<'ctx>(ctx: &'ctx Context, f: FunctionValue<'ctx>, target: &Target) {
+    f.add_attribute(AttributeLoc::Function, ctx.create_string_attribute("target-cpu", &target.cpu));
+    f.add_attribute(AttributeLoc::Function, ctx.create_string_attribute("target-features", &target.features));
+    let nounwind = Attribute::get_named_enum_kind_id("nounwind");
+    f.add_attribute(AttributeLoc::Function, ctx.create_enum_attribute(nounwind, 0));
+}
+
+fn emit_kernel<'ctx>(ctx: &'ctx Context, module: &Module<'ctx>, k: &Kernel, buffer_dtypes: &[DType], target: &Target, name: &str) -> Result<(), CodegenError> {
+    let ptr = ctx.ptr_type(AddressSpace::default());
+    let i64t = ctx.i64_type();
+    let used = used_buffers(k);
+
+    // Body: (noalias ptr per used buffer..., i64 start, i64 end)
+    let mut params: Vec<_> = used.iter().map(|_| ptr.into()).collect();
+    params.push(i64t.into());
+    params.push(i64t.into());
+    let body_fn = module.add_function(&format!("{name}_body"), ctx.void_type().fn_type(&params, false), Some(Linkage::Internal));
+    set_target_attrs(ctx, body_fn, target);
+    let noalias = Attribute::get_named_enum_kind_id("noalias");
+    for i in 0..used.len() {
+        body_fn.add_attribute(AttributeLoc::Param(i as u32), ctx.create_enum_attribute(noalias, 0));
+    }
+    let builder = ctx.create_builder();
+    let entry = ctx.append_basic_block(body_fn, "entry");
+    builder.position_at_end(entry);
+    let mut e = Emitter {
+        ctx,
+        module,
+        b: &builder,
+        k,
+        f: body_fn,
+        bufs: used.iter().enumerate().map(|(i, b)| (*b, (body_fn.get_nth_param(i as u32).unwrap().into_pointer_value(), buffer_dtypes[b.0 as usize]))).collect(),
+        vars: HashMap::new(),
+        accs: vec![],
+        memo: HashMap::new(),
+    };
+    for v in 0..k.num_vars {
+        let slot = builder.build_alloca(i64t, &format!("i{v}"))?;
+        e.vars.insert(VarId(v), slot);
+    }
+    for (i, d) in k.accs.iter().enumerate() {
+        e.accs.push(builder.build_alloca(llvm_type(ctx, *d), &format!("acc{i}"))?);
+    }
+    let start = body_fn.get_nth_param(used.len() as u32).unwrap().into_int_value();
+    let end = body_fn.get_nth_param(used.len() as u32 + 1).unwrap().into_int_value();
+    e.emit_loop(&k.root, Some((start, end)))?;
+    builder.build_return(None)?;
+
+    // Entry: unpack the buffer table and call the body.
+    let entry_fn = module.add_function(name, ctx.void_type().fn_type(&[ptr.into(), i64t.into(), i64t.into()], false), None);
+    set_target_attrs(ctx, entry_fn, target);
+    let bb = ctx.append_basic_block(entry_fn, "entry");
+    builder.position_at_end(bb);
+    let table = entry_fn.get_nth_param(0).unwrap().into_pointer_value();
+    let mut args: Vec<inkwell::values::BasicMetadataValueEnum> = vec![];
+    for b in &used {
+        let slot = unsafe { builder.build_in_bounds_gep(ptr, table, &[i64t.const_int(b.0 as u64, false)], "")? };
+        args.push(builder.build_load(ptr, slot, "")?.into());
+    }
+    args.push(entry_fn.get_nth_param(1).unwrap().into());
+    args.push(entry_fn.get_nth_param(2).unwrap().into());
+    builder.build_call(body_fn, &args, "")?;
+    builder.build_return(None)?;
+    Ok(())
+}
+
+fn llvm_type<'ctx>(ctx: &'ctx Context, d: DType) -> BasicTypeEnum<'ctx> {
+    match d {
+        DType::Bool => ctx.bool_type().into(),
+        DType::I32 => ctx.i32_type().into(),
+        DType::I64 => ctx.i64_type().into(),
+        DType::F32 => ctx.f32_type().into(),
+        DType::F64 => ctx.f64_type().into(),
+    }
+}
+
+/// How an element is stored in memory: bool is a byte.
+fn mem_type<'ctx>(ctx: &'ctx Context, d: DType) -> BasicTypeEnum<'ctx> {
+    match d {
+        DType::Bool => ctx.i8_type().into(),
+        _ => llvm_type(ctx, d),
+    }
+}
+
+struct Emitter<'a, 'ctx> {
+    ctx: &'ctx Context,
+    module: &'a Module<'ctx>,
+    b: &'a Builder<'ctx>,
+    k: &'a Kernel,
+    f: FunctionValue<'ctx>,
+    bufs: HashMap<BufId, (PointerValue<'ctx>, DType)>,
+    vars: HashMap<VarId, PointerValue<'ctx>>,
+    accs: Vec<PointerValue<'ctx>>,
+    /// Expressions already computed in the current straight-line block.
+    memo: HashMap<ExprId, BasicValueEnum<'ctx>>,
+}
+
+type R<T> = Result<T, CodegenError>;
+
+impl<'a, 'ctx> Emitter<'a, 'ctx> {
+    fn math(&self) -> Math<'a, 'ctx> {
+        Math { ctx: self.ctx, module: self.module, b: self.b }
+    }
+
+    fn emit_loop(&mut self, l: &Loop, range: Option<(IntValue<'ctx>, IntValue<'ctx>)>) -> R<()> {
+        let i64t = self.ctx.i64_type();
+        let (start, end) = match range {
+            Some(r) => r,
+            None => match l.extent {
+                Dim::Const(n) => (i64t.const_zero(), i64t.const_int(n as u64, true)),
+                Dim::Sym(_) => return Err(CodegenError::Unsupported("symbolic extent".into())),
+            },
+        };
+        let slot = self.vars[&l.var];
+        self.b.build_store(slot, start)?;
+        let header = self.ctx.append_basic_block(self.f, "loop");
+        let body = self.ctx.append_basic_block(self.f, "body");
+        let exit = self.ctx.append_basic_block(self.f, "exit");
+        self.b.build_unconditional_branch(header)?;
+        self.b.position_at_end(header);
+        let i = self.b.build_load(i64t, slot, "")?.into_int_value();
+        let more = self.b.build_int_compare(IntPredicate::SLT, i, end, "")?;
+        self.b.build_conditional_branch(more, body, exit)?;
+        self.b.position_at_end(body);
+        let saved = std::mem::take(&mut self.memo);
+        for s in &l.body {
+            self.emit_stmt(s)?;
+        }
+        self.memo = saved;
+        let i = self.b.build_load(i64t, slot, "")?.into_int_value();
+        let next = self.b.build_int_add(i, i64t.const_int(1, false), "")?;
+        self.b.build_store(slot, next)?;
+        self.b.build_unconditional_branch(header)?;
+        self.b.position_at_end(exit);
+        Ok(())
+    }
+
+    fn emit_stmt(&mut self, s: &Stmt) -> R<()> {
+        match s {
+            Stmt::Loop(l) => {
+                self.emit_loop(l, None)?;
+                // Values computed before the loop do not dominate code after its exit block
+                // in every case we care about (accumulators change): start afresh.
+                self.memo.clear();
+            }
+            Stmt::Store { buf, index, value } => {
+                let v = self.expr(*value)?;
+                let (ptr, dtype) = self.bufs[buf];
+                let addr = self.address(ptr, dtype, index)?;
+                let v = if dtype == DType::Bool { self.b.build_int_z_extend(v.into_int_value(), self.ctx.i8_type(), "")?.into() } else { v };
+                self.b.build_store(addr, v)?;
+            }
+            Stmt::Init { acc, value } => {
+                let v = self.expr(*value)?;
+                self.b.build_store(self.accs[acc.0 as usize], v)?;
+                self.memo.clear();
+            }
+            Stmt::Update { acc, combine, value } => {
+                let v = self.expr(*value)?;
+                let d = self.k.accs[acc.0 as usize];
+                let slot = self.accs[acc.0 as usize];
+                let cur = self.b.build_load(llvm_type(self.ctx, d), slot, "")?;
+                let new = match (combine, d.is_float()) {
+                    (Combine::Add, true) => {
+                        let r = self.b.build_float_add(cur.into_float_value(), v.into_float_value(), "")?;
+                        // Reassociation lets the vectoriser keep one partial sum per lane.
+                        let flags = inkwell::values::FastMathFlags::AllowReassoc;
+                        r.as_instruction().unwrap().set_fast_math_flags(flags).ok();
+                        r.into()
+                    }
+                    (Combine::Add, false) => self.b.build_int_add(cur.into_int_value(), v.into_int_value(), "")?.into(),
+                    (Combine::Max, _) => self.binary(BinaryOp::Max, d, cur, v)?,
+                    (Combine::Min, _) => self.binary(BinaryOp::Min, d, cur, v)?,
+                };
+                self.b.build_store(slot, new)?;
+                self.memo.clear();
+            }
+        }
+        Ok(())
+    }
+
+    fn address(&self, base: PointerValue<'ctx>, dtype: DType, index: &Index) -> R<PointerValue<'ctx>> {
+        let i64t = self.ctx.i64_type();
+        let mut off = i64t.const_int(index.offset as u64, true);
+        for (v, stride) in &index.terms {
+            let i = self.b.build_load(i64t, self.vars[v], "")?.into_int_value();
+            let t = self.b.build_int_mul(i, i64t.const_int(*stride as u64, true), "")?;
+            off = self.b.build_int_add(off, t, "")?;
+        }
+        Ok(unsafe { self.b.build_in_bounds_gep(mem_type(self.ctx, dtype), base, &[off], "")? })
+    }
+
+    fn constant(&self, s: Scalar, d: DType) -> BasicValueEnum<'ctx> {
+        match (d, s.cast(d)) {
+            (DType::Bool, Scalar::Bool(b)) => self.ctx.bool_type().const_int(b as u64, false).into(),
+            (DType::I32, Scalar::Int(i)) => self.ctx.i32_type().const_int(i as u64, true).into(),
+            (DType::I64, Scalar::Int(i)) => self.ctx.i64_type().const_int(i as u64, true).into(),
+            (DType::F32, Scalar::Float(f)) => self.ctx.f32_type().const_float(f).into(),
+            (DType::F64, Scalar::Float(f)) => self.ctx.f64_type().const_float(f).into(),
+            _ => unreachable!("Scalar::cast returns the dtype's kind"),
+        }
+    }
+
+    fn expr(&mut self, id: ExprId) -> R<BasicValueEnum<'ctx>> {
+        if let Some(v) = self.memo.get(&id) {
+            return Ok(*v);
+        }
+        let d = self.k.dtype(id);
+        let v: BasicValueEnum<'ctx> = match self.k.expr(id).clone() {
+            Expr::Load { buf, index } => {
+                let (ptr, dtype) = self.bufs[&buf];
+                let addr = self.address(ptr, dtype, &index)?;
+                let v = self.b.build_load(mem_type(self.ctx, dtype), addr, "")?;
+                if dtype == DType::Bool {
+                    self.b.build_int_compare(IntPredicate::NE, v.into_int_value(), self.ctx.i8_type().const_zero(), "")?.into()
+                } else {
+                    v
+                }
+            }
+            Expr::Const(s) => self.constant(s, d),
+            Expr::Acc(a) => self.b.build_load(llvm_type(self.ctx, d), self.accs[a.0 as usize], "")?,
+            Expr::Unary(op, x) => {
+                let xv = self.expr(x)?;
+                self.unary(op, d, xv)?
+            }
+            Expr::Binary(BinaryOp::Pow, x, y) => self.pow(x, y, d)?,
+            Expr::Binary(op, x, y) => {
+                let (xv, yv) = (self.expr(x)?, self.expr(y)?);
+                self.binary(op, d, xv, yv)?
+            }
+            Expr::Compare(op, x, y) => {
+                let od = self.k.dtype(x);
+                let (xv, yv) = (self.expr(x)?, self.expr(y)?);
+                self.compare(op, od, xv, yv)?.into()
+            }
+            Expr::Select(c, x, y) => {
+                let (cv, xv, yv) = (self.expr(c)?, self.expr(x)?, self.expr(y)?);
+                self.b.build_select(cv.into_int_value(), xv, yv, "")?
+            }
+            Expr::Cast(x) => {
+                let from = self.k.dtype(x);
+                let xv = self.expr(x)?;
+                self.cast(xv, from, d)?
+            }
+        };
+        self.memo.insert(id, v);
+        Ok(v)
+    }
+
+    fn cast(&self, v: BasicValueEnum<'ctx>, from: DType, to: DType) -> R<BasicValueEnum<'ctx>> {
+        use DType::*;
+        let ty = llvm_type(self.ctx, to);
+        Ok(match (from, to) {
+            _ if from == to => v,
+            (F32, F64) => self.b.build_float_ext(v.into_float_value(), self.ctx.f64_type(), "")?.into(),
+            (F64, F32) => self.b.build_float_trunc(v.into_float_value(), self.ctx.f32_type(), "")?.into(),
+            (Bool, F32 | F64) => self.b.build_unsigned_int_to_float(v.into_int_value(), ty.into_float_type(), "")?.into(),
+            (I32 | I64, F32 | F64) => self.b.build_signed_int_to_float(v.into_int_value(), ty.into_float_type(), "")?.into(),
+            (F32 | F64, Bool) => {
+                let zero = v.get_type().into_float_type().const_zero();
+                self.b.build_float_compare(FloatPredicate::UNE, v.into_float_value(), zero, "")?.into()
+            }
+            (I32 | I64, Bool) => {
+                let zero = v.get_type().into_int_type().const_zero();
+                self.b.build_int_compare(IntPredicate::NE, v.into_int_value(), zero, "")?.into()
+            }
+            (F32 | F64, I32 | I64) => {
+                // Saturating: NaN and out-of-range values are undefined in PyTorch; never poison here.
+                let f = inkwell::intrinsics::Intrinsic::find("llvm.fptosi.sat")
+                    .and_then(|i| i.get_declaration(self.module, &[ty, v.get_type()]))
+                    .unwrap();
+                match self.b.build_call(f, &[v.into()], "")?.try_as_basic_value() {
+                    inkwell::values::ValueKind::Basic(r) => r,
+                    _ => unreachable!(),
+                }
+            }
+            (Bool, I32 | I64) => self.b.build_int_z_extend(v.into_int_value(), ty.into_int_type(), "")?.into(),
+            (I64, I32) => self.b.build_int_truncate(v.into_int_value(), ty.into_int_type(), "")?.into(),
+            (I32, I64) => self.b.build_int_s_extend(v.into_int_value(), ty.into_int_type(), "")?.into(),
+            _ => return Err(CodegenError::Unsupported(format!("cast {from} -> {to}"))),
+        })
+    }
+
+    fn f64_via_libm(&self, name: &str, args: &[FloatValue<'ctx>], d: DType) -> R<FloatValue<'ctx>> {
+        let f64t = self.ctx.f64_type();
+        let wide: Vec<FloatValue> = args
+            .iter()
+            .map(|a| if d == DType::F32 { self.b.build_float_ext(*a, f64t, "") } else { Ok(*a) })
+            .collect::<Result<_, _>>()?;
+        let r = self.math().libm(name, &wide)?;
+        Ok(if d == DType::F32 { self.b.build_float_trunc(r, self.ctx.f32_type(), "")? } else { r })
+    }
+
+    fn unary(&self, op: UnaryOp, d: DType, v: BasicValueEnum<'ctx>) -> R<BasicValueEnum<'ctx>> {
+        if !d.is_float() {
+            let x = v.into_int_value();
+            let zero = x.get_type().const_zero();
+            return Ok(match op {
+                UnaryOp::Neg => self.b.build_int_neg(x, "")?.into(),
+                UnaryOp::Abs => {
+                    let neg = self.b.build_int_compare(IntPredicate::SLT, x, zero, "")?;
+                    self.b.build_select(neg, self.b.build_int_neg(x, "")?, x, "")?
+                }
+                UnaryOp::Relu => {
+                    let pos = self.b.build_int_compare(IntPredicate::SGT, x, zero, "")?;
+                    self.b.build_select(pos, x, zero, "")?
+                }
+                UnaryOp::Not => self.b.build_not(x, "")?.into(),
+                _ => return Err(CodegenError::Unsupported(format!("{} on {d}", op.name()))),
+            });
+        }
+        let x = v.into_float_value();
+        let m = self.math();
+        let one = x.get_type().const_float(1.0);
+        let f32_ = d == DType::F32;
+        let r = match op {
+            UnaryOp::Neg => self.b.build_float_neg(x, "")?,
+            UnaryOp::Abs => m.intrinsic("llvm.fabs", &[x])?,
+            UnaryOp::Reciprocal => self.b.build_float_div(one, x, "")?,
+            UnaryOp::Relu => {
+                let neg = self.b.build_float_compare(FloatPredicate::OLT, x, x.get_type().const_zero(), "")?;
+                self.b.build_select(neg, x.get_type().const_zero(), x, "")?.into_float_value()
+            }
+            UnaryOp::Sqrt => m.intrinsic("llvm.sqrt", &[x])?,
+            UnaryOp::Rsqrt => self.b.build_float_div(one, m.intrinsic("llvm.sqrt", &[x])?, "")?,
+            UnaryOp::Exp if f32_ => m.exp_f32(x)?,
+            UnaryOp::Log if f32_ => m.log_f32(x)?,
+            UnaryOp::Log1p if f32_ => m.log1p_f32(x)?,
+            UnaryOp::Tanh if f32_ => m.tanh_f32(x)?,
+            UnaryOp::Erf if f32_ => m.erf_f32(x)?,
+            UnaryOp::Sigmoid if f32_ => m.sigmoid_f32(x)?,
+            UnaryOp::Gelu if f32_ => m.gelu_f32(x)?,
+            UnaryOp::GeluTanh if f32_ => m.gelu_tanh_f32(x)?,
+            UnaryOp::Silu if f32_ => {
+                // x / (1 + exp(-x)), PyTorch's form (silu(-inf) is NaN there too).
+                let e = m.exp_f32(self.b.build_float_neg(x, "")?)?;
+                self.b.build_float_div(x, self.b.build_float_add(one, e, "")?, "")?
+            }
+            UnaryOp::Exp => m.libm("exp", &[x])?,
+            UnaryOp::Log => m.libm("log", &[x])?,
+            UnaryOp::Log1p => m.libm("log1p", &[x])?,
+            UnaryOp::Tanh => m.libm("tanh", &[x])?,
+            UnaryOp::Erf => m.libm("erf", &[x])?,
+            UnaryOp::Sigmoid => {
+                let e = m.libm("exp", &[self.b.build_float_neg(x, "")?])?;
+                self.b.build_float_div(one, self.b.build_float_add(one, e, "")?, "")?
+            }
+            UnaryOp::Silu => {
+                let e = m.libm("exp", &[self.b.build_float_neg(x, "")?])?;
+                self.b.build_float_div(x, self.b.build_float_add(one, e, "")?, "")?
+            }
+            UnaryOp::Gelu => {
+                let u = self.b.build_float_mul(x, x.get_type().const_float(std::f64::consts::FRAC_1_SQRT_2), "")?;
+                let e = m.libm("erf", &[u])?;
+                let half = self.b.build_float_mul(x, x.get_type().const_float(0.5), "")?;
+                self.b.build_float_mul(half, self.b.build_float_add(one, e, "")?, "")?
+            }
+            UnaryOp::GeluTanh => {
+                let c = x.get_type().const_float((2.0 / std::f64::consts::PI).sqrt());
+                let k = x.get_type().const_float(0.044715);
+                let x3 = self.b.build_float_mul(x, self.b.build_float_mul(x, x, "")?, "")?;
+                let inner = self.b.build_float_mul(c, self.b.build_float_add(x, self.b.build_float_mul(k, x3, "")?, "")?, "")?;
+                let t = m.libm("tanh", &[inner])?;
+                let half = self.b.build_float_mul(x, x.get_type().const_float(0.5), "")?;
+                self.b.build_float_mul(half, self.b.build_float_add(one, t, "")?, "")?
+            }
+            UnaryOp::Not => return Err(CodegenError::Unsupported("not on float".into())),
+        };
+        Ok(r.into())
+    }
+
+    fn binary(&self, op: BinaryOp, d: DType, a: BasicValueEnum<'ctx>, c: BasicValueEnum<'ctx>) -> R<BasicValueEnum<'ctx>> {
+        let b = self.b;
+        if d.is_float() {
+            let (x, y) = (a.into_float_value(), c.into_float_value());
+            return Ok(match op {
+                BinaryOp::Add => b.build_float_add(x, y, "")?.into(),
+                BinaryOp::Sub => b.build_float_sub(x, y, "")?.into(),
+                BinaryOp::Mul => b.build_float_mul(x, y, "")?.into(),
+                BinaryOp::Div => b.build_float_div(x, y, "")?.into(),
+                BinaryOp::Max => self.math().intrinsic("llvm.maximum", &[x, y])?.into(),
+                BinaryOp::Min => self.math().intrinsic("llvm.minimum", &[x, y])?.into(),
+                BinaryOp::Pow => self.f64_via_libm("pow", &[x, y], d)?.into(),
+                BinaryOp::And | BinaryOp::Or => return Err(CodegenError::Unsupported("logical op on float".into())),
+            });
+        }
+        let (x, y) = (a.into_int_value(), c.into_int_value());
+        Ok(match op {
+            BinaryOp::Add => b.build_int_add(x, y, "")?.into(),
+            BinaryOp::Sub => b.build_int_sub(x, y, "")?.into(),
+            BinaryOp::Mul => b.build_int_mul(x, y, "")?.into(),
+            BinaryOp::And => b.build_and(x, y, "")?.into(),
+            BinaryOp::Or => b.build_or(x, y, "")?.into(),
+            BinaryOp::Max | BinaryOp::Min => {
+                let pred = if op == BinaryOp::Max { IntPredicate::SGT } else { IntPredicate::SLT };
+                let take_x = b.build_int_compare(pred, x, y, "")?;
+                b.build_select(take_x, x, y, "")?
+            }
+            BinaryOp::Div | BinaryOp::Pow => return Err(CodegenError::Unsupported(format!("{} on {d}", op.name()))),
+        })
+    }
+
+    /// pow with a constant exponent uses PyTorch's special cases (x*x, sqrt, ...); others libm.
+    fn pow(&mut self, x: ExprId, y: ExprId, d: DType) -> R<BasicValueEnum<'ctx>> {
+        let xv = self.expr(x)?.into_float_value();
+        let t = xv.get_type();
+        let one = t.const_float(1.0);
+        let b = self.b;
+        if let Expr::Const(s) = self.k.expr(y) {
+            let e = s.as_f64();
+            let sq = || b.build_float_mul(xv, xv, "");
+            let r = match e {
+                0.0 => Some(one),
+                1.0 => Some(xv),
+                2.0 => Some(sq()?),
+                3.0 => Some(b.build_float_mul(sq()?, xv, "")?),
+                0.5 => Some(self.math().intrinsic("llvm.sqrt", &[xv])?),
+                -0.5 => Some(b.build_float_div(one, self.math().intrinsic("llvm.sqrt", &[xv])?, "")?),
+                -1.0 => Some(b.build_float_div(one, xv, "")?),
+                -2.0 => Some(b.build_float_div(one, sq()?, "")?),
+                _ => None,
+            };
+            if let Some(r) = r {
+                return Ok(r.into());
+            }
+        }
+        let yv = self.expr(y)?.into_float_value();
+        Ok(self.f64_via_libm("pow", &[xv, yv], d)?.into())
+    }
+
+    fn compare(&self, op: CmpOp, d: DType, a: BasicValueEnum<'ctx>, c: BasicValueEnum<'ctx>) -> R<IntValue<'ctx>> {
+        if d.is_float() {
+            let p = match op {
+                CmpOp::Eq => FloatPredicate::OEQ,
+                CmpOp::Ne => FloatPredicate::UNE,
+                CmpOp::Lt => FloatPredicate::OLT,
+                CmpOp::Le => FloatPredicate::OLE,
+                CmpOp::Gt => FloatPredicate::OGT,
+                CmpOp::Ge => FloatPredicate::OGE,
+            };
+            return Ok(self.b.build_float_compare(p, a.into_float_value(), c.into_float_value(), "")?);
+        }
+        let signed = d != DType::Bool;
+        let p = match (op, signed) {
+            (CmpOp::Eq, _) => IntPredicate::EQ,
+            (CmpOp::Ne, _) => IntPredicate::NE,
+            (CmpOp::Lt, true) => IntPredicate::SLT,
+            (CmpOp::Le, true) => IntPredicate::SLE,
+            (CmpOp::Gt, true) => IntPredicate::SGT,
+            (CmpOp::Ge, true) => IntPredicate::SGE,
+            (CmpOp::Lt, false) => IntPredicate::ULT,
+            (CmpOp::Le, false) => IntPredicate::ULE,
+            (CmpOp::Gt, false) => IntPredicate::UGT,
+            (CmpOp::Ge, false) => IntPredicate::UGE,
+        };
+        Ok(self.b.build_int_compare(p, a.into_int_value(), c.into_int_value(), "")?)
+    }
+}

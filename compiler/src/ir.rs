@@ -1,0 +1,513 @@
+//! Kiln's graph IR: a typed SSA graph of tensor ops, one output per node.
+//!
+//! The IR is strictly typed: binary ops take operands of one dtype (the frontend inserts casts
+//! for PyTorch's type promotion) and broadcast shapes numpy-style. Every builder method checks
+//! its operands, so a graph that was built is a graph the compiler accepts.
+
+use crate::dtype::{DType, Scalar};
+use std::fmt;
+
+/// An extent: known at compile time, or a symbol bound from the inputs at run time.
+/// Codegen takes only `Const` today; `Sym` is where dynamic shapes plug in.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Dim {
+    Const(i64),
+    Sym(u32),
+}
+
+impl fmt::Display for Dim {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Dim::Const(n) => write!(f, "{n}"),
+            Dim::Sym(s) => write!(f, "s{s}"),
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct TensorType {
+    pub dtype: DType,
+    pub shape: Vec<Dim>,
+}
+
+impl TensorType {
+    pub fn new(dtype: DType, shape: &[i64]) -> Self {
+        TensorType { dtype, shape: shape.iter().map(|&n| Dim::Const(n)).collect() }
+    }
+    pub fn rank(&self) -> usize {
+        self.shape.len()
+    }
+    /// The sizes, when every dim is known at compile time.
+    pub fn static_shape(&self) -> Option<Vec<i64>> {
+        self.shape.iter().map(|d| if let Dim::Const(n) = d { Some(*n) } else { None }).collect()
+    }
+}
+
+impl fmt::Display for TensorType {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}[", self.dtype)?;
+        for (i, d) in self.shape.iter().enumerate() {
+            if i > 0 {
+                f.write_str(", ")?;
+            }
+            write!(f, "{d}")?;
+        }
+        f.write_str("]")
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum UnaryOp {
+    Neg,
+    Abs,
+    Reciprocal,
+    Relu,
+    Sigmoid,
+    Tanh,
+    Exp,
+    Log,
+    Log1p,
+    Sqrt,
+    Rsqrt,
+    Erf,
+    Gelu,
+    GeluTanh,
+    Silu,
+    Not,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum BinaryOp {
+    Add,
+    Sub,
+    Mul,
+    Div,
+    Pow,
+    /// NaN-propagating maximum/minimum (torch.maximum / torch.minimum).
+    Max,
+    Min,
+    And,
+    Or,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum CmpOp {
+    Eq,
+    Ne,
+    Lt,
+    Le,
+    Gt,
+    Ge,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum ReduceOp {
+    Sum,
+    Mean,
+    Max,
+    Min,
+}
+
+macro_rules! names {
+    ($ty:ty { $($v:ident => $s:literal),* $(,)? }) => {
+        impl $ty {
+            pub fn name(self) -> &'static str { match self { $(Self::$v => $s),* } }
+            pub fn parse(s: &str) -> Option<Self> { match s { $($s => Some(Self::$v),)* _ => None } }
+        }
+    };
+}
+names!(UnaryOp { Neg => "neg", Abs => "abs", Reciprocal => "reciprocal", Relu => "relu",
+    Sigmoid => "sigmoid", Tanh => "tanh", Exp => "exp", Log => "log", Log1p => "log1p",
+    Sqrt => "sqrt", Rsqrt => "rsqrt", Erf => "erf", Gelu => "gelu", GeluTanh => "gelu_tanh",
+    Silu => "silu", Not => "not" });
+names!(BinaryOp { Add => "add", Sub => "sub", Mul => "mul", Div => "div", Pow => "pow",
+    Max => "max", Min => "min", And => "and", Or => "or" });
+names!(CmpOp { Eq => "eq", Ne => "ne", Lt => "lt", Le => "le", Gt => "gt", Ge => "ge" });
+names!(ReduceOp { Sum => "sum", Mean => "mean", Max => "amax", Min => "amin" });
+
+impl UnaryOp {
+    /// Ops defined on floating point only (PyTorch promotes integers first; the frontend casts).
+    pub fn float_only(self) -> bool {
+        !matches!(self, UnaryOp::Neg | UnaryOp::Abs | UnaryOp::Relu | UnaryOp::Not)
+    }
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub enum Op {
+    /// The graph's i-th input.
+    Input(usize),
+    /// A 0-d constant.
+    Constant(Scalar),
+    Unary(UnaryOp),
+    Binary(BinaryOp),
+    Compare(CmpOp),
+    /// where(cond, a, b)
+    Where,
+    /// Convert to the node's dtype.
+    Cast,
+    Reduce { op: ReduceOp, dims: Vec<usize>, keepdim: bool },
+    Softmax { dim: usize, log: bool },
+}
+
+impl Op {
+    /// Pointwise ops are inlined into their consumers; the others own a kernel.
+    pub fn is_pointwise(&self) -> bool {
+        !matches!(self, Op::Reduce { .. } | Op::Softmax { .. } | Op::Input(_))
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ValueId(pub u32);
+
+impl fmt::Display for ValueId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "%{}", self.0)
+    }
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct Node {
+    pub op: Op,
+    pub inputs: Vec<ValueId>,
+    pub ty: TensorType,
+}
+
+#[derive(thiserror::Error, Debug, Clone, PartialEq)]
+#[error("{0}")]
+pub struct IrError(pub String);
+
+fn err<T>(msg: impl Into<String>) -> Result<T, IrError> {
+    Err(IrError(msg.into()))
+}
+
+/// The graph. Node i defines value %i; inputs are nodes too (`Op::Input`).
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Graph {
+    pub nodes: Vec<Node>,
+    pub inputs: Vec<ValueId>,
+    pub outputs: Vec<ValueId>,
+}
+
+/// numpy/PyTorch broadcasting of two shapes, right-aligned.
+pub fn broadcast_shapes(a: &[Dim], b: &[Dim]) -> Result<Vec<Dim>, IrError> {
+    let rank = a.len().max(b.len());
+    let mut out = Vec::with_capacity(rank);
+    for i in 0..rank {
+        let da = if i + a.len() >= rank { a[i + a.len() - rank] } else { Dim::Const(1) };
+        let db = if i + b.len() >= rank { b[i + b.len() - rank] } else { Dim::Const(1) };
+        out.push(match (da, db) {
+            (x, y) if x == y => x,
+            (Dim::Const(1), y) => y,
+            (x, Dim::Const(1)) => x,
+            (x, y) => return err(format!("shapes do not broadcast: {x} vs {y}")),
+        });
+    }
+    Ok(out)
+}
+
+impl Graph {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    pub fn ty(&self, v: ValueId) -> &TensorType {
+        &self.nodes[v.0 as usize].ty
+    }
+    pub fn node(&self, v: ValueId) -> &Node {
+        &self.nodes[v.0 as usize]
+    }
+
+    fn push(&mut self, op: Op, inputs: Vec<ValueId>, ty: TensorType) -> ValueId {
+        let id = ValueId(self.nodes.len() as u32);
+        self.nodes.push(Node { op, inputs, ty });
+        id
+    }
+
+    pub fn input(&mut self, ty: TensorType) -> ValueId {
+        let id = self.push(Op::Input(self.inputs.len()), vec![], ty);
+        self.inputs.push(id);
+        id
+    }
+
+    pub fn constant(&mut self, value: Scalar, dtype: DType) -> ValueId {
+        self.push(Op::Constant(value.cast(dtype)), vec![], TensorType { dtype, shape: vec![] })
+    }
+
+    pub fn unary(&mut self, op: UnaryOp, x: ValueId) -> Result<ValueId, IrError> {
+        let ty = self.ty(x).clone();
+        let ok = match op {
+            UnaryOp::Not => ty.dtype == DType::Bool,
+            _ if op.float_only() => ty.dtype.is_float(),
+            _ => ty.dtype != DType::Bool,
+        };
+        if !ok {
+            return err(format!("{} does not take {}", op.name(), ty.dtype));
+        }
+        Ok(self.push(Op::Unary(op), vec![x], ty))
+    }
+
+    fn same_dtype(&self, op: &str, a: ValueId, b: ValueId) -> Result<DType, IrError> {
+        let (da, db) = (self.ty(a).dtype, self.ty(b).dtype);
+        if da != db {
+            return err(format!("{op}: operand dtypes differ ({da} vs {db}); the frontend must cast"));
+        }
+        Ok(da)
+    }
+
+    pub fn binary(&mut self, op: BinaryOp, a: ValueId, b: ValueId) -> Result<ValueId, IrError> {
+        let dtype = self.same_dtype(op.name(), a, b)?;
+        let ok = match op {
+            BinaryOp::Div | BinaryOp::Pow => dtype.is_float(),
+            BinaryOp::And | BinaryOp::Or => dtype == DType::Bool,
+            _ => dtype != DType::Bool,
+        };
+        if !ok {
+            return err(format!("{} does not take {dtype}", op.name()));
+        }
+        let shape = broadcast_shapes(&self.ty(a).shape, &self.ty(b).shape)?;
+        Ok(self.push(Op::Binary(op), vec![a, b], TensorType { dtype, shape }))
+    }
+
+    pub fn compare(&mut self, op: CmpOp, a: ValueId, b: ValueId) -> Result<ValueId, IrError> {
+        self.same_dtype(op.name(), a, b)?;
+        let shape = broadcast_shapes(&self.ty(a).shape, &self.ty(b).shape)?;
+        Ok(self.push(Op::Compare(op), vec![a, b], TensorType { dtype: DType::Bool, shape }))
+    }
+
+    pub fn where_(&mut self, cond: ValueId, a: ValueId, b: ValueId) -> Result<ValueId, IrError> {
+        if self.ty(cond).dtype != DType::Bool {
+            return err("where: condition must be bool");
+        }
+        let dtype = self.same_dtype("where", a, b)?;
+        let shape = broadcast_shapes(&self.ty(a).shape, &self.ty(b).shape)?;
+        let shape = broadcast_shapes(&self.ty(cond).shape, &shape)?;
+        Ok(self.push(Op::Where, vec![cond, a, b], TensorType { dtype, shape }))
+    }
+
+    pub fn cast(&mut self, x: ValueId, dtype: DType) -> ValueId {
+        if self.ty(x).dtype == dtype {
+            return x;
+        }
+        let shape = self.ty(x).shape.clone();
+        self.push(Op::Cast, vec![x], TensorType { dtype, shape })
+    }
+
+    pub fn reduce(&mut self, op: ReduceOp, x: ValueId, dims: &[usize], keepdim: bool) -> Result<ValueId, IrError> {
+        let ty = self.ty(x).clone();
+        let ok = match op {
+            ReduceOp::Mean => ty.dtype.is_float(),
+            ReduceOp::Sum => matches!(ty.dtype, DType::F32 | DType::F64 | DType::I64),
+            ReduceOp::Max | ReduceOp::Min => ty.dtype != DType::Bool,
+        };
+        if !ok {
+            return err(format!("{} does not take {}", op.name(), ty.dtype));
+        }
+        let mut dims = dims.to_vec();
+        dims.sort_unstable();
+        dims.dedup();
+        if dims.iter().any(|&d| d >= ty.rank()) {
+            return err(format!("{}: dim out of range for rank {}", op.name(), ty.rank()));
+        }
+        if matches!(op, ReduceOp::Max | ReduceOp::Min) && dims.iter().any(|&d| ty.shape[d] == Dim::Const(0)) {
+            return err(format!("{}: reducing an empty dim is an error in PyTorch", op.name()));
+        }
+        let shape = ty
+            .shape
+            .iter()
+            .enumerate()
+            .filter_map(|(i, &d)| match (dims.contains(&i), keepdim) {
+                (false, _) => Some(d),
+                (true, true) => Some(Dim::Const(1)),
+                (true, false) => None,
+            })
+            .collect();
+        Ok(self.push(Op::Reduce { op, dims, keepdim }, vec![x], TensorType { dtype: ty.dtype, shape }))
+    }
+
+    pub fn softmax(&mut self, x: ValueId, dim: usize, log: bool) -> Result<ValueId, IrError> {
+        let ty = self.ty(x).clone();
+        if !ty.dtype.is_float() {
+            return err("softmax takes floating point only");
+        }
+        if dim >= ty.rank().max(1) {
+            return err("softmax: dim out of range");
+        }
+        Ok(self.push(Op::Softmax { dim, log }, vec![x], ty))
+    }
+
+    pub fn set_outputs(&mut self, outputs: Vec<ValueId>) {
+        self.outputs = outputs;
+    }
+
+    /// For each value, the nodes that use it.
+    pub fn users(&self) -> Vec<Vec<ValueId>> {
+        let mut users = vec![vec![]; self.nodes.len()];
+        for (i, n) in self.nodes.iter().enumerate() {
+            for &inp in &n.inputs {
+                users[inp.0 as usize].push(ValueId(i as u32));
+            }
+        }
+        users
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Text form. One node a line, e.g.
+//   graph(%0: f32[4, 4], %1: f32[4]) {
+//     %2 = mul(%0, %1) : f32[4, 4]
+//     %3 = sum(%2) dims=[1] keepdim=false : f32[4]
+//     return (%3)
+//   }
+
+impl fmt::Display for Graph {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("graph(")?;
+        for (i, v) in self.inputs.iter().enumerate() {
+            if i > 0 {
+                f.write_str(", ")?;
+            }
+            write!(f, "{v}: {}", self.ty(*v))?;
+        }
+        f.write_str(") {\n")?;
+        for (i, n) in self.nodes.iter().enumerate() {
+            let args = n.inputs.iter().map(|v| v.to_string()).collect::<Vec<_>>().join(", ");
+            let head = match &n.op {
+                Op::Input(_) => continue,
+                Op::Constant(s) => format!("constant({s})"),
+                Op::Unary(u) => format!("{}({args})", u.name()),
+                Op::Binary(b) => format!("{}({args})", b.name()),
+                Op::Compare(c) => format!("{}({args})", c.name()),
+                Op::Where => format!("where({args})"),
+                Op::Cast => format!("cast({args})"),
+                Op::Reduce { op, dims, keepdim } => {
+                    format!("{}({args}) dims={dims:?} keepdim={keepdim}", op.name())
+                }
+                Op::Softmax { dim, log } => {
+                    format!("{}({args}) dim={dim}", if *log { "log_softmax" } else { "softmax" })
+                }
+            };
+            writeln!(f, "  %{i} = {head} : {}", n.ty)?;
+        }
+        let outs = self.outputs.iter().map(|v| v.to_string()).collect::<Vec<_>>().join(", ");
+        writeln!(f, "  return ({outs})")?;
+        f.write_str("}\n")
+    }
+}
+
+/// Parses the text form back. Value numbers in the text are names; they are renumbered.
+pub fn parse_graph(text: &str) -> Result<Graph, IrError> {
+    let mut g = Graph::new();
+    let mut names: std::collections::HashMap<String, ValueId> = Default::default();
+    let lookup = |names: &std::collections::HashMap<String, ValueId>, s: &str| {
+        names.get(s.trim()).copied().ok_or_else(|| IrError(format!("unknown value {s}")))
+    };
+    let mut lines = text.lines().map(str::trim).filter(|l| !l.is_empty() && !l.starts_with("//"));
+    let header = lines.next().ok_or_else(|| IrError("empty graph".into()))?;
+    let params = header
+        .strip_prefix("graph(")
+        .and_then(|h| h.strip_suffix(") {"))
+        .ok_or_else(|| IrError(format!("bad header: {header}")))?;
+    for p in split_top(params) {
+        let (name, ty) = p.split_once(':').ok_or_else(|| IrError(format!("bad input: {p}")))?;
+        let v = g.input(parse_type(ty.trim())?);
+        names.insert(name.trim().to_string(), v);
+    }
+    for line in lines {
+        if line == "}" {
+            break;
+        }
+        if let Some(rest) = line.strip_prefix("return (") {
+            let rest = rest.strip_suffix(')').unwrap_or(rest);
+            let outs = split_top(rest).iter().map(|s| lookup(&names, s)).collect::<Result<_, _>>()?;
+            g.set_outputs(outs);
+            continue;
+        }
+        let (name, rhs) = line.split_once(" = ").ok_or_else(|| IrError(format!("bad line: {line}")))?;
+        let (call, ty) = rhs.rsplit_once(" : ").ok_or_else(|| IrError(format!("no type: {line}")))?;
+        let ty = parse_type(ty)?;
+        let open = call.find('(').ok_or_else(|| IrError(format!("bad call: {call}")))?;
+        let close = call.find(')').ok_or_else(|| IrError(format!("bad call: {call}")))?;
+        let (opname, args, attrs) = (&call[..open], &call[open + 1..close], call[close + 1..].trim());
+        let attr = |key: &str| -> Option<&str> {
+            attrs.split_whitespace().find_map(|kv| kv.strip_prefix(key).and_then(|r| r.strip_prefix('=')))
+        };
+        let ins = || -> Result<Vec<ValueId>, IrError> { split_top(args).iter().map(|s| lookup(&names, s)).collect() };
+        let v = if opname == "constant" {
+            let s = args.trim();
+            let value = match s {
+                "true" => Scalar::Bool(true),
+                "false" => Scalar::Bool(false),
+                _ if ty.dtype.is_float() => Scalar::Float(s.parse().map_err(|_| IrError(format!("bad float {s}")))?),
+                _ => Scalar::Int(s.parse().map_err(|_| IrError(format!("bad int {s}")))?),
+            };
+            g.constant(value, ty.dtype)
+        } else if let Some(u) = UnaryOp::parse(opname) {
+            g.unary(u, ins()?[0])?
+        } else if let Some(b) = BinaryOp::parse(opname) {
+            let i = ins()?;
+            g.binary(b, i[0], i[1])?
+        } else if let Some(c) = CmpOp::parse(opname) {
+            let i = ins()?;
+            g.compare(c, i[0], i[1])?
+        } else if let Some(r) = ReduceOp::parse(opname) {
+            let dims = attr("dims").ok_or_else(|| IrError("reduce needs dims=".into()))?;
+            let dims = dims.trim_matches(|c| c == '[' || c == ']');
+            let dims: Vec<usize> = dims.split(',').filter(|s| !s.trim().is_empty()).map(|s| s.trim().parse().unwrap_or(usize::MAX)).collect();
+            g.reduce(r, ins()?[0], &dims, attr("keepdim") == Some("true"))?
+        } else {
+            match opname {
+                "where" => {
+                    let i = ins()?;
+                    g.where_(i[0], i[1], i[2])?
+                }
+                "cast" => g.cast(ins()?[0], ty.dtype),
+                "softmax" | "log_softmax" => {
+                    let dim = attr("dim").and_then(|d| d.parse().ok()).ok_or_else(|| IrError("softmax needs dim=".into()))?;
+                    g.softmax(ins()?[0], dim, opname == "log_softmax")?
+                }
+                _ => return err(format!("unknown op {opname}")),
+            }
+        };
+        if *g.ty(v) != ty {
+            return err(format!("{line}: inferred type {} differs", g.ty(v)));
+        }
+        names.insert(name.trim().to_string(), v);
+    }
+    Ok(g)
+}
+
+fn split_top(s: &str) -> Vec<&str> {
+    let mut out = vec![];
+    let (mut depth, mut start) = (0, 0);
+    for (i, c) in s.char_indices() {
+        match c {
+            '[' | '(' => depth += 1,
+            ']' | ')' => depth -= 1,
+            ',' if depth == 0 => {
+                out.push(s[start..i].trim());
+                start = i + 1;
+            }
+            _ => {}
+        }
+    }
+    if !s[start..].trim().is_empty() {
+        out.push(s[start..].trim());
+    }
+    out
+}
+
+fn parse_type(s: &str) -> Result<TensorType, IrError> {
+    let open = s.find('[').ok_or_else(|| IrError(format!("bad type {s}")))?;
+    let dtype = DType::parse(&s[..open]).ok_or_else(|| IrError(format!("bad dtype in {s}")))?;
+    let dims = s[open + 1..].trim_end_matches(']');
+    let shape = dims
+        .split(',')
+        .map(str::trim)
+        .filter(|d| !d.is_empty())
+        .map(|d| match d.strip_prefix('s') {
+            Some(sym) => sym.parse().map(Dim::Sym).map_err(|_| IrError(format!("bad dim {d}"))),
+            None => d.parse().map(Dim::Const).map_err(|_| IrError(format!("bad dim {d}"))),
+        })
+        .collect::<Result<_, _>>()?;
+    Ok(TensorType { dtype, shape })
+}

@@ -1,0 +1,205 @@
+//! Loop IR: what one kernel does, as loops over index variables, loads, stores and
+//! accumulators. Expressions live in an arena (a DAG), so a value used twice in a fused chain
+//! is one expression, computed once per iteration.
+//!
+//! Indices are affine in the loop variables (`Index`), which is what strides, broadcasting and
+//! later packing/tiling need. Extents are `Dim`s so symbolic sizes fit without a new IR.
+
+use crate::dtype::{DType, Scalar};
+use crate::ir::{BinaryOp, CmpOp, Dim, UnaryOp};
+use std::fmt::{self, Write};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct VarId(pub u32);
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct ExprId(pub u32);
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct AccId(pub u32);
+/// An index into the program's buffer table (inputs, then outputs, then intermediates).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct BufId(pub u32);
+
+/// Element offset = offset + sum(var * stride).
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Default)]
+pub struct Index {
+    pub terms: Vec<(VarId, i64)>,
+    pub offset: i64,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub enum Expr {
+    Load { buf: BufId, index: Index },
+    Const(Scalar),
+    Acc(AccId),
+    Unary(UnaryOp, ExprId),
+    Binary(BinaryOp, ExprId, ExprId),
+    Compare(CmpOp, ExprId, ExprId),
+    Select(ExprId, ExprId, ExprId),
+    Cast(ExprId),
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Combine {
+    Add,
+    Max,
+    Min,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub enum Stmt {
+    Loop(Loop),
+    Store { buf: BufId, index: Index, value: ExprId },
+    /// acc = value
+    Init { acc: AccId, value: ExprId },
+    /// acc = combine(acc, value)
+    Update { acc: AccId, combine: Combine, value: ExprId },
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LoopKind {
+    Serial,
+    /// Iterations are split across the thread pool; only the outermost loop of a kernel.
+    Parallel,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct Loop {
+    pub var: VarId,
+    pub extent: Dim,
+    pub kind: LoopKind,
+    pub body: Vec<Stmt>,
+}
+
+/// One kernel: a single outermost loop (the unit the runtime parallelises over).
+#[derive(Clone, Debug, PartialEq)]
+pub struct Kernel {
+    pub name: String,
+    pub root: Loop,
+    pub exprs: Vec<(Expr, DType)>,
+    pub accs: Vec<DType>,
+    pub num_vars: u32,
+    /// Rough element operations per outer iteration; the runtime's parallel grain.
+    pub work_per_iter: i64,
+}
+
+impl Kernel {
+    pub fn expr(&self, e: ExprId) -> &Expr {
+        &self.exprs[e.0 as usize].0
+    }
+    pub fn dtype(&self, e: ExprId) -> DType {
+        self.exprs[e.0 as usize].1
+    }
+    pub fn outer_extent(&self) -> i64 {
+        match self.root.extent {
+            Dim::Const(n) => n,
+            Dim::Sym(_) => panic!("symbolic extents are bound at run time (not yet)"),
+        }
+    }
+}
+
+/// Builds a kernel's expression arena, sharing identical expressions.
+#[derive(Default)]
+pub struct ExprArena {
+    pub exprs: Vec<(Expr, DType)>,
+}
+
+impl ExprArena {
+    pub fn add(&mut self, e: Expr, dtype: DType) -> ExprId {
+        if let Some(i) = self.exprs.iter().position(|(x, d)| *x == e && *d == dtype) {
+            return ExprId(i as u32);
+        }
+        self.exprs.push((e, dtype));
+        ExprId(self.exprs.len() as u32 - 1)
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Text form, for tests and `explain`.
+
+impl fmt::Display for Index {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let mut parts: Vec<String> = self
+            .terms
+            .iter()
+            .map(|(v, s)| if *s == 1 { format!("i{}", v.0) } else { format!("i{}*{}", v.0, s) })
+            .collect();
+        if self.offset != 0 || parts.is_empty() {
+            parts.push(self.offset.to_string());
+        }
+        f.write_str(&parts.join(" + "))
+    }
+}
+
+impl Kernel {
+    fn fmt_expr(&self, e: ExprId, out: &mut String) {
+        let (expr, dtype) = &self.exprs[e.0 as usize];
+        match expr {
+            Expr::Load { buf, index } => write!(out, "b{}[{}]", buf.0, index).unwrap(),
+            Expr::Const(s) => write!(out, "{s}:{dtype}").unwrap(),
+            Expr::Acc(a) => write!(out, "acc{}", a.0).unwrap(),
+            Expr::Unary(op, x) => {
+                write!(out, "{}(", op.name()).unwrap();
+                self.fmt_expr(*x, out);
+                out.push(')');
+            }
+            Expr::Binary(op, a, b) => self.fmt_call(op.name(), &[*a, *b], out),
+            Expr::Compare(op, a, b) => self.fmt_call(op.name(), &[*a, *b], out),
+            Expr::Select(c, a, b) => self.fmt_call("select", &[*c, *a, *b], out),
+            Expr::Cast(x) => {
+                write!(out, "cast<{dtype}>(").unwrap();
+                self.fmt_expr(*x, out);
+                out.push(')');
+            }
+        }
+    }
+    fn fmt_call(&self, name: &str, args: &[ExprId], out: &mut String) {
+        out.push_str(name);
+        out.push('(');
+        for (i, a) in args.iter().enumerate() {
+            if i > 0 {
+                out.push_str(", ");
+            }
+            self.fmt_expr(*a, out);
+        }
+        out.push(')');
+    }
+    fn fmt_stmt(&self, s: &Stmt, depth: usize, out: &mut String) {
+        let pad = "  ".repeat(depth);
+        match s {
+            Stmt::Loop(l) => self.fmt_loop(l, depth, out),
+            Stmt::Store { buf, index, value } => {
+                write!(out, "{pad}b{}[{}] = ", buf.0, index).unwrap();
+                self.fmt_expr(*value, out);
+                out.push('\n');
+            }
+            Stmt::Init { acc, value } => {
+                write!(out, "{pad}acc{} = ", acc.0).unwrap();
+                self.fmt_expr(*value, out);
+                out.push('\n');
+            }
+            Stmt::Update { acc, combine, value } => {
+                write!(out, "{pad}acc{} {:?}= ", acc.0, combine).unwrap();
+                self.fmt_expr(*value, out);
+                out.push('\n');
+            }
+        }
+    }
+    fn fmt_loop(&self, l: &Loop, depth: usize, out: &mut String) {
+        let pad = "  ".repeat(depth);
+        let kind = if l.kind == LoopKind::Parallel { "parallel " } else { "" };
+        writeln!(out, "{pad}{kind}for i{} in 0..{} {{", l.var.0, l.extent).unwrap();
+        for s in &l.body {
+            self.fmt_stmt(s, depth + 1, out);
+        }
+        writeln!(out, "{pad}}}").unwrap();
+    }
+}
+
+impl fmt::Display for Kernel {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let mut out = String::new();
+        writeln!(out, "kernel {}:", self.name).unwrap();
+        self.fmt_loop(&self.root, 1, &mut out);
+        f.write_str(&out)
+    }
+}

@@ -1,0 +1,110 @@
+//! A compiled program: loaded kernels, the buffer table layout and the memory plan, and the
+//! code that runs them on caller-provided input and output memory.
+
+use crate::lower::{BufferDecl, BufferKind};
+use crate::thread_pool::ThreadPool;
+use once_cell::sync::Lazy;
+use std::cell::RefCell;
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+pub type KernelFn = unsafe extern "C" fn(*const *mut u8, i64, i64);
+
+pub struct CompiledKernel {
+    pub name: String,
+    pub f: KernelFn,
+    pub extent: i64,
+    pub parallel: bool,
+}
+
+pub struct CompiledProgram {
+    pub buffers: Vec<BufferDecl>,
+    pub kernels: Vec<CompiledKernel>,
+    pub arena_bytes: usize,
+    pub num_inputs: usize,
+    pub num_outputs: usize,
+    /// The loop IR, printed: what `explain` shows.
+    pub loop_ir: String,
+    pub compile_time: Duration,
+    pub object_bytes: usize,
+}
+
+static POOL: Lazy<RwLock<Arc<ThreadPool>>> = Lazy::new(|| RwLock::new(Arc::new(ThreadPool::new(default_threads()))));
+
+fn default_threads() -> usize {
+    std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)
+}
+
+/// Sets the number of threads parallel kernels use (the caller counts as one).
+pub fn set_num_threads(n: usize) {
+    let mut pool = POOL.write().unwrap();
+    if pool.threads() != n.max(1) {
+        *pool = Arc::new(ThreadPool::new(n.max(1)));
+    }
+}
+
+pub fn num_threads() -> usize {
+    POOL.read().unwrap().threads()
+}
+
+thread_local! {
+    /// Scratch for intermediates, reused across calls on this thread.
+    static ARENA: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
+}
+
+struct Table(Vec<*mut u8>);
+// The table only carries addresses the caller vouches for for the duration of `run`.
+unsafe impl Sync for Table {}
+
+impl CompiledProgram {
+    /// Output sizes and dtypes, in order.
+    pub fn outputs(&self) -> impl Iterator<Item = &BufferDecl> {
+        self.buffers.iter().filter(|b| matches!(b.kind, BufferKind::Output(_)))
+    }
+
+    /// Runs the program.
+    ///
+    /// # Safety
+    /// `inputs[i]` must point to memory laid out as the program was specialised for (sizes,
+    /// strides, dtype of input i); `outputs[i]` to contiguous memory of output i's size.
+    pub unsafe fn run(&self, inputs: &[*const u8], outputs: &[*mut u8]) {
+        assert_eq!(inputs.len(), self.num_inputs);
+        assert_eq!(outputs.len(), self.num_outputs);
+        ARENA.with(|arena| {
+            let mut arena = arena.borrow_mut();
+            let need = self.arena_bytes + 64;
+            if arena.len() < need {
+                arena.resize(need, 0);
+            }
+            let base = arena.as_mut_ptr();
+            let base = base.add(base.align_offset(64));
+            let table = Table(
+                self.buffers
+                    .iter()
+                    .map(|b| match b.kind {
+                        BufferKind::Input(i) => inputs[i] as *mut u8,
+                        BufferKind::Output(i) => outputs[i],
+                        BufferKind::Temp { offset } => base.add(offset),
+                    })
+                    .collect(),
+            );
+            for k in &self.kernels {
+                if k.parallel {
+                    let pool = POOL.read().unwrap().clone();
+                    let parts = pool.threads().min(k.extent.max(1) as usize);
+                    let chunk = (k.extent + parts as i64 - 1) / parts as i64;
+                    let table = &table;
+                    pool.run(parts, &|p| {
+                        let start = p as i64 * chunk;
+                        let end = (start + chunk).min(k.extent);
+                        if start < end {
+                            (k.f)(table.0.as_ptr(), start, end);
+                        }
+                    });
+                } else {
+                    (k.f)(table.0.as_ptr(), 0, k.extent);
+                }
+            }
+        });
+    }
+}

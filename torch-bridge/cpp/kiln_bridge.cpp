@@ -1,0 +1,463 @@
+// The TorchScript side of Kiln: a post-pass that groups supported nodes into
+// kiln::CompilationGroup nodes guarded by kiln::Guard, and the two operators.
+//
+// Everything Kiln-specific (which ops are supported, lowering, compiling, guard checks, stats)
+// is in Rust behind the extern "C" functions below; this file only walks and rewrites
+// TorchScript graphs and moves tensors across. Facts relied on are in ARCHITECTURE.md.
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/csrc/jit/ir/alias_analysis.h>
+#include <torch/csrc/jit/ir/ir.h>
+#include <torch/csrc/jit/passes/pass_manager.h>
+#include <torch/csrc/jit/passes/utils/subgraph_utils.h>
+#include <torch/csrc/jit/runtime/operator.h>
+
+#include <atomic>
+#include <mutex>
+#include <sstream>
+#include <unordered_map>
+
+using namespace torch::jit;
+
+extern "C" {
+// One tensor as Rust sees it. Pointers borrow the TensorImpl's own arrays: no copies.
+struct KilnTensor {
+  void* data;
+  const int64_t* sizes;
+  const int64_t* strides;
+  int64_t ndim;
+  int32_t dtype;  // c10::ScalarType
+  int32_t device; // c10::DeviceType
+  int32_t requires_grad;
+  int32_t defined;
+};
+
+// Implemented in Rust (torch-bridge/src/ffi.rs).
+int32_t kiln_rs_node_supported(const char* dump, size_t len, char* reason, size_t cap);
+int64_t kiln_rs_prepare_group(const char* dump, size_t len, char* reason, size_t cap);
+int32_t kiln_rs_guard(int64_t group, const KilnTensor* inputs, size_t n);
+int32_t kiln_rs_run(int64_t group, const KilnTensor* inputs, size_t n, void* const* outputs, size_t n_out);
+int64_t kiln_rs_output_count(int64_t group);
+int64_t kiln_rs_output_spec(int64_t group, size_t i, int32_t* dtype, int64_t* sizes, size_t cap);
+void kiln_rs_record_node(const char* kind, const char* loc, int64_t group, const char* reason);
+void kiln_rs_pass_error(const char* what);
+}
+
+namespace {
+
+std::atomic<bool> g_enabled{false};
+std::mutex g_mutex;
+bool g_registered_ops = false;
+bool g_pass_registered = false;
+GraphPassNameType g_pass_id = 0;
+
+Symbol group_kind() { static Symbol s = Symbol::fromQualString("kiln::CompilationGroup"); return s; }
+Symbol guard_kind() { static Symbol s = Symbol::fromQualString("kiln::Guard"); return s; }
+Symbol group_attr() { static Symbol s = Symbol::attr("kiln_group"); return s; }
+
+std::string dtype_name(at::ScalarType t) {
+  switch (t) {
+    case at::kBool: return "bool";
+    case at::kInt: return "i32";
+    case at::kLong: return "i64";
+    case at::kFloat: return "f32";
+    case at::kDouble: return "f64";
+    default: return std::string("unsupported:") + c10::toString(t);
+  }
+}
+
+std::string location(const Node* n) {
+  auto r = n->sourceRange();
+  if (auto orig = r.findSourceRangeThatGenerated()) r = *orig;
+  if (auto flc = r.file_line_col()) {
+    auto [file, line, col] = *flc;
+    return file + ":" + std::to_string(line) + ":" + std::to_string(col);
+  }
+  return "";
+}
+
+// A tensor type is usable when dtype, device, sizes and strides are all known.
+bool complete_tensor_type(const Value* v, std::string* why) {
+  auto t = v->type()->cast<TensorType>();
+  if (!t) { *why = "not a tensor"; return false; }
+  if (!t->scalarType() || !t->device() || !t->sizes().concrete_sizes() || !t->strides().concrete_sizes()) {
+    *why = "input types were not fully profiled"; return false;
+  }
+  if (!t->device()->is_cpu()) { *why = "not on CPU"; return false; }
+  if (t->requiresGrad().value_or(true)) { *why = "input requires grad"; return false; }
+  return true;
+}
+
+// Non-tensor arguments must be constants known at compile time.
+bool constant_text(const Value* v, std::ostream& os) {
+  const Node* p = v->node();
+  if (p->kind() == prim::Constant) {
+    auto iv = toIValue(v);
+    if (!iv) return false;
+    if (iv->isNone()) { os << "none"; return true; }
+    if (iv->isBool()) { os << "bool " << (iv->toBool() ? 1 : 0); return true; }
+    if (iv->isInt()) { os << "int " << iv->toInt(); return true; }
+    if (iv->isDouble()) { os.precision(17); os << "float " << iv->toDouble(); return true; }
+    if (iv->isString()) { os << "str " << iv->toStringRef(); return true; }
+    if (iv->isIntList()) {
+      os << "ints";
+      for (auto x : iv->toIntVector()) os << " " << x;
+      return true;
+    }
+    if (iv->isScalar() == false && iv->isTensor()) return false;
+    return false;
+  }
+  if (p->kind() == prim::ListConstruct) {
+    std::ostringstream items;
+    for (auto* in : p->inputs()) {
+      auto iv = toIValue(in);
+      if (!iv || !iv->isInt()) return false;
+      items << " " << iv->toInt();
+    }
+    os << "ints" << items.str();
+    return true;
+  }
+  return false;
+}
+
+void tensor_type_text(const Value* v, std::ostream& os, bool with_strides) {
+  auto t = v->type()->expect<TensorType>();
+  os << dtype_name(*t->scalarType()) << " [";
+  auto sizes = *t->sizes().concrete_sizes();
+  for (size_t i = 0; i < sizes.size(); ++i) os << (i ? "," : "") << sizes[i];
+  os << "]";
+  if (with_strides) {
+    os << " [";
+    auto strides = *t->strides().concrete_sizes();
+    for (size_t i = 0; i < strides.size(); ++i) os << (i ? "," : "") << strides[i];
+    os << "]";
+  }
+}
+
+// The text form Rust lowers (torch-bridge/src/ts_dump.rs documents it).
+struct Dumper {
+  std::ostringstream os;
+  std::unordered_map<const Value*, std::string> names;
+  std::string name(const Value* v) {
+    auto it = names.find(v);
+    if (it != names.end()) return it->second;
+    std::string n = "%" + std::to_string(names.size());
+    names.emplace(v, n);
+    return n;
+  }
+  // Declares an outside value: a tensor input, or a constant. Returns false if neither.
+  bool declare(const Value* v, std::string* why) {
+    if (names.count(v)) return true;
+    if (v->type()->cast<TensorType>()) {
+      if (!complete_tensor_type(v, why)) return false;
+      os << "input " << name(v) << " ";
+      tensor_type_text(v, os, true);
+      os << "\n";
+      return true;
+    }
+    std::ostringstream c;
+    if (!constant_text(v, c)) { *why = "a non-tensor argument is not a constant"; return false; }
+    os << "const " << name(v) << " " << c.str() << "\n";
+    return true;
+  }
+  bool node(const Node* n, std::string* why) {
+    for (auto* in : n->inputs()) if (!declare(in, why)) return false;
+    if (n->outputs().size() != 1 || !n->output()->type()->cast<TensorType>()) {
+      *why = "the node does not produce one tensor"; return false;
+    }
+    os << "node " << name(n->output()) << " " << n->kind().toQualString();
+    for (auto* in : n->inputs()) os << " " << name(in);
+    os << "\n";
+    return true;
+  }
+};
+
+std::string ask_node(const Node* n) {
+  if (n->kind().ns() != c10::Symbol::fromQualString("namespaces::aten")) return "not an aten op";
+  Dumper d;
+  std::string why;
+  if (!d.node(n, &why)) return why;
+  d.os << "output " << d.name(n->output()) << "\n";
+  std::string text = d.os.str();
+  char reason[512] = {0};
+  if (kiln_rs_node_supported(text.data(), text.size(), reason, sizeof(reason))) return "";
+  return reason;
+}
+
+struct Fuser {
+  std::shared_ptr<Graph> graph;
+  std::unique_ptr<AliasDb> db;
+  std::unordered_map<const Node*, std::string> verdicts;  // "" = supported
+
+  bool supported(Node* n) {
+    if (n->kind() == group_kind()) return false;
+    auto it = verdicts.find(n);
+    if (it == verdicts.end()) it = verdicts.emplace(n, ask_node(n)).first;
+    return it->second.empty();
+  }
+
+  void fuse_block(Block* b) {
+    for (Node* n : b->nodes())
+      for (Block* sub : n->blocks()) fuse_block(sub);
+    for (auto it = b->nodes().rbegin(); it != b->nodes().rend();) {
+      Node* n = *it;
+      if (!supported(n)) { ++it; continue; }
+      Node* group = SubgraphUtils::createSingletonSubgraphAndUpdateAliasing(n, group_kind(), *db);
+      bool grew = true;
+      while (grew) {
+        grew = false;
+        // Latest producer first, as the TensorExpr fuser does.
+        std::vector<Node*> producers;
+        for (Value* in : group->inputs()) {
+          Node* p = in->node();
+          if (p->owningBlock() == b && p->kind() != prim::Param && supported(p)) producers.push_back(p);
+        }
+        std::sort(producers.begin(), producers.end(), [](Node* a, Node* c) { return c->isBefore(a); });
+        for (Node* p : producers) {
+          if (!db->moveBeforeTopologicallyValid(p, group)) continue;
+          SubgraphUtils::mergeNodeIntoSubgraphAndUpdateAliasing(p, group, *db);
+          grew = true;
+          break;
+        }
+      }
+      it = group->reverseIterator();
+      ++it;
+    }
+  }
+
+  void collect_groups(Block* b, std::vector<Node*>& out) {
+    for (Node* n : b->nodes()) {
+      if (n->kind() == group_kind()) out.push_back(n);
+      for (Block* sub : n->blocks()) collect_groups(sub, out);
+    }
+  }
+
+  std::string dump_group(Node* group, std::string* why) {
+    auto sub = SubgraphUtils::getSubgraph(group);
+    Dumper d;
+    // Subgraph inputs stand for the group's inputs: declare them with the outside types.
+    for (size_t i = 0; i < group->inputs().size(); ++i) {
+      d.names.emplace(sub->inputs()[i], "%" + std::to_string(d.names.size()));
+      Value* outer = group->inputs()[i];
+      if (outer->type()->cast<TensorType>()) {
+        if (!complete_tensor_type(outer, why)) return "";
+        d.os << "input " << d.names[sub->inputs()[i]] << " ";
+        tensor_type_text(outer, d.os, true);
+        d.os << "\n";
+      } else {
+        std::ostringstream c;
+        if (!constant_text(outer, c)) { *why = "a non-tensor argument is not a constant"; return ""; }
+        d.os << "const " << d.names[sub->inputs()[i]] << " " << c.str() << "\n";
+      }
+    }
+    for (Node* n : sub->nodes()) {
+      if (n->kind() == prim::Constant || n->kind() == prim::ListConstruct) {
+        // Constants merged into the subgraph (none are today; kept for robustness).
+        std::ostringstream c;
+        if (!constant_text(n->output(), c)) { *why = "non-constant list"; return ""; }
+        d.os << "const " << d.name(n->output()) << " " << c.str() << "\n";
+        continue;
+      }
+      if (!d.node(n, why)) return "";
+    }
+    for (Value* o : sub->outputs()) d.os << "output " << d.name(o) << "\n";
+    return d.os.str();
+  }
+
+  void record(Node* group, int64_t id, const std::string& reason) {
+    for (Node* n : SubgraphUtils::getSubgraph(group)->nodes())
+      if (n->kind().is_aten())
+        kiln_rs_record_node(n->kind().toQualString(), location(n).c_str(), id, reason.c_str());
+  }
+
+  // prim::If(kiln::Guard(tensors)) { group } else { prim::FallbackGraph } — the TensorExpr
+  // fuser's shape; the executor turns the FallbackGraph into a function it profiles anew.
+  void guard(Node* group, int64_t id) {
+    Graph* g = group->owningGraph();
+    WithInsertPoint wip(group);
+    std::vector<Value*> tensors;
+    for (Value* in : group->inputs())
+      if (in->type()->cast<TensorType>()) tensors.push_back(in);
+    Node* check = g->insertNode(g->create(guard_kind(), tensors, 1));
+    check->i_(group_attr(), id);
+    check->output()->setType(BoolType::get());
+    Node* if_node = g->create(prim::If, {check->output()}, 0);
+    if_node->insertAfter(group);
+    Block* then_b = if_node->addBlock();
+    Block* else_b = if_node->addBlock();
+    for (Value* o : group->outputs()) {
+      Value* io = if_node->addOutput()->setType(o->type());
+      o->replaceAllUsesWith(io);
+    }
+    group->moveBefore(then_b->return_node());
+    for (Value* o : group->outputs()) then_b->registerOutput(o);
+    WithInsertPoint wip2(else_b->return_node());
+    Node* fb = g->create(prim::FallbackGraph, group->inputs(), group->outputs().size());
+    fb->g_(attr::Subgraph, SubgraphUtils::getSubgraph(group)->copy());
+    for (size_t i = 0; i < group->outputs().size(); ++i) fb->outputs()[i]->setType(group->outputs()[i]->type());
+    g->insertNode(fb);
+    for (Value* o : fb->outputs()) else_b->registerOutput(o);
+    group->i_(group_attr(), id);
+  }
+
+  void record_rest(Block* b) {
+    for (Node* n : b->nodes()) {
+      for (Block* sub : n->blocks()) record_rest(sub);
+      if (!n->kind().is_aten()) continue;
+      auto it = verdicts.find(n);
+      std::string why = it == verdicts.end() ? "not reached by the pass" : it->second;
+      if (why.empty()) why = "supported, but its group was not compiled";
+      kiln_rs_record_node(n->kind().toQualString(), location(n).c_str(), -1, why.c_str());
+    }
+  }
+
+  void run() {
+    db = std::make_unique<AliasDb>(graph);
+    fuse_block(graph->block());
+    std::vector<Node*> groups;
+    collect_groups(graph->block(), groups);
+    for (Node* group : groups) {
+      std::string why;
+      std::string text = dump_group(group, &why);
+      int64_t id = -1;
+      if (!text.empty()) {
+        char reason[512] = {0};
+        id = kiln_rs_prepare_group(text.data(), text.size(), reason, sizeof(reason));
+        if (id < 0) why = reason;
+      }
+      record(group, id, why);
+      if (id < 0) {
+        SubgraphUtils::unmergeSubgraph(group);
+      } else {
+        guard(group, id);
+      }
+    }
+    // Nodes outside groups: say why they stayed in TorchScript.
+    record_rest(graph->block());
+  }
+};
+
+void unmerge_all(Block* b) {
+  std::vector<Node*> groups;
+  for (Node* n : b->nodes()) {
+    for (Block* sub : n->blocks()) unmerge_all(sub);
+    if (n->kind() == group_kind() && !n->hasAttribute(group_attr())) groups.push_back(n);
+  }
+  for (Node* n : groups) SubgraphUtils::unmergeSubgraph(n);
+}
+
+void kiln_pass(std::shared_ptr<Graph>& graph) {
+  if (!g_enabled.load()) return;
+  try {
+    Fuser f{graph};
+    f.run();
+  } catch (const std::exception& e) {
+    // Never break the user's program: undo unguarded groups and run the graph as it was.
+    kiln_rs_pass_error(e.what());
+    try { unmerge_all(graph->block()); } catch (...) {}
+  }
+}
+
+void fill(KilnTensor& d, const at::Tensor& t) {
+  d.defined = t.defined();
+  if (!d.defined) return;
+  auto* impl = t.unsafeGetTensorImpl();
+  d.data = impl->has_storage() ? impl->mutable_data() : nullptr;
+  d.ndim = impl->dim();
+  d.sizes = impl->sizes().data();
+  d.strides = impl->strides().data();
+  d.dtype = static_cast<int32_t>(impl->scalar_type());
+  d.device = static_cast<int32_t>(impl->device_type());
+  d.requires_grad = impl->requires_grad();
+}
+
+Operation guard_op(const Node* node) {
+  int64_t id = node->i(group_attr());
+  size_t n = node->inputs().size();
+  return [id, n](Stack& stack) {
+    KilnTensor descs[16];
+    std::vector<KilnTensor> heap;
+    KilnTensor* d = descs;
+    if (n > 16) { heap.resize(n); d = heap.data(); }
+    auto ins = last(stack, n);
+    for (size_t i = 0; i < n; ++i) fill(d[i], ins[i].toTensor());
+    bool ok = kiln_rs_guard(id, d, n) != 0;
+    drop(stack, n);
+    push(stack, ok);
+  };
+}
+
+Operation group_op(const Node* node) {
+  int64_t id = node->i(group_attr());
+  size_t n = node->inputs().size();
+  std::vector<bool> is_tensor;
+  for (auto* in : node->inputs()) is_tensor.push_back(static_cast<bool>(in->type()->cast<TensorType>()));
+  struct Out { std::vector<int64_t> sizes; at::TensorOptions opts; };
+  std::vector<Out> outs;
+  int64_t n_out = kiln_rs_output_count(id);
+  for (int64_t i = 0; i < n_out; ++i) {
+    int32_t dtype = 0;
+    int64_t sizes[64];
+    int64_t nd = kiln_rs_output_spec(id, i, &dtype, sizes, 64);
+    outs.push_back({std::vector<int64_t>(sizes, sizes + nd), at::TensorOptions().dtype(static_cast<at::ScalarType>(dtype))});
+  }
+  return [id, n, is_tensor, outs](Stack& stack) {
+    KilnTensor descs[16];
+    std::vector<KilnTensor> heap;
+    KilnTensor* d = descs;
+    if (n > 16) { heap.resize(n); d = heap.data(); }
+    size_t k = 0;
+    auto ins = last(stack, n);
+    for (size_t i = 0; i < n; ++i)
+      if (is_tensor[i]) fill(d[k++], ins[i].toTensor());
+    std::vector<at::Tensor> results;
+    results.reserve(outs.size());
+    void* ptrs[64];
+    for (size_t i = 0; i < outs.size(); ++i) {
+      results.push_back(at::empty(outs[i].sizes, outs[i].opts));
+      ptrs[i] = results.back().data_ptr();
+    }
+    if (kiln_rs_run(id, d, k, ptrs, outs.size()) != 0)
+      throw std::runtime_error("kiln: compiled group called with inputs its guard rejects");
+    drop(stack, n);
+    for (auto& r : results) push(stack, std::move(r));
+  };
+}
+
+}  // namespace
+
+extern "C" {
+
+int32_t kiln_cpp_enable() {
+  std::lock_guard<std::mutex> lock(g_mutex);
+  try {
+    if (!g_registered_ops) {
+      registerOperator(Operator(group_kind(), group_op, c10::AliasAnalysisKind::PURE_FUNCTION));
+      registerOperator(Operator(guard_kind(), guard_op, c10::AliasAnalysisKind::PURE_FUNCTION));
+      g_registered_ops = true;
+    }
+    if (!g_pass_registered) {
+      g_pass_id = registerPostPass(kiln_pass);
+      g_pass_registered = true;
+    }
+  } catch (const std::exception& e) {
+    kiln_rs_pass_error(e.what());
+    return 0;
+  }
+  g_enabled = true;
+  return 1;
+}
+
+void kiln_cpp_disable() {
+  std::lock_guard<std::mutex> lock(g_mutex);
+  g_enabled = false;
+  if (g_pass_registered) {
+    clearPostPass(g_pass_id);
+    g_pass_registered = false;
+  }
+}
+
+int32_t kiln_cpp_torch_threads() { return at::get_num_threads(); }
+
+}  // extern "C"
