@@ -1,1 +1,104 @@
+//! The `torch_kiln._kiln` extension: thin pyo3 wrappers over the TorchScript bridge. Option
+//! checking and `explain` live in the Python package (`pysrc/torch_kiln`), which imports torch
+//! first so that libtorch is loaded before this module needs it.
 
+use kiln_compiler::CompileOptions;
+use kiln_torch_bridge::{Options, RUNTIME};
+use pyo3::exceptions::PyRuntimeError;
+use pyo3::prelude::*;
+use pyo3::types::PyDict;
+
+#[pyfunction]
+fn enable(max_specializations: usize, opt_level: u8, num_threads: usize) -> PyResult<()> {
+    kiln_compiler::program::set_num_threads(num_threads);
+    let options = Options { max_specializations, compile: CompileOptions { pipeline: format!("default<O{opt_level}>") } };
+    kiln_torch_bridge::enable(options).map_err(|e| PyRuntimeError::new_err(e.to_string()))
+}
+
+#[pyfunction]
+fn disable() {
+    kiln_torch_bridge::disable();
+}
+
+#[pyfunction]
+fn reset() {
+    RUNTIME.reset();
+}
+
+#[pyfunction]
+fn set_num_threads(n: usize) {
+    kiln_compiler::program::set_num_threads(n);
+}
+
+#[pyfunction]
+fn stats(py: Python<'_>) -> PyResult<PyObject> {
+    let s = RUNTIME.stats();
+    let d = PyDict::new(py);
+    d.set_item("groups", s.groups)?;
+    d.set_item("compiles", s.compiles)?;
+    d.set_item("cache_hits", s.cache_hits)?;
+    d.set_item("compile_time_ms", s.compile_time.as_secs_f64() * 1e3)?;
+    d.set_item("kernel_runs", s.runs)?;
+    d.set_item("guard_passes", s.guard_passes)?;
+    d.set_item("guard_failures", s.guard_failures)?;
+    d.set_item("pass_runs", s.pass_runs)?;
+    d.set_item("fallbacks", s.fallbacks.into_iter().collect::<Vec<_>>().into_pyobject(py)?.into_any())?;
+    d.set_item("num_threads", kiln_compiler::program::num_threads())?;
+    Ok(d.into_any().unbind())
+}
+
+/// What `explain` shows of one compiled group, or None for an unknown id.
+#[pyfunction]
+fn group_info(py: Python<'_>, id: usize) -> PyResult<Option<PyObject>> {
+    let Some(g) = RUNTIME.group(id) else { return Ok(None) };
+    let d = PyDict::new(py);
+    d.set_item("id", g.id)?;
+    d.set_item("nodes", g.nodes.clone())?;
+    d.set_item("kiln_ir", g.kiln_ir.clone())?;
+    d.set_item("loop_ir", g.program.loop_ir.clone())?;
+    d.set_item("kernels", g.program.kernels.len())?;
+    d.set_item("parallel_kernels", g.program.kernels.iter().filter(|k| k.parallel).count())?;
+    d.set_item("arena_bytes", g.program.arena_bytes)?;
+    d.set_item("object_bytes", g.program.object_bytes)?;
+    d.set_item("cache_key", g.cache_key.hex())?;
+    d.set_item("cache_hit", g.cache_hit)?;
+    d.set_item("compile_time_ms", g.compile_time.as_secs_f64() * 1e3)?;
+    d.set_item("specialization", g.specialization)?;
+    let guards: Vec<String> = g.guards.tensors.iter().map(|t| format!("{}{:?} strides={:?}", t.dtype, t.sizes, t.strides)).collect();
+    d.set_item("guards", guards)?;
+    d.set_item("runs", g.runs.load(std::sync::atomic::Ordering::Relaxed))?;
+    d.set_item("guard_passes", g.guard_passes.load(std::sync::atomic::Ordering::Relaxed))?;
+    d.set_item("guard_failures", g.guard_failures.load(std::sync::atomic::Ordering::Relaxed))?;
+    let rejected = g.rejected.lock().unwrap();
+    d.set_item("guard_failure_reasons", rejected.1.clone().into_iter().collect::<Vec<_>>())?;
+    Ok(Some(d.into_any().unbind()))
+}
+
+#[pyfunction]
+fn reason(id: usize) -> Option<String> {
+    RUNTIME.reason_text(id)
+}
+
+/// Logs through `tracing` to stderr, filtered by KILN_LOG (e.g. `info`, `debug`).
+fn init_logging() {
+    if let Ok(filter) = std::env::var("KILN_LOG") {
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
+            .with_writer(std::io::stderr)
+            .try_init();
+    }
+}
+
+#[pymodule]
+fn _kiln(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    init_logging();
+    m.add_function(wrap_pyfunction!(enable, m)?)?;
+    m.add_function(wrap_pyfunction!(disable, m)?)?;
+    m.add_function(wrap_pyfunction!(reset, m)?)?;
+    m.add_function(wrap_pyfunction!(set_num_threads, m)?)?;
+    m.add_function(wrap_pyfunction!(stats, m)?)?;
+    m.add_function(wrap_pyfunction!(group_info, m)?)?;
+    m.add_function(wrap_pyfunction!(reason, m)?)?;
+    m.add("VERSION", kiln_compiler::VERSION)?;
+    Ok(())
+}

@@ -17,6 +17,7 @@
 #include <mutex>
 #include <sstream>
 #include <unordered_map>
+#include <unordered_set>
 
 using namespace torch::jit;
 
@@ -40,7 +41,8 @@ int32_t kiln_rs_guard(int64_t group, const KilnTensor* inputs, size_t n);
 int32_t kiln_rs_run(int64_t group, const KilnTensor* inputs, size_t n, void* const* outputs, size_t n_out);
 int64_t kiln_rs_output_count(int64_t group);
 int64_t kiln_rs_output_spec(int64_t group, size_t i, int32_t* dtype, int64_t* sizes, size_t cap);
-void kiln_rs_record_node(const char* kind, const char* loc, int64_t group, const char* reason);
+int64_t kiln_rs_reason(const char* kind, const char* reason);
+void kiln_rs_pass_started();
 void kiln_rs_pass_error(const char* what);
 }
 
@@ -55,6 +57,8 @@ GraphPassNameType g_pass_id = 0;
 Symbol group_kind() { static Symbol s = Symbol::fromQualString("kiln::CompilationGroup"); return s; }
 Symbol guard_kind() { static Symbol s = Symbol::fromQualString("kiln::Guard"); return s; }
 Symbol group_attr() { static Symbol s = Symbol::attr("kiln_group"); return s; }
+// On nodes left in TorchScript: the id of the reason (Rust keeps the text) for explain().
+Symbol reason_attr() { static Symbol s = Symbol::attr("kiln_reason"); return s; }
 
 std::string dtype_name(at::ScalarType t) {
   switch (t) {
@@ -65,16 +69,6 @@ std::string dtype_name(at::ScalarType t) {
     case at::kDouble: return "f64";
     default: return std::string("unsupported:") + c10::toString(t);
   }
-}
-
-std::string location(const Node* n) {
-  auto r = n->sourceRange();
-  if (auto orig = r.findSourceRangeThatGenerated()) r = *orig;
-  if (auto flc = r.file_line_col()) {
-    auto [file, line, col] = *flc;
-    return file + ":" + std::to_string(line) + ":" + std::to_string(col);
-  }
-  return "";
 }
 
 // A tensor type is usable when dtype, device, sizes and strides are all known.
@@ -168,6 +162,14 @@ struct Dumper {
     }
     os << "node " << name(n->output()) << " " << n->kind().toQualString();
     for (auto* in : n->inputs()) os << " " << name(in);
+    // The output type TorchScript profiled, when complete: Rust checks its own inference.
+    auto t = n->output()->type()->cast<TensorType>();
+    if (t->scalarType() && t->sizes().concrete_sizes()) {
+      os << " : " << dtype_name(*t->scalarType()) << " [";
+      auto sizes = *t->sizes().concrete_sizes();
+      for (size_t i = 0; i < sizes.size(); ++i) os << (i ? "," : "") << sizes[i];
+      os << "]";
+    }
     os << "\n";
     return true;
   }
@@ -234,7 +236,7 @@ struct Fuser {
   }
 
   std::string dump_group(Node* group, std::string* why) {
-    auto sub = SubgraphUtils::getSubgraph(group);
+    auto sub = group->g(attr::Subgraph);
     Dumper d;
     // Subgraph inputs stand for the group's inputs: declare them with the outside types.
     for (size_t i = 0; i < group->inputs().size(); ++i) {
@@ -265,10 +267,13 @@ struct Fuser {
     return d.os.str();
   }
 
-  void record(Node* group, int64_t id, const std::string& reason) {
-    for (Node* n : SubgraphUtils::getSubgraph(group)->nodes())
-      if (n->kind().is_aten())
-        kiln_rs_record_node(n->kind().toQualString(), location(n).c_str(), id, reason.c_str());
+  // Undoes a group that could not be compiled; its nodes remember why.
+  void unmerge(Node* group, const std::string& why) {
+    Block* b = group->owningBlock();
+    std::unordered_set<Node*> before(b->nodes().begin(), b->nodes().end());
+    SubgraphUtils::unmergeSubgraph(group);
+    for (Node* n : b->nodes())
+      if (!before.count(n)) verdicts[n] = "its group was not compiled: " + why;
   }
 
   // prim::If(kiln::Guard(tensors)) { group } else { prim::FallbackGraph } — the TensorExpr
@@ -294,7 +299,7 @@ struct Fuser {
     for (Value* o : group->outputs()) then_b->registerOutput(o);
     WithInsertPoint wip2(else_b->return_node());
     Node* fb = g->create(prim::FallbackGraph, group->inputs(), group->outputs().size());
-    fb->g_(attr::Subgraph, SubgraphUtils::getSubgraph(group)->copy());
+    fb->g_(attr::Subgraph, group->g(attr::Subgraph)->copy());
     for (size_t i = 0; i < group->outputs().size(); ++i) fb->outputs()[i]->setType(group->outputs()[i]->type());
     g->insertNode(fb);
     for (Value* o : fb->outputs()) else_b->registerOutput(o);
@@ -307,8 +312,9 @@ struct Fuser {
       if (!n->kind().is_aten()) continue;
       auto it = verdicts.find(n);
       std::string why = it == verdicts.end() ? "not reached by the pass" : it->second;
-      if (why.empty()) why = "supported, but its group was not compiled";
-      kiln_rs_record_node(n->kind().toQualString(), location(n).c_str(), -1, why.c_str());
+      if (why.empty()) why = "supported, but not part of a compiled group";
+      int64_t rid = kiln_rs_reason(n->kind().toQualString(), why.c_str());
+      if (rid >= 0) n->i_(reason_attr(), rid);
     }
   }
 
@@ -326,9 +332,8 @@ struct Fuser {
         id = kiln_rs_prepare_group(text.data(), text.size(), reason, sizeof(reason));
         if (id < 0) why = reason;
       }
-      record(group, id, why);
       if (id < 0) {
-        SubgraphUtils::unmergeSubgraph(group);
+        unmerge(group, why);
       } else {
         guard(group, id);
       }
@@ -349,6 +354,7 @@ void unmerge_all(Block* b) {
 
 void kiln_pass(std::shared_ptr<Graph>& graph) {
   if (!g_enabled.load()) return;
+  kiln_rs_pass_started();
   try {
     Fuser f{graph};
     f.run();
@@ -367,7 +373,7 @@ void fill(KilnTensor& d, const at::Tensor& t) {
   d.ndim = impl->dim();
   d.sizes = impl->sizes().data();
   d.strides = impl->strides().data();
-  d.dtype = static_cast<int32_t>(impl->scalar_type());
+  d.dtype = static_cast<int32_t>(impl->dtype().toScalarType());
   d.device = static_cast<int32_t>(impl->device_type());
   d.requires_grad = impl->requires_grad();
 }

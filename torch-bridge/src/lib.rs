@@ -1,1 +1,34 @@
+//! The TorchScript frontend of Kiln: the only crate that touches libtorch.
+//!
+//! A C++ shim (`cpp/kiln_bridge.cpp`) registers a TorchScript post-pass that groups the nodes
+//! Kiln supports into `kiln::CompilationGroup` nodes behind a `kiln::Guard`, and the two
+//! operators that run them. It asks Rust through `extern "C"` functions ([`ffi`]) with a text
+//! dump of each region ([`ts_dump`]), which [`aten`] lowers to Kiln IR and [`runtime`]
+//! compiles, caches and runs.
 
+pub mod aten;
+pub mod ffi;
+pub mod runtime;
+pub mod ts_dump;
+
+pub use runtime::{Options, Stats, RUNTIME};
+
+#[derive(thiserror::Error, Debug)]
+pub enum BridgeError {
+    #[error("registering the TorchScript pass or operators failed (see the fallback reasons)")]
+    Register,
+}
+
+/// Registers the pass and operators (once) and turns the pass on.
+pub fn enable(options: Options) -> Result<(), BridgeError> {
+    *RUNTIME.options.write().unwrap() = options;
+    if unsafe { ffi::kiln_cpp_enable() } == 0 {
+        return Err(BridgeError::Register);
+    }
+    Ok(())
+}
+
+/// Turns the pass off. Graphs already optimised keep their compiled groups.
+pub fn disable() {
+    unsafe { ffi::kiln_cpp_disable() }
+}

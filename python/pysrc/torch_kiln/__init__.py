@@ -1,0 +1,135 @@
+"""Kiln: TorchScript regions compiled to machine code for this CPU.
+
+    import torch, torch_kiln
+    torch_kiln.enable()          # TorchScript functions and modules run on Kiln's code
+    print(torch_kiln.stats())
+    print(torch_kiln.explain(scripted_fn_or_module))
+
+Kiln never changes what a program computes: whatever it cannot compile, or any call whose
+inputs differ from what a compiled group was built for, runs TorchScript's own nodes, and the
+reason is counted in ``stats()["fallbacks"]``. Set ``KILN_LOG=info`` (or ``debug``) to log.
+"""
+
+import torch  # loads libtorch before the extension, which has no RUNPATH of its own
+
+from . import _kiln
+
+__all__ = ["enable", "disable", "reset", "stats", "explain", "OPTIONS"]
+__version__ = _kiln.VERSION
+
+#: Options of ``enable()`` and their defaults.
+OPTIONS = {
+    # Input signatures (dtype, sizes, strides) one region may be compiled for; past it the
+    # region stays in TorchScript (reported in stats()["fallbacks"]).
+    "max_specializations": 8,
+    # LLVM optimisation level of the generated code (0-3; below 2 nothing is vectorised).
+    "opt_level": 3,
+    # Threads for parallel kernels; None follows torch.get_num_threads().
+    "num_threads": None,
+}
+
+_enabled = False
+
+
+def _check_int(name, value, lo, hi=None):
+    if isinstance(value, bool) or not isinstance(value, int) or value < lo or (hi is not None and value > hi):
+        bound = f"an int in [{lo}, {hi}]" if hi is not None else f"an int >= {lo}"
+        raise ValueError(f"torch_kiln option {name!r} must be {bound}, got {value!r}")
+
+
+def enable(**options):
+    """Compile TorchScript regions with Kiln from now on. Unknown options raise ValueError."""
+    global _enabled
+    unknown = sorted(set(options) - set(OPTIONS))
+    if unknown:
+        raise ValueError(f"unknown torch_kiln option(s): {', '.join(unknown)}; known: {', '.join(sorted(OPTIONS))}")
+    opts = {**OPTIONS, **options}
+    _check_int("max_specializations", opts["max_specializations"], 1)
+    _check_int("opt_level", opts["opt_level"], 0, 3)
+    threads = opts["num_threads"]
+    if threads is None:
+        threads = torch.get_num_threads()
+    else:
+        _check_int("num_threads", threads, 1)
+    _kiln.enable(opts["max_specializations"], opts["opt_level"], threads)
+    _enabled = True
+
+
+def disable():
+    """Stop compiling new regions. Functions already optimised keep their compiled groups."""
+    global _enabled
+    _kiln.disable()
+    _enabled = False
+
+
+def reset():
+    """Zero the counters and fallback reasons of stats(); compiled code stays cached."""
+    _kiln.reset()
+
+
+def stats():
+    """Counters: groups compiled, compiles (cache misses), cache hits, kernel runs, guard
+    passes and failures, and every reason code ran in TorchScript, with counts."""
+    s = _kiln.stats()
+    s["fallbacks"] = dict(s["fallbacks"])
+    s["enabled"] = _enabled
+    return s
+
+
+def _debug_state(obj):
+    if isinstance(obj, torch.jit.ScriptModule):
+        return obj._c.get_debug_state()
+    if isinstance(obj, torch.jit.ScriptFunction):
+        return obj.get_debug_state()
+    raise TypeError(f"explain() takes a scripted or traced function or module, got {type(obj).__name__}")
+
+
+def _is_guarded_group(node):
+    return node.kind() == "prim::If" and any(n.kind() == "kiln::CompilationGroup" for n in next(node.blocks()).nodes())
+
+
+def _walk(block, lines, groups, depth):
+    pad = "  " * depth
+    for node in block.nodes():
+        kind = node.kind()
+        if _is_guarded_group(node):
+            # The else branch is TorchScript's fallback copy of the group: not listed.
+            _walk(next(node.blocks()), lines, groups, depth)
+            continue
+        if kind == "kiln::CompilationGroup":
+            info = _kiln.group_info(node.i("kiln_group"))
+            groups.append(info)
+            lines.append(f"{pad}[kiln group {info['id']}] {', '.join(info['nodes'])}")
+        elif kind.startswith("aten::"):
+            if node.hasAttribute("kiln_reason"):
+                why = _kiln.reason(node.i("kiln_reason")) or "unknown"
+            else:
+                why = f"{kind}: not seen by the Kiln pass"
+            lines.append(f"{pad}[torchscript] {why}")
+        for sub in node.blocks():
+            _walk(sub, lines, groups, depth + 1)
+
+
+def explain(obj):
+    """Which nodes of a scripted function or module run in Kiln, which stay in TorchScript and
+    why, and what each compiled group is (Kiln IR, loop IR, guards, compile time)."""
+    plans = list(_debug_state(obj).execution_plans.values())
+    if not plans:
+        return ("not optimised yet: TorchScript profiles the first call and optimises on the next; "
+                "call it at least twice (with Kiln enabled) before explain()")
+    lines, groups = [], []
+    _walk(plans[0].graph, lines, groups, 0)
+    out = ["nodes:"] + ["  " + l for l in lines]
+    for g in groups:
+        out.append(f"group {g['id']}: {len(g['nodes'])} ops in {g['kernels']} kernel(s) "
+                   f"({g['parallel_kernels']} parallel), compile {g['compile_time_ms']:.1f} ms"
+                   f"{' (cache hit)' if g['cache_hit'] else ''}, runs {g['runs']}, "
+                   f"guard passes {g['guard_passes']}, failures {g['guard_failures']}")
+        out.append("  guards: " + "; ".join(g["guards"]))
+        for reason, n in g["guard_failure_reasons"]:
+            out.append(f"  guard failed {n}x: {reason}")
+        out.append("  kiln ir:")
+        out += ["    " + l for l in g["kiln_ir"].splitlines()]
+        out.append("  loop ir:")
+        out += ["    " + l for l in g["loop_ir"].splitlines()]
+    return "\n".join(out)

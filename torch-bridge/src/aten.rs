@@ -1,0 +1,551 @@
+//! ATen ops → Kiln IR, with PyTorch's type promotion and argument conventions.
+//!
+//! TorchScript passes every argument of the chosen overload positionally (defaults included),
+//! so an overload is told apart by its argument count and kinds. Anything this file does not
+//! recognise, or whose semantics differ from what Kiln computes, is rejected with a reason:
+//! the node then stays in TorchScript.
+
+use crate::ts_dump::{Const, Item, Region};
+use kiln_compiler::ir::{BinaryOp, CmpOp, Graph, ReduceOp, UnaryOp};
+use kiln_compiler::{DType, Scalar, TensorType, ValueId};
+use kiln_profiler::canonical_strides;
+
+/// A region as Kiln IR, ready to compile.
+#[derive(Debug)]
+pub struct Lowered {
+    pub graph: Graph,
+    /// Canonical strides of each tensor input (see `kiln_profiler::canonical_strides`).
+    pub input_strides: Vec<Vec<i64>>,
+}
+
+#[derive(Clone, Debug)]
+enum Arg {
+    Tensor(ValueId),
+    Const(Const),
+}
+
+type R<T> = Result<T, String>;
+
+pub fn lower(r: &Region) -> R<Lowered> {
+    let mut g = Graph::new();
+    let mut input_strides = vec![];
+    let mut vals: Vec<Arg> = Vec::with_capacity(r.items.len());
+    for item in &r.items {
+        let arg = match item {
+            Item::Input(d) => {
+                let dtype = d.dtype.clone().map_err(|name| format!("dtype {name} is not supported"))?;
+                input_strides.push(canonical_strides(&d.sizes, &d.strides));
+                Arg::Tensor(g.input(TensorType::new(dtype, &d.sizes)))
+            }
+            Item::Const(c) => Arg::Const(c.clone()),
+            Item::Node { kind, args, expect } => {
+                let args: Vec<Arg> = args.iter().map(|&a| vals[a].clone()).collect();
+                let v = Lower { g: &mut g }.node(kind, &args).map_err(|e| format!("{kind}: {e}"))?;
+                if let Some((dtype, sizes)) = expect {
+                    let ty = g.ty(v);
+                    let same = dtype.as_ref().ok() == Some(&ty.dtype) && ty.static_shape().as_deref() == Some(sizes.as_slice());
+                    if !same {
+                        return Err(format!("{kind}: Kiln infers {ty}, TorchScript recorded {}{sizes:?}", dtype.clone().map(|d| d.to_string()).unwrap_or_else(|n| n)));
+                    }
+                }
+                Arg::Tensor(v)
+            }
+        };
+        vals.push(arg);
+    }
+    let outputs = r
+        .outputs
+        .iter()
+        .map(|&o| match &vals[o] {
+            Arg::Tensor(v) => Ok(*v),
+            Arg::Const(_) => Err("an output is a constant".to_string()),
+        })
+        .collect::<R<Vec<_>>>()?;
+    for (i, o) in outputs.iter().enumerate() {
+        if g.inputs.contains(o) || outputs[..i].contains(o) {
+            return Err("an output is an input or another output (nothing to compute)".into());
+        }
+    }
+    g.set_outputs(outputs);
+    Ok(Lowered { graph: g, input_strides })
+}
+
+fn category(d: DType) -> u8 {
+    match d {
+        DType::Bool => 0,
+        DType::I32 | DType::I64 => 1,
+        DType::F32 | DType::F64 => 2,
+    }
+}
+
+/// torch.promote_types on the dtypes Kiln knows.
+pub fn promote(a: DType, b: DType) -> DType {
+    match category(a).cmp(&category(b)) {
+        std::cmp::Ordering::Less => b,
+        std::cmp::Ordering::Greater => a,
+        std::cmp::Ordering::Equal => a.max(b),
+    }
+}
+
+/// PyTorch's `combine_categories`: the higher-priority kind of operand wins unless a
+/// lower-priority one is of a higher category.
+fn combine(higher: Option<DType>, lower: Option<DType>) -> Option<DType> {
+    match (higher, lower) {
+        (None, l) => l,
+        (h, None) => h,
+        (Some(h), Some(_)) if h.is_float() => Some(h),
+        (Some(h), Some(l)) if h == DType::Bool || l.is_float() => Some(promote(h, l)),
+        (h, _) => h,
+    }
+}
+
+/// The float dtype of `torch.get_default_dtype()`. Kiln assumes the default (float32); the
+/// output-type check in `lower` rejects nodes where a changed default would show.
+const DEFAULT_FLOAT: DType = DType::F32;
+
+struct Lower<'a> {
+    g: &'a mut Graph,
+}
+
+impl Lower<'_> {
+    fn tensor(&self, a: &Arg) -> R<ValueId> {
+        match a {
+            Arg::Tensor(v) => Ok(*v),
+            Arg::Const(c) => Err(format!("expected a tensor, got constant {c:?}")),
+        }
+    }
+
+    /// at::result_type over tensors and scalar constants (None arguments are skipped).
+    fn result_type(&self, args: &[&Arg]) -> R<DType> {
+        let (mut dim, mut zero, mut wrapped) = (None, None, None);
+        let up = |slot: &mut Option<DType>, d: DType| *slot = Some(slot.map_or(d, |s| promote(s, d)));
+        for a in args {
+            match a {
+                Arg::Tensor(v) if self.g.ty(*v).rank() > 0 => up(&mut dim, self.g.ty(*v).dtype),
+                Arg::Tensor(v) => up(&mut zero, self.g.ty(*v).dtype),
+                Arg::Const(Const::Bool(_)) => up(&mut wrapped, DType::Bool),
+                Arg::Const(Const::Int(_)) => up(&mut wrapped, DType::I64),
+                Arg::Const(Const::Float(_)) => up(&mut wrapped, DEFAULT_FLOAT),
+                Arg::Const(Const::None) => {}
+                Arg::Const(c) => return Err(format!("unexpected argument {c:?}")),
+            }
+        }
+        combine(dim, combine(zero, wrapped)).ok_or_else(|| "no tensor operand".to_string())
+    }
+
+    /// The argument as a value of `dtype`: a cast tensor or a constant.
+    fn value(&mut self, a: &Arg, dtype: DType) -> R<ValueId> {
+        Ok(match a {
+            Arg::Tensor(v) => self.g.cast(*v, dtype),
+            Arg::Const(c) => {
+                let s = scalar(c)?;
+                // PyTorch converts the scalar to the computation's dtype; an out-of-range
+                // integer would wrap there and in Kiln alike, a float into an int is an error.
+                if matches!(s, Scalar::Float(_)) && !dtype.is_float() {
+                    return Err(format!("float scalar with {dtype} result"));
+                }
+                self.g.constant(s, dtype)
+            }
+        })
+    }
+
+    fn unary_float(&mut self, op: UnaryOp, x: &Arg) -> R<ValueId> {
+        let x = self.tensor(x)?;
+        let d = self.g.ty(x).dtype;
+        let d = if d.is_float() { d } else { DEFAULT_FLOAT };
+        let x = self.g.cast(x, d);
+        Ok(self.g.unary(op, x).map_err(|e| e.0)?)
+    }
+
+    fn binary(&mut self, op: BinaryOp, a: &Arg, b: &Arg) -> R<ValueId> {
+        let d = self.result_type(&[a, b])?;
+        let (x, y) = (self.value(a, d)?, self.value(b, d)?);
+        let op = match (op, d) {
+            (BinaryOp::Add, DType::Bool) => BinaryOp::Or,
+            (BinaryOp::Mul, DType::Bool) => BinaryOp::And,
+            (op, _) => op,
+        };
+        Ok(self.g.binary(op, x, y).map_err(|e| e.0)?)
+    }
+
+    /// add/sub with alpha: a op (b * alpha).
+    fn add_sub(&mut self, op: BinaryOp, a: &Arg, b: &Arg, alpha: &Arg) -> R<ValueId> {
+        let alpha = match alpha {
+            Arg::Const(c) => scalar(c)?,
+            _ => return Err("alpha is not a constant".into()),
+        };
+        if alpha.as_f64() == 1.0 {
+            return self.binary(op, a, b);
+        }
+        let d = self.result_type(&[a, b])?;
+        if d == DType::Bool || (matches!(alpha, Scalar::Float(_)) && !d.is_float()) {
+            return Err(format!("alpha {alpha} with {d} operands"));
+        }
+        let (x, y) = (self.value(a, d)?, self.value(b, d)?);
+        let k = self.g.constant(alpha, d);
+        let y = self.g.binary(BinaryOp::Mul, y, k).map_err(|e| e.0)?;
+        Ok(self.g.binary(op, x, y).map_err(|e| e.0)?)
+    }
+
+    fn true_div(&mut self, a: &Arg, b: &Arg) -> R<ValueId> {
+        let d = self.result_type(&[a, b])?;
+        let d = if d.is_float() { d } else { DEFAULT_FLOAT };
+        let (x, y) = (self.value(a, d)?, self.value(b, d)?);
+        Ok(self.g.binary(BinaryOp::Div, x, y).map_err(|e| e.0)?)
+    }
+
+    fn compare(&mut self, op: CmpOp, a: &Arg, b: &Arg) -> R<ValueId> {
+        let d = self.result_type(&[a, b])?;
+        let (x, y) = (self.value(a, d)?, self.value(b, d)?);
+        Ok(self.g.compare(op, x, y).map_err(|e| e.0)?)
+    }
+
+    fn clamp(&mut self, x: &Arg, lo: &Arg, hi: &Arg) -> R<ValueId> {
+        let is_none = |a: &Arg| matches!(a, Arg::Const(Const::None));
+        if is_none(lo) && is_none(hi) {
+            return Err("clamp needs min or max".into());
+        }
+        let d = self.result_type(&[x, lo, hi])?;
+        if d == DType::Bool {
+            return Err("clamp on bool".into());
+        }
+        let mut v = self.value(x, d)?;
+        if !is_none(lo) {
+            let l = self.value(lo, d)?;
+            v = self.g.binary(BinaryOp::Max, v, l).map_err(|e| e.0)?;
+        }
+        if !is_none(hi) {
+            let h = self.value(hi, d)?;
+            v = self.g.binary(BinaryOp::Min, v, h).map_err(|e| e.0)?;
+        }
+        Ok(v)
+    }
+
+    fn dims(&self, x: ValueId, dim: &Arg) -> R<Vec<usize>> {
+        let rank = self.g.ty(x).rank();
+        let all: Vec<usize> = (0..rank).collect();
+        match dim {
+            Arg::Const(Const::None) => Ok(all),
+            Arg::Const(Const::Ints(ds)) if ds.is_empty() => Ok(all),
+            Arg::Const(Const::Ints(ds)) => ds.iter().map(|&d| wrap_dim(d, rank)).collect(),
+            Arg::Const(Const::Int(d)) => Ok(vec![wrap_dim(*d, rank)?]),
+            _ => Err("dim is not a constant".into()),
+        }
+        .map(|ds: Vec<usize>| ds.into_iter().filter(|&d| d < rank).collect())
+    }
+
+    /// sum/mean: `dtype` casts the input first; integer sums accumulate in int64.
+    fn sum_mean(&mut self, op: ReduceOp, x: &Arg, dim: &Arg, keepdim: &Arg, dtype: &Arg) -> R<ValueId> {
+        let x = self.tensor(x)?;
+        let d = match (dtype_arg(dtype)?, self.g.ty(x).dtype) {
+            (Some(d), _) => d,
+            (None, d) if op == ReduceOp::Sum && !d.is_float() => DType::I64,
+            (None, d) => d,
+        };
+        if op == ReduceOp::Sum && d == DType::I32 {
+            return Err("sum to int32".into());
+        }
+        let dims = self.dims(x, dim)?;
+        let x = self.g.cast(x, d);
+        Ok(self.g.reduce(op, x, &dims, bool_arg(keepdim)?).map_err(|e| e.0)?)
+    }
+
+    fn softmax(&mut self, x: &Arg, dim: &Arg, dtype: &Arg, log: bool) -> R<ValueId> {
+        let x = self.tensor(x)?;
+        let d = dtype_arg(dtype)?.unwrap_or(self.g.ty(x).dtype);
+        let rank = self.g.ty(x).rank();
+        let dim = match dim {
+            Arg::Const(Const::Int(d)) => wrap_dim(*d, rank)?,
+            _ => return Err("dim is not a constant int".into()),
+        };
+        let x = self.g.cast(x, d);
+        Ok(self.g.softmax(x, dim.min(rank.saturating_sub(1)), log).map_err(|e| e.0)?)
+    }
+
+    fn cast_to(&mut self, x: &Arg, dtype: DType) -> R<ValueId> {
+        let x = self.tensor(x)?;
+        if self.g.ty(x).dtype == dtype {
+            // A no-op conversion returns its input; as a group output there would be nothing
+            // to compute, and `copy=True` semantics are TorchScript's business.
+            return Err("conversion to the same dtype".into());
+        }
+        Ok(self.g.cast(x, dtype))
+    }
+
+    fn node(&mut self, kind: &str, a: &[Arg]) -> R<ValueId> {
+        use UnaryOp as U;
+        let none = Arg::Const(Const::None);
+        match (kind, a) {
+            ("aten::add", [x, y, alpha]) => self.add_sub(BinaryOp::Add, x, y, alpha),
+            ("aten::sub", [x, y, alpha]) => {
+                if self.result_type(&[x, y])? == DType::Bool {
+                    return Err("subtraction of bools".into());
+                }
+                self.add_sub(BinaryOp::Sub, x, y, alpha)
+            }
+            ("aten::rsub", [x, y, alpha]) => self.add_sub(BinaryOp::Sub, y, x, alpha),
+            ("aten::mul", [x, y]) => self.binary(BinaryOp::Mul, x, y),
+            ("aten::div" | "aten::true_divide", [x, y]) => self.true_div(x, y),
+            ("aten::div", [x, y, Arg::Const(Const::None)]) => self.true_div(x, y),
+            ("aten::maximum", [x, y]) => self.binary(BinaryOp::Max, x, y),
+            ("aten::minimum", [x, y]) => self.binary(BinaryOp::Min, x, y),
+            ("aten::pow", [x, y]) => {
+                let d = self.result_type(&[x, y])?;
+                if !d.is_float() {
+                    return Err(format!("integer power ({d})"));
+                }
+                self.binary(BinaryOp::Pow, x, y)
+            }
+            ("aten::neg", [x]) => self.unary_same(U::Neg, x),
+            ("aten::abs", [x]) => self.unary_same(U::Abs, x),
+            ("aten::relu", [x]) => self.unary_same(U::Relu, x),
+            ("aten::reciprocal", [x]) => self.unary_float(U::Reciprocal, x),
+            ("aten::sigmoid", [x]) => self.unary_float(U::Sigmoid, x),
+            ("aten::tanh", [x]) => self.unary_float(U::Tanh, x),
+            ("aten::exp", [x]) => self.unary_float(U::Exp, x),
+            ("aten::log", [x]) => self.unary_float(U::Log, x),
+            ("aten::log1p", [x]) => self.unary_float(U::Log1p, x),
+            ("aten::sqrt", [x]) => self.unary_float(U::Sqrt, x),
+            ("aten::rsqrt", [x]) => self.unary_float(U::Rsqrt, x),
+            ("aten::erf", [x]) => self.unary_float(U::Erf, x),
+            ("aten::silu", [x]) => self.float_only(x).and_then(|_| self.unary_float(U::Silu, x)),
+            ("aten::gelu", [x, Arg::Const(Const::Str(mode))]) => {
+                self.float_only(x)?;
+                match mode.as_str() {
+                    "none" => self.unary_float(U::Gelu, x),
+                    "tanh" => self.unary_float(U::GeluTanh, x),
+                    m => Err(format!("approximate={m}")),
+                }
+            }
+            ("aten::leaky_relu", [x, slope]) => {
+                let v = self.float_only(x)?;
+                let d = self.g.ty(v).dtype;
+                let zero = self.g.constant(Scalar::Int(0), d);
+                let s = self.value(slope, d)?;
+                let pos = self.g.compare(CmpOp::Gt, v, zero).map_err(|e| e.0)?;
+                let neg = self.g.binary(BinaryOp::Mul, v, s).map_err(|e| e.0)?;
+                Ok(self.g.where_(pos, v, neg).map_err(|e| e.0)?)
+            }
+            ("aten::clamp", [x, lo, hi]) => self.clamp(x, lo, hi),
+            ("aten::clamp_min", [x, lo]) => self.clamp(x, lo, &none),
+            ("aten::clamp_max", [x, hi]) => self.clamp(x, &none, hi),
+            ("aten::where", [c, x, y]) => {
+                let c = self.tensor(c)?;
+                if self.g.ty(c).dtype != DType::Bool {
+                    return Err("condition is not bool".into());
+                }
+                let d = self.result_type(&[x, y])?;
+                let (x, y) = (self.value(x, d)?, self.value(y, d)?);
+                Ok(self.g.where_(c, x, y).map_err(|e| e.0)?)
+            }
+            ("aten::eq", [x, y]) => self.compare(CmpOp::Eq, x, y),
+            ("aten::ne", [x, y]) => self.compare(CmpOp::Ne, x, y),
+            ("aten::lt", [x, y]) => self.compare(CmpOp::Lt, x, y),
+            ("aten::le", [x, y]) => self.compare(CmpOp::Le, x, y),
+            ("aten::gt", [x, y]) => self.compare(CmpOp::Gt, x, y),
+            ("aten::ge", [x, y]) => self.compare(CmpOp::Ge, x, y),
+            ("aten::logical_not", [x]) => {
+                let x = self.tensor(x)?;
+                let b = self.g.cast(x, DType::Bool);
+                Ok(self.g.unary(U::Not, b).map_err(|e| e.0)?)
+            }
+            // to.dtype(self, dtype, non_blocking, copy, memory_format) and
+            // to.prim_dtype(self, dtype?, non_blocking, copy)
+            ("aten::to", [x, dtype, _, _, fmt]) if matches!(fmt, Arg::Const(Const::None)) => self.to(x, dtype),
+            ("aten::to", [x, dtype, _, _]) => self.to(x, dtype),
+            ("aten::type_as", [x, other]) => {
+                let d = self.g.ty(self.tensor(other)?).dtype;
+                self.cast_to(x, d)
+            }
+            ("aten::sum", [x, dtype]) => self.sum_mean(ReduceOp::Sum, x, &none, &Arg::Const(Const::Bool(false)), dtype),
+            ("aten::sum", [x, dim, keepdim, dtype]) => self.sum_mean(ReduceOp::Sum, x, dim, keepdim, dtype),
+            ("aten::mean", [x, dtype]) => self.sum_mean(ReduceOp::Mean, x, &none, &Arg::Const(Const::Bool(false)), dtype),
+            ("aten::mean", [x, dim, keepdim, dtype]) => self.sum_mean(ReduceOp::Mean, x, dim, keepdim, dtype),
+            ("aten::amax" | "aten::amin", [x, dim, keepdim]) => {
+                let op = if kind == "aten::amax" { ReduceOp::Max } else { ReduceOp::Min };
+                let x = self.tensor(x)?;
+                let dims = self.dims(x, dim)?;
+                Ok(self.g.reduce(op, x, &dims, bool_arg(keepdim)?).map_err(|e| e.0)?)
+            }
+            ("aten::softmax", [x, dim, dtype]) => self.softmax(x, dim, dtype, false),
+            ("aten::log_softmax", [x, dim, dtype]) => self.softmax(x, dim, dtype, true),
+            _ => Err(format!("not supported with {} arguments", a.len())),
+        }
+    }
+
+    fn to(&mut self, x: &Arg, dtype: &Arg) -> R<ValueId> {
+        match dtype_arg(dtype)? {
+            Some(d) => self.cast_to(x, d),
+            None => Err("conversion without a dtype".into()),
+        }
+    }
+
+    /// The op takes floating point only in PyTorch (an integer input is an error there).
+    fn float_only(&self, x: &Arg) -> R<ValueId> {
+        let v = self.tensor(x)?;
+        if !self.g.ty(v).dtype.is_float() {
+            return Err(format!("takes floating point, got {}", self.g.ty(v).dtype));
+        }
+        Ok(v)
+    }
+
+    /// Ops that keep their input's dtype (neg, abs, relu); PyTorch rejects them on bool.
+    fn unary_same(&mut self, op: UnaryOp, x: &Arg) -> R<ValueId> {
+        let x = self.tensor(x)?;
+        Ok(self.g.unary(op, x).map_err(|e| e.0)?)
+    }
+}
+
+fn scalar(c: &Const) -> R<Scalar> {
+    match c {
+        Const::Bool(b) => Ok(Scalar::Bool(*b)),
+        Const::Int(i) => Ok(Scalar::Int(*i)),
+        Const::Float(f) => Ok(Scalar::Float(*f)),
+        c => Err(format!("expected a number, got {c:?}")),
+    }
+}
+
+fn wrap_dim(d: i64, rank: usize) -> R<usize> {
+    let r = rank.max(1) as i64;
+    if d < -r || d >= r {
+        return Err(format!("dim {d} out of range for rank {rank}"));
+    }
+    Ok(d.rem_euclid(r) as usize)
+}
+
+fn bool_arg(a: &Arg) -> R<bool> {
+    match a {
+        Arg::Const(Const::Bool(b)) => Ok(*b),
+        _ => Err("keepdim is not a constant bool".into()),
+    }
+}
+
+/// A `ScalarType?` argument: None, or c10::ScalarType's number.
+fn dtype_arg(a: &Arg) -> R<Option<DType>> {
+    match a {
+        Arg::Const(Const::None) => Ok(None),
+        Arg::Const(Const::Int(code)) => match code {
+            3 => Ok(Some(DType::I32)),
+            4 => Ok(Some(DType::I64)),
+            6 => Ok(Some(DType::F32)),
+            7 => Ok(Some(DType::F64)),
+            11 => Ok(Some(DType::Bool)),
+            c => Err(format!("dtype code {c} is not supported")),
+        },
+        _ => Err("dtype is not a constant".into()),
+    }
+}
+
+/// c10::ScalarType's number for a dtype (what the C++ side allocates outputs with).
+pub fn scalar_type_code(d: DType) -> i32 {
+    match d {
+        DType::I32 => 3,
+        DType::I64 => 4,
+        DType::F32 => 6,
+        DType::F64 => 7,
+        DType::Bool => 11,
+    }
+}
+
+/// The dtype for c10::ScalarType's number, if Kiln supports it.
+pub fn dtype_from_code(code: i32) -> Option<DType> {
+    match code {
+        3 => Some(DType::I32),
+        4 => Some(DType::I64),
+        6 => Some(DType::F32),
+        7 => Some(DType::F64),
+        11 => Some(DType::Bool),
+        _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ts_dump::parse;
+    use expect_test::{expect, Expect};
+
+    fn check(dump: &str, want: Expect) {
+        let out = match parse(dump).and_then(|r| lower(&r)) {
+            Ok(l) => format!("{}", kiln_compiler::passes::optimize(&l.graph)),
+            Err(e) => format!("error: {e}\n"),
+        };
+        want.assert_eq(&out);
+    }
+
+    #[test]
+    fn promotes_int_tensor_with_float_scalar() {
+        check(
+            "input %0 i32 [3] [1]\nconst %1 float 0.5\nnode %2 aten::mul %0 %1 : f32 [3]\noutput %2",
+            expect![[r#"
+                graph(%0: i32[3]) {
+                  %1 = cast(%0) : f32[3]
+                  %2 = constant(0.5) : f32[]
+                  %3 = mul(%1, %2) : f32[3]
+                  return (%3)
+                }
+            "#]],
+        );
+    }
+
+    #[test]
+    fn zero_dim_tensor_does_not_promote_a_dim_tensor() {
+        check(
+            "input %0 f32 [2] [1]\ninput %1 f64 [] []\nconst %2 int 1\nnode %3 aten::sub %0 %1 %2 : f32 [2]\noutput %3",
+            expect![[r#"
+                graph(%0: f32[2], %1: f64[]) {
+                  %2 = cast(%1) : f32[]
+                  %3 = sub(%0, %2) : f32[2]
+                  return (%3)
+                }
+            "#]],
+        );
+    }
+
+    #[test]
+    fn integer_sum_accumulates_in_int64_and_dims_wrap() {
+        check(
+            "input %0 i32 [2,3] [3,1]\nconst %1 ints -1\nconst %2 bool 1\nconst %3 none\nnode %4 aten::sum %0 %1 %2 %3 : i64 [2,1]\noutput %4",
+            expect![[r#"
+                graph(%0: i32[2, 3]) {
+                  %1 = cast(%0) : i64[2, 3]
+                  %2 = sum(%1) dims=[1] keepdim=true : i64[2, 1]
+                  return (%2)
+                }
+            "#]],
+        );
+    }
+
+    #[test]
+    fn disagreement_with_torchscript_types_rejects() {
+        check(
+            "input %0 f32 [3] [1]\nnode %1 aten::exp %0 : f64 [3]\noutput %1",
+            expect![[r#"
+                error: aten::exp: Kiln infers f32[3], TorchScript recorded f64[3]
+            "#]],
+        );
+    }
+
+    #[test]
+    fn unsupported_things_say_why() {
+        check("input %0 f32 [3] [1]\nconst %1 str floor\nnode %2 aten::div %0 %0 %1\noutput %2", expect![[r#"
+            error: aten::div: not supported with 3 arguments
+        "#]]);
+        check("input %0 Half [3] [1]\nnode %1 aten::exp %0\noutput %1", expect![[r#"
+            error: dtype Half is not supported
+        "#]]);
+        check("input %0 i64 [3] [1]\nnode %1 aten::silu %0\noutput %1", expect![[r#"
+            error: aten::silu: takes floating point, got i64
+        "#]]);
+    }
+
+    #[test]
+    fn promote_matches_torch() {
+        use DType::*;
+        assert_eq!(promote(I32, F32), F32);
+        assert_eq!(promote(I64, I32), I64);
+        assert_eq!(promote(Bool, I32), I32);
+        assert_eq!(promote(F64, I64), F64);
+        assert_eq!(promote(F32, F64), F64);
+    }
+}

@@ -1,0 +1,144 @@
+//! The text form in which the C++ shim hands a TorchScript region to Rust. One item a line:
+//!
+//! ```text
+//! input %0 f32 [4,4] [4,1]      a tensor input: dtype, sizes, strides
+//! const %1 float 0.5            a constant: none | bool 0/1 | int N | float X | str S | ints N...
+//! node %2 aten::mul %0 %1 : f32 [4,4]   one TorchScript node with one tensor output and
+//!                               the output type TorchScript profiled (when it knows it)
+//! output %2
+//! ```
+//!
+//! Text, not a C struct graph: it is what the pass logs, what tests write by hand, and the
+//! same code path serves the single-node "is this supported?" question and whole groups.
+
+use kiln_compiler::DType;
+
+#[derive(Clone, Debug, PartialEq)]
+pub enum Const {
+    None,
+    Bool(bool),
+    Int(i64),
+    Float(f64),
+    Str(String),
+    Ints(Vec<i64>),
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct InputDecl {
+    /// Err: a dtype Kiln does not support, by its libtorch name.
+    pub dtype: Result<DType, String>,
+    pub sizes: Vec<i64>,
+    pub strides: Vec<i64>,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub enum Item {
+    Input(InputDecl),
+    Const(Const),
+    /// `expect`: the output dtype and sizes TorchScript recorded, checked against Kiln's own
+    /// type inference so that a disagreement rejects the node instead of computing wrongly.
+    Node { kind: String, args: Vec<usize>, expect: Option<(Result<DType, String>, Vec<i64>)> },
+}
+
+/// A parsed region. Values are numbered by their position in `items`.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Region {
+    pub items: Vec<Item>,
+    pub outputs: Vec<usize>,
+}
+
+fn ints(s: &str) -> Result<Vec<i64>, String> {
+    let s = s.trim().strip_prefix('[').and_then(|s| s.strip_suffix(']')).ok_or_else(|| format!("bad list {s}"))?;
+    s.split(',').filter(|x| !x.is_empty()).map(|x| x.parse().map_err(|_| format!("bad int {x}"))).collect()
+}
+
+fn parse_dtype(s: &str) -> Result<DType, String> {
+    DType::parse(s).ok_or_else(|| s.strip_prefix("unsupported:").unwrap_or(s).to_string())
+}
+
+pub fn parse(text: &str) -> Result<Region, String> {
+    let mut r = Region::default();
+    let mut names: std::collections::HashMap<&str, usize> = Default::default();
+    for line in text.lines().filter(|l| !l.trim().is_empty()) {
+        let mut words = line.split(' ');
+        let head = words.next().unwrap_or("");
+        let name = words.next().ok_or_else(|| format!("bad line: {line}"))?;
+        let rest: Vec<&str> = words.collect();
+        let lookup = |n: &str| names.get(n).copied().ok_or_else(|| format!("unknown value {n}"));
+        let item = match head {
+            "output" => {
+                r.outputs.push(lookup(name)?);
+                continue;
+            }
+            "input" => {
+                let [dtype, sizes, strides] = rest[..] else { return Err(format!("bad input: {line}")) };
+                Item::Input(InputDecl { dtype: parse_dtype(dtype), sizes: ints(sizes)?, strides: ints(strides)? })
+            }
+            "const" => {
+                let value = rest[1..].join(" ");
+                Item::Const(match rest.first().copied() {
+                    Some("none") => Const::None,
+                    Some("bool") => Const::Bool(value == "1"),
+                    Some("int") => Const::Int(value.parse().map_err(|_| format!("bad int: {line}"))?),
+                    Some("float") => Const::Float(match value.as_str() {
+                        "nan" | "-nan" => f64::NAN,
+                        "inf" => f64::INFINITY,
+                        "-inf" => f64::NEG_INFINITY,
+                        v => v.parse().map_err(|_| format!("bad float: {line}"))?,
+                    }),
+                    Some("str") => Const::Str(value),
+                    Some("ints") => Const::Ints(rest[1..].iter().map(|x| x.parse().map_err(|_| format!("bad int: {line}"))).collect::<Result<_, _>>()?),
+                    _ => return Err(format!("bad const: {line}")),
+                })
+            }
+            "node" => {
+                let (call, ty) = match rest.iter().position(|w| *w == ":") {
+                    Some(p) => (&rest[..p], Some(&rest[p + 1..])),
+                    None => (&rest[..], None),
+                };
+                let (kind, args) = call.split_first().ok_or_else(|| format!("bad node: {line}"))?;
+                let expect = match ty {
+                    Some([dtype, sizes]) => Some((parse_dtype(dtype), ints(sizes)?)),
+                    Some(_) => return Err(format!("bad node type: {line}")),
+                    None => None,
+                };
+                Item::Node { kind: kind.to_string(), args: args.iter().map(|a| lookup(a)).collect::<Result<_, _>>()?, expect }
+            }
+            _ => return Err(format!("bad line: {line}")),
+        };
+        names.insert(name, r.items.len());
+        r.items.push(item);
+    }
+    Ok(r)
+}
+
+/// The region with its tensor types removed: the same code at any shape has one family key.
+pub fn family_key(text: &str) -> String {
+    text.lines().map(|l| if l.starts_with("input ") { l.split(' ').take(3).collect::<Vec<_>>().join(" ") } else { l.to_string() }).collect::<Vec<_>>().join("\n")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_every_item() {
+        let r = parse("input %0 f32 [2,3] [3,1]\ninput %1 unsupported:Half [] []\nconst %2 float -inf\nconst %3 ints 0 1\nconst %4 str tanh\nnode %5 aten::gelu %0 %4\noutput %5\n").unwrap();
+        assert_eq!(r.items[0], Item::Input(InputDecl { dtype: Ok(DType::F32), sizes: vec![2, 3], strides: vec![3, 1] }));
+        assert_eq!(r.items[1], Item::Input(InputDecl { dtype: Err("Half".into()), sizes: vec![], strides: vec![] }));
+        assert_eq!(r.items[2], Item::Const(Const::Float(f64::NEG_INFINITY)));
+        assert_eq!(r.items[3], Item::Const(Const::Ints(vec![0, 1])));
+        assert_eq!(r.items[4], Item::Const(Const::Str("tanh".into())));
+        assert_eq!(r.items[5], Item::Node { kind: "aten::gelu".into(), args: vec![0, 4], expect: None });
+        assert_eq!(r.outputs, vec![5]);
+        let r = parse("input %0 f32 [2] [1]\nnode %1 aten::exp %0 : f32 [2]\n").unwrap();
+        assert_eq!(r.items[1], Item::Node { kind: "aten::exp".into(), args: vec![0], expect: Some((Ok(DType::F32), vec![2])) });
+        assert!(parse("node %1 aten::exp %0").is_err());
+    }
+
+    #[test]
+    fn family_key_drops_shapes() {
+        assert_eq!(family_key("input %0 f32 [2] [1]\nnode %1 aten::exp %0"), family_key("input %0 f32 [7] [1]\nnode %1 aten::exp %0"));
+        assert_ne!(family_key("input %0 f32 [2] [1]"), family_key("input %0 f64 [2] [1]"));
+    }
+}
