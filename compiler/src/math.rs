@@ -169,6 +169,8 @@ impl<'a, 'ctx> Math<'a, 'ctx> {
     /// holding 12 significant bits: wh^2 is exact and so is the halving.
     fn erfc_pos_f32(&self, w: FloatValue<'ctx>, halve: bool) -> R<'ctx> {
         let s2 = if halve { 0.5 } else { 1.0 };
+        // erfc(z) underflows f32 beyond z ~ 10.5; clamping keeps inf from making NaN below.
+        let w = self.select(self.b.build_float_compare(P::OGT, w, self.f32c(20.0), "")?, self.f32c(20.0), w)?;
         let z = if halve { self.mul(w, self.f32c(std::f64::consts::FRAC_1_SQRT_2))? } else { w };
         let t = self.div(self.f32c(1.0), self.add(self.f32c(1.0), self.mul(self.f32c(0.5), z)?)?)?;
         let p = self.poly(t, &[0.17087277, -0.82215223, 1.48851587, -1.13520398, 0.27886807, -0.18628806, 0.09678418, 0.37409196, 1.00002368, -1.26551223])?;
@@ -210,7 +212,10 @@ impl<'a, 'ctx> Math<'a, 'ctx> {
         let (erf, erfc_abs) = self.erf_and_erfc_abs(x, true)?;
         let pos = self.mul(half_x, self.add(self.f32c(1.0), erf)?)?;
         let neg = self.mul(half_x, erfc_abs)?;
-        self.select(self.b.build_float_compare(P::OLT, x, self.f32c(-1.0), "")?, neg, pos)
+        let r = self.select(self.b.build_float_compare(P::OLT, x, self.f32c(-1.0), "")?, neg, pos)?;
+        // PyTorch's float32 CPU kernel gives gelu(+inf) = NaN (float64 gives inf); Kiln
+        // computes what eager computes.
+        self.select(self.b.build_float_compare(P::OEQ, x, self.f32c(f64::INFINITY), "")?, self.f32c(f64::NAN), r)
     }
 
     /// PyTorch's tanh form: x/2 (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))).

@@ -6,7 +6,8 @@ use kiln_compiler::CompileOptions;
 use kiln_torch_bridge::{Options, RUNTIME};
 use pyo3::exceptions::PyRuntimeError;
 use pyo3::prelude::*;
-use pyo3::types::PyDict;
+use pyo3::types::{PyDict, PyList};
+use std::sync::atomic::{AtomicU64, Ordering};
 
 #[pyfunction]
 fn enable(max_specializations: usize, opt_level: u8, num_threads: usize) -> PyResult<()> {
@@ -35,6 +36,7 @@ fn stats(py: Python<'_>) -> PyResult<PyObject> {
     let s = RUNTIME.stats();
     let d = PyDict::new(py);
     d.set_item("groups", s.groups)?;
+    d.set_item("specializations", s.specializations)?;
     d.set_item("compiles", s.compiles)?;
     d.set_item("cache_hits", s.cache_hits)?;
     d.set_item("compile_time_ms", s.compile_time.as_secs_f64() * 1e3)?;
@@ -47,30 +49,42 @@ fn stats(py: Python<'_>) -> PyResult<PyObject> {
     Ok(d.into_any().unbind())
 }
 
-/// What `explain` shows of one compiled group, or None for an unknown id.
+/// What `explain` shows of one group, or None for an unknown id.
 #[pyfunction]
 fn group_info(py: Python<'_>, id: usize) -> PyResult<Option<PyObject>> {
-    let Some(g) = RUNTIME.group(id) else { return Ok(None) };
+    let Some(r) = RUNTIME.region(id) else { return Ok(None) };
+    let load = |c: &AtomicU64| c.load(Ordering::Relaxed);
     let d = PyDict::new(py);
-    d.set_item("id", g.id)?;
-    d.set_item("nodes", g.nodes.clone())?;
-    d.set_item("kiln_ir", g.kiln_ir.clone())?;
-    d.set_item("loop_ir", g.program.loop_ir.clone())?;
-    d.set_item("kernels", g.program.kernels.len())?;
-    d.set_item("parallel_kernels", g.program.kernels.iter().filter(|k| k.parallel).count())?;
-    d.set_item("arena_bytes", g.program.arena_bytes)?;
-    d.set_item("object_bytes", g.program.object_bytes)?;
-    d.set_item("cache_key", g.cache_key.hex())?;
-    d.set_item("cache_hit", g.cache_hit)?;
-    d.set_item("compile_time_ms", g.compile_time.as_secs_f64() * 1e3)?;
-    d.set_item("specialization", g.specialization)?;
-    let guards: Vec<String> = g.guards.tensors.iter().map(|t| format!("{}{:?} strides={:?}", t.dtype, t.sizes, t.strides)).collect();
-    d.set_item("guards", guards)?;
-    d.set_item("runs", g.runs.load(std::sync::atomic::Ordering::Relaxed))?;
-    d.set_item("guard_passes", g.guard_passes.load(std::sync::atomic::Ordering::Relaxed))?;
-    d.set_item("guard_failures", g.guard_failures.load(std::sync::atomic::Ordering::Relaxed))?;
-    let rejected = g.rejected.lock().unwrap();
-    d.set_item("guard_failure_reasons", rejected.1.clone().into_iter().collect::<Vec<_>>())?;
+    d.set_item("id", r.id)?;
+    d.set_item("nodes", r.nodes.clone())?;
+    d.set_item("guard_passes", load(&r.guard_passes))?;
+    d.set_item("guard_failures", load(&r.guard_failures))?;
+    let specs = PyList::empty(py);
+    for s in r.specs.read().unwrap().iter() {
+        let sd = PyDict::new(py);
+        let guards: Vec<String> = s.guards.tensors.iter().map(|t| format!("{}{:?} strides={:?}", t.dtype, t.sizes, t.strides)).collect();
+        sd.set_item("guards", guards)?;
+        sd.set_item("kiln_ir", s.kiln_ir.clone())?;
+        sd.set_item("loop_ir", s.program.loop_ir.clone())?;
+        sd.set_item("kernels", s.program.kernels.len())?;
+        sd.set_item("parallel_kernels", s.program.kernels.iter().filter(|k| k.parallel).count())?;
+        sd.set_item("arena_bytes", s.program.arena_bytes)?;
+        sd.set_item("object_bytes", s.program.object_bytes)?;
+        sd.set_item("cache_key", s.cache_key.hex())?;
+        sd.set_item("cache_hit", s.cache_hit)?;
+        sd.set_item("compile_time_ms", s.compile_time.as_secs_f64() * 1e3)?;
+        sd.set_item("runs", load(&s.runs))?;
+        specs.append(sd)?;
+    }
+    d.set_item("specializations", specs)?;
+    let rejected: Vec<(String, String)> = r
+        .rejected
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|(metas, why)| (metas.iter().map(|m| m.to_string()).collect::<Vec<_>>().join("; "), why.clone()))
+        .collect();
+    d.set_item("rejected", rejected)?;
     Ok(Some(d.into_any().unbind()))
 }
 

@@ -38,9 +38,8 @@ struct KilnTensor {
 int32_t kiln_rs_node_supported(const char* dump, size_t len, char* reason, size_t cap);
 int64_t kiln_rs_prepare_group(const char* dump, size_t len, char* reason, size_t cap);
 int32_t kiln_rs_guard(int64_t group, const KilnTensor* inputs, size_t n);
-int32_t kiln_rs_run(int64_t group, const KilnTensor* inputs, size_t n, void* const* outputs, size_t n_out);
-int64_t kiln_rs_output_count(int64_t group);
-int64_t kiln_rs_output_spec(int64_t group, size_t i, int32_t* dtype, int64_t* sizes, size_t cap);
+typedef void* (*KilnAlloc)(void* ctx, size_t index, int32_t dtype, const int64_t* sizes, size_t ndim);
+int32_t kiln_rs_run(int64_t group, const KilnTensor* inputs, size_t n, KilnAlloc alloc, void* ctx);
 int64_t kiln_rs_reason(const char* kind, const char* reason);
 void kiln_rs_pass_started();
 void kiln_rs_pass_error(const char* what);
@@ -71,15 +70,21 @@ std::string dtype_name(at::ScalarType t) {
   }
 }
 
-// A tensor type is usable when dtype, device, sizes and strides are all known.
-bool complete_tensor_type(const Value* v, std::string* why) {
+void tensor_type_text(const Value* v, std::ostream& os, bool with_strides);
+
+// Declares a tensor input: its profiled type when TorchScript recorded a complete one, else
+// "?" (TorchScript profiles only inputs of ops its own fuser knows; Kiln then specialises on
+// the live tensors). Inputs known to be off the CPU or to require grad are refused.
+bool tensor_input_text(const Value* v, std::ostream& os, std::string* why) {
   auto t = v->type()->cast<TensorType>();
-  if (!t) { *why = "not a tensor"; return false; }
-  if (!t->scalarType() || !t->device() || !t->sizes().concrete_sizes() || !t->strides().concrete_sizes()) {
-    *why = "input types were not fully profiled"; return false;
+  if (t->device() && !t->device()->is_cpu()) { *why = "not on CPU"; return false; }
+  if (t->requiresGrad().value_or(false)) { *why = "input requires grad"; return false; }
+  if (!t->scalarType() || !t->device() || !t->requiresGrad().has_value() || !t->sizes().concrete_sizes() ||
+      !t->strides().concrete_sizes()) {
+    os << "?";
+    return true;
   }
-  if (!t->device()->is_cpu()) { *why = "not on CPU"; return false; }
-  if (t->requiresGrad().value_or(true)) { *why = "input requires grad"; return false; }
+  tensor_type_text(v, os, true);
   return true;
 }
 
@@ -144,9 +149,8 @@ struct Dumper {
   bool declare(const Value* v, std::string* why) {
     if (names.count(v)) return true;
     if (v->type()->cast<TensorType>()) {
-      if (!complete_tensor_type(v, why)) return false;
       os << "input " << name(v) << " ";
-      tensor_type_text(v, os, true);
+      if (!tensor_input_text(v, os, why)) return false;
       os << "\n";
       return true;
     }
@@ -243,9 +247,8 @@ struct Fuser {
       d.names.emplace(sub->inputs()[i], "%" + std::to_string(d.names.size()));
       Value* outer = group->inputs()[i];
       if (outer->type()->cast<TensorType>()) {
-        if (!complete_tensor_type(outer, why)) return "";
         d.os << "input " << d.names[sub->inputs()[i]] << " ";
-        tensor_type_text(outer, d.os, true);
+        if (!tensor_input_text(outer, d.os, why)) return "";
         d.os << "\n";
       } else {
         std::ostringstream c;
@@ -394,21 +397,18 @@ Operation guard_op(const Node* node) {
   };
 }
 
+void* alloc_output(void* ctx, size_t index, int32_t dtype, const int64_t* sizes, size_t ndim) {
+  auto& results = *static_cast<std::vector<at::Tensor>*>(ctx);
+  results.push_back(at::empty(c10::IntArrayRef(sizes, ndim), at::TensorOptions().dtype(static_cast<at::ScalarType>(dtype))));
+  return results.back().data_ptr();
+}
+
 Operation group_op(const Node* node) {
   int64_t id = node->i(group_attr());
   size_t n = node->inputs().size();
   std::vector<bool> is_tensor;
   for (auto* in : node->inputs()) is_tensor.push_back(static_cast<bool>(in->type()->cast<TensorType>()));
-  struct Out { std::vector<int64_t> sizes; at::TensorOptions opts; };
-  std::vector<Out> outs;
-  int64_t n_out = kiln_rs_output_count(id);
-  for (int64_t i = 0; i < n_out; ++i) {
-    int32_t dtype = 0;
-    int64_t sizes[64];
-    int64_t nd = kiln_rs_output_spec(id, i, &dtype, sizes, 64);
-    outs.push_back({std::vector<int64_t>(sizes, sizes + nd), at::TensorOptions().dtype(static_cast<at::ScalarType>(dtype))});
-  }
-  return [id, n, is_tensor, outs](Stack& stack) {
+  return [id, n, is_tensor](Stack& stack) {
     KilnTensor descs[16];
     std::vector<KilnTensor> heap;
     KilnTensor* d = descs;
@@ -418,13 +418,7 @@ Operation group_op(const Node* node) {
     for (size_t i = 0; i < n; ++i)
       if (is_tensor[i]) fill(d[k++], ins[i].toTensor());
     std::vector<at::Tensor> results;
-    results.reserve(outs.size());
-    void* ptrs[64];
-    for (size_t i = 0; i < outs.size(); ++i) {
-      results.push_back(at::empty(outs[i].sizes, outs[i].opts));
-      ptrs[i] = results.back().data_ptr();
-    }
-    if (kiln_rs_run(id, d, k, ptrs, outs.size()) != 0)
+    if (kiln_rs_run(id, d, k, alloc_output, &results) != 0)
       throw std::runtime_error("kiln: compiled group called with inputs its guard rejects");
     drop(stack, n);
     for (auto& r : results) push(stack, std::move(r));

@@ -32,7 +32,8 @@ pub fn lower(r: &Region) -> R<Lowered> {
     let mut vals: Vec<Arg> = Vec::with_capacity(r.items.len());
     for item in &r.items {
         let arg = match item {
-            Item::Input(d) => {
+            Item::Input(None) => return Err("input types are not known".into()),
+            Item::Input(Some(d)) => {
                 let dtype = d.dtype.clone().map_err(|name| format!("dtype {name} is not supported"))?;
                 input_strides.push(canonical_strides(&d.sizes, &d.strides));
                 Arg::Tensor(g.input(TensorType::new(dtype, &d.sizes)))
@@ -69,6 +70,16 @@ pub fn lower(r: &Region) -> R<Lowered> {
     g.set_outputs(outputs);
     Ok(Lowered { graph: g, input_strides })
 }
+
+/// The ops `Lower::node` knows, for regions whose types are not known until they run.
+pub const KINDS: &[&str] = &[
+    "aten::add", "aten::sub", "aten::rsub", "aten::mul", "aten::div", "aten::true_divide", "aten::maximum",
+    "aten::minimum", "aten::pow", "aten::neg", "aten::abs", "aten::relu", "aten::reciprocal", "aten::sigmoid",
+    "aten::tanh", "aten::exp", "aten::log", "aten::log1p", "aten::sqrt", "aten::rsqrt", "aten::erf", "aten::silu",
+    "aten::gelu", "aten::leaky_relu", "aten::clamp", "aten::clamp_min", "aten::clamp_max", "aten::where",
+    "aten::eq", "aten::ne", "aten::lt", "aten::le", "aten::gt", "aten::ge", "aten::logical_not", "aten::to",
+    "aten::type_as", "aten::sum", "aten::mean", "aten::amax", "aten::amin", "aten::softmax", "aten::log_softmax",
+];
 
 fn category(d: DType) -> u8 {
     match d {
@@ -168,7 +179,7 @@ impl Lower<'_> {
         Ok(self.g.binary(op, x, y).map_err(|e| e.0)?)
     }
 
-    /// add/sub with alpha: a op (b * alpha).
+    /// add/sub with alpha: a op (b * alpha). On bools PyTorch's add is `or` and mul `and`.
     fn add_sub(&mut self, op: BinaryOp, a: &Arg, b: &Arg, alpha: &Arg) -> R<ValueId> {
         let alpha = match alpha {
             Arg::Const(c) => scalar(c)?,
@@ -178,12 +189,13 @@ impl Lower<'_> {
             return self.binary(op, a, b);
         }
         let d = self.result_type(&[a, b])?;
-        if d == DType::Bool || (matches!(alpha, Scalar::Float(_)) && !d.is_float()) {
+        if matches!(alpha, Scalar::Float(_)) && !d.is_float() {
             return Err(format!("alpha {alpha} with {d} operands"));
         }
         let (x, y) = (self.value(a, d)?, self.value(b, d)?);
         let k = self.g.constant(alpha, d);
-        let y = self.g.binary(BinaryOp::Mul, y, k).map_err(|e| e.0)?;
+        let (mul, op) = if d == DType::Bool { (BinaryOp::And, BinaryOp::Or) } else { (BinaryOp::Mul, op) };
+        let y = self.g.binary(mul, y, k).map_err(|e| e.0)?;
         Ok(self.g.binary(op, x, y).map_err(|e| e.0)?)
     }
 

@@ -6,7 +6,7 @@
 use crate::aten::dtype_from_code;
 use crate::runtime::RUNTIME;
 use kiln_profiler::{Device, TensorView};
-use std::ffi::{c_char, CStr};
+use std::ffi::{c_char, c_void, CStr};
 use std::panic::{catch_unwind, AssertUnwindSafe};
 
 /// One tensor as the C++ side describes it; pointers borrow the TensorImpl's arrays.
@@ -67,12 +67,20 @@ fn guarded<T>(default: T, f: impl FnOnce() -> T) -> T {
     catch_unwind(AssertUnwindSafe(f)).unwrap_or(default)
 }
 
-/// 1 if the single node in `dump` can be compiled by Kiln, else 0 and the reason.
+/// 1 if Kiln can take the single node in `dump` (or, where TorchScript did not profile its
+/// inputs, knows the op and decides when it runs), else 0 and the reason.
 #[no_mangle]
 pub unsafe extern "C" fn kiln_rs_node_supported(dump: *const c_char, len: usize, reason: *mut c_char, cap: usize) -> i32 {
     let dump = text(dump, len);
     let verdict = guarded(Err("internal error (panic) while checking".to_string()), || {
-        crate::ts_dump::parse(dump).and_then(|r| crate::aten::lower(&r)).map(|_| ())
+        let region = crate::ts_dump::parse(dump)?;
+        if region.inputs().all(Option::is_some) {
+            return crate::aten::lower(&region).map(|_| ());
+        }
+        match region.node_kinds().first() {
+            Some(kind) if crate::aten::KINDS.contains(&kind.as_str()) => Ok(()),
+            _ => Err("not an op Kiln knows".to_string()),
+        }
     });
     match verdict {
         Ok(()) => 1,
@@ -83,58 +91,41 @@ pub unsafe extern "C" fn kiln_rs_node_supported(dump: *const c_char, len: usize,
     }
 }
 
-/// Compiles the region in `dump`; its group id, or -1 and the reason.
+/// Registers the region in `dump` as a group; its id, or -1 and the reason.
 #[no_mangle]
 pub unsafe extern "C" fn kiln_rs_prepare_group(dump: *const c_char, len: usize, reason: *mut c_char, cap: usize) -> i64 {
     let dump = text(dump, len);
-    let result = guarded(Err("internal error (panic) while compiling".to_string()), || RUNTIME.prepare(dump).map(|g| g.id as i64));
+    let result = guarded(Err("internal error (panic) while preparing".to_string()), || RUNTIME.register(dump).map(|r| r.id as i64));
     result.unwrap_or_else(|e| {
         write_reason(&e, reason, cap);
         -1
     })
 }
 
-/// 1 if the inputs match what group `id` was compiled for.
+/// 1 if group `id` will run these inputs (compiling a specialisation for them if needed).
 #[no_mangle]
 pub unsafe extern "C" fn kiln_rs_guard(id: i64, inputs: *const KilnTensor, n: usize) -> i32 {
     guarded(0, || {
-        let (Some(g), Some(views)) = (RUNTIME.group(id as usize), views(inputs, n)) else { return 0 };
-        RUNTIME.guard(g, &views) as i32
+        let (Some(r), Some(views)) = (RUNTIME.region(id as usize), views(inputs, n)) else { return 0 };
+        RUNTIME.guard(r, &views) as i32
     })
 }
 
-/// Runs group `id` on inputs its guard accepted; outputs are allocated by the caller with the
-/// sizes and dtypes from `kiln_rs_output_spec`. 0 on success.
+/// Allocates output `index` (c10::ScalarType `dtype`, `ndim` sizes) and returns its data.
+pub type AllocFn = unsafe extern "C" fn(ctx: *mut c_void, index: usize, dtype: i32, sizes: *const i64, ndim: usize) -> *mut u8;
+
+/// Runs group `id` on inputs its guard accepted, allocating the outputs through `alloc`.
+/// 0 on success; nonzero (nothing run) if no specialisation accepts the inputs.
 #[no_mangle]
-pub unsafe extern "C" fn kiln_rs_run(id: i64, inputs: *const KilnTensor, n: usize, outputs: *const *mut u8, n_out: usize) -> i32 {
+pub unsafe extern "C" fn kiln_rs_run(id: i64, inputs: *const KilnTensor, n: usize, alloc: AllocFn, ctx: *mut c_void) -> i32 {
     guarded(1, || {
-        let Some(g) = RUNTIME.group(id as usize) else { return 1 };
-        if n != g.program.num_inputs || n_out != g.program.num_outputs {
-            return 1;
-        }
+        let (Some(r), Some(views)) = (RUNTIME.region(id as usize), views(inputs, n)) else { return 1 };
+        let Some(spec) = RUNTIME.selected(r, &views) else { return 1 };
         let ins: Vec<*const u8> = (0..n).map(|i| (*inputs.add(i)).data as *const u8).collect();
-        let outs = if n_out == 0 { &[][..] } else { std::slice::from_raw_parts(outputs, n_out) };
-        g.program.run(&ins, outs);
-        RUNTIME.count_run(g);
+        let outs: Vec<*mut u8> = spec.outputs.iter().enumerate().map(|(i, (dtype, sizes))| alloc(ctx, i, *dtype, sizes.as_ptr(), sizes.len())).collect();
+        spec.program.run(&ins, &outs);
+        RUNTIME.count_run(&spec);
         0
-    })
-}
-
-#[no_mangle]
-pub extern "C" fn kiln_rs_output_count(id: i64) -> i64 {
-    guarded(0, || RUNTIME.group(id as usize).map_or(0, |g| g.outputs.len() as i64))
-}
-
-/// Writes output `i`'s dtype and up to `cap` sizes; returns its rank.
-#[no_mangle]
-pub unsafe extern "C" fn kiln_rs_output_spec(id: i64, i: usize, dtype: *mut i32, sizes: *mut i64, cap: usize) -> i64 {
-    guarded(0, || {
-        let Some((code, s)) = RUNTIME.group(id as usize).and_then(|g| g.outputs.get(i)) else { return 0 };
-        *dtype = *code;
-        for (j, &n) in s.iter().take(cap).enumerate() {
-            *sizes.add(j) = n;
-        }
-        s.len() as i64
     })
 }
 

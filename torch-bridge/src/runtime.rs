@@ -1,16 +1,22 @@
-//! Kiln's process-wide state as the TorchScript bridge uses it: options, the compiled groups,
-//! the program cache, counters and the reasons code stayed in TorchScript.
+//! Kiln's process-wide state as the TorchScript bridge uses it: options, the regions the pass
+//! handed over, their compiled specialisations, the program cache, counters and the reasons
+//! code ran in TorchScript.
 //!
-//! Groups are never freed: the TorchScript graphs that name them by id live as long as the
-//! process may call them. `reset` clears counters and reasons only.
+//! A region is compiled when it first runs, for the input signature (dtype, sizes, strides)
+//! it is called with: TorchScript profiles only the inputs of ops its own fuser knows, so
+//! Kiln takes types from the live tensors ([`kiln_profiler`]) and guards on exactly those
+//! ([`kiln_guards`]). A region holds up to `max_specializations` signatures; any other call
+//! runs TorchScript's fallback. Regions are never freed: the graphs that name them by id live
+//! as long as the process may call them.
 
 use crate::aten;
-use crate::ts_dump;
+use crate::ts_dump::{InputDecl, Region as Dump};
 use kiln_cache::{CacheKey, ProgramCache};
 use kiln_compiler::{CompileOptions, CompiledProgram, Target};
-use kiln_guards::{GuardFailure, GuardSet};
-use kiln_profiler::{GroupProfile, TensorMeta, TensorView};
+use kiln_guards::GuardSet;
+use kiln_profiler::{TensorMeta, TensorView};
 use once_cell::sync::Lazy;
+use std::cell::Cell;
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
@@ -18,8 +24,7 @@ use std::time::Duration;
 
 #[derive(Clone, Debug)]
 pub struct Options {
-    /// Distinct specialisations (input signatures) one region may be compiled for; past it the
-    /// region stays in TorchScript.
+    /// Distinct input signatures one region may be compiled for; other calls run TorchScript.
     pub max_specializations: usize,
     pub compile: CompileOptions,
 }
@@ -30,25 +35,33 @@ impl Default for Options {
     }
 }
 
-/// One compiled group: a region of a TorchScript graph specialised for one input signature.
-pub struct Group {
-    pub id: usize,
-    pub program: Arc<CompiledProgram>,
+/// A region compiled for one input signature.
+pub struct Specialization {
     pub guards: GuardSet,
-    /// The ATen ops the group replaces, in graph order.
-    pub nodes: Vec<String>,
+    pub program: Arc<CompiledProgram>,
     pub kiln_ir: String,
     pub cache_key: CacheKey,
     pub cache_hit: bool,
     pub compile_time: Duration,
     /// (c10::ScalarType number, sizes) of each output, for the C++ side to allocate.
     pub outputs: Vec<(i32, Vec<i64>)>,
-    pub specialization: usize,
+    pub runs: AtomicU64,
+}
+
+/// Signatures a region will not run in Kiln, and why (bounded: past the bound, any new
+/// signature is refused without trying).
+const MAX_REJECTED: usize = 64;
+
+/// A region of a TorchScript graph that the pass replaced by a guarded Kiln group.
+pub struct Region {
+    pub id: usize,
+    pub dump: Dump,
+    /// The ATen ops the region replaces, in graph order.
+    pub nodes: Vec<String>,
+    pub specs: RwLock<Vec<Arc<Specialization>>>,
+    pub rejected: Mutex<Vec<(Vec<TensorMeta>, String)>>,
     pub guard_passes: AtomicU64,
     pub guard_failures: AtomicU64,
-    pub runs: AtomicU64,
-    /// Signatures seen at failed guards (bounded), and why each failed.
-    pub rejected: Mutex<(GroupProfile, BTreeMap<String, u64>)>,
 }
 
 #[derive(Default)]
@@ -57,11 +70,12 @@ struct Counters {
     guard_failures: AtomicU64,
     runs: AtomicU64,
     pass_runs: AtomicU64,
+    specializations: AtomicU64,
 }
 
 #[derive(Default)]
 struct Reasons {
-    /// Why code stayed in TorchScript, with how often; ids index `texts`.
+    /// Why code ran in TorchScript, with how often; ids index `texts`.
     texts: Vec<String>,
     ids: HashMap<String, usize>,
     counts: BTreeMap<String, u64>,
@@ -70,9 +84,7 @@ struct Reasons {
 
 pub struct Runtime {
     pub options: RwLock<Options>,
-    groups: RwLock<Vec<&'static Group>>,
-    /// Specialisations compiled per region family (the region without its tensor types).
-    families: Mutex<HashMap<String, usize>>,
+    regions: RwLock<Vec<&'static Region>>,
     pub cache: ProgramCache,
     target: Target,
     counters: Counters,
@@ -81,18 +93,24 @@ pub struct Runtime {
 
 pub static RUNTIME: Lazy<Runtime> = Lazy::new(|| Runtime {
     options: RwLock::new(Options::default()),
-    groups: RwLock::new(vec![]),
-    families: Mutex::new(HashMap::new()),
+    regions: RwLock::new(vec![]),
     cache: ProgramCache::default(),
     target: Target::host(),
     counters: Counters::default(),
     reasons: Mutex::new(Reasons::default()),
 });
 
+thread_local! {
+    /// (region id, specialisation index) chosen by this thread's last passing guard: the
+    /// group op runs right after its guard, on the same thread.
+    static SELECTED: Cell<(usize, usize)> = const { Cell::new((usize::MAX, 0)) };
+}
+
 /// What `stats()` reports.
 #[derive(Clone, Debug, Default)]
 pub struct Stats {
     pub groups: usize,
+    pub specializations: u64,
     pub compiles: u64,
     pub cache_hits: u64,
     pub compile_time: Duration,
@@ -100,114 +118,145 @@ pub struct Stats {
     pub guard_failures: u64,
     pub runs: u64,
     pub pass_runs: u64,
-    /// Why code stayed in (or went back to) TorchScript, with counts.
+    /// Why code ran in TorchScript, with counts.
     pub fallbacks: BTreeMap<String, u64>,
 }
 
+fn decl(m: &TensorMeta) -> Result<InputDecl, String> {
+    if m.device != kiln_profiler::Device::Cpu {
+        return Err("an input is not on the CPU".into());
+    }
+    if m.requires_grad {
+        return Err("an input requires grad (Kiln computes no gradients)".into());
+    }
+    let dtype = m.dtype.ok_or_else(|| "an input's dtype is not supported".to_string())?;
+    Ok(InputDecl { dtype: Ok(dtype), sizes: m.sizes.clone(), strides: m.strides.clone() })
+}
+
 impl Runtime {
-    pub fn group(&self, id: usize) -> Option<&'static Group> {
-        self.groups.read().unwrap().get(id).copied()
+    pub fn region(&self, id: usize) -> Option<&'static Region> {
+        self.regions.read().unwrap().get(id).copied()
     }
 
-    /// Turns a dumped region into a compiled, guarded group, or says why not.
-    pub fn prepare(&self, dump: &str) -> Result<&'static Group, String> {
-        let region = ts_dump::parse(dump)?;
-        let lowered = aten::lower(&region)?;
-        let metas: Vec<TensorMeta> = region
-            .items
-            .iter()
-            .filter_map(|i| match i {
-                ts_dump::Item::Input(d) => Some(TensorMeta {
-                    dtype: d.dtype.clone().ok(),
-                    device: kiln_profiler::Device::Cpu,
-                    sizes: d.sizes.clone(),
-                    strides: d.strides.clone(),
-                    requires_grad: false,
-                }),
-                _ => None,
-            })
-            .collect();
-        let guards = GuardSet::for_inputs(&metas).ok_or("an input cannot be guarded")?;
-        let options = self.options.read().unwrap().clone();
-        let specialization = {
-            let mut families = self.families.lock().unwrap();
-            let n = families.entry(ts_dump::family_key(dump)).or_insert(0);
-            if *n >= options.max_specializations {
-                return Err(format!("specialisation limit ({}) reached for this region", options.max_specializations));
-            }
-            *n += 1;
-            *n
-        };
-        let key = CacheKey::new(&lowered.graph, &lowered.input_strides, &self.target, &options.compile);
-        let (program, cache_hit) = self
-            .cache
-            .get_or_compile(key, || kiln_compiler::compile(&lowered.graph, &lowered.input_strides, &self.target, &options.compile))
-            .map_err(|e| {
-                self.families.lock().unwrap().entry(ts_dump::family_key(dump)).and_modify(|n| *n -= 1);
-                format!("compile error: {e}")
-            })?;
-        let outputs = program.outputs().map(|b| (aten::scalar_type_code(b.dtype), b.sizes.clone())).collect();
-        let nodes = region
-            .items
-            .iter()
-            .filter_map(|i| match i {
-                ts_dump::Item::Node { kind, .. } => Some(kind.clone()),
-                _ => None,
-            })
-            .collect();
-        let mut groups = self.groups.write().unwrap();
-        let group: &'static Group = Box::leak(Box::new(Group {
-            id: groups.len(),
-            compile_time: if cache_hit { Duration::ZERO } else { program.compile_time },
-            program,
-            guards,
-            nodes,
-            kiln_ir: lowered.graph.to_string(),
-            cache_key: key,
-            cache_hit,
-            outputs,
-            specialization,
+    /// Registers a region the pass wants to group. Where TorchScript profiled every input,
+    /// the region is lowered now so that an unsupported one is never grouped.
+    pub fn register(&self, dump_text: &str) -> Result<&'static Region, String> {
+        let dump = crate::ts_dump::parse(dump_text)?;
+        if dump.inputs().all(Option::is_some) {
+            aten::lower(&dump)?;
+        }
+        let mut regions = self.regions.write().unwrap();
+        let region: &'static Region = Box::leak(Box::new(Region {
+            id: regions.len(),
+            nodes: dump.node_kinds(),
+            dump,
+            specs: RwLock::new(vec![]),
+            rejected: Mutex::new(vec![]),
             guard_passes: AtomicU64::new(0),
             guard_failures: AtomicU64::new(0),
-            runs: AtomicU64::new(0),
-            rejected: Mutex::new(Default::default()),
         }));
-        groups.push(group);
-        tracing::debug!(group = group.id, cache_hit, ms = group.compile_time.as_secs_f64() * 1e3, "compiled group\n{}", group.kiln_ir);
-        Ok(group)
+        regions.push(region);
+        Ok(region)
     }
 
-    /// The guard of group `g` on one call. Counts, and records why it failed.
-    pub fn guard(&self, g: &Group, inputs: &[TensorView<'_>]) -> bool {
-        match g.guards.check(inputs) {
-            Ok(()) => {
-                g.guard_passes.fetch_add(1, Ordering::Relaxed);
+    /// The guard of one call: true if a specialisation (existing, or compiled now for these
+    /// inputs) will run it.
+    pub fn guard(&self, r: &Region, inputs: &[TensorView<'_>]) -> bool {
+        let found = r.specs.read().unwrap().iter().position(|s| s.guards.check(inputs).is_ok());
+        let chosen = match found {
+            Some(i) => Some(i),
+            None => self.specialize(r, inputs),
+        };
+        match chosen {
+            Some(i) => {
+                SELECTED.with(|s| s.set((r.id, i)));
+                r.guard_passes.fetch_add(1, Ordering::Relaxed);
                 self.counters.guard_passes.fetch_add(1, Ordering::Relaxed);
                 true
             }
-            Err(failure) => {
-                g.guard_failures.fetch_add(1, Ordering::Relaxed);
+            None => {
+                r.guard_failures.fetch_add(1, Ordering::Relaxed);
                 self.counters.guard_failures.fetch_add(1, Ordering::Relaxed);
-                self.guard_failed(g, inputs, &failure);
                 false
             }
         }
     }
 
+    /// A call no specialisation accepts: compile one for it, or say why not (once per
+    /// signature; later calls with it are refused at once).
     #[cold]
-    fn guard_failed(&self, g: &Group, inputs: &[TensorView<'_>], failure: &GuardFailure) {
-        const MAX_SIGNATURES: usize = 32;
-        let mut rejected = g.rejected.lock().unwrap();
-        if rejected.0.signatures.len() < MAX_SIGNATURES {
-            rejected.0.observe(inputs);
+    fn specialize(&self, r: &Region, inputs: &[TensorView<'_>]) -> Option<usize> {
+        let metas: Vec<TensorMeta> = inputs.iter().map(TensorMeta::from).collect();
+        let mut rejected = r.rejected.lock().unwrap();
+        if let Some((_, why)) = rejected.iter().find(|(m, _)| *m == metas) {
+            self.note(why);
+            return None;
         }
-        *rejected.1.entry(failure.to_string()).or_insert(0) += 1;
-        drop(rejected);
-        self.note(&format!("guard failed ({}), ran TorchScript's nodes", failure.kind()));
+        let max = self.options.read().unwrap().max_specializations;
+        let attempt = if rejected.len() >= MAX_REJECTED {
+            Err(format!("more than {MAX_REJECTED} input signatures refused for this group"))
+        } else if r.specs.read().unwrap().len() >= max {
+            Err(format!("specialisation limit ({max}) reached for this group"))
+        } else {
+            self.compile(r, &metas)
+        };
+        match attempt {
+            Ok(spec) => {
+                let mut specs = r.specs.write().unwrap();
+                specs.push(Arc::new(spec));
+                self.counters.specializations.fetch_add(1, Ordering::Relaxed);
+                Some(specs.len() - 1)
+            }
+            Err(why) => {
+                let why = format!("group not run: {why}");
+                self.note(&why);
+                if rejected.len() < MAX_REJECTED {
+                    rejected.push((metas, why));
+                }
+                None
+            }
+        }
     }
 
-    pub fn count_run(&self, g: &Group) {
-        g.runs.fetch_add(1, Ordering::Relaxed);
+    fn compile(&self, r: &Region, metas: &[TensorMeta]) -> Result<Specialization, String> {
+        let live: Vec<InputDecl> = metas.iter().map(decl).collect::<Result<_, _>>()?;
+        let lowered = aten::lower(&r.dump.with_inputs(&live))?;
+        let guards = GuardSet::for_inputs(metas).ok_or("an input cannot be guarded")?;
+        let options = self.options.read().unwrap().compile.clone();
+        let key = CacheKey::new(&lowered.graph, &lowered.input_strides, &self.target, &options);
+        let (program, cache_hit) = self
+            .cache
+            .get_or_compile(key, || kiln_compiler::compile(&lowered.graph, &lowered.input_strides, &self.target, &options))
+            .map_err(|e| format!("compile error: {e}"))?;
+        let spec = Specialization {
+            guards,
+            outputs: program.outputs().map(|b| (aten::scalar_type_code(b.dtype), b.sizes.clone())).collect(),
+            compile_time: if cache_hit { Duration::ZERO } else { program.compile_time },
+            program,
+            kiln_ir: lowered.graph.to_string(),
+            cache_key: key,
+            cache_hit,
+            runs: AtomicU64::new(0),
+        };
+        tracing::debug!(group = r.id, cache_hit, ms = spec.compile_time.as_secs_f64() * 1e3, "compiled group\n{}", spec.kiln_ir);
+        Ok(spec)
+    }
+
+    /// The specialisation the guard just chose for this thread, or (if another group's guard
+    /// ran in between) the first that accepts `inputs`.
+    pub fn selected(&self, r: &Region, inputs: &[TensorView<'_>]) -> Option<Arc<Specialization>> {
+        let specs = r.specs.read().unwrap();
+        let (rid, i) = SELECTED.with(Cell::get);
+        if rid == r.id {
+            if let Some(s) = specs.get(i).filter(|s| s.guards.check(inputs).is_ok()) {
+                return Some(s.clone());
+            }
+        }
+        specs.iter().find(|s| s.guards.check(inputs).is_ok()).cloned()
+    }
+
+    pub fn count_run(&self, s: &Specialization) {
+        s.runs.fetch_add(1, Ordering::Relaxed);
         self.counters.runs.fetch_add(1, Ordering::Relaxed);
     }
 
@@ -215,7 +264,7 @@ impl Runtime {
         self.counters.pass_runs.fetch_add(1, Ordering::Relaxed);
     }
 
-    /// Records one occurrence of a reason code stayed in TorchScript; logs each reason once.
+    /// Records one occurrence of a reason code ran in TorchScript; logs each reason once.
     /// Returns the reason's id (stable for the process).
     pub fn note(&self, reason: &str) -> usize {
         let mut r = self.reasons.lock().unwrap();
@@ -237,36 +286,40 @@ impl Runtime {
     }
 
     pub fn stats(&self) -> Stats {
-        let groups = self.groups.read().unwrap();
+        let regions = self.regions.read().unwrap();
+        let load = |c: &AtomicU64| c.load(Ordering::Relaxed);
         Stats {
-            groups: groups.len(),
+            groups: regions.len(),
+            specializations: load(&self.counters.specializations),
             compiles: self.cache.misses(),
             cache_hits: self.cache.hits(),
-            compile_time: groups.iter().map(|g| g.compile_time).sum(),
-            guard_passes: self.counters.guard_passes.load(Ordering::Relaxed),
-            guard_failures: self.counters.guard_failures.load(Ordering::Relaxed),
-            runs: self.counters.runs.load(Ordering::Relaxed),
-            pass_runs: self.counters.pass_runs.load(Ordering::Relaxed),
+            compile_time: regions.iter().flat_map(|r| r.specs.read().unwrap().iter().map(|s| s.compile_time).collect::<Vec<_>>()).sum(),
+            guard_passes: load(&self.counters.guard_passes),
+            guard_failures: load(&self.counters.guard_failures),
+            runs: load(&self.counters.runs),
+            pass_runs: load(&self.counters.pass_runs),
             fallbacks: self.reasons.lock().unwrap().counts.clone(),
         }
     }
 
-    /// Zeroes counters and forgets reasons' counts and specialisation counts. Compiled code
-    /// stays loaded (graphs in use may still call it) and stays in the cache.
+    /// Zeroes counters and forgets the reasons' counts. Compiled code stays loaded (graphs in
+    /// use may still call it) and cached.
     pub fn reset(&self) {
-        for c in [&self.counters.guard_passes, &self.counters.guard_failures, &self.counters.runs, &self.counters.pass_runs] {
-            c.store(0, Ordering::Relaxed);
+        let c = &self.counters;
+        for a in [&c.guard_passes, &c.guard_failures, &c.runs, &c.pass_runs, &c.specializations] {
+            a.store(0, Ordering::Relaxed);
         }
         self.cache.reset_counters();
         let mut r = self.reasons.lock().unwrap();
         r.counts.clear();
         r.logged.clear();
         drop(r);
-        self.families.lock().unwrap().clear();
-        for g in self.groups.read().unwrap().iter() {
-            g.guard_passes.store(0, Ordering::Relaxed);
-            g.guard_failures.store(0, Ordering::Relaxed);
-            g.runs.store(0, Ordering::Relaxed);
+        for region in self.regions.read().unwrap().iter() {
+            region.guard_passes.store(0, Ordering::Relaxed);
+            region.guard_failures.store(0, Ordering::Relaxed);
+            for s in region.specs.read().unwrap().iter() {
+                s.runs.store(0, Ordering::Relaxed);
+            }
         }
     }
 }

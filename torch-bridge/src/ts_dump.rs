@@ -1,7 +1,9 @@
 //! The text form in which the C++ shim hands a TorchScript region to Rust. One item a line:
 //!
 //! ```text
-//! input %0 f32 [4,4] [4,1]      a tensor input: dtype, sizes, strides
+//! input %0 f32 [4,4] [4,1]      a tensor input: dtype, sizes, strides as profiled
+//! input %0 ?                    a tensor input TorchScript did not profile (types come from
+//!                               the live tensors when the group first runs)
 //! const %1 float 0.5            a constant: none | bool 0/1 | int N | float X | str S | ints N...
 //! node %2 aten::mul %0 %1 : f32 [4,4]   one TorchScript node with one tensor output and
 //!                               the output type TorchScript profiled (when it knows it)
@@ -33,7 +35,8 @@ pub struct InputDecl {
 
 #[derive(Clone, Debug, PartialEq)]
 pub enum Item {
-    Input(InputDecl),
+    /// None: not profiled.
+    Input(Option<InputDecl>),
     Const(Const),
     /// `expect`: the output dtype and sizes TorchScript recorded, checked against Kiln's own
     /// type inference so that a disagreement rejects the node instead of computing wrongly.
@@ -56,6 +59,35 @@ fn parse_dtype(s: &str) -> Result<DType, String> {
     DType::parse(s).ok_or_else(|| s.strip_prefix("unsupported:").unwrap_or(s).to_string())
 }
 
+impl Region {
+    /// The tensor inputs' declarations, in order (None where not profiled).
+    pub fn inputs(&self) -> impl Iterator<Item = &Option<InputDecl>> {
+        self.items.iter().filter_map(|i| if let Item::Input(d) = i { Some(d) } else { None })
+    }
+
+    /// The ATen ops of the region, in order.
+    pub fn node_kinds(&self) -> Vec<String> {
+        self.items.iter().filter_map(|i| if let Item::Node { kind, .. } = i { Some(kind.clone()) } else { None }).collect()
+    }
+
+    /// The region with its inputs declared as `live`. TorchScript's recorded output types
+    /// hold only for the profiled input types: they are dropped when the inputs differ.
+    pub fn with_inputs(&self, live: &[InputDecl]) -> Region {
+        let same = self.inputs().zip(live).all(|(d, l)| d.as_ref().is_some_and(|d| d.dtype == l.dtype && d.sizes == l.sizes));
+        let mut live = live.iter();
+        let items = self
+            .items
+            .iter()
+            .map(|i| match i {
+                Item::Input(_) => Item::Input(live.next().cloned()),
+                Item::Node { kind, args, expect } => Item::Node { kind: kind.clone(), args: args.clone(), expect: if same { expect.clone() } else { None } },
+                other => other.clone(),
+            })
+            .collect();
+        Region { items, outputs: self.outputs.clone() }
+    }
+}
+
 pub fn parse(text: &str) -> Result<Region, String> {
     let mut r = Region::default();
     let mut names: std::collections::HashMap<&str, usize> = Default::default();
@@ -70,10 +102,11 @@ pub fn parse(text: &str) -> Result<Region, String> {
                 r.outputs.push(lookup(name)?);
                 continue;
             }
-            "input" => {
-                let [dtype, sizes, strides] = rest[..] else { return Err(format!("bad input: {line}")) };
-                Item::Input(InputDecl { dtype: parse_dtype(dtype), sizes: ints(sizes)?, strides: ints(strides)? })
-            }
+            "input" => match rest[..] {
+                ["?"] => Item::Input(None),
+                [dtype, sizes, strides] => Item::Input(Some(InputDecl { dtype: parse_dtype(dtype), sizes: ints(sizes)?, strides: ints(strides)? })),
+                _ => return Err(format!("bad input: {line}")),
+            },
             "const" => {
                 let value = rest[1..].join(" ");
                 Item::Const(match rest.first().copied() {
@@ -112,11 +145,6 @@ pub fn parse(text: &str) -> Result<Region, String> {
     Ok(r)
 }
 
-/// The region with its tensor types removed: the same code at any shape has one family key.
-pub fn family_key(text: &str) -> String {
-    text.lines().map(|l| if l.starts_with("input ") { l.split(' ').take(3).collect::<Vec<_>>().join(" ") } else { l.to_string() }).collect::<Vec<_>>().join("\n")
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -124,8 +152,9 @@ mod tests {
     #[test]
     fn parses_every_item() {
         let r = parse("input %0 f32 [2,3] [3,1]\ninput %1 unsupported:Half [] []\nconst %2 float -inf\nconst %3 ints 0 1\nconst %4 str tanh\nnode %5 aten::gelu %0 %4\noutput %5\n").unwrap();
-        assert_eq!(r.items[0], Item::Input(InputDecl { dtype: Ok(DType::F32), sizes: vec![2, 3], strides: vec![3, 1] }));
-        assert_eq!(r.items[1], Item::Input(InputDecl { dtype: Err("Half".into()), sizes: vec![], strides: vec![] }));
+        assert_eq!(r.items[0], Item::Input(Some(InputDecl { dtype: Ok(DType::F32), sizes: vec![2, 3], strides: vec![3, 1] })));
+        assert_eq!(r.items[1], Item::Input(Some(InputDecl { dtype: Err("Half".into()), sizes: vec![], strides: vec![] })));
+        assert_eq!(parse("input %0 ?").unwrap().items[0], Item::Input(None));
         assert_eq!(r.items[2], Item::Const(Const::Float(f64::NEG_INFINITY)));
         assert_eq!(r.items[3], Item::Const(Const::Ints(vec![0, 1])));
         assert_eq!(r.items[4], Item::Const(Const::Str("tanh".into())));
@@ -134,11 +163,5 @@ mod tests {
         let r = parse("input %0 f32 [2] [1]\nnode %1 aten::exp %0 : f32 [2]\n").unwrap();
         assert_eq!(r.items[1], Item::Node { kind: "aten::exp".into(), args: vec![0], expect: Some((Ok(DType::F32), vec![2])) });
         assert!(parse("node %1 aten::exp %0").is_err());
-    }
-
-    #[test]
-    fn family_key_drops_shapes() {
-        assert_eq!(family_key("input %0 f32 [2] [1]\nnode %1 aten::exp %0"), family_key("input %0 f32 [7] [1]\nnode %1 aten::exp %0"));
-        assert_ne!(family_key("input %0 f32 [2] [1]"), family_key("input %0 f64 [2] [1]"));
     }
 }

@@ -68,8 +68,9 @@ def reset():
 
 
 def stats():
-    """Counters: groups compiled, compiles (cache misses), cache hits, kernel runs, guard
-    passes and failures, and every reason code ran in TorchScript, with counts."""
+    """Counters: groups (regions taken by Kiln), specialisations compiled for them, compiles
+    (cache misses) and cache hits, kernel runs, guard passes and failures (calls that ran
+    TorchScript's own nodes), and every reason code ran in TorchScript, with counts."""
     s = _kiln.stats()
     s["fallbacks"] = dict(s["fallbacks"])
     s["enabled"] = _enabled
@@ -113,7 +114,10 @@ def _walk(block, lines, groups, depth):
 def explain(obj):
     """Which nodes of a scripted function or module run in Kiln, which stay in TorchScript and
     why, and what each compiled group is (Kiln IR, loop IR, guards, compile time)."""
-    plans = list(_debug_state(obj).execution_plans.values())
+    try:
+        plans = list(_debug_state(obj).execution_plans.values())
+    except RuntimeError:  # the executor asserts when it has no optimised plan yet
+        plans = []
     if not plans:
         return ("not optimised yet: TorchScript profiles the first call and optimises on the next; "
                 "call it at least twice (with Kiln enabled) before explain()")
@@ -121,15 +125,18 @@ def explain(obj):
     _walk(plans[0].graph, lines, groups, 0)
     out = ["nodes:"] + ["  " + l for l in lines]
     for g in groups:
-        out.append(f"group {g['id']}: {len(g['nodes'])} ops in {g['kernels']} kernel(s) "
-                   f"({g['parallel_kernels']} parallel), compile {g['compile_time_ms']:.1f} ms"
-                   f"{' (cache hit)' if g['cache_hit'] else ''}, runs {g['runs']}, "
+        specs = g["specializations"]
+        out.append(f"group {g['id']}: {len(g['nodes'])} ops, {len(specs)} specialisation(s), "
                    f"guard passes {g['guard_passes']}, failures {g['guard_failures']}")
-        out.append("  guards: " + "; ".join(g["guards"]))
-        for reason, n in g["guard_failure_reasons"]:
-            out.append(f"  guard failed {n}x: {reason}")
-        out.append("  kiln ir:")
-        out += ["    " + l for l in g["kiln_ir"].splitlines()]
-        out.append("  loop ir:")
-        out += ["    " + l for l in g["loop_ir"].splitlines()]
+        for sig, why in g["rejected"]:
+            out.append(f"  refused [{sig}]: {why}")
+        for i, sp in enumerate(specs):
+            out.append(f"  specialisation {i}: {sp['kernels']} kernel(s) ({sp['parallel_kernels']} parallel), "
+                       f"compile {sp['compile_time_ms']:.1f} ms{' (cache hit)' if sp['cache_hit'] else ''}, "
+                       f"runs {sp['runs']}")
+            out.append("    guards: " + "; ".join(sp["guards"]))
+            out.append("    kiln ir:")
+            out += ["      " + l for l in sp["kiln_ir"].splitlines()]
+            out.append("    loop ir:")
+            out += ["      " + l for l in sp["loop_ir"].splitlines()]
     return "\n".join(out)

@@ -1,0 +1,49 @@
+"""Helpers for end-to-end tests: run a scripted function past profiling and assert both the
+result (against eager) and that a Kiln group really ran on the final call."""
+
+import inspect
+import textwrap
+
+import torch
+import torch_kiln
+
+# TorchScript's profiling executor: call 1 profiles, call 2 optimises (Kiln's pass runs).
+WARMUP_CALLS = 2
+
+
+def counters():
+    s = torch_kiln.stats()
+    return s["kernel_runs"], s["guard_failures"]
+
+
+def run_compiled(scripted, args, expected=None, reference=None, *, must_compile=True):
+    """Calls `scripted` until it is optimised, then once more, comparing every result with
+    `reference(*args)` (or `expected`). Returns (result, whether a Kiln group ran on the
+    final call). With must_compile, a final call that ran no Kiln group fails the test."""
+    if expected is None:
+        expected = reference(*args)
+    for _ in range(WARMUP_CALLS):
+        close(scripted(*args), expected)
+    runs, fails = counters()
+    out = scripted(*args)
+    runs2, fails2 = counters()
+    ran = runs2 > runs and fails2 == fails
+    close(out, expected)
+    if must_compile:
+        assert ran, f"no Kiln group ran on the final call; explain:\n{torch_kiln.explain(scripted)}"
+    return out, ran
+
+
+def close(actual, expected):
+    torch.testing.assert_close(actual, expected, equal_nan=True)
+
+
+def script_source(src, name="fn"):
+    """A TorchScript function from source text (torch.jit.script needs a file for a def)."""
+    return getattr(torch.jit.CompilationUnit(src), name)
+
+
+def fresh_script(fn):
+    """A new TorchScript function for `fn`: torch.jit.script(fn) returns one cached per
+    Python function, whose groups would carry specialisations from other tests."""
+    return script_source(textwrap.dedent(inspect.getsource(fn)), fn.__name__)

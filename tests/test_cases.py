@@ -1,0 +1,135 @@
+"""Kiln's own end-to-end cases against eager: fused chains, non-contiguous and broadcast
+inputs, sizes 0 and 1, NaN/inf, sizes large enough to run in parallel, reductions and
+softmax fused with their producers."""
+
+import pytest
+import torch
+
+from kiln_check import fresh_script, run_compiled, script_source
+
+SPECIAL = torch.tensor([float("nan"), float("inf"), float("-inf"), 0.0, -0.0, 1e-30, -1e30, 88.0, -104.0])
+
+
+def spine(x, y):
+    a = x * torch.sigmoid(x)
+    b = torch.tanh(y) * 0.5 + 1.0
+    c = torch.relu(a - b) * a + b
+    return c / (1.0 + torch.exp(-c))
+
+
+def chain(x, y):
+    z = torch.nn.functional.gelu(x) + torch.erf(y) * torch.rsqrt(torch.abs(y) + 1.0)
+    # Well-conditioned on purpose: sqrt(|z|) - 1 near z = 0 would turn the last-bit
+    # differences every libm has into visible ones (in eager vs any other implementation too).
+    w = torch.where(z > 0.5, torch.log1p(torch.abs(z)), torch.sqrt(torch.abs(z) + 1.0) - 2.0)
+    return torch.clamp(w, -2.0, 3.0) ** 2.0, torch.nn.functional.silu(w).sum(dim=-1)
+
+
+def reductions(x):
+    m = torch.mean(x * x, dim=-1, keepdim=True)
+    s = torch.softmax(x - m, dim=-1)
+    return s, torch.log_softmax(x, dim=0), torch.amax(x, dim=[0, 1]), torch.amin(x, dim=-1), x.sum()
+
+
+def mixed_dtypes(i, f):
+    a = i * 3 + 1
+    b = (a > 4) & (f < 0.5)
+    return torch.where(b, f, a.to(torch.float32)), a.sum(dim=0), (i / 2).to(torch.float64)
+
+
+scripted = fresh_script
+
+
+def shapes():
+    return [(1 << 16,), (3, 5), (1,), (0,), (7, 1, 3), (4, 0, 2), ()]
+
+
+@pytest.mark.parametrize("shape", shapes(), ids=str)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_spine_contiguous(shape, dtype):
+    x, y = torch.randn(shape, dtype=dtype), torch.randn(shape, dtype=dtype)
+    run_compiled(scripted(spine), (x, y), reference=spine)
+
+
+def test_spine_noncontiguous_and_broadcast():
+    base = torch.randn(64, 96)
+    x = base.t()  # transposed
+    y = torch.randn(96, 1).expand(96, 64)  # stride 0
+    run_compiled(scripted(spine), (x, y), reference=spine)
+    z = torch.randn(96, 128)[:, ::2]  # strided
+    w = torch.randn(64)  # broadcast along rows
+    run_compiled(scripted(spine), (z, w), reference=spine)
+
+
+def test_special_values():
+    x = SPECIAL.repeat(4)
+    y = SPECIAL.flip(0).repeat(4)
+    run_compiled(scripted(spine), (x, y), reference=spine)
+    run_compiled(scripted(chain), (x, y), reference=chain)
+
+
+def test_chain_large_parallel():
+    x, y = torch.randn(512, 1024), torch.randn(512, 1024)
+    run_compiled(scripted(chain), (x, y), reference=chain)
+
+
+@pytest.mark.parametrize("shape", [(4, 6, 8), (1, 1, 1), (3, 1, 7), (2, 0, 3), (64, 33, 257)], ids=str)
+def test_reductions(shape):
+    x = torch.randn(shape)
+    run_compiled(scripted(reductions) if 0 not in shape else scripted(reductions_no_amax), (x,),
+                 reference=reductions if 0 not in shape else reductions_no_amax)
+
+
+def reductions_no_amax(x):
+    m = torch.mean(x * x, dim=-1, keepdim=True)
+    return torch.softmax(x - m, dim=-1), x.sum(), torch.sum(x, dim=[0, 2])
+
+
+def test_reductions_special_values():
+    x = SPECIAL.reshape(3, 3)
+    run_compiled(scripted(reductions), (x,), reference=reductions)
+
+
+def test_reductions_noncontiguous():
+    x = torch.randn(8, 16, 24).permute(2, 0, 1)
+    run_compiled(scripted(reductions), (x,), reference=reductions)
+
+
+def test_mixed_dtypes():
+    i = torch.randint(-5, 5, (6, 7), dtype=torch.int32)
+    f = torch.rand(6, 7)
+    run_compiled(scripted(mixed_dtypes), (i, f), reference=mixed_dtypes)
+    run_compiled(scripted(mixed_dtypes), (i.to(torch.int64).t(), f.t()), reference=mixed_dtypes)
+
+
+def test_scalar_arguments_and_integer_promotion():
+    fn = script_source("def fn(x, y):\n    return (x + 2) * y - 1.5, x * 2, 1.0 - x, 2 ** y, x / 4\n")
+
+    def ref(x, y):
+        return (x + 2) * y - 1.5, x * 2, 1.0 - x, 2 ** y, x / 4
+
+    x, y = torch.arange(12, dtype=torch.int64).reshape(3, 4), torch.randn(3, 4)
+    run_compiled(fn, (x, y), reference=ref)
+
+
+def test_traced_module():
+    class M(torch.nn.Module):
+        def forward(self, x):
+            return torch.softmax(torch.nn.functional.gelu(x) * 2.0, dim=-1)
+
+    m = M()
+    x = torch.randn(16, 32)
+    traced = torch.jit.trace(m, (x,))
+    run_compiled(traced, (x,), reference=m)
+
+
+def test_saved_and_loaded_module(tmp_path):
+    class M(torch.nn.Module):
+        def forward(self, x, y):
+            return spine(x, y).mean(dim=0)
+
+    path = tmp_path / "m.pt"
+    torch.jit.save(torch.jit.script(M()), str(path))
+    loaded = torch.jit.load(str(path))
+    x, y = torch.randn(32, 8), torch.randn(32, 8)
+    run_compiled(loaded, (x, y), reference=M())
