@@ -52,7 +52,7 @@ thread_local! {
     static ARENA: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
 }
 
-struct Table(Vec<*mut u8>);
+struct Table(*const *mut u8);
 // The table only carries addresses the caller vouches for for the duration of `run`.
 unsafe impl Sync for Table {}
 
@@ -70,6 +70,25 @@ impl CompiledProgram {
     pub unsafe fn run(&self, inputs: &[*const u8], outputs: &[*mut u8]) {
         assert_eq!(inputs.len(), self.num_inputs);
         assert_eq!(outputs.len(), self.num_outputs);
+        self.run_with(|i| inputs[i], |i| outputs[i]);
+    }
+
+    /// Runs the program, asking for input `i`'s data with `input(i)` and for output `i`'s
+    /// memory with `output(i)` (called once each, in order: outputs may be allocated there).
+    ///
+    /// # Safety
+    /// As for `run`, for the pointers the two functions return.
+    pub unsafe fn run_with(&self, input: impl Fn(usize) -> *const u8, mut output: impl FnMut(usize) -> *mut u8) {
+        // The buffer table lives on the stack for the common case: this runs on every call.
+        const INLINE: usize = 32;
+        let mut inline = [std::ptr::null_mut::<u8>(); INLINE];
+        let mut heap = vec![];
+        let table: &mut [*mut u8] = if self.buffers.len() <= INLINE {
+            &mut inline[..self.buffers.len()]
+        } else {
+            heap.resize(self.buffers.len(), std::ptr::null_mut());
+            &mut heap
+        };
         ARENA.with(|arena| {
             let mut arena = arena.borrow_mut();
             let need = self.arena_bytes + 64;
@@ -78,16 +97,14 @@ impl CompiledProgram {
             }
             let base = arena.as_mut_ptr();
             let base = base.add(base.align_offset(64));
-            let table = Table(
-                self.buffers
-                    .iter()
-                    .map(|b| match b.kind {
-                        BufferKind::Input(i) => inputs[i] as *mut u8,
-                        BufferKind::Output(i) => outputs[i],
-                        BufferKind::Temp { offset } => base.add(offset),
-                    })
-                    .collect(),
-            );
+            for (slot, b) in table.iter_mut().zip(&self.buffers) {
+                *slot = match b.kind {
+                    BufferKind::Input(i) => input(i) as *mut u8,
+                    BufferKind::Output(i) => output(i),
+                    BufferKind::Temp { offset } => base.add(offset),
+                };
+            }
+            let table = Table(table.as_ptr());
             for k in &self.kernels {
                 if k.parallel {
                     let pool = POOL.read().unwrap().clone();
@@ -98,11 +115,11 @@ impl CompiledProgram {
                         let start = p as i64 * chunk;
                         let end = (start + chunk).min(k.extent);
                         if start < end {
-                            (k.f)(table.0.as_ptr(), start, end);
+                            (k.f)(table.0, start, end);
                         }
                     });
                 } else {
-                    (k.f)(table.0.as_ptr(), 0, k.extent);
+                    (k.f)(table.0, 0, k.extent);
                 }
             }
         });

@@ -43,24 +43,40 @@ unsafe fn write_reason(reason: &str, out: *mut c_char, cap: usize) {
 /// c10::DeviceType::CPU is 0.
 const DEVICE_CPU: i32 = 0;
 
-unsafe fn views<'a>(t: *const KilnTensor, n: usize) -> Option<Vec<TensorView<'a>>> {
+unsafe fn view<'a>(t: &KilnTensor) -> Option<TensorView<'a>> {
+    if t.defined == 0 {
+        return None;
+    }
+    let nd = t.ndim as usize;
+    let slice = |p: *const i64| if nd == 0 { &[][..] } else { std::slice::from_raw_parts(p, nd) };
+    Some(TensorView {
+        dtype: dtype_from_code(t.dtype),
+        device: if t.device == DEVICE_CPU { Device::Cpu } else { Device::Other(t.device) },
+        sizes: slice(t.sizes),
+        strides: slice(t.strides),
+        requires_grad: t.requires_grad != 0,
+    })
+}
+
+/// Calls `f` with views of the `n` tensors (None if one is undefined). Up to 16 tensors
+/// live on the stack: this runs on every call of every group.
+unsafe fn with_views<R>(t: *const KilnTensor, n: usize, f: impl FnOnce(Option<&[TensorView<'_>]>) -> R) -> R {
+    const INLINE: usize = 16;
     let ts = if n == 0 { &[][..] } else { std::slice::from_raw_parts(t, n) };
-    ts.iter()
-        .map(|t| {
-            if t.defined == 0 {
-                return None;
+    if n <= INLINE {
+        let empty = TensorView { dtype: None, device: Device::Cpu, sizes: &[], strides: &[], requires_grad: false };
+        let mut buf = [empty; INLINE];
+        for (slot, t) in buf.iter_mut().zip(ts) {
+            match view(t) {
+                Some(v) => *slot = v,
+                None => return f(None),
             }
-            let nd = t.ndim as usize;
-            let slice = |p: *const i64| if nd == 0 { &[][..] } else { std::slice::from_raw_parts(p, nd) };
-            Some(TensorView {
-                dtype: dtype_from_code(t.dtype),
-                device: if t.device == DEVICE_CPU { Device::Cpu } else { Device::Other(t.device) },
-                sizes: slice(t.sizes),
-                strides: slice(t.strides),
-                requires_grad: t.requires_grad != 0,
-            })
-        })
-        .collect()
+        }
+        f(Some(&buf[..n]))
+    } else {
+        let views: Option<Vec<TensorView>> = ts.iter().map(|t| view(t)).collect();
+        f(views.as_deref())
+    }
 }
 
 fn guarded<T>(default: T, f: impl FnOnce() -> T) -> T {
@@ -106,8 +122,8 @@ pub unsafe extern "C" fn kiln_rs_prepare_group(dump: *const c_char, len: usize, 
 #[no_mangle]
 pub unsafe extern "C" fn kiln_rs_guard(id: i64, inputs: *const KilnTensor, n: usize) -> i32 {
     guarded(0, || {
-        let (Some(r), Some(views)) = (RUNTIME.region(id as usize), views(inputs, n)) else { return 0 };
-        RUNTIME.guard(r, &views) as i32
+        let Some(r) = RUNTIME.region(id as usize) else { return 0 };
+        with_views(inputs, n, |views| views.is_some_and(|v| RUNTIME.guard(r, v)) as i32)
     })
 }
 
@@ -119,11 +135,16 @@ pub type AllocFn = unsafe extern "C" fn(ctx: *mut c_void, index: usize, dtype: i
 #[no_mangle]
 pub unsafe extern "C" fn kiln_rs_run(id: i64, inputs: *const KilnTensor, n: usize, alloc: AllocFn, ctx: *mut c_void) -> i32 {
     guarded(1, || {
-        let (Some(r), Some(views)) = (RUNTIME.region(id as usize), views(inputs, n)) else { return 1 };
-        let Some(spec) = RUNTIME.selected(r, &views) else { return 1 };
-        let ins: Vec<*const u8> = (0..n).map(|i| (*inputs.add(i)).data as *const u8).collect();
-        let outs: Vec<*mut u8> = spec.outputs.iter().enumerate().map(|(i, (dtype, sizes))| alloc(ctx, i, *dtype, sizes.as_ptr(), sizes.len())).collect();
-        spec.program.run(&ins, &outs);
+        let Some(r) = RUNTIME.region(id as usize) else { return 1 };
+        let Some(spec) = with_views(inputs, n, |views| views.and_then(|v| RUNTIME.selected(r, v))) else { return 1 };
+        let ts = if n == 0 { &[][..] } else { std::slice::from_raw_parts(inputs, n) };
+        spec.program.run_with(
+            |i| ts[i].data as *const u8,
+            |i| {
+                let (dtype, sizes) = &spec.outputs[i];
+                alloc(ctx, i, *dtype, sizes.as_ptr(), sizes.len())
+            },
+        );
         RUNTIME.count_run(&spec);
         0
     })

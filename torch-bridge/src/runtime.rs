@@ -242,15 +242,15 @@ impl Runtime {
         Ok(spec)
     }
 
-    /// The specialisation the guard just chose for this thread, or (if another group's guard
-    /// ran in between) the first that accepts `inputs`.
+    /// The specialisation the guard just chose for these inputs on this thread (the group op
+    /// runs right after its guard), or, if another group's guard ran in between, the first
+    /// that accepts `inputs`.
     pub fn selected(&self, r: &Region, inputs: &[TensorView<'_>]) -> Option<Arc<Specialization>> {
         let specs = r.specs.read().unwrap();
         let (rid, i) = SELECTED.with(Cell::get);
         if rid == r.id {
-            if let Some(s) = specs.get(i).filter(|s| s.guards.check(inputs).is_ok()) {
-                return Some(s.clone());
-            }
+            debug_assert!(specs[i].guards.check(inputs).is_ok());
+            return specs.get(i).cloned();
         }
         specs.iter().find(|s| s.guards.check(inputs).is_ok()).cloned()
     }
