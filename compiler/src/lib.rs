@@ -12,6 +12,7 @@ pub mod lower;
 pub mod math;
 pub mod passes;
 pub mod program;
+pub mod reference;
 pub mod schedule;
 pub mod target;
 pub mod thread_pool;

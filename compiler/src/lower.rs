@@ -18,8 +18,6 @@ pub enum LowerError {
     Symbolic,
     #[error("input {0} has {1} strides for rank {2}")]
     BadStrides(usize, usize, usize),
-    #[error("output {0} is not computed by the group (an input or a repeated output)")]
-    PassThroughOutput(usize),
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -74,7 +72,7 @@ pub fn lower(g: &Graph, input_strides: &[Vec<i64>]) -> Result<LoopProgram, Lower
         n.ty.static_shape().ok_or(LowerError::Symbolic)?;
     }
     let mut buffers = vec![];
-    let mut buf_of: HashMap<ValueId, (BufId, Vec<i64>)> = HashMap::new();
+    let mut buf_of: HashMap<ValueId, Target> = HashMap::new();
     for (i, &v) in g.inputs.iter().enumerate() {
         let sizes = shape_of(v)?;
         let strides = input_strides[i].clone();
@@ -84,13 +82,21 @@ pub fn lower(g: &Graph, input_strides: &[Vec<i64>]) -> Result<LoopProgram, Lower
         buf_of.insert(v, (BufId(buffers.len() as u32), strides));
         buffers.push(BufferDecl { dtype: g.ty(v).dtype, sizes, kind: BufferKind::Input(i) });
     }
+    // An output that is an input or an earlier output gets its own buffer, filled by a copy
+    // kernel after the others.
+    let mut copies: Vec<(Vec<i64>, Vec<(ValueId, Target)>)> = vec![];
     for (i, &v) in g.outputs.iter().enumerate() {
-        if buf_of.contains_key(&v) {
-            return Err(LowerError::PassThroughOutput(i));
-        }
         let sizes = shape_of(v)?;
-        buf_of.insert(v, (BufId(buffers.len() as u32), contiguous_strides(&sizes)));
-        buffers.push(BufferDecl { dtype: g.ty(v).dtype, sizes, kind: BufferKind::Output(i) });
+        let target = (BufId(buffers.len() as u32), contiguous_strides(&sizes));
+        buffers.push(BufferDecl { dtype: g.ty(v).dtype, sizes: sizes.clone(), kind: BufferKind::Output(i) });
+        if buf_of.contains_key(&v) {
+            match copies.iter_mut().find(|(s, _)| *s == sizes) {
+                Some((_, ts)) => ts.push((v, target)),
+                None => copies.push((sizes, vec![(v, target)])),
+            }
+        } else {
+            buf_of.insert(v, target);
+        }
     }
     // Non-pointwise nodes that are not outputs become temps; offsets come from the memory plan.
     for (i, n) in g.nodes.iter().enumerate() {
@@ -110,6 +116,7 @@ pub fn lower(g: &Graph, input_strides: &[Vec<i64>]) -> Result<LoopProgram, Lower
         if g.node(v).op.is_pointwise() {
             let shape = shape_of(v)?;
             match pending_pointwise.iter_mut().find(|(s, _)| *s == shape) {
+                Some((_, vs)) if vs.contains(&v) => {}
                 Some((_, vs)) => vs.push(v),
                 None => pending_pointwise.push((shape, vec![v])),
             }
@@ -123,11 +130,16 @@ pub fn lower(g: &Graph, input_strides: &[Vec<i64>]) -> Result<LoopProgram, Lower
             Op::Softmax { dim, log } => kernels.push(b.softmax(v, *dim, *log)),
             _ => {}
         }
-        if let Some(pos) = pending_pointwise.iter().position(|(_, vs)| *vs.last().unwrap() == v) {
+        if let Some(pos) = pending_pointwise.iter().position(|(_, vs)| vs.iter().max() == Some(&v)) {
             let (shape, vs) = pending_pointwise.remove(pos);
             let b = KernelBuilder::new(g, &buf_of, format!("k{}", kernels.len()));
-            kernels.push(b.pointwise(&shape, &vs));
+            let targets: Vec<(ValueId, Target)> = vs.iter().map(|v| (*v, buf_of[v].clone())).collect();
+            kernels.push(b.pointwise(&shape, &targets));
         }
+    }
+    for (shape, targets) in &copies {
+        let b = KernelBuilder::new(g, &buf_of, format!("k{}", kernels.len()));
+        kernels.push(b.pointwise(shape, targets));
     }
     for k in &mut kernels {
         schedule::schedule(k);
@@ -185,12 +197,15 @@ fn visit_stores(l: &Loop, f: &mut impl FnMut(BufId)) {
     }
 }
 
+/// Where a value is stored: a buffer and the element strides of its dims.
+type Target = (BufId, Vec<i64>);
+
 /// A coordinate of a value inside a kernel: a loop variable, or 0 (a broadcast dim).
 type Coords = Vec<Option<VarId>>;
 
 struct KernelBuilder<'a> {
     g: &'a Graph,
-    bufs: &'a HashMap<ValueId, (BufId, Vec<i64>)>,
+    bufs: &'a HashMap<ValueId, Target>,
     name: String,
     arena: ExprArena,
     memo: HashMap<(ValueId, Coords), ExprId>,
@@ -199,7 +214,7 @@ struct KernelBuilder<'a> {
 }
 
 impl<'a> KernelBuilder<'a> {
-    fn new(g: &'a Graph, bufs: &'a HashMap<ValueId, (BufId, Vec<i64>)>, name: String) -> Self {
+    fn new(g: &'a Graph, bufs: &'a HashMap<ValueId, Target>, name: String) -> Self {
         KernelBuilder { g, bufs, name, arena: ExprArena::default(), memo: HashMap::new(), accs: vec![], num_vars: 0 }
     }
     fn var(&mut self) -> VarId {
@@ -256,7 +271,11 @@ impl<'a> KernelBuilder<'a> {
     }
 
     fn store(&mut self, v: ValueId, coords: &Coords, value: ExprId) -> Stmt {
-        let (buf, strides) = &self.bufs[&v];
+        let target = self.bufs[&v].clone();
+        Self::store_to(&target, coords, value)
+    }
+
+    fn store_to((buf, strides): &Target, coords: &Coords, value: ExprId) -> Stmt {
         let terms = coords.iter().zip(strides).filter_map(|(c, &s)| c.map(|var| (var, s))).collect();
         Stmt::Store { buf: *buf, index: Index { terms, offset: 0 }, value }
     }
@@ -287,13 +306,14 @@ impl<'a> KernelBuilder<'a> {
         Kernel { name: self.name, root, exprs: self.arena.exprs, accs: self.accs, num_vars, work_per_iter }
     }
 
-    fn pointwise(mut self, shape: &[i64], outputs: &[ValueId]) -> Kernel {
+    /// One kernel over `shape` computing each value into its target buffer.
+    fn pointwise(mut self, shape: &[i64], targets: &[(ValueId, Target)]) -> Kernel {
         let vars: Vec<VarId> = shape.iter().map(|_| self.var()).collect();
         let coords: Coords = vars.iter().zip(shape).map(|(&v, &n)| if n == 1 { None } else { Some(v) }).collect();
         let mut stores = vec![];
-        for &o in outputs {
-            let value = self.value(o, &coords);
-            stores.push(self.store(o, &coords, value));
+        for (o, target) in targets {
+            let value = self.value(*o, &coords);
+            stores.push(Self::store_to(target, &coords, value));
         }
         let body = Self::nest(&vars, shape, stores);
         self.finish(body, 1)

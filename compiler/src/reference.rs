@@ -1,0 +1,276 @@
+//! A reference interpreter for the graph IR: slow, obvious, element by element. Generated code
+//! is checked against it (tests/differential.rs). Each element is held as a `Scalar` and
+//! rounded to its node's dtype after every op, so float32 arithmetic is emulated exactly for
+//! + - * / (an f64 result rounded once to f32 is the correctly rounded f32 result).
+
+use crate::dtype::{DType, Scalar};
+use crate::ir::{BinaryOp, CmpOp, Graph, Op, ReduceOp, UnaryOp};
+
+/// A dense row-major tensor of the interpreter.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Tensor {
+    pub dtype: DType,
+    pub sizes: Vec<i64>,
+    pub data: Vec<Scalar>,
+}
+
+fn numel(sizes: &[i64]) -> usize {
+    sizes.iter().product::<i64>().max(0) as usize
+}
+
+/// Row-major coordinates of flat index `i`.
+fn coords(mut i: usize, sizes: &[i64]) -> Vec<i64> {
+    let mut c = vec![0; sizes.len()];
+    for d in (0..sizes.len()).rev() {
+        let n = sizes[d].max(1) as usize;
+        c[d] = (i % n) as i64;
+        i /= n;
+    }
+    c
+}
+
+/// The element of `t` at `c` (coordinates of a broadcast shape, right-aligned).
+fn at(t: &Tensor, c: &[i64]) -> Scalar {
+    let skip = c.len() - t.sizes.len();
+    let mut flat = 0i64;
+    for (d, &n) in t.sizes.iter().enumerate() {
+        let x = if n == 1 { 0 } else { c[d + skip] };
+        flat = flat * n + x;
+    }
+    t.data[flat as usize]
+}
+
+fn round(s: Scalar, d: DType) -> Scalar {
+    s.cast(d)
+}
+
+fn f(s: Scalar) -> f64 {
+    s.as_f64()
+}
+
+fn int(s: Scalar) -> i64 {
+    match s {
+        Scalar::Int(i) => i,
+        Scalar::Bool(b) => b as i64,
+        Scalar::Float(x) => x as i64,
+    }
+}
+
+fn truth(s: Scalar) -> bool {
+    match s {
+        Scalar::Bool(b) => b,
+        Scalar::Int(i) => i != 0,
+        Scalar::Float(x) => x != 0.0,
+    }
+}
+
+/// NaN-propagating max/min with -0 < +0, like `llvm.maximum`/`llvm.minimum` and torch.
+fn fmax(a: f64, b: f64, max: bool) -> f64 {
+    if a.is_nan() || b.is_nan() {
+        return f64::NAN;
+    }
+    if a == b {
+        // Only ±0 compare equal with different bits.
+        return if (a.is_sign_negative() && max) || (!a.is_sign_negative() && !max) { b } else { a };
+    }
+    if (a > b) == max { a } else { b }
+}
+
+fn unary(op: UnaryOp, x: Scalar, d: DType) -> Scalar {
+    if !d.is_float() {
+        let v = int(x);
+        return match op {
+            UnaryOp::Neg => Scalar::Int(v.wrapping_neg()),
+            UnaryOp::Abs => Scalar::Int(v.wrapping_abs()),
+            UnaryOp::Relu => Scalar::Int(v.max(0)),
+            UnaryOp::Not => Scalar::Bool(!truth(x)),
+            _ => unreachable!("{} on {d}", op.name()),
+        };
+    }
+    let v = f(x);
+    let erf = |z: f64| libm_erf(z);
+    Scalar::Float(match op {
+        UnaryOp::Neg => -v,
+        UnaryOp::Abs => v.abs(),
+        UnaryOp::Reciprocal => 1.0 / v,
+        UnaryOp::Relu => {
+            if v < 0.0 {
+                0.0
+            } else {
+                v
+            }
+        }
+        UnaryOp::Sigmoid => 1.0 / (1.0 + (-v).exp()),
+        UnaryOp::Tanh => v.tanh(),
+        UnaryOp::Exp => v.exp(),
+        UnaryOp::Log => v.ln(),
+        UnaryOp::Log1p => v.ln_1p(),
+        UnaryOp::Sqrt => v.sqrt(),
+        UnaryOp::Rsqrt => 1.0 / v.sqrt(),
+        UnaryOp::Erf => erf(v),
+        // Eager's float32 kernel gives gelu(+inf) = NaN; Kiln follows eager.
+        UnaryOp::Gelu if d == DType::F32 && v == f64::INFINITY => f64::NAN,
+        UnaryOp::Gelu => 0.5 * v * (1.0 + erf(v / std::f64::consts::SQRT_2)),
+        UnaryOp::GeluTanh => 0.5 * v * (1.0 + ((2.0 / std::f64::consts::PI).sqrt() * (v + 0.044715 * v * v * v)).tanh()),
+        UnaryOp::Silu => v / (1.0 + (-v).exp()),
+        UnaryOp::Not => unreachable!("not on float"),
+    })
+}
+
+extern "C" {
+    fn erf(x: f64) -> f64;
+}
+
+fn libm_erf(x: f64) -> f64 {
+    // SAFETY: libm's erf is a pure function of one double.
+    unsafe { erf(x) }
+}
+
+fn binary(op: BinaryOp, a: Scalar, b: Scalar, d: DType) -> Scalar {
+    match d {
+        DType::Bool => {
+            let (x, y) = (truth(a), truth(b));
+            Scalar::Bool(match op {
+                BinaryOp::And => x && y,
+                BinaryOp::Or => x || y,
+                _ => unreachable!("{} on bool", op.name()),
+            })
+        }
+        DType::I32 | DType::I64 => {
+            let (x, y) = (int(a), int(b));
+            Scalar::Int(match op {
+                BinaryOp::Add => x.wrapping_add(y),
+                BinaryOp::Sub => x.wrapping_sub(y),
+                BinaryOp::Mul => x.wrapping_mul(y),
+                BinaryOp::Max => x.max(y),
+                BinaryOp::Min => x.min(y),
+                _ => unreachable!("{} on {d}", op.name()),
+            })
+        }
+        DType::F32 | DType::F64 => {
+            let (x, y) = (f(a), f(b));
+            Scalar::Float(match op {
+                BinaryOp::Add => x + y,
+                BinaryOp::Sub => x - y,
+                BinaryOp::Mul => x * y,
+                BinaryOp::Div => x / y,
+                BinaryOp::Pow => x.powf(y),
+                BinaryOp::Max => fmax(x, y, true),
+                BinaryOp::Min => fmax(x, y, false),
+                BinaryOp::And | BinaryOp::Or => unreachable!("logical op on float"),
+            })
+        }
+    }
+}
+
+fn compare(op: CmpOp, a: Scalar, b: Scalar, d: DType) -> bool {
+    if d.is_float() {
+        let (x, y) = (f(a), f(b));
+        return match op {
+            CmpOp::Eq => x == y,
+            CmpOp::Ne => x != y,
+            CmpOp::Lt => x < y,
+            CmpOp::Le => x <= y,
+            CmpOp::Gt => x > y,
+            CmpOp::Ge => x >= y,
+        };
+    }
+    let (x, y) = (int(a), int(b));
+    match op {
+        CmpOp::Eq => x == y,
+        CmpOp::Ne => x != y,
+        CmpOp::Lt => x < y,
+        CmpOp::Le => x <= y,
+        CmpOp::Gt => x > y,
+        CmpOp::Ge => x >= y,
+    }
+}
+
+/// Float → int conversion as generated code does it (saturating, NaN → 0).
+fn cast(s: Scalar, to: DType) -> Scalar {
+    match (s, to) {
+        (Scalar::Float(x), DType::I32) => Scalar::Int(x as i32 as i64),
+        (Scalar::Float(x), DType::I64) => Scalar::Int(x as i64),
+        _ => s.cast(to),
+    }
+}
+
+fn reduce(x: &Tensor, op: ReduceOp, dims: &[usize], keepdim: bool, out_sizes: &[i64]) -> Vec<Scalar> {
+    let d = x.dtype;
+    let kept_sizes: Vec<i64> = x.sizes.iter().enumerate().map(|(i, &n)| if dims.contains(&i) { 1 } else { n }).collect();
+    let mut acc: Vec<Option<Scalar>> = vec![None; numel(&kept_sizes)];
+    for i in 0..numel(&x.sizes) {
+        let c = coords(i, &x.sizes);
+        let kc: Vec<i64> = c.iter().enumerate().map(|(j, &v)| if dims.contains(&j) { 0 } else { v }).collect();
+        let k = kc.iter().zip(&kept_sizes).fold(0i64, |a, (&v, &n)| a * n + v) as usize;
+        let v = x.data[i];
+        acc[k] = Some(match (acc[k], op) {
+            (None, ReduceOp::Sum | ReduceOp::Mean) if d.is_float() => Scalar::Float(f(v)),
+            (None, _) => v,
+            // f32 sums accumulate in f64 in generated code too.
+            (Some(a), ReduceOp::Sum | ReduceOp::Mean) if d.is_float() => Scalar::Float(f(a) + f(v)),
+            (Some(a), ReduceOp::Sum | ReduceOp::Mean) => Scalar::Int(int(a).wrapping_add(int(v))),
+            (Some(a), ReduceOp::Max) => binary(BinaryOp::Max, a, v, d),
+            (Some(a), ReduceOp::Min) => binary(BinaryOp::Min, a, v, d),
+        });
+    }
+    let count: i64 = dims.iter().map(|&i| x.sizes[i]).product();
+    let out: Vec<Scalar> = acc
+        .into_iter()
+        .map(|a| {
+            let a = a.unwrap_or(if d.is_float() { Scalar::Float(0.0) } else { Scalar::Int(0) });
+            let a = if op == ReduceOp::Mean { Scalar::Float(f(a) / count as f64) } else { a };
+            round(a, d)
+        })
+        .collect();
+    debug_assert_eq!(out.len(), numel(out_sizes));
+    let _ = keepdim;
+    out
+}
+
+fn softmax(x: &Tensor, dim: usize, log: bool) -> Vec<Scalar> {
+    if x.sizes.is_empty() {
+        return x.data.iter().map(|&v| round(Scalar::Float(if log { f(v) - f(v) } else { (f(v) - f(v)).exp() }), x.dtype)).collect();
+    }
+    let mut out = vec![Scalar::Float(0.0); x.data.len()];
+    let n = x.sizes[dim];
+    let inner: i64 = x.sizes[dim + 1..].iter().product();
+    for i in 0..x.data.len() {
+        let c = coords(i, &x.sizes);
+        if c[dim] != 0 {
+            continue;
+        }
+        let idx = |k: i64| i + (k * inner) as usize;
+        let m = (0..n).map(|k| f(x.data[idx(k)])).fold(f64::NEG_INFINITY, |a, b| fmax(a, b, true));
+        let s: f64 = (0..n).map(|k| (f(x.data[idx(k)]) - m).exp()).sum();
+        for k in 0..n {
+            let v = f(x.data[idx(k)]) - m;
+            out[idx(k)] = round(Scalar::Float(if log { v - s.ln() } else { v.exp() / s }), x.dtype);
+        }
+    }
+    out
+}
+
+/// Evaluates `g` on dense row-major inputs; returns the outputs in order.
+pub fn eval(g: &Graph, inputs: &[Tensor]) -> Vec<Tensor> {
+    let mut vals: Vec<Tensor> = Vec::with_capacity(g.nodes.len());
+    for n in &g.nodes {
+        let sizes = n.ty.static_shape().expect("the interpreter takes static shapes");
+        let d = n.ty.dtype;
+        let arg = |i: usize| &vals[n.inputs[i].0 as usize];
+        let pointwise = |f: &dyn Fn(&[i64]) -> Scalar| (0..numel(&sizes)).map(|i| f(&coords(i, &sizes))).collect::<Vec<_>>();
+        let data = match &n.op {
+            Op::Input(i) => inputs[*i].data.clone(),
+            Op::Constant(s) => vec![*s],
+            Op::Unary(u) => pointwise(&|c| round(unary(*u, at(arg(0), c), d), d)),
+            Op::Binary(b) => pointwise(&|c| round(binary(*b, at(arg(0), c), at(arg(1), c), d), d)),
+            Op::Compare(op) => pointwise(&|c| Scalar::Bool(compare(*op, at(arg(0), c), at(arg(1), c), arg(0).dtype))),
+            Op::Where => pointwise(&|c| if truth(at(arg(0), c)) { at(arg(1), c) } else { at(arg(2), c) }),
+            Op::Cast => pointwise(&|c| cast(at(arg(0), c), d)),
+            Op::Reduce { op, dims, keepdim } => reduce(arg(0), *op, dims, *keepdim, &sizes),
+            Op::Softmax { dim, log } => softmax(arg(0), *dim, *log),
+        };
+        vals.push(Tensor { dtype: d, sizes, data });
+    }
+    g.outputs.iter().map(|o| vals[o.0 as usize].clone()).collect()
+}

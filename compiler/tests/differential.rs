@@ -1,0 +1,305 @@
+//! Differential fuzzing, Cranelift-style: random graphs (pointwise chains over broadcast
+//! shapes, every dtype, casts, comparisons, where, reductions, softmax) on random data laid out
+//! with random strides, compiled and run, checked against `kiln_compiler::reference`.
+//!
+//! Exact ops (+ - * / on floats, everything on ints and bools, max/min, casts, compares)
+//! must match bit for bit (NaN matches NaN); transcendentals, float sums and softmax within a
+//! few ulps (their own bounds are in math_accuracy.rs). KILN_FUZZ_GRAPHS=N runs N graphs
+//! (default 300); a failure prints the graph and the seed to replay it with KILN_FUZZ_SEED.
+
+mod common;
+use common::Rng;
+use kiln_compiler::dtype::{DType, Scalar};
+use kiln_compiler::ir::{BinaryOp, CmpOp, Graph, ReduceOp, UnaryOp, ValueId};
+use kiln_compiler::reference::{self, Tensor};
+use kiln_compiler::{compile, CompileOptions, Target};
+
+const SIZES: [i64; 6] = [1, 2, 3, 5, 8, 17];
+
+struct Gen {
+    rng: Rng,
+    g: Graph,
+    shape: Vec<i64>,
+    /// Whether a float value went through an inexact op (a transcendental or a sum).
+    inexact: Vec<bool>,
+}
+
+impl Gen {
+    fn pick<T: Copy>(&mut self, xs: &[T]) -> T {
+        xs[(self.rng.next_u64() % xs.len() as u64) as usize]
+    }
+    fn chance(&mut self, percent: u64) -> bool {
+        self.rng.next_u64() % 100 < percent
+    }
+    fn values(&self) -> Vec<ValueId> {
+        (0..self.g.nodes.len() as u32).map(ValueId).collect()
+    }
+    fn value_of(&mut self, pred: impl Fn(&Graph, ValueId) -> bool) -> Option<ValueId> {
+        let vs: Vec<ValueId> = self.values().into_iter().filter(|&v| pred(&self.g, v)).collect();
+        (!vs.is_empty()).then(|| self.pick(&vs))
+    }
+    /// Marks `v` as inexact (or not) and every node added since the last mark (casts made
+    /// on the way) by whether an input is.
+    fn mark(&mut self, v: ValueId, inexact: bool) -> ValueId {
+        for i in self.inexact.len()..self.g.nodes.len() {
+            let from_inputs = self.g.nodes[i].inputs.iter().any(|x| self.inexact[x.0 as usize]);
+            self.inexact.push(from_inputs);
+        }
+        self.inexact[v.0 as usize] |= inexact;
+        v
+    }
+    /// An input broadcastable to the graph's shape: a suffix of it with some dims set to 1.
+    fn input(&mut self) -> ValueId {
+        let keep = (self.rng.next_u64() % (self.shape.len() as u64 + 1)) as usize;
+        let sizes: Vec<i64> = self.shape[self.shape.len() - keep..].iter().map(|&n| if self.rng.next_u64() % 4 == 0 { 1 } else { n }).collect();
+        let dtype = self.pick(&DType::ALL);
+        let v = self.g.input(kiln_compiler::TensorType::new(dtype, &sizes));
+        self.mark(v, false)
+    }
+
+    fn step(&mut self) -> Option<()> {
+        use DType::*;
+        let choice = self.rng.next_u64() % 10;
+        let v = match choice {
+            0 => Some(self.input()),
+            1 | 2 => {
+                // Binary op of one dtype: cast the second operand to the first's.
+                let a = self.value_of(|g, v| g.ty(v).dtype != Bool).unwrap_or_else(|| self.input());
+                let b = self.value_of(|_, _| true).unwrap();
+                let d = self.g.ty(a).dtype;
+                let b = self.g.cast(b, d);
+                let ops: &[BinaryOp] = if d.is_float() {
+                    &[BinaryOp::Add, BinaryOp::Sub, BinaryOp::Mul, BinaryOp::Div, BinaryOp::Max, BinaryOp::Min]
+                } else {
+                    &[BinaryOp::Add, BinaryOp::Sub, BinaryOp::Mul, BinaryOp::Max, BinaryOp::Min]
+                };
+                let op = self.pick(ops);
+                self.g.binary(op, a, b).ok()
+            }
+            3 => {
+                let a = self.value_of(|g, v| g.ty(v).dtype.is_float())?;
+                let op = self.pick(&[UnaryOp::Neg, UnaryOp::Abs, UnaryOp::Relu, UnaryOp::Exp, UnaryOp::Tanh, UnaryOp::Sigmoid, UnaryOp::Log1p, UnaryOp::Sqrt, UnaryOp::Erf, UnaryOp::Silu, UnaryOp::Gelu, UnaryOp::Reciprocal]);
+                let v = self.g.unary(op, a).ok()?;
+                let inexact = !matches!(op, UnaryOp::Neg | UnaryOp::Abs | UnaryOp::Relu | UnaryOp::Reciprocal | UnaryOp::Sqrt);
+                return self.finish(v, inexact);
+            }
+            4 => {
+                let a = self.value_of(|g, v| g.ty(v).dtype.is_int())?;
+                let op = self.pick(&[UnaryOp::Neg, UnaryOp::Abs, UnaryOp::Relu]);
+                self.g.unary(op, a).ok()
+            }
+            5 => {
+                let a = self.value_of(|g, v| g.ty(v).dtype != Bool).unwrap_or_else(|| self.input());
+                let b = self.value_of(|_, _| true).unwrap();
+                let b = self.g.cast(b, self.g.ty(a).dtype);
+                let op = self.pick(&[CmpOp::Eq, CmpOp::Ne, CmpOp::Lt, CmpOp::Le, CmpOp::Gt, CmpOp::Ge]);
+                self.g.compare(op, a, b).ok()
+            }
+            6 => {
+                let c = self.value_of(|g, v| g.ty(v).dtype == Bool)?;
+                let a = self.value_of(|_, _| true).unwrap();
+                let b = self.value_of(|_, _| true).unwrap();
+                let b = self.g.cast(b, self.g.ty(a).dtype);
+                self.g.where_(c, a, b).ok()
+            }
+            7 => {
+                let a = self.value_of(|_, _| true).unwrap();
+                let to = self.pick(&DType::ALL);
+                let v = self.g.cast(a, to);
+                // f32 -> i32 of a value outside i32's range saturates in both; fine.
+                Some(v)
+            }
+            8 => {
+                let a = self.value_of(|g, v| g.ty(v).rank() > 0 && g.ty(v).dtype != Bool)?;
+                let rank = self.g.ty(a).rank();
+                let dims: Vec<usize> = (0..rank).filter(|_| self.chance(50)).collect();
+                let d = self.g.ty(a).dtype;
+                let op = if d.is_float() {
+                    self.pick(&[ReduceOp::Sum, ReduceOp::Mean, ReduceOp::Max, ReduceOp::Min])
+                } else {
+                    self.pick(&[ReduceOp::Max, ReduceOp::Min, ReduceOp::Sum])
+                };
+                let a = if op == ReduceOp::Sum && d == I32 { self.g.cast(a, I64) } else { a };
+                let keepdim = self.chance(50);
+                let v = self.g.reduce(op, a, &dims, keepdim).ok()?;
+                return self.finish(v, matches!(op, ReduceOp::Sum | ReduceOp::Mean) && d.is_float());
+            }
+            _ => {
+                let a = self.value_of(|g, v| g.ty(v).dtype.is_float() && g.ty(v).rank() > 0)?;
+                let dim = (self.rng.next_u64() % self.g.ty(a).rank() as u64) as usize;
+                let log = self.chance(50);
+                let v = self.g.softmax(a, dim, log).ok()?;
+                return self.finish(v, true);
+            }
+        };
+        if let Some(v) = v {
+            self.mark(v, false);
+        }
+        Some(())
+    }
+
+    fn finish(&mut self, v: ValueId, inexact: bool) -> Option<()> {
+        self.mark(v, inexact);
+        Some(())
+    }
+}
+
+/// A random graph with 1–3 outputs among its last values.
+fn random_graph(seed: u64) -> (Graph, Vec<bool>) {
+    let mut rng = Rng(seed.wrapping_mul(0x9E3779B97F4A7C15) | 1);
+    let rank = (rng.next_u64() % 4) as usize;
+    let shape: Vec<i64> = (0..rank).map(|_| SIZES[(rng.next_u64() % SIZES.len() as u64) as usize]).collect();
+    let mut gen = Gen { rng, g: Graph::new(), shape, inexact: vec![] };
+    gen.input();
+    gen.input();
+    let steps = 3 + gen.rng.next_u64() % 10;
+    for _ in 0..steps {
+        let _ = Gen::step(&mut gen);
+    }
+    let last = ValueId(gen.g.nodes.len() as u32 - 1);
+    gen.mark(last, false);
+    let computed: Vec<ValueId> = gen.values().into_iter().filter(|&v| !gen.g.inputs.contains(&v) && !matches!(gen.g.node(v).op, kiln_compiler::ir::Op::Constant(_))).collect();
+    let mut outputs = vec![];
+    for &v in computed.iter().rev().take(3) {
+        if gen.chance(70) || outputs.is_empty() {
+            outputs.push(v);
+        }
+    }
+    let inexact = outputs.iter().map(|v| gen.inexact[v.0 as usize]).collect();
+    gen.g.set_outputs(outputs);
+    (gen.g, inexact)
+}
+
+fn random_scalar(rng: &mut Rng, d: DType) -> Scalar {
+    let special = [0.0, -0.0, f64::NAN, f64::INFINITY, f64::NEG_INFINITY, 1.0, -1.0];
+    match d {
+        DType::Bool => Scalar::Bool(rng.next_u64() % 2 == 0),
+        DType::I32 | DType::I64 => Scalar::Int((rng.next_u64() % 21) as i64 - 10),
+        _ if rng.next_u64() % 10 == 0 => Scalar::Float(special[(rng.next_u64() % special.len() as u64) as usize]),
+        _ => Scalar::Float(rng.uniform(-4.0, 4.0) as f64).cast(d),
+    }
+}
+
+/// Lays `t` out in memory with random strides (a permutation of the dims, sometimes with gaps);
+/// returns the bytes and the element strides.
+fn layout(rng: &mut Rng, t: &Tensor) -> (Vec<u8>, Vec<i64>) {
+    let rank = t.sizes.len();
+    let mut order: Vec<usize> = (0..rank).collect();
+    for i in (1..rank).rev() {
+        order.swap(i, (rng.next_u64() % (i as u64 + 1)) as usize);
+    }
+    let gap = 1 + (rng.next_u64() % 3) as i64 / 2; // 1 or 2
+    let mut strides = vec![0i64; rank];
+    let mut step = gap;
+    for &d in order.iter().rev() {
+        strides[d] = step;
+        step *= t.sizes[d].max(1);
+    }
+    let size = t.dtype.size_bytes();
+    let span = t.sizes.iter().zip(&strides).map(|(&n, &s)| (n - 1).max(0) * s).sum::<i64>() as usize + 1;
+    let mut bytes = vec![0u8; span * size + 8];
+    for (i, &v) in t.data.iter().enumerate() {
+        let mut rem = i;
+        let mut off = 0i64;
+        for d in (0..rank).rev() {
+            let n = t.sizes[d].max(1) as usize;
+            off += (rem % n) as i64 * strides[d];
+            rem /= n;
+        }
+        write(&mut bytes[off as usize * size..], v, t.dtype);
+    }
+    (bytes, strides)
+}
+
+fn write(b: &mut [u8], v: Scalar, d: DType) {
+    match (d, v.cast(d)) {
+        (DType::Bool, Scalar::Bool(x)) => b[0] = x as u8,
+        (DType::I32, Scalar::Int(x)) => b[..4].copy_from_slice(&(x as i32).to_le_bytes()),
+        (DType::I64, Scalar::Int(x)) => b[..8].copy_from_slice(&x.to_le_bytes()),
+        (DType::F32, Scalar::Float(x)) => b[..4].copy_from_slice(&(x as f32).to_le_bytes()),
+        (DType::F64, Scalar::Float(x)) => b[..8].copy_from_slice(&x.to_le_bytes()),
+        _ => unreachable!(),
+    }
+}
+
+fn read(b: &[u8], d: DType) -> Scalar {
+    match d {
+        DType::Bool => Scalar::Bool(b[0] != 0),
+        DType::I32 => Scalar::Int(i32::from_le_bytes(b[..4].try_into().unwrap()) as i64),
+        DType::I64 => Scalar::Int(i64::from_le_bytes(b[..8].try_into().unwrap())),
+        DType::F32 => Scalar::Float(f32::from_le_bytes(b[..4].try_into().unwrap()) as f64),
+        DType::F64 => Scalar::Float(f64::from_le_bytes(b[..8].try_into().unwrap())),
+    }
+}
+
+fn same(got: Scalar, want: Scalar, d: DType, inexact: bool) -> bool {
+    match (got, want) {
+        (Scalar::Float(a), Scalar::Float(b)) => {
+            if a.is_nan() || b.is_nan() {
+                return a.is_nan() && b.is_nan();
+            }
+            if !inexact {
+                return a == b;
+            }
+            if a == b {
+                return true;
+            }
+            // Chains of float32 approximations compound (and carry into float64 through casts):
+            // allow 64 float32 ulps relative, absolute near zero, where a few ulps of an O(1)
+            // intermediate cancel.
+            let _ = d;
+            (a - b).abs() <= 64.0 * f32::EPSILON as f64 * b.abs().max(1.0)
+        }
+        _ => got == want,
+    }
+}
+
+fn check(seed: u64) {
+    let (g, inexact) = random_graph(seed);
+    let mut rng = Rng(seed ^ 0xD1B54A32D192ED03);
+    let inputs: Vec<Tensor> = g
+        .inputs
+        .iter()
+        .map(|&v| {
+            let ty = g.ty(v);
+            let sizes = ty.static_shape().unwrap();
+            let n = sizes.iter().product::<i64>() as usize;
+            Tensor { dtype: ty.dtype, sizes, data: (0..n).map(|_| random_scalar(&mut rng, ty.dtype)).collect() }
+        })
+        .collect();
+    let want = reference::eval(&g, &inputs);
+    let laid: Vec<(Vec<u8>, Vec<i64>)> = inputs.iter().map(|t| layout(&mut rng, t)).collect();
+    let strides: Vec<Vec<i64>> = laid.iter().map(|l| l.1.clone()).collect();
+    let p = match compile(&g, &strides, &Target::host(), &CompileOptions::default()) {
+        Ok(p) => p,
+        Err(e) => panic!("seed {seed}: compile failed: {e}\n{g}"),
+    };
+    let mut outs: Vec<Vec<u8>> = want.iter().map(|t| vec![0u8; t.data.len() * t.dtype.size_bytes() + 8]).collect();
+    let ins: Vec<*const u8> = laid.iter().map(|l| l.0.as_ptr()).collect();
+    let outp: Vec<*mut u8> = outs.iter_mut().map(|o| o.as_mut_ptr()).collect();
+    unsafe { p.run(&ins, &outp) };
+    for (k, (t, bytes)) in want.iter().zip(&outs).enumerate() {
+        let size = t.dtype.size_bytes();
+        for (i, &w) in t.data.iter().enumerate() {
+            let got = read(&bytes[i * size..], t.dtype);
+            assert!(
+                same(got, w, t.dtype, inexact[k]),
+                "seed {seed}: output {k}[{i}] = {got:?}, reference {w:?}\n{g}inputs: {:?}\nstrides: {strides:?}\nloop ir:\n{}",
+                inputs.iter().map(|t| &t.data).collect::<Vec<_>>(),
+                p.loop_ir
+            );
+        }
+    }
+}
+
+#[test]
+fn random_graphs_match_the_reference_interpreter() {
+    if let Ok(seed) = std::env::var("KILN_FUZZ_SEED") {
+        check(seed.parse().expect("KILN_FUZZ_SEED is a number"));
+        return;
+    }
+    let n: u64 = std::env::var("KILN_FUZZ_GRAPHS").ok().and_then(|s| s.parse().ok()).unwrap_or(300);
+    for seed in 0..n {
+        check(seed);
+    }
+}

@@ -1,0 +1,82 @@
+//! The IR's text form and the graph passes, as data-driven tests: `check(input, expect![[..]])`.
+//! Re-bless with `UPDATE_EXPECT=1 cargo test`.
+
+use expect_test::{expect, Expect};
+use kiln_compiler::ir::parse_graph;
+use kiln_compiler::passes::optimize;
+
+fn check(input: &str, want: Expect) {
+    let g = parse_graph(input).unwrap_or_else(|e| panic!("{e}"));
+    let printed = g.to_string();
+    assert_eq!(parse_graph(&printed).unwrap().to_string(), printed, "text form does not round-trip");
+    want.assert_eq(&optimize(&g).to_string());
+}
+
+fn check_lowered(input: &str, want: Expect) {
+    let g = parse_graph(input).unwrap();
+    let strides: Vec<Vec<i64>> = g.inputs.iter().map(|&v| {
+        let s = g.ty(v).static_shape().unwrap();
+        let mut st = vec![1; s.len()];
+        for i in (0..s.len().saturating_sub(1)).rev() {
+            st[i] = st[i + 1] * s[i + 1].max(1);
+        }
+        st
+    }).collect();
+    want.assert_eq(&kiln_compiler::lower_graph(&g, &strides).unwrap().to_string());
+}
+
+#[test]
+fn cse_dce_and_cast_folding() {
+    check(
+        "graph(%0: f32[4], %1: f32[4]) {
+           %2 = exp(%0) : f32[4]
+           %3 = exp(%0) : f32[4]
+           %4 = add(%2, %3) : f32[4]
+           %5 = constant(2) : i64[]
+           %6 = cast(%5) : f32[]
+           %7 = mul(%4, %6) : f32[4]
+           %8 = log(%1) : f32[4]
+           return (%7)
+         }",
+        expect![[r#"
+            graph(%0: f32[4], %1: f32[4]) {
+              %2 = exp(%0) : f32[4]
+              %3 = add(%2, %2) : f32[4]
+              %4 = constant(2.0) : f32[]
+              %5 = mul(%3, %4) : f32[4]
+              return (%5)
+            }
+        "#]],
+    );
+}
+
+#[test]
+fn pointwise_chain_fuses_into_its_reduction() {
+    check_lowered(
+        "graph(%0: f32[8, 16]) {
+           %1 = exp(%0) : f32[8, 16]
+           %2 = sum(%1) dims=[1] keepdim=true : f32[8, 1]
+           %3 = div(%1, %2) : f32[8, 16]
+           return (%3)
+         }",
+        expect![[r#"
+            b0: f32[8, 16] Input(0)
+            b1: f32[8, 16] Output(0)
+            b2: f32[8, 1] Temp { offset: 0 }
+            kernel k0:
+              for i0 in 0..8 {
+                acc0 = 0.0:f64
+                for i1 in 0..16 {
+                  acc0 Add= cast<f64>(exp(b0[i0*16 + i1]))
+                }
+                b2[i0] = cast<f32>(acc0)
+              }
+            kernel k1:
+              for i0 in 0..8 {
+                for i1 in 0..16 {
+                  b1[i0*16 + i1] = div(exp(b0[i0*16 + i1]), b2[i0])
+                }
+              }
+        "#]],
+    );
+}
