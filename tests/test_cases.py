@@ -2,8 +2,11 @@
 inputs, sizes 0 and 1, NaN/inf, sizes large enough to run in parallel, reductions and
 softmax fused with their producers."""
 
+import multiprocessing
+
 import pytest
 import torch
+import torch_kiln
 
 from kiln_check import fresh_script, run_compiled, script_source
 
@@ -70,7 +73,35 @@ def test_special_values():
 
 def test_chain_large_parallel():
     x, y = torch.randn(512, 1024), torch.randn(512, 1024)
-    run_compiled(scripted(chain), (x, y), reference=chain)
+    fn = scripted(chain)
+    run_compiled(fn, (x, y), reference=chain)
+    assert "parallel for" in torch_kiln.explain(fn)
+
+
+def _child_runs_parallel_kernel(conn):
+    # GNU OpenMP (torch's own intra-op threads) hangs in a forked child of a parent that used
+    # it; keep torch single-threaded here. Kiln's pool is still 2 threads.
+    torch.set_num_threads(1)
+    x, y = torch.randn(512, 1024), torch.randn(512, 1024)
+    fn = scripted(spine)
+    for _ in range(3):
+        out = fn(x, y)
+    conn.send(bool(torch.allclose(out, spine(x, y))) and torch_kiln.stats()["kernel_runs"] > 0)
+
+
+def test_forked_child_runs_parallel_kernels():
+    # The parent's pool threads do not exist in a forked child (DataLoader workers, servers).
+    x, y = torch.randn(512, 1024), torch.randn(512, 1024)
+    run_compiled(scripted(spine), (x, y), reference=spine)
+    ctx = multiprocessing.get_context("fork")
+    parent, child = ctx.Pipe()
+    p = ctx.Process(target=_child_runs_parallel_kernel, args=(child,))
+    p.start()
+    p.join(timeout=120)
+    if p.exitcode is None:
+        p.kill()
+    assert p.exitcode == 0, "the forked child hung or crashed"
+    assert parent.recv() is True
 
 
 @pytest.mark.parametrize("shape", [(4, 6, 8), (1, 1, 1), (3, 1, 7), (2, 0, 3), (64, 33, 257)], ids=str)

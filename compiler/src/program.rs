@@ -29,7 +29,28 @@ pub struct CompiledProgram {
     pub object_bytes: usize,
 }
 
-static POOL: Lazy<RwLock<Arc<ThreadPool>>> = Lazy::new(|| RwLock::new(Arc::new(ThreadPool::new(default_threads()))));
+/// The pool and the process it was made in: a forked child (a DataLoader worker, a server
+/// worker) inherits the pool but none of its threads, so it makes its own.
+static POOL: Lazy<RwLock<(u32, Arc<ThreadPool>)>> = Lazy::new(|| RwLock::new((std::process::id(), Arc::new(ThreadPool::new(default_threads())))));
+
+fn pool() -> Arc<ThreadPool> {
+    let pid = std::process::id();
+    {
+        let p = POOL.read().unwrap();
+        if p.0 == pid {
+            return p.1.clone();
+        }
+    }
+    let mut p = POOL.write().unwrap();
+    if p.0 != pid {
+        let threads = p.1.threads();
+        // The parent's pool is leaked, not dropped: its Drop takes a lock that one of the
+        // parent's threads may have held at the fork.
+        std::mem::forget(std::mem::replace(&mut p.1, Arc::new(ThreadPool::new(threads))));
+        p.0 = pid;
+    }
+    p.1.clone()
+}
 
 fn default_threads() -> usize {
     std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)
@@ -37,14 +58,14 @@ fn default_threads() -> usize {
 
 /// Sets the number of threads parallel kernels use (the caller counts as one).
 pub fn set_num_threads(n: usize) {
-    let mut pool = POOL.write().unwrap();
-    if pool.threads() != n.max(1) {
-        *pool = Arc::new(ThreadPool::new(n.max(1)));
+    let current = pool();
+    if current.threads() != n.max(1) {
+        POOL.write().unwrap().1 = Arc::new(ThreadPool::new(n.max(1)));
     }
 }
 
 pub fn num_threads() -> usize {
-    POOL.read().unwrap().threads()
+    pool().threads()
 }
 
 thread_local! {
@@ -107,7 +128,7 @@ impl CompiledProgram {
             let table = Table(table.as_ptr());
             for k in &self.kernels {
                 if k.parallel {
-                    let pool = POOL.read().unwrap().clone();
+                    let pool = pool();
                     let parts = pool.threads().min(k.extent.max(1) as usize);
                     let chunk = (k.extent + parts as i64 - 1) / parts as i64;
                     let table = &table;

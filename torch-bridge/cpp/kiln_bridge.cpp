@@ -368,11 +368,19 @@ void kiln_pass(std::shared_ptr<Graph>& graph) {
   }
 }
 
+// Describes a tensor for Rust. Anything Kiln's code cannot read as plain strided memory
+// (sparse, nested, mkldnn, no storage) or whose type promotion differs (a wrapped number,
+// i.e. a Python scalar turned tensor) is passed as undefined: the guard then fails.
 void fill(KilnTensor& d, const at::Tensor& t) {
   d.defined = t.defined();
   if (!d.defined) return;
   auto* impl = t.unsafeGetTensorImpl();
-  d.data = impl->has_storage() ? impl->mutable_data() : nullptr;
+  if (t.layout() != at::kStrided || t.is_nested() || !impl->has_storage() || impl->is_wrapped_number()) {
+    d.defined = 0;
+    return;
+  }
+  // const_data_ptr: never materialises a copy-on-write storage; Kiln only reads inputs.
+  d.data = const_cast<void*>(t.const_data_ptr());
   d.ndim = impl->dim();
   d.sizes = impl->sizes().data();
   d.strides = impl->strides().data();
