@@ -6,7 +6,9 @@
 // TorchScript graphs and moves tensors across. Facts relied on are in ARCHITECTURE.md.
 
 #include <ATen/ATen.h>
+#include <ATen/EmptyTensor.h>
 #include <ATen/Parallel.h>
+#include <c10/util/SmallVector.h>
 #include <torch/csrc/jit/ir/alias_analysis.h>
 #include <torch/csrc/jit/ir/ir.h>
 #include <torch/csrc/jit/passes/pass_manager.h>
@@ -405,9 +407,13 @@ Operation guard_op(const Node* node) {
   };
 }
 
+using Outputs = c10::SmallVector<at::Tensor, 4>;
+
+// Outputs are plain CPU tensors: at::detail::empty_cpu skips the dispatcher (this runs on
+// every call of every group).
 void* alloc_output(void* ctx, size_t index, int32_t dtype, const int64_t* sizes, size_t ndim) {
-  auto& results = *static_cast<std::vector<at::Tensor>*>(ctx);
-  results.push_back(at::empty(c10::IntArrayRef(sizes, ndim), at::TensorOptions().dtype(static_cast<at::ScalarType>(dtype))));
+  auto& results = *static_cast<Outputs*>(ctx);
+  results.emplace_back(at::detail::empty_cpu(c10::IntArrayRef(sizes, ndim), static_cast<at::ScalarType>(dtype), false, std::nullopt));
   return results.back().data_ptr();
 }
 
@@ -425,7 +431,7 @@ Operation group_op(const Node* node) {
     auto ins = last(stack, n);
     for (size_t i = 0; i < n; ++i)
       if (is_tensor[i]) fill(d[k++], ins[i].toTensor());
-    std::vector<at::Tensor> results;
+    Outputs results;
     if (kiln_rs_run(id, d, k, alloc_output, &results) != 0)
       throw std::runtime_error("kiln: compiled group called with inputs its guard rejects");
     drop(stack, n);
