@@ -138,6 +138,16 @@ def main():
         identity(xs, ys)
     t_small = median_ms(small, (xs, ys), 20000) * 1e3
     t_floor = median_ms(identity, (xs, ys), 20000) * 1e3
+    # Non-contiguous inputs run on strides in the generated code: transposed and strided.
+    side = int(a.n ** 0.5)
+    xt, yt = torch.randn(side, side).t(), torch.randn(side, side * 2)[:, ::2]
+    layouts = {}
+    for name, (u, v) in {"contiguous": (xt.contiguous(), yt.contiguous()), "transposed+strided": (xt, yt)}.items():
+        k_fn = warmed_fn = fresh_script()
+        for _ in range(3):
+            warmed_fn(u, v)
+        torch.testing.assert_close(k_fn(u, v), f(u, v))
+        layouts[name] = (median_ms(k_fn, (u, v), a.reps), median_ms(f, (u, v), max(20, a.reps // 5)))
     torch_kiln.disable()
     ts_small = fresh_script()
     for _ in range(3):
@@ -153,6 +163,8 @@ def main():
             print(f"{name:22}{t:10.3f}{ratio:>10}")
         else:
             print(f"{name:22}  {t}")
+    for name, (tk, te) in layouts.items():
+        print(f"{side}x{side} {name:20} kiln {tk:.3f} ms, eager {te:.3f} ms")
     print(f"\ncompile time of the group: {stats['compile_time_ms']:.1f} ms (compiles: {stats['compiles']})")
     print(f"16 elements: TorchScript identity call {t_floor:.2f} us, Kiln group call {t_small:.2f} us "
           f"(guard + dispatch + output alloc + kernel = {t_small - t_floor:.2f} us over the floor), "
