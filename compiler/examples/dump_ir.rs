@@ -2,6 +2,7 @@
 //! `cargo run --release -p kiln-compiler --example dump_ir -- graph.kir`.
 use kiln_compiler::codegen::{llvm_ir, CodegenOptions};
 use kiln_compiler::ir::parse_graph;
+use kiln_compiler::lower::contiguous_strides;
 use kiln_compiler::Target;
 use std::io::Read;
 
@@ -12,18 +13,7 @@ fn main() {
         None => drop(std::io::stdin().read_to_string(&mut text)),
     }
     let g = parse_graph(&text).unwrap_or_else(|e| panic!("{e}"));
-    let strides: Vec<Vec<i64>> = g
-        .inputs
-        .iter()
-        .map(|&v| {
-            let sizes = g.ty(v).static_shape().expect("static shapes");
-            let mut s = vec![1; sizes.len()];
-            for i in (0..sizes.len().saturating_sub(1)).rev() {
-                s[i] = s[i + 1] * sizes[i + 1].max(1);
-            }
-            s
-        })
-        .collect();
+    let strides: Vec<Vec<i64>> = g.inputs.iter().map(|&v| contiguous_strides(&g.ty(v).static_shape().expect("static shapes"))).collect();
     let lp = kiln_compiler::lower_graph(&g, &strides).unwrap();
     print!("{lp}");
     let dtypes: Vec<_> = lp.buffers.iter().map(|b| b.dtype).collect();

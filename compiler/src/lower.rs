@@ -57,7 +57,8 @@ impl std::fmt::Display for LoopProgram {
     }
 }
 
-fn contiguous_strides(sizes: &[i64]) -> Vec<i64> {
+/// Row-major element strides of a dense tensor of `sizes`.
+pub fn contiguous_strides(sizes: &[i64]) -> Vec<i64> {
     let mut strides = vec![1; sizes.len()];
     for i in (0..sizes.len().saturating_sub(1)).rev() {
         strides[i] = strides[i + 1] * sizes[i + 1].max(1);

@@ -164,25 +164,20 @@ fn binary(op: BinaryOp, a: Scalar, b: Scalar, d: DType) -> Scalar {
 }
 
 fn compare(op: CmpOp, a: Scalar, b: Scalar, d: DType) -> bool {
-    if d.is_float() {
-        let (x, y) = (f(a), f(b));
-        return match op {
+    fn ordered<T: PartialOrd>(op: CmpOp, x: T, y: T) -> bool {
+        match op {
             CmpOp::Eq => x == y,
             CmpOp::Ne => x != y,
             CmpOp::Lt => x < y,
             CmpOp::Le => x <= y,
             CmpOp::Gt => x > y,
             CmpOp::Ge => x >= y,
-        };
+        }
     }
-    let (x, y) = (int(a), int(b));
-    match op {
-        CmpOp::Eq => x == y,
-        CmpOp::Ne => x != y,
-        CmpOp::Lt => x < y,
-        CmpOp::Le => x <= y,
-        CmpOp::Gt => x > y,
-        CmpOp::Ge => x >= y,
+    if d.is_float() {
+        ordered(op, f(a), f(b))
+    } else {
+        ordered(op, int(a), int(b))
     }
 }
 

@@ -9,14 +9,6 @@ pub fn build(ir: &str, input_strides: &[Vec<i64>]) -> CompiledProgram {
     compile(&g, input_strides, &Target::host(), &CompileOptions::default()).unwrap()
 }
 
-pub fn contiguous(sizes: &[i64]) -> Vec<i64> {
-    let mut s = vec![1; sizes.len()];
-    for i in (0..sizes.len().saturating_sub(1)).rev() {
-        s[i] = s[i + 1] * sizes[i + 1].max(1);
-    }
-    s
-}
-
 /// Runs a program whose inputs and outputs are all f32.
 pub fn run_f32(p: &CompiledProgram, inputs: &[&[f32]]) -> Vec<Vec<f32>> {
     let mut outs: Vec<Vec<f32>> = p.outputs().map(|b| vec![0.0; b.sizes.iter().product::<i64>() as usize]).collect();

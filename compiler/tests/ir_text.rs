@@ -3,6 +3,7 @@
 
 use expect_test::{expect, Expect};
 use kiln_compiler::ir::parse_graph;
+use kiln_compiler::lower::contiguous_strides;
 use kiln_compiler::passes::optimize;
 
 fn check(input: &str, want: Expect) {
@@ -14,14 +15,7 @@ fn check(input: &str, want: Expect) {
 
 fn check_lowered(input: &str, want: Expect) {
     let g = parse_graph(input).unwrap();
-    let strides: Vec<Vec<i64>> = g.inputs.iter().map(|&v| {
-        let s = g.ty(v).static_shape().unwrap();
-        let mut st = vec![1; s.len()];
-        for i in (0..s.len().saturating_sub(1)).rev() {
-            st[i] = st[i + 1] * s[i + 1].max(1);
-        }
-        st
-    }).collect();
+    let strides: Vec<Vec<i64>> = g.inputs.iter().map(|&v| contiguous_strides(&g.ty(v).static_shape().unwrap())).collect();
     want.assert_eq(&kiln_compiler::lower_graph(&g, &strides).unwrap().to_string());
 }
 

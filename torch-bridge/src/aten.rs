@@ -436,14 +436,10 @@ fn bool_arg(a: &Arg) -> R<bool> {
 fn dtype_arg(a: &Arg) -> R<Option<DType>> {
     match a {
         Arg::Const(Const::None) => Ok(None),
-        Arg::Const(Const::Int(code)) => match code {
-            3 => Ok(Some(DType::I32)),
-            4 => Ok(Some(DType::I64)),
-            6 => Ok(Some(DType::F32)),
-            7 => Ok(Some(DType::F64)),
-            11 => Ok(Some(DType::Bool)),
-            c => Err(format!("dtype code {c} is not supported")),
-        },
+        Arg::Const(Const::Int(code)) => {
+            let d = i32::try_from(*code).ok().and_then(dtype_from_code);
+            d.map(Some).ok_or_else(|| format!("dtype code {code} is not supported"))
+        }
         _ => Err("dtype is not a constant".into()),
     }
 }
