@@ -128,3 +128,32 @@ def test_guard_overhead_path_is_cheap_enough_to_count():
         fn(x, y)
     d = delta(before)
     assert d["guard_passes"] == 100 and d["kernel_runs"] == 100
+
+
+def test_concurrent_callers_with_different_signatures():
+    # TorchScript releases the GIL; each thread's guard choice must reach its own group call,
+    # and parallel kernels from several callers share one pool.
+    import threading
+
+    fn = fresh()
+    shapes = [(256, 512), (3, 5), (1024,), (64, 64)]
+    errors = []
+
+    def worker(i):
+        try:
+            g = torch.Generator().manual_seed(i)
+            for k in range(60):
+                shape = shapes[(i + k) % len(shapes)]
+                x, y = torch.randn(shape, generator=g), torch.randn(shape, generator=g)
+                close(fn(x, y), f(x, y))
+        except Exception as e:  # collected: an assertion in a thread would be lost
+            errors.append(repr(e))
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(4)]
+    before = torch_kiln.stats()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors[:3]
+    assert delta(before)["kernel_runs"] > 0
