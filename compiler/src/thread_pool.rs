@@ -13,14 +13,24 @@ const SPIN: Duration = Duration::from_micros(50);
 
 type Job = dyn Fn(usize) + Sync;
 
+/// What a worker reads, all at once: the epoch a job was posted in, the job, and how many
+/// parts it has. Read together, so a worker runs each posted job at most once even when it
+/// wakes late and a newer job is already there.
+#[derive(Clone, Copy)]
+struct Posted {
+    epoch: usize,
+    /// A pointer to the job (a `&Job` with its lifetime erased; valid while `pending > 0`,
+    /// because `run` waits for every participating worker before returning).
+    job: Option<(usize, usize)>,
+    /// Workers with an index at or above this sit the job out.
+    parts: usize,
+}
+
 struct Shared {
+    /// Mirrors `posted.epoch`, for spinning without the lock.
     epoch: AtomicUsize,
-    /// A pointer to the current job (a `&Job` with its lifetime erased; valid while
-    /// `pending > 0`, because `run` waits for every worker before returning).
-    job: Mutex<Option<(usize, usize)>>,
+    posted: Mutex<Posted>,
     pending: AtomicUsize,
-    /// How many parts the current job has; workers with a higher index sit it out.
-    parts: AtomicUsize,
     park: Mutex<()>,
     wake: Condvar,
     shutdown: AtomicBool,
@@ -38,9 +48,8 @@ impl ThreadPool {
     pub fn new(threads: usize) -> ThreadPool {
         let shared = Arc::new(Shared {
             epoch: AtomicUsize::new(0),
-            job: Mutex::new(None),
+            posted: Mutex::new(Posted { epoch: 0, job: None, parts: 0 }),
             pending: AtomicUsize::new(0),
-            parts: AtomicUsize::new(0),
             park: Mutex::new(()),
             wake: Condvar::new(),
             shutdown: AtomicBool::new(false),
@@ -68,10 +77,13 @@ impl ThreadPool {
         };
         let helpers = parts - 1;
         let raw: (usize, usize) = unsafe { std::mem::transmute::<&(dyn Fn(usize) + Sync + '_), (usize, usize)>(f) };
-        *self.shared.job.lock().unwrap() = Some(raw);
         self.shared.pending.store(helpers, Ordering::SeqCst);
-        self.shared.parts.store(parts, Ordering::SeqCst);
-        self.shared.epoch.fetch_add(1, Ordering::SeqCst);
+        let epoch = {
+            let mut posted = self.shared.posted.lock().unwrap();
+            *posted = Posted { epoch: posted.epoch + 1, job: Some(raw), parts };
+            posted.epoch
+        };
+        self.shared.epoch.store(epoch, Ordering::SeqCst);
         {
             let _l = self.shared.park.lock().unwrap();
             self.shared.wake.notify_all();
@@ -80,14 +92,19 @@ impl ThreadPool {
         while self.shared.pending.load(Ordering::Acquire) != 0 {
             std::hint::spin_loop();
         }
-        *self.shared.job.lock().unwrap() = None;
+        self.shared.posted.lock().unwrap().job = None;
     }
 }
 
 impl Drop for ThreadPool {
     fn drop(&mut self) {
         self.shared.shutdown.store(true, Ordering::SeqCst);
-        self.shared.epoch.fetch_add(1, Ordering::SeqCst);
+        let epoch = {
+            let mut posted = self.shared.posted.lock().unwrap();
+            *posted = Posted { epoch: posted.epoch + 1, job: None, parts: 0 };
+            posted.epoch
+        };
+        self.shared.epoch.store(epoch, Ordering::SeqCst);
         let _l = self.shared.park.lock().unwrap();
         self.shared.wake.notify_all();
     }
@@ -108,17 +125,62 @@ fn worker(s: Arc<Shared>, index: usize) {
                 l = s.wake.wait(l).unwrap();
             }
         }
-        seen = s.epoch.load(Ordering::Acquire);
         if s.shutdown.load(Ordering::Acquire) {
             return;
         }
-        let job = *s.job.lock().unwrap();
-        if let Some(raw) = job {
-            if index < s.parts.load(Ordering::Acquire) {
+        let posted = *s.posted.lock().unwrap();
+        seen = posted.epoch;
+        if let Some(raw) = posted.job {
+            if index < posted.parts {
                 let f: &Job = unsafe { std::mem::transmute::<(usize, usize), &Job>(raw) };
                 f(index);
                 s.pending.fetch_sub(1, Ordering::AcqRel);
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::AtomicU64;
+
+    #[test]
+    fn every_part_runs_exactly_once_per_job() {
+        // More workers than parts, jobs back to back: a worker waking late must neither run
+        // a job twice nor miss one it takes part in.
+        let pool = ThreadPool::new(4);
+        for job in 0..20_000u64 {
+            let parts = 1 + (job % 4) as usize;
+            let counts: Vec<AtomicU64> = (0..4).map(|_| AtomicU64::new(0)).collect();
+            pool.run(parts, &|p| {
+                counts[p].fetch_add(1, Ordering::Relaxed);
+            });
+            for (p, c) in counts.iter().enumerate() {
+                assert_eq!(c.load(Ordering::Relaxed), (p < parts) as u64, "job {job} part {p}");
+            }
+        }
+    }
+
+    #[test]
+    fn callers_on_several_threads_share_the_pool() {
+        let pool = Arc::new(ThreadPool::new(3));
+        let total = Arc::new(AtomicU64::new(0));
+        let callers: Vec<_> = (0..4)
+            .map(|_| {
+                let (pool, total) = (pool.clone(), total.clone());
+                std::thread::spawn(move || {
+                    for _ in 0..2000 {
+                        pool.run(3, &|p| {
+                            total.fetch_add(p as u64 + 1, Ordering::Relaxed);
+                        });
+                    }
+                })
+            })
+            .collect();
+        for c in callers {
+            c.join().unwrap();
+        }
+        assert_eq!(total.load(Ordering::Relaxed), 4 * 2000 * 6);
     }
 }
