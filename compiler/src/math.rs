@@ -87,21 +87,29 @@ impl<'a, 'ctx> Math<'a, 'ctx> {
 
     /// exp(x), Cephes-style: x = n ln2 + r, |r| <= ln2/2, degree-6 polynomial, 2^n applied in
     /// two halves so results down to the subnormal range round once.
+    ///
+    /// n comes from the "magic number" trick: t = x log2(e) + 1.5·2^23 rounds the product to
+    /// an integer held in t's low mantissa bits, so n as a float is t - 1.5·2^23 and as an
+    /// integer is bits(t) - bits(1.5·2^23): no float-to-int conversion. NaN needs no special
+    /// case: the clamps keep it, and every later float op propagates it (the integer path only
+    /// scales a NaN).
     pub fn exp_f32(&self, x: FloatValue<'ctx>) -> R<'ctx> {
+        const MAGIC: f64 = 12582912.0; // 1.5 * 2^23
         let hi = self.f32c(89.0);
         let lo = self.f32c(-104.0);
         let xc = self.select(self.b.build_float_compare(P::OGT, x, hi, "")?, hi, x)?;
         let xc = self.select(self.b.build_float_compare(P::OLT, xc, lo, "")?, lo, xc)?;
-        let n = self.intrinsic("llvm.rint", &[self.mul(xc, self.f32c(std::f64::consts::LOG2_E))?])?;
+        let t = self.intrinsic("llvm.fma", &[xc, self.f32c(std::f64::consts::LOG2_E), self.f32c(MAGIC)])?;
+        let n = self.sub(t, self.f32c(MAGIC))?;
         let r = self.intrinsic("llvm.fma", &[n, self.f32c(-0.693359375), xc])?;
         let r = self.intrinsic("llvm.fma", &[n, self.f32c(2.12194440e-4), r])?;
         let p = self.poly(r, &[1.9875691500E-4, 1.3981999507E-3, 8.3334519073E-3, 4.1665795894E-2, 1.6666665459E-1, 5.0000001201E-1])?;
         let y = self.add(self.intrinsic("llvm.fma", &[p, self.mul(r, r)?, r])?, self.f32c(1.0))?;
-        let ni = self.b.build_float_to_signed_int(n, self.ctx.i32_type(), "")?;
+        let tbits = self.b.build_bit_cast(t, self.ctx.i32_type(), "")?.into_int_value();
+        let ni = self.b.build_int_sub(tbits, self.i32c(0x4B40_0000), "")?;
         let n1 = self.b.build_right_shift(ni, self.i32c(1), true, "")?;
         let n2 = self.b.build_int_sub(ni, n1, "")?;
-        let y = self.mul(self.mul(y, self.pow2i(n1)?)?, self.pow2i(n2)?)?;
-        self.select(self.is_nan(x)?, x, y)
+        self.mul(self.mul(y, self.pow2i(n1)?)?, self.pow2i(n2)?)
     }
 
     /// log(x), Cephes-style: x = m 2^e with m in [sqrt(1/2), sqrt(2)), degree-8 polynomial in m-1.
