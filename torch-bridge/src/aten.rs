@@ -381,7 +381,8 @@ impl Lower<'_> {
             }
             ("aten::softmax", [x, dim, dtype]) => self.softmax(x, dim, dtype, false),
             ("aten::log_softmax", [x, dim, dtype]) => self.softmax(x, dim, dtype, true),
-            _ => Err(format!("not supported with {} arguments", a.len())),
+            _ if KINDS.contains(&kind) => Err(format!("this overload ({} arguments) is not supported", a.len())),
+            _ => Err("not an op Kiln supports yet".into()),
         }
     }
 
@@ -537,7 +538,7 @@ mod tests {
     #[test]
     fn unsupported_things_say_why() {
         check("input %0 f32 [3] [1]\nconst %1 str floor\nnode %2 aten::div %0 %0 %1\noutput %2", expect![[r#"
-            error: aten::div: not supported with 3 arguments
+            error: aten::div: this overload (3 arguments) is not supported
         "#]]);
         check("input %0 Half [3] [1]\nnode %1 aten::exp %0\noutput %1", expect![[r#"
             error: dtype Half is not supported

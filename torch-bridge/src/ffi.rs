@@ -95,7 +95,7 @@ pub unsafe extern "C" fn kiln_rs_node_supported(dump: *const c_char, len: usize,
         }
         match region.node_kinds().first() {
             Some(kind) if crate::aten::KINDS.contains(&kind.as_str()) => Ok(()),
-            _ => Err("not an op Kiln knows".to_string()),
+            _ => Err("not an op Kiln supports yet".to_string()),
         }
     });
     match verdict {
@@ -157,7 +157,9 @@ pub unsafe extern "C" fn kiln_rs_reason(kind: *const c_char, reason: *const c_ch
     guarded(-1, || {
         let kind = CStr::from_ptr(kind).to_string_lossy();
         let reason = CStr::from_ptr(reason).to_string_lossy();
-        RUNTIME.note(&format!("{kind}: {reason}")) as i64
+        // Lowering errors already name the op they are about.
+        let text = if reason.starts_with(&*kind) { reason.into_owned() } else { format!("{kind}: {reason}") };
+        RUNTIME.note(&text) as i64
     })
 }
 
