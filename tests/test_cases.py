@@ -164,3 +164,39 @@ def test_saved_and_loaded_module(tmp_path):
     loaded = torch.jit.load(str(path))
     x, y = torch.randn(32, 8), torch.randn(32, 8)
     run_compiled(loaded, (x, y), reference=M())
+
+
+def test_transformer_encoder_layer_runs_unchanged():
+    # A large scripted graph with control flow, lists, strings and ops Kiln does not take:
+    # nothing may break, and the answer is eager's.
+    torch.manual_seed(0)
+    layer = torch.nn.TransformerEncoderLayer(d_model=32, nhead=4, dim_feedforward=64, dropout=0.0,
+                                             activation="gelu", batch_first=True).eval()
+    m = torch.jit.script(layer)
+    x = torch.randn(2, 10, 32)
+    with torch.no_grad():
+        ref = layer(x)
+        for _ in range(4):
+            torch.testing.assert_close(m(x), ref)
+    text = torch_kiln.explain(m)
+    assert "aten::layer_norm: not an op Kiln supports yet" in text
+    assert "aten::size" not in text  # scalar ops are not candidates, so not listed
+
+
+def test_frozen_conv_block_epilogue_runs_in_kiln():
+    class Block(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.c1 = torch.nn.Conv2d(8, 8, 3, padding=1)
+            self.bn = torch.nn.BatchNorm2d(8)
+
+        def forward(self, x):
+            y = torch.relu(self.bn(self.c1(x)))
+            return torch.sigmoid(y + x) * x
+
+    b = Block().eval()
+    x = torch.randn(2, 8, 16, 16)
+    with torch.no_grad():
+        frozen = torch.jit.freeze(torch.jit.trace(b, x))
+        _, ran = run_compiled(frozen, (x,), reference=b)
+    assert ran and "aten::relu, aten::add, aten::sigmoid, aten::mul" in torch_kiln.explain(frozen)

@@ -37,6 +37,7 @@ struct KilnTensor {
 };
 
 // Implemented in Rust (torch-bridge/src/ffi.rs).
+int32_t kiln_rs_known_op(const char* kind);
 int32_t kiln_rs_node_supported(const char* dump, size_t len, char* reason, size_t cap);
 int64_t kiln_rs_prepare_group(const char* dump, size_t len, char* reason, size_t cap);
 int32_t kiln_rs_guard(int64_t group, const KilnTensor* inputs, size_t n);
@@ -136,6 +137,14 @@ void tensor_type_text(const Value* v, std::ostream& os, bool with_strides) {
   }
 }
 
+constexpr const char* kDynamicScalar = "a scalar argument is computed at run time (Kiln takes constants)";
+
+// Ops on scalars, lists and strings (size, dim, __not__, format...) are not candidates at all:
+// they are neither grouped nor reported as fallbacks.
+bool is_tensor_op(const Node* n) {
+  return n->outputs().size() == 1 && n->output()->type()->cast<TensorType>();
+}
+
 // The text form Rust lowers (torch-bridge/src/ts_dump.rs documents it).
 struct Dumper {
   std::ostringstream os;
@@ -157,15 +166,13 @@ struct Dumper {
       return true;
     }
     std::ostringstream c;
-    if (!constant_text(v, c)) { *why = "a non-tensor argument is not a constant"; return false; }
+    if (!constant_text(v, c)) { *why = kDynamicScalar; return false; }
     os << "const " << name(v) << " " << c.str() << "\n";
     return true;
   }
   bool node(const Node* n, std::string* why) {
+    if (!is_tensor_op(n)) { *why = "not a tensor op"; return false; }
     for (auto* in : n->inputs()) if (!declare(in, why)) return false;
-    if (n->outputs().size() != 1 || !n->output()->type()->cast<TensorType>()) {
-      *why = "the node does not produce one tensor"; return false;
-    }
     os << "node " << name(n->output()) << " " << n->kind().toQualString();
     for (auto* in : n->inputs()) os << " " << name(in);
     // The output type TorchScript profiled, when complete: Rust checks its own inference.
@@ -183,6 +190,7 @@ struct Dumper {
 
 std::string ask_node(const Node* n) {
   if (n->kind().ns() != c10::Symbol::fromQualString("namespaces::aten")) return "not an aten op";
+  if (!kiln_rs_known_op(n->kind().toQualString())) return "not an op Kiln supports yet";
   Dumper d;
   std::string why;
   if (!d.node(n, &why)) return why;
@@ -254,7 +262,7 @@ struct Fuser {
         d.os << "\n";
       } else {
         std::ostringstream c;
-        if (!constant_text(outer, c)) { *why = "a non-tensor argument is not a constant"; return ""; }
+        if (!constant_text(outer, c)) { *why = kDynamicScalar; return ""; }
         d.os << "const " << d.names[sub->inputs()[i]] << " " << c.str() << "\n";
       }
     }
@@ -262,7 +270,7 @@ struct Fuser {
       if (n->kind() == prim::Constant || n->kind() == prim::ListConstruct) {
         // Constants merged into the subgraph (none are today; kept for robustness).
         std::ostringstream c;
-        if (!constant_text(n->output(), c)) { *why = "non-constant list"; return ""; }
+        if (!constant_text(n->output(), c)) { *why = "a tensor or non-integer constant inside the group"; return ""; }
         d.os << "const " << d.name(n->output()) << " " << c.str() << "\n";
         continue;
       }
@@ -314,7 +322,7 @@ struct Fuser {
   void record_rest(Block* b) {
     for (Node* n : b->nodes()) {
       for (Block* sub : n->blocks()) record_rest(sub);
-      if (!n->kind().is_aten()) continue;
+      if (!n->kind().is_aten() || !is_tensor_op(n)) continue;
       auto it = verdicts.find(n);
       std::string why = it == verdicts.end() ? "not reached by the pass" : it->second;
       if (why.empty()) why = "supported, but not part of a compiled group";

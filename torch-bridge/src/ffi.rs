@@ -83,6 +83,13 @@ fn guarded<T>(default: T, f: impl FnOnce() -> T) -> T {
     catch_unwind(AssertUnwindSafe(f)).unwrap_or(default)
 }
 
+/// 1 if Kiln lowers some overload of the op `kind` (e.g. "aten::add").
+#[no_mangle]
+pub unsafe extern "C" fn kiln_rs_known_op(kind: *const c_char) -> i32 {
+    let kind = CStr::from_ptr(kind).to_string_lossy();
+    crate::aten::KINDS.contains(&kind.as_ref()) as i32
+}
+
 /// 1 if Kiln can take the single node in `dump` (or, where TorchScript did not profile its
 /// inputs, knows the op and decides when it runs), else 0 and the reason.
 #[no_mangle]

@@ -89,6 +89,12 @@ def _is_guarded_group(node):
     return node.kind() == "prim::If" and any(n.kind() == "kiln::CompilationGroup" for n in next(node.blocks()).nodes())
 
 
+def _is_tensor_op(node):
+    # Scalar, list and string ops (size, dim, __not__, format...) are not Kiln candidates.
+    outs = list(node.outputs())
+    return len(outs) == 1 and isinstance(outs[0].type(), torch._C.TensorType)
+
+
 def _walk(block, lines, groups, depth):
     pad = "  " * depth
     for node in block.nodes():
@@ -101,7 +107,7 @@ def _walk(block, lines, groups, depth):
             info = _kiln.group_info(node.i("kiln_group"))
             groups.append(info)
             lines.append(f"{pad}[kiln group {info['id']}] {', '.join(info['nodes'])}")
-        elif kind.startswith("aten::"):
+        elif kind.startswith("aten::") and _is_tensor_op(node):
             if node.hasAttribute("kiln_reason"):
                 why = _kiln.reason(node.i("kiln_reason")) or "unknown"
             else:
