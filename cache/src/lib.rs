@@ -93,7 +93,8 @@ mod tests {
         assert_ne!(k, CacheKey::new(&g, &[vec![2]], &t, &o));
         assert_ne!(k, CacheKey::new(&g, &[vec![1]], &Target { cpu: "znver4".into(), ..t.clone() }, &o));
         assert_ne!(k, CacheKey::new(&g, &[vec![1]], &Target { features: "-avx512f".into(), ..t.clone() }, &o));
-        assert_ne!(k, CacheKey::new(&g, &[vec![1]], &t, &CompileOptions { pipeline: "default<O2>".into() }));
+        assert_ne!(k, CacheKey::new(&g, &[vec![1]], &t, &CompileOptions { pipeline: "default<O2>".into(), ..o.clone() }));
+        assert_ne!(k, CacheKey::new(&g, &[vec![1]], &t, &CompileOptions { interleave: 1, ..o.clone() }));
     }
 
     #[test]

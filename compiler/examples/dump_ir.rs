@@ -1,6 +1,6 @@
 //! Prints the loop IR and the optimised LLVM IR of a Kiln IR graph read from a file or stdin:
 //! `cargo run --release -p kiln-compiler --example dump_ir -- graph.kir`.
-use kiln_compiler::codegen::{llvm_ir, CodegenOptions};
+use kiln_compiler::codegen::llvm_ir;
 use kiln_compiler::ir::parse_graph;
 use kiln_compiler::lower::contiguous_strides;
 use kiln_compiler::Target;
@@ -17,5 +17,5 @@ fn main() {
     let lp = kiln_compiler::lower_graph(&g, &strides).unwrap();
     print!("{lp}");
     let dtypes: Vec<_> = lp.buffers.iter().map(|b| b.dtype).collect();
-    println!("{}", llvm_ir(&lp.kernels, &dtypes, &Target::host(), &CodegenOptions::default()).unwrap());
+    println!("{}", llvm_ir(&lp.kernels, &dtypes, &Target::host(), &kiln_compiler::CompileOptions::default()).unwrap());
 }

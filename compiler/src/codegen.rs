@@ -12,6 +12,7 @@ use crate::ir::{BinaryOp, CmpOp, Dim, UnaryOp};
 use crate::loop_ir::*;
 use crate::math::Math;
 use crate::target::Target;
+use crate::CompileOptions;
 use inkwell::attributes::{Attribute, AttributeLoc};
 use inkwell::builder::{Builder, BuilderError};
 use inkwell::context::Context;
@@ -39,17 +40,6 @@ pub struct ObjectCode {
     pub symbols: Vec<String>,
 }
 
-pub struct CodegenOptions {
-    /// LLVM new-pass-manager pipeline.
-    pub pipeline: String,
-}
-
-impl Default for CodegenOptions {
-    fn default() -> Self {
-        CodegenOptions { pipeline: "default<O3>".into() }
-    }
-}
-
 fn target_machine(target: &Target) -> Result<TargetMachine, CodegenError> {
     let triple = TargetTriple::create(&target.triple);
     let t = LlvmTarget::from_triple(&triple).map_err(|e| CodegenError::Llvm(e.to_string()))?;
@@ -58,7 +48,7 @@ fn target_machine(target: &Target) -> Result<TargetMachine, CodegenError> {
 }
 
 /// Compiles kernels to an object file. Symbols are `{prefix}_{kernel.name}`.
-pub fn compile(kernels: &[Kernel], buffer_dtypes: &[DType], target: &Target, prefix: &str, opts: &CodegenOptions) -> Result<ObjectCode, CodegenError> {
+pub fn compile(kernels: &[Kernel], buffer_dtypes: &[DType], target: &Target, prefix: &str, opts: &CompileOptions) -> Result<ObjectCode, CodegenError> {
     let ctx = Context::create();
     let module = ctx.create_module(prefix);
     let tm = target_machine(target)?;
@@ -67,7 +57,7 @@ pub fn compile(kernels: &[Kernel], buffer_dtypes: &[DType], target: &Target, pre
     let mut symbols = vec![];
     for k in kernels {
         let name = format!("{prefix}_{}", k.name);
-        emit_kernel(&ctx, &module, k, buffer_dtypes, target, &name)?;
+        emit_kernel(&ctx, &module, k, buffer_dtypes, target, opts, &name)?;
         symbols.push(name);
     }
     module.verify().map_err(|e| CodegenError::Llvm(format!("invalid module: {e}")))?;
@@ -79,12 +69,12 @@ pub fn compile(kernels: &[Kernel], buffer_dtypes: &[DType], target: &Target, pre
 }
 
 /// The optimised LLVM IR of the kernels, for debugging and tests.
-pub fn llvm_ir(kernels: &[Kernel], buffer_dtypes: &[DType], target: &Target, opts: &CodegenOptions) -> Result<String, CodegenError> {
+pub fn llvm_ir(kernels: &[Kernel], buffer_dtypes: &[DType], target: &Target, opts: &CompileOptions) -> Result<String, CodegenError> {
     let ctx = Context::create();
     let module = ctx.create_module("kiln");
     let tm = target_machine(target)?;
     for k in kernels {
-        emit_kernel(&ctx, &module, k, buffer_dtypes, target, &k.name)?;
+        emit_kernel(&ctx, &module, k, buffer_dtypes, target, opts, &k.name)?;
     }
     module.run_passes(&opts.pipeline, &tm, PassBuilderOptions::create()).map_err(|e| CodegenError::Llvm(e.to_string()))?;
     Ok(module.print_to_string().to_string())
@@ -119,7 +109,7 @@ fn set_target_attrs<'ctx>(ctx: &'ctx Context, f: FunctionValue<'ctx>, target: &T
     f.add_attribute(AttributeLoc::Function, ctx.create_enum_attribute(nounwind, 0));
 }
 
-fn emit_kernel<'ctx>(ctx: &'ctx Context, module: &Module<'ctx>, k: &Kernel, buffer_dtypes: &[DType], target: &Target, name: &str) -> Result<(), CodegenError> {
+fn emit_kernel<'ctx>(ctx: &'ctx Context, module: &Module<'ctx>, k: &Kernel, buffer_dtypes: &[DType], target: &Target, opts: &CompileOptions, name: &str) -> Result<(), CodegenError> {
     let ptr = ctx.ptr_type(AddressSpace::default());
     let i64t = ctx.i64_type();
     let used = used_buffers(k);
@@ -147,6 +137,7 @@ fn emit_kernel<'ctx>(ctx: &'ctx Context, module: &Module<'ctx>, k: &Kernel, buff
         vars: HashMap::new(),
         accs: vec![],
         memo: HashMap::new(),
+        interleave: opts.interleave,
     };
     for v in 0..k.num_vars {
         let slot = builder.build_alloca(i64t, &format!("i{v}"))?;
@@ -178,6 +169,32 @@ fn emit_kernel<'ctx>(ctx: &'ctx Context, module: &Module<'ctx>, k: &Kernel, buff
     Ok(())
 }
 
+/// Attaches `llvm.loop !{!self, !{"llvm.loop.interleave.count", i32 n}}` to a loop's latch
+/// branch. A loop ID must refer to itself, which inkwell cannot build: a temporary node
+/// stands in for the self reference and is then replaced.
+fn set_interleave_count(ctx: &Context, latch: inkwell::values::InstructionValue<'_>, n: u32) {
+    use inkwell::context::AsContextRef;
+    use inkwell::llvm_sys::core::*;
+    use inkwell::values::AsValueRef;
+    use inkwell::llvm_sys::debuginfo::{LLVMMetadataReplaceAllUsesWith, LLVMTemporaryMDNode};
+    // SAFETY: every pointer comes from this context and the instruction is in its module.
+    unsafe {
+        let c = ctx.as_ctx_ref();
+        let key = "llvm.loop.interleave.count";
+        let name = LLVMMDStringInContext2(c, key.as_ptr() as *const _, key.len());
+        let count = LLVMValueAsMetadata(LLVMConstInt(LLVMInt32TypeInContext(c), n as u64, 0));
+        let mut hint = [name, count];
+        let hint = LLVMMDNodeInContext2(c, hint.as_mut_ptr(), 2);
+        let tmp = LLVMTemporaryMDNode(c, std::ptr::null_mut(), 0);
+        let mut ops = [tmp, hint];
+        let id = LLVMMDNodeInContext2(c, ops.as_mut_ptr(), 2);
+        LLVMMetadataReplaceAllUsesWith(tmp, id);
+        let kind = "llvm.loop";
+        let kind = LLVMGetMDKindIDInContext(c, kind.as_ptr() as *const _, kind.len() as u32);
+        LLVMSetMetadata(latch.as_value_ref(), kind, LLVMMetadataAsValue(c, id));
+    }
+}
+
 fn llvm_type<'ctx>(ctx: &'ctx Context, d: DType) -> BasicTypeEnum<'ctx> {
     match d {
         DType::Bool => ctx.bool_type().into(),
@@ -207,6 +224,7 @@ struct Emitter<'a, 'ctx> {
     accs: Vec<PointerValue<'ctx>>,
     /// Expressions already computed in the current straight-line block.
     memo: HashMap<ExprId, BasicValueEnum<'ctx>>,
+    interleave: u32,
 }
 
 type R<T> = Result<T, CodegenError>;
@@ -244,7 +262,10 @@ impl<'a, 'ctx> Emitter<'a, 'ctx> {
         let i = self.b.build_load(i64t, slot, "")?.into_int_value();
         let next = self.b.build_int_add(i, i64t.const_int(1, false), "")?;
         self.b.build_store(slot, next)?;
-        self.b.build_unconditional_branch(header)?;
+        let latch = self.b.build_unconditional_branch(header)?;
+        if self.interleave > 1 && !l.body.iter().any(|s| matches!(s, Stmt::Loop(_))) {
+            set_interleave_count(self.ctx, latch, self.interleave);
+        }
         self.b.position_at_end(exit);
         Ok(())
     }

@@ -41,12 +41,18 @@ pub enum CompileError {
 /// Options that change the generated code (and so belong in the cache key).
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub struct CompileOptions {
+    /// LLVM new-pass-manager pipeline.
     pub pipeline: String,
+    /// Interleave count asked of the loop vectoriser for innermost loops: independent vector
+    /// iterations in flight hide the latency of long dependent chains (exp feeding a division
+    /// feeding exp). Measured on the spine (2^20 f32, 1 thread): 1 → 1.61 ms, 4 → 1.32 ms;
+    /// LLVM's own choice for such bodies is 1.
+    pub interleave: u32,
 }
 
 impl Default for CompileOptions {
     fn default() -> Self {
-        CompileOptions { pipeline: codegen::CodegenOptions::default().pipeline }
+        CompileOptions { pipeline: "default<O3>".into(), interleave: 4 }
     }
 }
 
@@ -64,7 +70,7 @@ pub fn compile(graph: &Graph, input_strides: &[Vec<i64>], target: &Target, optio
     let lp = lower_graph(graph, input_strides)?;
     let prefix = format!("kiln{}", PROGRAM_COUNTER.fetch_add(1, Ordering::Relaxed));
     let dtypes: Vec<DType> = lp.buffers.iter().map(|b| b.dtype).collect();
-    let obj = codegen::compile(&lp.kernels, &dtypes, target, &prefix, &codegen::CodegenOptions { pipeline: options.pipeline.clone() })?;
+    let obj = codegen::compile(&lp.kernels, &dtypes, target, &prefix, options)?;
     let addrs = jit::load(&obj.bytes, &obj.symbols).map_err(CompileError::Load)?;
     let kernels = lp
         .kernels

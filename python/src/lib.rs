@@ -12,7 +12,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 #[pyfunction]
 fn enable(max_specializations: usize, opt_level: u8, num_threads: usize) -> PyResult<()> {
     kiln_compiler::program::set_num_threads(num_threads);
-    let options = Options { max_specializations, compile: CompileOptions { pipeline: format!("default<O{opt_level}>") } };
+    let options = Options { max_specializations, compile: CompileOptions { pipeline: format!("default<O{opt_level}>"), ..CompileOptions::default() } };
     kiln_torch_bridge::enable(options).map_err(|e| PyRuntimeError::new_err(e.to_string()))
 }
 
