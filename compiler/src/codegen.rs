@@ -468,7 +468,7 @@ impl<'a, 'ctx> Emitter<'a, 'ctx> {
             UnaryOp::GeluTanh if f32_ => m.gelu_tanh_f32(x)?,
             UnaryOp::Silu if f32_ => {
                 // x / (1 + exp(-x)), PyTorch's form (silu(-inf) is NaN there too).
-                let e = m.exp_f32(self.b.build_float_neg(x, "")?)?;
+                let e = m.exp_f32_plus_one_use(self.b.build_float_neg(x, "")?)?;
                 self.b.build_float_div(x, self.b.build_float_add(one, e, "")?, "")?
             }
             UnaryOp::Exp => m.libm("exp", &[x])?,

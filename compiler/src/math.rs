@@ -87,16 +87,26 @@ impl<'a, 'ctx> Math<'a, 'ctx> {
 
     /// exp(x), Cephes-style: x = n ln2 + r, |r| <= ln2/2, degree-6 polynomial, 2^n applied in
     /// two halves so results down to the subnormal range round once.
-    ///
+    pub fn exp_f32(&self, x: FloatValue<'ctx>) -> R<'ctx> {
+        self.exp_f32_with(x, true)
+    }
+
+    /// exp(x) for uses that add it to 1 (sigmoid, silu, tanh): below 2^-125 the result is
+    /// absorbed by the 1 anyway, so x is clamped at -86.6 (exp = 2.4e-38, normal) and 2^n is
+    /// applied without the two-step subnormal scaling.
+    pub fn exp_f32_plus_one_use(&self, x: FloatValue<'ctx>) -> R<'ctx> {
+        self.exp_f32_with(x, false)
+    }
+
     /// n comes from the "magic number" trick: t = x log2(e) + 1.5·2^23 rounds the product to
     /// an integer held in t's low mantissa bits, so n as a float is t - 1.5·2^23 and as an
     /// integer is bits(t) - bits(1.5·2^23): no float-to-int conversion. NaN needs no special
     /// case: the clamps keep it, and every later float op propagates it (the integer path only
     /// scales a NaN).
-    pub fn exp_f32(&self, x: FloatValue<'ctx>) -> R<'ctx> {
+    fn exp_f32_with(&self, x: FloatValue<'ctx>, subnormals: bool) -> R<'ctx> {
         const MAGIC: f64 = 12582912.0; // 1.5 * 2^23
         let hi = self.f32c(89.0);
-        let lo = self.f32c(-104.0);
+        let lo = self.f32c(if subnormals { -104.0 } else { -86.6 });
         let xc = self.select(self.b.build_float_compare(P::OGT, x, hi, "")?, hi, x)?;
         let xc = self.select(self.b.build_float_compare(P::OLT, xc, lo, "")?, lo, xc)?;
         let t = self.intrinsic("llvm.fma", &[xc, self.f32c(std::f64::consts::LOG2_E), self.f32c(MAGIC)])?;
@@ -107,6 +117,12 @@ impl<'a, 'ctx> Math<'a, 'ctx> {
         let y = self.add(self.intrinsic("llvm.fma", &[p, self.mul(r, r)?, r])?, self.f32c(1.0))?;
         let tbits = self.b.build_bit_cast(t, self.ctx.i32_type(), "")?.into_int_value();
         let ni = self.b.build_int_sub(tbits, self.i32c(0x4B40_0000), "")?;
+        if !subnormals {
+            // n in [-125, 128]: 2^(n-1) is a normal float; the doubling overflows to inf
+            // exactly where exp does.
+            let half = self.pow2i(self.b.build_int_sub(ni, self.i32c(1), "")?)?;
+            return self.mul(self.mul(y, half)?, self.f32c(2.0));
+        }
         let n1 = self.b.build_right_shift(ni, self.i32c(1), true, "")?;
         let n2 = self.b.build_int_sub(ni, n1, "")?;
         self.mul(self.mul(y, self.pow2i(n1)?)?, self.pow2i(n2)?)
@@ -161,14 +177,14 @@ impl<'a, 'ctx> Math<'a, 'ctx> {
         let z = self.mul(x, x)?;
         let p = self.poly(z, &[21844.0 / 6081075.0, -1382.0 / 155925.0, 62.0 / 2835.0, -17.0 / 315.0, 2.0 / 15.0, -1.0 / 3.0])?;
         let small = self.add(x, self.mul(self.mul(x, z)?, p)?)?;
-        let e = self.exp_f32(self.add(ax, ax)?)?;
+        let e = self.exp_f32_plus_one_use(self.add(ax, ax)?)?;
         let big = self.sub(self.f32c(1.0), self.div(self.f32c(2.0), self.add(e, self.f32c(1.0))?)?)?;
         let big = self.intrinsic("llvm.copysign", &[big, x])?;
         self.select(self.b.build_float_compare(P::OLT, ax, self.f32c(0.4), "")?, small, big)
     }
 
     pub fn sigmoid_f32(&self, x: FloatValue<'ctx>) -> R<'ctx> {
-        let e = self.exp_f32(self.b.build_float_neg(x, "")?)?;
+        let e = self.exp_f32_plus_one_use(self.b.build_float_neg(x, "")?)?;
         self.div(self.f32c(1.0), self.add(self.f32c(1.0), e)?)
     }
 
