@@ -169,6 +169,16 @@ fn emit_kernel<'ctx>(ctx: &'ctx Context, module: &Module<'ctx>, k: &Kernel, buff
     Ok(())
 }
 
+/// Whether every access in the innermost loop `l` steps by 0 or 1 element per iteration.
+/// Interleaving gathers (a transposed input) measured slower: 1024x1024 transposed spine,
+/// 2 threads, 2.2 ms without, 3.3 ms with.
+fn unit_stride(k: &Kernel, l: &Loop) -> bool {
+    let ok = |ix: &Index| ix.terms.iter().filter(|t| t.0 == l.var).all(|t| t.1 == 0 || t.1 == 1);
+    let loads = k.exprs.iter().all(|(e, _)| !matches!(e, Expr::Load { index, .. } if !ok(index)));
+    let stores = l.body.iter().all(|s| !matches!(s, Stmt::Store { index, .. } if !ok(index)));
+    loads && stores
+}
+
 /// Attaches `llvm.loop !{!self, !{"llvm.loop.interleave.count", i32 n}}` to a loop's latch
 /// branch. A loop ID must refer to itself, which inkwell cannot build: a temporary node
 /// stands in for the self reference and is then replaced.
@@ -263,7 +273,7 @@ impl<'a, 'ctx> Emitter<'a, 'ctx> {
         let next = self.b.build_int_add(i, i64t.const_int(1, false), "")?;
         self.b.build_store(slot, next)?;
         let latch = self.b.build_unconditional_branch(header)?;
-        if self.interleave > 1 && !l.body.iter().any(|s| matches!(s, Stmt::Loop(_))) {
+        if self.interleave > 1 && !l.body.iter().any(|s| matches!(s, Stmt::Loop(_))) && unit_stride(self.k, l) {
             set_interleave_count(self.ctx, latch, self.interleave);
         }
         self.b.position_at_end(exit);
