@@ -57,6 +57,24 @@ def test_disable_stops_new_groups():
         torch_kiln.enable()
 
 
+def test_disable_stops_new_specialisations_of_existing_groups():
+    fn = script_source("def fn(x):\n    return torch.tanh(x) + 1.0\n")
+    run_compiled(fn, (torch.randn(4),), reference=lambda x: torch.tanh(x) + 1.0)
+    torch_kiln.disable()
+    try:
+        before = torch_kiln.stats()
+        y = torch.randn(7)
+        torch.testing.assert_close(fn(y), torch.tanh(y) + 1.0)
+        after = torch_kiln.stats()
+        assert after["specializations"] == before["specializations"]
+        assert any("Kiln is disabled" in r for r in after["fallbacks"])
+        x = torch.randn(4)
+        torch.testing.assert_close(fn(x), torch.tanh(x) + 1.0)  # compiled code still runs
+        assert torch_kiln.stats()["kernel_runs"] == after["kernel_runs"] + 1
+    finally:
+        torch_kiln.enable()
+
+
 def test_reset_zeroes_counters():
     run_compiled(script_source("def fn(x):\n    return x * 2.0 + 1.0\n"), (torch.randn(3),), reference=lambda x: x * 2.0 + 1.0)
     torch_kiln.reset()

@@ -22,13 +22,16 @@ pub enum BridgeError {
 /// Registers the pass and operators (once) and turns the pass on.
 pub fn enable(options: Options) -> Result<(), BridgeError> {
     *RUNTIME.options.write().unwrap() = options;
+    RUNTIME.compiling.store(true, std::sync::atomic::Ordering::Relaxed);
     if unsafe { ffi::kiln_cpp_enable() } == 0 {
         return Err(BridgeError::Register);
     }
     Ok(())
 }
 
-/// Turns the pass off. Graphs already optimised keep their compiled groups.
+/// Turns the pass off and stops compiling specialisations. Code already compiled keeps
+/// running for the signatures it was built for.
 pub fn disable() {
+    RUNTIME.compiling.store(false, std::sync::atomic::Ordering::Relaxed);
     unsafe { ffi::kiln_cpp_disable() }
 }

@@ -84,6 +84,8 @@ struct Reasons {
 
 pub struct Runtime {
     pub options: RwLock<Options>,
+    /// Off after `disable()`: nothing new is compiled.
+    pub compiling: std::sync::atomic::AtomicBool,
     regions: RwLock<Vec<&'static Region>>,
     pub cache: ProgramCache,
     target: Target,
@@ -93,6 +95,7 @@ pub struct Runtime {
 
 pub static RUNTIME: Lazy<Runtime> = Lazy::new(|| Runtime {
     options: RwLock::new(Options::default()),
+    compiling: std::sync::atomic::AtomicBool::new(true),
     regions: RwLock::new(vec![]),
     cache: ProgramCache::default(),
     target: Target::host(),
@@ -193,7 +196,11 @@ impl Runtime {
             return None;
         }
         let max = self.options.read().unwrap().max_specializations;
-        let attempt = if rejected.len() >= MAX_REJECTED {
+        let attempt = if !self.compiling.load(Ordering::Relaxed) {
+            // Not remembered as rejected: after enable() this signature may compile.
+            self.note("group not run: Kiln is disabled (no new specialisations)");
+            return None;
+        } else if rejected.len() >= MAX_REJECTED {
             Err(format!("more than {MAX_REJECTED} input signatures refused for this group"))
         } else if r.specs.read().unwrap().len() >= max {
             Err(format!("specialisation limit ({max}) reached for this group"))

@@ -24,7 +24,7 @@ OPTIONS = {
     "max_specializations": 8,
     # LLVM optimisation level of the generated code (0-3; below 2 nothing is vectorised).
     "opt_level": 3,
-    # Threads for parallel kernels; None follows torch.get_num_threads().
+    # Threads for parallel kernels; None: torch.get_num_threads() at the time of enable().
     "num_threads": None,
 }
 
@@ -56,7 +56,8 @@ def enable(**options):
 
 
 def disable():
-    """Stop compiling new regions. Functions already optimised keep their compiled groups."""
+    """Stop compiling: no new groups, no new specialisations (those calls run TorchScript's
+    nodes). Code already compiled keeps running for the signatures it was built for."""
     global _enabled
     _kiln.disable()
     _enabled = False
