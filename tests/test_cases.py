@@ -106,9 +106,16 @@ def test_forked_child_runs_parallel_kernels():
 
 @pytest.mark.parametrize("shape", [(4, 6, 8), (1, 1, 1), (3, 1, 7), (2, 0, 3), (64, 33, 257)], ids=str)
 def test_reductions(shape):
+    fn = reductions if 0 not in shape else reductions_no_amax
     x = torch.randn(shape)
-    run_compiled(scripted(reductions) if 0 not in shape else scripted(reductions_no_amax), (x,),
-                 reference=reductions if 0 not in shape else reductions_no_amax)
+    # A float32 sum of 500k values differs between summation orders by more than float32's
+    # tolerance (eager's cascade in float32 is off by ~1e-6 relative here). Kiln accumulates
+    # float32 in float64, so it is held to the exact answer: the function in float64, rounded.
+    # The profiling call runs TorchScript's own kernels: those are eager's.
+    run_compiled(scripted(fn), (x,), reference=lambda x: tuple(o.float() for o in fn(x.double())), warmup_reference=fn)
+    # Against eager too, where eager's own rounding error is small enough to compare.
+    if x.numel() < 10_000:
+        run_compiled(scripted(fn), (x,), reference=fn)
 
 
 def reductions_no_amax(x):

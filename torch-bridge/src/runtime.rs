@@ -190,17 +190,22 @@ impl Runtime {
     #[cold]
     fn specialize(&self, r: &Region, inputs: &[TensorView<'_>]) -> Option<usize> {
         let metas: Vec<TensorMeta> = inputs.iter().map(TensorMeta::from).collect();
+        // Held while compiling: one thread compiles a signature, others wait and reuse it.
         let mut rejected = r.rejected.lock().unwrap();
+        if let Some(i) = r.specs.read().unwrap().iter().position(|s| s.guards.check(inputs).is_ok()) {
+            return Some(i);
+        }
         if let Some((_, why)) = rejected.iter().find(|(m, _)| *m == metas) {
             self.note(why);
             return None;
         }
-        let max = self.options.read().unwrap().max_specializations;
-        let attempt = if !self.compiling.load(Ordering::Relaxed) {
+        if !self.compiling.load(Ordering::Relaxed) {
             // Not remembered as rejected: after enable() this signature may compile.
             self.note("group not run: Kiln is disabled (no new specialisations)");
             return None;
-        } else if rejected.len() >= MAX_REJECTED {
+        }
+        let max = self.options.read().unwrap().max_specializations;
+        let attempt = if rejected.len() >= MAX_REJECTED {
             Err(format!("more than {MAX_REJECTED} input signatures refused for this group"))
         } else if r.specs.read().unwrap().len() >= max {
             Err(format!("specialisation limit ({max}) reached for this group"))
