@@ -58,6 +58,15 @@ def test_new_shape_dtype_strides_each_get_a_specialisation():
         assert d["specializations"] == 0 and d["kernel_runs"] == 1, d
 
 
+def test_explain_shows_which_dims_varied():
+    fn = fresh()
+    for n in (2, 5):
+        x, y = torch.randn(n, 3), torch.randn(n, 3)
+        for _ in range(3):
+            call(fn, x, y)
+    assert "input 0 dim 0: [2, 5]" in torch_kiln.explain(fn)
+
+
 def test_channels_last_layout():
     fn = fresh()
     x = torch.randn(2, 3, 4, 5)

@@ -85,6 +85,21 @@ fn group_info(py: Python<'_>, id: usize) -> PyResult<Option<PyObject>> {
         .map(|(metas, why)| (metas.iter().map(|m| m.to_string()).collect::<Vec<_>>().join("; "), why.clone()))
         .collect();
     d.set_item("rejected", rejected)?;
+    let varying: Vec<String> = r
+        .profile
+        .lock()
+        .unwrap()
+        .dim_stability()
+        .iter()
+        .enumerate()
+        .flat_map(|(i, dims)| {
+            dims.iter().enumerate().filter_map(move |(d, s)| match s {
+                kiln_profiler::DimStability::Varies(seen) => Some(format!("input {i} dim {d}: {seen:?}")),
+                kiln_profiler::DimStability::Stable(_) => None,
+            })
+        })
+        .collect();
+    d.set_item("varying_dims", varying)?;
     Ok(Some(d.into_any().unbind()))
 }
 

@@ -14,7 +14,7 @@ use crate::ts_dump::{InputDecl, Region as Dump};
 use kiln_cache::{CacheKey, ProgramCache};
 use kiln_compiler::{CompileOptions, CompiledProgram, Target};
 use kiln_guards::GuardSet;
-use kiln_profiler::{TensorMeta, TensorView};
+use kiln_profiler::{GroupProfile, TensorMeta, TensorView};
 use once_cell::sync::Lazy;
 use std::cell::Cell;
 use std::collections::{BTreeMap, HashMap, HashSet};
@@ -60,6 +60,9 @@ pub struct Region {
     pub nodes: Vec<String>,
     pub specs: RwLock<Vec<Arc<Specialization>>>,
     pub rejected: Mutex<Vec<(Vec<TensorMeta>, String)>>,
+    /// Every signature the group was asked to specialise for (bounded), compiled or not:
+    /// which dims moved. Dynamic shapes will be decided from it.
+    pub profile: Mutex<GroupProfile>,
     pub guard_passes: AtomicU64,
     pub guard_failures: AtomicU64,
 }
@@ -155,6 +158,7 @@ impl Runtime {
             dump,
             specs: RwLock::new(vec![]),
             rejected: Mutex::new(vec![]),
+            profile: Mutex::new(GroupProfile::default()),
             guard_passes: AtomicU64::new(0),
             guard_failures: AtomicU64::new(0),
         }));
@@ -198,6 +202,12 @@ impl Runtime {
         if let Some((_, why)) = rejected.iter().find(|(m, _)| *m == metas) {
             self.note(why);
             return None;
+        }
+        {
+            let mut profile = r.profile.lock().unwrap();
+            if profile.signatures.len() < MAX_REJECTED {
+                profile.observe(inputs);
+            }
         }
         if !self.compiling.load(Ordering::Relaxed) {
             // Not remembered as rejected: after enable() this signature may compile.

@@ -135,6 +135,8 @@ def explain(obj):
         specs = g["specializations"]
         out.append(f"group {g['id']}: {len(g['nodes'])} ops, {len(specs)} specialisation(s), "
                    f"guard passes {g['guard_passes']}, failures {g['guard_failures']}")
+        if g["varying_dims"]:
+            out.append("  dims seen with several sizes: " + "; ".join(g["varying_dims"]))
         for sig, why in g["rejected"]:
             out.append(f"  refused [{sig}]: {why}")
         for i, sp in enumerate(specs):
