@@ -143,7 +143,9 @@ pub type AllocFn = unsafe extern "C" fn(ctx: *mut c_void, index: usize, dtype: i
 pub unsafe extern "C" fn kiln_rs_run(id: i64, inputs: *const KilnTensor, n: usize, alloc: AllocFn, ctx: *mut c_void) -> i32 {
     guarded(1, || {
         let Some(r) = RUNTIME.region(id as usize) else { return 1 };
-        let Some(spec) = with_views(inputs, n, |views| views.and_then(|v| RUNTIME.selected(r, v))) else { return 1 };
+        // Views are built only when the guard's choice is not at hand (the rare case).
+        let chosen = RUNTIME.chosen_by_guard(r).or_else(|| with_views(inputs, n, |views| views.and_then(|v| RUNTIME.first_accepting(r, v))));
+        let Some(spec) = chosen else { return 1 };
         let ts = if n == 0 { &[][..] } else { std::slice::from_raw_parts(inputs, n) };
         spec.program.run_with(
             |i| ts[i].data as *const u8,

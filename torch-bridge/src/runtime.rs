@@ -264,17 +264,20 @@ impl Runtime {
         Ok(spec)
     }
 
-    /// The specialisation the guard just chose for these inputs on this thread (the group op
-    /// runs right after its guard), or, if another group's guard ran in between, the first
-    /// that accepts `inputs`.
-    pub fn selected(&self, r: &Region, inputs: &[TensorView<'_>]) -> Option<Arc<Specialization>> {
-        let specs = r.specs.read().unwrap();
+    /// The specialisation this thread's last passing guard chose for group `r`, if that guard
+    /// was `r`'s (the group op runs right after its guard, on the same thread).
+    pub fn chosen_by_guard(&self, r: &Region) -> Option<Arc<Specialization>> {
         let (rid, i) = SELECTED.with(Cell::get);
-        if rid == r.id {
-            debug_assert!(specs[i].guards.check(inputs).is_ok());
-            return specs.get(i).cloned();
+        if rid != r.id {
+            return None;
         }
-        specs.iter().find(|s| s.guards.check(inputs).is_ok()).cloned()
+        r.specs.read().unwrap().get(i).cloned()
+    }
+
+    /// The first specialisation of `r` that accepts `inputs` (when another group's guard ran
+    /// between `r`'s guard and `r`).
+    pub fn first_accepting(&self, r: &Region, inputs: &[TensorView<'_>]) -> Option<Arc<Specialization>> {
+        r.specs.read().unwrap().iter().find(|s| s.guards.check(inputs).is_ok()).cloned()
     }
 
     pub fn count_run(&self, s: &Specialization) {
