@@ -91,10 +91,7 @@ pub fn lower(g: &Graph, input_strides: &[Vec<i64>]) -> Result<LoopProgram, Lower
         let target = (BufId(buffers.len() as u32), contiguous_strides(&sizes));
         buffers.push(BufferDecl { dtype: g.ty(v).dtype, sizes: sizes.clone(), kind: BufferKind::Output(i) });
         if buf_of.contains_key(&v) {
-            match copies.iter_mut().find(|(s, _)| *s == sizes) {
-                Some((_, ts)) => ts.push((v, target)),
-                None => copies.push((sizes, vec![(v, target)])),
-            }
+            add_by_shape(&mut copies, sizes, (v, target));
         } else {
             buf_of.insert(v, target);
         }
@@ -116,10 +113,9 @@ pub fn lower(g: &Graph, input_strides: &[Vec<i64>]) -> Result<LoopProgram, Lower
     for &v in &g.outputs {
         if g.node(v).op.is_pointwise() {
             let shape = shape_of(v)?;
-            match pending_pointwise.iter_mut().find(|(s, _)| *s == shape) {
-                Some((_, vs)) if vs.contains(&v) => {}
-                Some((_, vs)) => vs.push(v),
-                None => pending_pointwise.push((shape, vec![v])),
+            let seen = pending_pointwise.iter().any(|(_, vs)| vs.contains(&v));
+            if !seen {
+                add_by_shape(&mut pending_pointwise, shape, v);
             }
         }
     }
@@ -147,6 +143,14 @@ pub fn lower(g: &Graph, input_strides: &[Vec<i64>]) -> Result<LoopProgram, Lower
     }
     let arena_bytes = plan_memory(&mut buffers, &kernels);
     Ok(LoopProgram { buffers, kernels, arena_bytes, num_inputs: g.inputs.len(), num_outputs: g.outputs.len() })
+}
+
+/// Appends `item` to the list for `shape`, starting one if there is none.
+fn add_by_shape<T>(groups: &mut Vec<(Vec<i64>, Vec<T>)>, shape: Vec<i64>, item: T) {
+    match groups.iter_mut().find(|(s, _)| *s == shape) {
+        Some((_, items)) => items.push(item),
+        None => groups.push((shape, vec![item])),
+    }
 }
 
 /// First-fit placement of temps by liveness (kernel index of first and last use).
@@ -272,8 +276,7 @@ impl<'a> KernelBuilder<'a> {
     }
 
     fn store(&mut self, v: ValueId, coords: &Coords, value: ExprId) -> Stmt {
-        let target = self.bufs[&v].clone();
-        Self::store_to(&target, coords, value)
+        Self::store_to(&self.bufs[&v], coords, value)
     }
 
     fn store_to((buf, strides): &Target, coords: &Coords, value: ExprId) -> Stmt {
