@@ -1,3 +1,4 @@
+import os
 import warnings
 
 import pytest
@@ -8,7 +9,10 @@ warnings.filterwarnings("ignore", category=DeprecationWarning)
 
 
 @pytest.fixture(scope="session", autouse=True)
-def kiln_enabled():
+def kiln_enabled(tmp_path_factory):
+    # A disk cache of the session's own: entries from earlier runs must not decide what a test
+    # sees (a disk hit would hide a compile), and tests must not write to the user's cache.
+    os.environ["KILN_CACHE_DIR"] = str(tmp_path_factory.mktemp("kiln-cache"))
     torch_kiln.enable()
     yield
     torch_kiln.disable()

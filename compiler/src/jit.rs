@@ -4,7 +4,9 @@
 use inkwell::llvm_sys::error::{LLVMDisposeErrorMessage, LLVMErrorRef, LLVMGetErrorMessage};
 use inkwell::llvm_sys::orc2::lljit::*;
 use inkwell::llvm_sys::orc2::*;
-use once_cell::sync::OnceCell;
+use once_cell::sync::{Lazy, OnceCell};
+use std::collections::HashMap;
+use std::sync::Mutex;
 use std::ffi::{CStr, CString};
 
 struct Jit(LLVMOrcLLJITRef);
@@ -42,11 +44,23 @@ fn jit() -> Result<LLVMOrcLLJITRef, String> {
     .map_err(Clone::clone)
 }
 
-/// Adds an object file and returns the address of each symbol. Symbol names must be unique in
-/// the process; the code stays loaded for the life of the process.
+/// Symbols loaded so far, with their addresses.
+static LOADED: Lazy<Mutex<HashMap<String, usize>>> = Lazy::new(Default::default);
+
+/// Adds an object file and returns the address of each symbol; the code stays loaded for the
+/// life of the process. A symbol name stands for one piece of code in the process: when every
+/// symbol is loaded already (two threads or two caches met the same program) the loaded code
+/// is reused, as adding it again would fail on duplicate definitions.
 pub fn load(object: &[u8], symbols: &[String]) -> Result<Vec<usize>, String> {
     let j = jit()?;
-    unsafe {
+    let mut loaded = LOADED.lock().unwrap();
+    if let Some(addrs) = symbols.iter().map(|s| loaded.get(s).copied()).collect::<Option<Vec<usize>>>() {
+        return Ok(addrs);
+    }
+    if let Some(s) = symbols.iter().find(|s| loaded.contains_key(*s)) {
+        return Err(format!("symbol {s} is already defined by other code"));
+    }
+    let addrs = unsafe {
         let name = CString::new("kiln-object").unwrap();
         let buf = inkwell::llvm_sys::core::LLVMCreateMemoryBufferWithMemoryRangeCopy(object.as_ptr() as *const _, object.len(), name.as_ptr());
         check(LLVMOrcLLJITAddObjectFile(j, LLVMOrcLLJITGetMainJITDylib(j), buf))?;
@@ -58,6 +72,10 @@ pub fn load(object: &[u8], symbols: &[String]) -> Result<Vec<usize>, String> {
                 check(LLVMOrcLLJITLookup(j, &mut addr, c.as_ptr()))?;
                 Ok(addr as usize)
             })
-            .collect()
+            .collect::<Result<Vec<usize>, String>>()?
+    };
+    for (s, &a) in symbols.iter().zip(&addrs) {
+        loaded.insert(s.clone(), a);
     }
+    Ok(addrs)
 }

@@ -286,7 +286,7 @@ fn check(seed: u64) {
                 same(got, w, t.dtype, inexact[k]),
                 "seed {seed}: output {k}[{i}] = {got:?}, reference {w:?}\n{g}inputs: {:?}\nstrides: {strides:?}\nloop ir:\n{}",
                 inputs.iter().map(|t| &t.data).collect::<Vec<_>>(),
-                p.loop_ir
+                p.image.loop_ir
             );
         }
     }

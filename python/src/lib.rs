@@ -2,18 +2,81 @@
 //! checking and `explain` live in the Python package (`pysrc/torch_kiln`), which imports torch
 //! first so that libtorch is loaded before this module needs it.
 
-use kiln_compiler::CompileOptions;
+use kiln_cache::{CacheKey, CompileMode, DiskCache, EntryHeader, Source};
+use kiln_compiler::{CompileOptions, Target};
 use kiln_torch_bridge::{Options, RUNTIME};
-use pyo3::exceptions::PyRuntimeError;
+use pyo3::exceptions::{PyOSError, PyRuntimeError, PyValueError};
 use pyo3::prelude::*;
 use pyo3::types::{PyDict, PyList};
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+fn open_cache(dir: &str, size_limit: u64) -> PyResult<DiskCache> {
+    DiskCache::open(dir, size_limit).map_err(|e| PyValueError::new_err(e.to_string()))
+}
+
+fn compile_mode(mode: &str) -> PyResult<CompileMode> {
+    match mode {
+        "lazy" => Ok(CompileMode::Lazy),
+        "never" => Ok(CompileMode::Never),
+        "always" => Ok(CompileMode::Always),
+        _ => Err(PyValueError::new_err(format!("compile must be 'lazy', 'never' or 'always', got {mode:?}"))),
+    }
+}
+
+/// `cache_dir`: None keeps compiled code in memory only.
+#[pyfunction]
+fn enable(max_specializations: usize, opt_level: u8, num_threads: usize, compile: &str, cache_dir: Option<&str>, cache_size_limit: u64) -> PyResult<()> {
+    let mode = compile_mode(compile)?;
+    let disk = cache_dir.map(|d| open_cache(d, cache_size_limit)).transpose()?.map(Arc::new);
+    kiln_compiler::program::set_num_threads(num_threads);
+    let options = Options {
+        max_specializations,
+        compile: CompileOptions { pipeline: format!("default<O{opt_level}>"), ..CompileOptions::default() },
+        mode,
+        disk,
+    };
+    kiln_torch_bridge::enable(options).map_err(|e| PyRuntimeError::new_err(e.to_string()))
+}
+
+/// Writes what this process compiled to `cache_dir`: (entries written, entries already there).
+#[pyfunction]
+fn persist(cache_dir: &str, cache_size_limit: u64) -> PyResult<(usize, usize)> {
+    Ok(RUNTIME.persist(&open_cache(cache_dir, cache_size_limit)?))
+}
+
+/// (path, bytes, seconds since last use) of each entry, least recently used first.
+#[pyfunction]
+fn cache_entries(cache_dir: &str) -> PyResult<Vec<(String, u64, f64)>> {
+    let now = std::time::SystemTime::now();
+    Ok(open_cache(cache_dir, u64::MAX)?
+        .entries()
+        .into_iter()
+        .map(|e| (e.path.display().to_string(), e.bytes, now.duration_since(e.last_used).unwrap_or_default().as_secs_f64()))
+        .collect())
+}
 
 #[pyfunction]
-fn enable(max_specializations: usize, opt_level: u8, num_threads: usize) -> PyResult<()> {
-    kiln_compiler::program::set_num_threads(num_threads);
-    let options = Options { max_specializations, compile: CompileOptions { pipeline: format!("default<O{opt_level}>"), ..CompileOptions::default() } };
-    kiln_torch_bridge::enable(options).map_err(|e| PyRuntimeError::new_err(e.to_string()))
+fn cache_clear(cache_dir: &str) -> PyResult<usize> {
+    open_cache(cache_dir, u64::MAX)?.clear().map_err(|e| PyOSError::new_err(format!("clearing {cache_dir}: {e}")))
+}
+
+/// (path, "ok" | "foreign" | the problem) of each entry.
+#[pyfunction]
+fn cache_verify(cache_dir: &str) -> PyResult<Vec<(String, String)>> {
+    let ours = EntryHeader::current(&CacheKey([0; 32]), &Target::host());
+    Ok(open_cache(cache_dir, u64::MAX)?
+        .verify(&ours)
+        .into_iter()
+        .map(|(e, v)| {
+            let verdict = match v {
+                Ok(true) => "ok".to_string(),
+                Ok(false) => "foreign".to_string(),
+                Err(why) => why,
+            };
+            (e.path.display().to_string(), verdict)
+        })
+        .collect())
 }
 
 #[pyfunction]
@@ -39,6 +102,13 @@ fn stats(py: Python<'_>) -> PyResult<PyObject> {
     d.set_item("specializations", s.specializations)?;
     d.set_item("compiles", s.compiles)?;
     d.set_item("cache_hits", s.cache_hits)?;
+    d.set_item("disk_hits", s.disk_hits)?;
+    d.set_item("disk_writes", s.disk_writes)?;
+    d.set_item("disk_problems", s.disk_problems.into_iter().collect::<Vec<_>>().into_pyobject(py)?.into_any())?;
+    let options = RUNTIME.options.read().unwrap();
+    d.set_item("compile_mode", format!("{:?}", options.mode).to_lowercase())?;
+    d.set_item("cache_dir", options.disk.as_ref().map(|d| d.dir().display().to_string()))?;
+    drop(options);
     d.set_item("compile_time_ms", s.compile_time.as_secs_f64() * 1e3)?;
     d.set_item("kernel_runs", s.runs)?;
     d.set_item("guard_passes", s.guard_passes)?;
@@ -65,13 +135,17 @@ fn group_info(py: Python<'_>, id: usize) -> PyResult<Option<PyObject>> {
         let guards: Vec<String> = s.guards.tensors.iter().map(|t| format!("{}{:?} strides={:?}", t.dtype, t.sizes, t.strides)).collect();
         sd.set_item("guards", guards)?;
         sd.set_item("kiln_ir", s.kiln_ir.clone())?;
-        sd.set_item("loop_ir", s.program.loop_ir.clone())?;
-        sd.set_item("kernels", s.program.kernels.len())?;
-        sd.set_item("parallel_kernels", s.program.kernels.iter().filter(|k| k.parallel).count())?;
-        sd.set_item("arena_bytes", s.program.arena_bytes)?;
-        sd.set_item("object_bytes", s.program.object_bytes)?;
+        sd.set_item("loop_ir", s.program.image.loop_ir.clone())?;
+        sd.set_item("kernels", s.program.image.kernels.len())?;
+        sd.set_item("parallel_kernels", s.program.image.kernels.iter().filter(|k| k.parallel).count())?;
+        sd.set_item("arena_bytes", s.program.image.arena_bytes)?;
+        sd.set_item("object_bytes", s.program.image.object.len())?;
         sd.set_item("cache_key", s.cache_key.hex())?;
-        sd.set_item("cache_hit", s.cache_hit)?;
+        sd.set_item("source", match s.source {
+            Source::Memory => "memory",
+            Source::Disk => "disk",
+            Source::Compiled => "compiled",
+        })?;
         sd.set_item("compile_time_ms", s.compile_time.as_secs_f64() * 1e3)?;
         sd.set_item("runs", load(&s.runs))?;
         specs.append(sd)?;
@@ -82,7 +156,7 @@ fn group_info(py: Python<'_>, id: usize) -> PyResult<Option<PyObject>> {
         .lock()
         .unwrap()
         .iter()
-        .map(|(metas, why)| (metas.iter().map(|m| m.to_string()).collect::<Vec<_>>().join("; "), why.clone()))
+        .map(|r| (r.inputs.iter().map(|m| m.to_string()).collect::<Vec<_>>().join("; "), r.why.clone()))
         .collect();
     d.set_item("rejected", rejected)?;
     let varying: Vec<String> = r
@@ -128,6 +202,10 @@ fn _kiln(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(stats, m)?)?;
     m.add_function(wrap_pyfunction!(group_info, m)?)?;
     m.add_function(wrap_pyfunction!(reason, m)?)?;
+    m.add_function(wrap_pyfunction!(persist, m)?)?;
+    m.add_function(wrap_pyfunction!(cache_entries, m)?)?;
+    m.add_function(wrap_pyfunction!(cache_clear, m)?)?;
+    m.add_function(wrap_pyfunction!(cache_verify, m)?)?;
     m.add("VERSION", kiln_compiler::VERSION)?;
     Ok(())
 }

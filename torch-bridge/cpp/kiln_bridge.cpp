@@ -8,6 +8,7 @@
 #include <ATen/ATen.h>
 #include <ATen/EmptyTensor.h>
 #include <ATen/Parallel.h>
+#include <c10/core/GradMode.h>
 #include <c10/util/SmallVector.h>
 #include <torch/csrc/jit/ir/alias_analysis.h>
 #include <torch/csrc/jit/ir/ir.h>
@@ -61,6 +62,11 @@ Symbol guard_kind() { static Symbol s = Symbol::fromQualString("kiln::Guard"); r
 Symbol group_attr() { static Symbol s = Symbol::attr("kiln_group"); return s; }
 // On nodes left in TorchScript: the id of the reason (Rust keeps the text) for explain().
 Symbol reason_attr() { static Symbol s = Symbol::attr("kiln_reason"); return s; }
+// On the nodes of a group's fallback copy. The executor optimises that copy as a graph of its
+// own, and the pass must leave it alone: grouping it again would guard the same inputs again
+// (a refused call would be refused once per nesting level, up to the bailout depth) and would
+// give the group fresh specialisation slots past its limit.
+Symbol fallback_attr() { static Symbol s = Symbol::attr("kiln_fallback"); return s; }
 
 std::string dtype_name(at::ScalarType t) {
   switch (t) {
@@ -189,6 +195,7 @@ struct Dumper {
 };
 
 std::string ask_node(const Node* n) {
+  if (n->hasAttribute(fallback_attr())) return "fallback copy of a Kiln group";
   if (n->kind().ns() != c10::Symbol::fromQualString("namespaces::aten")) return "not an aten op";
   if (!kiln_rs_known_op(n->kind().toQualString())) return "not an op Kiln supports yet";
   Dumper d;
@@ -312,7 +319,9 @@ struct Fuser {
     for (Value* o : group->outputs()) then_b->registerOutput(o);
     WithInsertPoint wip2(else_b->return_node());
     Node* fb = g->create(prim::FallbackGraph, group->inputs(), group->outputs().size());
-    fb->g_(attr::Subgraph, group->g(attr::Subgraph)->copy());
+    auto fallback = group->g(attr::Subgraph)->copy();
+    for (Node* n : fallback->nodes()) n->i_(fallback_attr(), id);
+    fb->g_(attr::Subgraph, fallback);
     for (size_t i = 0; i < group->outputs().size(); ++i) fb->outputs()[i]->setType(group->outputs()[i]->type());
     g->insertNode(fb);
     for (Value* o : fb->outputs()) else_b->registerOutput(o);
@@ -322,7 +331,7 @@ struct Fuser {
   void record_rest(Block* b) {
     for (Node* n : b->nodes()) {
       for (Block* sub : n->blocks()) record_rest(sub);
-      if (!n->kind().is_aten() || !is_tensor_op(n)) continue;
+      if (!n->kind().is_aten() || !is_tensor_op(n) || n->hasAttribute(fallback_attr())) continue;
       auto it = verdicts.find(n);
       std::string why = it == verdicts.end() ? "not reached by the pass" : it->second;
       if (why.empty()) why = "supported, but not part of a compiled group";
@@ -396,7 +405,9 @@ void fill(KilnTensor& d, const at::Tensor& t) {
   d.strides = impl->strides().data();
   d.dtype = static_cast<int32_t>(impl->dtype().toScalarType());
   d.device = static_cast<int32_t>(impl->device_type());
-  d.requires_grad = impl->requires_grad();
+  // Under no_grad/inference_mode nothing is recorded for autograd, so an input that requires
+  // grad (a module's parameter) is just data: computing without autograd is what eager does.
+  d.requires_grad = impl->requires_grad() && c10::GradMode::is_enabled();
 }
 
 Operation guard_op(const Node* node) {

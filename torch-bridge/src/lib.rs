@@ -22,6 +22,7 @@ pub enum BridgeError {
 /// Registers the pass and operators (once) and turns the pass on.
 pub fn enable(options: Options) -> Result<(), BridgeError> {
     *RUNTIME.options.write().unwrap() = options;
+    RUNTIME.generation.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     RUNTIME.compiling.store(true, std::sync::atomic::Ordering::Relaxed);
     if unsafe { ffi::kiln_cpp_enable() } == 0 {
         return Err(BridgeError::Register);

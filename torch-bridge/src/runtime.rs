@@ -11,7 +11,7 @@
 
 use crate::aten;
 use crate::ts_dump::{InputDecl, Region as Dump};
-use kiln_cache::{CacheKey, ProgramCache};
+use kiln_cache::{CacheKey, CompileMode, DiskCache, ProgramCache, Request, Source};
 use kiln_compiler::{CompileOptions, CompiledProgram, Target};
 use kiln_guards::GuardSet;
 use kiln_profiler::{GroupProfile, TensorMeta, TensorView};
@@ -27,11 +27,14 @@ pub struct Options {
     /// Distinct input signatures one region may be compiled for; other calls run TorchScript.
     pub max_specializations: usize,
     pub compile: CompileOptions,
+    pub mode: CompileMode,
+    /// Where compiled code is kept across processes; None: in memory only.
+    pub disk: Option<Arc<DiskCache>>,
 }
 
 impl Default for Options {
     fn default() -> Self {
-        Options { max_specializations: 8, compile: CompileOptions::default() }
+        Options { max_specializations: 8, compile: CompileOptions::default(), mode: CompileMode::Lazy, disk: None }
     }
 }
 
@@ -41,7 +44,8 @@ pub struct Specialization {
     pub program: Arc<CompiledProgram>,
     pub kiln_ir: String,
     pub cache_key: CacheKey,
-    pub cache_hit: bool,
+    pub source: Source,
+    /// Time to compile, or to load from disk; zero for a program found in memory.
     pub compile_time: Duration,
     /// (c10::ScalarType number, sizes) of each output, for the C++ side to allocate.
     pub outputs: Vec<(i32, Vec<i64>)>,
@@ -52,6 +56,14 @@ pub struct Specialization {
 /// signature is refused without trying).
 const MAX_REJECTED: usize = 64;
 
+/// A signature a region refused, and why. Refusals hold until options change: `generation`
+/// is the `enable()` they were made under (compile='never' refuses what a later 'lazy' takes).
+pub struct Rejection {
+    pub inputs: Vec<TensorMeta>,
+    pub why: String,
+    pub generation: u64,
+}
+
 /// A region of a TorchScript graph that the pass replaced by a guarded Kiln group.
 pub struct Region {
     pub id: usize,
@@ -59,7 +71,7 @@ pub struct Region {
     /// The ATen ops the region replaces, in graph order.
     pub nodes: Vec<String>,
     pub specs: RwLock<Vec<Arc<Specialization>>>,
-    pub rejected: Mutex<Vec<(Vec<TensorMeta>, String)>>,
+    pub rejected: Mutex<Vec<Rejection>>,
     /// Every signature the group was asked to specialise for (bounded), compiled or not:
     /// which dims moved. Dynamic shapes will be decided from it.
     pub profile: Mutex<GroupProfile>,
@@ -89,6 +101,8 @@ pub struct Runtime {
     pub options: RwLock<Options>,
     /// Off after `disable()`: nothing new is compiled.
     pub compiling: std::sync::atomic::AtomicBool,
+    /// Counts `enable()` calls; see [`Rejection`].
+    pub generation: AtomicU64,
     regions: RwLock<Vec<&'static Region>>,
     pub cache: ProgramCache,
     target: Target,
@@ -99,6 +113,7 @@ pub struct Runtime {
 pub static RUNTIME: Lazy<Runtime> = Lazy::new(|| Runtime {
     options: RwLock::new(Options::default()),
     compiling: std::sync::atomic::AtomicBool::new(true),
+    generation: AtomicU64::new(0),
     regions: RwLock::new(vec![]),
     cache: ProgramCache::default(),
     target: Target::host(),
@@ -119,6 +134,10 @@ pub struct Stats {
     pub specializations: u64,
     pub compiles: u64,
     pub cache_hits: u64,
+    pub disk_hits: u64,
+    pub disk_writes: u64,
+    /// Problems with the disk cache (none stops a program), with counts.
+    pub disk_problems: BTreeMap<String, u64>,
     pub compile_time: Duration,
     pub guard_passes: u64,
     pub guard_failures: u64,
@@ -199,8 +218,10 @@ impl Runtime {
         if let Some(i) = r.specs.read().unwrap().iter().position(|s| s.guards.check(inputs).is_ok()) {
             return Some(i);
         }
-        if let Some((_, why)) = rejected.iter().find(|(m, _)| *m == metas) {
-            self.note(why);
+        let generation = self.generation.load(Ordering::Relaxed);
+        rejected.retain(|r| r.generation == generation);
+        if let Some(r) = rejected.iter().find(|r| r.inputs == metas) {
+            self.note(&r.why);
             return None;
         }
         {
@@ -233,7 +254,7 @@ impl Runtime {
                 let why = format!("group not run: {why}");
                 self.note(&why);
                 if rejected.len() < MAX_REJECTED {
-                    rejected.push((metas, why));
+                    rejected.push(Rejection { inputs: metas, why, generation });
                 }
                 None
             }
@@ -244,23 +265,29 @@ impl Runtime {
         let live: Vec<InputDecl> = metas.iter().map(decl).collect::<Result<_, _>>()?;
         let lowered = aten::lower(&r.dump.with_inputs(&live))?;
         let guards = GuardSet::for_inputs(metas).ok_or("an input cannot be guarded")?;
-        let options = self.options.read().unwrap().compile.clone();
-        let key = CacheKey::new(&lowered.graph, &lowered.input_strides, &self.target, &options);
-        let (program, cache_hit) = self
-            .cache
-            .get_or_compile(key, || kiln_compiler::compile(&lowered.graph, &lowered.input_strides, &self.target, &options))
-            .map_err(|e| format!("compile error: {e}"))?;
+        let options = self.options.read().unwrap().clone();
+        let key = CacheKey::new(&lowered.graph, &lowered.input_strides, &self.target, &options.compile);
+        let request = Request {
+            key,
+            graph: &lowered.graph,
+            input_strides: &lowered.input_strides,
+            target: &self.target,
+            options: &options.compile,
+            mode: options.mode,
+            disk: options.disk.as_deref(),
+        };
+        let (program, source) = self.cache.fetch(&request).map_err(|e| e.to_string())?;
         let spec = Specialization {
             guards,
             outputs: program.outputs().map(|b| (aten::scalar_type_code(b.dtype), b.sizes.clone())).collect(),
-            compile_time: if cache_hit { Duration::ZERO } else { program.compile_time },
+            compile_time: if source == Source::Memory { Duration::ZERO } else { program.compile_time },
             program,
             kiln_ir: lowered.graph.to_string(),
             cache_key: key,
-            cache_hit,
+            source,
             runs: AtomicU64::new(0),
         };
-        tracing::debug!(group = r.id, cache_hit, ms = spec.compile_time.as_secs_f64() * 1e3, "compiled group\n{}", spec.kiln_ir);
+        tracing::debug!(group = r.id, ?source, ms = spec.compile_time.as_secs_f64() * 1e3, "specialised group\n{}", spec.kiln_ir);
         Ok(spec)
     }
 
@@ -310,14 +337,22 @@ impl Runtime {
         self.reasons.lock().unwrap().texts.get(id).cloned()
     }
 
+    /// Writes every program in memory that `disk` lacks; see [`ProgramCache::persist`].
+    pub fn persist(&self, disk: &DiskCache) -> (usize, usize) {
+        self.cache.persist(disk, &self.target)
+    }
+
     pub fn stats(&self) -> Stats {
         let regions = self.regions.read().unwrap();
         let load = |c: &AtomicU64| c.load(Ordering::Relaxed);
         Stats {
             groups: regions.len(),
             specializations: load(&self.counters.specializations),
-            compiles: self.cache.misses(),
-            cache_hits: self.cache.hits(),
+            compiles: self.cache.compiles(),
+            cache_hits: self.cache.memory_hits(),
+            disk_hits: self.cache.disk_hits(),
+            disk_writes: self.cache.disk_writes(),
+            disk_problems: self.cache.disk_problems(),
             compile_time: regions.iter().flat_map(|r| r.specs.read().unwrap().iter().map(|s| s.compile_time).collect::<Vec<_>>()).sum(),
             guard_passes: load(&self.counters.guard_passes),
             guard_failures: load(&self.counters.guard_failures),

@@ -8,13 +8,20 @@
 Kiln never changes what a program computes: whatever it cannot compile, or any call whose
 inputs differ from what a compiled group was built for, runs TorchScript's own nodes, and the
 reason is counted in ``stats()["fallbacks"]``. Set ``KILN_LOG=info`` (or ``debug``) to log.
+
+Compiled code is kept on disk (``cache_dir``) and reused by later processes; a deployment can
+ship a cache made with ``prewarm()`` (or ``python -m torch_kiln prewarm``) and run with
+``enable(compile="never")``. See ``torch_kiln.cache``.
 """
+
+import os
 
 import torch  # loads libtorch before the extension, which has no RUNPATH of its own
 
 from . import _kiln
+from . import cache
 
-__all__ = ["enable", "disable", "reset", "stats", "explain", "OPTIONS"]
+__all__ = ["enable", "disable", "reset", "stats", "explain", "prewarm", "cache", "OPTIONS"]
 __version__ = _kiln.VERSION
 
 #: Options of ``enable()`` and their defaults.
@@ -26,9 +33,22 @@ OPTIONS = {
     "opt_level": 3,
     # Threads for parallel kernels; None: torch.get_num_threads() at the time of enable().
     "num_threads": None,
+    # When to compile: "lazy" compiles a group the first time it needs code that no cache has;
+    # "never" runs only cached code (a miss runs TorchScript, counted in stats()); "always"
+    # compiles what this process has not compiled yet without reading the disk cache, and
+    # rewrites its entries.
+    "compile": "lazy",
+    # Directory of compiled code shared across processes. None: $KILN_CACHE_DIR, else
+    # $XDG_CACHE_HOME/torch_kiln, else ~/.cache/torch_kiln. False: memory only. It holds
+    # executable code: it is created 0700, and a directory other users can write is refused.
+    "cache_dir": None,
+    # Bytes of entries kept in cache_dir; past it, least recently used entries are removed.
+    "cache_size_limit": 1 << 30,
 }
 
 _enabled = False
+#: The options of the last enable(), resolved (what prewarm() restores).
+_options = None
 
 
 def _check_int(name, value, lo, hi=None):
@@ -51,7 +71,16 @@ def enable(**options):
         threads = torch.get_num_threads()
     else:
         _check_int("num_threads", threads, 1)
-    _kiln.enable(opts["max_specializations"], opts["opt_level"], threads)
+    if opts["compile"] not in ("lazy", "never", "always"):
+        raise ValueError(f"torch_kiln option 'compile' must be 'lazy', 'never' or 'always', got {opts['compile']!r}")
+    _check_int("cache_size_limit", opts["cache_size_limit"], 0)
+    cache_dir = opts["cache_dir"]
+    if cache_dir is not False:
+        cache_dir = cache.resolve_dir(cache_dir)
+    global _options
+    _kiln.enable(opts["max_specializations"], opts["opt_level"], threads, opts["compile"],
+                 cache_dir or None, opts["cache_size_limit"])
+    _options = {**opts, "cache_dir": cache_dir}
     _enabled = True
 
 
@@ -69,11 +98,13 @@ def reset():
 
 
 def stats():
-    """Counters: groups (regions taken by Kiln), specialisations compiled for them, compiles
-    (cache misses) and cache hits, kernel runs, guard passes and failures (calls that ran
+    """Counters: groups (regions taken by Kiln), specialisations made for them and where their
+    code came from (compiles, cache_hits in memory, disk_hits), entries written to the disk
+    cache and problems met there, kernel runs, guard passes and failures (calls that ran
     TorchScript's own nodes), and every reason code ran in TorchScript, with counts."""
     s = _kiln.stats()
     s["fallbacks"] = dict(s["fallbacks"])
+    s["disk_problems"] = dict(s["disk_problems"])
     s["enabled"] = _enabled
     return s
 
@@ -140,12 +171,17 @@ def explain(obj):
         for sig, why in g["rejected"]:
             out.append(f"  refused [{sig}]: {why}")
         for i, sp in enumerate(specs):
+            how = {"compiled": f"compiled in {sp['compile_time_ms']:.1f} ms",
+                   "disk": f"loaded from the disk cache in {sp['compile_time_ms']:.1f} ms",
+                   "memory": "shared with an identical group"}[sp["source"]]
             out.append(f"  specialisation {i}: {sp['kernels']} kernel(s) ({sp['parallel_kernels']} parallel), "
-                       f"compile {sp['compile_time_ms']:.1f} ms{' (cache hit)' if sp['cache_hit'] else ''}, "
-                       f"runs {sp['runs']}")
+                       f"{how}, runs {sp['runs']}")
             out.append("    guards: " + "; ".join(sp["guards"]))
             out.append("    kiln ir:")
             out += ["      " + l for l in sp["kiln_ir"].splitlines()]
             out.append("    loop ir:")
             out += ["      " + l for l in sp["loop_ir"].splitlines()]
     return "\n".join(out)
+
+
+from ._prewarm import prewarm  # noqa: E402  (needs enable() above)

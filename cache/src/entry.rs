@@ -1,0 +1,353 @@
+//! One cache entry as bytes: a header that says what the code was built for, the program
+//! image, and a blake3 checksum of everything before it.
+//!
+//! ```text
+//! "KILNCODE" | format: u32 | header length: u32 | header | body length: u64 | body | blake3: 32 bytes
+//! header: text lines "field value"  (key, kiln, llvm, triple, cpu, features)
+//! body:   text lines "arena N" "inputs N" "outputs N" "buffer DTYPE input|output|temp N SIZES"
+//!         "kernel NAME SYMBOL EXTENT PARALLEL", then "loop_ir LEN" and "object LEN", each
+//!         followed by LEN raw bytes
+//! ```
+//! Nothing is trusted before the checksum matches, and nothing is loaded unless every header
+//! field equals this process's: a truncated, corrupted, foreign-version or foreign-CPU entry is
+//! an [`EntryError`], never code.
+
+use crate::CacheKey;
+use kiln_compiler::lower::{BufferDecl, BufferKind};
+use kiln_compiler::program::KernelDecl;
+use kiln_compiler::{DType, ProgramImage, Target};
+
+const MAGIC: &[u8; 8] = b"KILNCODE";
+/// Bumped whenever the layout above changes; older entries are then foreign.
+pub const FORMAT: u32 = 1;
+const CHECKSUM: usize = 32;
+
+#[derive(thiserror::Error, Debug, Clone, PartialEq, Eq)]
+pub enum EntryError {
+    #[error("truncated ({0} bytes)")]
+    Truncated(usize),
+    #[error("not a Kiln cache entry")]
+    NotAnEntry,
+    #[error("entry format {0}, this Kiln reads format {FORMAT}")]
+    Format(u32),
+    #[error("checksum mismatch (the file is corrupted)")]
+    Checksum,
+    #[error("built for {field} {theirs:?}, this process has {ours:?}")]
+    Foreign { field: &'static str, theirs: String, ours: String },
+    #[error("malformed entry: {0}")]
+    Malformed(String),
+}
+
+/// What the code in an entry was built for. An entry loads only where every field matches.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct EntryHeader {
+    pub key: String,
+    pub kiln: String,
+    pub llvm: String,
+    pub triple: String,
+    pub cpu: String,
+    pub features: String,
+}
+
+impl EntryHeader {
+    /// The header of an entry built here, now, for `key`.
+    pub fn current(key: &CacheKey, target: &Target) -> EntryHeader {
+        EntryHeader {
+            key: key.hex(),
+            kiln: kiln_compiler::VERSION.into(),
+            llvm: kiln_compiler::target::LLVM_VERSION.into(),
+            triple: target.triple.clone(),
+            cpu: target.cpu.clone(),
+            features: target.features.clone(),
+        }
+    }
+
+    fn fields(&self) -> [(&'static str, &String); 6] {
+        [("key", &self.key), ("kiln", &self.kiln), ("llvm", &self.llvm), ("triple", &self.triple), ("cpu", &self.cpu), ("features", &self.features)]
+    }
+
+    /// The first field where an entry built for `self` cannot run as `ours`.
+    pub fn mismatch(&self, ours: &EntryHeader) -> Option<EntryError> {
+        self.fields().into_iter().zip(ours.fields()).find(|((_, a), (_, b))| a != b).map(|((field, theirs), (_, ours))| EntryError::Foreign {
+            field,
+            theirs: theirs.clone(),
+            ours: ours.clone(),
+        })
+    }
+}
+
+/// The bytes of an entry holding `image`.
+pub fn encode(header: &EntryHeader, image: &ProgramImage) -> Vec<u8> {
+    let mut head = String::new();
+    for (field, value) in header.fields() {
+        head.push_str(&format!("{field} {value}\n"));
+    }
+    let mut body = format!("arena {}\ninputs {}\noutputs {}\n", image.arena_bytes, image.num_inputs, image.num_outputs).into_bytes();
+    for b in &image.buffers {
+        let (kind, n) = match b.kind {
+            BufferKind::Input(i) => ("input", i),
+            BufferKind::Output(i) => ("output", i),
+            BufferKind::Temp { offset } => ("temp", offset),
+        };
+        let sizes: Vec<String> = b.sizes.iter().map(i64::to_string).collect();
+        body.extend(format!("buffer {} {kind} {n} [{}]\n", b.dtype, sizes.join(",")).bytes());
+    }
+    for k in &image.kernels {
+        body.extend(format!("kernel {} {} {} {}\n", k.name, k.symbol, k.extent, k.parallel as u8).bytes());
+    }
+    for (tag, blob) in [("loop_ir", image.loop_ir.as_bytes()), ("object", &image.object[..])] {
+        body.extend(format!("{tag} {}\n", blob.len()).bytes());
+        body.extend_from_slice(blob);
+    }
+    let mut out = Vec::with_capacity(head.len() + body.len() + 64);
+    out.extend_from_slice(MAGIC);
+    out.extend_from_slice(&FORMAT.to_le_bytes());
+    out.extend_from_slice(&(head.len() as u32).to_le_bytes());
+    out.extend_from_slice(head.as_bytes());
+    out.extend_from_slice(&(body.len() as u64).to_le_bytes());
+    out.extend_from_slice(&body);
+    let sum = blake3::hash(&out);
+    out.extend_from_slice(sum.as_bytes());
+    out
+}
+
+/// The header of an entry, after checking its framing and checksum.
+pub fn read_header(bytes: &[u8]) -> Result<EntryHeader, EntryError> {
+    let (head, _) = split(bytes)?;
+    parse_header(head)
+}
+
+/// The program image of an entry built for exactly `ours`.
+pub fn decode(bytes: &[u8], ours: &EntryHeader) -> Result<ProgramImage, EntryError> {
+    let (head, body) = split(bytes)?;
+    if let Some(e) = parse_header(head)?.mismatch(ours) {
+        return Err(e);
+    }
+    parse_body(body).map_err(EntryError::Malformed)
+}
+
+/// Header and body of a well-framed entry whose checksum matches.
+fn split(bytes: &[u8]) -> Result<(&[u8], &[u8]), EntryError> {
+    let truncated = || EntryError::Truncated(bytes.len());
+    if bytes.len() < MAGIC.len() || &bytes[..MAGIC.len()] != MAGIC {
+        return Err(if MAGIC.starts_with(bytes) { truncated() } else { EntryError::NotAnEntry });
+    }
+    let mut r = Reader { bytes, at: MAGIC.len() };
+    let format = u32::from_le_bytes(r.take(4).ok_or_else(truncated)?.try_into().unwrap());
+    if format != FORMAT {
+        return Err(EntryError::Format(format));
+    }
+    let head_len = u32::from_le_bytes(r.take(4).ok_or_else(truncated)?.try_into().unwrap()) as usize;
+    let head = r.take(head_len).ok_or_else(truncated)?;
+    let body_len = u64::from_le_bytes(r.take(8).ok_or_else(truncated)?.try_into().unwrap());
+    let body = r.take(usize::try_from(body_len).map_err(|_| truncated())?).ok_or_else(truncated)?;
+    let end = r.at;
+    let sum = r.take(CHECKSUM).ok_or_else(truncated)?;
+    if r.at != bytes.len() {
+        return Err(EntryError::Malformed(format!("{} bytes after the checksum", bytes.len() - r.at)));
+    }
+    if blake3::hash(&bytes[..end]).as_bytes() != sum {
+        return Err(EntryError::Checksum);
+    }
+    Ok((head, body))
+}
+
+fn parse_header(head: &[u8]) -> Result<EntryHeader, EntryError> {
+    let text = std::str::from_utf8(head).map_err(|_| EntryError::Malformed("header is not text".into()))?;
+    let get = |want: &str| -> Result<String, EntryError> {
+        text.lines()
+            .find_map(|l| l.strip_prefix(want).and_then(|v| v.strip_prefix(' ')))
+            .map(str::to_string)
+            .ok_or_else(|| EntryError::Malformed(format!("header has no {want}")))
+    };
+    Ok(EntryHeader { key: get("key")?, kiln: get("kiln")?, llvm: get("llvm")?, triple: get("triple")?, cpu: get("cpu")?, features: get("features")? })
+}
+
+struct Reader<'a> {
+    bytes: &'a [u8],
+    at: usize,
+}
+
+impl<'a> Reader<'a> {
+    fn take(&mut self, n: usize) -> Option<&'a [u8]> {
+        let end = self.at.checked_add(n).filter(|&e| e <= self.bytes.len())?;
+        let s = &self.bytes[self.at..end];
+        self.at = end;
+        Some(s)
+    }
+
+    fn line(&mut self) -> Result<&'a str, String> {
+        let rest = &self.bytes[self.at..];
+        let n = rest.iter().position(|&b| b == b'\n').ok_or("unterminated line")?;
+        self.at += n + 1;
+        std::str::from_utf8(&rest[..n]).map_err(|_| "a line is not text".to_string())
+    }
+}
+
+fn num<T: std::str::FromStr>(s: Option<&str>, what: &str) -> Result<T, String> {
+    s.and_then(|s| s.parse().ok()).ok_or_else(|| format!("bad {what}"))
+}
+
+fn parse_body(body: &[u8]) -> Result<ProgramImage, String> {
+    let mut r = Reader { bytes: body, at: 0 };
+    let mut image = ProgramImage { buffers: vec![], kernels: vec![], arena_bytes: 0, num_inputs: 0, num_outputs: 0, loop_ir: String::new(), object: vec![] };
+    loop {
+        let line = r.line()?;
+        let mut w = line.split(' ');
+        match w.next() {
+            Some("arena") => image.arena_bytes = num(w.next(), "arena")?,
+            Some("inputs") => image.num_inputs = num(w.next(), "inputs")?,
+            Some("outputs") => image.num_outputs = num(w.next(), "outputs")?,
+            Some("buffer") => {
+                let dtype = w.next().and_then(DType::parse).ok_or("bad buffer dtype")?;
+                let kind = w.next();
+                let n = num(w.next(), "buffer index")?;
+                let kind = match kind {
+                    Some("input") => BufferKind::Input(n),
+                    Some("output") => BufferKind::Output(n),
+                    Some("temp") => BufferKind::Temp { offset: n },
+                    _ => return Err("bad buffer kind".into()),
+                };
+                let sizes = w.next().and_then(|s| s.strip_prefix('[')).and_then(|s| s.strip_suffix(']')).ok_or("bad buffer sizes")?;
+                let sizes = if sizes.is_empty() { vec![] } else { sizes.split(',').map(|d| num(Some(d), "size")).collect::<Result<_, _>>()? };
+                image.buffers.push(BufferDecl { dtype, sizes, kind });
+            }
+            Some("kernel") => {
+                let name = w.next().ok_or("kernel without a name")?.to_string();
+                let symbol = w.next().ok_or("kernel without a symbol")?.to_string();
+                let extent = num(w.next(), "kernel extent")?;
+                let parallel = num::<u8>(w.next(), "kernel parallel flag")? == 1;
+                image.kernels.push(KernelDecl { name, symbol, extent, parallel });
+            }
+            Some("loop_ir") => {
+                let n = num(w.next(), "loop_ir length")?;
+                let text = r.take(n).ok_or("loop_ir runs past the end")?;
+                image.loop_ir = String::from_utf8(text.to_vec()).map_err(|_| "loop_ir is not text")?;
+            }
+            Some("object") => {
+                let n = num(w.next(), "object length")?;
+                image.object = r.take(n).ok_or("object runs past the end")?.to_vec();
+                break;
+            }
+            _ => return Err(format!("unknown line {line:?}")),
+        }
+    }
+    if r.at != body.len() {
+        return Err("bytes after the object".into());
+    }
+    check_consistent(&image)?;
+    Ok(image)
+}
+
+/// The buffer table must be what the runtime can fill: every input and output exactly once,
+/// temporaries inside the arena. (The checksum already rules out accidents; this keeps an
+/// entry written by a buggy Kiln from making the runtime read out of bounds.)
+fn check_consistent(image: &ProgramImage) -> Result<(), String> {
+    let mut inputs = vec![0; image.num_inputs];
+    let mut outputs = vec![0; image.num_outputs];
+    for b in &image.buffers {
+        match b.kind {
+            BufferKind::Input(i) => *inputs.get_mut(i).ok_or("input index out of range")? += 1,
+            BufferKind::Output(i) => *outputs.get_mut(i).ok_or("output index out of range")? += 1,
+            BufferKind::Temp { offset } => {
+                let elems = b.sizes.iter().try_fold(1i64, |a, &d| if d < 0 { None } else { a.checked_mul(d) }).ok_or("bad temporary sizes")?;
+                let bytes = (elems as usize).checked_mul(b.dtype.size_bytes()).ok_or("temporary too large")?;
+                if offset.checked_add(bytes).is_none_or(|end| end > image.arena_bytes) {
+                    return Err("a temporary lies outside the arena".into());
+                }
+            }
+        }
+    }
+    if inputs.iter().chain(&outputs).any(|&n| n != 1) {
+        return Err("inputs and outputs must each have one buffer".into());
+    }
+    if image.kernels.is_empty() && image.num_outputs > 0 {
+        return Err("no kernels".into());
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn image() -> ProgramImage {
+        ProgramImage {
+            buffers: vec![
+                BufferDecl { dtype: DType::F32, sizes: vec![4, 2], kind: BufferKind::Input(0) },
+                BufferDecl { dtype: DType::F32, sizes: vec![8], kind: BufferKind::Temp { offset: 0 } },
+                BufferDecl { dtype: DType::Bool, sizes: vec![], kind: BufferKind::Output(0) },
+            ],
+            kernels: vec![KernelDecl { name: "k0".into(), symbol: "kiln_ab_k0".into(), extent: 4, parallel: true }],
+            arena_bytes: 32,
+            num_inputs: 1,
+            num_outputs: 1,
+            loop_ir: "for i in 0..4 {\n}\n".into(),
+            object: (0..=255u8).collect(),
+        }
+    }
+
+    fn header() -> EntryHeader {
+        let t = Target { triple: "x86_64-unknown-linux-gnu".into(), cpu: "znver4".into(), features: "+avx512f,+fma".into() };
+        EntryHeader::current(&CacheKey([7; 32]), &t)
+    }
+
+    #[test]
+    fn round_trips() {
+        let bytes = encode(&header(), &image());
+        assert_eq!(decode(&bytes, &header()), Ok(image()));
+        assert_eq!(read_header(&bytes), Ok(header()));
+    }
+
+    #[test]
+    fn every_flipped_byte_is_detected() {
+        let bytes = encode(&header(), &image());
+        for i in 0..bytes.len() {
+            let mut bad = bytes.clone();
+            bad[i] ^= 0x20;
+            assert!(decode(&bad, &header()).is_err(), "flipping byte {i} went unnoticed");
+        }
+    }
+
+    #[test]
+    fn every_truncation_is_detected() {
+        let bytes = encode(&header(), &image());
+        for n in 0..bytes.len() {
+            assert!(decode(&bytes[..n], &header()).is_err(), "truncated to {n} bytes went unnoticed");
+        }
+        assert_eq!(decode(&bytes[..20], &header()), Err(EntryError::Truncated(20)));
+    }
+
+    #[test]
+    fn foreign_entries_are_refused_by_field() {
+        let bytes = encode(&header(), &image());
+        let ours = |f: fn(&mut EntryHeader)| {
+            let mut h = header();
+            f(&mut h);
+            decode(&bytes, &h).unwrap_err()
+        };
+        assert!(matches!(ours(|h| h.cpu = "skylake".into()), EntryError::Foreign { field: "cpu", .. }));
+        assert!(matches!(ours(|h| h.features = "+avx2".into()), EntryError::Foreign { field: "features", .. }));
+        assert!(matches!(ours(|h| h.kiln = "9.9.9".into()), EntryError::Foreign { field: "kiln", .. }));
+        assert!(matches!(ours(|h| h.llvm = "20.1".into()), EntryError::Foreign { field: "llvm", .. }));
+        assert!(matches!(ours(|h| h.key = "00".into()), EntryError::Foreign { field: "key", .. }));
+    }
+
+    #[test]
+    fn other_formats_and_files_are_refused() {
+        let mut bytes = encode(&header(), &image());
+        bytes[8] = 2;
+        assert_eq!(decode(&bytes, &header()), Err(EntryError::Format(2)));
+        assert_eq!(decode(b"\x7fELF\x02\x01\x01\0\0\0\0\0", &header()), Err(EntryError::NotAnEntry));
+    }
+
+    #[test]
+    fn inconsistent_images_are_refused_even_with_a_good_checksum() {
+        let mut bad = image();
+        bad.buffers[1].sizes = vec![9];
+        assert!(matches!(decode(&encode(&header(), &bad), &header()), Err(EntryError::Malformed(_))));
+        let mut bad = image();
+        bad.buffers.remove(0);
+        assert!(matches!(decode(&encode(&header(), &bad), &header()), Err(EntryError::Malformed(_))));
+    }
+}
