@@ -207,11 +207,12 @@ impl ProgramCache {
     pub fn programs(&self) -> Vec<(CacheKey, Arc<CompiledProgram>)> {
         self.map.iter().filter_map(|c| Some((*c.key(), c.get()?.clone()))).collect()
     }
-    /// Writes every program in memory that `disk` lacks (what prewarming a directory needs when
-    /// this process compiled before). Returns (entries written, entries already there).
-    pub fn persist(&self, disk: &DiskCache, target: &Target) -> (usize, usize) {
+    /// Writes the programs in memory that `disk` lacks, of the keys `wanted` picks (what
+    /// prewarming a directory needs when this process compiled before). Returns (entries
+    /// written, entries already there).
+    pub fn persist(&self, disk: &DiskCache, target: &Target, wanted: impl Fn(&CacheKey) -> bool) -> (usize, usize) {
         let (mut written, mut present) = (0, 0);
-        for (key, program) in self.programs() {
+        for (key, program) in self.programs().into_iter().filter(|(k, _)| wanted(k)) {
             if disk.contains(&key) {
                 present += 1;
             } else if disk.store(&key, &EntryHeader::current(&key, target), &program.image).is_ok() {

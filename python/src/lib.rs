@@ -39,10 +39,23 @@ fn enable(max_specializations: usize, opt_level: u8, num_threads: usize, compile
     kiln_torch_bridge::enable(options).map_err(|e| PyRuntimeError::new_err(e.to_string()))
 }
 
-/// Writes what this process compiled to `cache_dir`: (entries written, entries already there).
+fn parse_key(hex: &str) -> PyResult<CacheKey> {
+    let bytes: Option<Vec<u8>> = (0..hex.len()).step_by(2).map(|i| hex.get(i..i + 2).and_then(|b| u8::from_str_radix(b, 16).ok())).collect();
+    bytes.and_then(|b| b.try_into().ok()).map(CacheKey).ok_or_else(|| PyValueError::new_err(format!("not a cache key: {hex:?}")))
+}
+
+/// Writes the programs of `keys` (hex) this process holds to `cache_dir`: (entries written,
+/// entries already there).
 #[pyfunction]
-fn persist(cache_dir: &str, cache_size_limit: u64) -> PyResult<(usize, usize)> {
-    Ok(RUNTIME.persist(&open_cache(cache_dir, cache_size_limit)?))
+fn persist(cache_dir: &str, cache_size_limit: u64, keys: Vec<String>) -> PyResult<(usize, usize)> {
+    let keys = keys.iter().map(|k| parse_key(k)).collect::<PyResult<Vec<_>>>()?;
+    Ok(RUNTIME.persist(&open_cache(cache_dir, cache_size_limit)?, &keys))
+}
+
+/// (cache key hex, runs) of every specialisation.
+#[pyfunction]
+fn specialization_runs() -> Vec<(String, u64)> {
+    RUNTIME.specialization_runs().into_iter().map(|(k, n)| (k.hex(), n)).collect()
 }
 
 /// (path, bytes, seconds since last use) of each entry, least recently used first.
@@ -203,6 +216,7 @@ fn _kiln(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(group_info, m)?)?;
     m.add_function(wrap_pyfunction!(reason, m)?)?;
     m.add_function(wrap_pyfunction!(persist, m)?)?;
+    m.add_function(wrap_pyfunction!(specialization_runs, m)?)?;
     m.add_function(wrap_pyfunction!(cache_entries, m)?)?;
     m.add_function(wrap_pyfunction!(cache_clear, m)?)?;
     m.add_function(wrap_pyfunction!(cache_verify, m)?)?;

@@ -337,9 +337,15 @@ impl Runtime {
         self.reasons.lock().unwrap().texts.get(id).cloned()
     }
 
-    /// Writes every program in memory that `disk` lacks; see [`ProgramCache::persist`].
-    pub fn persist(&self, disk: &DiskCache) -> (usize, usize) {
-        self.cache.persist(disk, &self.target)
+    /// Writes the programs of `keys` that `disk` lacks; see [`ProgramCache::persist`].
+    pub fn persist(&self, disk: &DiskCache, keys: &[CacheKey]) -> (usize, usize) {
+        self.cache.persist(disk, &self.target, |k| keys.contains(k))
+    }
+
+    /// (cache key, runs) of every specialisation of every group.
+    pub fn specialization_runs(&self) -> Vec<(CacheKey, u64)> {
+        let regions = self.regions.read().unwrap();
+        regions.iter().flat_map(|r| r.specs.read().unwrap().iter().map(|s| (s.cache_key, s.runs.load(Ordering::Relaxed))).collect::<Vec<_>>()).collect()
     }
 
     pub fn stats(&self) -> Stats {

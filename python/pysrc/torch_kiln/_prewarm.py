@@ -95,14 +95,16 @@ def prewarm(module, example_inputs, cache_dir=None, progress=None):
     torch_kiln.enable(**options)
     try:
         before = _kiln.stats()
+        runs_before = dict(_kiln.specialization_runs())
         start = time.perf_counter()
         with _Progress(progress, before), torch.no_grad():
             for args in calls:
                 for _ in range(_CALLS_PER_EXAMPLE):
                     module(*args)
-        # Programs this process had in memory already (a memory hit writes a missing entry too,
-        # but only for groups specialised during these calls) are written here.
-        written, _present = _kiln.persist(directory, options.get("cache_size_limit", torch_kiln.OPTIONS["cache_size_limit"]))
+        # The code these calls ran, when this process held it before (a module optimised
+        # earlier passes its guards without asking the cache) is written here.
+        used = [k for k, n in _kiln.specialization_runs() if n > runs_before.get(k, 0)]
+        written, _present = _kiln.persist(directory, torch_kiln._options["cache_size_limit"], used)
         seconds = time.perf_counter() - start
         after = _kiln.stats()
     finally:
