@@ -276,3 +276,23 @@ def test_prewarm_cli_reports_bad_model_paths(tmp_path):
     assert out.returncode != 0 and "cannot load" in out.stderr
     out = cli("prewarm", "m.pt", "--input", "2xQ:float32", check=False)
     assert out.returncode != 0 and "bad shape" in out.stderr
+
+
+def test_an_unusable_default_directory_keeps_code_in_memory(tmp_path):
+    home = tmp_path / "home"
+    home.mkdir()
+    (home / ".cache").write_text("a file where the cache folder would go")
+    code = ("import warnings, torch, torch_kiln\n"
+            "with warnings.catch_warnings(record=True) as w:\n"
+            "    warnings.simplefilter('always')\n"
+            "    torch_kiln.enable()\n"
+            "assert torch_kiln.stats()['cache_dir'] is None\n"
+            "assert any('no disk cache' in str(x.message) for x in w), [str(x.message) for x in w]\n"
+            "f = torch.jit.CompilationUnit('def f(x):\\n    return torch.exp(x) + 1.0\\n').f\n"
+            "x = torch.randn(5)\n"
+            "for _ in range(3):\n"
+            "    torch.testing.assert_close(f(x), torch.exp(x) + 1.0)\n"
+            "assert torch_kiln.stats()['kernel_runs'] == 2\n")
+    env = {k: v for k, v in _env().items() if k not in ("KILN_CACHE_DIR", "XDG_CACHE_HOME")}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env={**env, "HOME": str(home)}, timeout=300)
+    assert out.returncode == 0, out.stderr

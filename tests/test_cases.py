@@ -207,3 +207,33 @@ def test_frozen_conv_block_epilogue_runs_in_kiln():
         frozen = torch.jit.freeze(torch.jit.trace(b, x))
         _, ran = run_compiled(frozen, (x,), reference=b)
     assert ran and "aten::relu, aten::add, aten::sigmoid, aten::mul" in torch_kiln.explain(frozen)
+
+
+def test_stacked_norm_gelu_softmax_blocks_with_parameters_under_no_grad():
+    # Reductions feeding reductions, four blocks deep: values several kernels need are computed
+    # once (materialised); parameters that require grad are plain data under no_grad.
+    class Blocks(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.gamma = torch.nn.Parameter(1.0 + 0.1 * torch.randn(4, 48))
+            self.beta = torch.nn.Parameter(0.1 * torch.randn(4, 48))
+
+        def forward(self, x):
+            for i in range(4):
+                mu = x.mean(-1, keepdim=True)
+                var = ((x - mu) * (x - mu)).mean(-1, keepdim=True)
+                h = torch.nn.functional.gelu((x - mu) * torch.rsqrt(var + 1e-5) * self.gamma[i] + self.beta[i])
+                x = x + torch.softmax(h, -1) * h
+            return x
+
+    torch.manual_seed(0)
+    model = Blocks()
+    x = torch.randn(5, 48)
+    x[1, 3] = float("nan")
+    x[2, 0] = float("inf")
+    with torch.no_grad():
+        traced = torch.jit.trace(model, (x,))
+        run_compiled(traced, (x,), reference=model)
+        info = [torch_kiln._kiln.group_info(i) for i in range(torch_kiln.stats()["groups"])]
+        loop_ir = [s["loop_ir"] for g in info if len(g["nodes"]) > 40 for s in g["specializations"]]
+        assert loop_ir and "= gelu(" in loop_ir[-1], "gelu was not computed once into a buffer"

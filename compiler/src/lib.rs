@@ -9,6 +9,7 @@ pub mod ir;
 pub mod jit;
 pub mod loop_ir;
 pub mod lower;
+pub mod materialize;
 pub mod math;
 pub mod passes;
 pub mod program;

@@ -10,7 +10,7 @@ use crate::dtype::{DType, Scalar};
 use crate::ir::{BinaryOp, Dim, Graph, Op, ReduceOp, UnaryOp, ValueId};
 use crate::loop_ir::*;
 use crate::schedule;
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 
 #[derive(thiserror::Error, Debug, Clone, PartialEq)]
 pub enum LowerError {
@@ -96,10 +96,13 @@ pub fn lower(g: &Graph, input_strides: &[Vec<i64>]) -> Result<LoopProgram, Lower
             buf_of.insert(v, target);
         }
     }
-    // Non-pointwise nodes that are not outputs become temps; offsets come from the memory plan.
+    // Non-pointwise nodes and materialised pointwise values that are not outputs become temps;
+    // offsets come from the memory plan.
+    let materialised = crate::materialize::choose(g);
+    let buffered = |v: ValueId| !g.node(v).op.is_pointwise() || materialised.contains(&v);
     for (i, n) in g.nodes.iter().enumerate() {
         let v = ValueId(i as u32);
-        if !n.op.is_pointwise() && !buf_of.contains_key(&v) && !matches!(n.op, Op::Input(_)) {
+        if buffered(v) && !buf_of.contains_key(&v) && !matches!(n.op, Op::Input(_)) {
             let sizes = shape_of(v)?;
             buf_of.insert(v, (BufId(buffers.len() as u32), contiguous_strides(&sizes)));
             buffers.push(BufferDecl { dtype: n.ty.dtype, sizes, kind: BufferKind::Temp { offset: 0 } });
@@ -111,7 +114,7 @@ pub fn lower(g: &Graph, input_strides: &[Vec<i64>]) -> Result<LoopProgram, Lower
     let mut kernels = vec![];
     let mut pending_pointwise: Vec<(Vec<i64>, Vec<ValueId>)> = vec![];
     for &v in &g.outputs {
-        if g.node(v).op.is_pointwise() {
+        if !buffered(v) {
             let shape = shape_of(v)?;
             let seen = pending_pointwise.iter().any(|(_, vs)| vs.contains(&v));
             if !seen {
@@ -121,21 +124,22 @@ pub fn lower(g: &Graph, input_strides: &[Vec<i64>]) -> Result<LoopProgram, Lower
     }
     for (i, n) in g.nodes.iter().enumerate() {
         let v = ValueId(i as u32);
-        let b = KernelBuilder::new(g, &buf_of, format!("k{}", kernels.len()));
+        let b = KernelBuilder::new(g, &buf_of, &materialised, format!("k{}", kernels.len()));
         match &n.op {
             Op::Reduce { op, dims, keepdim } => kernels.push(b.reduction(v, *op, dims, *keepdim)),
             Op::Softmax { dim, log } => kernels.push(b.softmax(v, *dim, *log)),
+            _ if materialised.contains(&v) => kernels.push(b.pointwise(&shape_of(v)?, &[(v, buf_of[&v].clone())])),
             _ => {}
         }
         if let Some(pos) = pending_pointwise.iter().position(|(_, vs)| vs.iter().max() == Some(&v)) {
             let (shape, vs) = pending_pointwise.remove(pos);
-            let b = KernelBuilder::new(g, &buf_of, format!("k{}", kernels.len()));
+            let b = KernelBuilder::new(g, &buf_of, &materialised, format!("k{}", kernels.len()));
             let targets: Vec<(ValueId, Target)> = vs.iter().map(|v| (*v, buf_of[v].clone())).collect();
             kernels.push(b.pointwise(&shape, &targets));
         }
     }
     for (shape, targets) in &copies {
-        let b = KernelBuilder::new(g, &buf_of, format!("k{}", kernels.len()));
+        let b = KernelBuilder::new(g, &buf_of, &materialised, format!("k{}", kernels.len()));
         kernels.push(b.pointwise(shape, targets));
     }
     for k in &mut kernels {
@@ -211,6 +215,8 @@ type Coords = Vec<Option<VarId>>;
 struct KernelBuilder<'a> {
     g: &'a Graph,
     bufs: &'a HashMap<ValueId, Target>,
+    /// Pointwise values read from their buffer instead of recomputed (`materialize`).
+    materialised: &'a HashSet<ValueId>,
     name: String,
     arena: ExprArena,
     memo: HashMap<(ValueId, Coords), ExprId>,
@@ -219,8 +225,8 @@ struct KernelBuilder<'a> {
 }
 
 impl<'a> KernelBuilder<'a> {
-    fn new(g: &'a Graph, bufs: &'a HashMap<ValueId, Target>, name: String) -> Self {
-        KernelBuilder { g, bufs, name, arena: ExprArena::default(), memo: HashMap::new(), accs: vec![], num_vars: 0 }
+    fn new(g: &'a Graph, bufs: &'a HashMap<ValueId, Target>, materialised: &'a HashSet<ValueId>, name: String) -> Self {
+        KernelBuilder { g, bufs, materialised, name, arena: ExprArena::default(), memo: HashMap::new(), accs: vec![], num_vars: 0 }
     }
     fn var(&mut self) -> VarId {
         self.num_vars += 1;
@@ -234,21 +240,32 @@ impl<'a> KernelBuilder<'a> {
         self.arena.add(Expr::Const(s.cast(dtype)), dtype)
     }
 
-    /// The expression for value `v` at `coords` (one per dim of v): a load when v is an input or
-    /// a reduction result, else v's op applied to its inputs, broadcast right-aligned.
+    /// The expression for value `v` at `coords` (one per dim of v): a load when v is an input, a
+    /// reduction result or materialised, else v's op applied to its inputs, broadcast
+    /// right-aligned.
     fn value(&mut self, v: ValueId, coords: &Coords) -> ExprId {
         if let Some(&e) = self.memo.get(&(v, coords.clone())) {
             return e;
         }
         let node = self.g.node(v);
-        let dtype = node.ty.dtype;
-        // Pointwise values are always recomputed, never read back: their buffer (if they are
-        // outputs) may be written by a later kernel.
-        let e = if !node.op.is_pointwise() {
+        // Other pointwise values are recomputed, never read back: their buffer (if they are
+        // outputs) is written by the last kernel.
+        let e = if !node.op.is_pointwise() || self.materialised.contains(&v) {
             let (buf, strides) = &self.bufs[&v];
             let terms = coords.iter().zip(strides).filter_map(|(c, &s)| c.map(|var| (var, s))).collect();
-            self.arena.add(Expr::Load { buf: *buf, index: Index { terms, offset: 0 } }, dtype)
+            self.arena.add(Expr::Load { buf: *buf, index: Index { terms, offset: 0 } }, node.ty.dtype)
         } else {
+            self.compute(v, coords)
+        };
+        self.memo.insert((v, coords.clone()), e);
+        e
+    }
+
+    /// The expression of pointwise value `v`'s own op at `coords`, over its inputs' values.
+    fn compute(&mut self, v: ValueId, coords: &Coords) -> ExprId {
+        let node = self.g.node(v);
+        let dtype = node.ty.dtype;
+        {
             let shape = node.ty.static_shape().unwrap();
             let args: Vec<ExprId> = node
                 .inputs
@@ -267,12 +284,10 @@ impl<'a> KernelBuilder<'a> {
                 Op::Compare(c) => Expr::Compare(*c, args[0], args[1]),
                 Op::Where => Expr::Select(args[0], args[1], args[2]),
                 Op::Cast => Expr::Cast(args[0]),
-                Op::Input(_) | Op::Reduce { .. } | Op::Softmax { .. } => unreachable!("materialised"),
+                Op::Input(_) | Op::Reduce { .. } | Op::Softmax { .. } => unreachable!("not pointwise"),
             };
             self.arena.add(expr, dtype)
-        };
-        self.memo.insert((v, coords.clone()), e);
-        e
+        }
     }
 
     fn store(&mut self, v: ValueId, coords: &Coords, value: ExprId) -> Stmt {
@@ -316,7 +331,10 @@ impl<'a> KernelBuilder<'a> {
         let coords: Coords = vars.iter().zip(shape).map(|(&v, &n)| if n == 1 { None } else { Some(v) }).collect();
         let mut stores = vec![];
         for (o, target) in targets {
-            let value = self.value(*o, &coords);
+            // A materialised value is computed here, in its own kernel; copies of outputs
+            // (targets whose value already has a buffer elsewhere) read it back.
+            let own = self.materialised.contains(o) && self.bufs[o] == *target;
+            let value = if own { self.compute(*o, &coords) } else { self.value(*o, &coords) };
             stores.push(Self::store_to(target, &coords, value));
         }
         let body = Self::nest(&vars, shape, stores);

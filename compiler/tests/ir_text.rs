@@ -74,3 +74,48 @@ fn pointwise_chain_fuses_into_its_reduction() {
         "#]],
     );
 }
+
+#[test]
+fn an_expensive_value_two_kernels_need_is_computed_once() {
+    // gelu(x) feeds the softmax's three passes and the product after it: computed once into
+    // b2; the cheap x * 2 stays inlined into the last kernel.
+    check_lowered(
+        "graph(%0: f32[4, 8]) {
+           %1 = gelu(%0) : f32[4, 8]
+           %2 = softmax(%1) dim=1 : f32[4, 8]
+           %3 = mul(%2, %1) : f32[4, 8]
+           %4 = constant(2.0) : f32[]
+           %5 = mul(%0, %4) : f32[4, 8]
+           %6 = add(%3, %5) : f32[4, 8]
+           return (%6)
+         }",
+        expect![[r#"
+            b0: f32[4, 8] Input(0)
+            b1: f32[4, 8] Output(0)
+            b2: f32[4, 8] Temp { offset: 0 }
+            b3: f32[4, 8] Temp { offset: 128 }
+            kernel k0:
+              for i0 in 0..32 {
+                b2[i0] = gelu(b0[i0])
+              }
+            kernel k1:
+              for i0 in 0..4 {
+                acc0 = -inf:f32
+                for i1 in 0..8 {
+                  acc0 Max= b2[i0*8 + i1]
+                }
+                acc1 = 0.0:f64
+                for i2 in 0..8 {
+                  acc1 Add= cast<f64>(exp(sub(b2[i0*8 + i2], acc0)))
+                }
+                for i3 in 0..8 {
+                  b3[i0*8 + i3] = div(exp(sub(b2[i0*8 + i3], acc0)), cast<f32>(acc1))
+                }
+              }
+            kernel k2:
+              for i0 in 0..32 {
+                b1[i0] = add(mul(b3[i0], b2[i0]), mul(b0[i0], 2.0:f32))
+              }
+        "#]],
+    );
+}

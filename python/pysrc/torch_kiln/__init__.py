@@ -15,6 +15,7 @@ ship a cache made with ``prewarm()`` (or ``python -m torch_kiln prewarm``) and r
 """
 
 import os
+import warnings
 
 import torch  # loads libtorch before the extension, which has no RUNPATH of its own
 
@@ -78,8 +79,17 @@ def enable(**options):
     if cache_dir is not False:
         cache_dir = cache.resolve_dir(cache_dir)
     global _options
-    _kiln.enable(opts["max_specializations"], opts["opt_level"], threads, opts["compile"],
-                 cache_dir or None, opts["cache_size_limit"])
+    args = (opts["max_specializations"], opts["opt_level"], threads, opts["compile"])
+    try:
+        _kiln.enable(*args, cache_dir or None, opts["cache_size_limit"])
+    except ValueError as e:
+        # A directory the user named is their mistake to hear about; the default one (say, a
+        # read-only home) must not stop their program: Kiln keeps code in memory instead.
+        if opts["cache_dir"] is not None or os.environ.get("KILN_CACHE_DIR"):
+            raise
+        warnings.warn(f"torch_kiln: no disk cache ({e}); compiled code is kept in memory only", RuntimeWarning, stacklevel=2)
+        cache_dir = False
+        _kiln.enable(*args, None, opts["cache_size_limit"])
     _options = {**opts, "cache_dir": cache_dir}
     _enabled = True
 
