@@ -41,7 +41,8 @@ def test_explain_rejects_plain_functions():
 def test_stats_keys():
     s = torch_kiln.stats()
     for k in ("groups", "specializations", "compiles", "cache_hits", "compile_time_ms", "kernel_runs",
-              "guard_passes", "guard_failures", "fallbacks", "enabled", "num_threads"):
+              "guard_passes", "guard_failures", "fallbacks", "enabled", "num_threads", "disk_hits", "disk_writes",
+              "disk_problems", "disk_load_time_ms", "compile_mode", "cache_dir"):
         assert k in s
 
 

@@ -123,6 +123,7 @@ fn stats(py: Python<'_>) -> PyResult<PyObject> {
     d.set_item("cache_dir", options.disk.as_ref().map(|d| d.dir().display().to_string()))?;
     drop(options);
     d.set_item("compile_time_ms", s.compile_time.as_secs_f64() * 1e3)?;
+    d.set_item("disk_load_time_ms", s.disk_load_time.as_secs_f64() * 1e3)?;
     d.set_item("kernel_runs", s.runs)?;
     d.set_item("guard_passes", s.guard_passes)?;
     d.set_item("guard_failures", s.guard_failures)?;

@@ -138,7 +138,9 @@ pub struct Stats {
     pub disk_writes: u64,
     /// Problems with the disk cache (none stops a program), with counts.
     pub disk_problems: BTreeMap<String, u64>,
+    /// Time spent compiling, and loading code from the disk cache.
     pub compile_time: Duration,
+    pub disk_load_time: Duration,
     pub guard_passes: u64,
     pub guard_failures: u64,
     pub runs: u64,
@@ -350,6 +352,9 @@ impl Runtime {
 
     pub fn stats(&self) -> Stats {
         let regions = self.regions.read().unwrap();
+        let time_from = |source: Source| -> Duration {
+            regions.iter().flat_map(|r| r.specs.read().unwrap().iter().filter(|s| s.source == source).map(|s| s.compile_time).collect::<Vec<_>>()).sum()
+        };
         let load = |c: &AtomicU64| c.load(Ordering::Relaxed);
         Stats {
             groups: regions.len(),
@@ -359,7 +364,8 @@ impl Runtime {
             disk_hits: self.cache.disk_hits(),
             disk_writes: self.cache.disk_writes(),
             disk_problems: self.cache.disk_problems(),
-            compile_time: regions.iter().flat_map(|r| r.specs.read().unwrap().iter().map(|s| s.compile_time).collect::<Vec<_>>()).sum(),
+            compile_time: time_from(Source::Compiled),
+            disk_load_time: time_from(Source::Disk),
             guard_passes: load(&self.counters.guard_passes),
             guard_failures: load(&self.counters.guard_failures),
             runs: load(&self.counters.runs),
