@@ -124,6 +124,55 @@ impl GroupProfile {
     }
 }
 
+/// How the code for a group should treat one dim of one input, from what the profile saw.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum DimPlan {
+    /// Always this size: baked into the code.
+    Static(i64),
+    /// Seen with several sizes, one of them 0 or 1: each size gets its own code, since a dim
+    /// of 1 broadcasts and an empty dim reads nothing.
+    Specialised,
+    /// Seen with several sizes, all ≥ 2: a symbol bound from the runtime size. Dims that were
+    /// equal to each other in every observation share a symbol (a batch dim of two inputs).
+    Symbol(u32),
+}
+
+impl GroupProfile {
+    /// The plan for each input's dims, from the signatures with the same input ranks as the
+    /// latest one (a rank change is another kind of input, with code of its own).
+    pub fn dim_plan(&self) -> Vec<Vec<DimPlan>> {
+        let Some(last) = self.signatures.last() else { return vec![] };
+        let ranks: Vec<usize> = last.iter().map(|m| m.sizes.len()).collect();
+        let sigs: Vec<&Vec<TensorMeta>> =
+            self.signatures.iter().filter(|s| s.iter().map(|m| m.sizes.len()).eq(ranks.iter().copied())).collect();
+        // The sizes each (input, dim) took, one per signature: equal histories are tied.
+        let history = |i: usize, d: usize| -> Vec<i64> { sigs.iter().map(|s| s[i].sizes[d]).collect() };
+        let mut symbols: Vec<Vec<i64>> = vec![];
+        ranks
+            .iter()
+            .enumerate()
+            .map(|(i, &rank)| {
+                (0..rank)
+                    .map(|d| {
+                        let h = history(i, d);
+                        if h.iter().all(|&n| n == h[0]) {
+                            DimPlan::Static(h[0])
+                        } else if h.iter().any(|&n| n <= 1) {
+                            DimPlan::Specialised
+                        } else {
+                            let k = symbols.iter().position(|s| *s == h).unwrap_or_else(|| {
+                                symbols.push(h);
+                                symbols.len() - 1
+                            });
+                            DimPlan::Symbol(k as u32)
+                        }
+                    })
+                    .collect()
+            })
+            .collect()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -146,5 +195,25 @@ mod tests {
         assert!(!p.observe(&[view(&[2, 8], &[8, 1])]));
         assert!(p.observe(&[view(&[5, 8], &[8, 1])]));
         assert_eq!(p.dim_stability(), vec![vec![DimStability::Varies(vec![2, 5]), DimStability::Stable(8)]]);
+    }
+
+    #[test]
+    fn varying_dims_become_symbols_tied_when_always_equal() {
+        let mut p = GroupProfile::default();
+        for (b, t) in [(2, 8), (5, 8), (9, 16)] {
+            p.observe(&[view(&[b, t, 4], &[t * 4, 4, 1]), view(&[b, 1], &[1, 1]), view(&[t], &[1])]);
+        }
+        use DimPlan::*;
+        assert_eq!(p.dim_plan(), vec![vec![Symbol(0), Symbol(1), Static(4)], vec![Symbol(0), Static(1)], vec![Symbol(1)]]);
+    }
+
+    #[test]
+    fn dims_seen_as_0_or_1_stay_specialised_and_other_ranks_are_ignored() {
+        let mut p = GroupProfile::default();
+        p.observe(&[view(&[7], &[1])]);
+        p.observe(&[view(&[3, 3], &[3, 1])]);
+        p.observe(&[view(&[1], &[1])]);
+        p.observe(&[view(&[4], &[1])]);
+        assert_eq!(p.dim_plan(), vec![vec![DimPlan::Specialised]]);
     }
 }
