@@ -34,11 +34,11 @@ def test_saved_regression(path):
 def test_oracle_rejects_wrong_answers():
     x = torch.linspace(-3, 3, 50)
     want, exact = torch.exp(x), torch.exp(x.double())
-    assert gf.agrees(want, want, want, exact) is None
-    assert gf.agrees(want * (1 + 1e-4), want, want, exact) is not None
+    assert gf.agrees(want, [want], exact) is None
+    assert gf.agrees(want * (1 + 1e-4), [want, want], exact) is not None
     nan_where_finite = want.clone()
     nan_where_finite[3] = float("nan")
-    assert gf.agrees(nan_where_finite, want, want, exact) is not None
-    assert gf.agrees(want.double(), want, want, exact) is not None  # wrong dtype
+    assert gf.agrees(nan_where_finite, [want], exact) is not None
+    assert gf.agrees(want.double(), [want], exact) is not None  # wrong dtype
     ints = torch.arange(5)
-    assert gf.agrees(ints + 1, ints, ints, ints) is not None
+    assert gf.agrees(ints + 1, [ints], ints) is not None
