@@ -5,7 +5,7 @@
 //! "KILNCODE" | format: u32 | header length: u32 | header | body length: u64 | body | blake3: 32 bytes
 //! header: text lines "field value"  (key, kiln, llvm, triple, cpu, features)
 //! body:   text lines "arena N" "inputs N" "outputs N" "buffer DTYPE input|output|temp N SIZES"
-//!         "kernel NAME SYMBOL EXTENT PARALLEL", then "loop_ir LEN" and "object LEN", each
+//!         "kernel NAME SYMBOL EXTENT PARALLEL WORK", then "loop_ir LEN" and "object LEN", each
 //!         followed by LEN raw bytes
 //! ```
 //! Nothing is trusted before the checksum matches, and nothing is loaded unless every header
@@ -19,7 +19,7 @@ use kiln_compiler::{DType, ProgramImage, Target};
 
 const MAGIC: &[u8; 8] = b"KILNCODE";
 /// Bumped whenever the layout above changes; older entries are then foreign.
-pub const FORMAT: u32 = 1;
+pub const FORMAT: u32 = 2;
 const CHECKSUM: usize = 32;
 
 #[derive(thiserror::Error, Debug, Clone, PartialEq, Eq)]
@@ -93,7 +93,7 @@ pub fn encode(header: &EntryHeader, image: &ProgramImage) -> Vec<u8> {
         body.extend(format!("buffer {} {kind} {n} [{}]\n", b.dtype, sizes.join(",")).bytes());
     }
     for k in &image.kernels {
-        body.extend(format!("kernel {} {} {} {}\n", k.name, k.symbol, k.extent, k.parallel as u8).bytes());
+        body.extend(format!("kernel {} {} {} {} {}\n", k.name, k.symbol, k.extent, k.parallel as u8, k.work_per_iter).bytes());
     }
     for (tag, blob) in [("loop_ir", image.loop_ir.as_bytes()), ("object", &image.object[..])] {
         body.extend(format!("{tag} {}\n", blob.len()).bytes());
@@ -217,7 +217,8 @@ fn parse_body(body: &[u8]) -> Result<ProgramImage, String> {
                 let symbol = w.next().ok_or("kernel without a symbol")?.to_string();
                 let extent = num(w.next(), "kernel extent")?;
                 let parallel = num::<u8>(w.next(), "kernel parallel flag")? == 1;
-                image.kernels.push(KernelDecl { name, symbol, extent, parallel });
+                let work_per_iter = num(w.next(), "kernel work")?;
+                image.kernels.push(KernelDecl { name, symbol, extent, parallel, work_per_iter });
             }
             Some("loop_ir") => {
                 let n = num(w.next(), "loop_ir length")?;
@@ -278,7 +279,7 @@ mod tests {
                 BufferDecl { dtype: DType::F32, sizes: vec![8], kind: BufferKind::Temp { offset: 0 } },
                 BufferDecl { dtype: DType::Bool, sizes: vec![], kind: BufferKind::Output(0) },
             ],
-            kernels: vec![KernelDecl { name: "k0".into(), symbol: "kiln_ab_k0".into(), extent: 4, parallel: true }],
+            kernels: vec![KernelDecl { name: "k0".into(), symbol: "kiln_ab_k0".into(), extent: 4, parallel: true, work_per_iter: 2 }],
             arena_bytes: 32,
             num_inputs: 1,
             num_outputs: 1,
@@ -336,8 +337,8 @@ mod tests {
     #[test]
     fn other_formats_and_files_are_refused() {
         let mut bytes = encode(&header(), &image());
-        bytes[8] = 2;
-        assert_eq!(decode(&bytes, &header()), Err(EntryError::Format(2)));
+        bytes[8] = 9;
+        assert_eq!(decode(&bytes, &header()), Err(EntryError::Format(9)));
         assert_eq!(decode(b"\x7fELF\x02\x01\x01\0\0\0\0\0", &header()), Err(EntryError::NotAnEntry));
     }
 

@@ -3,6 +3,7 @@
 //! Nothing here knows about TorchScript or any other frontend: a frontend builds an
 //! [`ir::Graph`] and the input strides, and gets back a [`program::CompiledProgram`].
 
+pub mod batch;
 pub mod codegen;
 pub mod dtype;
 pub mod ir;
@@ -81,6 +82,7 @@ pub fn compile_image(graph: &Graph, input_strides: &[Vec<i64>], target: &Target,
             symbol,
             extent: k.outer_extent(),
             parallel: k.root.kind == loop_ir::LoopKind::Parallel,
+            work_per_iter: k.work_per_iter,
         })
         .collect();
     Ok(ProgramImage {

@@ -18,6 +18,8 @@ pub struct KernelDecl {
     /// Iterations of the root loop; the runtime calls the kernel on slices of [0, extent).
     pub extent: i64,
     pub parallel: bool,
+    /// Element operations per root iteration (the parallel grain).
+    pub work_per_iter: i64,
 }
 
 /// Everything needed to run a program, as plain data: the object code and what the runtime
@@ -125,7 +127,56 @@ impl CompiledProgram {
     ///
     /// # Safety
     /// As for `run`, for the pointers the two functions return.
-    pub unsafe fn run_with(&self, input: impl Fn(usize) -> *const u8, mut output: impl FnMut(usize) -> *mut u8) {
+    pub unsafe fn run_with(&self, input: impl Fn(usize) -> *const u8, output: impl FnMut(usize) -> *mut u8) {
+        let image = &self.image;
+        let extents: Vec<i64> = image.kernels.iter().map(|k| k.extent).collect();
+        let parallel: Vec<bool> = image.kernels.iter().map(|k| k.parallel).collect();
+        self.run_plan(&extents, &parallel, |_, b| match b.kind {
+            BufferKind::Temp { offset } => offset,
+            _ => 0,
+        }, image.arena_bytes, input, output);
+    }
+
+    /// Runs a batch-polymorphic program (see [`crate::batch`]) at batch size `batch`: root
+    /// extents scale, and temporaries are laid out one after another for this batch (the
+    /// compiled memory plan holds for the batch it was made for only).
+    ///
+    /// # Safety
+    /// As for `run_with`, with dim 0 of every batched buffer of size `batch`, and `scaling`
+    /// made for this program.
+    pub unsafe fn run_batched(&self, scaling: &crate::batch::BatchScaling, batch: i64, input: impl Fn(usize) -> *const u8, output: impl FnMut(usize) -> *mut u8) {
+        let image = &self.image;
+        let extents: Vec<i64> = image.kernels.iter().zip(&scaling.per_row).map(|(k, r)| r.map_or(k.extent, |r| r * batch)).collect();
+        let parallel: Vec<bool> = image
+            .kernels
+            .iter()
+            .zip(&extents)
+            .map(|(k, &e)| k.parallel || (e >= 2 && e.saturating_mul(k.work_per_iter) >= crate::schedule::PARALLEL_MIN_WORK))
+            .collect();
+        let mut offsets = vec![0usize; image.buffers.len()];
+        let mut arena = 0usize;
+        for (i, (b, &batched)) in image.buffers.iter().zip(&scaling.batched).enumerate() {
+            if matches!(b.kind, BufferKind::Temp { .. }) {
+                let elems: i64 = b.sizes.iter().enumerate().map(|(d, &n)| if d == 0 && batched { batch } else { n }).product();
+                offsets[i] = arena;
+                arena += (elems.max(0) as usize * b.dtype.size_bytes()).div_ceil(64) * 64;
+            }
+        }
+        self.run_plan(&extents, &parallel, |i, _| offsets[i], arena, input, output);
+    }
+
+    /// Fills the buffer table (temporaries at `temp_offset(buffer)` in an arena of
+    /// `arena_bytes`) and runs kernel i over `[0, extents[i])`, split across the pool where
+    /// `parallel[i]`.
+    unsafe fn run_plan(
+        &self,
+        extents: &[i64],
+        parallel: &[bool],
+        temp_offset: impl Fn(usize, &BufferDecl) -> usize,
+        arena_bytes: usize,
+        input: impl Fn(usize) -> *const u8,
+        mut output: impl FnMut(usize) -> *mut u8,
+    ) {
         // The buffer table lives on the stack for the common case: this runs on every call.
         const INLINE: usize = 32;
         let mut inline = [std::ptr::null_mut::<u8>(); INLINE];
@@ -139,35 +190,36 @@ impl CompiledProgram {
         };
         ARENA.with(|arena| {
             let mut arena = arena.borrow_mut();
-            let need = image.arena_bytes + 64;
+            let need = arena_bytes + 64;
             if arena.len() < need {
                 arena.resize(need, 0);
             }
             let base = arena.as_mut_ptr();
             let base = base.add(base.align_offset(64));
-            for (slot, b) in table.iter_mut().zip(&image.buffers) {
+            for (i, (slot, b)) in table.iter_mut().zip(&image.buffers).enumerate() {
+                let offset = temp_offset(i, b);
                 *slot = match b.kind {
                     BufferKind::Input(i) => input(i) as *mut u8,
                     BufferKind::Output(i) => output(i),
-                    BufferKind::Temp { offset } => base.add(offset),
+                    BufferKind::Temp { .. } => base.add(offset),
                 };
             }
             let table = Table(table.as_ptr());
-            for (k, &f) in image.kernels.iter().zip(&self.fns) {
-                if k.parallel {
+            for ((&f, &extent), &par) in self.fns.iter().zip(extents).zip(parallel) {
+                if par {
                     let pool = pool();
-                    let parts = pool.threads().min(k.extent.max(1) as usize);
-                    let chunk = (k.extent + parts as i64 - 1) / parts as i64;
+                    let parts = pool.threads().min(extent.max(1) as usize);
+                    let chunk = (extent + parts as i64 - 1) / parts as i64;
                     let table = &table;
                     pool.run(parts, &|p| {
                         let start = p as i64 * chunk;
-                        let end = (start + chunk).min(k.extent);
+                        let end = (start + chunk).min(extent);
                         if start < end {
                             f(table.0, start, end);
                         }
                     });
                 } else {
-                    f(table.0, 0, k.extent);
+                    f(table.0, 0, extent);
                 }
             }
         });
