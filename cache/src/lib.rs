@@ -119,7 +119,7 @@ impl ProgramCache {
             Source::Memory => {
                 self.memory_hits.fetch_add(1, Ordering::Relaxed);
                 if let Some(disk) = req.disk.filter(|d| req.mode != CompileMode::Never && !d.contains(&req.key)) {
-                    self.store(disk, req, &program.image);
+                    self.store(disk, &req.key, req.target, &program.image);
                 }
             }
             Source::Disk => {
@@ -155,7 +155,7 @@ impl ProgramCache {
         let start = Instant::now();
         let image = kiln_compiler::compile_image(req.graph, req.input_strides, req.target, req.options, &req.key.symbol_prefix())?;
         if let Some(disk) = req.disk {
-            self.store(disk, req, &image);
+            self.store(disk, &req.key, req.target, &image);
         }
         let mut program = image.load().map_err(FetchError::Load)?;
         program.compile_time = start.elapsed();
@@ -163,12 +163,17 @@ impl ProgramCache {
         Ok(Arc::new(program))
     }
 
-    fn store(&self, disk: &DiskCache, req: &Request<'_>, image: &ProgramImage) {
-        match disk.store(&req.key, &EntryHeader::current(&req.key, req.target), image) {
+    /// Writes one entry, counting the write or the problem; true if written.
+    fn store(&self, disk: &DiskCache, key: &CacheKey, target: &Target, image: &ProgramImage) -> bool {
+        match disk.store(key, &EntryHeader::current(key, target), image) {
             Ok(()) => {
                 self.disk_writes.fetch_add(1, Ordering::Relaxed);
+                true
             }
-            Err(e) => self.problem(format!("cannot write to the cache directory {}: {e}", disk.dir().display())),
+            Err(e) => {
+                self.problem(format!("cannot write to the cache directory {}: {e}", disk.dir().display()));
+                false
+            }
         }
     }
 
@@ -215,7 +220,7 @@ impl ProgramCache {
         for (key, program) in self.programs().into_iter().filter(|(k, _)| wanted(k)) {
             if disk.contains(&key) {
                 present += 1;
-            } else if disk.store(&key, &EntryHeader::current(&key, target), &program.image).is_ok() {
+            } else if self.store(disk, &key, target, &program.image) {
                 written += 1;
             }
         }

@@ -128,13 +128,12 @@ impl CompiledProgram {
     /// # Safety
     /// As for `run`, for the pointers the two functions return.
     pub unsafe fn run_with(&self, input: impl Fn(usize) -> *const u8, output: impl FnMut(usize) -> *mut u8) {
-        let image = &self.image;
-        let extents: Vec<i64> = image.kernels.iter().map(|k| k.extent).collect();
-        let parallel: Vec<bool> = image.kernels.iter().map(|k| k.parallel).collect();
-        self.run_plan(&extents, &parallel, |_, b| match b.kind {
+        let kernels = &self.image.kernels;
+        let temp_offset = |_, b: &BufferDecl| match b.kind {
             BufferKind::Temp { offset } => offset,
             _ => 0,
-        }, image.arena_bytes, input, output);
+        };
+        self.run_plan(|i| kernels[i].extent, |i| kernels[i].parallel, temp_offset, self.image.arena_bytes, input, output);
     }
 
     /// Runs a batch-polymorphic program (see [`crate::batch`]) at batch size `batch`: root
@@ -162,16 +161,17 @@ impl CompiledProgram {
                 arena += (elems.max(0) as usize * b.dtype.size_bytes()).div_ceil(64) * 64;
             }
         }
-        self.run_plan(&extents, &parallel, |i, _| offsets[i], arena, input, output);
+        self.run_plan(|i| extents[i], |i| parallel[i], |i, _| offsets[i], arena, input, output);
     }
 
-    /// Fills the buffer table (temporaries at `temp_offset(buffer)` in an arena of
-    /// `arena_bytes`) and runs kernel i over `[0, extents[i])`, split across the pool where
-    /// `parallel[i]`.
+    /// Fills the buffer table (temporaries at `temp_offset(i, buffer)` in an arena of
+    /// `arena_bytes`) and runs kernel i over `[0, extent(i))`, split across the pool where
+    /// `parallel(i)`. Closures, not slices: the plain path runs on every call and allocates
+    /// nothing.
     unsafe fn run_plan(
         &self,
-        extents: &[i64],
-        parallel: &[bool],
+        extent: impl Fn(usize) -> i64,
+        parallel: impl Fn(usize) -> bool,
         temp_offset: impl Fn(usize, &BufferDecl) -> usize,
         arena_bytes: usize,
         input: impl Fn(usize) -> *const u8,
@@ -205,8 +205,9 @@ impl CompiledProgram {
                 };
             }
             let table = Table(table.as_ptr());
-            for ((&f, &extent), &par) in self.fns.iter().zip(extents).zip(parallel) {
-                if par {
+            for (i, &f) in self.fns.iter().enumerate() {
+                let extent = extent(i);
+                if parallel(i) {
                     let pool = pool();
                     let parts = pool.threads().min(extent.max(1) as usize);
                     let chunk = (extent + parts as i64 - 1) / parts as i64;
