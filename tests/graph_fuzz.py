@@ -184,13 +184,22 @@ def _node(rng, values):
     return None
 
 
-def shape_sequence(rng, rank, n=4):
+def shape_sequence(rng, rank, n=6):
     """Base sizes for successive calls: repeats (profiling, optimising, compiled), then new
-    sizes, then the first again."""
+    sizes, twice each (the dims that moved become symbolic: later sizes run general code),
+    then the first again. Half the new sizes move one dim only, as a batch or a sequence
+    length does."""
     first = [rng.choice(SIZES) for _ in range(rank)]
     seq = [first, first, first]
+    last = first
     for _ in range(n - 2):
-        seq += [[rng.choice(SIZES + [0]) if rng.random() < 0.1 else rng.choice(SIZES) for _ in range(rank)]] * 2
+        new = lambda: rng.choice(SIZES + [0]) if rng.random() < 0.1 else rng.choice(SIZES)
+        if rank and rng.random() < 0.5:
+            d = rng.randrange(rank)
+            last = last[:d] + [new()] + last[d + 1:]
+        else:
+            last = [new() for _ in range(rank)]
+        seq += [last] * 2
     return seq + [first]
 
 
@@ -369,15 +378,23 @@ def kiln_runs():
     return torch_kiln.stats()["kernel_runs"]
 
 
+def symbolic_code():
+    import torch_kiln
+    return torch_kiln.stats()["symbolic_specializations"]
+
+
 def fuzz(graphs, seed, log=print, save_dir=None):
-    """Runs `graphs` cases from `seed`. Returns (cases that ran Kiln code, list of failures)."""
+    """Runs `graphs` cases from `seed`. Returns (cases that ran Kiln code, cases that made code
+    for symbolic sizes, list of failures)."""
     rng = random.Random(seed)
-    failures, with_kiln = [], 0
+    failures, with_kiln, with_symbolic = [], 0, 0
     for g in range(graphs):
         case_seed = rng.randrange(1 << 30)
         case = generate(random.Random(case_seed))
+        symbolic_before = symbolic_code()
         problem, kiln_calls = run_case(case, case_seed, kiln_runs)
         with_kiln += kiln_calls > 0
+        with_symbolic += symbolic_code() > symbolic_before
         if problem:
             small = shrink(case, case_seed, kiln_runs)
             small_problem, _ = run_case(small, case_seed, kiln_runs)
@@ -387,7 +404,7 @@ def fuzz(graphs, seed, log=print, save_dir=None):
                 os.makedirs(save_dir, exist_ok=True)
                 with open(os.path.join(save_dir, f"case_{case_seed}.json"), "w") as f:
                     json.dump({"seed": case_seed, "problem": small_problem or problem, **small.to_json()}, f, indent=1)
-    return with_kiln, failures
+    return with_kiln, with_symbolic, failures
 
 
 def main():
@@ -395,13 +412,15 @@ def main():
     p.add_argument("--graphs", type=int, default=1000)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--save", action="store_true", help="write shrunk failures to tests/fuzz_regressions/")
+    p.add_argument("--dynamic", default="auto", choices=["auto", "static", "always"], help="Kiln's dynamic= policy")
     a = p.parse_args()
     import torch_kiln
     torch.set_num_threads(1)
-    torch_kiln.enable(cache_dir=False)
+    torch_kiln.enable(cache_dir=False, dynamic=a.dynamic)
     save = os.path.join(os.path.dirname(__file__), "fuzz_regressions") if a.save else None
-    with_kiln, failures = fuzz(a.graphs, a.seed, save_dir=save)
-    print(f"{a.graphs} graphs, {with_kiln} ran Kiln code, {len(failures)} mismatches")
+    with_kiln, with_symbolic, failures = fuzz(a.graphs, a.seed, save_dir=save)
+    print(f"{a.graphs} graphs, {with_kiln} ran Kiln code, {with_symbolic} made code for symbolic sizes, "
+          f"{len(failures)} mismatches")
     sys.exit(1 if failures else 0)
 
 

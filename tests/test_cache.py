@@ -166,7 +166,8 @@ def test_damaged_entries_are_compiled_again_never_loaded(model_file, tmp_path, d
 
 def test_two_processes_writing_the_same_keys_at_once(model_file, tmp_path):
     batches = list(range(1, 9))
-    args = [sys.executable, "-c", CHILD, "always", str(tmp_path), model_file, MODEL, "{}", json.dumps(batches)]
+    # dynamic="static": one entry per batch size and group.
+    args = [sys.executable, "-c", CHILD, "always", str(tmp_path), model_file, MODEL, '{"dynamic": "static"}', json.dumps(batches)]
     procs = [subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env()) for _ in range(2)]
     for p in procs:
         _, err = p.communicate(timeout=300)
@@ -174,8 +175,18 @@ def test_two_processes_writing_the_same_keys_at_once(model_file, tmp_path):
     v = torch_kiln.cache.verify(tmp_path)
     assert len(v["ok"]) == 16 and not v["bad"], v
     assert not [n for n in os.listdir(tmp_path) if n.startswith(".tmp")]
-    s = child("never", tmp_path, model_file, batches=batches)
+    s = child("never", tmp_path, model_file, options={"dynamic": "static"}, batches=batches)
     assert (s["compiles"], s["disk_hits"]) == (0, 16), s
+
+
+def test_symbolic_code_from_disk_serves_sizes_never_compiled(model_file, tmp_path):
+    # dynamic="always": code for every batch >= 2 from the first call, under the same key in
+    # every process (the samples it is compiled at do not depend on the sizes seen).
+    lazy = child("lazy", tmp_path, model_file, options={"dynamic": "always"}, batches=[3])
+    assert (lazy["compiles"], lazy["disk_writes"]) == (2, 2), lazy
+    s = child("never", tmp_path, model_file, options={"dynamic": "always"}, batches=[2, 7, 40, 300])
+    assert (s["compiles"], s["disk_hits"], s["guard_failures"]) == (0, 2, 0), s
+    assert s["kernel_runs"] == 2 * (2 + 3 * 3), s  # 2 groups; 3 calls per size, the first profiling
 
 
 def test_read_only_cache_serves_never_mode(model_file, tmp_path):

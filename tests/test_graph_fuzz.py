@@ -16,10 +16,12 @@ REGRESSIONS = sorted(glob.glob(os.path.join(os.path.dirname(__file__), "fuzz_reg
 
 def test_random_torchscript_functions_match_eager():
     messages = []
-    with_kiln, failures = gf.fuzz(GRAPHS, seed=20261125, log=messages.append)
+    with_kiln, with_symbolic, failures = gf.fuzz(GRAPHS, seed=20261125, log=messages.append)
     assert not failures, "\n".join(messages)
     # Every generated op is one Kiln supports: each graph must have run Kiln code.
     assert with_kiln == GRAPHS
+    # Shape sequences move dims: most graphs must have run code for symbolic sizes too.
+    assert with_symbolic >= GRAPHS // 2, with_symbolic
 
 
 @pytest.mark.parametrize("path", REGRESSIONS, ids=[os.path.basename(p) for p in REGRESSIONS])

@@ -104,7 +104,8 @@ def test_unsupported_dtype_falls_back_with_a_reason():
 
 
 def test_specialisation_limit_then_torchscript():
-    torch_kiln.enable(max_specializations=2)
+    # dynamic="static": one specialisation per size (test_dynamic covers the general code).
+    torch_kiln.enable(max_specializations=2, dynamic="static")
     try:
         fn = fresh()
         for n in range(1, 7):

@@ -18,8 +18,9 @@ use kiln_compiler::program::KernelDecl;
 use kiln_compiler::{DType, ProgramImage, Target};
 
 const MAGIC: &[u8; 8] = b"KILNCODE";
-/// Bumped whenever the layout above changes; older entries are then foreign.
-pub const FORMAT: u32 = 2;
+/// Bumped whenever the layout above or the kernels' calling convention changes; older
+/// entries are then foreign. 3: kernels read the program's parameters after the buffers.
+pub const FORMAT: u32 = 3;
 const CHECKSUM: usize = 32;
 
 #[derive(thiserror::Error, Debug, Clone, PartialEq, Eq)]

@@ -42,6 +42,18 @@ impl CacheKey {
         CacheKey(*h.finalize().as_bytes())
     }
 
+    /// The key of the code for symbolic sizes compiled at the sizes `self` was made for: the
+    /// same graph and strides, other code (it reads sizes from parameters). `symbols` says
+    /// which input dims are symbols (the guard set's text).
+    pub fn symbolic(&self, symbols: &str) -> CacheKey {
+        let mut h = blake3::Hasher::new();
+        h.update(b"symbolic");
+        h.update(&self.0);
+        h.update(&(symbols.len() as u64).to_le_bytes());
+        h.update(symbols.as_bytes());
+        CacheKey(*h.finalize().as_bytes())
+    }
+
     pub fn hex(&self) -> String {
         self.0.iter().map(|b| format!("{b:02x}")).collect()
     }
@@ -100,6 +112,9 @@ pub struct Request<'a> {
     pub key: CacheKey,
     pub graph: &'a Graph,
     pub input_strides: &'a [Vec<i64>],
+    /// The program to compile instead of lowering `graph`: code for symbolic sizes, rewritten
+    /// by `kiln_compiler::symbolic::infer` (its key made by [`CacheKey::symbolic`]).
+    pub symbolic: Option<&'a kiln_compiler::lower::LoopProgram>,
     pub target: &'a Target,
     pub options: &'a CompileOptions,
     pub mode: CompileMode,
@@ -153,7 +168,11 @@ impl ProgramCache {
             return Err(FetchError::NotCached);
         }
         let start = Instant::now();
-        let image = kiln_compiler::compile_image(req.graph, req.input_strides, req.target, req.options, &req.key.symbol_prefix())?;
+        let prefix = req.key.symbol_prefix();
+        let image = match req.symbolic {
+            Some(lp) => kiln_compiler::compile_loop_program(lp, req.target, req.options, &prefix)?,
+            None => kiln_compiler::compile_image(req.graph, req.input_strides, req.target, req.options, &prefix)?,
+        };
         if let Some(disk) = req.disk {
             self.store(disk, &req.key, req.target, &image);
         }
@@ -251,6 +270,8 @@ mod tests {
         let k = CacheKey::new(&g, &[vec![1]], &t, &o);
         assert_eq!(k, CacheKey::new(&parse_graph(G).unwrap(), &[vec![1]], &t, &o));
         assert_ne!(k, CacheKey::new(&parse_graph(&G.replace("exp", "log")).unwrap(), &[vec![1]], &t, &o));
+        assert_ne!(k, k.symbolic("f32[s0] contiguous"));
+        assert_ne!(k.symbolic("f32[s0] contiguous"), k.symbolic("f32[4] strides=[1]"));
         assert_ne!(k, CacheKey::new(&g, &[vec![2]], &t, &o));
         assert_ne!(k, CacheKey::new(&g, &[vec![1]], &Target { cpu: "znver4".into(), ..t.clone() }, &o));
         assert_ne!(k, CacheKey::new(&g, &[vec![1]], &Target { features: "-avx512f".into(), ..t.clone() }, &o));
@@ -259,7 +280,7 @@ mod tests {
     }
 
     fn request<'a>(g: &'a Graph, strides: &'a [Vec<i64>], t: &'a Target, o: &'a CompileOptions, mode: CompileMode, disk: Option<&'a DiskCache>) -> Request<'a> {
-        Request { key: CacheKey::new(g, strides, t, o), graph: g, input_strides: strides, target: t, options: o, mode, disk }
+        Request { key: CacheKey::new(g, strides, t, o), graph: g, input_strides: strides, symbolic: None, target: t, options: o, mode, disk }
     }
 
     #[test]

@@ -51,7 +51,7 @@ impl Setup {
         CacheKey::new(&self.g, &self.strides, &self.target, &self.options)
     }
     fn req<'a>(&'a self, mode: CompileMode, disk: &'a DiskCache) -> Request<'a> {
-        Request { key: self.key(), graph: &self.g, input_strides: &self.strides, target: &self.target, options: &self.options, mode, disk: Some(disk) }
+        Request { key: self.key(), graph: &self.g, input_strides: &self.strides, symbolic: None, target: &self.target, options: &self.options, mode, disk: Some(disk) }
     }
     /// A fresh process's view: an empty memory cache over `disk`.
     fn fetch(&self, mode: CompileMode, disk: &DiskCache) -> (Result<Source, String>, ProgramCache) {

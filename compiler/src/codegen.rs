@@ -102,6 +102,34 @@ fn used_buffers(k: &Kernel) -> Vec<BufId> {
     bufs
 }
 
+/// How many parameters the kernel reads: one past the highest it names.
+fn num_params(k: &Kernel) -> usize {
+    let mut n = 0;
+    let mut see = |p: u32| n = n.max(p as usize + 1);
+    let index = |ix: &Index, see: &mut dyn FnMut(u32)| ix.params.iter().for_each(|&(_, p)| see(p));
+    for (e, _) in &k.exprs {
+        match e {
+            Expr::Load { index: ix, .. } => index(ix, &mut see),
+            Expr::Param(p) => see(*p),
+            _ => {}
+        }
+    }
+    fn walk(l: &Loop, see: &mut dyn FnMut(u32)) {
+        if let Dim::Sym(p) = l.extent {
+            see(p);
+        }
+        for s in &l.body {
+            match s {
+                Stmt::Loop(inner) => walk(inner, see),
+                Stmt::Store { index, .. } => index.params.iter().for_each(|&(_, p)| see(p)),
+                _ => {}
+            }
+        }
+    }
+    walk(&k.root, &mut see);
+    n
+}
+
 fn set_target_attrs<'ctx>(ctx: &'ctx Context, f: FunctionValue<'ctx>, target: &Target) {
     f.add_attribute(AttributeLoc::Function, ctx.create_string_attribute("target-cpu", &target.cpu));
     f.add_attribute(AttributeLoc::Function, ctx.create_string_attribute("target-features", &target.features));
@@ -114,8 +142,10 @@ fn emit_kernel<'ctx>(ctx: &'ctx Context, module: &Module<'ctx>, k: &Kernel, buff
     let i64t = ctx.i64_type();
     let used = used_buffers(k);
 
-    // Body: (noalias ptr per used buffer..., i64 start, i64 end)
+    // Body: (noalias ptr per used buffer..., ptr to the program's parameters, i64 start,
+    // i64 end). The parameters follow the buffers in the table (null unless symbolic).
     let mut params: Vec<_> = used.iter().map(|_| ptr.into()).collect();
+    params.push(ptr.into());
     params.push(i64t.into());
     params.push(i64t.into());
     let body_fn = module.add_function(&format!("{name}_body"), ctx.void_type().fn_type(&params, false), Some(Linkage::Internal));
@@ -137,8 +167,15 @@ fn emit_kernel<'ctx>(ctx: &'ctx Context, module: &Module<'ctx>, k: &Kernel, buff
         vars: HashMap::new(),
         accs: vec![],
         memo: HashMap::new(),
+        params: vec![],
         interleave: opts.interleave,
     };
+    // Parameters are loaded once, at entry: they dominate every use.
+    let param_base = body_fn.get_nth_param(used.len() as u32).unwrap().into_pointer_value();
+    for p in 0..num_params(k) {
+        let slot = unsafe { builder.build_in_bounds_gep(i64t, param_base, &[i64t.const_int(p as u64, false)], "")? };
+        e.params.push(builder.build_load(i64t, slot, &format!("p{p}"))?.into_int_value());
+    }
     for v in 0..k.num_vars {
         let slot = builder.build_alloca(i64t, &format!("i{v}"))?;
         e.vars.insert(VarId(v), slot);
@@ -146,8 +183,8 @@ fn emit_kernel<'ctx>(ctx: &'ctx Context, module: &Module<'ctx>, k: &Kernel, buff
     for (i, d) in k.accs.iter().enumerate() {
         e.accs.push(builder.build_alloca(llvm_type(ctx, *d), &format!("acc{i}"))?);
     }
-    let start = body_fn.get_nth_param(used.len() as u32).unwrap().into_int_value();
-    let end = body_fn.get_nth_param(used.len() as u32 + 1).unwrap().into_int_value();
+    let start = body_fn.get_nth_param(used.len() as u32 + 1).unwrap().into_int_value();
+    let end = body_fn.get_nth_param(used.len() as u32 + 2).unwrap().into_int_value();
     e.emit_loop(&k.root, Some((start, end)))?;
     builder.build_return(None)?;
 
@@ -162,6 +199,8 @@ fn emit_kernel<'ctx>(ctx: &'ctx Context, module: &Module<'ctx>, k: &Kernel, buff
         let slot = unsafe { builder.build_in_bounds_gep(ptr, table, &[i64t.const_int(b.0 as u64, false)], "")? };
         args.push(builder.build_load(ptr, slot, "")?.into());
     }
+    let slot = unsafe { builder.build_in_bounds_gep(ptr, table, &[i64t.const_int(buffer_dtypes.len() as u64, false)], "")? };
+    args.push(builder.build_load(ptr, slot, "")?.into());
     args.push(entry_fn.get_nth_param(1).unwrap().into());
     args.push(entry_fn.get_nth_param(2).unwrap().into());
     builder.build_call(body_fn, &args, "")?;
@@ -173,7 +212,7 @@ fn emit_kernel<'ctx>(ctx: &'ctx Context, module: &Module<'ctx>, k: &Kernel, buff
 /// Interleaving gathers (a transposed input) measured slower: 1024x1024 transposed spine,
 /// 2 threads, 2.2 ms without, 3.3 ms with.
 fn unit_stride(k: &Kernel, l: &Loop) -> bool {
-    let ok = |ix: &Index| ix.terms.iter().filter(|t| t.0 == l.var).all(|t| t.1 == 0 || t.1 == 1);
+    let ok = |ix: &Index| ix.terms.iter().filter(|t| t.0 == l.var).all(|t| t.1 == 0 || t.1 == 1) && !ix.params.iter().any(|t| t.0 == l.var);
     let loads = k.exprs.iter().all(|(e, _)| !matches!(e, Expr::Load { index, .. } if !ok(index)));
     let stores = l.body.iter().all(|s| !matches!(s, Stmt::Store { index, .. } if !ok(index)));
     loads && stores
@@ -234,6 +273,8 @@ struct Emitter<'a, 'ctx> {
     accs: Vec<PointerValue<'ctx>>,
     /// Expressions already computed in the current straight-line block.
     memo: HashMap<ExprId, BasicValueEnum<'ctx>>,
+    /// The program's parameters, loaded at entry.
+    params: Vec<IntValue<'ctx>>,
     interleave: u32,
 }
 
@@ -250,7 +291,7 @@ impl<'a, 'ctx> Emitter<'a, 'ctx> {
             Some(r) => r,
             None => match l.extent {
                 Dim::Const(n) => (i64t.const_zero(), i64t.const_int(n as u64, true)),
-                Dim::Sym(_) => return Err(CodegenError::Unsupported("symbolic extent".into())),
+                Dim::Sym(p) => (i64t.const_zero(), self.params[p as usize]),
             },
         };
         let slot = self.vars[&l.var];
@@ -332,6 +373,11 @@ impl<'a, 'ctx> Emitter<'a, 'ctx> {
             let t = self.b.build_int_mul(i, i64t.const_int(*stride as u64, true), "")?;
             off = self.b.build_int_add(off, t, "")?;
         }
+        for (v, p) in &index.params {
+            let i = self.b.build_load(i64t, self.vars[v], "")?.into_int_value();
+            let t = self.b.build_int_mul(i, self.params[*p as usize], "")?;
+            off = self.b.build_int_add(off, t, "")?;
+        }
         Ok(unsafe { self.b.build_in_bounds_gep(mem_type(self.ctx, dtype), base, &[off], "")? })
     }
 
@@ -363,6 +409,15 @@ impl<'a, 'ctx> Emitter<'a, 'ctx> {
                 }
             }
             Expr::Const(s) => self.constant(s, d),
+            Expr::Param(p) => {
+                let v = self.params[p as usize];
+                match d {
+                    DType::F32 | DType::F64 => self.b.build_signed_int_to_float(v, llvm_type(self.ctx, d).into_float_type(), "")?.into(),
+                    DType::I64 => v.into(),
+                    DType::I32 => self.b.build_int_truncate(v, self.ctx.i32_type(), "")?.into(),
+                    DType::Bool => self.b.build_int_compare(IntPredicate::NE, v, self.ctx.i64_type().const_zero(), "")?.into(),
+                }
+            }
             Expr::Acc(a) => self.b.build_load(llvm_type(self.ctx, d), self.accs[a.0 as usize], "")?,
             Expr::Unary(op, x) => {
                 let xv = self.expr(x)?;

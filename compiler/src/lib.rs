@@ -3,7 +3,6 @@
 //! Nothing here knows about TorchScript or any other frontend: a frontend builds an
 //! [`ir::Graph`] and the input strides, and gets back a [`program::CompiledProgram`].
 
-pub mod batch;
 pub mod codegen;
 pub mod dtype;
 pub mod ir;
@@ -16,6 +15,7 @@ pub mod passes;
 pub mod program;
 pub mod reference;
 pub mod schedule;
+pub mod symbolic;
 pub mod target;
 pub mod thread_pool;
 
@@ -70,7 +70,12 @@ pub fn lower_graph(graph: &Graph, input_strides: &[Vec<i64>]) -> Result<lower::L
 /// start with `symbol_prefix`. Symbols must be unique in a process; a caller that may load
 /// images compiled by other processes names them after their cache key.
 pub fn compile_image(graph: &Graph, input_strides: &[Vec<i64>], target: &Target, options: &CompileOptions, symbol_prefix: &str) -> Result<ProgramImage, CompileError> {
-    let lp = lower_graph(graph, input_strides)?;
+    compile_loop_program(&lower_graph(graph, input_strides)?, target, options, symbol_prefix)
+}
+
+/// Compiles a lowered program (say, one `symbolic::infer` rewrote) to an image; see
+/// [`compile_image`].
+pub fn compile_loop_program(lp: &lower::LoopProgram, target: &Target, options: &CompileOptions, symbol_prefix: &str) -> Result<ProgramImage, CompileError> {
     let dtypes: Vec<DType> = lp.buffers.iter().map(|b| b.dtype).collect();
     let obj = codegen::compile(&lp.kernels, &dtypes, target, symbol_prefix, options)?;
     let kernels = lp
@@ -86,7 +91,7 @@ pub fn compile_image(graph: &Graph, input_strides: &[Vec<i64>], target: &Target,
         })
         .collect();
     Ok(ProgramImage {
-        buffers: lp.buffers,
+        buffers: lp.buffers.clone(),
         kernels,
         arena_bytes: lp.arena_bytes,
         num_inputs: lp.num_inputs,

@@ -3,7 +3,9 @@
 //! is one expression, computed once per iteration.
 //!
 //! Indices are affine in the loop variables (`Index`), which is what strides, broadcasting and
-//! later packing/tiling need. Extents are `Dim`s so symbolic sizes fit without a new IR.
+//! later packing/tiling need. Code for symbolic sizes (`symbolic`) reads the integers that
+//! follow the sizes from the program's parameters at run time: loop extents `Dim::Sym(p)`,
+//! strides `Index::params`, constants `Expr::Param` (a mean's count).
 
 use crate::dtype::{DType, Scalar};
 use crate::ir::{BinaryOp, CmpOp, Dim, UnaryOp};
@@ -19,17 +21,21 @@ pub struct AccId(pub u32);
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct BufId(pub u32);
 
-/// Element offset = offset + sum(var * stride).
+/// Element offset = offset + sum(var * stride) + sum(var * parameter).
 #[derive(Clone, Debug, PartialEq, Eq, Hash, Default)]
 pub struct Index {
     pub terms: Vec<(VarId, i64)>,
     pub offset: i64,
+    /// Strides that are the program's parameter `p` (symbolic code only).
+    pub params: Vec<(VarId, u32)>,
 }
 
 #[derive(Clone, Debug, PartialEq)]
 pub enum Expr {
     Load { buf: BufId, index: Index },
     Const(Scalar),
+    /// The program's integer parameter `p`, converted to the expression's dtype.
+    Param(u32),
     Acc(AccId),
     Unary(UnaryOp, ExprId),
     Binary(BinaryOp, ExprId, ExprId),
@@ -92,7 +98,7 @@ impl Kernel {
     pub fn outer_extent(&self) -> i64 {
         match self.root.extent {
             Dim::Const(n) => n,
-            Dim::Sym(_) => panic!("symbolic extents are bound at run time (not yet)"),
+            Dim::Sym(_) => panic!("a root extent is never a parameter: the runtime passes its range"),
         }
     }
 }
@@ -122,6 +128,7 @@ impl fmt::Display for Index {
             .terms
             .iter()
             .map(|(v, s)| if *s == 1 { format!("i{}", v.0) } else { format!("i{}*{}", v.0, s) })
+            .chain(self.params.iter().map(|(v, p)| format!("i{}*p{}", v.0, p)))
             .collect();
         if self.offset != 0 || parts.is_empty() {
             parts.push(self.offset.to_string());
@@ -136,6 +143,7 @@ impl Kernel {
         match expr {
             Expr::Load { buf, index } => write!(out, "b{}[{}]", buf.0, index).unwrap(),
             Expr::Const(s) => write!(out, "{s}:{dtype}").unwrap(),
+            Expr::Param(p) => write!(out, "p{p}:{dtype}").unwrap(),
             Expr::Acc(a) => write!(out, "acc{}", a.0).unwrap(),
             Expr::Unary(op, x) => {
                 write!(out, "{}(", op.name()).unwrap();
@@ -187,7 +195,11 @@ impl Kernel {
     fn fmt_loop(&self, l: &Loop, depth: usize, out: &mut String) {
         let pad = "  ".repeat(depth);
         let kind = if l.kind == LoopKind::Parallel { "parallel " } else { "" };
-        writeln!(out, "{pad}{kind}for i{} in 0..{} {{", l.var.0, l.extent).unwrap();
+        let extent = match l.extent {
+            Dim::Const(n) => n.to_string(),
+            Dim::Sym(p) => format!("p{p}"),
+        };
+        writeln!(out, "{pad}{kind}for i{} in 0..{extent} {{", l.var.0).unwrap();
         for s in &l.body {
             self.fmt_stmt(s, depth + 1, out);
         }

@@ -253,7 +253,7 @@ impl<'a> KernelBuilder<'a> {
         let e = if !node.op.is_pointwise() || self.materialised.contains(&v) {
             let (buf, strides) = &self.bufs[&v];
             let terms = coords.iter().zip(strides).filter_map(|(c, &s)| c.map(|var| (var, s))).collect();
-            self.arena.add(Expr::Load { buf: *buf, index: Index { terms, offset: 0 } }, node.ty.dtype)
+            self.arena.add(Expr::Load { buf: *buf, index: Index { terms, offset: 0, params: vec![] } }, node.ty.dtype)
         } else {
             self.compute(v, coords)
         };
@@ -296,7 +296,7 @@ impl<'a> KernelBuilder<'a> {
 
     fn store_to((buf, strides): &Target, coords: &Coords, value: ExprId) -> Stmt {
         let terms = coords.iter().zip(strides).filter_map(|(c, &s)| c.map(|var| (var, s))).collect();
-        Stmt::Store { buf: *buf, index: Index { terms, offset: 0 }, value }
+        Stmt::Store { buf: *buf, index: Index { terms, offset: 0, params: vec![] }, value }
     }
 
     /// Nests `body` in loops over `vars`/`extents`, outermost first.

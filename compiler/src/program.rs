@@ -133,47 +133,49 @@ impl CompiledProgram {
             BufferKind::Temp { offset } => offset,
             _ => 0,
         };
-        self.run_plan(|i| kernels[i].extent, |i| kernels[i].parallel, temp_offset, self.image.arena_bytes, input, output);
+        self.run_plan(|i| kernels[i].extent, |i| kernels[i].parallel, temp_offset, self.image.arena_bytes, &[], input, output);
     }
 
-    /// Runs a batch-polymorphic program (see [`crate::batch`]) at batch size `batch`: root
-    /// extents scale, and temporaries are laid out one after another for this batch (the
-    /// compiled memory plan holds for the batch it was made for only).
+    /// Runs a program compiled for symbolic sizes (see [`crate::symbolic`]) at `symbols`:
+    /// root extents are evaluated, and temporaries are laid out one after another for these
+    /// sizes (the compiled memory plan holds for the sizes it was made for only).
     ///
     /// # Safety
-    /// As for `run_with`, with dim 0 of every batched buffer of size `batch`, and `scaling`
-    /// made for this program.
-    pub unsafe fn run_batched(&self, scaling: &crate::batch::BatchScaling, batch: i64, input: impl Fn(usize) -> *const u8, output: impl FnMut(usize) -> *mut u8) {
+    /// As for `run_with`, with every buffer of the sizes `shapes` gives at `symbols`, and
+    /// `shapes` inferred for this program.
+    pub unsafe fn run_symbolic(&self, shapes: &crate::symbolic::SymbolicShapes, symbols: &[i64], input: impl Fn(usize) -> *const u8, output: impl FnMut(usize) -> *mut u8) {
         let image = &self.image;
-        let extents: Vec<i64> = image.kernels.iter().zip(&scaling.per_row).map(|(k, r)| r.map_or(k.extent, |r| r * batch)).collect();
-        let parallel: Vec<bool> = image
-            .kernels
+        let extents: Vec<i64> = shapes.extents.iter().map(|m| m.eval(symbols)).collect();
+        let parallel: Vec<bool> = shapes
+            .work
             .iter()
             .zip(&extents)
-            .map(|(k, &e)| k.parallel || (e >= 2 && e.saturating_mul(k.work_per_iter) >= crate::schedule::PARALLEL_MIN_WORK))
+            .map(|(w, &e)| e >= 2 && e.saturating_mul(w.eval(symbols)) >= crate::schedule::PARALLEL_MIN_WORK)
             .collect();
+        let params: Vec<i64> = shapes.params.iter().map(|m| m.eval(symbols)).collect();
         let mut offsets = vec![0usize; image.buffers.len()];
         let mut arena = 0usize;
-        for (i, (b, &batched)) in image.buffers.iter().zip(&scaling.batched).enumerate() {
+        for (i, (b, dims)) in image.buffers.iter().zip(&shapes.buffers).enumerate() {
             if matches!(b.kind, BufferKind::Temp { .. }) {
-                let elems: i64 = b.sizes.iter().enumerate().map(|(d, &n)| if d == 0 && batched { batch } else { n }).product();
+                let elems: i64 = dims.iter().map(|m| m.eval(symbols)).product();
                 offsets[i] = arena;
                 arena += (elems.max(0) as usize * b.dtype.size_bytes()).div_ceil(64) * 64;
             }
         }
-        self.run_plan(|i| extents[i], |i| parallel[i], |i, _| offsets[i], arena, input, output);
+        self.run_plan(|i| extents[i], |i| parallel[i], |i, _| offsets[i], arena, &params, input, output);
     }
 
     /// Fills the buffer table (temporaries at `temp_offset(i, buffer)` in an arena of
-    /// `arena_bytes`) and runs kernel i over `[0, extent(i))`, split across the pool where
-    /// `parallel(i)`. Closures, not slices: the plain path runs on every call and allocates
-    /// nothing.
+    /// `arena_bytes`; the parameters after the buffers) and runs kernel i over
+    /// `[0, extent(i))`, split across the pool where `parallel(i)`. Closures, not slices: the
+    /// plain path runs on every call and allocates nothing.
     unsafe fn run_plan(
         &self,
         extent: impl Fn(usize) -> i64,
         parallel: impl Fn(usize) -> bool,
         temp_offset: impl Fn(usize, &BufferDecl) -> usize,
         arena_bytes: usize,
+        params: &[i64],
         input: impl Fn(usize) -> *const u8,
         mut output: impl FnMut(usize) -> *mut u8,
     ) {
@@ -182,12 +184,14 @@ impl CompiledProgram {
         let mut inline = [std::ptr::null_mut::<u8>(); INLINE];
         let mut heap = vec![];
         let image = &self.image;
-        let table: &mut [*mut u8] = if image.buffers.len() <= INLINE {
-            &mut inline[..image.buffers.len()]
+        let slots = image.buffers.len() + 1;
+        let table: &mut [*mut u8] = if slots <= INLINE {
+            &mut inline[..slots]
         } else {
-            heap.resize(image.buffers.len(), std::ptr::null_mut());
+            heap.resize(slots, std::ptr::null_mut());
             &mut heap
         };
+        table[slots - 1] = params.as_ptr() as *mut u8;
         ARENA.with(|arena| {
             let mut arena = arena.borrow_mut();
             let need = arena_bytes + 64;

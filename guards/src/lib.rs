@@ -1,12 +1,20 @@
 //! The checks run before each compiled group: does this call's input match what the compiled
 //! code assumed? Exactly what the code relies on is checked, nothing more: dtype, device,
-//! rank, every size, the strides of dims the code steps along (see
+//! rank, every static size, the strides of dims the code steps along (see
 //! `kiln_profiler::canonical_strides`), and requires_grad (Kiln computes no gradients).
+//!
+//! Code compiled for symbolic sizes (see `kiln_compiler::symbolic`) takes any size ≥ 2 for a
+//! symbolic dim, as long as dims sharing a symbol agree, and asks that tensors with symbolic
+//! dims be contiguous (their strides follow their sizes).
 //!
 //! A failed check is not an error: the frontend runs its original code and may ask for a new
 //! specialisation. `check` allocates nothing; it runs on every call.
 
-use kiln_profiler::{canonical_strides, Device, TensorMeta, TensorView};
+use kiln_profiler::{canonical_strides, DimPlan, Device, TensorMeta, TensorView};
+use std::fmt;
+
+/// The most symbols one guard set binds (see `kiln_compiler::symbolic::MAX_SYMBOLS`).
+pub const MAX_SYMBOLS: usize = kiln_compiler::symbolic::MAX_SYMBOLS;
 
 /// Why a call did not match its group's guard.
 #[derive(thiserror::Error, Clone, Debug, PartialEq, Eq)]
@@ -21,6 +29,10 @@ pub enum GuardFailure {
     Rank(usize),
     #[error("input {0}: sizes differ")]
     Sizes(usize),
+    #[error("input {0}: a symbolic size is 0 or 1")]
+    SmallSymbol(usize),
+    #[error("input {0}: a size differs from the size it is tied to")]
+    Tie(usize),
     #[error("input {0}: strides differ")]
     Strides(usize),
     #[error("input {0}: requires grad")]
@@ -36,25 +48,85 @@ impl GuardFailure {
             GuardFailure::Device(_) => "device",
             GuardFailure::Rank(_) => "rank",
             GuardFailure::Sizes(_) => "sizes",
+            GuardFailure::SmallSymbol(_) => "small_symbol",
+            GuardFailure::Tie(_) => "tie",
             GuardFailure::Strides(_) => "strides",
             GuardFailure::RequiresGrad(_) => "requires_grad",
         }
     }
 }
 
+/// One dim of one input.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum DimGuard {
+    Size(i64),
+    /// Any size ≥ 2, the same for every dim with this symbol.
+    Symbol(u32),
+}
+
+/// What one input's strides must be.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub enum StrideGuard {
+    /// Canonical strides: 0 where the code never steps (size-1 dims, empty tensors).
+    Exact(Vec<i64>),
+    /// Row-major for the sizes at hand (size-1 dims aside).
+    Contiguous,
+}
+
 /// What one input must look like.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub struct TensorGuard {
     pub dtype: kiln_compiler::DType,
-    pub sizes: Vec<i64>,
-    /// Canonical strides: 0 where the code never steps (size-1 dims, empty tensors).
-    pub strides: Vec<i64>,
+    pub dims: Vec<DimGuard>,
+    pub strides: StrideGuard,
+}
+
+impl fmt::Display for TensorGuard {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let dims: Vec<String> = self
+            .dims
+            .iter()
+            .map(|d| match d {
+                DimGuard::Size(n) => n.to_string(),
+                DimGuard::Symbol(k) => format!("s{k}"),
+            })
+            .collect();
+        write!(f, "{}[{}] ", self.dtype, dims.join(", "))?;
+        match &self.strides {
+            StrideGuard::Exact(s) => write!(f, "strides={s:?}"),
+            StrideGuard::Contiguous => f.write_str("contiguous"),
+        }
+    }
 }
 
 /// The guards of every tensor input of one compiled group, in order.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub struct GuardSet {
     pub tensors: Vec<TensorGuard>,
+    /// Where each symbol is read from: (input, dim) of its first occurrence.
+    pub symbols: Vec<(usize, usize)>,
+}
+
+fn plain(m: &TensorMeta) -> Option<kiln_compiler::DType> {
+    if m.device != Device::Cpu || m.requires_grad {
+        return None;
+    }
+    m.dtype
+}
+
+/// Whether `strides` are row-major for `sizes`, ignoring dims of size 1 (never stepped).
+fn is_contiguous(sizes: &[i64], strides: &[i64]) -> bool {
+    if sizes.contains(&0) {
+        return true;
+    }
+    let mut expected = 1;
+    for (&n, &s) in sizes.iter().zip(strides).rev() {
+        if n != 1 && s != expected {
+            return false;
+        }
+        expected *= n;
+    }
+    true
 }
 
 impl GuardSet {
@@ -64,19 +136,81 @@ impl GuardSet {
         let tensors = metas
             .iter()
             .map(|m| {
-                if m.device != Device::Cpu || m.requires_grad {
-                    return None;
-                }
-                Some(TensorGuard { dtype: m.dtype?, sizes: m.sizes.clone(), strides: canonical_strides(&m.sizes, &m.strides) })
+                let dims = m.sizes.iter().map(|&n| DimGuard::Size(n)).collect();
+                Some(TensorGuard { dtype: plain(m)?, dims, strides: StrideGuard::Exact(canonical_strides(&m.sizes, &m.strides)) })
             })
             .collect::<Option<_>>()?;
-        Some(GuardSet { tensors })
+        Some(GuardSet { tensors, symbols: vec![] })
+    }
+
+    /// Guards for inputs like `metas` with the dims `plan` makes symbols free (≥ 2, ties
+    /// kept). None as for `for_inputs`, or if a tensor with symbolic dims is not contiguous,
+    /// a symbol is 0 or 1 in `metas`, or there are more than [`MAX_SYMBOLS`].
+    pub fn symbolic(metas: &[TensorMeta], plan: &[Vec<DimPlan>]) -> Option<GuardSet> {
+        let mut symbols: Vec<(u32, (usize, usize))> = vec![];
+        let mut tensors = vec![];
+        for (i, (m, dims)) in metas.iter().zip(plan).enumerate() {
+            let dtype = plain(m)?;
+            if dims.len() != m.sizes.len() {
+                return None;
+            }
+            let mut guards = vec![];
+            for (d, p) in dims.iter().enumerate() {
+                guards.push(match *p {
+                    DimPlan::Static(_) => DimGuard::Size(m.sizes[d]),
+                    DimPlan::Symbol(k) => {
+                        if m.sizes[d] < 2 {
+                            return None;
+                        }
+                        if !symbols.iter().any(|s| s.0 == k) {
+                            symbols.push((k, (i, d)));
+                        }
+                        DimGuard::Symbol(k)
+                    }
+                });
+            }
+            let symbolic = guards.iter().any(|g| matches!(g, DimGuard::Symbol(_)));
+            let strides = if !symbolic {
+                StrideGuard::Exact(canonical_strides(&m.sizes, &m.strides))
+            } else if is_contiguous(&m.sizes, &m.strides) {
+                StrideGuard::Contiguous
+            } else {
+                return None;
+            };
+            tensors.push(TensorGuard { dtype, dims: guards, strides });
+        }
+        if symbols.len() > MAX_SYMBOLS {
+            return None;
+        }
+        // Symbols are renumbered 0.. in order of first use, the order `symbols` lists them.
+        for t in &mut tensors {
+            for g in &mut t.dims {
+                if let DimGuard::Symbol(k) = g {
+                    *k = symbols.iter().position(|s| s.0 == *k).unwrap() as u32;
+                }
+            }
+        }
+        Some(GuardSet { tensors, symbols: symbols.into_iter().map(|s| s.1).collect() })
+    }
+
+    pub fn is_symbolic(&self) -> bool {
+        !self.symbols.is_empty()
+    }
+
+    /// The symbols' values in `metas`-like sizes (which passed `check`).
+    pub fn bind(&self, sizes: impl Fn(usize, usize) -> i64) -> [i64; MAX_SYMBOLS] {
+        let mut values = [0; MAX_SYMBOLS];
+        for (v, &(i, d)) in values.iter_mut().zip(&self.symbols) {
+            *v = sizes(i, d);
+        }
+        values
     }
 
     pub fn check(&self, inputs: &[TensorView<'_>]) -> Result<(), GuardFailure> {
         if inputs.len() != self.tensors.len() {
             return Err(GuardFailure::Arity { want: self.tensors.len(), got: inputs.len() });
         }
+        let mut bound = [0i64; MAX_SYMBOLS];
         for (i, (g, t)) in self.tensors.iter().zip(inputs).enumerate() {
             if t.dtype != Some(g.dtype) {
                 return Err(GuardFailure::Dtype(i));
@@ -87,17 +221,32 @@ impl GuardSet {
             if t.requires_grad {
                 return Err(GuardFailure::RequiresGrad(i));
             }
-            if t.sizes.len() != g.sizes.len() {
+            if t.sizes.len() != g.dims.len() {
                 return Err(GuardFailure::Rank(i));
             }
-            if t.sizes != g.sizes.as_slice() {
-                return Err(GuardFailure::Sizes(i));
-            }
-            let empty = g.sizes.contains(&0);
-            for ((&n, &want), &got) in g.sizes.iter().zip(&g.strides).zip(t.strides) {
-                if !empty && n != 1 && want != got {
-                    return Err(GuardFailure::Strides(i));
+            for (dim, &n) in g.dims.iter().zip(t.sizes) {
+                match *dim {
+                    DimGuard::Size(want) if want != n => return Err(GuardFailure::Sizes(i)),
+                    DimGuard::Size(_) => {}
+                    DimGuard::Symbol(_) if n < 2 => return Err(GuardFailure::SmallSymbol(i)),
+                    DimGuard::Symbol(k) => match &mut bound[k as usize] {
+                        b @ 0 => *b = n,
+                        b if *b != n => return Err(GuardFailure::Tie(i)),
+                        _ => {}
+                    },
                 }
+            }
+            match &g.strides {
+                StrideGuard::Exact(want) => {
+                    let empty = t.sizes.contains(&0);
+                    for ((&n, &want), &got) in t.sizes.iter().zip(want).zip(t.strides) {
+                        if !empty && n != 1 && want != got {
+                            return Err(GuardFailure::Strides(i));
+                        }
+                    }
+                }
+                StrideGuard::Contiguous if !is_contiguous(t.sizes, t.strides) => return Err(GuardFailure::Strides(i)),
+                StrideGuard::Contiguous => {}
             }
         }
         Ok(())
@@ -138,6 +287,27 @@ mod tests {
         let mut m = meta(&[4, 3], &[3, 1]);
         m.device = Device::Other(1);
         assert_eq!(g.check(&[m.view()]), Err(GuardFailure::Device(0)));
+    }
+
+    #[test]
+    fn symbolic_dims_take_any_size_from_2_with_ties_kept_and_contiguous_strides() {
+        use DimPlan::*;
+        let plan = vec![vec![Symbol(3), Static(4)], vec![Symbol(3)], vec![Static(4)]];
+        let g = GuardSet::symbolic(&[meta(&[5, 4], &[4, 1]), meta(&[5], &[1]), meta(&[4], &[2])], &plan).unwrap();
+        assert_eq!(g.symbols, vec![(0, 0)]);
+        assert_eq!(g.tensors[0].to_string(), "f32[s0, 4] contiguous");
+        assert_eq!(g.tensors[2].to_string(), "f32[4] strides=[2]");
+        let call = |b: i64, c: i64, row: i64| g.check(&[meta(&[b, 4], &[row, 1]).view(), meta(&[c], &[1]).view(), meta(&[4], &[2]).view()]);
+        assert_eq!(call(9, 9, 4), Ok(()));
+        assert_eq!(call(200, 200, 4), Ok(()));
+        assert_eq!(call(9, 8, 4), Err(GuardFailure::Tie(1)));
+        assert_eq!(call(1, 1, 4), Err(GuardFailure::SmallSymbol(0)));
+        assert_eq!(call(0, 0, 4), Err(GuardFailure::SmallSymbol(0)));
+        assert_eq!(call(9, 9, 8), Err(GuardFailure::Strides(0)));
+        assert_eq!(g.bind(|i, d| [[7, 4], [7, 0], [4, 0]][i][d])[0], 7);
+        // Built only for contiguous tensors and symbols >= 2.
+        assert_eq!(GuardSet::symbolic(&[meta(&[5, 4], &[1, 5])], &[vec![Symbol(0), Static(4)]]), None);
+        assert_eq!(GuardSet::symbolic(&[meta(&[1, 4], &[4, 1])], &[vec![Symbol(0), Static(4)]]), None);
     }
 
     #[test]

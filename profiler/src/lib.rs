@@ -129,18 +129,19 @@ impl GroupProfile {
 pub enum DimPlan {
     /// Always this size: baked into the code.
     Static(i64),
-    /// Seen with several sizes, one of them 0 or 1: each size gets its own code, since a dim
-    /// of 1 broadcasts and an empty dim reads nothing.
-    Specialised,
-    /// Seen with several sizes, all ≥ 2: a symbol bound from the runtime size. Dims that were
-    /// equal to each other in every observation share a symbol (a batch dim of two inputs).
+    /// Seen with several sizes: a symbol bound from the runtime size. Dims that were equal to
+    /// each other in every observation share a symbol (a batch dim of two inputs). General
+    /// code serves sizes ≥ 2 only: a dim of 1 broadcasts and an empty dim reads nothing, so
+    /// calls with those sizes get code of their own.
     Symbol(u32),
 }
 
 impl GroupProfile {
     /// The plan for each input's dims, from the signatures with the same input ranks as the
-    /// latest one (a rank change is another kind of input, with code of its own).
-    pub fn dim_plan(&self) -> Vec<Vec<DimPlan>> {
+    /// latest one (a rank change is another kind of input, with code of its own). With
+    /// `assume_dynamic`, dims of size ≥ 2 that never moved are symbols too (tied the same
+    /// way: equal in every observation).
+    pub fn dim_plan(&self, assume_dynamic: bool) -> Vec<Vec<DimPlan>> {
         let Some(last) = self.signatures.last() else { return vec![] };
         let ranks: Vec<usize> = last.iter().map(|m| m.sizes.len()).collect();
         let sigs: Vec<&Vec<TensorMeta>> =
@@ -155,17 +156,15 @@ impl GroupProfile {
                 (0..rank)
                     .map(|d| {
                         let h = history(i, d);
-                        if h.iter().all(|&n| n == h[0]) {
-                            DimPlan::Static(h[0])
-                        } else if h.iter().any(|&n| n <= 1) {
-                            DimPlan::Specialised
-                        } else {
-                            let k = symbols.iter().position(|s| *s == h).unwrap_or_else(|| {
-                                symbols.push(h);
-                                symbols.len() - 1
-                            });
-                            DimPlan::Symbol(k as u32)
+                        let moved = h.iter().any(|&n| n != h[0]);
+                        if !moved && !(assume_dynamic && h[0] >= 2) {
+                            return DimPlan::Static(h[0]);
                         }
+                        let k = symbols.iter().position(|s| *s == h).unwrap_or_else(|| {
+                            symbols.push(h);
+                            symbols.len() - 1
+                        });
+                        DimPlan::Symbol(k as u32)
                     })
                     .collect()
             })
@@ -204,16 +203,20 @@ mod tests {
             p.observe(&[view(&[b, t, 4], &[t * 4, 4, 1]), view(&[b, 1], &[1, 1]), view(&[t], &[1])]);
         }
         use DimPlan::*;
-        assert_eq!(p.dim_plan(), vec![vec![Symbol(0), Symbol(1), Static(4)], vec![Symbol(0), Static(1)], vec![Symbol(1)]]);
+        assert_eq!(p.dim_plan(false), vec![vec![Symbol(0), Symbol(1), Static(4)], vec![Symbol(0), Static(1)], vec![Symbol(1)]]);
+        assert_eq!(p.dim_plan(true), vec![vec![Symbol(0), Symbol(1), Symbol(2)], vec![Symbol(0), Static(1)], vec![Symbol(1)]]);
     }
 
     #[test]
-    fn dims_seen_as_0_or_1_stay_specialised_and_other_ranks_are_ignored() {
+    fn dims_seen_as_0_or_1_still_vary_and_other_ranks_are_ignored() {
         let mut p = GroupProfile::default();
         p.observe(&[view(&[7], &[1])]);
         p.observe(&[view(&[3, 3], &[3, 1])]);
         p.observe(&[view(&[1], &[1])]);
         p.observe(&[view(&[4], &[1])]);
-        assert_eq!(p.dim_plan(), vec![vec![DimPlan::Specialised]]);
+        assert_eq!(p.dim_plan(false), vec![vec![DimPlan::Symbol(0)]]);
+        let mut one = GroupProfile::default();
+        one.observe(&[view(&[1, 6], &[6, 1])]);
+        assert_eq!(one.dim_plan(true), vec![vec![DimPlan::Static(1), DimPlan::Symbol(0)]]);
     }
 }

@@ -4,7 +4,7 @@
 
 use kiln_cache::{CacheKey, CompileMode, DiskCache, EntryHeader, Source};
 use kiln_compiler::{CompileOptions, Target};
-use kiln_torch_bridge::{Options, RUNTIME};
+use kiln_torch_bridge::{Dynamic, Options, RUNTIME};
 use pyo3::exceptions::{PyOSError, PyRuntimeError, PyValueError};
 use pyo3::prelude::*;
 use pyo3::types::{PyDict, PyList};
@@ -24,16 +24,28 @@ fn compile_mode(mode: &str) -> PyResult<CompileMode> {
     }
 }
 
+fn dynamic_policy(dynamic: &str) -> PyResult<Dynamic> {
+    match dynamic {
+        "auto" => Ok(Dynamic::Auto),
+        "static" => Ok(Dynamic::Static),
+        "always" => Ok(Dynamic::Always),
+        _ => Err(PyValueError::new_err(format!("dynamic must be 'auto', 'static' or 'always', got {dynamic:?}"))),
+    }
+}
+
 /// `cache_dir`: None keeps compiled code in memory only.
 #[pyfunction]
-fn enable(max_specializations: usize, opt_level: u8, num_threads: usize, compile: &str, cache_dir: Option<&str>, cache_size_limit: u64) -> PyResult<()> {
+#[allow(clippy::too_many_arguments)]
+fn enable(max_specializations: usize, opt_level: u8, num_threads: usize, compile: &str, dynamic: &str, cache_dir: Option<&str>, cache_size_limit: u64) -> PyResult<()> {
     let mode = compile_mode(compile)?;
+    let dynamic = dynamic_policy(dynamic)?;
     let disk = cache_dir.map(|d| open_cache(d, cache_size_limit)).transpose()?.map(Arc::new);
     kiln_compiler::program::set_num_threads(num_threads);
     let options = Options {
         max_specializations,
         compile: CompileOptions { pipeline: format!("default<O{opt_level}>"), ..CompileOptions::default() },
         mode,
+        dynamic,
         disk,
     };
     kiln_torch_bridge::enable(options).map_err(|e| PyRuntimeError::new_err(e.to_string()))
@@ -113,6 +125,7 @@ fn stats(py: Python<'_>) -> PyResult<PyObject> {
     let d = PyDict::new(py);
     d.set_item("groups", s.groups)?;
     d.set_item("specializations", s.specializations)?;
+    d.set_item("symbolic_specializations", s.symbolic_specializations)?;
     d.set_item("compiles", s.compiles)?;
     d.set_item("cache_hits", s.cache_hits)?;
     d.set_item("disk_hits", s.disk_hits)?;
@@ -120,12 +133,14 @@ fn stats(py: Python<'_>) -> PyResult<PyObject> {
     d.set_item("disk_problems", s.disk_problems.into_iter().collect::<Vec<_>>().into_pyobject(py)?.into_any())?;
     let options = RUNTIME.options.read().unwrap();
     d.set_item("compile_mode", format!("{:?}", options.mode).to_lowercase())?;
+    d.set_item("dynamic", format!("{:?}", options.dynamic).to_lowercase())?;
     d.set_item("cache_dir", options.disk.as_ref().map(|d| d.dir().display().to_string()))?;
     drop(options);
     d.set_item("compile_time_ms", s.compile_time.as_secs_f64() * 1e3)?;
     d.set_item("disk_load_time_ms", s.disk_load_time.as_secs_f64() * 1e3)?;
     d.set_item("kernel_runs", s.runs)?;
     d.set_item("guard_passes", s.guard_passes)?;
+    d.set_item("guard_misses", s.guard_misses)?;
     d.set_item("guard_failures", s.guard_failures)?;
     d.set_item("pass_runs", s.pass_runs)?;
     d.set_item("fallbacks", s.fallbacks.into_iter().collect::<Vec<_>>().into_pyobject(py)?.into_any())?;
@@ -142,12 +157,16 @@ fn group_info(py: Python<'_>, id: usize) -> PyResult<Option<PyObject>> {
     d.set_item("id", r.id)?;
     d.set_item("nodes", r.nodes.clone())?;
     d.set_item("guard_passes", load(&r.guard_passes))?;
+    d.set_item("guard_misses", load(&r.guard_misses))?;
     d.set_item("guard_failures", load(&r.guard_failures))?;
     let specs = PyList::empty(py);
     for s in r.specs.read().unwrap().iter() {
         let sd = PyDict::new(py);
-        let guards: Vec<String> = s.guards.tensors.iter().map(|t| format!("{}{:?} strides={:?}", t.dtype, t.sizes, t.strides)).collect();
+        let guards: Vec<String> = s.guards.tensors.iter().map(|t| t.to_string()).collect();
         sd.set_item("guards", guards)?;
+        let symbols: Vec<String> = s.guards.symbols.iter().enumerate().map(|(k, (i, d))| format!("s{k} = input {i} dim {d}")).collect();
+        sd.set_item("symbols", symbols)?;
+        sd.set_item("compiled_at", s.symbolic.as_ref().map(|run| run.samples.clone()))?;
         sd.set_item("kiln_ir", s.kiln_ir.clone())?;
         sd.set_item("loop_ir", s.program.image.loop_ir.clone())?;
         sd.set_item("kernels", s.program.image.kernels.len())?;
@@ -173,6 +192,8 @@ fn group_info(py: Python<'_>, id: usize) -> PyResult<Option<PyObject>> {
         .map(|r| (r.inputs.iter().map(|m| m.to_string()).collect::<Vec<_>>().join("; "), r.why.clone()))
         .collect();
     d.set_item("rejected", rejected)?;
+    let refused: Vec<String> = r.symbolic_refused.lock().unwrap().iter().map(|(_, why)| why.clone()).collect();
+    d.set_item("symbolic_refused", refused)?;
     let varying: Vec<String> = r
         .profile
         .lock()

@@ -147,13 +147,25 @@ pub unsafe extern "C" fn kiln_rs_run(id: i64, inputs: *const KilnTensor, n: usiz
         let chosen = RUNTIME.chosen_by_guard(r).or_else(|| with_views(inputs, n, |views| views.and_then(|v| RUNTIME.first_accepting(r, v))));
         let Some(spec) = chosen else { return 1 };
         let ts = if n == 0 { &[][..] } else { std::slice::from_raw_parts(inputs, n) };
-        spec.program.run_with(
-            |i| ts[i].data as *const u8,
-            |i| {
-                let (dtype, sizes) = &spec.outputs[i];
-                alloc(ctx, i, *dtype, sizes.as_ptr(), sizes.len())
-            },
-        );
+        match &spec.symbolic {
+            None => spec.program.run_with(
+                |i| ts[i].data as *const u8,
+                |i| {
+                    let (dtype, sizes) = &spec.outputs[i];
+                    alloc(ctx, i, *dtype, sizes.as_ptr(), sizes.len())
+                },
+            ),
+            Some(run) => {
+                // The guard passed: every symbol's dims agree, so its first one gives its value.
+                let symbols = spec.guards.bind(|i, d| *ts[i].sizes.add(d));
+                let symbols = &symbols[..spec.guards.symbols.len()];
+                spec.program.run_symbolic(&run.shapes, symbols, |i| ts[i].data as *const u8, |i| {
+                    let (dtype, dims) = &run.outputs[i];
+                    let sizes: Vec<i64> = dims.iter().map(|m| m.eval(symbols)).collect();
+                    alloc(ctx, i, *dtype, sizes.as_ptr(), sizes.len())
+                })
+            }
+        }
         RUNTIME.count_run(&spec);
         0
     })

@@ -11,7 +11,7 @@ pub mod ffi;
 pub mod runtime;
 pub mod ts_dump;
 
-pub use runtime::{Options, Stats, RUNTIME};
+pub use runtime::{Dynamic, Options, Stats, RUNTIME};
 
 #[derive(thiserror::Error, Debug)]
 pub enum BridgeError {

@@ -5,16 +5,21 @@
 //! A region is compiled when it first runs, for the input signature (dtype, sizes, strides)
 //! it is called with: TorchScript profiles only the inputs of ops its own fuser knows, so
 //! Kiln takes types from the live tensors ([`kiln_profiler`]) and guards on exactly those
-//! ([`kiln_guards`]). A region holds up to `max_specializations` signatures; any other call
-//! runs TorchScript's fallback. Regions are never freed: the graphs that name them by id live
-//! as long as the process may call them.
+//! ([`kiln_guards`]). Once a dim has been seen with two sizes (`dynamic="auto"`), or from the
+//! first call (`"always"`), the region is compiled for symbolic sizes where its code allows
+//! (`kiln_compiler::symbolic`): one specialisation then serves every size ≥ 2 of those dims.
+//! A region holds up to `max_specializations` specialisations; any other call runs
+//! TorchScript's fallback. Regions are never freed: the graphs that name them by id live as
+//! long as the process may call them.
 
 use crate::aten;
 use crate::ts_dump::{InputDecl, Region as Dump};
 use kiln_cache::{CacheKey, CompileMode, DiskCache, ProgramCache, Request, Source};
+use kiln_compiler::symbolic::{self, Monomial, SymbolicShapes};
+use kiln_compiler::lower::LoopProgram;
 use kiln_compiler::{CompileOptions, CompiledProgram, Target};
-use kiln_guards::GuardSet;
-use kiln_profiler::{GroupProfile, TensorMeta, TensorView};
+use kiln_guards::{DimGuard, GuardSet, StrideGuard};
+use kiln_profiler::{DimPlan, GroupProfile, TensorMeta, TensorView};
 use once_cell::sync::Lazy;
 use std::cell::Cell;
 use std::collections::{BTreeMap, HashMap, HashSet};
@@ -22,25 +27,68 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
+/// When a region gets code for symbolic sizes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Dynamic {
+    /// Once a dim has been seen with two sizes: that dim becomes symbolic.
+    Auto,
+    /// Never: code for each signature.
+    Static,
+    /// From the first call: every dim of size ≥ 2 is symbolic where the code allows.
+    Always,
+}
+
 #[derive(Clone, Debug)]
 pub struct Options {
     /// Distinct input signatures one region may be compiled for; other calls run TorchScript.
     pub max_specializations: usize,
     pub compile: CompileOptions,
     pub mode: CompileMode,
+    pub dynamic: Dynamic,
     /// Where compiled code is kept across processes; None: in memory only.
     pub disk: Option<Arc<DiskCache>>,
 }
 
 impl Default for Options {
     fn default() -> Self {
-        Options { max_specializations: 8, compile: CompileOptions::default(), mode: CompileMode::Lazy, disk: None }
+        Options { max_specializations: 8, compile: CompileOptions::default(), mode: CompileMode::Lazy, dynamic: Dynamic::Auto, disk: None }
     }
 }
 
-/// A region compiled for one input signature.
+/// How a specialisation compiled for symbolic sizes runs at the sizes of a call.
+pub struct SymbolicRun {
+    pub shapes: SymbolicShapes,
+    /// The symbols' values the code was compiled at.
+    pub samples: Vec<i64>,
+    /// (c10::ScalarType number, sizes) of each output.
+    pub outputs: Vec<(i32, Vec<Monomial>)>,
+}
+
+/// Symbolic code found for a region, before it is compiled: its guards, the region lowered at
+/// the first sample, how it runs at other sizes, and its loop program reading parameters.
+type SymbolicCode = (GuardSet, aten::Lowered, SymbolicRun, LoopProgram);
+
+/// `plan` with the symbols `keep(symbol, size in metas)` rejects made static at their size.
+fn restrict(plan: &[Vec<DimPlan>], metas: &[TensorMeta], keep: impl Fn(u32, i64) -> bool) -> Vec<Vec<DimPlan>> {
+    plan.iter()
+        .zip(metas)
+        .map(|(dims, m)| {
+            dims.iter()
+                .zip(&m.sizes)
+                .map(|(p, &n)| match *p {
+                    DimPlan::Symbol(k) if keep(k, n) => DimPlan::Symbol(k),
+                    _ => DimPlan::Static(n),
+                })
+                .collect()
+        })
+        .collect()
+}
+
+/// A region compiled for one input signature, or for every signature its symbolic guard
+/// accepts.
 pub struct Specialization {
     pub guards: GuardSet,
+    pub symbolic: Option<SymbolicRun>,
     pub program: Arc<CompiledProgram>,
     pub kiln_ir: String,
     pub cache_key: CacheKey,
@@ -75,17 +123,23 @@ pub struct Region {
     /// Every signature the group was asked to specialise for (bounded), compiled or not:
     /// which dims moved. Dynamic shapes will be decided from it.
     pub profile: Mutex<GroupProfile>,
+    /// Dim plans whose symbolic code was refused, and why (not tried again).
+    pub symbolic_refused: Mutex<Vec<(Vec<Vec<DimPlan>>, String)>>,
     pub guard_passes: AtomicU64,
+    /// Calls no existing specialisation accepted (then specialised for, or failed).
+    pub guard_misses: AtomicU64,
     pub guard_failures: AtomicU64,
 }
 
 #[derive(Default)]
 struct Counters {
     guard_passes: AtomicU64,
+    guard_misses: AtomicU64,
     guard_failures: AtomicU64,
     runs: AtomicU64,
     pass_runs: AtomicU64,
     specializations: AtomicU64,
+    symbolic_specializations: AtomicU64,
 }
 
 #[derive(Default)]
@@ -132,6 +186,8 @@ thread_local! {
 pub struct Stats {
     pub groups: usize,
     pub specializations: u64,
+    /// Specialisations compiled for symbolic sizes.
+    pub symbolic_specializations: u64,
     pub compiles: u64,
     pub cache_hits: u64,
     pub disk_hits: u64,
@@ -142,6 +198,7 @@ pub struct Stats {
     pub compile_time: Duration,
     pub disk_load_time: Duration,
     pub guard_passes: u64,
+    pub guard_misses: u64,
     pub guard_failures: u64,
     pub runs: u64,
     pub pass_runs: u64,
@@ -180,7 +237,9 @@ impl Runtime {
             specs: RwLock::new(vec![]),
             rejected: Mutex::new(vec![]),
             profile: Mutex::new(GroupProfile::default()),
+            symbolic_refused: Mutex::new(vec![]),
             guard_passes: AtomicU64::new(0),
+            guard_misses: AtomicU64::new(0),
             guard_failures: AtomicU64::new(0),
         }));
         regions.push(region);
@@ -193,7 +252,11 @@ impl Runtime {
         let found = r.specs.read().unwrap().iter().position(|s| s.guards.check(inputs).is_ok());
         let chosen = match found {
             Some(i) => Some(i),
-            None => self.specialize(r, inputs),
+            None => {
+                r.guard_misses.fetch_add(1, Ordering::Relaxed);
+                self.counters.guard_misses.fetch_add(1, Ordering::Relaxed);
+                self.specialize(r, inputs)
+            }
         };
         match chosen {
             Some(i) => {
@@ -248,6 +311,9 @@ impl Runtime {
         match attempt {
             Ok(spec) => {
                 let mut specs = r.specs.write().unwrap();
+                if spec.symbolic.is_some() {
+                    self.counters.symbolic_specializations.fetch_add(1, Ordering::Relaxed);
+                }
                 specs.push(Arc::new(spec));
                 self.counters.specializations.fetch_add(1, Ordering::Relaxed);
                 Some(specs.len() - 1)
@@ -263,16 +329,124 @@ impl Runtime {
         }
     }
 
+    /// Code for `metas`: symbolic where the dynamic policy and the profile say so and the
+    /// region's code allows, else for exactly this signature.
     fn compile(&self, r: &Region, metas: &[TensorMeta]) -> Result<Specialization, String> {
         let live: Vec<InputDecl> = metas.iter().map(decl).collect::<Result<_, _>>()?;
+        let options = self.options.read().unwrap().clone();
+        if options.dynamic != Dynamic::Static {
+            let plan = r.profile.lock().unwrap().dim_plan(options.dynamic == Dynamic::Always);
+            if let Some((guards, lowered, run, program)) = self.symbolic_plan(r, metas, &live, &plan) {
+                return self.build(r, lowered, guards, Some((run, &program)), &options);
+            }
+        }
         let lowered = aten::lower(&r.dump.with_inputs(&live))?;
         let guards = GuardSet::for_inputs(metas).ok_or("an input cannot be guarded")?;
-        let options = self.options.read().unwrap().clone();
-        let key = CacheKey::new(&lowered.graph, &lowered.input_strides, &self.target, &options.compile);
+        self.build(r, lowered, guards, None, &options)
+    }
+
+    /// The most symbols of `plan` the region's code can be symbolic in, for a call like
+    /// `metas`: all of them, else the union of those it is symbolic in one at a time (a
+    /// reduction over the sequence must not keep the batch static), else the first of those.
+    /// Symbols that are 0 or 1 in this call are static here: such sizes get code of their own.
+    fn symbolic_plan(&self, r: &Region, metas: &[TensorMeta], live: &[InputDecl], plan: &[Vec<DimPlan>]) -> Option<SymbolicCode> {
+        let plan = restrict(plan, metas, |_, size| size >= 2);
+        let mut symbols: Vec<u32> = plan.iter().flatten().filter_map(|p| if let DimPlan::Symbol(k) = p { Some(*k) } else { None }).collect();
+        symbols.sort_unstable();
+        symbols.dedup();
+        if symbols.is_empty() {
+            return None;
+        }
+        let all = self.try_symbolic(r, metas, live, &plan);
+        if all.is_ok() || symbols.len() == 1 {
+            return all.ok();
+        }
+        let mut good: Vec<(u32, SymbolicCode)> =
+            symbols.iter().filter_map(|&k| self.try_symbolic(r, metas, live, &restrict(&plan, metas, |j, _| j == k)).ok().map(|c| (k, c))).collect();
+        if good.len() <= 1 {
+            return good.pop().map(|(_, c)| c);
+        }
+        let union = restrict(&plan, metas, |j, _| good.iter().any(|(k, _)| *k == j));
+        self.try_symbolic(r, metas, live, &union).ok().or_else(|| Some(good.swap_remove(0).1))
+    }
+
+    /// Symbolic code for `plan`, or why there is none (remembered: a refused plan is not
+    /// lowered again).
+    fn try_symbolic(&self, r: &Region, metas: &[TensorMeta], live: &[InputDecl], plan: &[Vec<DimPlan>]) -> Result<SymbolicCode, String> {
+        if let Some((_, why)) = r.symbolic_refused.lock().unwrap().iter().find(|(p, _)| p == plan) {
+            return Err(why.clone());
+        }
+        let result = GuardSet::symbolic(metas, plan)
+            .ok_or_else(|| format!("an input with symbolic dims is not contiguous, or there are more than {} symbols", kiln_guards::MAX_SYMBOLS))
+            .and_then(|guards| self.infer_symbolic(r, live, guards));
+        if let Err(why) = &result {
+            tracing::info!(group = r.id, "kiln: no code for symbolic sizes: {why}");
+            let mut refused = r.symbolic_refused.lock().unwrap();
+            if refused.len() < MAX_REJECTED {
+                refused.push((plan.to_vec(), why.clone()));
+            }
+        }
+        result
+    }
+
+    /// The region lowered at sample sizes of the symbols of `guards`: its guards, its lowering
+    /// at the first sample (what is compiled) and how it runs at other sizes, if the lowerings
+    /// differ only by products of symbols (`kiln_compiler::symbolic`).
+    fn infer_symbolic(&self, r: &Region, live: &[InputDecl], guards: GuardSet) -> Result<SymbolicCode, String> {
+        let statics: Vec<i64> =
+            guards.tensors.iter().flat_map(|t| t.dims.iter().filter_map(|d| if let DimGuard::Size(n) = d { Some(*n) } else { None })).collect();
+        let points = symbolic::sample_points(guards.symbols.len(), &statics);
+        let mut lowered = vec![];
+        let mut samples = vec![];
+        for point in &points {
+            let decls: Vec<InputDecl> = live
+                .iter()
+                .zip(&guards.tensors)
+                .map(|(d, t)| {
+                    let sizes: Vec<i64> = t
+                        .dims
+                        .iter()
+                        .map(|dim| match *dim {
+                            DimGuard::Size(n) => n,
+                            DimGuard::Symbol(k) => point[k as usize],
+                        })
+                        .collect();
+                    let strides = match t.strides {
+                        StrideGuard::Contiguous => kiln_compiler::lower::contiguous_strides(&sizes),
+                        StrideGuard::Exact(_) => d.strides.clone(),
+                    };
+                    InputDecl { dtype: d.dtype.clone(), sizes, strides }
+                })
+                .collect();
+            let l = aten::lower(&r.dump.with_inputs(&decls))?;
+            let program = kiln_compiler::lower_graph(&l.graph, &l.input_strides).map_err(|e| e.to_string())?;
+            samples.push((point.clone(), program));
+            lowered.push(l);
+        }
+        let (shapes, program) = symbolic::infer(&samples)?;
+        let outputs = program
+            .buffers
+            .iter()
+            .zip(&shapes.buffers)
+            .filter(|(b, _)| matches!(b.kind, kiln_compiler::lower::BufferKind::Output(_)))
+            .map(|(b, dims)| (aten::scalar_type_code(b.dtype), dims.clone()))
+            .collect();
+        let run = SymbolicRun { shapes, samples: points[0].clone(), outputs };
+        Ok((guards, lowered.swap_remove(0), run, program))
+    }
+
+    /// Fetches the code of `lowered` (memory, disk or compiled) as a specialisation.
+    fn build(&self, r: &Region, lowered: aten::Lowered, guards: GuardSet, symbolic: Option<(SymbolicRun, &LoopProgram)>, options: &Options) -> Result<Specialization, String> {
+        let mut key = CacheKey::new(&lowered.graph, &lowered.input_strides, &self.target, &options.compile);
+        if symbolic.is_some() {
+            key = key.symbolic(&guards.tensors.iter().map(|t| t.to_string()).collect::<Vec<_>>().join("; "));
+        }
+        let (symbolic, program) = symbolic.unzip();
         let request = Request {
             key,
             graph: &lowered.graph,
             input_strides: &lowered.input_strides,
+            symbolic: program,
             target: &self.target,
             options: &options.compile,
             mode: options.mode,
@@ -281,6 +455,7 @@ impl Runtime {
         let (program, source) = self.cache.fetch(&request).map_err(|e| e.to_string())?;
         let spec = Specialization {
             guards,
+            symbolic,
             outputs: program.outputs().map(|b| (aten::scalar_type_code(b.dtype), b.sizes.clone())).collect(),
             compile_time: if source == Source::Memory { Duration::ZERO } else { program.compile_time },
             program,
@@ -359,6 +534,7 @@ impl Runtime {
         Stats {
             groups: regions.len(),
             specializations: load(&self.counters.specializations),
+            symbolic_specializations: load(&self.counters.symbolic_specializations),
             compiles: self.cache.compiles(),
             cache_hits: self.cache.memory_hits(),
             disk_hits: self.cache.disk_hits(),
@@ -367,6 +543,7 @@ impl Runtime {
             compile_time: time_from(Source::Compiled),
             disk_load_time: time_from(Source::Disk),
             guard_passes: load(&self.counters.guard_passes),
+            guard_misses: load(&self.counters.guard_misses),
             guard_failures: load(&self.counters.guard_failures),
             runs: load(&self.counters.runs),
             pass_runs: load(&self.counters.pass_runs),
@@ -378,7 +555,7 @@ impl Runtime {
     /// use may still call it) and cached.
     pub fn reset(&self) {
         let c = &self.counters;
-        for a in [&c.guard_passes, &c.guard_failures, &c.runs, &c.pass_runs, &c.specializations] {
+        for a in [&c.guard_passes, &c.guard_misses, &c.guard_failures, &c.runs, &c.pass_runs, &c.specializations, &c.symbolic_specializations] {
             a.store(0, Ordering::Relaxed);
         }
         self.cache.reset_counters();
@@ -388,6 +565,7 @@ impl Runtime {
         drop(r);
         for region in self.regions.read().unwrap().iter() {
             region.guard_passes.store(0, Ordering::Relaxed);
+            region.guard_misses.store(0, Ordering::Relaxed);
             region.guard_failures.store(0, Ordering::Relaxed);
             for s in region.specs.read().unwrap().iter() {
                 s.runs.store(0, Ordering::Relaxed);

@@ -39,6 +39,12 @@ OPTIONS = {
     # compiles what this process has not compiled yet without reading the disk cache, and
     # rewrites its entries.
     "compile": "lazy",
+    # Dynamic shapes. "auto": once a dim of a group's input has been seen with two sizes, the
+    # group is compiled once for any size >= 2 of it (sizes 0 and 1 get code of their own);
+    # "static": code for each distinct signature; "always": every dim of size >= 2 is
+    # symbolic from the first call. Where a group's code depends on a size (a reduction over
+    # it), that group keeps code per size; explain() says why.
+    "dynamic": "auto",
     # Directory of compiled code shared across processes. None: $KILN_CACHE_DIR, else
     # $XDG_CACHE_HOME/torch_kiln, else ~/.cache/torch_kiln. False: memory only. It holds
     # executable code: it is created 0700, and a directory other users can write is refused.
@@ -74,12 +80,14 @@ def enable(**options):
         _check_int("num_threads", threads, 1)
     if opts["compile"] not in ("lazy", "never", "always"):
         raise ValueError(f"torch_kiln option 'compile' must be 'lazy', 'never' or 'always', got {opts['compile']!r}")
+    if opts["dynamic"] not in ("auto", "static", "always"):
+        raise ValueError(f"torch_kiln option 'dynamic' must be 'auto', 'static' or 'always', got {opts['dynamic']!r}")
     _check_int("cache_size_limit", opts["cache_size_limit"], 0)
     cache_dir = opts["cache_dir"]
     if cache_dir is not False:
         cache_dir = cache.resolve_dir(cache_dir)
     global _options
-    args = (opts["max_specializations"], opts["opt_level"], threads, opts["compile"])
+    args = (opts["max_specializations"], opts["opt_level"], threads, opts["compile"], opts["dynamic"])
     try:
         _kiln.enable(*args, cache_dir or None, opts["cache_size_limit"])
     except ValueError as e:
@@ -108,9 +116,10 @@ def reset():
 
 
 def stats():
-    """Counters: groups (regions taken by Kiln), specialisations made for them and where their
-    code came from (compiles, cache_hits in memory, disk_hits), entries written to the disk
-    cache and problems met there, kernel runs, guard passes and failures (calls that ran
+    """Counters: groups (regions taken by Kiln), specialisations made for them (of which
+    symbolic_specializations serve many sizes) and where their code came from (compiles, cache_hits in memory, disk_hits), entries written to the disk
+    cache and problems met there, kernel runs, guard passes, misses (calls no existing
+    specialisation accepted: compiled for, or failed) and failures (calls that ran
     TorchScript's own nodes), and every reason code ran in TorchScript, with counts."""
     s = _kiln.stats()
     s["fallbacks"] = dict(s["fallbacks"])
@@ -175,9 +184,12 @@ def explain(obj):
     for g in groups:
         specs = g["specializations"]
         out.append(f"group {g['id']}: {len(g['nodes'])} ops, {len(specs)} specialisation(s), "
-                   f"guard passes {g['guard_passes']}, failures {g['guard_failures']}")
+                   f"guard passes {g['guard_passes']} (of which {g['guard_misses']} needed new code), "
+                   f"failures {g['guard_failures']}")
         if g["varying_dims"]:
             out.append("  dims seen with several sizes: " + "; ".join(g["varying_dims"]))
+        for why in g["symbolic_refused"]:
+            out.append(f"  no code for symbolic sizes (kept code per size): {why}")
         for sig, why in g["rejected"]:
             out.append(f"  refused [{sig}]: {why}")
         for i, sp in enumerate(specs):
@@ -187,6 +199,10 @@ def explain(obj):
             out.append(f"  specialisation {i}: {sp['kernels']} kernel(s) ({sp['parallel_kernels']} parallel), "
                        f"{how}, runs {sp['runs']}")
             out.append("    guards: " + "; ".join(sp["guards"]))
+            if sp["symbols"]:
+                at = ", ".join(f"s{k}={v}" for k, v in enumerate(sp["compiled_at"]))
+                out.append(f"    symbolic: {'; '.join(sp['symbols'])}; serves every size >= 2 of them "
+                           f"(ties kept); compiled at {at}, as the IR below shows")
             out.append("    kiln ir:")
             out += ["      " + l for l in sp["kiln_ir"].splitlines()]
             out.append("    loop ir:")
