@@ -210,9 +210,9 @@ impl<'a, 'ctx> Math<'a, 'ctx> {
         self.mul(t, self.mul(e1, e2)?)
     }
 
-    /// erf(w s) and erfc(|w| s) with s as in `erfc_pos_f32`: Taylor series below 0.5
-    /// (relative accuracy near 0), 1 - erfc above.
-    fn erf_and_erfc_abs(&self, w: FloatValue<'ctx>, halve: bool) -> Result<(FloatValue<'ctx>, FloatValue<'ctx>), inkwell::builder::BuilderError> {
+    /// erf(w s) with s as in `erfc_pos_f32`: Taylor series below 0.5 (relative accuracy near
+    /// 0), 1 - erfc above.
+    fn erf_scaled(&self, w: FloatValue<'ctx>, halve: bool) -> R<'ctx> {
         let x = if halve { self.mul(w, self.f32c(std::f64::consts::FRAC_1_SQRT_2))? } else { w };
         let ax = self.intrinsic("llvm.fabs", &[x])?;
         let z = self.mul(x, x)?;
@@ -223,21 +223,22 @@ impl<'a, 'ctx> Math<'a, 'ctx> {
         let big = self.sub(self.f32c(1.0), erfc_abs)?;
         let big = self.intrinsic("llvm.copysign", &[big, x])?;
         let r = self.select(self.b.build_float_compare(P::OLT, ax, self.f32c(0.5), "")?, small, big)?;
-        Ok((self.select(self.is_nan(x)?, x, r)?, erfc_abs))
+        self.select(self.is_nan(x)?, x, r)
     }
 
     pub fn erf_f32(&self, x: FloatValue<'ctx>) -> R<'ctx> {
-        Ok(self.erf_and_erfc_abs(x, false)?.0)
+        self.erf_scaled(x, false)
     }
 
-    /// gelu(x) = x/2 (1 + erf(x/sqrt2)); for x < -1 as x/2 erfc(-x/sqrt2), which keeps
-    /// relative accuracy where 1 + erf cancels.
+    /// gelu(x) = x/2 (1 + erf(x/sqrt2)), the way PyTorch's kernels compute it: where 1 + erf
+    /// cancels (x << 0) the result is as coarse as theirs and becomes -0 where theirs does
+    /// (x below about -5.9). An erfc form is more exact there, but then log(gelu(x)) is NaN
+    /// where eager gives -inf, and 0/gelu(x) is 0 where eager gives NaN (graph fuzzer,
+    /// tests/fuzz_regressions/case_255582274.json and two more).
     pub fn gelu_f32(&self, x: FloatValue<'ctx>) -> R<'ctx> {
         let half_x = self.mul(x, self.f32c(0.5))?;
-        let (erf, erfc_abs) = self.erf_and_erfc_abs(x, true)?;
-        let pos = self.mul(half_x, self.add(self.f32c(1.0), erf)?)?;
-        let neg = self.mul(half_x, erfc_abs)?;
-        let r = self.select(self.b.build_float_compare(P::OLT, x, self.f32c(-1.0), "")?, neg, pos)?;
+        let erf = self.erf_scaled(x, true)?;
+        let r = self.mul(half_x, self.add(self.f32c(1.0), erf)?)?;
         // PyTorch's float32 CPU kernel gives gelu(+inf) = NaN (float64 gives inf); Kiln
         // computes what eager computes.
         self.select(self.b.build_float_compare(P::OEQ, x, self.f32c(f64::INFINITY), "")?, self.f32c(f64::NAN), r)
