@@ -11,6 +11,14 @@ import torch_kiln
 WARMUP_CALLS = 2
 
 
+def spine(x, y):
+    """The pointwise function Kiln started from (issue 1), used by several test files."""
+    a = x * torch.sigmoid(x)
+    b = torch.tanh(y) * 0.5 + 1.0
+    c = torch.relu(a - b) * a + b
+    return c / (1.0 + torch.exp(-c))
+
+
 def counters():
     s = torch_kiln.stats()
     return s["kernel_runs"], s["guard_failures"]

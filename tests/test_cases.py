@@ -8,16 +8,9 @@ import pytest
 import torch
 import torch_kiln
 
-from kiln_check import fresh_script, run_compiled, script_source
+from kiln_check import fresh_script, run_compiled, script_source, spine
 
 SPECIAL = torch.tensor([float("nan"), float("inf"), float("-inf"), 0.0, -0.0, 1e-30, -1e30, 88.0, -104.0])
-
-
-def spine(x, y):
-    a = x * torch.sigmoid(x)
-    b = torch.tanh(y) * 0.5 + 1.0
-    c = torch.relu(a - b) * a + b
-    return c / (1.0 + torch.exp(-c))
 
 
 def chain(x, y):

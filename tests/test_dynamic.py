@@ -12,7 +12,7 @@ import pytest
 import torch
 import torch_kiln
 
-from kiln_check import close, fresh_script
+from kiln_check import close, fresh_script, spine
 
 
 @pytest.fixture
@@ -20,13 +20,6 @@ def policy():
     """Enables Kiln with the given dynamic= policy for one test, then the defaults again."""
     yield lambda dynamic, **kw: torch_kiln.enable(dynamic=dynamic, **kw)
     torch_kiln.enable()
-
-
-def spine(x, y):
-    a = x * torch.sigmoid(x)
-    b = torch.tanh(y) * 0.5 + 1.0
-    c = torch.relu(a - b) * a + b
-    return c / (1.0 + torch.exp(-c))
 
 
 def softmax_reduce(x, w):
