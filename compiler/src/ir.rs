@@ -428,8 +428,12 @@ pub fn parse_graph(text: &str) -> Result<Graph, IrError> {
         let open = call.find('(').ok_or_else(|| IrError(format!("bad call: {call}")))?;
         let close = call.find(')').ok_or_else(|| IrError(format!("bad call: {call}")))?;
         let (opname, args, attrs) = (&call[..open], &call[open + 1..close], call[close + 1..].trim());
+        // `key=value`, where a value in brackets may hold spaces (`dims=[0, 2]`).
         let attr = |key: &str| -> Option<&str> {
-            attrs.split_whitespace().find_map(|kv| kv.strip_prefix(key).and_then(|r| r.strip_prefix('=')))
+            let start = attrs.match_indices(&format!("{key}=")).find(|(i, _)| *i == 0 || attrs[..*i].ends_with(' '))?.0 + key.len() + 1;
+            let value = &attrs[start..];
+            let end = if value.starts_with('[') { value.find(']').map_or(value.len(), |e| e + 1) } else { value.find(' ').unwrap_or(value.len()) };
+            Some(&value[..end])
         };
         let ins = || -> Result<Vec<ValueId>, IrError> { split_top(args).iter().map(|s| lookup(&names, s)).collect() };
         let v = if opname == "constant" {

@@ -119,3 +119,10 @@ fn an_expensive_value_two_kernels_need_is_computed_once() {
         "#]],
     );
 }
+
+#[test]
+fn text_round_trips_attributes_with_spaces() {
+    // `dims=[0, 2]` once parsed as dims=[0] (attributes were split at spaces).
+    let text = "graph(%0: f32[3, 5, 7]) {\n  %1 = amin(%0) dims=[0, 2] keepdim=true : f32[1, 5, 1]\n  %2 = softmax(%1) dim=1 : f32[1, 5, 1]\n  return (%2)\n}\n";
+    assert_eq!(parse_graph(text).unwrap().to_string(), text);
+}
