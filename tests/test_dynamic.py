@@ -136,17 +136,33 @@ def test_tied_batch_dims_that_stop_agreeing_are_a_new_signature(policy):
     assert after["guard_misses"] - before["guard_misses"] == 1 and after["kernel_runs"] - before["kernel_runs"] == 1
 
 
-def test_non_contiguous_inputs_get_exact_code_and_stay_correct(policy):
+def test_transposed_and_sliced_inputs_get_general_code_for_their_layout(policy):
     policy("auto", cache_dir=False)
-    fn = fresh_script(spine)
+    fn = fresh_script(softmax_reduce)
+    before = torch_kiln.stats()
     with torch.no_grad():
-        for b in (2, 3, 4, 5):
-            x, y = rows(spine, (8, b), b)
-            x, y = x.t(), y.t()  # column-major: strides follow the batch
+        for b in (2, 3, 4, 5, 17):
+            x, _ = rows(softmax_reduce, (6, 7, b), b)
+            x, w = x.permute(2, 1, 0), torch.randn(6)  # dense, batch innermost: strides follow the batch
             for _ in range(2):
-                close(fn(x, y), spine(x, y))
-        x, y = torch.randn(9, 8), torch.randn(9, 8)
-        close(fn(x, y), spine(x, y))
+                close(fn(x, w), softmax_reduce(x, w))
+        for b in (2, 3, 4, 5, 17):
+            buf, w = rows(softmax_reduce, (b, 7, 12), b)
+            x = buf[:, :, :6]  # a slice of a wider buffer: strides fixed, whatever the batch
+            w = w[:6]
+            for _ in range(2):
+                close(fn(x, w), softmax_reduce(x, w))
+        # Contiguous: another layout, code of its own.
+        x, w = rows(softmax_reduce, (9, 7, 6), 9)
+        for _ in range(2):
+            close(fn(x, w), softmax_reduce(x, w))
+    after = torch_kiln.stats()
+    groups = after["groups"] - before["groups"]
+    assert after["guard_failures"] == before["guard_failures"]
+    # Per group: permuted (2 static, then general), sliced (one general), contiguous (one).
+    assert after["specializations"] - before["specializations"] == 4 * groups
+    text = torch_kiln.explain(fn)
+    assert "f32[s0, 7, 6] dense order=[2, 1, 0]" in text and "f32[s0, 7, 6] strides=[84, 12, 1]" in text, text
 
 
 def test_bad_dynamic_option_names_the_problem():

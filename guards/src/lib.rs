@@ -4,8 +4,9 @@
 //! `kiln_profiler::canonical_strides`), and requires_grad (Kiln computes no gradients).
 //!
 //! Code compiled for symbolic sizes (see `kiln_compiler::symbolic`) takes any size ≥ 2 for a
-//! symbolic dim, as long as dims sharing a symbol agree, and asks that tensors with symbolic
-//! dims be contiguous (their strides follow their sizes).
+//! symbolic dim, as long as dims sharing a symbol agree. A tensor with symbolic dims is either
+//! dense in a fixed dim order (contiguous, transposed, channels-last: its strides follow its
+//! sizes) or has the exact strides it was seen with (a slice of a fixed-width buffer).
 //!
 //! A failed check is not an error: the frontend runs its original code and may ask for a new
 //! specialisation. `check` allocates nothing; it runs on every call.
@@ -69,8 +70,9 @@ pub enum DimGuard {
 pub enum StrideGuard {
     /// Canonical strides: 0 where the code never steps (size-1 dims, empty tensors).
     Exact(Vec<i64>),
-    /// Row-major for the sizes at hand (size-1 dims aside).
-    Contiguous,
+    /// Dense for the sizes at hand with dims laid out outermost to innermost in this order
+    /// (`0..rank`: contiguous); size-1 dims aside.
+    Dense(Vec<usize>),
 }
 
 /// What one input must look like.
@@ -94,7 +96,8 @@ impl fmt::Display for TensorGuard {
         write!(f, "{}[{}] ", self.dtype, dims.join(", "))?;
         match &self.strides {
             StrideGuard::Exact(s) => write!(f, "strides={s:?}"),
-            StrideGuard::Contiguous => f.write_str("contiguous"),
+            StrideGuard::Dense(order) if order.iter().copied().eq(0..order.len()) => f.write_str("contiguous"),
+            StrideGuard::Dense(order) => write!(f, "dense order={order:?}"),
         }
     }
 }
@@ -114,17 +117,40 @@ fn plain(m: &TensorMeta) -> Option<kiln_compiler::DType> {
     m.dtype
 }
 
-/// Whether `strides` are row-major for `sizes`, ignoring dims of size 1 (never stepped).
-fn is_contiguous(sizes: &[i64], strides: &[i64]) -> bool {
+/// Strides of a dense tensor of `sizes` whose dims are laid out outermost to innermost in
+/// `order`.
+pub fn dense_strides(sizes: &[i64], order: &[usize]) -> Vec<i64> {
+    let mut strides = vec![0; sizes.len()];
+    let mut step = 1;
+    for &d in order.iter().rev() {
+        strides[d] = step;
+        step *= sizes[d].max(1);
+    }
+    strides
+}
+
+/// The order in which a dense tensor's dims are laid out (outermost first; size-1 dims, never
+/// stepped, by their index), or None if it is not dense.
+fn dense_order(sizes: &[i64], strides: &[i64]) -> Option<Vec<usize>> {
+    let mut order: Vec<usize> = (0..sizes.len()).collect();
+    // Stable: equal keys (size-1 dims) keep their index order.
+    order.sort_by_key(|&d| if sizes[d] == 1 { (0, d) } else { (1, usize::MAX - strides[d] as usize) });
+    let ordered: Vec<usize> = order.iter().copied().filter(|&d| sizes[d] != 1).chain(order.iter().copied().filter(|&d| sizes[d] == 1)).collect();
+    is_dense(sizes, strides, &ordered).then_some(ordered)
+}
+
+/// Whether `strides` are dense for `sizes` in `order`, ignoring dims of size 1 (never
+/// stepped); any strides will do for an empty tensor.
+fn is_dense(sizes: &[i64], strides: &[i64], order: &[usize]) -> bool {
     if sizes.contains(&0) {
         return true;
     }
     let mut expected = 1;
-    for (&n, &s) in sizes.iter().zip(strides).rev() {
-        if n != 1 && s != expected {
+    for &d in order.iter().rev() {
+        if sizes[d] != 1 && strides[d] != expected {
             return false;
         }
-        expected *= n;
+        expected *= sizes[d];
     }
     true
 }
@@ -144,8 +170,8 @@ impl GuardSet {
     }
 
     /// Guards for inputs like `metas` with the dims `plan` makes symbols free (≥ 2, ties
-    /// kept). None as for `for_inputs`, or if a tensor with symbolic dims is not contiguous,
-    /// a symbol is 0 or 1 in `metas`, or there are more than [`MAX_SYMBOLS`].
+    /// kept). None as for `for_inputs`, or if a symbol is 0 or 1 in `metas`, or there are more
+    /// than [`MAX_SYMBOLS`].
     pub fn symbolic(metas: &[TensorMeta], plan: &[Vec<DimPlan>]) -> Option<GuardSet> {
         let mut symbols: Vec<(u32, (usize, usize))> = vec![];
         let mut tensors = vec![];
@@ -170,12 +196,11 @@ impl GuardSet {
                 });
             }
             let symbolic = guards.iter().any(|g| matches!(g, DimGuard::Symbol(_)));
-            let strides = if !symbolic {
-                StrideGuard::Exact(canonical_strides(&m.sizes, &m.strides))
-            } else if is_contiguous(&m.sizes, &m.strides) {
-                StrideGuard::Contiguous
-            } else {
-                return None;
+            let strides = match dense_order(&m.sizes, &m.strides).filter(|_| symbolic) {
+                Some(order) => StrideGuard::Dense(order),
+                // Strides that do not follow the sizes: code for exactly these (the lowering at
+                // other sizes decides whether that code is symbolic).
+                None => StrideGuard::Exact(canonical_strides(&m.sizes, &m.strides)),
             };
             tensors.push(TensorGuard { dtype, dims: guards, strides });
         }
@@ -245,8 +270,8 @@ impl GuardSet {
                         }
                     }
                 }
-                StrideGuard::Contiguous if !is_contiguous(t.sizes, t.strides) => return Err(GuardFailure::Strides(i)),
-                StrideGuard::Contiguous => {}
+                StrideGuard::Dense(order) if !is_dense(t.sizes, t.strides, order) => return Err(GuardFailure::Strides(i)),
+                StrideGuard::Dense(_) => {}
             }
         }
         Ok(())
@@ -305,9 +330,29 @@ mod tests {
         assert_eq!(call(0, 0, 4), Err(GuardFailure::SmallSymbol(0)));
         assert_eq!(call(9, 9, 8), Err(GuardFailure::Strides(0)));
         assert_eq!(g.bind(|i, d| [[7, 4], [7, 0], [4, 0]][i][d])[0], 7);
-        // Built only for contiguous tensors and symbols >= 2.
-        assert_eq!(GuardSet::symbolic(&[meta(&[5, 4], &[1, 5])], &[vec![Symbol(0), Static(4)]]), None);
+        // Built only for symbols >= 2.
         assert_eq!(GuardSet::symbolic(&[meta(&[1, 4], &[4, 1])], &[vec![Symbol(0), Static(4)]]), None);
+    }
+
+    #[test]
+    fn symbolic_tensors_keep_their_dense_order_or_their_exact_strides() {
+        use DimPlan::*;
+        let plan = [vec![Symbol(0), Static(4)]];
+        // Transposed: dense with dim 1 outermost; any batch, laid out the same way.
+        let t = GuardSet::symbolic(&[meta(&[5, 4], &[1, 5])], &plan).unwrap();
+        assert_eq!(t.tensors[0].to_string(), "f32[s0, 4] dense order=[1, 0]");
+        assert_eq!(t.check(&[meta(&[9, 4], &[1, 9]).view()]), Ok(()));
+        assert_eq!(t.check(&[meta(&[9, 4], &[4, 1]).view()]), Err(GuardFailure::Strides(0)));
+        // A slice of a wider buffer: the strides it had, whatever the batch.
+        let s = GuardSet::symbolic(&[meta(&[5, 4], &[16, 1])], &plan).unwrap();
+        assert_eq!(s.tensors[0].to_string(), "f32[s0, 4] strides=[16, 1]");
+        assert_eq!(s.check(&[meta(&[9, 4], &[16, 1]).view()]), Ok(()));
+        assert_eq!(s.check(&[meta(&[9, 4], &[4, 1]).view()]), Err(GuardFailure::Strides(0)));
+        // Size-1 dims are never stepped: their strides and place in the order do not matter.
+        let u = GuardSet::symbolic(&[meta(&[5, 1, 4], &[4, 99, 1])], &[vec![Symbol(0), Static(1), Static(4)]]).unwrap();
+        assert_eq!(u.tensors[0].strides, StrideGuard::Dense(vec![0, 2, 1]));
+        assert_eq!(u.check(&[meta(&[3, 1, 4], &[4, 7, 1]).view()]), Ok(()));
+        assert_eq!(dense_strides(&[5, 1, 4], &[0, 2, 1]), vec![4, 1, 1]);
     }
 
     #[test]

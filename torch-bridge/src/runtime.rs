@@ -377,7 +377,7 @@ impl Runtime {
             return Err(why.clone());
         }
         let result = GuardSet::symbolic(metas, plan)
-            .ok_or_else(|| format!("an input with symbolic dims is not contiguous, or there are more than {} symbols", kiln_guards::MAX_SYMBOLS))
+            .ok_or_else(|| format!("more than {} symbolic dims that are not tied", kiln_guards::MAX_SYMBOLS))
             .and_then(|guards| self.infer_symbolic(r, live, guards));
         if let Err(why) = &result {
             tracing::info!(group = r.id, "kiln: no code for symbolic sizes: {why}");
@@ -411,8 +411,8 @@ impl Runtime {
                             DimGuard::Symbol(k) => point[k as usize],
                         })
                         .collect();
-                    let strides = match t.strides {
-                        StrideGuard::Contiguous => kiln_compiler::lower::contiguous_strides(&sizes),
+                    let strides = match &t.strides {
+                        StrideGuard::Dense(order) => kiln_guards::dense_strides(&sizes, order),
                         StrideGuard::Exact(_) => d.strides.clone(),
                     };
                     InputDecl { dtype: d.dtype.clone(), sizes, strides }
