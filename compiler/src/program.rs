@@ -150,7 +150,7 @@ impl CompiledProgram {
             .work
             .iter()
             .zip(&extents)
-            .map(|(w, &e)| e >= 2 && e.saturating_mul(w.eval(symbols)) >= crate::schedule::PARALLEL_MIN_WORK)
+            .map(|(w, &e)| e >= 2 && e.saturating_mul(crate::symbolic::eval_sum(w, symbols)) >= crate::schedule::PARALLEL_MIN_WORK)
             .collect();
         let params: Vec<i64> = shapes.params.iter().map(|m| m.eval(symbols)).collect();
         let mut offsets = vec![0usize; image.buffers.len()];

@@ -35,6 +35,17 @@ impl Monomial {
     pub fn is_constant(&self) -> bool {
         self.powers.iter().all(|&p| p == 0)
     }
+    fn times(&self, other: &Monomial) -> Monomial {
+        let powers = self.powers.iter().zip(&other.powers).map(|(a, b)| a + b).collect();
+        Monomial { coeff: self.coeff.saturating_mul(other.coeff), powers }
+    }
+}
+
+/// A sum of monomials.
+pub type Polynomial = Vec<Monomial>;
+
+pub fn eval_sum(p: &Polynomial, symbols: &[i64]) -> i64 {
+    p.iter().fold(0i64, |acc, m| acc.saturating_add(m.eval(symbols)))
 }
 
 /// How a symbolic program's sizes follow its symbols.
@@ -45,9 +56,9 @@ pub struct SymbolicShapes {
     pub buffers: Vec<Vec<Monomial>>,
     /// Per kernel: the root extent.
     pub extents: Vec<Monomial>,
-    /// Per kernel: element operations per root iteration (the parallel grain; a constant
-    /// where it is no monomial: it only steers parallelism).
-    pub work: Vec<Monomial>,
+    /// Per kernel: element operations per root iteration (the parallel grain), as
+    /// `schedule` counts them, with parameters for loop extents.
+    pub work: Vec<Polynomial>,
     /// The program's parameters, as the rewritten kernels number them.
     pub params: Vec<Monomial>,
 }
@@ -102,12 +113,6 @@ pub fn infer(samples: &[(Vec<i64>, LoopProgram)]) -> Result<(SymbolicShapes, Loo
         .map(|b| (0..base.buffers[b].sizes.len()).map(|d| fit(&points, &values(&|p| p.buffers[b].sizes[d]))).collect())
         .collect::<Result<Vec<Vec<_>>, _>>()?;
     let extents = (0..base.kernels.len()).map(|k| fit(&points, &values(&|p| root_extent(&p.kernels[k])))).collect::<Result<Vec<_>, _>>()?;
-    let work = (0..base.kernels.len())
-        .map(|k| {
-            let w = values(&|p| p.kernels[k].work_per_iter);
-            fit(&points, &w).unwrap_or(Monomial { coeff: w[0], powers: vec![0; n] })
-        })
-        .collect();
     // Integers inside kernels: equal at every sample, or a parameter.
     let mut params: Vec<Monomial> = vec![];
     let mut kernels = vec![];
@@ -133,6 +138,7 @@ pub fn infer(samples: &[(Vec<i64>, LoopProgram)]) -> Result<(SymbolicShapes, Loo
         parameterise(&mut kernel, &decisions);
         kernels.push(kernel);
     }
+    let work = kernels.iter().map(|k| work(&k.root.body, &params, n)).collect();
     let shapes = SymbolicShapes { num_symbols: n, buffers, extents, work, params };
     Ok((shapes, LoopProgram { kernels, ..base.clone() }))
 }
@@ -159,6 +165,29 @@ fn fit(points: &[&[i64]], values: &[i64]) -> Result<Monomial, String> {
         Some((p, v)) => Err(format!("{v} at {p:?} is not the product of symbols found at {:?}", points[0])),
         None => Ok(m),
     }
+}
+
+/// `schedule::work` of a rewritten loop body (at least 1), with each parameter extent `p` as
+/// `params[p]`.
+fn work(body: &[Stmt], params: &[Monomial], n: usize) -> Polynomial {
+    let constant = |c: i64| Monomial { coeff: c, powers: vec![0; n] };
+    let mut sum: Polynomial = vec![];
+    for s in body {
+        match s {
+            Stmt::Loop(l) => {
+                let extent = match l.extent {
+                    Dim::Const(c) => constant(c),
+                    Dim::Sym(p) => params[p as usize].clone(),
+                };
+                sum.extend(work(&l.body, params, n).iter().map(|m| m.times(&extent)));
+            }
+            _ => sum.push(constant(1)),
+        }
+    }
+    if sum.is_empty() {
+        sum.push(constant(1));
+    }
+    sum
 }
 
 fn root_extent(k: &Kernel) -> i64 {

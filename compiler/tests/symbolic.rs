@@ -5,7 +5,7 @@ mod common;
 use common::*;
 use kiln_compiler::ir::parse_graph;
 use kiln_compiler::lower::{contiguous_strides, BufferKind, LoopProgram};
-use kiln_compiler::symbolic::{infer, sample_points, SymbolicShapes};
+use kiln_compiler::symbolic::{eval_sum, infer, sample_points, SymbolicShapes};
 use kiln_compiler::{compile_loop_program, lower_graph, CompileOptions, CompiledProgram, Target};
 use std::sync::atomic::{AtomicUsize, Ordering};
 
@@ -105,6 +105,9 @@ fn reductions_over_a_symbol_and_strides_that_follow_one_read_parameters() {
     assert!(!shapes.params.is_empty());
     for (i, s) in [[2i64, 2], [3, 512], [64, 7], [5, 100]].iter().enumerate() {
         region.check(&shapes, &code, s, i as u64 + 10);
+        // The parallel grain follows the sizes as the per-size schedule counts it.
+        let per_size: Vec<i64> = region.lowered(s).kernels.iter().map(|k| k.work_per_iter).collect();
+        assert_eq!(shapes.work.iter().map(|w| eval_sum(w, s)).collect::<Vec<_>>(), per_size, "at {s:?}");
     }
     // Column-major input: the row stride is the batch.
     let text = |s: &[i64]| format!("graph(%0: f32[{0}, 8]) {{\n %1 = exp(%0) : f32[{0}, 8]\n %2 = sum(%0) dims=[0] keepdim=false : f32[8]\n return (%1, %2)\n}}", s[0]);

@@ -121,7 +121,7 @@ pub struct Region {
     pub specs: RwLock<Vec<Arc<Specialization>>>,
     pub rejected: Mutex<Vec<Rejection>>,
     /// Every signature the group was asked to specialise for (bounded), compiled or not:
-    /// which dims moved. Dynamic shapes will be decided from it.
+    /// which dims moved, from which the dynamic policy makes its plan (`dim_plan`).
     pub profile: Mutex<GroupProfile>,
     /// Dim plans whose symbolic code was refused, and why (not tried again).
     pub symbolic_refused: Mutex<Vec<(Vec<Vec<DimPlan>>, String)>>,
@@ -330,14 +330,26 @@ impl Runtime {
     }
 
     /// Code for `metas`: symbolic where the dynamic policy and the profile say so and the
-    /// region's code allows, else for exactly this signature.
+    /// region's code allows, else for exactly this signature. With compile='never', code a
+    /// cache prewarmed under dynamic='always' holds is looked for too: it serves every size
+    /// from the first call.
     fn compile(&self, r: &Region, metas: &[TensorMeta]) -> Result<Specialization, String> {
         let live: Vec<InputDecl> = metas.iter().map(decl).collect::<Result<_, _>>()?;
         let options = self.options.read().unwrap().clone();
+        let mut plans = vec![];
         if options.dynamic != Dynamic::Static {
-            let plan = r.profile.lock().unwrap().dim_plan(options.dynamic == Dynamic::Always);
+            plans.push(r.profile.lock().unwrap().dim_plan(options.dynamic == Dynamic::Always));
+        }
+        if options.dynamic == Dynamic::Auto && options.mode == CompileMode::Never {
+            plans.push(r.profile.lock().unwrap().dim_plan(true));
+        }
+        for plan in plans {
             if let Some((guards, lowered, run, program)) = self.symbolic_plan(r, metas, &live, &plan) {
-                return self.build(r, lowered, guards, Some((run, &program)), &options);
+                match self.build(r, lowered, guards, Some((run, &program)), &options) {
+                    Ok(spec) => return Ok(spec),
+                    // Not cached under compile='never', or no code: code for this signature may be.
+                    Err(why) => tracing::debug!(group = r.id, "kiln: symbolic code not built: {why}"),
+                }
             }
         }
         let lowered = aten::lower(&r.dump.with_inputs(&live))?;

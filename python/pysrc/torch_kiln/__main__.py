@@ -52,7 +52,7 @@ def prewarm(args):
     except Exception as e:  # a bad path or file: say which, without a traceback
         sys.exit(f"torch_kiln prewarm: cannot load {args.model}: {e}")
     model.eval()
-    s = torch_kiln.prewarm(model, tuple(args.input), cache_dir=args.cache_dir, progress=not args.quiet)
+    s = torch_kiln.prewarm(model, tuple(args.input), cache_dir=args.cache_dir, progress=not args.quiet, dynamic=args.dynamic)
     print(f"groups: {s['groups']}, specialisations: {s['specializations']} "
           f"(compiled {s['compiled']}, already cached {s['from_disk'] + s['from_memory']})")
     print(f"cache {s['cache_dir']}: {s['entries_written']} entries written, "
@@ -88,6 +88,8 @@ def main(argv=None):
                     help="one argument of the model, as SHAPE:DTYPE (e.g. 1x3x224x224:float32); repeat for each argument")
     pw.add_argument("--cache-dir", default=None, help="default: $KILN_CACHE_DIR or ~/.cache/torch_kiln")
     pw.add_argument("--quiet", action="store_true", help="no progress bar")
+    pw.add_argument("--dynamic", default="always", choices=["always", "auto", "static"],
+                    help="always (default): code for every size >= 2 of every dim; static: for exactly these sizes")
     pw.set_defaults(run=prewarm)
     c = sub.add_parser("cache", help="inspect, verify or clear a cache directory")
     c.add_argument("action", choices=["info", "clear", "verify"])

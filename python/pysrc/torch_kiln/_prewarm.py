@@ -75,12 +75,17 @@ def _new_counts(before, after):
     return {k: v - before.get(k, 0) for k, v in dict(after).items() if v > before.get(k, 0)}
 
 
-def prewarm(module, example_inputs, cache_dir=None, progress=None):
+def prewarm(module, example_inputs, cache_dir=None, progress=None, dynamic="always"):
     """Runs ``module`` (a scripted, traced or loaded TorchScript function or module, not yet
     optimised: fresh from ``torch.jit.script/trace/load``) on ``example_inputs`` under
     ``torch.no_grad()``, compiling each Kiln group for those inputs into ``cache_dir`` (None:
     the default directory). ``example_inputs``: a tensor, a tuple of arguments for one call,
     or a list of such tuples (one call each, e.g. several batch sizes).
+
+    ``dynamic`` is the policy the code is made under: ``"always"`` (the default) makes code
+    for every size >= 2 of every dim from the first example, which a server with
+    ``compile="never"`` finds whatever sizes it sees (sizes 1 and 0 need examples of their
+    own); ``"static"`` makes code for exactly the examples' sizes.
 
     Returns a summary: groups and specialisations made, how many were compiled or found in
     the cache, entries written, the directory's entries and bytes, and seconds taken. Kiln's
@@ -89,7 +94,7 @@ def prewarm(module, example_inputs, cache_dir=None, progress=None):
     calls = _calls(example_inputs)
     directory = cache.resolve_dir(cache_dir)
     previous = dict(torch_kiln._options) if torch_kiln._enabled else None
-    options = {**(previous or {}), "cache_dir": directory, "compile": "lazy"}
+    options = {**(previous or {}), "cache_dir": directory, "compile": "lazy", "dynamic": dynamic}
     if progress is None:
         progress = sys.stderr.isatty()
     torch_kiln.enable(**options)
