@@ -103,7 +103,7 @@ def child(tool, sizes, width):
               "worst_first_ms": max(c[0] for c in calls) * 1e3}
     if tool.startswith("kiln"):
         s = torch_kiln.stats()
-        result.update(compiles=s["compiles"], kernel_runs=s["kernel_runs"], guard_failures=s["guard_failures"])
+        result.update(compiles=s["compiles"], compile_ms=s["compile_time_ms"], kernel_runs=s["kernel_runs"], guard_failures=s["guard_failures"])
     elif tool == "torch.compile":
         from torch._dynamo.utils import counters
         result.update(compiles=counters["stats"]["unique_graphs"])
@@ -120,7 +120,7 @@ def main():
         return child(a.child, a.sizes, a.width)
     print(f"{a.sizes} batch sizes (1..97), width {a.width}, each size called 3 times; fresh process per tool")
     print(f"{'tool':20} {'total ms':>10} {'vs kiln':>8} {'steady ms':>13} {'vs kiln':>8} {'worst first call ms':>20} "
-          f"{'compiles':>9} {'kiln runs':>10}")
+          f"{'compiles':>9} {'compile ms':>11} {'kiln runs':>10}")
     kiln = None
     for tool in ["kiln-dynamic", "eager", "torchscript", "torchscript+onednn", "kiln-static", "torch.compile", "onnxruntime"]:
         out = subprocess.run([sys.executable, __file__, "--child", tool, "--sizes", str(a.sizes), "--width", str(a.width)],
@@ -130,9 +130,10 @@ def main():
             continue
         r = json.loads(out.stdout.strip().splitlines()[-1])
         kiln = kiln or r
+        compile_ms = f"{r['compile_ms']:.1f}" if "compile_ms" in r else "-"
         print(f"{tool:20} {r['total_ms']:10.1f} {r['total_ms'] / kiln['total_ms']:7.2f}x {r['steady_ms']:13.2f} "
               f"{r['steady_ms'] / kiln['steady_ms']:7.2f}x {r['worst_first_ms']:20.1f} "
-              f"{r.get('compiles', '-'):>9} {r.get('kernel_runs', '-'):>10}")
+              f"{r.get('compiles', '-'):>9} {compile_ms:>11} {r.get('kernel_runs', '-'):>10}")
 
 
 if __name__ == "__main__":
