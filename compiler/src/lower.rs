@@ -14,7 +14,7 @@ use std::collections::{HashMap, HashSet};
 
 #[derive(thiserror::Error, Debug, Clone, PartialEq)]
 pub enum LowerError {
-    #[error("symbolic extents are not supported by codegen yet")]
+    #[error("graph shapes must be concrete (code for symbolic sizes is derived from concrete lowerings: symbolic.rs)")]
     Symbolic,
     #[error("input {0} has {1} strides for rank {2}")]
     BadStrides(usize, usize, usize),
