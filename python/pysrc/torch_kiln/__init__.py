@@ -42,8 +42,8 @@ OPTIONS = {
     # Dynamic shapes. "auto": once a dim of a group's input has been seen with two sizes, the
     # group is compiled once for any size >= 2 of it (sizes 0 and 1 get code of their own);
     # "static": code for each distinct signature; "always": every dim of size >= 2 is
-    # symbolic from the first call. Where a group's code depends on a size (a reduction over
-    # it), that group keeps code per size; explain() says why.
+    # symbolic from the first call. A group whose lowering changes with the sizes, or an input
+    # whose layout does, keeps code per size; explain() says why.
     "dynamic": "auto",
     # Directory of compiled code shared across processes. None: $KILN_CACHE_DIR, else
     # $XDG_CACHE_HOME/torch_kiln, else ~/.cache/torch_kiln. False: memory only. It holds
@@ -117,10 +117,12 @@ def reset():
 
 def stats():
     """Counters: groups (regions taken by Kiln), specialisations made for them (of which
-    symbolic_specializations serve many sizes) and where their code came from (compiles, cache_hits in memory, disk_hits), entries written to the disk
-    cache and problems met there, kernel runs, guard passes, misses (calls no existing
-    specialisation accepted: compiled for, or failed) and failures (calls that ran
-    TorchScript's own nodes), and every reason code ran in TorchScript, with counts."""
+    symbolic_specializations serve many sizes) and where their code came from (compiles,
+    cache_hits in memory, disk_hits), entries written to the disk cache and problems met
+    there, kernel runs, guard passes, misses (calls no existing specialisation accepted:
+    compiled for, or failed) and failures (calls that ran TorchScript's own nodes), and every
+    reason code ran in TorchScript, with counts; the options compile_mode, dynamic and
+    cache_dir."""
     s = _kiln.stats()
     s["fallbacks"] = dict(s["fallbacks"])
     s["disk_problems"] = dict(s["disk_problems"])
