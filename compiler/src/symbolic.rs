@@ -112,7 +112,7 @@ pub fn infer(samples: &[(Vec<i64>, LoopProgram)]) -> Result<(SymbolicShapes, Loo
     let buffers = (0..base.buffers.len())
         .map(|b| (0..base.buffers[b].sizes.len()).map(|d| fit(&points, &values(&|p| p.buffers[b].sizes[d]))).collect())
         .collect::<Result<Vec<Vec<_>>, _>>()?;
-    let extents = (0..base.kernels.len()).map(|k| fit(&points, &values(&|p| root_extent(&p.kernels[k])))).collect::<Result<Vec<_>, _>>()?;
+    let extents = (0..base.kernels.len()).map(|k| fit(&points, &values(&|p| extent(&p.kernels[k].root)))).collect::<Result<Vec<_>, _>>()?;
     // Integers inside kernels: equal at every sample, or a parameter.
     let mut params: Vec<Monomial> = vec![];
     let mut kernels = vec![];
@@ -190,8 +190,9 @@ fn work(body: &[Stmt], params: &[Monomial], n: usize) -> Polynomial {
     sum
 }
 
-fn root_extent(k: &Kernel) -> i64 {
-    match k.root.extent {
+/// A loop's extent; lowered programs have no parameters yet (`i64::MIN` never fits).
+fn extent(l: &Loop) -> i64 {
+    match l.extent {
         Dim::Const(n) => n,
         Dim::Sym(_) => i64::MIN,
     }
@@ -238,7 +239,7 @@ fn integers(k: &Kernel) -> Vec<Int> {
         for s in &l.body {
             match s {
                 Stmt::Loop(inner) => {
-                    out.push(Int::Extent(root_extent_of(inner)));
+                    out.push(Int::Extent(extent(inner)));
                     walk(inner, out);
                 }
                 Stmt::Store { index: ix, .. } => index(ix, out),
@@ -256,13 +257,6 @@ fn integers(k: &Kernel) -> Vec<Int> {
         }
     }
     out
-}
-
-fn root_extent_of(l: &Loop) -> i64 {
-    match l.extent {
-        Dim::Const(n) => n,
-        Dim::Sym(_) => i64::MIN,
-    }
 }
 
 /// Replaces the integers `integers(k)` lists by the parameters `decisions` names (in the same

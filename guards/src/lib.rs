@@ -12,6 +12,7 @@
 //! specialisation. `check` allocates nothing; it runs on every call.
 
 use kiln_profiler::{canonical_strides, DimPlan, Device, TensorMeta, TensorView};
+use std::cmp::Reverse;
 use std::fmt;
 
 /// The most symbols one guard set binds (see `kiln_compiler::symbolic::MAX_SYMBOLS`).
@@ -133,10 +134,10 @@ pub fn dense_strides(sizes: &[i64], order: &[usize]) -> Vec<i64> {
 /// stepped, by their index), or None if it is not dense.
 fn dense_order(sizes: &[i64], strides: &[i64]) -> Option<Vec<usize>> {
     let mut order: Vec<usize> = (0..sizes.len()).collect();
-    // Stable: equal keys (size-1 dims) keep their index order.
-    order.sort_by_key(|&d| if sizes[d] == 1 { (0, d) } else { (1, usize::MAX - strides[d] as usize) });
-    let ordered: Vec<usize> = order.iter().copied().filter(|&d| sizes[d] != 1).chain(order.iter().copied().filter(|&d| sizes[d] == 1)).collect();
-    is_dense(sizes, strides, &ordered).then_some(ordered)
+    // Stepped dims by falling stride, then size-1 dims; the sort is stable, so size-1 dims
+    // (whatever their strides) keep their index order and one layout gives one order.
+    order.sort_by_key(|&d| if sizes[d] == 1 { (1, Reverse(0)) } else { (0, Reverse(strides[d])) });
+    is_dense(sizes, strides, &order).then_some(order)
 }
 
 /// Whether `strides` are dense for `sizes` in `order`, ignoring dims of size 1 (never
