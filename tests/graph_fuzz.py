@@ -5,6 +5,8 @@ by TorchScript (with Kiln enabled) and by eager PyTorch on a sequence of input s
     .venv/bin/python tests/graph_fuzz.py --graphs 3000 --seed 7     # the long run
     (tests/test_graph_fuzz.py runs a short one with a fixed seed in the test command)
 
+Outputs are compared for their layout (significant strides) as well as their values.
+
 A mismatch is shrunk (nodes dropped, sizes made smaller) to a small reproducer, which is
 printed and, with --save, written to tests/fuzz_regressions/ where test_graph_fuzz.py replays
 it on every test run.
@@ -96,7 +98,7 @@ def generate(rng, max_nodes=8):
     """A random Case. Values are (name, dims, dtype); dims are symbolic: a list of base-dim
     indices, None for a broadcast 1."""
     main = rng.choice(DTYPES)
-    rank = rng.randint(1, 3)
+    rank = rng.randint(1, 4)
     base = list(range(rank))
     inputs, dtypes = [], []
     for _ in range(rng.randint(1, 3)):
@@ -204,9 +206,16 @@ def shape_sequence(rng, rank, n=6):
 
 
 def make_input(rng, dims, sizes, dtype, gen):
+    """An input of the shape `dims` gives at `sizes`, in a random layout: contiguous, with its
+    dims in another order in memory (transposed, channels-last-like), every other element of
+    its last dim (a slice), or an as_strided view with a size-1 dim's stride out of the
+    ordinary; special values in some."""
     shape = [1 if d is None else sizes[d] for d in dims]
-    noncontig = rng.random() < 0.3 and shape
-    full = list(shape)
+    order = list(range(len(shape)))
+    if rng.random() < 0.3:
+        rng.shuffle(order)
+    noncontig = rng.random() < 0.25 and shape
+    full = [shape[d] for d in order]
     if noncontig:
         full[-1] = full[-1] * 2
     if dtype == torch.bool:
@@ -221,8 +230,12 @@ def make_input(rng, dims, sizes, dtype, gen):
         t = torch.randint(-20, 20, full, generator=gen, dtype=dtype)
     if noncontig:
         t = t[..., ::2]
-    if rng.random() < 0.15 and t.dim() >= 2:
-        t = t.transpose(0, 1).contiguous().transpose(0, 1)  # column-major strides
+    t = t.permute([order.index(d) for d in range(len(shape))])
+    units = [d for d, n in enumerate(shape) if n == 1]
+    if units and rng.random() < 0.2:
+        strides = list(t.stride())
+        strides[rng.choice(units)] = rng.choice([1, 7, 1000])  # never stepped along
+        t = t.as_strided(t.shape, strides)
     return t
 
 
@@ -276,13 +289,24 @@ def float64_reference(case):
     return fn
 
 
+def significant_strides(t):
+    """The strides that decide a tensor's layout (PyTorch's `check_significant_strides`):
+    those of dims longer than 1, in tensors with elements."""
+    if t.numel() == 0:
+        return ()
+    return tuple((d, s) for d, (n, s) in enumerate(zip(t.shape, t.stride())) if n > 1)
+
+
 def agrees(got, wants, f64, float32_inside=False):
     """None if `got` (TorchScript + Kiln) is acceptable against eager's answers `wants` (see
-    `run_case`), else why not (see the module docstring). With `float32_inside` the result
-    carries float32 rounding even if it is float64, and is held to float32 tolerances."""
+    `run_case`), else why not (see the module docstring). Its layout must be eager's on the
+    same inputs (`wants[0]`). With `float32_inside` the result carries float32 rounding even
+    if it is float64, and is held to float32 tolerances."""
     want = wants[0]
     if got.dtype != want.dtype or got.shape != want.shape:
         return f"dtype/shape {got.dtype}{tuple(got.shape)} vs eager {want.dtype}{tuple(want.shape)}"
+    if significant_strides(got) != significant_strides(want):
+        return f"strides {got.stride()} vs eager {want.stride()} (shape {tuple(got.shape)})"
     if not want.dtype.is_floating_point:
         return None if any(torch.equal(got, w) for w in wants) else "integer results differ"
     f32 = want.dtype == torch.float32 or float32_inside
@@ -339,8 +363,8 @@ def run_case(case, seed, kiln_stats):
         for i, (g, e) in enumerate(zip(got, exact)):
             why = agrees(g, [a[i] for a in answers], e, float32_inside)
             if why:
-                shapes = [tuple(a.shape) for a in args]
-                return f"call {step} sizes {sizes} input shapes {shapes} output {i}: {why}", kiln_calls
+                shapes = [(tuple(a.shape), a.stride()) for a in args]
+                return f"call {step} sizes {sizes} inputs (shape, strides) {shapes} output {i}: {why}", kiln_calls
     return None, kiln_calls
 
 

@@ -58,3 +58,19 @@ def fresh_script(fn):
     """A new TorchScript function for `fn`: torch.jit.script(fn) returns one cached per
     Python function, whose groups would carry specialisations from other tests."""
     return script_source(textwrap.dedent(inspect.getsource(fn)), fn.__name__)
+
+
+def run_isolated(body, timeout=300):
+    """Runs `body` (Python source) in a fresh interpreter with Kiln enabled (memory cache
+    only), so that a crash fails the calling test instead of killing pytest. Returns what it
+    printed; fails the test on a non-zero exit (a signal included)."""
+    import subprocess
+    import sys
+
+    preamble = (
+        "import warnings\nwarnings.filterwarnings('ignore')\n"
+        "import torch, torch_kiln\ntorch_kiln.enable(cache_dir=False)\n"
+    )
+    r = subprocess.run([sys.executable, "-c", preamble + textwrap.dedent(body)], capture_output=True, text=True, timeout=timeout)
+    assert r.returncode == 0, f"exit status {r.returncode}\nstdout:\n{r.stdout}\nstderr:\n{r.stderr}"
+    return r.stdout

@@ -311,3 +311,63 @@ def test_an_unusable_default_directory_keeps_code_in_memory(tmp_path):
     env = {k: v for k, v in _env().items() if k not in ("KILN_CACHE_DIR", "XDG_CACHE_HOME")}
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env={**env, "HOME": str(home)}, timeout=300)
     assert out.returncode == 0, out.stderr
+
+
+def _plant(cache_dir, what):
+    """Something that is not an entry under an entry's name in `cache_dir` (issue 9)."""
+    os.makedirs(cache_dir, mode=0o700, exist_ok=True)
+    name = os.path.join(cache_dir, "0" * 64 + ".kiln")
+    if what == "fifo":
+        os.mkfifo(name, 0o600)
+    elif what == "sparse":
+        with open(name, "wb") as f:
+            f.truncate(1 << 40)
+    else:
+        os.mkdir(name)
+        open(os.path.join(name, "inside"), "w").close()
+    return name
+
+
+@pytest.mark.parametrize("what", ["fifo", "sparse", "directory"])
+def test_cache_tools_handle_what_is_not_an_entry(tmp_path, what):
+    # verify used to hang on a FIFO and abort on a 1 TB sparse file; clear raised on a directory.
+    d = tmp_path / "c"
+    name = _plant(d, what)
+    out = cli("cache", "verify", "--cache-dir", str(d), check=False)
+    assert out.returncode == 1 and name in out.stdout, out.stdout + out.stderr
+    assert "not an entry" in out.stdout or "more than any entry" in out.stdout, out.stdout
+    assert "Traceback" not in out.stderr
+    assert torch_kiln.cache.clear(d) == 1
+    assert os.listdir(d) == []
+
+
+def test_a_planted_fifo_never_blocks_a_load(model_file, tmp_path):
+    # Every entry name of the model planted as a FIFO: a fresh process compiles, reports and
+    # replaces them (was: blocked forever in open()).
+    d = tmp_path / "c"
+    child("lazy", d, model_file)
+    for e in entries(d):
+        os.remove(d / e)
+        os.mkfifo(d / e, 0o600)
+    s = child("lazy", d, model_file)
+    assert s["compiles"] == 2 and s["disk_writes"] == 2, s
+    assert any("a FIFO" in p for p in s["disk_problems"]), s
+    assert child("never", d, model_file)["disk_hits"] == 2
+
+
+def test_prewarm_cli_explains_bad_inputs_without_a_traceback(model_file, tmp_path):
+    d = str(tmp_path / "c")
+    cases = [
+        (["--input", "4x3:float32"], "did not run on the inputs (4, 3):float32"),  # the model rejects it
+        (["--input", "-1x2"], "negative size in '-1x2'"),  # was read as an option
+        (["--input", "100000x100000x100000"], "cannot make an input"),  # cannot be allocated
+    ]
+    for args, message in cases:
+        out = cli("prewarm", model_file, *args, "--cache-dir", d, "--quiet", check=False)
+        assert out.returncode != 0 and message in out.stderr, (args, out.stderr)
+        assert "Traceback" not in out.stderr, out.stderr
+
+
+def test_prewarm_of_a_plain_module_says_what_it_needs(tmp_path):
+    with pytest.raises(TypeError, match="plain nn.Module: script or trace it first"):
+        torch_kiln.prewarm(torch.nn.ReLU(), (torch.randn(3),), cache_dir=tmp_path)

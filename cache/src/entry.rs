@@ -4,7 +4,7 @@
 //! ```text
 //! "KILNCODE" | format: u32 | header length: u32 | header | body length: u64 | body | blake3: 32 bytes
 //! header: text lines "field value"  (key, kiln, llvm, triple, cpu, features)
-//! body:   text lines "arena N" "inputs N" "outputs N" "buffer DTYPE input|output|temp N SIZES"
+//! body:   text lines "arena N" "inputs N" "outputs N" "buffer DTYPE input|output|temp N SIZES ORDER"
 //!         "kernel NAME SYMBOL EXTENT PARALLEL WORK", then "loop_ir LEN" and "object LEN", each
 //!         followed by LEN raw bytes
 //! ```
@@ -20,7 +20,8 @@ use kiln_compiler::{DType, ProgramImage, Target};
 const MAGIC: &[u8; 8] = b"KILNCODE";
 /// Bumped whenever the layout above or the kernels' calling convention changes; older
 /// entries are then foreign. 3: kernels read the program's parameters after the buffers.
-pub const FORMAT: u32 = 3;
+/// 4: buffers carry their layout order (outputs follow eager's layout).
+pub const FORMAT: u32 = 4;
 const CHECKSUM: usize = 32;
 
 #[derive(thiserror::Error, Debug, Clone, PartialEq, Eq)]
@@ -90,8 +91,10 @@ pub fn encode(header: &EntryHeader, image: &ProgramImage) -> Vec<u8> {
             BufferKind::Output(i) => ("output", i),
             BufferKind::Temp { offset } => ("temp", offset),
         };
-        let sizes: Vec<String> = b.sizes.iter().map(i64::to_string).collect();
-        body.extend(format!("buffer {} {kind} {n} [{}]\n", b.dtype, sizes.join(",")).bytes());
+        let list = |xs: Vec<String>| format!("[{}]", xs.join(","));
+        let sizes = list(b.sizes.iter().map(i64::to_string).collect());
+        let order = list(b.order.iter().map(usize::to_string).collect());
+        body.extend(format!("buffer {} {kind} {n} {sizes} {order}\n", b.dtype).bytes());
     }
     for k in &image.kernels {
         body.extend(format!("kernel {} {} {} {} {}\n", k.name, k.symbol, k.extent, k.parallel as u8, k.work_per_iter).bytes());
@@ -189,6 +192,15 @@ fn num<T: std::str::FromStr>(s: Option<&str>, what: &str) -> Result<T, String> {
     s.and_then(|s| s.parse().ok()).ok_or_else(|| format!("bad {what}"))
 }
 
+/// "[a,b,c]" as numbers.
+fn list<T: std::str::FromStr>(s: Option<&str>, what: &str) -> Result<Vec<T>, String> {
+    let items = s.and_then(|s| s.strip_prefix('[')).and_then(|s| s.strip_suffix(']')).ok_or_else(|| format!("bad {what}"))?;
+    if items.is_empty() {
+        return Ok(vec![]);
+    }
+    items.split(',').map(|d| num(Some(d), what)).collect()
+}
+
 fn parse_body(body: &[u8]) -> Result<ProgramImage, String> {
     let mut r = Reader { bytes: body, at: 0 };
     let mut image = ProgramImage { buffers: vec![], kernels: vec![], arena_bytes: 0, num_inputs: 0, num_outputs: 0, loop_ir: String::new(), object: vec![] };
@@ -209,9 +221,9 @@ fn parse_body(body: &[u8]) -> Result<ProgramImage, String> {
                     Some("temp") => BufferKind::Temp { offset: n },
                     _ => return Err("bad buffer kind".into()),
                 };
-                let sizes = w.next().and_then(|s| s.strip_prefix('[')).and_then(|s| s.strip_suffix(']')).ok_or("bad buffer sizes")?;
-                let sizes = if sizes.is_empty() { vec![] } else { sizes.split(',').map(|d| num(Some(d), "size")).collect::<Result<_, _>>()? };
-                image.buffers.push(BufferDecl { dtype, sizes, kind });
+                let sizes = list(w.next(), "buffer sizes")?;
+                let order = list(w.next(), "buffer order")?;
+                image.buffers.push(BufferDecl { dtype, sizes, kind, order });
             }
             Some("kernel") => {
                 let name = w.next().ok_or("kernel without a name")?.to_string();
@@ -248,6 +260,11 @@ fn check_consistent(image: &ProgramImage) -> Result<(), String> {
     let mut inputs = vec![0; image.num_inputs];
     let mut outputs = vec![0; image.num_outputs];
     for b in &image.buffers {
+        let mut order = b.order.clone();
+        order.sort_unstable();
+        if !order.iter().copied().eq(0..b.sizes.len()) {
+            return Err("a buffer's order is not a permutation of its dims".into());
+        }
         match b.kind {
             BufferKind::Input(i) => *inputs.get_mut(i).ok_or("input index out of range")? += 1,
             BufferKind::Output(i) => *outputs.get_mut(i).ok_or("output index out of range")? += 1,
@@ -276,9 +293,9 @@ mod tests {
     fn image() -> ProgramImage {
         ProgramImage {
             buffers: vec![
-                BufferDecl { dtype: DType::F32, sizes: vec![4, 2], kind: BufferKind::Input(0) },
-                BufferDecl { dtype: DType::F32, sizes: vec![8], kind: BufferKind::Temp { offset: 0 } },
-                BufferDecl { dtype: DType::Bool, sizes: vec![], kind: BufferKind::Output(0) },
+                BufferDecl { dtype: DType::F32, sizes: vec![4, 2], kind: BufferKind::Input(0), order: vec![0, 1] },
+                BufferDecl { dtype: DType::F32, sizes: vec![8], kind: BufferKind::Temp { offset: 0 }, order: vec![0] },
+                BufferDecl { dtype: DType::Bool, sizes: vec![3, 2], kind: BufferKind::Output(0), order: vec![1, 0] },
             ],
             kernels: vec![KernelDecl { name: "k0".into(), symbol: "kiln_ab_k0".into(), extent: 4, parallel: true, work_per_iter: 2 }],
             arena_bytes: 32,
@@ -350,6 +367,9 @@ mod tests {
         assert!(matches!(decode(&encode(&header(), &bad), &header()), Err(EntryError::Malformed(_))));
         let mut bad = image();
         bad.buffers.remove(0);
+        assert!(matches!(decode(&encode(&header(), &bad), &header()), Err(EntryError::Malformed(_))));
+        let mut bad = image();
+        bad.buffers[2].order = vec![1, 1];
         assert!(matches!(decode(&encode(&header(), &bad), &header()), Err(EntryError::Malformed(_))));
     }
 }

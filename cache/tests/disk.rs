@@ -69,7 +69,7 @@ fn check_runs(p: &kiln_compiler::CompiledProgram) {
     let n = p.image.buffers[0].sizes[0] as usize;
     let x: Vec<f32> = (0..n).map(|i| 1.0 + i as f32 * 0.25).collect();
     let mut y = vec![0f32; n];
-    unsafe { p.run(&[x.as_ptr() as *const u8], &[y.as_mut_ptr() as *mut u8]) };
+    unsafe { p.run(&[x.as_ptr() as *const u8], &[y.as_mut_ptr() as *mut u8]) }.unwrap();
     assert!(y.iter().zip(&x).all(|(y, x)| y.is_finite() && *y >= *x), "{y:?}");
 }
 
@@ -305,4 +305,107 @@ fn verify_tells_good_foreign_and_bad_entries_apart() {
     assert_eq!(r, [(false, true, false), (true, false, false)]);
     assert_eq!(disk.clear().unwrap(), 2);
     assert!(disk.entries().is_empty());
+}
+
+/// Runs `f` on another thread and fails the test if it takes more than 20 s (a FIFO opened
+/// blocking would hang forever).
+fn within_seconds<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(f());
+    });
+    rx.recv_timeout(std::time::Duration::from_secs(20)).expect("hung (a blocking open of the entry?)")
+}
+
+/// A fresh process's fetch in lazy mode over `dir` where `plant` put something odd under the
+/// entry's name: it must compile, report the problem and leave a good entry behind.
+fn planted(n: usize, plant: impl FnOnce(&std::path::Path), problem: &str) {
+    let dir = TempDir::new();
+    let disk = DiskCache::open(&dir.0, LIMIT).unwrap();
+    let s = Setup::new("tanh", n);
+    plant(&disk.path(&s.key()));
+    let ours = EntryHeader::current(&s.key(), &s.target);
+    let verdicts = within_seconds({
+        let dir = dir.0.clone();
+        let ours = ours.clone();
+        move || DiskCache::open(&dir, LIMIT).unwrap().verify(&ours).into_iter().map(|(_, v)| v).collect::<Vec<_>>()
+    });
+    assert!(matches!(verdicts.as_slice(), [Err(why)] if why.contains(problem)), "{verdicts:?}");
+    let (got, cache) = within_seconds({
+        let dir = dir.0.clone();
+        move || {
+            let disk = DiskCache::open(&dir, LIMIT).unwrap();
+            let (got, cache) = Setup::new("tanh", n).fetch(CompileMode::Lazy, &disk);
+            (got, format!("{:?}", cache.disk_problems()))
+        }
+    });
+    assert_eq!(got, Ok(Source::Compiled));
+    assert!(cache.contains(problem), "{cache}");
+    // The write replaced it: the next process loads the entry.
+    assert_eq!(s.fetch(CompileMode::Never, &disk).0, Ok(Source::Disk));
+    assert_eq!(disk.clear().unwrap(), 1);
+}
+
+#[test]
+fn a_fifo_planted_as_an_entry_neither_blocks_nor_loads() {
+    planted(110, |p| assert_eq!(unsafe { libc::mkfifo(std::ffi::CString::new(p.as_os_str().as_encoded_bytes()).unwrap().as_ptr(), 0o600) }, 0), "a FIFO");
+}
+
+#[test]
+fn a_huge_sparse_file_as_an_entry_is_refused_unread() {
+    planted(111, |p| fs::File::create(p).unwrap().set_len(1 << 40).unwrap(), "more than any entry");
+}
+
+#[test]
+fn a_directory_under_an_entrys_name_is_replaced_and_cleared() {
+    planted(
+        112,
+        |p| {
+            fs::create_dir(p).unwrap();
+            fs::write(p.join("inside"), b"x").unwrap();
+        },
+        "a directory",
+    );
+    let dir = TempDir::new();
+    let disk = DiskCache::open(&dir.0, LIMIT).unwrap();
+    fs::create_dir(disk.path(&Setup::new("exp", 113).key())).unwrap();
+    assert_eq!(disk.clear().unwrap(), 1);
+    assert!(fs::read_dir(&dir.0).unwrap().next().is_none());
+}
+
+#[test]
+fn a_link_under_an_entrys_name_is_not_followed() {
+    let target = TempDir::new();
+    fs::create_dir_all(&target.0).unwrap();
+    let elsewhere = target.0.join("code");
+    fs::write(&elsewhere, b"not ours").unwrap();
+    planted(114, |p| std::os::unix::fs::symlink(&elsewhere, p).unwrap(), "symbolic link");
+    assert_eq!(fs::read(&elsewhere).unwrap(), b"not ours");
+}
+
+#[test]
+fn writes_check_the_directory_as_loads_do() {
+    let dir = TempDir::new();
+    let disk = DiskCache::open(&dir.0, LIMIT).unwrap();
+    fs::set_permissions(&dir.0, fs::Permissions::from_mode(0o777)).unwrap();
+    let s = Setup::new("exp", 115);
+    let (got, cache) = s.fetch(CompileMode::Lazy, &disk);
+    assert_eq!(got, Ok(Source::Compiled));
+    assert_eq!(cache.disk_writes(), 0);
+    assert!(format!("{:?}", cache.disk_problems()).contains("writable by other users"));
+    assert!(!disk.path(&s.key()).exists());
+}
+
+#[test]
+fn temporary_files_of_dead_writers_are_evicted_when_old() {
+    let dir = TempDir::new();
+    let disk = DiskCache::open(&dir.0, LIMIT).unwrap();
+    let old = dir.0.join(".tmp-dead-1-0");
+    let fresh = dir.0.join(".tmp-writing-2-0");
+    fs::write(&old, b"half an entry").unwrap();
+    fs::write(&fresh, b"being written").unwrap();
+    let long_ago = std::time::SystemTime::now() - kiln_cache::disk::STALE_TEMP_AGE * 2;
+    fs::File::options().write(true).open(&old).unwrap().set_modified(long_ago).unwrap();
+    Setup::new("exp", 116).fetch(CompileMode::Lazy, &disk).0.unwrap();
+    assert!(!old.exists() && fresh.exists());
 }

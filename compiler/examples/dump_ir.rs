@@ -2,7 +2,7 @@
 //! `cargo run --release -p kiln-compiler --example dump_ir -- graph.kir`.
 use kiln_compiler::codegen::llvm_ir;
 use kiln_compiler::ir::parse_graph;
-use kiln_compiler::lower::contiguous_strides;
+use kiln_compiler::layout::contiguous_strides;
 use kiln_compiler::Target;
 use std::io::Read;
 

@@ -465,14 +465,18 @@ impl<'a, 'ctx> Emitter<'a, 'ctx> {
                 self.b.build_int_compare(IntPredicate::NE, v.into_int_value(), zero, "")?.into()
             }
             (F32 | F64, I32 | I64) => {
-                // Saturating: NaN and out-of-range values are undefined in PyTorch; never poison here.
-                let f = inkwell::intrinsics::Intrinsic::find("llvm.fptosi.sat")
-                    .and_then(|i| i.get_declaration(self.module, &[ty, v.get_type()]))
-                    .unwrap();
-                match self.b.build_call(f, &[v.into()], "")?.try_as_basic_value() {
-                    inkwell::values::ValueKind::Basic(r) => r,
-                    _ => unreachable!(),
-                }
+                // As eager on x86 (cvtt*2si): toward zero, and NaN or a value outside the
+                // integer's range gives its minimum ("integer indefinite"); see
+                // `dtype::float_to_int`. fptosi of such a value is poison: select explicitly.
+                let x = v.into_float_value();
+                let int = ty.into_int_type();
+                let limit = x.get_type().const_float(if to == I32 { 2f64.powi(31) } else { 2f64.powi(63) });
+                let below = self.b.build_float_compare(FloatPredicate::OLT, x, limit, "")?;
+                let above = self.b.build_float_compare(FloatPredicate::OGE, x, self.b.build_float_neg(limit, "")?, "")?;
+                let in_range = self.b.build_and(below, above, "")?;
+                let t = self.b.build_float_to_signed_int(x, int, "")?;
+                let min = int.const_int(if to == I32 { i32::MIN as u32 as u64 } else { i64::MIN as u64 }, false);
+                self.b.build_select(in_range, t, min, "")?
             }
             (Bool, I32 | I64) => self.b.build_int_z_extend(v.into_int_value(), ty.into_int_type(), "")?.into(),
             (I64, I32) => self.b.build_int_truncate(v.into_int_value(), ty.into_int_type(), "")?.into(),

@@ -76,12 +76,24 @@ impl Scalar {
                 Scalar::Bool(b) => b as i64,
                 Scalar::Int(i) if dtype == DType::I32 => i as i32 as i64,
                 Scalar::Int(i) => i,
-                Scalar::Float(f) if dtype == DType::I32 => f as i32 as i64,
-                Scalar::Float(f) => f as i64,
+                Scalar::Float(f) => float_to_int(f, dtype),
             }),
             DType::F32 => Scalar::Float(self.as_f64() as f32 as f64),
             DType::F64 => Scalar::Float(self.as_f64()),
         }
+    }
+}
+
+/// Float → integer conversion as x86's `cvtt*2si` (and so eager PyTorch on it) does it:
+/// toward zero; NaN and values outside the integer type's range give its "integer
+/// indefinite", the minimum value.
+pub fn float_to_int(f: f64, to: DType) -> i64 {
+    let min = if to == DType::I32 { i32::MIN as i64 } else { i64::MIN };
+    let limit = -(min as f64); // 2^31 or 2^63, exact in f64
+    if f >= -limit && f < limit {
+        f as i64
+    } else {
+        min
     }
 }
 

@@ -6,6 +6,7 @@
 
 use crate::dtype::{DType, Scalar};
 use std::fmt;
+use crate::layout::{is_row_major, row_major, DimOrder};
 
 /// An extent: known at compile time, or a symbol bound from the inputs at run time.
 /// Codegen takes only `Const` today; `Sym` is where dynamic shapes plug in.
@@ -186,6 +187,9 @@ pub struct Graph {
     pub nodes: Vec<Node>,
     pub inputs: Vec<ValueId>,
     pub outputs: Vec<ValueId>,
+    /// The memory layout of each output (see `layout`): what the frontend's user gets back.
+    /// Row-major unless the frontend says otherwise.
+    pub output_orders: Vec<DimOrder>,
 }
 
 /// numpy/PyTorch broadcasting of two shapes, right-aligned.
@@ -335,8 +339,22 @@ impl Graph {
         Ok(self.push(Op::Softmax { dim, log }, vec![x], ty))
     }
 
+    /// Sets the outputs, laid out row-major.
     pub fn set_outputs(&mut self, outputs: Vec<ValueId>) {
+        self.output_orders = outputs.iter().map(|&v| row_major(self.ty(v).rank())).collect();
         self.outputs = outputs;
+    }
+
+    /// Lays output `i` out in `order` (a permutation of its dims).
+    pub fn set_output_order(&mut self, i: usize, order: DimOrder) -> Result<(), IrError> {
+        let rank = self.ty(self.outputs[i]).rank();
+        let mut sorted = order.clone();
+        sorted.sort_unstable();
+        if sorted != row_major(rank) {
+            return err(format!("output {i}: {order:?} is not an order of {rank} dims"));
+        }
+        self.output_orders[i] = order;
+        Ok(())
     }
 
     /// For each value, the nodes that use it.
@@ -356,8 +374,9 @@ impl Graph {
 //   graph(%0: f32[4, 4], %1: f32[4]) {
 //     %2 = mul(%0, %1) : f32[4, 4]
 //     %3 = sum(%2) dims=[1] keepdim=false : f32[4]
-//     return (%3)
+//     return (%3, %2 order=[1, 0])
 //   }
+// An output's order is printed where it is not row-major.
 
 impl fmt::Display for Graph {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -388,7 +407,13 @@ impl fmt::Display for Graph {
             };
             writeln!(f, "  %{i} = {head} : {}", n.ty)?;
         }
-        let outs = self.outputs.iter().map(|v| v.to_string()).collect::<Vec<_>>().join(", ");
+        let outs = self
+            .outputs
+            .iter()
+            .zip(&self.output_orders)
+            .map(|(v, order)| if is_row_major(order) { v.to_string() } else { format!("{v} order={order:?}") })
+            .collect::<Vec<_>>()
+            .join(", ");
         writeln!(f, "  return ({outs})")?;
         f.write_str("}\n")
     }
@@ -418,8 +443,15 @@ pub fn parse_graph(text: &str) -> Result<Graph, IrError> {
         }
         if let Some(rest) = line.strip_prefix("return (") {
             let rest = rest.strip_suffix(')').unwrap_or(rest);
-            let outs = split_top(rest).iter().map(|s| lookup(&names, s)).collect::<Result<_, _>>()?;
-            g.set_outputs(outs);
+            let outs: Vec<(&str, Option<&str>)> = split_top(rest).into_iter().map(|s| s.split_once(" order=").map_or((s, None), |(v, o)| (v, Some(o)))).collect();
+            g.set_outputs(outs.iter().map(|(v, _)| lookup(&names, v)).collect::<Result<_, _>>()?);
+            for (i, (_, order)) in outs.iter().enumerate() {
+                if let Some(order) = order {
+                    let order = order.trim_matches(|c| c == '[' || c == ']');
+                    let order = order.split(',').map(|d| d.trim().parse().map_err(|_| IrError(format!("bad order in {line}")))).collect::<Result<_, _>>()?;
+                    g.set_output_order(i, order)?;
+                }
+            }
             continue;
         }
         let (name, rhs) = line.split_once(" = ").ok_or_else(|| IrError(format!("bad line: {line}")))?;

@@ -7,6 +7,7 @@ pub mod codegen;
 pub mod dtype;
 pub mod ir;
 pub mod jit;
+pub mod layout;
 pub mod loop_ir;
 pub mod lower;
 pub mod materialize;

@@ -4,10 +4,15 @@
 //! Fusion rule: pointwise nodes are never materialised unless they are graph outputs; they are
 //! inlined (as expressions) into every kernel that reads them. Reductions and softmax own a
 //! kernel each, reading their fused pointwise producers inline. Pointwise outputs of one shape
-//! share one kernel.
+//! and layout share one kernel, whose loops run in that layout's order: the innermost loop
+//! steps along the dim the outputs store contiguously.
+//!
+//! Output layout rule (every kernel kind): an output is written in the order the graph asks for
+//! (`Graph::output_orders`), dense; intermediates are row-major.
 
 use crate::dtype::{DType, Scalar};
 use crate::ir::{BinaryOp, Dim, Graph, Op, ReduceOp, UnaryOp, ValueId};
+use crate::layout::{dense_strides, is_row_major, row_major, DimOrder};
 use crate::loop_ir::*;
 use crate::schedule;
 use std::collections::{HashMap, HashSet};
@@ -33,6 +38,21 @@ pub struct BufferDecl {
     pub dtype: DType,
     pub sizes: Vec<i64>,
     pub kind: BufferKind,
+    /// How the memory Kiln provides is laid out (dense, dims outermost first): the graph's
+    /// order for outputs, row-major for temporaries. Inputs are read through their own strides.
+    pub order: DimOrder,
+}
+
+impl BufferDecl {
+    /// Element strides of the buffer at `sizes`; None where they are row-major (contiguous).
+    pub fn strides_at(&self, sizes: &[i64]) -> Option<Vec<i64>> {
+        (!is_row_major(&self.order)).then(|| dense_strides(sizes, &self.order))
+    }
+
+    /// [`strides_at`](Self::strides_at) the buffer's own sizes.
+    pub fn strides(&self) -> Option<Vec<i64>> {
+        self.strides_at(&self.sizes)
+    }
 }
 
 /// A lowered program: what codegen turns into machine code and the runtime executes.
@@ -45,6 +65,13 @@ pub struct LoopProgram {
     pub num_outputs: usize,
 }
 
+impl LoopProgram {
+    /// The output buffers, in output order.
+    pub fn outputs(&self) -> impl Iterator<Item = &BufferDecl> {
+        self.buffers.iter().filter(|b| matches!(b.kind, BufferKind::Output(_)))
+    }
+}
+
 impl std::fmt::Display for LoopProgram {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         for (i, b) in self.buffers.iter().enumerate() {
@@ -55,15 +82,6 @@ impl std::fmt::Display for LoopProgram {
         }
         Ok(())
     }
-}
-
-/// Row-major element strides of a dense tensor of `sizes`.
-pub fn contiguous_strides(sizes: &[i64]) -> Vec<i64> {
-    let mut strides = vec![1; sizes.len()];
-    for i in (0..sizes.len().saturating_sub(1)).rev() {
-        strides[i] = strides[i + 1] * sizes[i + 1].max(1);
-    }
-    strides
 }
 
 /// Lowers an optimized graph. `input_strides[i]` are the element strides input i will have.
@@ -81,19 +99,21 @@ pub fn lower(g: &Graph, input_strides: &[Vec<i64>]) -> Result<LoopProgram, Lower
             return Err(LowerError::BadStrides(i, strides.len(), sizes.len()));
         }
         buf_of.insert(v, (BufId(buffers.len() as u32), strides));
-        buffers.push(BufferDecl { dtype: g.ty(v).dtype, sizes, kind: BufferKind::Input(i) });
+        buffers.push(BufferDecl { dtype: g.ty(v).dtype, order: row_major(sizes.len()), sizes, kind: BufferKind::Input(i) });
     }
     // An output that is an input or an earlier output gets its own buffer, filled by a copy
-    // kernel after the others.
-    let mut copies: Vec<(Vec<i64>, Vec<(ValueId, Target)>)> = vec![];
-    for (i, &v) in g.outputs.iter().enumerate() {
+    // kernel after the others. Kernels are keyed by the shape and order of what they store.
+    let mut copies: Vec<((Vec<i64>, DimOrder), Vec<(ValueId, Target)>)> = vec![];
+    let mut output_order: HashMap<ValueId, DimOrder> = HashMap::new();
+    for (i, (&v, order)) in g.outputs.iter().zip(&g.output_orders).enumerate() {
         let sizes = shape_of(v)?;
-        let target = (BufId(buffers.len() as u32), contiguous_strides(&sizes));
-        buffers.push(BufferDecl { dtype: g.ty(v).dtype, sizes: sizes.clone(), kind: BufferKind::Output(i) });
+        let target = (BufId(buffers.len() as u32), dense_strides(&sizes, order));
+        buffers.push(BufferDecl { dtype: g.ty(v).dtype, sizes: sizes.clone(), kind: BufferKind::Output(i), order: order.clone() });
         if buf_of.contains_key(&v) {
-            add_by_shape(&mut copies, sizes, (v, target));
+            add_by_key(&mut copies, (sizes, order.clone()), (v, target));
         } else {
             buf_of.insert(v, target);
+            output_order.insert(v, order.clone());
         }
     }
     // Non-pointwise nodes and materialised pointwise values that are not outputs become temps;
@@ -104,21 +124,21 @@ pub fn lower(g: &Graph, input_strides: &[Vec<i64>]) -> Result<LoopProgram, Lower
         let v = ValueId(i as u32);
         if buffered(v) && !buf_of.contains_key(&v) && !matches!(n.op, Op::Input(_)) {
             let sizes = shape_of(v)?;
-            buf_of.insert(v, (BufId(buffers.len() as u32), contiguous_strides(&sizes)));
-            buffers.push(BufferDecl { dtype: n.ty.dtype, sizes, kind: BufferKind::Temp { offset: 0 } });
+            let order = row_major(sizes.len());
+            buf_of.insert(v, (BufId(buffers.len() as u32), dense_strides(&sizes, &order)));
+            buffers.push(BufferDecl { dtype: n.ty.dtype, order, sizes, kind: BufferKind::Temp { offset: 0 } });
         }
     }
 
-    // Kernels in topological order. Pointwise outputs of one shape are emitted together, at
-    // the position of the last of them (all their inputs are computed by then).
+    // Kernels in topological order. Pointwise outputs of one shape and order are emitted
+    // together, at the position of the last of them (all their inputs are computed by then).
     let mut kernels = vec![];
-    let mut pending_pointwise: Vec<(Vec<i64>, Vec<ValueId>)> = vec![];
+    let mut pending_pointwise: Vec<((Vec<i64>, DimOrder), Vec<ValueId>)> = vec![];
     for &v in &g.outputs {
         if !buffered(v) {
-            let shape = shape_of(v)?;
             let seen = pending_pointwise.iter().any(|(_, vs)| vs.contains(&v));
             if !seen {
-                add_by_shape(&mut pending_pointwise, shape, v);
+                add_by_key(&mut pending_pointwise, (shape_of(v)?, output_order[&v].clone()), v);
             }
         }
     }
@@ -128,19 +148,23 @@ pub fn lower(g: &Graph, input_strides: &[Vec<i64>]) -> Result<LoopProgram, Lower
         match &n.op {
             Op::Reduce { op, dims, keepdim } => kernels.push(b.reduction(v, *op, dims, *keepdim)),
             Op::Softmax { dim, log } => kernels.push(b.softmax(v, *dim, *log)),
-            _ if materialised.contains(&v) => kernels.push(b.pointwise(&shape_of(v)?, &[(v, buf_of[&v].clone())])),
+            _ if materialised.contains(&v) => {
+                let shape = shape_of(v)?;
+                let order = output_order.get(&v).cloned().unwrap_or_else(|| row_major(shape.len()));
+                kernels.push(b.pointwise(&shape, &order, &[(v, buf_of[&v].clone())]))
+            }
             _ => {}
         }
         if let Some(pos) = pending_pointwise.iter().position(|(_, vs)| vs.iter().max() == Some(&v)) {
-            let (shape, vs) = pending_pointwise.remove(pos);
+            let ((shape, order), vs) = pending_pointwise.remove(pos);
             let b = KernelBuilder::new(g, &buf_of, &materialised, format!("k{}", kernels.len()));
             let targets: Vec<(ValueId, Target)> = vs.iter().map(|v| (*v, buf_of[v].clone())).collect();
-            kernels.push(b.pointwise(&shape, &targets));
+            kernels.push(b.pointwise(&shape, &order, &targets));
         }
     }
-    for (shape, targets) in &copies {
+    for ((shape, order), targets) in &copies {
         let b = KernelBuilder::new(g, &buf_of, &materialised, format!("k{}", kernels.len()));
-        kernels.push(b.pointwise(shape, targets));
+        kernels.push(b.pointwise(shape, order, targets));
     }
     for k in &mut kernels {
         schedule::schedule(k);
@@ -149,11 +173,11 @@ pub fn lower(g: &Graph, input_strides: &[Vec<i64>]) -> Result<LoopProgram, Lower
     Ok(LoopProgram { buffers, kernels, arena_bytes, num_inputs: g.inputs.len(), num_outputs: g.outputs.len() })
 }
 
-/// Appends `item` to the list for `shape`, starting one if there is none.
-fn add_by_shape<T>(groups: &mut Vec<(Vec<i64>, Vec<T>)>, shape: Vec<i64>, item: T) {
-    match groups.iter_mut().find(|(s, _)| *s == shape) {
+/// Appends `item` to the list for `key`, starting one if there is none.
+fn add_by_key<K: PartialEq, T>(groups: &mut Vec<(K, Vec<T>)>, key: K, item: T) {
+    match groups.iter_mut().find(|(k, _)| *k == key) {
         Some((_, items)) => items.push(item),
-        None => groups.push((shape, vec![item])),
+        None => groups.push((key, vec![item])),
     }
 }
 
@@ -325,8 +349,9 @@ impl<'a> KernelBuilder<'a> {
         Kernel { name: self.name, root, exprs: self.arena.exprs, accs: self.accs, num_vars, work_per_iter }
     }
 
-    /// One kernel over `shape` computing each value into its target buffer.
-    fn pointwise(mut self, shape: &[i64], targets: &[(ValueId, Target)]) -> Kernel {
+    /// One kernel over `shape` computing each value into its target buffer, its loops nested
+    /// in `order` (outermost first): the order its targets are laid out in.
+    fn pointwise(mut self, shape: &[i64], order: &[usize], targets: &[(ValueId, Target)]) -> Kernel {
         let vars: Vec<VarId> = shape.iter().map(|_| self.var()).collect();
         let coords: Coords = vars.iter().zip(shape).map(|(&v, &n)| if n == 1 { None } else { Some(v) }).collect();
         let mut stores = vec![];
@@ -337,7 +362,9 @@ impl<'a> KernelBuilder<'a> {
             let value = if own { self.compute(*o, &coords) } else { self.value(*o, &coords) };
             stores.push(Self::store_to(target, &coords, value));
         }
-        let body = Self::nest(&vars, shape, stores);
+        let loop_vars: Vec<VarId> = order.iter().map(|&d| vars[d]).collect();
+        let extents: Vec<i64> = order.iter().map(|&d| shape[d]).collect();
+        let body = Self::nest(&loop_vars, &extents, stores);
         self.finish(body, 1)
     }
 
@@ -370,12 +397,14 @@ impl<'a> KernelBuilder<'a> {
         };
         let count: i64 = reduced.iter().map(|&d| xshape[d]).product();
         let mut result = self.arena.add(Expr::Acc(acc), acc_dtype);
-        if op == ReduceOp::Mean {
-            let n = self.konst(Scalar::Int(count), acc_dtype);
-            result = self.arena.add(Expr::Binary(BinaryOp::Div, result, n), acc_dtype);
-        }
         if acc_dtype != dtype {
             result = self.arena.add(Expr::Cast(result), dtype);
+        }
+        if op == ReduceOp::Mean {
+            // Eager's mean is its sum in the result's dtype, divided there (sum().div_(n)): a
+            // float32 sum that overflows makes the mean inf, as in eager.
+            let n = self.konst(Scalar::Int(count), dtype);
+            result = self.arena.add(Expr::Binary(BinaryOp::Div, result, n), dtype);
         }
         let out_coords: Coords = if keepdim {
             (0..xshape.len()).map(|d| if dims.contains(&d) { None } else { coords[d] }).collect()

@@ -236,9 +236,11 @@ impl<'a, 'ctx> Math<'a, 'ctx> {
     /// where eager gives -inf, and 0/gelu(x) is 0 where eager gives NaN (graph fuzzer,
     /// tests/fuzz_regressions/case_255582274.json and two more).
     pub fn gelu_f32(&self, x: FloatValue<'ctx>) -> R<'ctx> {
-        let half_x = self.mul(x, self.f32c(0.5))?;
         let erf = self.erf_scaled(x, true)?;
-        let r = self.mul(half_x, self.add(self.f32c(1.0), erf)?)?;
+        // Eager's float32 kernel (oneDNN's gelu_erf for contiguous tensors) forms
+        // x (1 + erf) before halving it, so gelu(x) is inf for x > FLT_MAX/2; halving first
+        // would give a finite value there.
+        let r = self.mul(self.mul(x, self.add(self.f32c(1.0), erf)?)?, self.f32c(0.5))?;
         // PyTorch's float32 CPU kernel gives gelu(+inf) = NaN (float64 gives inf); Kiln
         // computes what eager computes.
         self.select(self.b.build_float_compare(P::OEQ, x, self.f32c(f64::INFINITY), "")?, self.f32c(f64::NAN), r)

@@ -27,6 +27,7 @@ fn rebuild(g: &Graph, replace: &[ValueId], keep: &[bool]) -> Graph {
         new_id[i] = Some(id);
     }
     out.outputs = g.outputs.iter().map(|v| new_id[replace[v.0 as usize].0 as usize].unwrap()).collect();
+    out.output_orders = g.output_orders.clone();
     out
 }
 

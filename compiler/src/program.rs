@@ -59,7 +59,16 @@ pub struct CompiledProgram {
 
 /// The pool and the process it was made in: a forked child (a DataLoader worker, a server
 /// worker) inherits the pool but none of its threads, so it makes its own.
-static POOL: Lazy<RwLock<(u32, Arc<ThreadPool>)>> = Lazy::new(|| RwLock::new((std::process::id(), Arc::new(ThreadPool::new(default_threads())))));
+static POOL: Lazy<RwLock<(u32, Arc<ThreadPool>)>> = Lazy::new(|| RwLock::new((std::process::id(), Arc::new(pool_of(default_threads())))));
+
+/// A pool of `threads`, or of as many as the system would start (kernels run either way).
+fn pool_of(threads: usize) -> ThreadPool {
+    let (pool, error) = ThreadPool::new(threads);
+    if let Some(e) = error {
+        tracing::warn!("kiln: started {} of {threads} threads for parallel kernels: {e}", pool.threads());
+    }
+    pool
+}
 
 fn pool() -> Arc<ThreadPool> {
     let pid = std::process::id();
@@ -74,7 +83,7 @@ fn pool() -> Arc<ThreadPool> {
         let threads = p.1.threads();
         // The parent's pool is leaked, not dropped: its Drop takes a lock that one of the
         // parent's threads may have held at the fork.
-        std::mem::forget(std::mem::replace(&mut p.1, Arc::new(ThreadPool::new(threads))));
+        std::mem::forget(std::mem::replace(&mut p.1, Arc::new(pool_of(threads))));
         p.0 = pid;
     }
     p.1.clone()
@@ -84,21 +93,99 @@ fn default_threads() -> usize {
     std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)
 }
 
-/// Sets the number of threads parallel kernels use (the caller counts as one).
-pub fn set_num_threads(n: usize) {
+/// Sets the number of threads parallel kernels use (the caller counts as one). If the system
+/// will not start that many, the pool stays as it was and the error says why.
+pub fn set_num_threads(n: usize) -> std::io::Result<()> {
     let current = pool();
     if current.threads() != n.max(1) {
-        POOL.write().unwrap().1 = Arc::new(ThreadPool::new(n.max(1)));
+        match ThreadPool::new(n.max(1)) {
+            (new, None) => POOL.write().unwrap().1 = Arc::new(new),
+            (_, Some(e)) => return Err(e),
+        }
     }
+    Ok(())
 }
 
 pub fn num_threads() -> usize {
     pool().threads()
 }
 
+/// The most scratch memory a thread keeps between calls. A call that needs more gets it for
+/// itself and returns it to the allocator when it is done: a long-lived thread that once ran a
+/// call with huge intermediates does not hold them for good. Below this, one allocation serves
+/// every call of the thread (small calls allocate nothing).
+pub const ARENA_KEEP_BYTES: usize = 64 << 20;
+
+/// The alignment of temporaries: a cache line, and a whole AVX-512 vector.
+const ARENA_ALIGN: usize = 64;
+
+/// Scratch memory for intermediates: uninitialised (the kernels write before they read),
+/// 64-byte aligned.
+struct Arena {
+    ptr: *mut u8,
+    bytes: usize,
+}
+
+impl Arena {
+    const fn new() -> Arena {
+        Arena { ptr: std::ptr::null_mut(), bytes: 0 }
+    }
+
+    /// At least `bytes` of scratch; None if the allocator has none.
+    #[inline]
+    fn reserve(&mut self, bytes: usize) -> Option<*mut u8> {
+        if bytes > self.bytes || self.ptr.is_null() {
+            self.release();
+            let layout = std::alloc::Layout::from_size_align(bytes.max(ARENA_ALIGN), ARENA_ALIGN).ok()?;
+            // SAFETY: the layout has a non-zero size.
+            let ptr = unsafe { std::alloc::alloc(layout) };
+            if ptr.is_null() {
+                return None;
+            }
+            (self.ptr, self.bytes) = (ptr, layout.size());
+        }
+        Some(self.ptr)
+    }
+
+    /// Called after each call: returns scratch beyond what a thread keeps.
+    #[inline]
+    fn trim(&mut self) {
+        if self.bytes > ARENA_KEEP_BYTES {
+            self.release();
+        }
+    }
+
+    fn release(&mut self) {
+        if !self.ptr.is_null() {
+            // SAFETY: allocated by `reserve` with this size and alignment.
+            unsafe { std::alloc::dealloc(self.ptr, std::alloc::Layout::from_size_align_unchecked(self.bytes, ARENA_ALIGN)) };
+            (self.ptr, self.bytes) = (std::ptr::null_mut(), 0);
+        }
+    }
+}
+
+impl Drop for Arena {
+    fn drop(&mut self) {
+        self.release();
+    }
+}
+
 thread_local! {
-    /// Scratch for intermediates, reused across calls on this thread.
-    static ARENA: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
+    static ARENA: RefCell<Arena> = const { RefCell::new(Arena::new()) };
+}
+
+/// Bytes of scratch this thread holds between calls (at most [`ARENA_KEEP_BYTES`]).
+pub fn arena_bytes_kept() -> usize {
+    ARENA.with(|a| a.borrow().bytes)
+}
+
+/// Why a program did not run (nothing was computed; no output is valid).
+#[derive(thiserror::Error, Debug, Clone, PartialEq, Eq)]
+pub enum RunError {
+    #[error("cannot allocate {0} bytes for intermediates")]
+    Scratch(usize),
+    #[error("output {0} could not be allocated")]
+    Output(usize),
 }
 
 struct Table(*const *mut u8);
@@ -115,35 +202,44 @@ impl CompiledProgram {
     ///
     /// # Safety
     /// `inputs[i]` must point to memory laid out as the program was specialised for (sizes,
-    /// strides, dtype of input i); `outputs[i]` to contiguous memory of output i's size.
-    pub unsafe fn run(&self, inputs: &[*const u8], outputs: &[*mut u8]) {
+    /// strides, dtype of input i); `outputs[i]` to memory of output i's size laid out in its
+    /// order (`BufferDecl::strides`).
+    pub unsafe fn run(&self, inputs: &[*const u8], outputs: &[*mut u8]) -> Result<(), RunError> {
         assert_eq!(inputs.len(), self.image.num_inputs);
         assert_eq!(outputs.len(), self.image.num_outputs);
-        self.run_with(|i| inputs[i], |i| outputs[i]);
+        self.run_with(|i| inputs[i], |i| Some(outputs[i]))
     }
 
     /// Runs the program, asking for input `i`'s data with `input(i)` and for output `i`'s
-    /// memory with `output(i)` (called once each, in order: outputs may be allocated there).
+    /// memory with `output(i)` (called once each, in order: outputs may be allocated there;
+    /// None stops the run).
     ///
     /// # Safety
     /// As for `run`, for the pointers the two functions return.
-    pub unsafe fn run_with(&self, input: impl Fn(usize) -> *const u8, output: impl FnMut(usize) -> *mut u8) {
+    pub unsafe fn run_with(&self, input: impl Fn(usize) -> *const u8, output: impl FnMut(usize) -> Option<*mut u8>) -> Result<(), RunError> {
         let kernels = &self.image.kernels;
         let temp_offset = |_, b: &BufferDecl| match b.kind {
             BufferKind::Temp { offset } => offset,
             _ => 0,
         };
-        self.run_plan(|i| kernels[i].extent, |i| kernels[i].parallel, temp_offset, self.image.arena_bytes, &[], input, output);
+        self.run_plan(|i| kernels[i].extent, |i| kernels[i].parallel, temp_offset, self.image.arena_bytes, &[], input, output)
     }
 
     /// Runs a program compiled for symbolic sizes (see [`crate::symbolic`]) at `symbols`:
     /// root extents are evaluated, and temporaries are laid out one after another for these
-    /// sizes (the compiled memory plan holds for the sizes it was made for only).
+    /// sizes (the compiled memory plan holds for the sizes it was made for only). Output `i`
+    /// is asked for with `output(i, sizes, strides)` (strides None: contiguous).
     ///
     /// # Safety
     /// As for `run_with`, with every buffer of the sizes `shapes` gives at `symbols`, and
     /// `shapes` inferred for this program.
-    pub unsafe fn run_symbolic(&self, shapes: &crate::symbolic::SymbolicShapes, symbols: &[i64], input: impl Fn(usize) -> *const u8, output: impl FnMut(usize) -> *mut u8) {
+    pub unsafe fn run_symbolic(
+        &self,
+        shapes: &crate::symbolic::SymbolicShapes,
+        symbols: &[i64],
+        input: impl Fn(usize) -> *const u8,
+        mut output: impl FnMut(usize, &[i64], Option<&[i64]>) -> Option<*mut u8>,
+    ) -> Result<(), RunError> {
         let image = &self.image;
         let extents: Vec<i64> = shapes.extents.iter().map(|m| m.eval(symbols)).collect();
         let parallel: Vec<bool> = shapes
@@ -155,20 +251,31 @@ impl CompiledProgram {
         let params: Vec<i64> = shapes.params.iter().map(|m| m.eval(symbols)).collect();
         let mut offsets = vec![0usize; image.buffers.len()];
         let mut arena = 0usize;
+        let mut output_buffers = vec![0usize; image.num_outputs];
         for (i, (b, dims)) in image.buffers.iter().zip(&shapes.buffers).enumerate() {
-            if matches!(b.kind, BufferKind::Temp { .. }) {
-                let elems: i64 = dims.iter().map(|m| m.eval(symbols)).product();
-                offsets[i] = arena;
-                arena += (elems.max(0) as usize * b.dtype.size_bytes()).div_ceil(64) * 64;
+            match b.kind {
+                BufferKind::Temp { .. } => {
+                    let elems: i64 = dims.iter().map(|m| m.eval(symbols)).product();
+                    offsets[i] = arena;
+                    arena += (elems.max(0) as usize * b.dtype.size_bytes()).div_ceil(ARENA_ALIGN) * ARENA_ALIGN;
+                }
+                BufferKind::Output(o) => output_buffers[o] = i,
+                BufferKind::Input(_) => {}
             }
         }
-        self.run_plan(|i| extents[i], |i| parallel[i], |i, _| offsets[i], arena, &params, input, output);
+        let output = |o: usize| {
+            let b = output_buffers[o];
+            let sizes: Vec<i64> = shapes.buffers[b].iter().map(|m| m.eval(symbols)).collect();
+            output(o, &sizes, image.buffers[b].strides_at(&sizes).as_deref())
+        };
+        self.run_plan(|i| extents[i], |i| parallel[i], |i, _| offsets[i], arena, &params, input, output)
     }
 
     /// Fills the buffer table (temporaries at `temp_offset(i, buffer)` in an arena of
     /// `arena_bytes`; the parameters after the buffers) and runs kernel i over
     /// `[0, extent(i))`, split across the pool where `parallel(i)`. Closures, not slices: the
-    /// plain path runs on every call and allocates nothing.
+    /// plain path runs on every call and allocates nothing. Nothing runs unless every output
+    /// and the scratch were allocated.
     unsafe fn run_plan(
         &self,
         extent: impl Fn(usize) -> i64,
@@ -177,8 +284,8 @@ impl CompiledProgram {
         arena_bytes: usize,
         params: &[i64],
         input: impl Fn(usize) -> *const u8,
-        mut output: impl FnMut(usize) -> *mut u8,
-    ) {
+        mut output: impl FnMut(usize) -> Option<*mut u8>,
+    ) -> Result<(), RunError> {
         // The buffer table lives on the stack for the common case: this runs on every call.
         const INLINE: usize = 32;
         let mut inline = [std::ptr::null_mut::<u8>(); INLINE];
@@ -194,17 +301,12 @@ impl CompiledProgram {
         table[slots - 1] = params.as_ptr() as *mut u8;
         ARENA.with(|arena| {
             let mut arena = arena.borrow_mut();
-            let need = arena_bytes + 64;
-            if arena.len() < need {
-                arena.resize(need, 0);
-            }
-            let base = arena.as_mut_ptr();
-            let base = base.add(base.align_offset(64));
+            let base = arena.reserve(arena_bytes).ok_or(RunError::Scratch(arena_bytes))?;
             for (i, (slot, b)) in table.iter_mut().zip(&image.buffers).enumerate() {
                 let offset = temp_offset(i, b);
                 *slot = match b.kind {
                     BufferKind::Input(i) => input(i) as *mut u8,
-                    BufferKind::Output(i) => output(i),
+                    BufferKind::Output(o) => output(o).ok_or(RunError::Output(o))?,
                     BufferKind::Temp { .. } => base.add(offset),
                 };
             }
@@ -227,6 +329,8 @@ impl CompiledProgram {
                     f(table.0, 0, extent);
                 }
             }
-        });
+            arena.trim();
+            Ok(())
+        })
     }
 }

@@ -110,6 +110,9 @@ fn unary(op: UnaryOp, x: Scalar, d: DType) -> Scalar {
         UnaryOp::Erf => erf(v),
         // Eager's float32 kernel gives gelu(+inf) = NaN; Kiln follows eager.
         UnaryOp::Gelu if d == DType::F32 && v == f64::INFINITY => f64::NAN,
+        // ... which forms x (1 + erf(x/√2)) in float32 before halving it: gelu(x) is inf
+        // from x > FLT_MAX/2 on.
+        UnaryOp::Gelu if d == DType::F32 => (v * (1.0 + erf(v / std::f64::consts::SQRT_2))) as f32 as f64 * 0.5,
         UnaryOp::Gelu => 0.5 * v * (1.0 + erf(v / std::f64::consts::SQRT_2)),
         UnaryOp::GeluTanh => 0.5 * v * (1.0 + ((2.0 / std::f64::consts::PI).sqrt() * (v + 0.044715 * v * v * v)).tanh()),
         UnaryOp::Silu => v / (1.0 + (-v).exp()),
@@ -181,15 +184,6 @@ fn compare(op: CmpOp, a: Scalar, b: Scalar, d: DType) -> bool {
     }
 }
 
-/// Float → int conversion as generated code does it (saturating, NaN → 0).
-fn cast(s: Scalar, to: DType) -> Scalar {
-    match (s, to) {
-        (Scalar::Float(x), DType::I32) => Scalar::Int(x as i32 as i64),
-        (Scalar::Float(x), DType::I64) => Scalar::Int(x as i64),
-        _ => s.cast(to),
-    }
-}
-
 fn reduce(x: &Tensor, op: ReduceOp, dims: &[usize], keepdim: bool, out_sizes: &[i64]) -> Vec<Scalar> {
     let d = x.dtype;
     let kept_sizes: Vec<i64> = x.sizes.iter().enumerate().map(|(i, &n)| if dims.contains(&i) { 1 } else { n }).collect();
@@ -214,8 +208,10 @@ fn reduce(x: &Tensor, op: ReduceOp, dims: &[usize], keepdim: bool, out_sizes: &[
         .into_iter()
         .map(|a| {
             let a = a.unwrap_or(if d.is_float() { Scalar::Float(0.0) } else { Scalar::Int(0) });
-            let a = if op == ReduceOp::Mean { Scalar::Float(f(a) / count as f64) } else { a };
-            round(a, d)
+            // A mean is its sum rounded to the result's dtype, divided there (eager's
+            // sum().div_(n)): a float32 mean of a sum that overflows float32 is inf.
+            let a = round(a, d);
+            if op == ReduceOp::Mean { round(Scalar::Float(f(a) / round(Scalar::Float(count as f64), d).as_f64()), d) } else { a }
         })
         .collect();
     debug_assert_eq!(out.len(), numel(out_sizes));
@@ -261,7 +257,7 @@ pub fn eval(g: &Graph, inputs: &[Tensor]) -> Vec<Tensor> {
             Op::Binary(b) => pointwise(&|c| round(binary(*b, at(arg(0), c), at(arg(1), c), d), d)),
             Op::Compare(op) => pointwise(&|c| Scalar::Bool(compare(*op, at(arg(0), c), at(arg(1), c), arg(0).dtype))),
             Op::Where => pointwise(&|c| if truth(at(arg(0), c)) { at(arg(1), c) } else { at(arg(2), c) }),
-            Op::Cast => pointwise(&|c| cast(at(arg(0), c), d)),
+            Op::Cast => pointwise(&|c| at(arg(0), c).cast(d)),
             Op::Reduce { op, dims, keepdim } => reduce(arg(0), *op, dims, *keepdim, &sizes),
             Op::Softmax { dim, log } => softmax(arg(0), *dim, *log),
         };

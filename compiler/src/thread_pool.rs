@@ -44,8 +44,9 @@ pub struct ThreadPool {
 }
 
 impl ThreadPool {
-    /// A pool with `threads - 1` workers (the caller is the other thread).
-    pub fn new(threads: usize) -> ThreadPool {
+    /// A pool with `threads - 1` workers (the caller is the other thread), or as many as the
+    /// system would start, with the error that stopped it.
+    pub fn new(threads: usize) -> (ThreadPool, Option<std::io::Error>) {
         let shared = Arc::new(Shared {
             epoch: AtomicUsize::new(0),
             posted: Mutex::new(Posted { epoch: 0, job: None, parts: 0 }),
@@ -54,12 +55,19 @@ impl ThreadPool {
             wake: Condvar::new(),
             shutdown: AtomicBool::new(false),
         });
-        let workers = threads.max(1) - 1;
-        for w in 0..workers {
+        let mut workers = 0;
+        let mut error = None;
+        for w in 0..threads.max(1) - 1 {
             let s = shared.clone();
-            std::thread::Builder::new().name(format!("kiln-worker-{w}")).spawn(move || worker(s, w + 1)).expect("spawn kiln worker");
+            match std::thread::Builder::new().name(format!("kiln-worker-{w}")).spawn(move || worker(s, w + 1)) {
+                Ok(_) => workers += 1,
+                Err(e) => {
+                    error = Some(e);
+                    break;
+                }
+            }
         }
-        ThreadPool { shared, workers, busy: Mutex::new(()) }
+        (ThreadPool { shared, workers, busy: Mutex::new(()) }, error)
     }
 
     pub fn threads(&self) -> usize {
@@ -149,7 +157,7 @@ mod tests {
     fn every_part_runs_exactly_once_per_job() {
         // More workers than parts, jobs back to back: a worker waking late must neither run
         // a job twice nor miss one it takes part in.
-        let pool = ThreadPool::new(4);
+        let pool = ThreadPool::new(4).0;
         for job in 0..20_000u64 {
             let parts = 1 + (job % 4) as usize;
             let counts: Vec<AtomicU64> = (0..4).map(|_| AtomicU64::new(0)).collect();
@@ -164,7 +172,7 @@ mod tests {
 
     #[test]
     fn callers_on_several_threads_share_the_pool() {
-        let pool = Arc::new(ThreadPool::new(3));
+        let pool = Arc::new(ThreadPool::new(3).0);
         let total = Arc::new(AtomicU64::new(0));
         let callers: Vec<_> = (0..4)
             .map(|_| {

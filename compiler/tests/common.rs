@@ -14,7 +14,7 @@ pub fn run_f32(p: &CompiledProgram, inputs: &[&[f32]]) -> Vec<Vec<f32>> {
     let mut outs: Vec<Vec<f32>> = p.outputs().map(|b| vec![0.0; b.sizes.iter().product::<i64>() as usize]).collect();
     let ins: Vec<*const u8> = inputs.iter().map(|v| v.as_ptr() as *const u8).collect();
     let outp: Vec<*mut u8> = outs.iter_mut().map(|v| v.as_mut_ptr() as *mut u8).collect();
-    unsafe { p.run(&ins, &outp) };
+    unsafe { p.run(&ins, &outp) }.unwrap();
     outs
 }
 

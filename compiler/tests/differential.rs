@@ -7,6 +7,9 @@
 //! few ulps (their own bounds are in math_accuracy.rs). KILN_FUZZ_GRAPHS=N runs N graphs
 //! (default 300); a failure prints the graph and the seed to replay it with KILN_FUZZ_SEED.
 //!
+//! Outputs are laid out in random dim orders (`Graph::output_orders`) and read back through
+//! their strides.
+//!
 //! The same graphs with one dim made symbolic (`kiln_compiler::symbolic`): lowered at the
 //! sample sizes with each input's layout recipe (dim order, gap) applied at each size, compiled
 //! once, and run at other sizes against the interpreter at those sizes.
@@ -16,6 +19,8 @@ use common::Rng;
 use kiln_compiler::dtype::{DType, Scalar};
 use kiln_compiler::ir::{BinaryOp, CmpOp, Graph, Op, ReduceOp, UnaryOp, ValueId};
 use kiln_compiler::ir::parse_graph;
+use kiln_compiler::layout::dense_strides;
+use kiln_compiler::program::RunError;
 use kiln_compiler::reference::{self, Tensor};
 use kiln_compiler::symbolic::{infer, sample_points};
 use kiln_compiler::{compile, compile_loop_program, lower_graph, CompileOptions, Target};
@@ -133,7 +138,7 @@ impl Gen {
                 let a = self.value_of(|_, _| true).unwrap();
                 let to = self.pick(&DType::ALL);
                 let v = self.g.cast(a, to);
-                // f32 -> i32 of a value outside i32's range saturates in both; fine.
+                // f32 -> i32 of NaN or a value outside i32's range is INT_MIN in both.
                 Some(v)
             }
             8 => {
@@ -194,7 +199,13 @@ fn random_graph(seed: u64) -> (Graph, Vec<Trust>, Vec<i64>) {
         }
     }
     let trust = outputs.iter().map(|v| gen.trust[v.0 as usize]).collect();
-    gen.g.set_outputs(outputs);
+    gen.g.set_outputs(outputs.clone());
+    for (i, v) in outputs.iter().enumerate() {
+        if gen.chance(50) {
+            let order = Layout::random(&mut gen.rng, gen.g.ty(*v).rank()).order;
+            gen.g.set_output_order(i, order).unwrap();
+        }
+    }
     (gen.g, trust, shape)
 }
 
@@ -236,20 +247,12 @@ impl Layout {
 
     /// `t`'s bytes laid out this way, and their element strides.
     fn lay(&self, t: &Tensor) -> (Vec<u8>, Vec<i64>) {
-        let rank = t.sizes.len();
         let strides = self.strides(&t.sizes);
         let size = t.dtype.size_bytes();
         let span = t.sizes.iter().zip(&strides).map(|(&n, &s)| (n - 1).max(0) * s).sum::<i64>() as usize + 1;
         let mut bytes = vec![0u8; span * size + 8];
         for (i, &v) in t.data.iter().enumerate() {
-            let mut rem = i;
-            let mut off = 0i64;
-            for d in (0..rank).rev() {
-                let n = t.sizes[d].max(1) as usize;
-                off += (rem % n) as i64 * strides[d];
-                rem /= n;
-            }
-            write(&mut bytes[off as usize * size..], v, t.dtype);
+            write(&mut bytes[offset(i, &t.sizes, &strides) * size..], v, t.dtype);
         }
         (bytes, strides)
     }
@@ -315,20 +318,32 @@ fn random_inputs(g: &Graph, rng: &mut Rng) -> Vec<Tensor> {
         .collect()
 }
 
+/// The memory offset of row-major element `i` of a tensor of `sizes` with `strides`.
+fn offset(mut i: usize, sizes: &[i64], strides: &[i64]) -> usize {
+    let mut off = 0;
+    for d in (0..sizes.len()).rev() {
+        let n = sizes[d].max(1) as usize;
+        off += (i % n) * strides[d] as usize;
+        i /= n;
+    }
+    off
+}
+
 /// Runs compiled code (`run(inputs, outputs)`) on `inputs` laid out by `layouts` and checks
-/// each output against the interpreter.
-fn compare(what: &str, g: &Graph, trust: &[Trust], inputs: &[Tensor], layouts: &[Layout], loop_ir: &str, run: impl FnOnce(&[*const u8], &[*mut u8])) {
+/// each output, read in the layout the graph asks for, against the interpreter.
+fn compare(what: &str, g: &Graph, trust: &[Trust], inputs: &[Tensor], layouts: &[Layout], loop_ir: &str, run: impl FnOnce(&[*const u8], &[*mut u8]) -> Result<(), RunError>) {
     let want = reference::eval(g, inputs);
     let laid: Vec<(Vec<u8>, Vec<i64>)> = inputs.iter().zip(layouts).map(|(t, l)| l.lay(t)).collect();
     let strides: Vec<Vec<i64>> = laid.iter().map(|l| l.1.clone()).collect();
     let mut outs: Vec<Vec<u8>> = want.iter().map(|t| vec![0u8; t.data.len() * t.dtype.size_bytes() + 8]).collect();
     let ins: Vec<*const u8> = laid.iter().map(|l| l.0.as_ptr()).collect();
     let outp: Vec<*mut u8> = outs.iter_mut().map(|o| o.as_mut_ptr()).collect();
-    run(&ins, &outp);
+    run(&ins, &outp).unwrap_or_else(|e| panic!("{what}: {e}"));
     for (k, (t, bytes)) in want.iter().zip(&outs).enumerate() {
         let size = t.dtype.size_bytes();
+        let out_strides = dense_strides(&t.sizes, &g.output_orders[k]);
         for (i, &w) in t.data.iter().enumerate() {
-            let got = read(&bytes[i * size..], t.dtype);
+            let got = read(&bytes[offset(i, &t.sizes, &out_strides) * size..], t.dtype);
             assert!(
                 same(got, w, t.dtype, trust[k]),
                 "{what}: output {k}[{i}] = {got:?}, reference {w:?}\n{g}inputs: {:?}\nstrides: {strides:?}\nloop ir:\n{loop_ir}",
@@ -405,7 +420,7 @@ fn check_symbolic(seed: u64) -> bool {
         let gs = at(s);
         let inputs = random_inputs(&gs, &mut rng);
         let what = format!("seed {seed}, symbolic dim of size {v}, run at {s}");
-        compare(&what, &gs, &trust, &inputs, &layouts, &loop_ir, |ins, outs| unsafe { p.run_symbolic(&shapes, &[s], |i| ins[i], |i| outs[i]) });
+        compare(&what, &gs, &trust, &inputs, &layouts, &loop_ir, |ins, outs| unsafe { p.run_symbolic(&shapes, &[s], |i| ins[i], |i, _, _| Some(outs[i])) });
     }
     true
 }

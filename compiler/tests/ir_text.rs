@@ -3,7 +3,7 @@
 
 use expect_test::{expect, Expect};
 use kiln_compiler::ir::parse_graph;
-use kiln_compiler::lower::contiguous_strides;
+use kiln_compiler::layout::contiguous_strides;
 use kiln_compiler::passes::optimize;
 
 fn check(input: &str, want: Expect) {

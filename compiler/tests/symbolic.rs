@@ -4,7 +4,8 @@
 mod common;
 use common::*;
 use kiln_compiler::ir::parse_graph;
-use kiln_compiler::lower::{contiguous_strides, BufferKind, LoopProgram};
+use kiln_compiler::layout::contiguous_strides;
+use kiln_compiler::lower::{BufferKind, LoopProgram};
 use kiln_compiler::symbolic::{eval_sum, infer, sample_points, SymbolicShapes};
 use kiln_compiler::{compile_loop_program, lower_graph, CompileOptions, CompiledProgram, Target};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -72,7 +73,7 @@ impl Region<'_> {
         let mut got: Vec<Vec<f32>> = want.iter().map(|w| vec![f32::NAN; w.len()]).collect();
         let outs: Vec<*mut u8> = got.iter_mut().map(|v| v.as_mut_ptr() as *mut u8).collect();
         let ptrs: Vec<*const u8> = inputs.iter().map(|v| v.as_ptr() as *const u8).collect();
-        unsafe { code.run_symbolic(shapes, symbols, |i| ptrs[i], |i| outs[i]) };
+        unsafe { code.run_symbolic(shapes, symbols, |i| ptrs[i], |i, _, _| Some(outs[i])) }.unwrap();
         assert_eq!(got, want, "at {symbols:?}");
     }
 }

@@ -1,7 +1,8 @@
 //! The checks run before each compiled group: does this call's input match what the compiled
-//! code assumed? Exactly what the code relies on is checked, nothing more: dtype, device,
-//! rank, every static size, the strides of dims the code steps along (see
-//! `kiln_profiler::canonical_strides`), and requires_grad (Kiln computes no gradients).
+//! code assumed? Exactly what the code and its outputs' layout rely on is checked, nothing
+//! more: dtype, device, rank, every static size, the strides (of size-1 dims too: the layout
+//! PyTorch gives an elementwise result depends on them; of empty tensors none, see
+//! [`guarded_strides`]), requires_grad (Kiln computes no gradients) and the global state.
 //!
 //! Code compiled for symbolic sizes (see `kiln_compiler::symbolic`) takes any size ≥ 2 for a
 //! symbolic dim, as long as dims sharing a symbol agree. A tensor with symbolic dims is either
@@ -11,8 +12,7 @@
 //! A failed check is not an error: the frontend runs its original code and may ask for a new
 //! specialisation. `check` allocates nothing; it runs on every call.
 
-use kiln_profiler::{canonical_strides, DimPlan, Device, TensorMeta, TensorView};
-use std::cmp::Reverse;
+use kiln_profiler::{DimPlan, Device, GlobalState, TensorMeta, TensorView};
 use std::fmt;
 
 /// The most symbols one guard set binds (see `kiln_compiler::symbolic::MAX_SYMBOLS`).
@@ -39,6 +39,8 @@ pub enum GuardFailure {
     Strides(usize),
     #[error("input {0}: requires grad")]
     RequiresGrad(usize),
+    #[error("compiled under {want}, called under {got}")]
+    State { want: GlobalState, got: GlobalState },
 }
 
 impl GuardFailure {
@@ -54,6 +56,7 @@ impl GuardFailure {
             GuardFailure::Tie(_) => "tie",
             GuardFailure::Strides(_) => "strides",
             GuardFailure::RequiresGrad(_) => "requires_grad",
+            GuardFailure::State { .. } => "state",
         }
     }
 }
@@ -69,10 +72,10 @@ pub enum DimGuard {
 /// What one input's strides must be.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub enum StrideGuard {
-    /// Canonical strides: 0 where the code never steps (size-1 dims, empty tensors).
+    /// These strides ([`guarded_strides`]: zeros for an empty tensor, which takes any).
     Exact(Vec<i64>),
     /// Dense for the sizes at hand with dims laid out outermost to innermost in this order
-    /// (`0..rank`: contiguous); size-1 dims aside.
+    /// (`0..rank`: contiguous), size-1 dims included.
     Dense(Vec<usize>),
 }
 
@@ -103,12 +106,14 @@ impl fmt::Display for TensorGuard {
     }
 }
 
-/// The guards of every tensor input of one compiled group, in order.
+/// The guards of every tensor input of one compiled group, in order, and the global state
+/// its lowering read.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub struct GuardSet {
     pub tensors: Vec<TensorGuard>,
     /// Where each symbol is read from: (input, dim) of its first occurrence.
     pub symbols: Vec<(usize, usize)>,
+    pub state: GlobalState,
 }
 
 fn plain(m: &TensorMeta) -> Option<kiln_compiler::DType> {
@@ -118,37 +123,33 @@ fn plain(m: &TensorMeta) -> Option<kiln_compiler::DType> {
     m.dtype
 }
 
-/// Strides of a dense tensor of `sizes` whose dims are laid out outermost to innermost in
-/// `order`.
-pub fn dense_strides(sizes: &[i64], order: &[usize]) -> Vec<i64> {
-    let mut strides = vec![0; sizes.len()];
-    let mut step = 1;
-    for &d in order.iter().rev() {
-        strides[d] = step;
-        step *= sizes[d].max(1);
+/// The strides a guard holds a tensor to: all of them, size-1 dims included, for a tensor
+/// with elements (the code never steps along a size-1 dim, but the layout PyTorch gives an
+/// elementwise result depends on its stride, and Kiln's outputs follow that layout); none for
+/// an empty tensor (zeros: nothing is read, and its result has no elements to lay out).
+pub fn guarded_strides(sizes: &[i64], strides: &[i64]) -> Vec<i64> {
+    if sizes.contains(&0) {
+        return vec![0; sizes.len()];
     }
-    strides
+    strides.to_vec()
 }
 
-/// The order in which a dense tensor's dims are laid out (outermost first; size-1 dims, never
-/// stepped, by their index), or None if it is not dense.
+/// The order in which a dense tensor's dims are laid out (outermost first), or None if it is
+/// not dense.
 fn dense_order(sizes: &[i64], strides: &[i64]) -> Option<Vec<usize>> {
-    let mut order: Vec<usize> = (0..sizes.len()).collect();
-    // Stepped dims by falling stride, then size-1 dims; the sort is stable, so size-1 dims
-    // (whatever their strides) keep their index order and one layout gives one order.
-    order.sort_by_key(|&d| if sizes[d] == 1 { (1, Reverse(0)) } else { (0, Reverse(strides[d])) });
+    let order = kiln_compiler::layout::order_of(sizes, strides);
     is_dense(sizes, strides, &order).then_some(order)
 }
 
-/// Whether `strides` are dense for `sizes` in `order`, ignoring dims of size 1 (never
-/// stepped); any strides will do for an empty tensor.
+/// Whether `strides` are dense for `sizes` in `order`, size-1 dims included; any strides will
+/// do for an empty tensor.
 fn is_dense(sizes: &[i64], strides: &[i64], order: &[usize]) -> bool {
     if sizes.contains(&0) {
         return true;
     }
     let mut expected = 1;
     for &d in order.iter().rev() {
-        if sizes[d] != 1 && strides[d] != expected {
+        if strides[d] != expected {
             return false;
         }
         expected *= sizes[d];
@@ -157,23 +158,23 @@ fn is_dense(sizes: &[i64], strides: &[i64], order: &[usize]) -> bool {
 }
 
 impl GuardSet {
-    /// Guards for inputs exactly like `metas`. None if an input can never be compiled for
-    /// (unknown dtype, not on the CPU, requires grad).
-    pub fn for_inputs(metas: &[TensorMeta]) -> Option<GuardSet> {
+    /// Guards for inputs exactly like `metas` under `state`. None if an input can never be
+    /// compiled for (unknown dtype, not on the CPU, requires grad).
+    pub fn for_inputs(metas: &[TensorMeta], state: GlobalState) -> Option<GuardSet> {
         let tensors = metas
             .iter()
             .map(|m| {
                 let dims = m.sizes.iter().map(|&n| DimGuard::Size(n)).collect();
-                Some(TensorGuard { dtype: plain(m)?, dims, strides: StrideGuard::Exact(canonical_strides(&m.sizes, &m.strides)) })
+                Some(TensorGuard { dtype: plain(m)?, dims, strides: StrideGuard::Exact(guarded_strides(&m.sizes, &m.strides)) })
             })
             .collect::<Option<_>>()?;
-        Some(GuardSet { tensors, symbols: vec![] })
+        Some(GuardSet { tensors, symbols: vec![], state })
     }
 
     /// Guards for inputs like `metas` with the dims `plan` makes symbols free (≥ 2, ties
     /// kept). None as for `for_inputs`, or if a symbol is 0 or 1 in `metas`, or there are more
     /// than [`MAX_SYMBOLS`].
-    pub fn symbolic(metas: &[TensorMeta], plan: &[Vec<DimPlan>]) -> Option<GuardSet> {
+    pub fn symbolic(metas: &[TensorMeta], plan: &[Vec<DimPlan>], state: GlobalState) -> Option<GuardSet> {
         let mut symbols: Vec<(u32, (usize, usize))> = vec![];
         let mut tensors = vec![];
         for (i, (m, dims)) in metas.iter().zip(plan).enumerate() {
@@ -201,7 +202,7 @@ impl GuardSet {
                 Some(order) => StrideGuard::Dense(order),
                 // Strides that do not follow the sizes: code for exactly these (the lowering at
                 // other sizes decides whether that code is symbolic).
-                None => StrideGuard::Exact(canonical_strides(&m.sizes, &m.strides)),
+                None => StrideGuard::Exact(guarded_strides(&m.sizes, &m.strides)),
             };
             tensors.push(TensorGuard { dtype, dims: guards, strides });
         }
@@ -216,7 +217,7 @@ impl GuardSet {
                 }
             }
         }
-        Some(GuardSet { tensors, symbols: symbols.into_iter().map(|s| s.1).collect() })
+        Some(GuardSet { tensors, symbols: symbols.into_iter().map(|s| s.1).collect(), state })
     }
 
     pub fn is_symbolic(&self) -> bool {
@@ -232,7 +233,10 @@ impl GuardSet {
         values
     }
 
-    pub fn check(&self, inputs: &[TensorView<'_>]) -> Result<(), GuardFailure> {
+    pub fn check(&self, inputs: &[TensorView<'_>], state: &GlobalState) -> Result<(), GuardFailure> {
+        if *state != self.state {
+            return Err(GuardFailure::State { want: self.state, got: *state });
+        }
         if inputs.len() != self.tensors.len() {
             return Err(GuardFailure::Arity { want: self.tensors.len(), got: inputs.len() });
         }
@@ -264,11 +268,8 @@ impl GuardSet {
             }
             match &g.strides {
                 StrideGuard::Exact(want) => {
-                    let empty = t.sizes.contains(&0);
-                    for ((&n, &want), &got) in t.sizes.iter().zip(want).zip(t.strides) {
-                        if !empty && n != 1 && want != got {
-                            return Err(GuardFailure::Strides(i));
-                        }
+                    if !t.sizes.contains(&0) && want.as_slice() != t.strides {
+                        return Err(GuardFailure::Strides(i));
                     }
                 }
                 StrideGuard::Dense(order) if !is_dense(t.sizes, t.strides, order) => return Err(GuardFailure::Strides(i)),
@@ -282,48 +283,52 @@ impl GuardSet {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use kiln_compiler::layout::dense_strides;
     use kiln_compiler::DType;
+
+    const S: GlobalState = GlobalState { default_float: Ok(DType::F32), autocast: None };
 
     fn meta(sizes: &[i64], strides: &[i64]) -> TensorMeta {
         TensorMeta { dtype: Some(DType::F32), device: Device::Cpu, sizes: sizes.to_vec(), strides: strides.to_vec(), requires_grad: false }
     }
 
     #[test]
-    fn accepts_what_it_was_built_for_and_ignores_unused_strides() {
-        let g = GuardSet::for_inputs(&[meta(&[4, 1, 3], &[3, 3, 1])]).unwrap();
-        assert_eq!(g.check(&[meta(&[4, 1, 3], &[3, 3, 1]).view()]), Ok(()));
-        assert_eq!(g.check(&[meta(&[4, 1, 3], &[3, 77, 1]).view()]), Ok(()));
-        let empty = GuardSet::for_inputs(&[meta(&[0, 3], &[3, 1])]).unwrap();
-        assert_eq!(empty.check(&[meta(&[0, 3], &[1, 5]).view()]), Ok(()));
+    fn accepts_what_it_was_built_for_with_size_1_strides_and_any_strides_when_empty() {
+        let g = GuardSet::for_inputs(&[meta(&[4, 1, 3], &[3, 3, 1])], S).unwrap();
+        assert_eq!(g.check(&[meta(&[4, 1, 3], &[3, 3, 1]).view()], &S), Ok(()));
+        // Never stepped along, but it decides the layout of an elementwise result in eager.
+        assert_eq!(g.check(&[meta(&[4, 1, 3], &[3, 77, 1]).view()], &S), Err(GuardFailure::Strides(0)));
+        let empty = GuardSet::for_inputs(&[meta(&[0, 3], &[3, 1])], S).unwrap();
+        assert_eq!(empty.check(&[meta(&[0, 3], &[1, 5]).view()], &S), Ok(()));
     }
 
     #[test]
     fn rejects_each_difference() {
-        let g = GuardSet::for_inputs(&[meta(&[4, 3], &[3, 1])]).unwrap();
-        assert_eq!(g.check(&[]), Err(GuardFailure::Arity { want: 1, got: 0 }));
-        assert_eq!(g.check(&[meta(&[4, 3], &[1, 4]).view()]), Err(GuardFailure::Strides(0)));
-        assert_eq!(g.check(&[meta(&[4, 4], &[4, 1]).view()]), Err(GuardFailure::Sizes(0)));
-        assert_eq!(g.check(&[meta(&[12], &[1]).view()]), Err(GuardFailure::Rank(0)));
+        let g = GuardSet::for_inputs(&[meta(&[4, 3], &[3, 1])], S).unwrap();
+        assert_eq!(g.check(&[], &S), Err(GuardFailure::Arity { want: 1, got: 0 }));
+        assert_eq!(g.check(&[meta(&[4, 3], &[1, 4]).view()], &S), Err(GuardFailure::Strides(0)));
+        assert_eq!(g.check(&[meta(&[4, 4], &[4, 1]).view()], &S), Err(GuardFailure::Sizes(0)));
+        assert_eq!(g.check(&[meta(&[12], &[1]).view()], &S), Err(GuardFailure::Rank(0)));
         let mut m = meta(&[4, 3], &[3, 1]);
         m.dtype = Some(DType::F64);
-        assert_eq!(g.check(&[m.view()]), Err(GuardFailure::Dtype(0)));
+        assert_eq!(g.check(&[m.view()], &S), Err(GuardFailure::Dtype(0)));
         let mut m = meta(&[4, 3], &[3, 1]);
         m.requires_grad = true;
-        assert_eq!(g.check(&[m.view()]), Err(GuardFailure::RequiresGrad(0)));
+        assert_eq!(g.check(&[m.view()], &S), Err(GuardFailure::RequiresGrad(0)));
         let mut m = meta(&[4, 3], &[3, 1]);
         m.device = Device::Other(1);
-        assert_eq!(g.check(&[m.view()]), Err(GuardFailure::Device(0)));
+        assert_eq!(g.check(&[m.view()], &S), Err(GuardFailure::Device(0)));
     }
 
     #[test]
     fn symbolic_dims_take_any_size_from_2_with_ties_kept_and_contiguous_strides() {
         use DimPlan::*;
         let plan = vec![vec![Symbol(3), Static(4)], vec![Symbol(3)], vec![Static(4)]];
-        let g = GuardSet::symbolic(&[meta(&[5, 4], &[4, 1]), meta(&[5], &[1]), meta(&[4], &[2])], &plan).unwrap();
+        let g = GuardSet::symbolic(&[meta(&[5, 4], &[4, 1]), meta(&[5], &[1]), meta(&[4], &[2])], &plan, S).unwrap();
         assert_eq!(g.symbols, vec![(0, 0)]);
         assert_eq!(g.tensors[0].to_string(), "f32[s0, 4] contiguous");
         assert_eq!(g.tensors[2].to_string(), "f32[4] strides=[2]");
-        let call = |b: i64, c: i64, row: i64| g.check(&[meta(&[b, 4], &[row, 1]).view(), meta(&[c], &[1]).view(), meta(&[4], &[2]).view()]);
+        let call = |b: i64, c: i64, row: i64| g.check(&[meta(&[b, 4], &[row, 1]).view(), meta(&[c], &[1]).view(), meta(&[4], &[2]).view()], &S);
         assert_eq!(call(9, 9, 4), Ok(()));
         assert_eq!(call(200, 200, 4), Ok(()));
         assert_eq!(call(9, 8, 4), Err(GuardFailure::Tie(1)));
@@ -332,7 +337,7 @@ mod tests {
         assert_eq!(call(9, 9, 8), Err(GuardFailure::Strides(0)));
         assert_eq!(g.bind(|i, d| [[7, 4], [7, 0], [4, 0]][i][d])[0], 7);
         // Built only for symbols >= 2.
-        assert_eq!(GuardSet::symbolic(&[meta(&[1, 4], &[4, 1])], &[vec![Symbol(0), Static(4)]]), None);
+        assert_eq!(GuardSet::symbolic(&[meta(&[1, 4], &[4, 1])], &[vec![Symbol(0), Static(4)]], S), None);
     }
 
     #[test]
@@ -340,26 +345,43 @@ mod tests {
         use DimPlan::*;
         let plan = [vec![Symbol(0), Static(4)]];
         // Transposed: dense with dim 1 outermost; any batch, laid out the same way.
-        let t = GuardSet::symbolic(&[meta(&[5, 4], &[1, 5])], &plan).unwrap();
+        let t = GuardSet::symbolic(&[meta(&[5, 4], &[1, 5])], &plan, S).unwrap();
         assert_eq!(t.tensors[0].to_string(), "f32[s0, 4] dense order=[1, 0]");
-        assert_eq!(t.check(&[meta(&[9, 4], &[1, 9]).view()]), Ok(()));
-        assert_eq!(t.check(&[meta(&[9, 4], &[4, 1]).view()]), Err(GuardFailure::Strides(0)));
+        assert_eq!(t.check(&[meta(&[9, 4], &[1, 9]).view()], &S), Ok(()));
+        assert_eq!(t.check(&[meta(&[9, 4], &[4, 1]).view()], &S), Err(GuardFailure::Strides(0)));
         // A slice of a wider buffer: the strides it had, whatever the batch.
-        let s = GuardSet::symbolic(&[meta(&[5, 4], &[16, 1])], &plan).unwrap();
+        let s = GuardSet::symbolic(&[meta(&[5, 4], &[16, 1])], &plan, S).unwrap();
         assert_eq!(s.tensors[0].to_string(), "f32[s0, 4] strides=[16, 1]");
-        assert_eq!(s.check(&[meta(&[9, 4], &[16, 1]).view()]), Ok(()));
-        assert_eq!(s.check(&[meta(&[9, 4], &[4, 1]).view()]), Err(GuardFailure::Strides(0)));
-        // Size-1 dims are never stepped: their strides and place in the order do not matter.
-        let u = GuardSet::symbolic(&[meta(&[5, 1, 4], &[4, 99, 1])], &[vec![Symbol(0), Static(1), Static(4)]]).unwrap();
-        assert_eq!(u.tensors[0].strides, StrideGuard::Dense(vec![0, 2, 1]));
-        assert_eq!(u.check(&[meta(&[3, 1, 4], &[4, 7, 1]).view()]), Ok(()));
-        assert_eq!(dense_strides(&[5, 1, 4], &[0, 2, 1]), vec![4, 1, 1]);
+        assert_eq!(s.check(&[meta(&[9, 4], &[16, 1]).view()], &S), Ok(()));
+        assert_eq!(s.check(&[meta(&[9, 4], &[4, 1]).view()], &S), Err(GuardFailure::Strides(0)));
+        // A size-1 dim sits in the order where its stride puts it (x.unsqueeze(1), a
+        // channels-last (N, C, 1, 1)), and keeps its place at other sizes.
+        let plan = [vec![Symbol(0), Static(1), Static(4)]];
+        let u = GuardSet::symbolic(&[meta(&[5, 1, 4], &[4, 4, 1])], &plan, S).unwrap();
+        assert_eq!(u.tensors[0].strides, StrideGuard::Dense(vec![0, 1, 2]));
+        assert_eq!(u.check(&[meta(&[3, 1, 4], &[4, 4, 1]).view()], &S), Ok(()));
+        assert_eq!(u.check(&[meta(&[3, 1, 4], &[4, 1, 1]).view()], &S), Err(GuardFailure::Strides(0)));
+        let cl = GuardSet::symbolic(&[meta(&[5, 8, 1, 1], &[8, 1, 8, 8])], &[vec![Symbol(0), Static(8), Static(1), Static(1)]], S).unwrap();
+        assert_eq!(cl.tensors[0].strides, StrideGuard::Dense(vec![0, 2, 3, 1]));
+        assert_eq!(dense_strides(&[5, 8, 1, 1], &[0, 2, 3, 1]), vec![8, 1, 8, 8]);
+        // A size-1 stride no dense layout has: exact strides.
+        let odd = GuardSet::symbolic(&[meta(&[5, 1, 4], &[4, 99, 1])], &plan, S).unwrap();
+        assert_eq!(odd.tensors[0].strides, StrideGuard::Exact(vec![4, 99, 1]));
+    }
+
+    #[test]
+    fn code_runs_only_under_the_state_it_was_made_under() {
+        let g = GuardSet::for_inputs(&[meta(&[2], &[1])], S).unwrap();
+        let f64_default = GlobalState { default_float: Ok(DType::F64), ..S };
+        assert_eq!(g.check(&[meta(&[2], &[1]).view()], &f64_default), Err(GuardFailure::State { want: S, got: f64_default }));
+        let autocast = GlobalState { autocast: Some(15), ..S };
+        assert_eq!(g.check(&[meta(&[2], &[1]).view()], &autocast).unwrap_err().kind(), "state");
     }
 
     #[test]
     fn never_built_for_grad_or_other_devices() {
         let mut m = meta(&[2], &[1]);
         m.requires_grad = true;
-        assert_eq!(GuardSet::for_inputs(&[m]), None);
+        assert_eq!(GuardSet::for_inputs(&[m], S), None);
     }
 }

@@ -25,6 +25,39 @@ pub struct TensorView<'a> {
     pub requires_grad: bool,
 }
 
+/// What a call's result depends on besides its tensors: process-wide and thread-local
+/// settings of the frontend, read on every call. Lowerings read them, so guards compare them
+/// (`kiln_guards::GuardSet::state`): code made under one state never runs under another.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct GlobalState {
+    /// The float dtype integer→float promotion and float scalars give (PyTorch's default
+    /// dtype); Err: one Kiln has no code for, by the frontend's number for it.
+    pub default_float: Result<DType, i32>,
+    /// Mixed-precision autocast of CPU ops: the frontend's number of the dtype it casts to,
+    /// None when off. No op Kiln compiles today is on autocast's lists, so lowerings ignore
+    /// it; a lowering of one that is must read it here.
+    pub autocast: Option<i32>,
+}
+
+impl Default for GlobalState {
+    fn default() -> Self {
+        GlobalState { default_float: Ok(DType::F32), autocast: None }
+    }
+}
+
+impl fmt::Display for GlobalState {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.default_float {
+            Ok(d) => write!(f, "default dtype {d}")?,
+            Err(code) => write!(f, "default dtype #{code}")?,
+        }
+        match self.autocast {
+            Some(code) => write!(f, ", CPU autocast to #{code}"),
+            None => Ok(()),
+        }
+    }
+}
+
 /// An owned record of one tensor's metadata.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub struct TensorMeta {

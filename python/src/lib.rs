@@ -40,7 +40,8 @@ fn enable(max_specializations: usize, opt_level: u8, num_threads: usize, compile
     let mode = compile_mode(compile)?;
     let dynamic = dynamic_policy(dynamic)?;
     let disk = cache_dir.map(|d| open_cache(d, cache_size_limit)).transpose()?.map(Arc::new);
-    kiln_compiler::program::set_num_threads(num_threads);
+    kiln_compiler::program::set_num_threads(num_threads)
+        .map_err(|e| PyValueError::new_err(format!("torch_kiln option 'num_threads'={num_threads}: cannot start that many threads: {e}")))?;
     let options = Options {
         max_specializations,
         compile: CompileOptions { pipeline: format!("default<O{opt_level}>"), ..CompileOptions::default() },
@@ -115,8 +116,14 @@ fn reset() {
 }
 
 #[pyfunction]
-fn set_num_threads(n: usize) {
-    kiln_compiler::program::set_num_threads(n);
+fn set_num_threads(n: usize) -> PyResult<()> {
+    kiln_compiler::program::set_num_threads(n).map_err(|e| PyValueError::new_err(format!("cannot start {n} threads: {e}")))
+}
+
+/// Bytes of scratch this thread keeps between calls (bounded: see `program::ARENA_KEEP_BYTES`).
+#[pyfunction]
+fn scratch_bytes_kept() -> (usize, usize) {
+    (kiln_compiler::program::arena_bytes_kept(), kiln_compiler::program::ARENA_KEEP_BYTES)
 }
 
 #[pyfunction]
@@ -164,6 +171,7 @@ fn group_info(py: Python<'_>, id: usize) -> PyResult<Option<PyObject>> {
         let sd = PyDict::new(py);
         let guards: Vec<String> = s.guards.tensors.iter().map(|t| t.to_string()).collect();
         sd.set_item("guards", guards)?;
+        sd.set_item("state", kiln_torch_bridge::runtime::state_text(&s.guards.state))?;
         let symbols: Vec<String> = s.guards.symbols.iter().enumerate().map(|(k, (i, d))| format!("s{k} = input {i} dim {d}")).collect();
         sd.set_item("symbols", symbols)?;
         sd.set_item("compiled_at", s.symbolic.as_ref().map(|run| run.samples.clone()))?;
@@ -192,7 +200,7 @@ fn group_info(py: Python<'_>, id: usize) -> PyResult<Option<PyObject>> {
         .map(|r| (r.inputs.iter().map(|m| m.to_string()).collect::<Vec<_>>().join("; "), r.why.clone()))
         .collect();
     d.set_item("rejected", rejected)?;
-    let refused: Vec<String> = r.symbolic_refused.lock().unwrap().iter().map(|(_, why)| why.clone()).collect();
+    let refused: Vec<String> = r.symbolic_refused.lock().unwrap().iter().map(|(_, _, why)| why.clone()).collect();
     d.set_item("symbolic_refused", refused)?;
     let varying: Vec<String> = r
         .profile
@@ -235,6 +243,7 @@ fn _kiln(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(reset, m)?)?;
     m.add_function(wrap_pyfunction!(set_num_threads, m)?)?;
     m.add_function(wrap_pyfunction!(stats, m)?)?;
+    m.add_function(wrap_pyfunction!(scratch_bytes_kept, m)?)?;
     m.add_function(wrap_pyfunction!(group_info, m)?)?;
     m.add_function(wrap_pyfunction!(reason, m)?)?;
     m.add_function(wrap_pyfunction!(persist, m)?)?;

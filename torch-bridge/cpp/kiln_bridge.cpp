@@ -8,7 +8,10 @@
 #include <ATen/ATen.h>
 #include <ATen/EmptyTensor.h>
 #include <ATen/Parallel.h>
+#include <ATen/autocast_mode.h>
+#include <c10/core/DefaultDtype.h>
 #include <c10/core/GradMode.h>
+#include <c10/core/impl/LocalDispatchKeySet.h>
 #include <c10/util/SmallVector.h>
 #include <torch/csrc/jit/ir/alias_analysis.h>
 #include <torch/csrc/jit/ir/ir.h>
@@ -34,16 +37,27 @@ struct KilnTensor {
   int32_t dtype;  // c10::ScalarType
   int32_t device; // c10::DeviceType
   int32_t requires_grad;
-  int32_t defined;
+  // 0: generated code may read this tensor; else why not (see `admission`).
+  int32_t refusal;
+};
+
+// What a call's semantics depend on besides its tensors (see `call_state`).
+struct KilnCallState {
+  int32_t default_dtype;  // c10::ScalarType of torch.get_default_dtype()
+  int32_t autocast;       // c10::ScalarType CPU autocast casts to, or -1 when it is off
+  int32_t refusal;        // 0, or why no Kiln code may run on this thread now
 };
 
 // Implemented in Rust (torch-bridge/src/ffi.rs).
 int32_t kiln_rs_known_op(const char* kind);
 int32_t kiln_rs_node_supported(const char* dump, size_t len, char* reason, size_t cap);
 int64_t kiln_rs_prepare_group(const char* dump, size_t len, char* reason, size_t cap);
-int32_t kiln_rs_guard(int64_t group, const KilnTensor* inputs, size_t n);
-typedef void* (*KilnAlloc)(void* ctx, size_t index, int32_t dtype, const int64_t* sizes, size_t ndim);
-int32_t kiln_rs_run(int64_t group, const KilnTensor* inputs, size_t n, KilnAlloc alloc, void* ctx);
+int32_t kiln_rs_guard(int64_t group, const KilnTensor* inputs, size_t n, const KilnCallState* state);
+// Allocates an output (strides: null for contiguous); 0 and its data in *data, or nonzero.
+typedef int32_t (*KilnAlloc)(void* ctx, size_t index, int32_t dtype, const int64_t* sizes, const int64_t* strides, size_t ndim, void** data);
+// 0: ran; else nothing ran and `error` says why. Reads the call's state (kiln_cpp_call_state)
+// only where the guard's choice is not at hand.
+int32_t kiln_rs_run(int64_t group, const KilnTensor* inputs, size_t n, KilnAlloc alloc, void* ctx, char* error, size_t cap);
 int64_t kiln_rs_reason(const char* kind, const char* reason);
 void kiln_rs_pass_started();
 void kiln_rs_pass_error(const char* what);
@@ -145,16 +159,44 @@ void tensor_type_text(const Value* v, std::ostream& os, bool with_strides) {
 
 constexpr const char* kDynamicScalar = "a scalar argument is computed at run time (Kiln takes constants)";
 
-// Ops on scalars, lists and strings (size, dim, __not__, format...) are not candidates at all:
-// they are neither grouped nor reported as fallbacks.
+// Ops with one tensor output are what Kiln groups.
 bool is_tensor_op(const Node* n) {
   return n->outputs().size() == 1 && n->output()->type()->cast<TensorType>();
+}
+
+bool holds_tensors(const TypePtr& t) {
+  if (t->cast<TensorType>()) return true;
+  for (const auto& c : t->containedTypes())
+    if (holds_tensors(c)) return true;
+  return false;
+}
+
+// Nodes that only move values around: not reported (explain lists what computes).
+bool is_plumbing(const Node* n) {
+  static const std::unordered_set<Symbol> kinds = {prim::Constant, prim::ListConstruct, prim::ListUnpack, prim::TupleConstruct,
+                                                  prim::TupleUnpack, prim::TupleIndex, prim::GetAttr, prim::If, prim::Loop,
+                                                  prim::unchecked_cast, prim::Uninitialized, prim::FallbackGraph, prim::DictConstruct,
+                                                  prim::profile, prim::TypeCheck, prim::RequiresGradCheck, prim::BailOut};
+  return kinds.count(n->kind()) > 0 || n->kind() == group_kind() || n->kind() == guard_kind();
+}
+
+// What explain() lists, with why it stayed in TorchScript: every aten op and every other
+// computing node that makes tensors (several outputs too: split, unsafe_chunk, lstm,
+// _native_multi_head_attention, prim::ConstantChunk). Ops on scalars, lists and strings
+// (size, dim, __not__, format...) are not candidates at all.
+bool is_reported(const Node* n) {
+  if (is_plumbing(n)) return false;
+  for (const Value* o : n->outputs())
+    if (holds_tensors(o->type())) return true;
+  return false;
 }
 
 // The text form Rust lowers (torch-bridge/src/ts_dump.rs documents it).
 struct Dumper {
   std::ostringstream os;
   std::unordered_map<const Value*, std::string> names;
+  // The types TorchScript recorded hold under the default dtype of now (integer → float).
+  Dumper() { os << "default_dtype " << dtype_name(c10::get_default_dtype_as_scalartype()) << "\n"; }
   std::string name(const Value* v) {
     auto it = names.find(v);
     if (it != names.end()) return it->second;
@@ -197,6 +239,8 @@ struct Dumper {
 std::string ask_node(const Node* n) {
   if (n->hasAttribute(fallback_attr())) return "fallback copy of a Kiln group";
   if (n->kind().ns() != c10::Symbol::fromQualString("namespaces::aten")) return "not an aten op";
+  if (n->outputs().size() != 1)
+    return "has " + std::to_string(n->outputs().size()) + " outputs (Kiln groups ops with one tensor output)";
   if (!kiln_rs_known_op(n->kind().toQualString())) return "not an op Kiln supports yet";
   Dumper d;
   std::string why;
@@ -331,7 +375,7 @@ struct Fuser {
   void record_rest(Block* b) {
     for (Node* n : b->nodes()) {
       for (Block* sub : n->blocks()) record_rest(sub);
-      if (!n->kind().is_aten() || !is_tensor_op(n) || n->hasAttribute(fallback_attr())) continue;
+      if (!is_reported(n) || n->hasAttribute(fallback_attr())) continue;
       auto it = verdicts.find(n);
       std::string why = it == verdicts.end() ? "not reached by the pass" : it->second;
       if (why.empty()) why = "supported, but not part of a compiled group";
@@ -387,17 +431,46 @@ void kiln_pass(std::shared_ptr<Graph>& graph) {
   }
 }
 
-// Describes a tensor for Rust. Anything Kiln's code cannot read as plain strided memory
-// (sparse, nested, mkldnn, no storage) or whose type promotion differs (a wrapped number,
-// i.e. a Python scalar turned tensor) is passed as undefined: the guard then fails.
-void fill(KilnTensor& d, const at::Tensor& t) {
-  d.defined = t.defined();
-  if (!d.defined) return;
+// Why generated code must not read a tensor (0: it may). Rust turns the codes into reasons
+// (ffi.rs, `Refusal`); a dispatch key that makes a tensor more than plain memory is passed as
+// kRefusedKey + its c10::DispatchKey number.
+enum : int32_t { kAdmitted = 0, kUndefined = 1, kWrappedNumber = 2, kNotCpu = 3, kNotStrided = 4, kNoMemory = 5, kRefusedKey = 1000 };
+
+// The dispatch keys of a plain CPU tensor. Any other key means its bytes are not what its
+// sizes, strides and dtype say, or that eager would run other code on it: a tensor subclass
+// or wrapper (Python: DTensor, torchao's tensors, TwoTensor), a ZeroTensor, a lazy conj/neg
+// bit, functorch and functionalization wrappers, sparse/quantized/mkldnn/other backends.
+const c10::DispatchKeySet kPlainKeys({c10::DispatchKey::CPU, c10::DispatchKey::ADInplaceOrView, c10::DispatchKey::AutogradCPU,
+                                      c10::DispatchKey::AutocastCPU});
+
+int32_t admission(const at::Tensor& t) {
+  if (!t.defined()) return kUndefined;
   auto* impl = t.unsafeGetTensorImpl();
-  if (t.layout() != at::kStrided || t.is_nested() || !impl->has_storage() || impl->is_wrapped_number()) {
-    d.defined = 0;
-    return;
+  if (impl->device_type() != c10::DeviceType::CPU) return kNotCpu;
+  if (auto ks = impl->key_set(); (ks | kPlainKeys) != kPlainKeys)
+    // (Set difference keeps backend bits: the CPU bit stays, which is why the test is `|`.)
+    return kRefusedKey + static_cast<int32_t>((ks - kPlainKeys).highestPriorityTypeId());
+  // A Python scalar turned tensor promotes like a scalar, not like a tensor.
+  if (impl->is_wrapped_number()) return kWrappedNumber;
+  if (impl->layout() != at::kStrided || impl->is_nested() || !impl->has_storage()) return kNotStrided;
+  // Every byte the view reaches must lie in its storage (a storage freed or resized under it
+  // has no memory there). Strides are never negative in PyTorch.
+  int64_t last = impl->storage_offset();
+  for (int64_t d = 0; d < impl->dim(); ++d) {
+    int64_t n = impl->sizes()[d];
+    if (n == 0) return kAdmitted;  // no element is ever read
+    last += (n - 1) * impl->strides()[d];
   }
+  const auto& storage = impl->unsafe_storage();
+  if (storage.data() == nullptr || (last + 1) * static_cast<int64_t>(impl->itemsize()) > static_cast<int64_t>(storage.nbytes()))
+    return kNoMemory;
+  return kAdmitted;
+}
+
+// Describes a tensor the guard admitted for Rust.
+void fill_admitted(KilnTensor& d, const at::Tensor& t) {
+  d.refusal = kAdmitted;
+  auto* impl = t.unsafeGetTensorImpl();
   // const_data_ptr: never materialises a copy-on-write storage; Kiln only reads inputs.
   d.data = const_cast<void*>(t.const_data_ptr());
   d.ndim = impl->dim();
@@ -410,6 +483,29 @@ void fill(KilnTensor& d, const at::Tensor& t) {
   d.requires_grad = impl->requires_grad() && c10::GradMode::is_enabled();
 }
 
+// Describes a tensor for Rust; `refusal` says whether generated code may read it.
+void fill(KilnTensor& d, const at::Tensor& t) {
+  d.refusal = admission(t);
+  if (d.refusal == kAdmitted) fill_admitted(d, t);
+}
+
+// The thread's dispatch state outside any mode or transform: BackendSelect and (outside
+// inference mode) ADInplaceOrView are always included.
+const c10::DispatchKeySet kPlainIncluded({c10::DispatchKey::BackendSelect, c10::DispatchKey::ADInplaceOrView});
+
+// The global and thread-local state eager's result depends on, read on every call (a few
+// loads). A TorchDispatchMode (Python key) or a functorch transform included in this thread's
+// dispatch means eager would hand each op to user code: then no Kiln code runs.
+KilnCallState call_state() {
+  KilnCallState s;
+  s.default_dtype = static_cast<int32_t>(c10::get_default_dtype_as_scalartype());
+  s.autocast = at::autocast::is_autocast_enabled(at::kCPU) ? static_cast<int32_t>(at::autocast::get_autocast_dtype(at::kCPU)) : -1;
+  c10::DispatchKeySet included = c10::impl::tls_local_dispatch_key_set().included_;
+  s.refusal = (included | kPlainIncluded) == kPlainIncluded ? kAdmitted
+                                                            : kRefusedKey + static_cast<int32_t>((included - kPlainIncluded).highestPriorityTypeId());
+  return s;
+}
+
 Operation guard_op(const Node* node) {
   int64_t id = node->i(group_attr());
   size_t n = node->inputs().size();
@@ -420,20 +516,38 @@ Operation guard_op(const Node* node) {
     if (n > 16) { heap.resize(n); d = heap.data(); }
     auto ins = last(stack, n);
     for (size_t i = 0; i < n; ++i) fill(d[i], ins[i].toTensor());
-    bool ok = kiln_rs_guard(id, d, n) != 0;
+    KilnCallState state = call_state();
+    bool ok = kiln_rs_guard(id, d, n, &state) != 0;
     drop(stack, n);
     push(stack, ok);
   };
 }
 
-using Outputs = c10::SmallVector<at::Tensor, 4>;
+// The outputs of one group call, and the exception allocating one of them threw (rethrown
+// once Rust has returned: it must not unwind through Rust frames).
+struct OutputSink {
+  c10::SmallVector<at::Tensor, 4> results;
+  std::exception_ptr error;
+};
 
-// Outputs are plain CPU tensors: at::detail::empty_cpu skips the dispatcher (this runs on
-// every call of every group).
-void* alloc_output(void* ctx, size_t index, int32_t dtype, const int64_t* sizes, size_t ndim) {
-  auto& results = *static_cast<Outputs*>(ctx);
-  results.emplace_back(at::detail::empty_cpu(c10::IntArrayRef(sizes, ndim), static_cast<at::ScalarType>(dtype), false, std::nullopt));
-  return results.back().data_ptr();
+// Outputs are plain CPU tensors in the layout eager would give them (Rust says which):
+// at::detail::empty_cpu / empty_strided_cpu skip the dispatcher (this runs on every call of
+// every group).
+int32_t alloc_output(void* ctx, size_t index, int32_t dtype, const int64_t* sizes, const int64_t* strides, size_t ndim, void** data) {
+  auto& sink = *static_cast<OutputSink*>(ctx);
+  try {
+    auto type = static_cast<at::ScalarType>(dtype);
+    c10::IntArrayRef shape(sizes, ndim);
+    if (strides == nullptr)
+      sink.results.emplace_back(at::detail::empty_cpu(shape, type, false, std::nullopt));
+    else
+      sink.results.emplace_back(at::detail::empty_strided_cpu(shape, c10::IntArrayRef(strides, ndim), type, false));
+    *data = sink.results.back().data_ptr();
+    return 0;
+  } catch (...) {
+    sink.error = std::current_exception();
+    return 1;
+  }
 }
 
 Operation group_op(const Node* node) {
@@ -448,13 +562,20 @@ Operation group_op(const Node* node) {
     if (n > 16) { heap.resize(n); d = heap.data(); }
     size_t k = 0;
     auto ins = last(stack, n);
+    // The guard just before this op admitted these very tensors (it takes the group's
+    // tensor inputs, and the group runs only where it passed).
     for (size_t i = 0; i < n; ++i)
-      if (is_tensor[i]) fill(d[k++], ins[i].toTensor());
-    Outputs results;
-    if (kiln_rs_run(id, d, k, alloc_output, &results) != 0)
-      throw std::runtime_error("kiln: compiled group called with inputs its guard rejects");
+      if (is_tensor[i]) fill_admitted(d[k++], ins[i].toTensor());
+    OutputSink sink;
+    char error[256] = {0};
+    if (kiln_rs_run(id, d, k, alloc_output, &sink, error, sizeof(error)) != 0) {
+      // Out of memory, as eager would be, or a guard/group mismatch (a bug): the user's call
+      // raises like an eager op would.
+      if (sink.error) std::rethrow_exception(sink.error);
+      throw std::runtime_error(std::string("kiln: ") + error);
+    }
     drop(stack, n);
-    for (auto& r : results) push(stack, std::move(r));
+    for (auto& r : sink.results) push(stack, std::move(r));
   };
 }
 
@@ -492,5 +613,13 @@ void kiln_cpp_disable() {
 }
 
 int32_t kiln_cpp_torch_threads() { return at::get_num_threads(); }
+
+void kiln_cpp_call_state(KilnCallState* state) { *state = call_state(); }
+
+// The name of a c10::ScalarType (a default dtype Kiln has no code for).
+const char* kiln_cpp_scalar_type_name(int32_t type) { return c10::toString(static_cast<c10::ScalarType>(type)); }
+
+// The name of a c10::DispatchKey, for the reason a tensor or call was refused.
+const char* kiln_cpp_dispatch_key_name(int32_t key) { return c10::toString(static_cast<c10::DispatchKey>(key)); }
 
 }  // extern "C"

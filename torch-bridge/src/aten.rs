@@ -7,6 +7,7 @@
 
 use crate::ts_dump::{Const, Item, Region};
 use kiln_compiler::ir::{BinaryOp, CmpOp, Graph, ReduceOp, UnaryOp};
+use kiln_compiler::layout::{contiguous_strides, dense_strides, elementwise_order, elementwise_strides, is_non_overlapping_and_dense, order_of, DimOrder};
 use kiln_compiler::{DType, Scalar, TensorType, ValueId};
 use kiln_profiler::canonical_strides;
 
@@ -30,29 +31,44 @@ pub fn lower(r: &Region) -> R<Lowered> {
     let mut g = Graph::new();
     let mut input_strides = vec![];
     let mut vals: Vec<Arg> = Vec::with_capacity(r.items.len());
+    // Per item, for tensors: the order of eager's result and its strides (size-1 dims
+    // included: the layout rule reads them).
+    let mut eager: Vec<Option<(DimOrder, Vec<i64>)>> = Vec::with_capacity(r.items.len());
     for item in &r.items {
-        let arg = match item {
+        let (arg, layout) = match item {
             Item::Input(None) => return Err("input types are not known".into()),
             Item::Input(Some(d)) => {
                 let dtype = d.dtype.clone().map_err(|name| format!("dtype {name} is not supported"))?;
                 input_strides.push(canonical_strides(&d.sizes, &d.strides));
-                Arg::Tensor(g.input(TensorType::new(dtype, &d.sizes)))
+                // The layout rule reads what the guard checks: size-1 strides too.
+                let strides = kiln_guards::guarded_strides(&d.sizes, &d.strides);
+                (Arg::Tensor(g.input(TensorType::new(dtype, &d.sizes))), Some((vec![], strides)))
             }
-            Item::Const(c) => Arg::Const(c.clone()),
+            Item::Const(c) => (Arg::Const(c.clone()), None),
             Item::Node { kind, args, expect } => {
-                let args: Vec<Arg> = args.iter().map(|&a| vals[a].clone()).collect();
-                let v = Lower { g: &mut g }.node(kind, &args).map_err(|e| format!("{kind}: {e}"))?;
+                let arg_vals: Vec<Arg> = args.iter().map(|&a| vals[a].clone()).collect();
+                let v = Lower { g: &mut g, default_float: &r.default_float }.node(kind, &arg_vals).map_err(|e| format!("{kind}: {e}"))?;
+                let ty = g.ty(v);
                 if let Some((dtype, sizes)) = expect {
-                    let ty = g.ty(v);
                     let same = dtype.as_ref().ok() == Some(&ty.dtype) && ty.static_shape().as_deref() == Some(sizes.as_slice());
                     if !same {
                         return Err(format!("{kind}: Kiln infers {ty}, TorchScript recorded {}{sizes:?}", dtype.clone().map(|d| d.to_string()).unwrap_or_else(|n| n)));
                     }
                 }
-                Arg::Tensor(v)
+                let shape = ty.static_shape().ok_or_else(|| format!("{kind}: symbolic shape"))?;
+                let operands: Vec<Operand> = args
+                    .iter()
+                    .filter_map(|&a| {
+                        let t = g.ty(match vals[a] { Arg::Tensor(t) => t, _ => return None });
+                        Some(Operand { sizes: t.static_shape()?, strides: eager[a].as_ref()?.1.clone(), dtype: t.dtype })
+                    })
+                    .collect();
+                let strides = eager_strides(kind, &shape, ty.dtype, operands, wraps_a_scalar(kind, &arg_vals));
+                (Arg::Tensor(v), Some((order_of(&shape, &strides), strides)))
             }
         };
         vals.push(arg);
+        eager.push(layout);
     }
     let outputs = r
         .outputs
@@ -68,7 +84,62 @@ pub fn lower(r: &Region) -> R<Lowered> {
         }
     }
     g.set_outputs(outputs);
+    for (i, &o) in r.outputs.iter().enumerate() {
+        let (order, _) = eager[o].clone().expect("outputs are tensors");
+        g.set_output_order(i, order).map_err(|e| e.0)?;
+    }
     Ok(Lowered { graph: g, input_strides })
+}
+
+/// A tensor argument of an ATen op as its layout rule sees it: eager's strides.
+struct Operand {
+    sizes: Vec<i64>,
+    strides: Vec<i64>,
+    dtype: DType,
+}
+
+/// The strides eager gives the result of `to(dtype)` of `x`: a dense input's own, else ordered
+/// as TensorIterator would (`infer_dense_strides`, without a fast set-up).
+fn converted_strides(x: &Operand) -> Vec<i64> {
+    if is_non_overlapping_and_dense(&x.sizes, &x.strides) {
+        return x.strides.clone();
+    }
+    dense_strides(&x.sizes, &elementwise_order(&x.sizes, &[(&x.sizes, &x.strides)]))
+}
+
+/// The strides eager gives the result (of `shape` and `dtype`) of ATen op `kind` over its
+/// tensor `operands`, in argument order (see `kiln_compiler::layout`). Reductions and softmax
+/// allocate contiguous results (ATen's `resize_reduction`, `_softmax` meta); `to` / `type_as`
+/// are [`converted_strides`]. Every other op Kiln takes is a TensorIterator op over its tensor
+/// arguments in order (`rsub(x, y)` is `sub(y, x)`; `where` converts its values to the
+/// result's dtype first), with `wrapped_scalar` when a Python number is among them.
+fn eager_strides(kind: &str, shape: &[i64], dtype: DType, mut operands: Vec<Operand>, wrapped_scalar: bool) -> Vec<i64> {
+    match kind {
+        "aten::sum" | "aten::mean" | "aten::amax" | "aten::amin" | "aten::softmax" | "aten::log_softmax" => return contiguous_strides(shape),
+        "aten::to" | "aten::type_as" => return converted_strides(&operands[0]),
+        "aten::rsub" => operands.reverse(),
+        "aten::where" => {
+            for x in operands.iter_mut().skip(1).filter(|x| x.dtype != dtype) {
+                x.strides = converted_strides(x);
+            }
+        }
+        _ => {}
+    }
+    let ops: Vec<(&[i64], &[i64])> = operands.iter().map(|x| (x.sizes.as_slice(), x.strides.as_slice())).collect();
+    elementwise_strides(shape, &ops, wrapped_scalar)
+}
+
+/// Whether eager hands `kind` a Python number among the operands of its TensorIterator, as a
+/// 0-dim tensor (`wrapped_scalar_tensor`): binary arithmetic, comparisons and `where` do;
+/// `clamp`, `pow`, `leaky_relu` and the like take numbers as parameters of a unary op.
+fn wraps_a_scalar(kind: &str, args: &[Arg]) -> bool {
+    let operands = match kind {
+        "aten::add" | "aten::sub" | "aten::rsub" | "aten::mul" | "aten::div" | "aten::true_divide" | "aten::eq" | "aten::ne" | "aten::lt"
+        | "aten::le" | "aten::gt" | "aten::ge" => &args[..args.len().min(2)],
+        "aten::where" => &args[1.min(args.len())..],
+        _ => return false,
+    };
+    operands.iter().any(|a| matches!(a, Arg::Const(Const::Int(_) | Const::Float(_) | Const::Bool(_))))
 }
 
 /// The ops `Lower::node` knows, for regions whose types are not known until they run.
@@ -110,15 +181,18 @@ fn combine(higher: Option<DType>, lower: Option<DType>) -> Option<DType> {
     }
 }
 
-/// The float dtype of `torch.get_default_dtype()`. Kiln assumes the default (float32); the
-/// output-type check in `lower` rejects nodes where a changed default would show.
-const DEFAULT_FLOAT: DType = DType::F32;
-
 struct Lower<'a> {
     g: &'a mut Graph,
+    /// `torch.get_default_dtype()` for this call (the region's `default_float`).
+    default_float: &'a Result<DType, String>,
 }
 
 impl Lower<'_> {
+    /// The dtype integer → float promotion and float scalars give.
+    fn default_float(&self) -> R<DType> {
+        self.default_float.clone().map_err(|name| format!("the default dtype {name} is not supported"))
+    }
+
     fn tensor(&self, a: &Arg) -> R<ValueId> {
         match a {
             Arg::Tensor(v) => Ok(*v),
@@ -130,13 +204,16 @@ impl Lower<'_> {
     fn result_type(&self, args: &[&Arg]) -> R<DType> {
         let (mut dim, mut zero, mut wrapped) = (None, None, None);
         let up = |slot: &mut Option<DType>, d: DType| *slot = Some(slot.map_or(d, |s| promote(s, d)));
+        // A float scalar gives the default dtype only where no tensor is float.
+        let float_tensor = args.iter().any(|a| matches!(a, Arg::Tensor(v) if self.g.ty(*v).dtype.is_float()));
         for a in args {
             match a {
                 Arg::Tensor(v) if self.g.ty(*v).rank() > 0 => up(&mut dim, self.g.ty(*v).dtype),
                 Arg::Tensor(v) => up(&mut zero, self.g.ty(*v).dtype),
                 Arg::Const(Const::Bool(_)) => up(&mut wrapped, DType::Bool),
                 Arg::Const(Const::Int(_)) => up(&mut wrapped, DType::I64),
-                Arg::Const(Const::Float(_)) => up(&mut wrapped, DEFAULT_FLOAT),
+                Arg::Const(Const::Float(_)) if float_tensor => up(&mut wrapped, DType::F32),
+                Arg::Const(Const::Float(_)) => up(&mut wrapped, self.default_float()?),
                 Arg::Const(Const::None) => {}
                 Arg::Const(c) => return Err(format!("unexpected argument {c:?}")),
             }
@@ -163,7 +240,7 @@ impl Lower<'_> {
     fn unary_float(&mut self, op: UnaryOp, x: &Arg) -> R<ValueId> {
         let x = self.tensor(x)?;
         let d = self.g.ty(x).dtype;
-        let d = if d.is_float() { d } else { DEFAULT_FLOAT };
+        let d = if d.is_float() { d } else { self.default_float()? };
         let x = self.g.cast(x, d);
         Ok(self.g.unary(op, x).map_err(|e| e.0)?)
     }
@@ -201,7 +278,7 @@ impl Lower<'_> {
 
     fn true_div(&mut self, a: &Arg, b: &Arg) -> R<ValueId> {
         let d = self.result_type(&[a, b])?;
-        let d = if d.is_float() { d } else { DEFAULT_FLOAT };
+        let d = if d.is_float() { d } else { self.default_float()? };
         let (x, y) = (self.value(a, d)?, self.value(b, d)?);
         Ok(self.g.binary(BinaryOp::Div, x, y).map_err(|e| e.0)?)
     }

@@ -5,7 +5,7 @@
 
 use crate::aten::dtype_from_code;
 use crate::runtime::RUNTIME;
-use kiln_profiler::{Device, TensorView};
+use kiln_profiler::{Device, GlobalState, TensorView};
 use std::ffi::{c_char, c_void, CStr};
 use std::panic::{catch_unwind, AssertUnwindSafe};
 
@@ -19,12 +19,65 @@ pub struct KilnTensor {
     pub dtype: i32,
     pub device: i32,
     pub requires_grad: i32,
-    pub defined: i32,
+    /// 0: generated code may read the tensor; else a [`Refusal`] code (the other fields are
+    /// then unset).
+    pub refusal: i32,
+}
+
+/// The state of one call besides its tensors, as the C++ side reads it (`call_state`).
+#[repr(C)]
+pub struct KilnCallState {
+    pub default_dtype: i32,
+    /// c10::ScalarType CPU autocast casts to; -1 when off.
+    pub autocast: i32,
+    /// 0, or a [`Refusal`] code: no Kiln code may run on this thread now.
+    pub refusal: i32,
 }
 
 extern "C" {
     pub fn kiln_cpp_enable() -> i32;
     pub fn kiln_cpp_disable();
+    fn kiln_cpp_dispatch_key_name(key: i32) -> *const c_char;
+    fn kiln_cpp_scalar_type_name(code: i32) -> *const c_char;
+    fn kiln_cpp_call_state(state: *mut KilnCallState);
+}
+
+/// libtorch's name of c10::ScalarType `code` (e.g. "BFloat16").
+pub fn scalar_type_name(code: i32) -> String {
+    // SAFETY: the C++ side returns a static string for any number.
+    unsafe { CStr::from_ptr(kiln_cpp_scalar_type_name(code)) }.to_string_lossy().into_owned()
+}
+
+/// Why the C++ side refused a tensor or a call (`admission` and `call_state` in
+/// kiln_bridge.cpp use the same numbers).
+const REFUSED_KEY: i32 = 1000;
+
+/// The reason for refusal `code` of input `index` (None: the call's state).
+pub fn refusal_reason(code: i32, index: Option<usize>) -> String {
+    let what = index.map_or_else(String::new, |i| format!("input {i} "));
+    match code {
+        1 => format!("{what}is not a tensor (undefined)"),
+        2 => format!("{what}is a Python number turned tensor (it promotes like a scalar)"),
+        3 => format!("{what}is not on the CPU"),
+        4 => format!("{what}is not a strided tensor with storage (sparse, nested, mkldnn or storage-less)"),
+        5 => format!("{what}has no memory behind its elements (a null data pointer or a storage smaller than the view)"),
+        c if c >= REFUSED_KEY => {
+            // SAFETY: the C++ side returns a static string for any key number.
+            let key = unsafe { CStr::from_ptr(kiln_cpp_dispatch_key_name(c - REFUSED_KEY)) }.to_string_lossy();
+            let why = match key.as_ref() {
+                "Python" | "PythonTLSSnapshot" if index.is_none() => "a TorchDispatchMode is active: eager hands each op to it".to_string(),
+                "Python" | "PythonTLSSnapshot" => "is a tensor subclass or wrapper (Python dispatch key): its storage is not its data".to_string(),
+                "ZeroTensor" => "is a ZeroTensor (no memory behind its elements)".to_string(),
+                "Conjugate" => "has its conjugate bit set (a lazy conj() view)".to_string(),
+                "Negative" => "has its negative bit set (a lazy negation, e.g. z.conj().imag)".to_string(),
+                k if k.starts_with("FuncTorch") && index.is_none() => format!("inside a functorch transform (dispatch key {k})"),
+                k if index.is_none() => format!("dispatch key {k} is included on this thread"),
+                k => format!("carries dispatch key {k}: not a plain CPU tensor"),
+            };
+            format!("{what}{why}")
+        }
+        c => format!("{what}refused (code {c})"),
+    }
 }
 
 unsafe fn text<'a>(p: *const c_char, len: usize) -> &'a str {
@@ -43,39 +96,47 @@ unsafe fn write_reason(reason: &str, out: *mut c_char, cap: usize) {
 /// c10::DeviceType::CPU is 0.
 const DEVICE_CPU: i32 = 0;
 
-unsafe fn view<'a>(t: &KilnTensor) -> Option<TensorView<'a>> {
-    if t.defined == 0 {
-        return None;
-    }
+/// A view of an admitted tensor.
+unsafe fn view<'a>(t: &KilnTensor) -> TensorView<'a> {
     let nd = t.ndim as usize;
     let slice = |p: *const i64| if nd == 0 { &[][..] } else { std::slice::from_raw_parts(p, nd) };
-    Some(TensorView {
+    TensorView {
         dtype: dtype_from_code(t.dtype),
         device: if t.device == DEVICE_CPU { Device::Cpu } else { Device::Other(t.device) },
         sizes: slice(t.sizes),
         strides: slice(t.strides),
         requires_grad: t.requires_grad != 0,
-    })
+    }
 }
 
-/// Calls `f` with views of the `n` tensors (None if one is undefined). Up to 16 tensors
-/// live on the stack: this runs on every call of every group.
-unsafe fn with_views<R>(t: *const KilnTensor, n: usize, f: impl FnOnce(Option<&[TensorView<'_>]>) -> R) -> R {
+/// The call's global state, or the refusal code of a state no Kiln code may run under.
+fn global_state(s: &KilnCallState) -> Result<GlobalState, i32> {
+    if s.refusal != 0 {
+        return Err(s.refusal);
+    }
+    let default_float = dtype_from_code(s.default_dtype).filter(|d| d.is_float()).ok_or(s.default_dtype);
+    Ok(GlobalState { default_float, autocast: (s.autocast >= 0).then_some(s.autocast) })
+}
+
+/// Calls `f` with views of the `n` tensors, or says which one was refused and why (index,
+/// [`Refusal`] code). Up to 16 tensors live on the stack: this runs on every call of every
+/// group.
+unsafe fn with_views<R>(t: *const KilnTensor, n: usize, f: impl FnOnce(&[TensorView<'_>]) -> R) -> Result<R, (usize, i32)> {
     const INLINE: usize = 16;
     let ts = if n == 0 { &[][..] } else { std::slice::from_raw_parts(t, n) };
+    if let Some(i) = ts.iter().position(|t| t.refusal != 0) {
+        return Err((i, ts[i].refusal));
+    }
     if n <= INLINE {
         let empty = TensorView { dtype: None, device: Device::Cpu, sizes: &[], strides: &[], requires_grad: false };
         let mut buf = [empty; INLINE];
         for (slot, t) in buf.iter_mut().zip(ts) {
-            match view(t) {
-                Some(v) => *slot = v,
-                None => return f(None),
-            }
+            *slot = view(t);
         }
-        f(Some(&buf[..n]))
+        Ok(f(&buf[..n]))
     } else {
-        let views: Option<Vec<TensorView>> = ts.iter().map(|t| view(t)).collect();
-        f(views.as_deref())
+        let views: Vec<TensorView> = ts.iter().map(|t| view(t)).collect();
+        Ok(f(&views))
     }
 }
 
@@ -127,48 +188,78 @@ pub unsafe extern "C" fn kiln_rs_prepare_group(dump: *const c_char, len: usize, 
 
 /// 1 if group `id` will run these inputs (compiling a specialisation for them if needed).
 #[no_mangle]
-pub unsafe extern "C" fn kiln_rs_guard(id: i64, inputs: *const KilnTensor, n: usize) -> i32 {
+pub unsafe extern "C" fn kiln_rs_guard(id: i64, inputs: *const KilnTensor, n: usize, state: *const KilnCallState) -> i32 {
     guarded(0, || {
         let Some(r) = RUNTIME.region(id as usize) else { return 0 };
-        with_views(inputs, n, |views| views.is_some_and(|v| RUNTIME.guard(r, v)) as i32)
+        let state = match global_state(&*state) {
+            Ok(s) => s,
+            Err(code) => return RUNTIME.refuse(r, &refusal_reason(code, None)) as i32,
+        };
+        match with_views(inputs, n, |views| RUNTIME.guard(r, views, &state)) {
+            Ok(ok) => ok as i32,
+            Err((i, code)) => RUNTIME.refuse(r, &refusal_reason(code, Some(i))) as i32,
+        }
     })
 }
 
-/// Allocates output `index` (c10::ScalarType `dtype`, `ndim` sizes) and returns its data.
-pub type AllocFn = unsafe extern "C" fn(ctx: *mut c_void, index: usize, dtype: i32, sizes: *const i64, ndim: usize) -> *mut u8;
+/// Allocates output `index` (c10::ScalarType `dtype`, `ndim` sizes and strides; null strides:
+/// contiguous): 0 and its data in `*data`, or nonzero (the C++ side keeps the exception).
+pub type AllocFn =
+    unsafe extern "C" fn(ctx: *mut c_void, index: usize, dtype: i32, sizes: *const i64, strides: *const i64, ndim: usize, data: *mut *mut u8) -> i32;
 
 /// Runs group `id` on inputs its guard accepted, allocating the outputs through `alloc`.
-/// 0 on success; nonzero (nothing run) if no specialisation accepts the inputs.
+/// 0 on success; nonzero if nothing ran, with the reason in `error`: no specialisation
+/// accepts the inputs (which the guard just checked: a bug), or memory ran out.
 #[no_mangle]
-pub unsafe extern "C" fn kiln_rs_run(id: i64, inputs: *const KilnTensor, n: usize, alloc: AllocFn, ctx: *mut c_void) -> i32 {
-    guarded(1, || {
-        let Some(r) = RUNTIME.region(id as usize) else { return 1 };
+pub unsafe extern "C" fn kiln_rs_run(
+    id: i64,
+    inputs: *const KilnTensor,
+    n: usize,
+    alloc: AllocFn,
+    ctx: *mut c_void,
+    error: *mut c_char,
+    cap: usize,
+) -> i32 {
+    let result = guarded(Err("internal error (panic) while running".to_string()), || {
+        let r = RUNTIME.region(id as usize).ok_or("unknown group")?;
         // Views are built only when the guard's choice is not at hand (the rare case).
-        let chosen = RUNTIME.chosen_by_guard(r).or_else(|| with_views(inputs, n, |views| views.and_then(|v| RUNTIME.first_accepting(r, v))));
-        let Some(spec) = chosen else { return 1 };
+        let chosen = RUNTIME.chosen_by_guard(r).or_else(|| {
+            let mut state = KilnCallState { default_dtype: 0, autocast: -1, refusal: 0 };
+            kiln_cpp_call_state(&mut state);
+            let state = global_state(&state).ok()?;
+            with_views(inputs, n, |views| RUNTIME.first_accepting(r, views, &state)).ok().flatten()
+        });
+        let spec = chosen.ok_or("compiled group called with inputs its guard rejects")?;
         let ts = if n == 0 { &[][..] } else { std::slice::from_raw_parts(inputs, n) };
-        match &spec.symbolic {
-            None => spec.program.run_with(
-                |i| ts[i].data as *const u8,
-                |i| {
-                    let (dtype, sizes) = &spec.outputs[i];
-                    alloc(ctx, i, *dtype, sizes.as_ptr(), sizes.len())
-                },
-            ),
+        let data = |i: usize| ts[i].data as *const u8;
+        let allocate = |i: usize, dtype: i32, sizes: &[i64], strides: Option<&[i64]>| {
+            let mut out = std::ptr::null_mut();
+            let strides = strides.map_or(std::ptr::null(), |s| s.as_ptr());
+            (alloc(ctx, i, dtype, sizes.as_ptr(), strides, sizes.len(), &mut out) == 0).then_some(out)
+        };
+        let ran = match &spec.symbolic {
+            None => spec.program.run_with(data, |i| {
+                let (dtype, sizes, strides) = &spec.outputs[i];
+                allocate(i, *dtype, sizes, strides.as_deref())
+            }),
             Some(run) => {
                 // The guard passed: every symbol's dims agree, so its first one gives its value.
                 let symbols = spec.guards.bind(|i, d| *ts[i].sizes.add(d));
                 let symbols = &symbols[..spec.guards.symbols.len()];
-                spec.program.run_symbolic(&run.shapes, symbols, |i| ts[i].data as *const u8, |i| {
-                    let (dtype, dims) = &run.outputs[i];
-                    let sizes: Vec<i64> = dims.iter().map(|m| m.eval(symbols)).collect();
-                    alloc(ctx, i, *dtype, sizes.as_ptr(), sizes.len())
-                })
+                spec.program.run_symbolic(&run.shapes, symbols, data, |i, sizes, strides| allocate(i, run.outputs[i], sizes, strides))
             }
-        }
+        };
+        ran.map_err(|e| e.to_string())?;
         RUNTIME.count_run(&spec);
-        0
-    })
+        Ok(())
+    });
+    match result {
+        Ok(()) => 0,
+        Err(why) => {
+            write_reason(&why, error, cap);
+            1
+        }
+    }
 }
 
 /// Records why a node stayed in TorchScript; returns the reason's id (the C++ side stamps it

@@ -15,11 +15,11 @@
 use crate::aten;
 use crate::ts_dump::{InputDecl, Region as Dump};
 use kiln_cache::{CacheKey, CompileMode, DiskCache, ProgramCache, Request, Source};
-use kiln_compiler::symbolic::{self, Monomial, SymbolicShapes};
+use kiln_compiler::symbolic::{self, SymbolicShapes};
 use kiln_compiler::lower::LoopProgram;
 use kiln_compiler::{CompileOptions, CompiledProgram, Target};
 use kiln_guards::{DimGuard, GuardSet, StrideGuard};
-use kiln_profiler::{DimPlan, GroupProfile, TensorMeta, TensorView};
+use kiln_profiler::{DimPlan, GlobalState, GroupProfile, TensorMeta, TensorView};
 use once_cell::sync::Lazy;
 use std::cell::Cell;
 use std::collections::{BTreeMap, HashMap, HashSet};
@@ -60,8 +60,9 @@ pub struct SymbolicRun {
     pub shapes: SymbolicShapes,
     /// The symbols' values the code was compiled at.
     pub samples: Vec<i64>,
-    /// (c10::ScalarType number, sizes) of each output.
-    pub outputs: Vec<(i32, Vec<Monomial>)>,
+    /// c10::ScalarType number of each output (sizes and strides follow the symbols:
+    /// `CompiledProgram::run_symbolic` computes them).
+    pub outputs: Vec<i32>,
 }
 
 /// Symbolic code found for a region, before it is compiled: its guards, the region lowered at
@@ -95,8 +96,9 @@ pub struct Specialization {
     pub source: Source,
     /// Time to compile, or to load from disk; zero for a program found in memory.
     pub compile_time: Duration,
-    /// (c10::ScalarType number, sizes) of each output, for the C++ side to allocate.
-    pub outputs: Vec<(i32, Vec<i64>)>,
+    /// (c10::ScalarType number, sizes, strides or None for contiguous) of each output, for
+    /// the C++ side to allocate.
+    pub outputs: Vec<(i32, Vec<i64>, Option<Vec<i64>>)>,
     pub runs: AtomicU64,
 }
 
@@ -108,6 +110,7 @@ const MAX_REJECTED: usize = 64;
 /// is the `enable()` they were made under (compile='never' refuses what a later 'lazy' takes).
 pub struct Rejection {
     pub inputs: Vec<TensorMeta>,
+    pub state: GlobalState,
     pub why: String,
     pub generation: u64,
 }
@@ -123,16 +126,21 @@ pub struct Region {
     /// Every signature the group was asked to specialise for (bounded), compiled or not:
     /// which dims moved, from which the dynamic policy makes its plan (`dim_plan`).
     pub profile: Mutex<GroupProfile>,
-    /// Dim plans whose symbolic code was refused, and why (not tried again).
-    pub symbolic_refused: Mutex<Vec<(Vec<Vec<DimPlan>>, String)>>,
+    /// Dim plans whose symbolic code was refused under a state, and why (not tried again).
+    pub symbolic_refused: Mutex<Vec<(Vec<Vec<DimPlan>>, GlobalState, String)>>,
     pub guard_passes: AtomicU64,
     /// Calls no existing specialisation accepted (then specialised for, or failed).
     pub guard_misses: AtomicU64,
     pub guard_failures: AtomicU64,
 }
 
+/// Everything `stats()` counts; `reset()` zeroes all of it.
 #[derive(Default)]
 struct Counters {
+    groups: AtomicU64,
+    /// Nanoseconds spent compiling, and loading code from the disk cache.
+    compile_ns: AtomicU64,
+    disk_load_ns: AtomicU64,
     guard_passes: AtomicU64,
     guard_misses: AtomicU64,
     guard_failures: AtomicU64,
@@ -184,6 +192,7 @@ thread_local! {
 /// What `stats()` reports.
 #[derive(Clone, Debug, Default)]
 pub struct Stats {
+    /// Groups the pass made.
     pub groups: usize,
     pub specializations: u64,
     /// Specialisations compiled for symbolic sizes.
@@ -204,6 +213,19 @@ pub struct Stats {
     pub pass_runs: u64,
     /// Why code ran in TorchScript, with counts.
     pub fallbacks: BTreeMap<String, u64>,
+}
+
+/// `state` in words, with libtorch's names for its dtypes (what `explain` shows).
+pub fn state_text(state: &GlobalState) -> String {
+    let name = |code: i32| crate::ffi::scalar_type_name(code);
+    let default = match state.default_float {
+        Ok(d) => name(aten::scalar_type_code(d)),
+        Err(code) => name(code),
+    };
+    match state.autocast {
+        Some(code) => format!("default dtype {default}, CPU autocast to {}", name(code)),
+        None => format!("default dtype {default}, no autocast"),
+    }
 }
 
 fn decl(m: &TensorMeta) -> Result<InputDecl, String> {
@@ -243,19 +265,20 @@ impl Runtime {
             guard_failures: AtomicU64::new(0),
         }));
         regions.push(region);
+        self.counters.groups.fetch_add(1, Ordering::Relaxed);
         Ok(region)
     }
 
     /// The guard of one call: true if a specialisation (existing, or compiled now for these
     /// inputs) will run it.
-    pub fn guard(&self, r: &Region, inputs: &[TensorView<'_>]) -> bool {
-        let found = r.specs.read().unwrap().iter().position(|s| s.guards.check(inputs).is_ok());
+    pub fn guard(&self, r: &Region, inputs: &[TensorView<'_>], state: &GlobalState) -> bool {
+        let found = r.specs.read().unwrap().iter().position(|s| s.guards.check(inputs, state).is_ok());
         let chosen = match found {
             Some(i) => Some(i),
             None => {
                 r.guard_misses.fetch_add(1, Ordering::Relaxed);
                 self.counters.guard_misses.fetch_add(1, Ordering::Relaxed);
-                self.specialize(r, inputs)
+                self.specialize(r, inputs, state)
             }
         };
         match chosen {
@@ -273,19 +296,30 @@ impl Runtime {
         }
     }
 
+    /// A call the C++ side refused before any guard (a tensor generated code must not read,
+    /// or a state no Kiln code may run under): counted as a guard failure, with its reason.
+    /// Returns false (the call runs TorchScript's nodes).
+    #[cold]
+    pub fn refuse(&self, r: &Region, why: &str) -> bool {
+        r.guard_failures.fetch_add(1, Ordering::Relaxed);
+        self.counters.guard_failures.fetch_add(1, Ordering::Relaxed);
+        self.note(&format!("group not run: {why}"));
+        false
+    }
+
     /// A call no specialisation accepts: compile one for it, or say why not (once per
     /// signature; later calls with it are refused at once).
     #[cold]
-    fn specialize(&self, r: &Region, inputs: &[TensorView<'_>]) -> Option<usize> {
+    fn specialize(&self, r: &Region, inputs: &[TensorView<'_>], state: &GlobalState) -> Option<usize> {
         let metas: Vec<TensorMeta> = inputs.iter().map(TensorMeta::from).collect();
         // Held while compiling: one thread compiles a signature, others wait and reuse it.
         let mut rejected = r.rejected.lock().unwrap();
-        if let Some(i) = r.specs.read().unwrap().iter().position(|s| s.guards.check(inputs).is_ok()) {
+        if let Some(i) = r.specs.read().unwrap().iter().position(|s| s.guards.check(inputs, state).is_ok()) {
             return Some(i);
         }
         let generation = self.generation.load(Ordering::Relaxed);
         rejected.retain(|r| r.generation == generation);
-        if let Some(r) = rejected.iter().find(|r| r.inputs == metas) {
+        if let Some(r) = rejected.iter().find(|r| r.inputs == metas && r.state == *state) {
             self.note(&r.why);
             return None;
         }
@@ -306,10 +340,16 @@ impl Runtime {
         } else if r.specs.read().unwrap().len() >= max {
             Err(format!("specialisation limit ({max}) reached for this group"))
         } else {
-            self.compile(r, &metas)
+            self.compile(r, &metas, state)
         };
         match attempt {
             Ok(spec) => {
+                let time = match spec.source {
+                    Source::Compiled => Some(&self.counters.compile_ns),
+                    Source::Disk => Some(&self.counters.disk_load_ns),
+                    Source::Memory => None,
+                };
+                time.map(|t| t.fetch_add(spec.compile_time.as_nanos() as u64, Ordering::Relaxed));
                 let mut specs = r.specs.write().unwrap();
                 if spec.symbolic.is_some() {
                     self.counters.symbolic_specializations.fetch_add(1, Ordering::Relaxed);
@@ -322,7 +362,7 @@ impl Runtime {
                 let why = format!("group not run: {why}");
                 self.note(&why);
                 if rejected.len() < MAX_REJECTED {
-                    rejected.push(Rejection { inputs: metas, why, generation });
+                    rejected.push(Rejection { inputs: metas, state: *state, why, generation });
                 }
                 None
             }
@@ -333,8 +373,10 @@ impl Runtime {
     /// region's code allows, else for exactly this signature. With compile='never', code a
     /// cache prewarmed under dynamic='always' holds is looked for too: it serves every size
     /// from the first call.
-    fn compile(&self, r: &Region, metas: &[TensorMeta]) -> Result<Specialization, String> {
+    fn compile(&self, r: &Region, metas: &[TensorMeta], state: &GlobalState) -> Result<Specialization, String> {
         let live: Vec<InputDecl> = metas.iter().map(decl).collect::<Result<_, _>>()?;
+        let default_float = state.default_float.map_err(crate::ffi::scalar_type_name);
+        let dump = r.dump.with_inputs(&live, default_float);
         let options = self.options.read().unwrap().clone();
         let mut plans = vec![];
         if options.dynamic != Dynamic::Static {
@@ -344,7 +386,7 @@ impl Runtime {
             plans.push(r.profile.lock().unwrap().dim_plan(true));
         }
         for plan in plans {
-            if let Some((guards, lowered, run, program)) = self.symbolic_plan(r, metas, &live, &plan) {
+            if let Some((guards, lowered, run, program)) = self.symbolic_plan(&dump, r, metas, &live, &plan, state) {
                 match self.build(r, lowered, guards, Some((run, &program)), &options) {
                     Ok(spec) => return Ok(spec),
                     // Not cached under compile='never', or no code: code for this signature may be.
@@ -352,8 +394,8 @@ impl Runtime {
                 }
             }
         }
-        let lowered = aten::lower(&r.dump.with_inputs(&live))?;
-        let guards = GuardSet::for_inputs(metas).ok_or("an input cannot be guarded")?;
+        let lowered = aten::lower(&dump)?;
+        let guards = GuardSet::for_inputs(metas, *state).ok_or("an input cannot be guarded")?;
         self.build(r, lowered, guards, None, &options)
     }
 
@@ -361,7 +403,7 @@ impl Runtime {
     /// `metas`: all of them, else the union of those it is symbolic in one at a time (a
     /// reduction over the sequence must not keep the batch static), else the first of those.
     /// Symbols that are 0 or 1 in this call are static here: such sizes get code of their own.
-    fn symbolic_plan(&self, r: &Region, metas: &[TensorMeta], live: &[InputDecl], plan: &[Vec<DimPlan>]) -> Option<SymbolicCode> {
+    fn symbolic_plan(&self, dump: &Dump, r: &Region, metas: &[TensorMeta], live: &[InputDecl], plan: &[Vec<DimPlan>], state: &GlobalState) -> Option<SymbolicCode> {
         let plan = restrict(plan, metas, |_, size| size >= 2);
         let mut symbols: Vec<u32> = plan.iter().flatten().filter_map(|p| if let DimPlan::Symbol(k) = p { Some(*k) } else { None }).collect();
         symbols.sort_unstable();
@@ -369,33 +411,34 @@ impl Runtime {
         if symbols.is_empty() {
             return None;
         }
-        let all = self.try_symbolic(r, metas, live, &plan);
+        let try_plan = |plan: &[Vec<DimPlan>]| self.try_symbolic(dump, r, metas, live, plan, state);
+        let all = try_plan(&plan);
         if all.is_ok() || symbols.len() == 1 {
             return all.ok();
         }
         let mut good: Vec<(u32, SymbolicCode)> =
-            symbols.iter().filter_map(|&k| self.try_symbolic(r, metas, live, &restrict(&plan, metas, |j, _| j == k)).ok().map(|c| (k, c))).collect();
+            symbols.iter().filter_map(|&k| try_plan(&restrict(&plan, metas, |j, _| j == k)).ok().map(|c| (k, c))).collect();
         if good.len() <= 1 {
             return good.pop().map(|(_, c)| c);
         }
         let union = restrict(&plan, metas, |j, _| good.iter().any(|(k, _)| *k == j));
-        self.try_symbolic(r, metas, live, &union).ok().or_else(|| Some(good.swap_remove(0).1))
+        try_plan(&union).ok().or_else(|| Some(good.swap_remove(0).1))
     }
 
     /// Symbolic code for `plan`, or why there is none (remembered: a refused plan is not
     /// lowered again).
-    fn try_symbolic(&self, r: &Region, metas: &[TensorMeta], live: &[InputDecl], plan: &[Vec<DimPlan>]) -> Result<SymbolicCode, String> {
-        if let Some((_, why)) = r.symbolic_refused.lock().unwrap().iter().find(|(p, _)| p == plan) {
+    fn try_symbolic(&self, dump: &Dump, r: &Region, metas: &[TensorMeta], live: &[InputDecl], plan: &[Vec<DimPlan>], state: &GlobalState) -> Result<SymbolicCode, String> {
+        if let Some((_, _, why)) = r.symbolic_refused.lock().unwrap().iter().find(|(p, s, _)| p == plan && s == state) {
             return Err(why.clone());
         }
-        let result = GuardSet::symbolic(metas, plan)
+        let result = GuardSet::symbolic(metas, plan, *state)
             .ok_or_else(|| format!("more than {} symbolic dims that are not tied", kiln_guards::MAX_SYMBOLS))
-            .and_then(|guards| self.infer_symbolic(r, live, guards));
+            .and_then(|guards| self.infer_symbolic(dump, live, guards));
         if let Err(why) = &result {
             tracing::info!(group = r.id, "kiln: no code for symbolic sizes: {why}");
             let mut refused = r.symbolic_refused.lock().unwrap();
             if refused.len() < MAX_REJECTED {
-                refused.push((plan.to_vec(), why.clone()));
+                refused.push((plan.to_vec(), *state, why.clone()));
             }
         }
         result
@@ -404,7 +447,7 @@ impl Runtime {
     /// The region lowered at sample sizes of the symbols of `guards`: its guards, its lowering
     /// at the first sample (what is compiled) and how it runs at other sizes, if the lowerings
     /// differ only by products of symbols (`kiln_compiler::symbolic`).
-    fn infer_symbolic(&self, r: &Region, live: &[InputDecl], guards: GuardSet) -> Result<SymbolicCode, String> {
+    fn infer_symbolic(&self, dump: &Dump, live: &[InputDecl], guards: GuardSet) -> Result<SymbolicCode, String> {
         let statics: Vec<i64> =
             guards.tensors.iter().flat_map(|t| t.dims.iter().filter_map(|d| if let DimGuard::Size(n) = d { Some(*n) } else { None })).collect();
         let points = symbolic::sample_points(guards.symbols.len(), &statics);
@@ -424,25 +467,19 @@ impl Runtime {
                         })
                         .collect();
                     let strides = match &t.strides {
-                        StrideGuard::Dense(order) => kiln_guards::dense_strides(&sizes, order),
+                        StrideGuard::Dense(order) => kiln_compiler::layout::dense_strides(&sizes, order),
                         StrideGuard::Exact(_) => d.strides.clone(),
                     };
                     InputDecl { dtype: d.dtype.clone(), sizes, strides }
                 })
                 .collect();
-            let l = aten::lower(&r.dump.with_inputs(&decls))?;
+            let l = aten::lower(&dump.with_inputs(&decls, dump.default_float.clone()))?;
             let program = kiln_compiler::lower_graph(&l.graph, &l.input_strides).map_err(|e| e.to_string())?;
             samples.push((point.clone(), program));
             lowered.push(l);
         }
         let (shapes, program) = symbolic::infer(&samples)?;
-        let outputs = program
-            .buffers
-            .iter()
-            .zip(&shapes.buffers)
-            .filter(|(b, _)| matches!(b.kind, kiln_compiler::lower::BufferKind::Output(_)))
-            .map(|(b, dims)| (aten::scalar_type_code(b.dtype), dims.clone()))
-            .collect();
+        let outputs = program.outputs().map(|b| aten::scalar_type_code(b.dtype)).collect();
         let run = SymbolicRun { shapes, samples: points[0].clone(), outputs };
         Ok((guards, lowered.swap_remove(0), run, program))
     }
@@ -468,7 +505,7 @@ impl Runtime {
         let spec = Specialization {
             guards,
             symbolic,
-            outputs: program.outputs().map(|b| (aten::scalar_type_code(b.dtype), b.sizes.clone())).collect(),
+            outputs: program.outputs().map(|b| (aten::scalar_type_code(b.dtype), b.sizes.clone(), b.strides())).collect(),
             compile_time: if source == Source::Memory { Duration::ZERO } else { program.compile_time },
             program,
             kiln_ir: lowered.graph.to_string(),
@@ -492,8 +529,8 @@ impl Runtime {
 
     /// The first specialisation of `r` that accepts `inputs` (when another group's guard ran
     /// between `r`'s guard and `r`).
-    pub fn first_accepting(&self, r: &Region, inputs: &[TensorView<'_>]) -> Option<Arc<Specialization>> {
-        r.specs.read().unwrap().iter().find(|s| s.guards.check(inputs).is_ok()).cloned()
+    pub fn first_accepting(&self, r: &Region, inputs: &[TensorView<'_>], state: &GlobalState) -> Option<Arc<Specialization>> {
+        r.specs.read().unwrap().iter().find(|s| s.guards.check(inputs, state).is_ok()).cloned()
     }
 
     pub fn count_run(&self, s: &Specialization) {
@@ -538,13 +575,9 @@ impl Runtime {
     }
 
     pub fn stats(&self) -> Stats {
-        let regions = self.regions.read().unwrap();
-        let time_from = |source: Source| -> Duration {
-            regions.iter().flat_map(|r| r.specs.read().unwrap().iter().filter(|s| s.source == source).map(|s| s.compile_time).collect::<Vec<_>>()).sum()
-        };
         let load = |c: &AtomicU64| c.load(Ordering::Relaxed);
         Stats {
-            groups: regions.len(),
+            groups: load(&self.counters.groups) as usize,
             specializations: load(&self.counters.specializations),
             symbolic_specializations: load(&self.counters.symbolic_specializations),
             compiles: self.cache.compiles(),
@@ -552,8 +585,8 @@ impl Runtime {
             disk_hits: self.cache.disk_hits(),
             disk_writes: self.cache.disk_writes(),
             disk_problems: self.cache.disk_problems(),
-            compile_time: time_from(Source::Compiled),
-            disk_load_time: time_from(Source::Disk),
+            compile_time: Duration::from_nanos(load(&self.counters.compile_ns)),
+            disk_load_time: Duration::from_nanos(load(&self.counters.disk_load_ns)),
             guard_passes: load(&self.counters.guard_passes),
             guard_misses: load(&self.counters.guard_misses),
             guard_failures: load(&self.counters.guard_failures),
@@ -563,11 +596,11 @@ impl Runtime {
         }
     }
 
-    /// Zeroes counters and forgets the reasons' counts. Compiled code stays loaded (graphs in
-    /// use may still call it) and cached.
+    /// Zeroes every counter (groups made, compile and load times included) and forgets the
+    /// reasons' counts. Compiled code stays loaded (graphs in use may still call it) and cached.
     pub fn reset(&self) {
         let c = &self.counters;
-        for a in [&c.guard_passes, &c.guard_misses, &c.guard_failures, &c.runs, &c.pass_runs, &c.specializations, &c.symbolic_specializations] {
+        for a in [&c.groups, &c.compile_ns, &c.disk_load_ns, &c.guard_passes, &c.guard_misses, &c.guard_failures, &c.runs, &c.pass_runs, &c.specializations, &c.symbolic_specializations] {
             a.store(0, Ordering::Relaxed);
         }
         self.cache.reset_counters();

@@ -1,6 +1,8 @@
 //! The text form in which the C++ shim hands a TorchScript region to Rust. One item a line:
 //!
 //! ```text
+//! default_dtype f32             torch.get_default_dtype() when the region was dumped: the
+//!                               float type integer promotion gave TorchScript's recorded types
 //! input %0 f32 [4,4] [4,1]      a tensor input: dtype, sizes, strides as profiled
 //! input %0 ?                    a tensor input TorchScript did not profile (types come from
 //!                               the live tensors when the group first runs)
@@ -44,10 +46,19 @@ pub enum Item {
 }
 
 /// A parsed region. Values are numbered by their position in `items`.
-#[derive(Clone, Debug, Default, PartialEq)]
+#[derive(Clone, Debug, PartialEq)]
 pub struct Region {
     pub items: Vec<Item>,
     pub outputs: Vec<usize>,
+    /// The float dtype integer → float promotion gives (PyTorch's default dtype); Err: one
+    /// Kiln does not support, by name. Float32 unless the dump says otherwise.
+    pub default_float: Result<DType, String>,
+}
+
+impl Default for Region {
+    fn default() -> Self {
+        Region { items: vec![], outputs: vec![], default_float: Ok(DType::F32) }
+    }
 }
 
 fn ints(s: &str) -> Result<Vec<i64>, String> {
@@ -70,10 +81,12 @@ impl Region {
         self.items.iter().filter_map(|i| if let Item::Node { kind, .. } = i { Some(kind.clone()) } else { None }).collect()
     }
 
-    /// The region with its inputs declared as `live`. TorchScript's recorded output types
-    /// hold only for the profiled input types: they are dropped when the inputs differ.
-    pub fn with_inputs(&self, live: &[InputDecl]) -> Region {
-        let same = self.inputs().zip(live).all(|(d, l)| d.as_ref().is_some_and(|d| d.dtype == l.dtype && d.sizes == l.sizes));
+    /// The region with its inputs declared as `live` under the default float dtype
+    /// `default_float`. TorchScript's recorded output types hold only for the profiled input
+    /// types under the default dtype of the dump: they are dropped when either differs.
+    pub fn with_inputs(&self, live: &[InputDecl], default_float: Result<DType, String>) -> Region {
+        let same = default_float == self.default_float
+            && self.inputs().zip(live).all(|(d, l)| d.as_ref().is_some_and(|d| d.dtype == l.dtype && d.sizes == l.sizes));
         let mut live = live.iter();
         let items = self
             .items
@@ -84,7 +97,7 @@ impl Region {
                 other => other.clone(),
             })
             .collect();
-        Region { items, outputs: self.outputs.clone() }
+        Region { items, outputs: self.outputs.clone(), default_float }
     }
 }
 
@@ -98,6 +111,10 @@ pub fn parse(text: &str) -> Result<Region, String> {
         let rest: Vec<&str> = words.collect();
         let lookup = |n: &str| names.get(n).copied().ok_or_else(|| format!("unknown value {n}"));
         let item = match head {
+            "default_dtype" => {
+                r.default_float = parse_dtype(name);
+                continue;
+            }
             "output" => {
                 r.outputs.push(lookup(name)?);
                 continue;
@@ -160,6 +177,9 @@ mod tests {
         assert_eq!(r.items[4], Item::Const(Const::Str("tanh".into())));
         assert_eq!(r.items[5], Item::Node { kind: "aten::gelu".into(), args: vec![0, 4], expect: None });
         assert_eq!(r.outputs, vec![5]);
+        assert_eq!(r.default_float, Ok(DType::F32));
+        assert_eq!(parse("default_dtype f64\n").unwrap().default_float, Ok(DType::F64));
+        assert_eq!(parse("default_dtype unsupported:BFloat16\n").unwrap().default_float, Err("BFloat16".into()));
         let r = parse("input %0 f32 [2] [1]\nnode %1 aten::exp %0 : f32 [2]\n").unwrap();
         assert_eq!(r.items[1], Item::Node { kind: "aten::exp".into(), args: vec![0], expect: Some((Ok(DType::F32), vec![2])) });
         assert!(parse("node %1 aten::exp %0").is_err());

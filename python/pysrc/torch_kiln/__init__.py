@@ -58,10 +58,16 @@ _enabled = False
 _options = None
 
 
-def _check_int(name, value, lo, hi=None):
-    if isinstance(value, bool) or not isinstance(value, int) or value < lo or (hi is not None and value > hi):
-        bound = f"an int in [{lo}, {hi}]" if hi is not None else f"an int >= {lo}"
-        raise ValueError(f"torch_kiln option {name!r} must be {bound}, got {value!r}")
+# Upper bounds of the integer options: a value past them is a mistake, not a wish (and would
+# overflow the native integer it becomes).
+_MAX_SPECIALIZATIONS = 1 << 16
+_MAX_THREADS = 1024
+_MAX_BYTES = (1 << 63) - 1
+
+
+def _check_int(name, value, lo, hi):
+    if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
+        raise ValueError(f"torch_kiln option {name!r} must be an int in [{lo}, {hi}], got {value!r}")
 
 
 def enable(**options):
@@ -71,18 +77,18 @@ def enable(**options):
     if unknown:
         raise ValueError(f"unknown torch_kiln option(s): {', '.join(unknown)}; known: {', '.join(sorted(OPTIONS))}")
     opts = {**OPTIONS, **options}
-    _check_int("max_specializations", opts["max_specializations"], 1)
+    _check_int("max_specializations", opts["max_specializations"], 1, _MAX_SPECIALIZATIONS)
     _check_int("opt_level", opts["opt_level"], 0, 3)
     threads = opts["num_threads"]
     if threads is None:
         threads = torch.get_num_threads()
     else:
-        _check_int("num_threads", threads, 1)
+        _check_int("num_threads", threads, 1, _MAX_THREADS)
     if opts["compile"] not in ("lazy", "never", "always"):
         raise ValueError(f"torch_kiln option 'compile' must be 'lazy', 'never' or 'always', got {opts['compile']!r}")
     if opts["dynamic"] not in ("auto", "static", "always"):
         raise ValueError(f"torch_kiln option 'dynamic' must be 'auto', 'static' or 'always', got {opts['dynamic']!r}")
-    _check_int("cache_size_limit", opts["cache_size_limit"], 0)
+    _check_int("cache_size_limit", opts["cache_size_limit"], 0, _MAX_BYTES)
     cache_dir = opts["cache_dir"]
     if cache_dir is not False:
         cache_dir = cache.resolve_dir(cache_dir)
@@ -142,10 +148,21 @@ def _is_guarded_group(node):
     return node.kind() == "prim::If" and any(n.kind() == "kiln::CompilationGroup" for n in next(node.blocks()).nodes())
 
 
-def _is_tensor_op(node):
-    # Scalar, list and string ops (size, dim, __not__, format...) are not Kiln candidates.
-    outs = list(node.outputs())
-    return len(outs) == 1 and isinstance(outs[0].type(), torch._C.TensorType)
+def _holds_tensors(t):
+    return isinstance(t, torch._C.TensorType) or any(_holds_tensors(c) for c in t.containedTypes())
+
+
+# Nodes that only move values around (the shim's `is_plumbing`): not listed.
+_PLUMBING = {"prim::Constant", "prim::ListConstruct", "prim::ListUnpack", "prim::TupleConstruct", "prim::TupleUnpack",
+             "prim::TupleIndex", "prim::GetAttr", "prim::If", "prim::Loop", "prim::unchecked_cast", "prim::Uninitialized",
+             "prim::FallbackGraph", "prim::DictConstruct", "prim::profile", "prim::TypeCheck", "prim::RequiresGradCheck",
+             "prim::BailOut", "kiln::Guard"}
+
+
+def _is_listed(node):
+    # Every node that computes tensors, with one output or several (split, lstm, ...); ops
+    # on scalars, lists and strings (size, dim, __not__, format...) are not Kiln candidates.
+    return node.kind() not in _PLUMBING and any(_holds_tensors(o.type()) for o in node.outputs())
 
 
 def _walk(block, lines, groups, depth):
@@ -160,12 +177,10 @@ def _walk(block, lines, groups, depth):
             info = _kiln.group_info(node.i("kiln_group"))
             groups.append(info)
             lines.append(f"{pad}[kiln group {info['id']}] {', '.join(info['nodes'])}")
-        elif kind.startswith("aten::") and _is_tensor_op(node):
-            if node.hasAttribute("kiln_reason"):
-                why = _kiln.reason(node.i("kiln_reason")) or "unknown"
-            else:
-                why = f"{kind}: not seen by the Kiln pass"
-            lines.append(f"{pad}[torchscript] {why}")
+        elif node.hasAttribute("kiln_reason"):
+            lines.append(f"{pad}[torchscript] {_kiln.reason(node.i('kiln_reason')) or kind + ': unknown'}")
+        elif _is_listed(node):
+            lines.append(f"{pad}[torchscript] {kind}: not seen by the Kiln pass")
         for sub in node.blocks():
             _walk(sub, lines, groups, depth + 1)
 
@@ -201,6 +216,7 @@ def explain(obj):
             out.append(f"  specialisation {i}: {sp['kernels']} kernel(s) ({sp['parallel_kernels']} parallel), "
                        f"{how}, runs {sp['runs']}")
             out.append("    guards: " + "; ".join(sp["guards"]))
+            out.append("    state: " + sp["state"])
             if sp["symbols"]:
                 at = ", ".join(f"s{k}={v}" for k, v in enumerate(sp["compiled_at"]))
                 out.append(f"    symbolic: {'; '.join(sp['symbols'])}; serves every size >= 2 of them "

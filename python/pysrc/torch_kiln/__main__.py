@@ -32,11 +32,14 @@ def parse_input(spec):
     if any(d < 0 for d in sizes):
         raise argparse.ArgumentTypeError(f"negative size in {spec!r}")
     t = _DTYPES[dtype]
-    if t.is_floating_point:
-        return torch.randn(sizes, dtype=t)
-    if t == torch.bool:
-        return torch.rand(sizes) < 0.5
-    return torch.randint(-100, 100, sizes, dtype=t)
+    try:
+        if t.is_floating_point:
+            return torch.randn(sizes, dtype=t)
+        if t == torch.bool:
+            return torch.rand(sizes) < 0.5
+        return torch.randint(-100, 100, sizes, dtype=t)
+    except (RuntimeError, MemoryError) as e:  # too large to allocate
+        raise argparse.ArgumentTypeError(f"cannot make an input {spec!r}: {str(e).splitlines()[0]}") from None
 
 
 def _size(n):
@@ -52,7 +55,15 @@ def prewarm(args):
     except Exception as e:  # a bad path or file: say which, without a traceback
         sys.exit(f"torch_kiln prewarm: cannot load {args.model}: {e}")
     model.eval()
-    s = torch_kiln.prewarm(model, tuple(args.input), cache_dir=args.cache_dir, progress=not args.quiet, dynamic=args.dynamic)
+    try:
+        s = torch_kiln.prewarm(model, tuple(args.input), cache_dir=args.cache_dir, progress=not args.quiet, dynamic=args.dynamic)
+    except ValueError:
+        raise  # an unusable cache directory: main() reports it
+    except Exception as e:  # the model rejects these inputs: say so, without a traceback
+        shapes = ", ".join(f"{tuple(t.shape)}:{str(t.dtype).split('.')[1]}" for t in args.input)
+        # TorchScript puts its traceback first and the error itself last.
+        why = next((line.strip() for line in reversed(str(e).splitlines()) if line.strip()), type(e).__name__)
+        sys.exit(f"torch_kiln prewarm: {args.model} did not run on the inputs {shapes}: {why}")
     print(f"groups: {s['groups']}, specialisations: {s['specializations']} "
           f"(compiled {s['compiled']}, already cached {s['from_disk'] + s['from_memory']})")
     print(f"cache {s['cache_dir']}: {s['entries_written']} entries written, "
@@ -79,6 +90,18 @@ def cache_command(args):
             sys.exit(1)
 
 
+def _values_after_input(argv):
+    """`--input -1x2` as `--input=-1x2`: argparse would read a value starting with '-' as an
+    option and say "expected one argument" instead of what is wrong with it."""
+    out = []
+    for i, a in enumerate(argv):
+        if i > 0 and argv[i - 1] == "--input" and a.startswith("-") and out and out[-1] == "--input":
+            out[-1] = f"--input={a}"
+        else:
+            out.append(a)
+    return out
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(prog="python -m torch_kiln", description="Kiln: prewarm and manage the compiled-code cache.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -95,7 +118,7 @@ def main(argv=None):
     c.add_argument("action", choices=["info", "clear", "verify"])
     c.add_argument("--cache-dir", default=None)
     c.set_defaults(run=cache_command)
-    args = p.parse_args(argv)
+    args = p.parse_args(_values_after_input(sys.argv[1:] if argv is None else argv))
     try:
         args.run(args)
     except ValueError as e:  # an unsafe or unusable cache directory

@@ -91,6 +91,10 @@ def prewarm(module, example_inputs, cache_dir=None, progress=None, dynamic="alwa
     the cache, entries written, the directory's entries and bytes, and seconds taken. Kiln's
     options are restored afterwards (or Kiln disabled again if it was off).
     """
+    if not isinstance(module, (torch.jit.ScriptModule, torch.jit.ScriptFunction)):
+        what = type(module).__name__
+        hint = " (a plain nn.Module: script or trace it first)" if isinstance(module, torch.nn.Module) else ""
+        raise TypeError(f"prewarm() takes a TorchScript module or function (torch.jit.script, trace or load), got {what}{hint}")
     calls = _calls(example_inputs)
     directory = cache.resolve_dir(cache_dir)
     previous = dict(torch_kiln._options) if torch_kiln._enabled else None

@@ -32,10 +32,14 @@ def resolve_dir(cache_dir):
         return os.path.abspath(default_dir())
     if not isinstance(cache_dir, (str, os.PathLike)) or not str(cache_dir):
         raise ValueError(f"torch_kiln option 'cache_dir' must be a path, None or False, got {cache_dir!r}")
-    path = Path(cache_dir).expanduser()
-    if path.exists() and not path.is_dir():
-        raise ValueError(f"torch_kiln cache_dir {str(path)!r} is not a directory")
-    return os.path.abspath(path)
+    try:
+        path = Path(cache_dir).expanduser()
+        if path.exists() and not path.is_dir():
+            raise ValueError(f"torch_kiln cache_dir {str(path)!r} is not a directory")
+        return os.path.abspath(path)
+    except (OSError, RuntimeError) as e:  # a name too long, a home that cannot be expanded...
+        shown = str(cache_dir) if len(str(cache_dir)) <= 80 else str(cache_dir)[:77] + "..."
+        raise ValueError(f"torch_kiln cache_dir {shown!r} cannot be used: {e.strerror or e}") from None
 
 
 def _current_dir(cache_dir):
