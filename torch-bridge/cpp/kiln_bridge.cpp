@@ -432,7 +432,7 @@ void kiln_pass(std::shared_ptr<Graph>& graph) {
 }
 
 // Why generated code must not read a tensor (0: it may). Rust turns the codes into reasons
-// (ffi.rs, `Refusal`); a dispatch key that makes a tensor more than plain memory is passed as
+// (ffi.rs, `refusal_reason`, which repeats these numbers); a dispatch key that makes a tensor more than plain memory is passed as
 // kRefusedKey + its c10::DispatchKey number.
 enum : int32_t { kAdmitted = 0, kUndefined = 1, kWrappedNumber = 2, kNotCpu = 3, kNotStrided = 4, kNoMemory = 5, kRefusedKey = 1000 };
 

@@ -7,7 +7,7 @@
 
 use crate::ts_dump::{Const, Item, Region};
 use kiln_compiler::ir::{BinaryOp, CmpOp, Graph, ReduceOp, UnaryOp};
-use kiln_compiler::layout::{contiguous_strides, dense_strides, elementwise_order, elementwise_strides, is_non_overlapping_and_dense, order_of, DimOrder};
+use kiln_compiler::layout::{contiguous_strides, dense_strides, elementwise_order, elementwise_strides, is_non_overlapping_and_dense, order_of};
 use kiln_compiler::{DType, Scalar, TensorType, ValueId};
 use kiln_profiler::canonical_strides;
 
@@ -31,9 +31,9 @@ pub fn lower(r: &Region) -> R<Lowered> {
     let mut g = Graph::new();
     let mut input_strides = vec![];
     let mut vals: Vec<Arg> = Vec::with_capacity(r.items.len());
-    // Per item, for tensors: the order of eager's result and its strides (size-1 dims
-    // included: the layout rule reads them).
-    let mut eager: Vec<Option<(DimOrder, Vec<i64>)>> = Vec::with_capacity(r.items.len());
+    // Per item, for tensors: the strides eager's result has (size-1 dims included: the layout
+    // rule reads them).
+    let mut eager: Vec<Option<Vec<i64>>> = Vec::with_capacity(r.items.len());
     for item in &r.items {
         let (arg, layout) = match item {
             Item::Input(None) => return Err("input types are not known".into()),
@@ -42,7 +42,7 @@ pub fn lower(r: &Region) -> R<Lowered> {
                 input_strides.push(canonical_strides(&d.sizes, &d.strides));
                 // The layout rule reads what the guard checks: size-1 strides too.
                 let strides = kiln_guards::guarded_strides(&d.sizes, &d.strides);
-                (Arg::Tensor(g.input(TensorType::new(dtype, &d.sizes))), Some((vec![], strides)))
+                (Arg::Tensor(g.input(TensorType::new(dtype, &d.sizes))), Some(strides))
             }
             Item::Const(c) => (Arg::Const(c.clone()), None),
             Item::Node { kind, args, expect } => {
@@ -60,11 +60,10 @@ pub fn lower(r: &Region) -> R<Lowered> {
                     .iter()
                     .filter_map(|&a| {
                         let t = g.ty(match vals[a] { Arg::Tensor(t) => t, _ => return None });
-                        Some(Operand { sizes: t.static_shape()?, strides: eager[a].as_ref()?.1.clone(), dtype: t.dtype })
+                        Some(Operand { sizes: t.static_shape()?, strides: eager[a].clone()?, dtype: t.dtype })
                     })
                     .collect();
-                let strides = eager_strides(kind, &shape, ty.dtype, operands, wraps_a_scalar(kind, &arg_vals));
-                (Arg::Tensor(v), Some((order_of(&shape, &strides), strides)))
+                (Arg::Tensor(v), Some(eager_strides(kind, &shape, ty.dtype, operands, wraps_a_scalar(kind, &arg_vals))))
             }
         };
         vals.push(arg);
@@ -85,7 +84,8 @@ pub fn lower(r: &Region) -> R<Lowered> {
     }
     g.set_outputs(outputs);
     for (i, &o) in r.outputs.iter().enumerate() {
-        let (order, _) = eager[o].clone().expect("outputs are tensors");
+        let strides = eager[o].as_ref().expect("outputs are tensors");
+        let order = order_of(&g.ty(g.outputs[i]).static_shape().expect("static shapes"), strides);
         g.set_output_order(i, order).map_err(|e| e.0)?;
     }
     Ok(Lowered { graph: g, input_strides })

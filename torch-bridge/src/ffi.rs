@@ -19,8 +19,8 @@ pub struct KilnTensor {
     pub dtype: i32,
     pub device: i32,
     pub requires_grad: i32,
-    /// 0: generated code may read the tensor; else a [`Refusal`] code (the other fields are
-    /// then unset).
+    /// 0: generated code may read the tensor; else why not, a code of `refusal_reason` (the
+    /// other fields are then unset).
     pub refusal: i32,
 }
 
@@ -30,7 +30,7 @@ pub struct KilnCallState {
     pub default_dtype: i32,
     /// c10::ScalarType CPU autocast casts to; -1 when off.
     pub autocast: i32,
-    /// 0, or a [`Refusal`] code: no Kiln code may run on this thread now.
+    /// 0, or why no Kiln code may run on this thread now (a code of `refusal_reason`).
     pub refusal: i32,
 }
 
@@ -48,19 +48,25 @@ pub fn scalar_type_name(code: i32) -> String {
     unsafe { CStr::from_ptr(kiln_cpp_scalar_type_name(code)) }.to_string_lossy().into_owned()
 }
 
-/// Why the C++ side refused a tensor or a call (`admission` and `call_state` in
-/// kiln_bridge.cpp use the same numbers).
+// Why the C++ side refused a tensor or a call: the numbers of `admission` and `call_state`
+// in kiln_bridge.cpp.
+const UNDEFINED: i32 = 1;
+const WRAPPED_NUMBER: i32 = 2;
+const NOT_CPU: i32 = 3;
+const NOT_STRIDED: i32 = 4;
+const NO_MEMORY: i32 = 5;
+/// A dispatch key refused: this plus its c10::DispatchKey number.
 const REFUSED_KEY: i32 = 1000;
 
 /// The reason for refusal `code` of input `index` (None: the call's state).
 pub fn refusal_reason(code: i32, index: Option<usize>) -> String {
     let what = index.map_or_else(String::new, |i| format!("input {i} "));
     match code {
-        1 => format!("{what}is not a tensor (undefined)"),
-        2 => format!("{what}is a Python number turned tensor (it promotes like a scalar)"),
-        3 => format!("{what}is not on the CPU"),
-        4 => format!("{what}is not a strided tensor with storage (sparse, nested, mkldnn or storage-less)"),
-        5 => format!("{what}has no memory behind its elements (a null data pointer or a storage smaller than the view)"),
+        UNDEFINED => format!("{what}is not a tensor (undefined)"),
+        WRAPPED_NUMBER => format!("{what}is a Python number turned tensor (it promotes like a scalar)"),
+        NOT_CPU => format!("{what}is not on the CPU"),
+        NOT_STRIDED => format!("{what}is not a strided tensor with storage (sparse, nested, mkldnn or storage-less)"),
+        NO_MEMORY => format!("{what}has no memory behind its elements (a null data pointer or a storage smaller than the view)"),
         c if c >= REFUSED_KEY => {
             // SAFETY: the C++ side returns a static string for any key number.
             let key = unsafe { CStr::from_ptr(kiln_cpp_dispatch_key_name(c - REFUSED_KEY)) }.to_string_lossy();
@@ -119,7 +125,7 @@ fn global_state(s: &KilnCallState) -> Result<GlobalState, i32> {
 }
 
 /// Calls `f` with views of the `n` tensors, or says which one was refused and why (index,
-/// [`Refusal`] code). Up to 16 tensors live on the stack: this runs on every call of every
+/// refusal code). Up to 16 tensors live on the stack: this runs on every call of every
 /// group.
 unsafe fn with_views<R>(t: *const KilnTensor, n: usize, f: impl FnOnce(&[TensorView<'_>]) -> R) -> Result<R, (usize, i32)> {
     const INLINE: usize = 16;
