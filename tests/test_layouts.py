@@ -10,19 +10,13 @@ import pytest
 import torch
 import torch_kiln
 
+from graph_fuzz import significant_strides
 from kiln_check import close, fresh_script, run_compiled
-
-
-def significant(t):
-    """(size, stride) of the dims that decide a tensor's layout."""
-    if t.numel() == 0:
-        return ()
-    return tuple((n, s) for n, s in zip(t.shape, t.stride()) if n > 1)
 
 
 def same_layout(got, want):
     assert got.dtype == want.dtype and got.shape == want.shape, (got.dtype, got.shape, want.dtype, want.shape)
-    assert significant(got) == significant(want), f"strides {got.stride()} vs eager {want.stride()} for shape {tuple(got.shape)}"
+    assert significant_strides(got) == significant_strides(want), f"strides {got.stride()} vs eager {want.stride()} for shape {tuple(got.shape)}"
 
 
 def abba(a, b):

@@ -59,19 +59,7 @@ pub fn is_non_overlapping_and_dense(sizes: &[i64], strides: &[i64]) -> bool {
 
 /// PyTorch's `is_contiguous()`: row-major, size-1 dims aside (a tensor with no elements is).
 pub fn is_contiguous(sizes: &[i64], strides: &[i64]) -> bool {
-    if sizes.contains(&0) {
-        return true;
-    }
-    let mut expected = 1;
-    for d in (0..sizes.len()).rev() {
-        if sizes[d] != 1 {
-            if strides[d] != expected {
-                return false;
-            }
-            expected *= sizes[d];
-        }
-    }
-    true
+    sizes.contains(&0) || dense_but_size_1(sizes, strides, &row_major(sizes.len()))
 }
 
 /// The order of a channels-last 4-D tensor (N, C, H, W laid out N, H, W, C).
@@ -79,11 +67,13 @@ pub const CHANNELS_LAST: [usize; 4] = [0, 2, 3, 1];
 
 /// PyTorch's `is_contiguous(memory_format=torch.channels_last)` (4-D only), size-1 dims aside.
 pub fn is_channels_last(sizes: &[i64], strides: &[i64]) -> bool {
-    if sizes.len() != 4 {
-        return false;
-    }
+    sizes.len() == 4 && dense_but_size_1(sizes, strides, &CHANNELS_LAST)
+}
+
+/// Whether the dims longer than 1 are dense in `order` (PyTorch's contiguity tests).
+fn dense_but_size_1(sizes: &[i64], strides: &[i64], order: &[usize]) -> bool {
     let mut expected = 1;
-    for &d in CHANNELS_LAST.iter().rev() {
+    for &d in order.iter().rev() {
         if sizes[d] != 1 {
             if strides[d] != expected {
                 return false;

@@ -306,7 +306,14 @@ impl CompiledProgram {
                 let offset = temp_offset(i, b);
                 *slot = match b.kind {
                     BufferKind::Input(i) => input(i) as *mut u8,
-                    BufferKind::Output(o) => output(o).ok_or(RunError::Output(o))?,
+                    BufferKind::Output(o) => match output(o) {
+                        Some(p) => p,
+                        None => {
+                            // The scratch bound holds on this path too.
+                            arena.trim();
+                            return Err(RunError::Output(o));
+                        }
+                    },
                     BufferKind::Temp { .. } => base.add(offset),
                 };
             }

@@ -152,17 +152,11 @@ def _holds_tensors(t):
     return isinstance(t, torch._C.TensorType) or any(_holds_tensors(c) for c in t.containedTypes())
 
 
-# Nodes that only move values around (the shim's `is_plumbing`): not listed.
-_PLUMBING = {"prim::Constant", "prim::ListConstruct", "prim::ListUnpack", "prim::TupleConstruct", "prim::TupleUnpack",
-             "prim::TupleIndex", "prim::GetAttr", "prim::If", "prim::Loop", "prim::unchecked_cast", "prim::Uninitialized",
-             "prim::FallbackGraph", "prim::DictConstruct", "prim::profile", "prim::TypeCheck", "prim::RequiresGradCheck",
-             "prim::BailOut", "kiln::Guard"}
-
-
 def _is_listed(node):
-    # Every node that computes tensors, with one output or several (split, lstm, ...); ops
-    # on scalars, lists and strings (size, dim, __not__, format...) are not Kiln candidates.
-    return node.kind() not in _PLUMBING and any(_holds_tensors(o.type()) for o in node.outputs())
+    # An aten op the pass did not see (the pass itself stamps a reason on every computing node
+    # it leaves, with one output or several); ops on scalars, lists and strings (size, dim,
+    # __not__, format...) are not Kiln candidates.
+    return node.kind().startswith("aten::") and any(_holds_tensors(o.type()) for o in node.outputs())
 
 
 def _walk(block, lines, groups, depth):
