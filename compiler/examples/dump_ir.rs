@@ -1,8 +1,8 @@
 //! Prints the loop IR and the optimised LLVM IR of a Kiln IR graph read from a file or stdin:
 //! `cargo run --release -p kiln-compiler --example dump_ir -- graph.kir`.
 use kiln_compiler::codegen::llvm_ir;
-use kiln_compiler::ir::parse_graph;
-use kiln_compiler::layout::contiguous_strides;
+use kiln_compiler::graph::ir::parse_graph;
+use kiln_compiler::graph::layout::contiguous_strides;
 use kiln_compiler::Target;
 use std::io::Read;
 

@@ -1,29 +1,26 @@
 //! Kiln's compiler: graph IR → passes → loop IR → schedule → LLVM codegen → a loaded program.
 //!
+//! One folder a stage, data flowing down:
+//! - [`graph`]: the graph IR, its passes, the layout rules and the reference interpreter;
+//! - [`lower`]: graph → loop IR (fusion, memory plan), schedules, code for symbolic sizes;
+//! - [`kernels`]: generators for kernel families that are not plain loop nests (GEMM);
+//! - [`codegen`]: loop IR and kernel descriptions → LLVM IR → object code, and its math;
+//! - [`runtime`]: object code loaded into the process and run on the thread pool.
+//!
 //! Nothing here knows about TorchScript or any other frontend: a frontend builds an
-//! [`ir::Graph`] and the input strides, and gets back a [`program::CompiledProgram`].
+//! [`graph::ir::Graph`] and the input strides, and gets back a [`runtime::program::CompiledProgram`].
 
 pub mod codegen;
 pub mod dtype;
-pub mod ir;
-pub mod jit;
-pub mod layout;
-pub mod loop_ir;
+pub mod graph;
+pub mod kernels;
 pub mod lower;
-pub mod materialize;
-pub mod math;
-pub mod passes;
-pub mod program;
-pub mod reference;
-pub mod schedule;
-pub mod symbolic;
-pub mod target;
-pub mod thread_pool;
+pub mod runtime;
 
 pub use dtype::{DType, Scalar};
-pub use ir::{Graph, TensorType, ValueId};
-pub use program::{CompiledProgram, ProgramImage};
-pub use target::Target;
+pub use codegen::target::Target;
+pub use graph::ir::{Graph, TensorType, ValueId};
+pub use runtime::program::{CompiledProgram, ProgramImage};
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant;
@@ -63,7 +60,7 @@ static PROGRAM_COUNTER: AtomicU64 = AtomicU64::new(0);
 
 /// Lowers a graph to loop IR after the graph passes; what `compile` generates code for.
 pub fn lower_graph(graph: &Graph, input_strides: &[Vec<i64>]) -> Result<lower::LoopProgram, CompileError> {
-    let g = passes::optimize(graph);
+    let g = graph::passes::optimize(graph);
     Ok(lower::lower(&g, input_strides)?)
 }
 
@@ -83,11 +80,11 @@ pub fn compile_loop_program(lp: &lower::LoopProgram, target: &Target, options: &
         .kernels
         .iter()
         .zip(obj.symbols)
-        .map(|(k, symbol)| program::KernelDecl {
+        .map(|(k, symbol)| runtime::program::KernelDecl {
             name: k.name.clone(),
             symbol,
             extent: k.outer_extent(),
-            parallel: k.root.kind == loop_ir::LoopKind::Parallel,
+            parallel: k.root.kind == lower::loop_ir::LoopKind::Parallel,
             work_per_iter: k.work_per_iter,
         })
         .collect();

@@ -1,7 +1,7 @@
 //! Shared helpers for compiler tests: compile IR text for the host and run it on vectors.
 #![allow(dead_code)]
 
-use kiln_compiler::ir::parse_graph;
+use kiln_compiler::graph::ir::parse_graph;
 use kiln_compiler::{compile, CompileOptions, CompiledProgram, Target};
 
 pub fn build(ir: &str, input_strides: &[Vec<i64>]) -> CompiledProgram {

@@ -1,6 +1,6 @@
 //! Differential fuzzing, Cranelift-style: random graphs (pointwise chains over broadcast
 //! shapes, every dtype, casts, comparisons, where, reductions, softmax) on random data laid out
-//! with random strides, compiled and run, checked against `kiln_compiler::reference`.
+//! with random strides, compiled and run, checked against `kiln_compiler::graph::reference`.
 //!
 //! Exact ops (+ - * / on floats, everything on ints and bools, max/min, casts, compares)
 //! must match bit for bit (NaN matches NaN); transcendentals, float sums and softmax within a
@@ -10,19 +10,19 @@
 //! Outputs are laid out in random dim orders (`Graph::output_orders`) and read back through
 //! their strides.
 //!
-//! The same graphs with one dim made symbolic (`kiln_compiler::symbolic`): lowered at the
+//! The same graphs with one dim made symbolic (`kiln_compiler::lower::symbolic`): lowered at the
 //! sample sizes with each input's layout recipe (dim order, gap) applied at each size, compiled
 //! once, and run at other sizes against the interpreter at those sizes.
 
 mod common;
 use common::Rng;
 use kiln_compiler::dtype::{DType, Scalar};
-use kiln_compiler::ir::{BinaryOp, CmpOp, Graph, Op, ReduceOp, UnaryOp, ValueId};
-use kiln_compiler::ir::parse_graph;
-use kiln_compiler::layout::dense_strides;
-use kiln_compiler::program::RunError;
-use kiln_compiler::reference::{self, Tensor};
-use kiln_compiler::symbolic::{infer, sample_points};
+use kiln_compiler::graph::ir::{BinaryOp, CmpOp, Graph, Op, ReduceOp, UnaryOp, ValueId};
+use kiln_compiler::graph::ir::parse_graph;
+use kiln_compiler::graph::layout::dense_strides;
+use kiln_compiler::runtime::program::RunError;
+use kiln_compiler::graph::reference::{self, Tensor};
+use kiln_compiler::lower::symbolic::{infer, sample_points};
 use kiln_compiler::{compile, compile_loop_program, lower_graph, CompileOptions, Target};
 
 const SIZES: [i64; 6] = [1, 2, 3, 5, 8, 17];
@@ -191,7 +191,7 @@ fn random_graph(seed: u64) -> (Graph, Vec<Trust>, Vec<i64>) {
     }
     let last = ValueId(gen.g.nodes.len() as u32 - 1);
     gen.mark(last, false);
-    let computed: Vec<ValueId> = gen.values().into_iter().filter(|&v| !gen.g.inputs.contains(&v) && !matches!(gen.g.node(v).op, kiln_compiler::ir::Op::Constant(_))).collect();
+    let computed: Vec<ValueId> = gen.values().into_iter().filter(|&v| !gen.g.inputs.contains(&v) && !matches!(gen.g.node(v).op, kiln_compiler::graph::ir::Op::Constant(_))).collect();
     let mut outputs = vec![];
     for &v in computed.iter().rev().take(3) {
         if gen.chance(70) || outputs.is_empty() {

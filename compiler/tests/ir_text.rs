@@ -2,9 +2,9 @@
 //! Re-bless with `UPDATE_EXPECT=1 cargo test`.
 
 use expect_test::{expect, Expect};
-use kiln_compiler::ir::parse_graph;
-use kiln_compiler::layout::contiguous_strides;
-use kiln_compiler::passes::optimize;
+use kiln_compiler::graph::ir::parse_graph;
+use kiln_compiler::graph::layout::contiguous_strides;
+use kiln_compiler::graph::passes::optimize;
 
 fn check(input: &str, want: Expect) {
     let g = parse_graph(input).unwrap_or_else(|e| panic!("{e}"));

@@ -3,10 +3,10 @@
 
 mod common;
 use common::*;
-use kiln_compiler::ir::parse_graph;
-use kiln_compiler::layout::contiguous_strides;
+use kiln_compiler::graph::ir::parse_graph;
+use kiln_compiler::graph::layout::contiguous_strides;
 use kiln_compiler::lower::{BufferKind, LoopProgram};
-use kiln_compiler::symbolic::{eval_sum, infer, sample_points, SymbolicShapes};
+use kiln_compiler::lower::symbolic::{eval_sum, infer, sample_points, SymbolicShapes};
 use kiln_compiler::{compile_loop_program, lower_graph, CompileOptions, CompiledProgram, Target};
 use std::sync::atomic::{AtomicUsize, Ordering};
 

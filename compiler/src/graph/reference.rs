@@ -4,7 +4,7 @@
 //! + - * / (an f64 result rounded once to f32 is the correctly rounded f32 result).
 
 use crate::dtype::{DType, Scalar};
-use crate::ir::{BinaryOp, CmpOp, Graph, Op, ReduceOp, UnaryOp};
+use crate::graph::ir::{BinaryOp, CmpOp, Graph, Op, ReduceOp, UnaryOp};
 
 /// A dense row-major tensor of the interpreter.
 #[derive(Clone, Debug, PartialEq)]

@@ -1,7 +1,7 @@
 //! Graph-level passes: dead code elimination, common subexpression elimination, constant
 //! folding of casts. Each returns a new, renumbered graph.
 
-use crate::ir::{Graph, Node, Op, ValueId};
+use crate::graph::ir::{Graph, Node, Op, ValueId};
 use std::collections::HashMap;
 
 /// Runs the graph passes in order.

@@ -3,8 +3,8 @@
 //! tensors become one flat, vectorisable loop), and parallelise the root loop when the work
 //! pays for waking the pool. Tiling/unrolling/packing slot in here.
 
-use crate::ir::Dim;
-use crate::loop_ir::*;
+use crate::graph::ir::Dim;
+use crate::lower::loop_ir::*;
 
 /// Below this many element operations a kernel runs on the calling thread only: waking the
 /// pool costs a few µs (measured: 0.13 µs dispatch spinning, 15–30 µs from parked).

@@ -30,7 +30,7 @@ fn check(err: LLVMErrorRef) -> Result<(), String> {
 
 fn jit() -> Result<LLVMOrcLLJITRef, String> {
     JIT.get_or_init(|| unsafe {
-        crate::target::Target::host(); // initialises the native target
+        crate::codegen::target::Target::host(); // initialises the native target
         let mut j: LLVMOrcLLJITRef = std::ptr::null_mut();
         check(LLVMOrcCreateLLJIT(&mut j, LLVMOrcCreateLLJITBuilder()))?;
         // Resolve libm and friends (pow, erf, ...) from the process.

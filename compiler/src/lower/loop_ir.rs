@@ -8,7 +8,7 @@
 //! strides `Index::params`, constants `Expr::Param` (a mean's count).
 
 use crate::dtype::{DType, Scalar};
-use crate::ir::{BinaryOp, CmpOp, Dim, UnaryOp};
+use crate::graph::ir::{BinaryOp, CmpOp, Dim, UnaryOp};
 use std::fmt::{self, Write};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]

@@ -6,7 +6,7 @@
 
 use crate::dtype::{DType, Scalar};
 use std::fmt;
-use crate::layout::{is_row_major, row_major, DimOrder};
+use crate::graph::layout::{is_row_major, row_major, DimOrder};
 
 /// An extent: known at compile time, or a symbol bound from the inputs at run time.
 /// Codegen takes only `Const` today; `Sym` is where dynamic shapes plug in.

@@ -17,8 +17,8 @@
 //! (the guard's job): sizes 0 and 1 change broadcasting and get code of their own.
 
 use crate::dtype::Scalar;
-use crate::ir::Dim;
-use crate::loop_ir::{Expr, Index, Kernel, Loop, LoopKind, Stmt};
+use crate::graph::ir::Dim;
+use crate::lower::loop_ir::{Expr, Index, Kernel, Loop, LoopKind, Stmt};
 use crate::lower::{BufferKind, LoopProgram};
 
 /// `coeff × Π symbols[k]^powers[k]`.

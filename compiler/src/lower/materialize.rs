@@ -9,7 +9,7 @@
 //! saved, (kernels that need it - 1) × its cost, reaches [`MIN_SAVED`]; cheap values (x - mean)
 //! stay inlined, since writing and reading them back would cost more than recomputing them.
 
-use crate::ir::{BinaryOp, Graph, Op, UnaryOp, ValueId};
+use crate::graph::ir::{BinaryOp, Graph, Op, UnaryOp, ValueId};
 use std::collections::{BTreeSet, HashSet};
 
 /// Work (in add-equivalents per element) a materialisation must save: more than one extra
@@ -102,7 +102,7 @@ fn costs(g: &Graph, materialised: &HashSet<ValueId>) -> Vec<u32> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::ir::parse_graph;
+    use crate::graph::ir::parse_graph;
 
     fn chosen(text: &str) -> Vec<u32> {
         let mut v: Vec<u32> = choose(&parse_graph(text).unwrap()).into_iter().map(|v| v.0).collect();

@@ -1,242 +1,19 @@
-//! Lowering: graph → fusion groups → loop nests, plus the buffer table and the static memory
-//! plan for intermediates.
-//!
-//! Fusion rule: pointwise nodes are never materialised unless they are graph outputs; they are
-//! inlined (as expressions) into every kernel that reads them. Reductions and softmax own a
-//! kernel each, reading their fused pointwise producers inline. Pointwise outputs of one shape
-//! and layout share one kernel, whose loops run in that layout's order: the innermost loop
-//! steps along the dim the outputs store contiguously.
-//!
-//! Output layout rule (every kernel kind): an output is written in the order the graph asks for
-//! (`Graph::output_orders`), dense; intermediates are row-major.
+//! Builds one loop-IR kernel from graph values: pointwise producers inlined as expressions at
+//! the coordinates their consumer reads (broadcast right-aligned), reductions and softmax as
+//! loop nests with accumulators, stores into the value's buffer.
 
 use crate::dtype::{DType, Scalar};
-use crate::ir::{BinaryOp, Dim, Graph, Op, ReduceOp, UnaryOp, ValueId};
-use crate::layout::{dense_strides, is_row_major, row_major, DimOrder};
-use crate::loop_ir::*;
-use crate::schedule;
+use crate::graph::ir::{BinaryOp, Dim, Graph, Op, ReduceOp, UnaryOp, ValueId};
+use crate::lower::loop_ir::*;
 use std::collections::{HashMap, HashSet};
 
-#[derive(thiserror::Error, Debug, Clone, PartialEq)]
-pub enum LowerError {
-    #[error("graph shapes must be concrete (code for symbolic sizes is derived from concrete lowerings: symbolic.rs)")]
-    Symbolic,
-    #[error("input {0} has {1} strides for rank {2}")]
-    BadStrides(usize, usize, usize),
-}
-
-#[derive(Clone, Debug, PartialEq)]
-pub enum BufferKind {
-    Input(usize),
-    Output(usize),
-    /// An intermediate at this byte offset of the program's scratch arena.
-    Temp { offset: usize },
-}
-
-#[derive(Clone, Debug, PartialEq)]
-pub struct BufferDecl {
-    pub dtype: DType,
-    pub sizes: Vec<i64>,
-    pub kind: BufferKind,
-    /// How the memory Kiln provides is laid out (dense, dims outermost first): the graph's
-    /// order for outputs, row-major for temporaries. Inputs are read through their own strides.
-    pub order: DimOrder,
-}
-
-impl BufferDecl {
-    /// Element strides of the buffer at `sizes`; None where they are row-major (contiguous).
-    pub fn strides_at(&self, sizes: &[i64]) -> Option<Vec<i64>> {
-        (!is_row_major(&self.order)).then(|| dense_strides(sizes, &self.order))
-    }
-
-    /// [`strides_at`](Self::strides_at) the buffer's own sizes.
-    pub fn strides(&self) -> Option<Vec<i64>> {
-        self.strides_at(&self.sizes)
-    }
-}
-
-/// A lowered program: what codegen turns into machine code and the runtime executes.
-#[derive(Clone, Debug)]
-pub struct LoopProgram {
-    pub buffers: Vec<BufferDecl>,
-    pub kernels: Vec<Kernel>,
-    pub arena_bytes: usize,
-    pub num_inputs: usize,
-    pub num_outputs: usize,
-}
-
-impl LoopProgram {
-    /// The output buffers, in output order.
-    pub fn outputs(&self) -> impl Iterator<Item = &BufferDecl> {
-        self.buffers.iter().filter(|b| matches!(b.kind, BufferKind::Output(_)))
-    }
-}
-
-impl std::fmt::Display for LoopProgram {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        for (i, b) in self.buffers.iter().enumerate() {
-            writeln!(f, "b{i}: {}{:?} {:?}", b.dtype, b.sizes, b.kind)?;
-        }
-        for k in &self.kernels {
-            write!(f, "{k}")?;
-        }
-        Ok(())
-    }
-}
-
-/// Lowers an optimized graph. `input_strides[i]` are the element strides input i will have.
-pub fn lower(g: &Graph, input_strides: &[Vec<i64>]) -> Result<LoopProgram, LowerError> {
-    let shape_of = |v: ValueId| g.ty(v).static_shape().ok_or(LowerError::Symbolic);
-    for n in &g.nodes {
-        n.ty.static_shape().ok_or(LowerError::Symbolic)?;
-    }
-    let mut buffers = vec![];
-    let mut buf_of: HashMap<ValueId, Target> = HashMap::new();
-    for (i, &v) in g.inputs.iter().enumerate() {
-        let sizes = shape_of(v)?;
-        let strides = input_strides[i].clone();
-        if strides.len() != sizes.len() {
-            return Err(LowerError::BadStrides(i, strides.len(), sizes.len()));
-        }
-        buf_of.insert(v, (BufId(buffers.len() as u32), strides));
-        buffers.push(BufferDecl { dtype: g.ty(v).dtype, order: row_major(sizes.len()), sizes, kind: BufferKind::Input(i) });
-    }
-    // An output that is an input or an earlier output gets its own buffer, filled by a copy
-    // kernel after the others. Kernels are keyed by the shape and order of what they store.
-    let mut copies: Vec<((Vec<i64>, DimOrder), Vec<(ValueId, Target)>)> = vec![];
-    let mut output_order: HashMap<ValueId, DimOrder> = HashMap::new();
-    for (i, (&v, order)) in g.outputs.iter().zip(&g.output_orders).enumerate() {
-        let sizes = shape_of(v)?;
-        let target = (BufId(buffers.len() as u32), dense_strides(&sizes, order));
-        buffers.push(BufferDecl { dtype: g.ty(v).dtype, sizes: sizes.clone(), kind: BufferKind::Output(i), order: order.clone() });
-        if buf_of.contains_key(&v) {
-            add_by_key(&mut copies, (sizes, order.clone()), (v, target));
-        } else {
-            buf_of.insert(v, target);
-            output_order.insert(v, order.clone());
-        }
-    }
-    // Non-pointwise nodes and materialised pointwise values that are not outputs become temps;
-    // offsets come from the memory plan.
-    let materialised = crate::materialize::choose(g);
-    let buffered = |v: ValueId| !g.node(v).op.is_pointwise() || materialised.contains(&v);
-    for (i, n) in g.nodes.iter().enumerate() {
-        let v = ValueId(i as u32);
-        if buffered(v) && !buf_of.contains_key(&v) && !matches!(n.op, Op::Input(_)) {
-            let sizes = shape_of(v)?;
-            let order = row_major(sizes.len());
-            buf_of.insert(v, (BufId(buffers.len() as u32), dense_strides(&sizes, &order)));
-            buffers.push(BufferDecl { dtype: n.ty.dtype, order, sizes, kind: BufferKind::Temp { offset: 0 } });
-        }
-    }
-
-    // Kernels in topological order. Pointwise outputs of one shape and order are emitted
-    // together, at the position of the last of them (all their inputs are computed by then).
-    let mut kernels = vec![];
-    let mut pending_pointwise: Vec<((Vec<i64>, DimOrder), Vec<ValueId>)> = vec![];
-    for &v in &g.outputs {
-        if !buffered(v) {
-            let seen = pending_pointwise.iter().any(|(_, vs)| vs.contains(&v));
-            if !seen {
-                add_by_key(&mut pending_pointwise, (shape_of(v)?, output_order[&v].clone()), v);
-            }
-        }
-    }
-    for (i, n) in g.nodes.iter().enumerate() {
-        let v = ValueId(i as u32);
-        let b = KernelBuilder::new(g, &buf_of, &materialised, format!("k{}", kernels.len()));
-        match &n.op {
-            Op::Reduce { op, dims, keepdim } => kernels.push(b.reduction(v, *op, dims, *keepdim)),
-            Op::Softmax { dim, log } => kernels.push(b.softmax(v, *dim, *log)),
-            _ if materialised.contains(&v) => {
-                let shape = shape_of(v)?;
-                let order = output_order.get(&v).cloned().unwrap_or_else(|| row_major(shape.len()));
-                kernels.push(b.pointwise(&shape, &order, &[(v, buf_of[&v].clone())]))
-            }
-            _ => {}
-        }
-        if let Some(pos) = pending_pointwise.iter().position(|(_, vs)| vs.iter().max() == Some(&v)) {
-            let ((shape, order), vs) = pending_pointwise.remove(pos);
-            let b = KernelBuilder::new(g, &buf_of, &materialised, format!("k{}", kernels.len()));
-            let targets: Vec<(ValueId, Target)> = vs.iter().map(|v| (*v, buf_of[v].clone())).collect();
-            kernels.push(b.pointwise(&shape, &order, &targets));
-        }
-    }
-    for ((shape, order), targets) in &copies {
-        let b = KernelBuilder::new(g, &buf_of, &materialised, format!("k{}", kernels.len()));
-        kernels.push(b.pointwise(shape, order, targets));
-    }
-    for k in &mut kernels {
-        schedule::schedule(k);
-    }
-    let arena_bytes = plan_memory(&mut buffers, &kernels);
-    Ok(LoopProgram { buffers, kernels, arena_bytes, num_inputs: g.inputs.len(), num_outputs: g.outputs.len() })
-}
-
-/// Appends `item` to the list for `key`, starting one if there is none.
-fn add_by_key<K: PartialEq, T>(groups: &mut Vec<(K, Vec<T>)>, key: K, item: T) {
-    match groups.iter_mut().find(|(k, _)| *k == key) {
-        Some((_, items)) => items.push(item),
-        None => groups.push((key, vec![item])),
-    }
-}
-
-/// First-fit placement of temps by liveness (kernel index of first and last use).
-fn plan_memory(buffers: &mut [BufferDecl], kernels: &[Kernel]) -> usize {
-    const ALIGN: usize = 64;
-    let mut live: HashMap<u32, (usize, usize)> = HashMap::new();
-    for (ki, k) in kernels.iter().enumerate() {
-        let mut note = |b: BufId| {
-            let e = live.entry(b.0).or_insert((ki, ki));
-            e.1 = ki;
-        };
-        for (e, _) in &k.exprs {
-            if let Expr::Load { buf, .. } = e {
-                note(*buf);
-            }
-        }
-        visit_stores(&k.root, &mut |b| note(b));
-    }
-    let mut placed: Vec<(usize, usize, usize, usize)> = vec![]; // (offset, bytes, first, last)
-    let mut arena = 0;
-    for (i, b) in buffers.iter_mut().enumerate() {
-        if let BufferKind::Temp { offset } = &mut b.kind {
-            let bytes = (b.sizes.iter().product::<i64>().max(0) as usize * b.dtype.size_bytes()).div_ceil(ALIGN) * ALIGN;
-            let (first, last) = live.get(&(i as u32)).copied().unwrap_or((0, 0));
-            let mut candidate = 0;
-            let mut conflicts: Vec<_> = placed.iter().filter(|p| p.2 <= last && first <= p.3).collect();
-            conflicts.sort_by_key(|p| p.0);
-            for p in conflicts {
-                if candidate + bytes <= p.0 {
-                    break;
-                }
-                candidate = candidate.max(p.0 + p.1);
-            }
-            *offset = candidate;
-            placed.push((candidate, bytes, first, last));
-            arena = arena.max(candidate + bytes);
-        }
-    }
-    arena
-}
-
-fn visit_stores(l: &Loop, f: &mut impl FnMut(BufId)) {
-    for s in &l.body {
-        match s {
-            Stmt::Loop(inner) => visit_stores(inner, f),
-            Stmt::Store { buf, .. } => f(*buf),
-            _ => {}
-        }
-    }
-}
-
 /// Where a value is stored: a buffer and the element strides of its dims.
-type Target = (BufId, Vec<i64>);
+pub type Target = (BufId, Vec<i64>);
 
 /// A coordinate of a value inside a kernel: a loop variable, or 0 (a broadcast dim).
-type Coords = Vec<Option<VarId>>;
+pub type Coords = Vec<Option<VarId>>;
 
-struct KernelBuilder<'a> {
+pub struct KernelBuilder<'a> {
     g: &'a Graph,
     bufs: &'a HashMap<ValueId, Target>,
     /// Pointwise values read from their buffer instead of recomputed (`materialize`).
@@ -249,7 +26,7 @@ struct KernelBuilder<'a> {
 }
 
 impl<'a> KernelBuilder<'a> {
-    fn new(g: &'a Graph, bufs: &'a HashMap<ValueId, Target>, materialised: &'a HashSet<ValueId>, name: String) -> Self {
+    pub fn new(g: &'a Graph, bufs: &'a HashMap<ValueId, Target>, materialised: &'a HashSet<ValueId>, name: String) -> Self {
         KernelBuilder { g, bufs, materialised, name, arena: ExprArena::default(), memo: HashMap::new(), accs: vec![], num_vars: 0 }
     }
     fn var(&mut self) -> VarId {
@@ -351,7 +128,7 @@ impl<'a> KernelBuilder<'a> {
 
     /// One kernel over `shape` computing each value into its target buffer, its loops nested
     /// in `order` (outermost first): the order its targets are laid out in.
-    fn pointwise(mut self, shape: &[i64], order: &[usize], targets: &[(ValueId, Target)]) -> Kernel {
+    pub fn pointwise(mut self, shape: &[i64], order: &[usize], targets: &[(ValueId, Target)]) -> Kernel {
         let vars: Vec<VarId> = shape.iter().map(|_| self.var()).collect();
         let coords: Coords = vars.iter().zip(shape).map(|(&v, &n)| if n == 1 { None } else { Some(v) }).collect();
         let mut stores = vec![];
@@ -368,7 +145,7 @@ impl<'a> KernelBuilder<'a> {
         self.finish(body, 1)
     }
 
-    fn reduction(mut self, out: ValueId, op: ReduceOp, dims: &[usize], keepdim: bool) -> Kernel {
+    pub fn reduction(mut self, out: ValueId, op: ReduceOp, dims: &[usize], keepdim: bool) -> Kernel {
         let x = self.g.node(out).inputs[0];
         let xshape = self.g.ty(x).static_shape().unwrap();
         let dtype = self.g.ty(x).dtype;
@@ -423,7 +200,7 @@ impl<'a> KernelBuilder<'a> {
         self.finish(body, count.max(1))
     }
 
-    fn softmax(mut self, out: ValueId, dim: usize, log: bool) -> Kernel {
+    pub fn softmax(mut self, out: ValueId, dim: usize, log: bool) -> Kernel {
         let x = self.g.node(out).inputs[0];
         let xshape = self.g.ty(x).static_shape().unwrap();
         let dtype = self.g.ty(x).dtype;

@@ -1,0 +1,190 @@
+//! Lowering: graph → fusion groups → loop nests, plus the buffer table and the static memory
+//! plan for intermediates.
+//!
+//! Fusion rule: pointwise nodes are never materialised unless they are graph outputs; they are
+//! inlined (as expressions) into every kernel that reads them. Reductions and softmax own a
+//! kernel each, reading their fused pointwise producers inline. Pointwise outputs of one shape
+//! and layout share one kernel, whose loops run in that layout's order: the innermost loop
+//! steps along the dim the outputs store contiguously.
+//!
+//! Output layout rule (every kernel kind): an output is written in the order the graph asks for
+//! (`Graph::output_orders`), dense; intermediates are row-major.
+
+use crate::dtype::DType;
+use crate::graph::ir::{Graph, Op, ValueId};
+use crate::graph::layout::{dense_strides, is_row_major, row_major, DimOrder};
+use crate::lower::loop_ir::*;
+use kernel_builder::{KernelBuilder, Target};
+use std::collections::HashMap;
+
+pub mod kernel_builder;
+pub mod loop_ir;
+pub mod materialize;
+pub mod memory_plan;
+pub mod schedule;
+pub mod symbolic;
+
+#[derive(thiserror::Error, Debug, Clone, PartialEq)]
+pub enum LowerError {
+    #[error("graph shapes must be concrete (code for symbolic sizes is derived from concrete lowerings: symbolic.rs)")]
+    Symbolic,
+    #[error("input {0} has {1} strides for rank {2}")]
+    BadStrides(usize, usize, usize),
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub enum BufferKind {
+    Input(usize),
+    Output(usize),
+    /// An intermediate at this byte offset of the program's scratch arena.
+    Temp { offset: usize },
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct BufferDecl {
+    pub dtype: DType,
+    pub sizes: Vec<i64>,
+    pub kind: BufferKind,
+    /// How the memory Kiln provides is laid out (dense, dims outermost first): the graph's
+    /// order for outputs, row-major for temporaries. Inputs are read through their own strides.
+    pub order: DimOrder,
+}
+
+impl BufferDecl {
+    /// Element strides of the buffer at `sizes`; None where they are row-major (contiguous).
+    pub fn strides_at(&self, sizes: &[i64]) -> Option<Vec<i64>> {
+        (!is_row_major(&self.order)).then(|| dense_strides(sizes, &self.order))
+    }
+
+    /// [`strides_at`](Self::strides_at) the buffer's own sizes.
+    pub fn strides(&self) -> Option<Vec<i64>> {
+        self.strides_at(&self.sizes)
+    }
+}
+
+/// A lowered program: what codegen turns into machine code and the runtime executes.
+#[derive(Clone, Debug)]
+pub struct LoopProgram {
+    pub buffers: Vec<BufferDecl>,
+    pub kernels: Vec<Kernel>,
+    pub arena_bytes: usize,
+    pub num_inputs: usize,
+    pub num_outputs: usize,
+}
+
+impl LoopProgram {
+    /// The output buffers, in output order.
+    pub fn outputs(&self) -> impl Iterator<Item = &BufferDecl> {
+        self.buffers.iter().filter(|b| matches!(b.kind, BufferKind::Output(_)))
+    }
+}
+
+impl std::fmt::Display for LoopProgram {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        for (i, b) in self.buffers.iter().enumerate() {
+            writeln!(f, "b{i}: {}{:?} {:?}", b.dtype, b.sizes, b.kind)?;
+        }
+        for k in &self.kernels {
+            write!(f, "{k}")?;
+        }
+        Ok(())
+    }
+}
+
+/// Lowers an optimized graph. `input_strides[i]` are the element strides input i will have.
+pub fn lower(g: &Graph, input_strides: &[Vec<i64>]) -> Result<LoopProgram, LowerError> {
+    let shape_of = |v: ValueId| g.ty(v).static_shape().ok_or(LowerError::Symbolic);
+    for n in &g.nodes {
+        n.ty.static_shape().ok_or(LowerError::Symbolic)?;
+    }
+    let mut buffers = vec![];
+    let mut buf_of: HashMap<ValueId, Target> = HashMap::new();
+    for (i, &v) in g.inputs.iter().enumerate() {
+        let sizes = shape_of(v)?;
+        let strides = input_strides[i].clone();
+        if strides.len() != sizes.len() {
+            return Err(LowerError::BadStrides(i, strides.len(), sizes.len()));
+        }
+        buf_of.insert(v, (BufId(buffers.len() as u32), strides));
+        buffers.push(BufferDecl { dtype: g.ty(v).dtype, order: row_major(sizes.len()), sizes, kind: BufferKind::Input(i) });
+    }
+    // An output that is an input or an earlier output gets its own buffer, filled by a copy
+    // kernel after the others. Kernels are keyed by the shape and order of what they store.
+    let mut copies: Vec<((Vec<i64>, DimOrder), Vec<(ValueId, Target)>)> = vec![];
+    let mut output_order: HashMap<ValueId, DimOrder> = HashMap::new();
+    for (i, (&v, order)) in g.outputs.iter().zip(&g.output_orders).enumerate() {
+        let sizes = shape_of(v)?;
+        let target = (BufId(buffers.len() as u32), dense_strides(&sizes, order));
+        buffers.push(BufferDecl { dtype: g.ty(v).dtype, sizes: sizes.clone(), kind: BufferKind::Output(i), order: order.clone() });
+        if buf_of.contains_key(&v) {
+            add_by_key(&mut copies, (sizes, order.clone()), (v, target));
+        } else {
+            buf_of.insert(v, target);
+            output_order.insert(v, order.clone());
+        }
+    }
+    // Non-pointwise nodes and materialised pointwise values that are not outputs become temps;
+    // offsets come from the memory plan.
+    let materialised = crate::lower::materialize::choose(g);
+    let buffered = |v: ValueId| !g.node(v).op.is_pointwise() || materialised.contains(&v);
+    for (i, n) in g.nodes.iter().enumerate() {
+        let v = ValueId(i as u32);
+        if buffered(v) && !buf_of.contains_key(&v) && !matches!(n.op, Op::Input(_)) {
+            let sizes = shape_of(v)?;
+            let order = row_major(sizes.len());
+            buf_of.insert(v, (BufId(buffers.len() as u32), dense_strides(&sizes, &order)));
+            buffers.push(BufferDecl { dtype: n.ty.dtype, order, sizes, kind: BufferKind::Temp { offset: 0 } });
+        }
+    }
+
+    // Kernels in topological order. Pointwise outputs of one shape and order are emitted
+    // together, at the position of the last of them (all their inputs are computed by then).
+    let mut kernels = vec![];
+    let mut pending_pointwise: Vec<((Vec<i64>, DimOrder), Vec<ValueId>)> = vec![];
+    for &v in &g.outputs {
+        if !buffered(v) {
+            let seen = pending_pointwise.iter().any(|(_, vs)| vs.contains(&v));
+            if !seen {
+                add_by_key(&mut pending_pointwise, (shape_of(v)?, output_order[&v].clone()), v);
+            }
+        }
+    }
+    for (i, n) in g.nodes.iter().enumerate() {
+        let v = ValueId(i as u32);
+        let b = KernelBuilder::new(g, &buf_of, &materialised, format!("k{}", kernels.len()));
+        match &n.op {
+            Op::Reduce { op, dims, keepdim } => kernels.push(b.reduction(v, *op, dims, *keepdim)),
+            Op::Softmax { dim, log } => kernels.push(b.softmax(v, *dim, *log)),
+            _ if materialised.contains(&v) => {
+                let shape = shape_of(v)?;
+                let order = output_order.get(&v).cloned().unwrap_or_else(|| row_major(shape.len()));
+                kernels.push(b.pointwise(&shape, &order, &[(v, buf_of[&v].clone())]))
+            }
+            _ => {}
+        }
+        if let Some(pos) = pending_pointwise.iter().position(|(_, vs)| vs.iter().max() == Some(&v)) {
+            let ((shape, order), vs) = pending_pointwise.remove(pos);
+            let b = KernelBuilder::new(g, &buf_of, &materialised, format!("k{}", kernels.len()));
+            let targets: Vec<(ValueId, Target)> = vs.iter().map(|v| (*v, buf_of[v].clone())).collect();
+            kernels.push(b.pointwise(&shape, &order, &targets));
+        }
+    }
+    for ((shape, order), targets) in &copies {
+        let b = KernelBuilder::new(g, &buf_of, &materialised, format!("k{}", kernels.len()));
+        kernels.push(b.pointwise(shape, order, targets));
+    }
+    for k in &mut kernels {
+        schedule::schedule(k);
+    }
+    let arena_bytes = memory_plan::plan_memory(&mut buffers, &kernels);
+    Ok(LoopProgram { buffers, kernels, arena_bytes, num_inputs: g.inputs.len(), num_outputs: g.outputs.len() })
+}
+
+/// Appends `item` to the list for `key`, starting one if there is none.
+fn add_by_key<K: PartialEq, T>(groups: &mut Vec<(K, Vec<T>)>, key: K, item: T) {
+    match groups.iter_mut().find(|(k, _)| *k == key) {
+        Some((_, items)) => items.push(item),
+        None => groups.push((key, vec![item])),
+    }
+}
+

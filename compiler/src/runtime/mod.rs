@@ -1,0 +1,7 @@
+//! The runtime stage: object code loaded into the process (`jit`), a compiled program's kernels
+//! run on caller-provided memory with per-thread scratch (`program`), on a persistent
+//! spin-then-park pool (`thread_pool`).
+
+pub mod jit;
+pub mod program;
+pub mod thread_pool;
