@@ -32,6 +32,8 @@ CLAIMS = {
     "logical_not": ALL,
     "sum": ALL, "mean": FLOAT, "amax": NUMERIC, "amin": NUMERIC,
     "softmax": FLOAT, "softmax.with_dtype": FLOAT, "log_softmax": FLOAT, "log_softmax.with_dtype": FLOAT,
+    "mm": FLOAT, "bmm": FLOAT, "addmm": FLOAT, "matmul": FLOAT, "nn.functional.linear": FLOAT,
+    "t": NUMERIC, "transpose": NUMERIC, "permute": NUMERIC,
 }
 
 # Calls that are not `torch.<name>(input, *args, **kwargs)`.
@@ -41,12 +43,27 @@ CALL = {
     "nn.functional.leaky_relu": "torch.nn.functional.leaky_relu({input}{rest})",
     "nn.functional.gelu": "torch.nn.functional.gelu({input}{rest})",
     "nn.functional.silu": "torch.nn.functional.silu({input}{rest})",
+    "nn.functional.linear": "torch.nn.functional.linear({input}{rest})",
+    # A view alone is no computation (Kiln returns new tensors, never views): read through it.
+    "t": "torch.t({input}) * 1",
+    "transpose": "torch.transpose({input}{rest}) * 1",
+    "permute": "torch.permute({input}{rest}) * 1",
 }
 
 # Samples a claimed op leaves to TorchScript on purpose: (op, predicate on the sample, why).
+def _ranks(s):
+    return [t.dim() for t in [s.input, *s.args] if isinstance(t, torch.Tensor)]
+
+
 UNCLAIMED_SAMPLES = [
     ("pow", lambda s: any(isinstance(a, torch.Tensor) and a.dtype != s.input.dtype for a in s.args),
      "a tensor exponent of another dtype"),
+    ("matmul", lambda s: min(_ranks(s)) < 2 or (_ranks(s)[0] == 2 and _ranks(s)[1] > 2),
+     "a vector operand, or a matrix times a batch (eager returns that transposed)"),
+    ("nn.functional.linear", lambda s: min(_ranks(s)[:2]) < 2, "a vector input or weight"),
+    ("t", lambda s: s.input.dim() < 2, "t() of a vector is the vector itself"),
+    ("transpose", lambda s: s.input.dim() == 0 or len(set(a % max(s.input.dim(), 1) for a in s.args)) == 1,
+     "a transpose of one dim with itself is the tensor itself"),
 ]
 
 MAX_SAMPLES = 40

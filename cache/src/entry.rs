@@ -14,14 +14,16 @@
 
 use crate::CacheKey;
 use kiln_compiler::lower::{BufferDecl, BufferKind};
-use kiln_compiler::program::KernelDecl;
+use kiln_compiler::kernels::gemm::{GemmOperand, GemmShape, GemmTile};
+use kiln_compiler::lower::loop_ir::BufId;
+use kiln_compiler::runtime::program::KernelDecl;
 use kiln_compiler::{DType, ProgramImage, Target};
 
 const MAGIC: &[u8; 8] = b"KILNCODE";
 /// Bumped whenever the layout above or the kernels' calling convention changes; older
 /// entries are then foreign. 3: kernels read the program's parameters after the buffers.
 /// 4: buffers carry their layout order (outputs follow eager's layout).
-pub const FORMAT: u32 = 4;
+pub const FORMAT: u32 = 5;
 const CHECKSUM: usize = 32;
 
 #[derive(thiserror::Error, Debug, Clone, PartialEq, Eq)]
@@ -57,7 +59,7 @@ impl EntryHeader {
         EntryHeader {
             key: key.hex(),
             kiln: kiln_compiler::VERSION.into(),
-            llvm: kiln_compiler::target::LLVM_VERSION.into(),
+            llvm: kiln_compiler::codegen::target::LLVM_VERSION.into(),
             triple: target.triple.clone(),
             cpu: target.cpu.clone(),
             features: target.features.clone(),
@@ -96,8 +98,14 @@ pub fn encode(header: &EntryHeader, image: &ProgramImage) -> Vec<u8> {
         let order = list(b.order.iter().map(usize::to_string).collect());
         body.extend(format!("buffer {} {kind} {n} {sizes} {order}\n", b.dtype).bytes());
     }
+    let list = |xs: &[i64]| format!("[{}]", xs.iter().map(i64::to_string).collect::<Vec<_>>().join(","));
     for k in &image.kernels {
         body.extend(format!("kernel {} {} {} {} {}\n", k.name, k.symbol, k.extent, k.parallel as u8, k.work_per_iter).bytes());
+        if let Some(g) = &k.gemm {
+            let operand = |o: &GemmOperand| format!("{} {} {} {}", o.buf.0, list(&o.batch_strides), o.rows, o.cols);
+            let line = format!("gemm {} {} {} {} {} {} {} {} {} {}\n", list(&g.batch), g.m, g.n, g.k, operand(&g.a), operand(&g.b), g.tile.mr, g.tile.nr, g.pack_a.0, g.pack_b.0);
+            body.extend(line.bytes());
+        }
     }
     for (tag, blob) in [("loop_ir", image.loop_ir.as_bytes()), ("object", &image.object[..])] {
         body.extend(format!("{tag} {}\n", blob.len()).bytes());
@@ -231,7 +239,20 @@ fn parse_body(body: &[u8]) -> Result<ProgramImage, String> {
                 let extent = num(w.next(), "kernel extent")?;
                 let parallel = num::<u8>(w.next(), "kernel parallel flag")? == 1;
                 let work_per_iter = num(w.next(), "kernel work")?;
-                image.kernels.push(KernelDecl { name, symbol, extent, parallel, work_per_iter });
+                image.kernels.push(KernelDecl { name, symbol, extent, parallel, work_per_iter, gemm: None });
+            }
+            Some("gemm") => {
+                let operand = |w: &mut std::str::Split<'_, char>, what: &str| -> Result<GemmOperand, String> {
+                    let buf = BufId(num(w.next(), what)?);
+                    Ok(GemmOperand { buf, batch_strides: list(w.next(), what)?, rows: num(w.next(), what)?, cols: num(w.next(), what)? })
+                };
+                let batch = list(w.next(), "gemm batch")?;
+                let (m, n, k) = (num(w.next(), "gemm m")?, num(w.next(), "gemm n")?, num(w.next(), "gemm k")?);
+                let (a, b) = (operand(&mut w, "gemm operand a")?, operand(&mut w, "gemm operand b")?);
+                let tile = GemmTile { mr: num(w.next(), "gemm tile")?, nr: num(w.next(), "gemm tile")? };
+                let (pack_a, pack_b) = (BufId(num(w.next(), "gemm pack buffer")?), BufId(num(w.next(), "gemm pack buffer")?));
+                let kernel = image.kernels.last_mut().ok_or("a gemm line before any kernel")?;
+                kernel.gemm = Some(GemmShape { batch, m, n, k, a, b, tile, pack_a, pack_b });
             }
             Some("loop_ir") => {
                 let n = num(w.next(), "loop_ir length")?;
@@ -283,6 +304,30 @@ fn check_consistent(image: &ProgramImage) -> Result<(), String> {
     if image.kernels.is_empty() && image.num_outputs > 0 {
         return Err("no kernels".into());
     }
+    for g in image.kernels.iter().filter_map(|k| k.gemm.as_ref()) {
+        check_gemm(image, g)?;
+    }
+    Ok(())
+}
+
+/// A GEMM's description must keep the runtime's loops inside its buffers: operands float32
+/// buffers of the program, pack buffers temporaries large enough, a tile the microkernel has.
+fn check_gemm(image: &ProgramImage, g: &GemmShape) -> Result<(), String> {
+    let buf = |b: BufId| image.buffers.get(b.0 as usize).ok_or_else(|| "a gemm buffer index out of range".to_string());
+    for o in [&g.a, &g.b] {
+        if buf(o.buf)?.dtype != DType::F32 || o.batch_strides.len() != g.batch.len() {
+            return Err("a gemm operand that is not a float32 buffer of the batch's rank".into());
+        }
+    }
+    if g.tile.mr <= 0 || g.tile.nr <= 0 || g.tile.nr % kiln_compiler::kernels::gemm::LANES != 0 || [g.m, g.n, g.k].iter().any(|&d| d < 0) || g.batch.iter().any(|&d| d < 0) || g.batch.len() > kiln_compiler::runtime::gemm::MAX_BATCH_DIMS {
+        return Err("a gemm of bad sizes".into());
+    }
+    for (b, need) in [(g.pack_a, g.packed_a_elems()), (g.pack_b, g.packed_b_elems())] {
+        let b = buf(b)?;
+        if !matches!(b.kind, BufferKind::Temp { .. }) || b.dtype != DType::F32 || b.sizes.iter().product::<i64>() < need {
+            return Err("a gemm pack buffer too small".into());
+        }
+    }
     Ok(())
 }
 
@@ -297,7 +342,7 @@ mod tests {
                 BufferDecl { dtype: DType::F32, sizes: vec![8], kind: BufferKind::Temp { offset: 0 }, order: vec![0] },
                 BufferDecl { dtype: DType::Bool, sizes: vec![3, 2], kind: BufferKind::Output(0), order: vec![1, 0] },
             ],
-            kernels: vec![KernelDecl { name: "k0".into(), symbol: "kiln_ab_k0".into(), extent: 4, parallel: true, work_per_iter: 2 }],
+            kernels: vec![KernelDecl { name: "k0".into(), symbol: "kiln_ab_k0".into(), extent: 4, parallel: true, work_per_iter: 2, gemm: None }],
             arena_bytes: 32,
             num_inputs: 1,
             num_outputs: 1,

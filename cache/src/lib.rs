@@ -36,7 +36,7 @@ impl CacheKey {
         field("triple", target.triple.as_bytes());
         field("cpu", target.cpu.as_bytes());
         field("features", target.features.as_bytes());
-        field("llvm", kiln_compiler::target::LLVM_VERSION.as_bytes());
+        field("llvm", kiln_compiler::codegen::target::LLVM_VERSION.as_bytes());
         field("kiln", kiln_compiler::VERSION.as_bytes());
         field("options", format!("{options:?}").as_bytes());
         CacheKey(*h.finalize().as_bytes())
@@ -113,7 +113,7 @@ pub struct Request<'a> {
     pub graph: &'a Graph,
     pub input_strides: &'a [Vec<i64>],
     /// The program to compile instead of lowering `graph`: code for symbolic sizes, rewritten
-    /// by `kiln_compiler::symbolic::infer` (its key made by [`CacheKey::symbolic`]).
+    /// by `kiln_compiler::lower::symbolic::infer` (its key made by [`CacheKey::symbolic`]).
     pub symbolic: Option<&'a kiln_compiler::lower::LoopProgram>,
     pub target: &'a Target,
     pub options: &'a CompileOptions,
@@ -258,7 +258,7 @@ impl ProgramCache {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use kiln_compiler::ir::parse_graph;
+    use kiln_compiler::graph::ir::parse_graph;
 
     const G: &str = "graph(%0: f32[4]) {\n %1 = exp(%0) : f32[4]\n return (%1)\n}";
 

@@ -4,7 +4,7 @@
 //! entries, and directories other users can write are refused.
 
 use kiln_cache::{CacheKey, CompileMode, DiskCache, EntryHeader, ProgramCache, Request, Source};
-use kiln_compiler::ir::parse_graph;
+use kiln_compiler::graph::ir::parse_graph;
 use kiln_compiler::{CompileOptions, Graph, Target};
 use std::fs;
 use std::os::unix::fs::PermissionsExt;

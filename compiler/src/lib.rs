@@ -86,6 +86,7 @@ pub fn compile_loop_program(lp: &lower::LoopProgram, target: &Target, options: &
             extent: k.outer_extent(),
             parallel: k.root.kind == lower::loop_ir::LoopKind::Parallel,
             work_per_iter: k.work_per_iter,
+            gemm: k.gemm.as_ref().map(|g| g.shape.clone()),
         })
         .collect();
     Ok(ProgramImage {

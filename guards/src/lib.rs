@@ -4,7 +4,7 @@
 //! PyTorch gives an elementwise result depends on them; of empty tensors none, see
 //! [`guarded_strides`]), requires_grad (Kiln computes no gradients) and the global state.
 //!
-//! Code compiled for symbolic sizes (see `kiln_compiler::symbolic`) takes any size ≥ 2 for a
+//! Code compiled for symbolic sizes (see `kiln_compiler::lower::symbolic`) takes any size ≥ 2 for a
 //! symbolic dim, as long as dims sharing a symbol agree. A tensor with symbolic dims is either
 //! dense in a fixed dim order (contiguous, transposed, channels-last: its strides follow its
 //! sizes) or has the exact strides it was seen with (a slice of a fixed-width buffer).
@@ -15,8 +15,8 @@
 use kiln_profiler::{DimPlan, Device, GlobalState, TensorMeta, TensorView};
 use std::fmt;
 
-/// The most symbols one guard set binds (see `kiln_compiler::symbolic::MAX_SYMBOLS`).
-pub const MAX_SYMBOLS: usize = kiln_compiler::symbolic::MAX_SYMBOLS;
+/// The most symbols one guard set binds (see `kiln_compiler::lower::symbolic::MAX_SYMBOLS`).
+pub const MAX_SYMBOLS: usize = kiln_compiler::lower::symbolic::MAX_SYMBOLS;
 
 /// Why a call did not match its group's guard.
 #[derive(thiserror::Error, Clone, Debug, PartialEq, Eq)]
@@ -137,7 +137,7 @@ pub fn guarded_strides(sizes: &[i64], strides: &[i64]) -> Vec<i64> {
 /// The order in which a dense tensor's dims are laid out (outermost first), or None if it is
 /// not dense.
 fn dense_order(sizes: &[i64], strides: &[i64]) -> Option<Vec<usize>> {
-    let order = kiln_compiler::layout::order_of(sizes, strides);
+    let order = kiln_compiler::graph::layout::order_of(sizes, strides);
     is_dense(sizes, strides, &order).then_some(order)
 }
 
@@ -283,7 +283,7 @@ impl GuardSet {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use kiln_compiler::layout::dense_strides;
+    use kiln_compiler::graph::layout::dense_strides;
     use kiln_compiler::DType;
 
     const S: GlobalState = GlobalState { default_float: Ok(DType::F32), autocast: None };

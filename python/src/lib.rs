@@ -40,7 +40,7 @@ fn enable(max_specializations: usize, opt_level: u8, num_threads: usize, compile
     let mode = compile_mode(compile)?;
     let dynamic = dynamic_policy(dynamic)?;
     let disk = cache_dir.map(|d| open_cache(d, cache_size_limit)).transpose()?.map(Arc::new);
-    kiln_compiler::program::set_num_threads(num_threads)
+    kiln_compiler::runtime::program::set_num_threads(num_threads)
         .map_err(|e| PyValueError::new_err(format!("torch_kiln option 'num_threads'={num_threads}: cannot start that many threads: {e}")))?;
     let options = Options {
         max_specializations,
@@ -117,13 +117,13 @@ fn reset() {
 
 #[pyfunction]
 fn set_num_threads(n: usize) -> PyResult<()> {
-    kiln_compiler::program::set_num_threads(n).map_err(|e| PyValueError::new_err(format!("cannot start {n} threads: {e}")))
+    kiln_compiler::runtime::program::set_num_threads(n).map_err(|e| PyValueError::new_err(format!("cannot start {n} threads: {e}")))
 }
 
 /// Bytes of scratch this thread keeps between calls (bounded: see `program::ARENA_KEEP_BYTES`).
 #[pyfunction]
 fn scratch_bytes_kept() -> (usize, usize) {
-    (kiln_compiler::program::arena_bytes_kept(), kiln_compiler::program::ARENA_KEEP_BYTES)
+    (kiln_compiler::runtime::program::arena_bytes_kept(), kiln_compiler::runtime::program::ARENA_KEEP_BYTES)
 }
 
 #[pyfunction]
@@ -151,7 +151,7 @@ fn stats(py: Python<'_>) -> PyResult<PyObject> {
     d.set_item("guard_failures", s.guard_failures)?;
     d.set_item("pass_runs", s.pass_runs)?;
     d.set_item("fallbacks", s.fallbacks.into_iter().collect::<Vec<_>>().into_pyobject(py)?.into_any())?;
-    d.set_item("num_threads", kiln_compiler::program::num_threads())?;
+    d.set_item("num_threads", kiln_compiler::runtime::program::num_threads())?;
     Ok(d.into_any().unbind())
 }
 

@@ -252,6 +252,21 @@ std::string ask_node(const Node* n) {
   return reason;
 }
 
+// A view op (t, transpose, permute) returns memory shared with its input; Kiln's outputs are
+// new tensors. So a view joins a group only once every user of it is in the group: it is then
+// index arithmetic inside the group, never a group output.
+bool is_view(const Node* n) {
+  static const std::unordered_set<std::string> views = {"aten::t", "aten::transpose", "aten::permute"};
+  return views.count(n->kind().toQualString()) > 0;
+}
+
+bool view_used_outside(const Node* p, const Node* group) {
+  if (!is_view(p)) return false;
+  for (const Use& u : p->output()->uses())
+    if (u.user != group) return true;
+  return false;
+}
+
 struct Fuser {
   std::shared_ptr<Graph> graph;
   std::unique_ptr<AliasDb> db;
@@ -267,9 +282,20 @@ struct Fuser {
   void fuse_block(Block* b) {
     for (Node* n : b->nodes())
       for (Block* sub : n->blocks()) fuse_block(sub);
+    // Merging a producer may move its group before nodes the scan has not visited yet (a
+    // consumer of that producer): scan again until a scan starts no group.
+    while (scan_block(b)) {
+    }
+  }
+
+  // One scan from the last node up; whether it started a group.
+  bool scan_block(Block* b) {
+    bool started = false;
     for (auto it = b->nodes().rbegin(); it != b->nodes().rend();) {
       Node* n = *it;
-      if (!supported(n)) { ++it; continue; }
+      // A view never starts a group: alone it computes nothing.
+      if (!supported(n) || is_view(n)) { ++it; continue; }
+      started = true;
       Node* group = SubgraphUtils::createSingletonSubgraphAndUpdateAliasing(n, group_kind(), *db);
       bool grew = true;
       while (grew) {
@@ -278,7 +304,8 @@ struct Fuser {
         std::vector<Node*> producers;
         for (Value* in : group->inputs()) {
           Node* p = in->node();
-          if (p->owningBlock() == b && p->kind() != prim::Param && supported(p)) producers.push_back(p);
+          if (p->owningBlock() == b && p->kind() != prim::Param && supported(p) && !view_used_outside(p, group))
+            producers.push_back(p);
         }
         std::sort(producers.begin(), producers.end(), [](Node* a, Node* c) { return c->isBefore(a); });
         for (Node* p : producers) {
@@ -291,6 +318,7 @@ struct Fuser {
       it = group->reverseIterator();
       ++it;
     }
+    return started;
   }
 
   void collect_groups(Block* b, std::vector<Node*>& out) {
@@ -384,12 +412,32 @@ struct Fuser {
     }
   }
 
+  // Merging clones constants into the subgraph; tensor constants (a frozen module's weights)
+  // become inputs of the group instead: Kiln's code takes every tensor from the call, so
+  // cache entries stay code, never data (ARCHITECTURE.md, "weights").
+  void lift_tensor_constants(Node* group) {
+    auto sub = group->g(attr::Subgraph);
+    std::vector<Node*> constants;
+    for (Node* n : sub->nodes())
+      if (n->kind() == prim::Constant && n->output()->type()->cast<TensorType>()) constants.push_back(n);
+    for (Node* n : constants) {
+      Node* outer = group->owningGraph()->createClone(n, [](Value* v) { return v; });
+      outer->insertBefore(group);
+      outer->output()->setType(n->output()->type());
+      group->addInput(outer->output());
+      Value* in = sub->addInput()->setType(n->output()->type());
+      n->output()->replaceAllUsesWith(in);
+      n->destroy();
+    }
+  }
+
   void run() {
     db = std::make_unique<AliasDb>(graph);
     fuse_block(graph->block());
     std::vector<Node*> groups;
     collect_groups(graph->block(), groups);
     for (Node* group : groups) {
+      lift_tensor_constants(group);
       std::string why;
       std::string text = dump_group(group, &why);
       int64_t id = -1;

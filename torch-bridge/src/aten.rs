@@ -6,8 +6,8 @@
 //! the node then stays in TorchScript.
 
 use crate::ts_dump::{Const, Item, Region};
-use kiln_compiler::ir::{BinaryOp, CmpOp, Graph, ReduceOp, UnaryOp};
-use kiln_compiler::layout::{contiguous_strides, dense_strides, elementwise_order, elementwise_strides, is_non_overlapping_and_dense, order_of};
+use kiln_compiler::graph::ir::{BinaryOp, CmpOp, Graph, Op, ReduceOp, UnaryOp};
+use kiln_compiler::graph::layout::{contiguous_strides, dense_strides, elementwise_order, elementwise_strides, is_non_overlapping_and_dense, order_of};
 use kiln_compiler::{DType, Scalar, TensorType, ValueId};
 use kiln_profiler::canonical_strides;
 
@@ -27,7 +27,18 @@ enum Arg {
 
 type R<T> = Result<T, String>;
 
+/// Lowers a group's region.
 pub fn lower(r: &Region) -> R<Lowered> {
+    lower_region(r, false)
+}
+
+/// Lowers a single node for the "is this supported?" question: a view may be its output
+/// there (in a group it is read through, see the pass's `view_used_outside`).
+pub fn lower_node(r: &Region) -> R<Lowered> {
+    lower_region(r, true)
+}
+
+fn lower_region(r: &Region, view_outputs: bool) -> R<Lowered> {
     let mut g = Graph::new();
     let mut input_strides = vec![];
     let mut vals: Vec<Arg> = Vec::with_capacity(r.items.len());
@@ -63,7 +74,18 @@ pub fn lower(r: &Region) -> R<Lowered> {
                         Some(Operand { sizes: t.static_shape()?, strides: eager[a].clone()?, dtype: t.dtype })
                     })
                     .collect();
-                (Arg::Tensor(v), Some(eager_strides(kind, &shape, ty.dtype, operands, wraps_a_scalar(kind, &arg_vals))))
+                let view_of = |x: ValueId| args.iter().find(|&&a| matches!(vals[a], Arg::Tensor(t) if t == x)).and_then(|&a| eager[a].clone());
+                let strides = match &g.node(v).op {
+                    // A view (t, transpose, permute): its input's strides, permuted.
+                    Op::Permute(dims) if view_of(g.node(v).inputs[0]).is_some() => {
+                        let s = view_of(g.node(v).inputs[0]).unwrap();
+                        dims.iter().map(|&d| s[d]).collect()
+                    }
+                    // An identity view (t of a vector) is its input.
+                    _ if view_of(v).is_some() => view_of(v).unwrap(),
+                    _ => eager_strides(kind, &shape, ty.dtype, operands, wraps_a_scalar(kind, &arg_vals)),
+                };
+                (Arg::Tensor(v), Some(strides))
             }
         };
         vals.push(arg);
@@ -80,6 +102,10 @@ pub fn lower(r: &Region) -> R<Lowered> {
     for (i, o) in outputs.iter().enumerate() {
         if g.inputs.contains(o) || outputs[..i].contains(o) {
             return Err("an output is an input or another output (nothing to compute)".into());
+        }
+        if !view_outputs && matches!(g.node(*o).op, Op::Permute(_)) {
+            // Eager returns a view sharing its input's memory; a new tensor would not alias.
+            return Err("an output is a view (t, transpose, permute) of another tensor".into());
         }
     }
     g.set_outputs(outputs);
@@ -108,7 +134,7 @@ fn converted_strides(x: &Operand) -> Vec<i64> {
 }
 
 /// The strides eager gives the result (of `shape` and `dtype`) of ATen op `kind` over its
-/// tensor `operands`, in argument order (see `kiln_compiler::layout`). Reductions and softmax
+/// tensor `operands`, in argument order (see `kiln_compiler::graph::layout`). Reductions and softmax
 /// allocate contiguous results (ATen's `resize_reduction`, `_softmax` meta); `to` / `type_as`
 /// are [`converted_strides`]. Every other op Kiln takes is a TensorIterator op over its tensor
 /// arguments in order (`rsub(x, y)` is `sub(y, x)`; `where` converts its values to the
@@ -116,6 +142,10 @@ fn converted_strides(x: &Operand) -> Vec<i64> {
 fn eager_strides(kind: &str, shape: &[i64], dtype: DType, mut operands: Vec<Operand>, wrapped_scalar: bool) -> Vec<i64> {
     match kind {
         "aten::sum" | "aten::mean" | "aten::amax" | "aten::amin" | "aten::softmax" | "aten::log_softmax" => return contiguous_strides(shape),
+        // Products are computed into new contiguous tensors (mm, bmm, and matmul folding its
+        // batch dims; `Lower::matmul` refuses the rank combinations eager transposes).
+        "aten::linear" | "aten::matmul" | "aten::mm" | "aten::bmm" | "aten::addmm" => return contiguous_strides(shape),
+
         "aten::to" | "aten::type_as" => return converted_strides(&operands[0]),
         "aten::rsub" => operands.reverse(),
         "aten::where" => {
@@ -150,6 +180,7 @@ pub const KINDS: &[&str] = &[
     "aten::gelu", "aten::leaky_relu", "aten::clamp", "aten::clamp_min", "aten::clamp_max", "aten::where",
     "aten::eq", "aten::ne", "aten::lt", "aten::le", "aten::gt", "aten::ge", "aten::logical_not", "aten::to",
     "aten::type_as", "aten::sum", "aten::mean", "aten::amax", "aten::amin", "aten::softmax", "aten::log_softmax",
+    "aten::linear", "aten::matmul", "aten::mm", "aten::bmm", "aten::addmm", "aten::t", "aten::transpose", "aten::permute",
 ];
 
 fn category(d: DType) -> u8 {
@@ -456,11 +487,115 @@ impl Lower<'_> {
                 let dims = self.dims(x, dim)?;
                 Ok(self.g.reduce(op, x, &dims, bool_arg(keepdim)?).map_err(|e| e.0)?)
             }
+            ("aten::linear", [x, w, bias]) => self.linear(x, w, bias),
+            ("aten::matmul", [x, y]) => self.matmul(x, y, None),
+            ("aten::mm", [x, y]) => self.matmul(x, y, Some(2)),
+            ("aten::bmm", [x, y]) => self.matmul(x, y, Some(3)),
+            ("aten::addmm", [bias, x, y, beta, alpha]) => {
+                let p = self.matmul(x, y, Some(2))?;
+                self.scaled_sum(p, bias, beta, alpha)
+            }
+            ("aten::t", [x]) => {
+                let v = self.tensor(x)?;
+                match self.g.ty(v).rank() {
+                    0 | 1 => Ok(v),
+                    2 => Ok(self.g.permute(v, &[1, 0]).map_err(|e| e.0)?),
+                    r => Err(format!("t() of a {r}-d tensor")),
+                }
+            }
+            ("aten::transpose", [x, Arg::Const(Const::Int(d0)), Arg::Const(Const::Int(d1))]) => {
+                let v = self.tensor(x)?;
+                let rank = self.g.ty(v).rank();
+                let (d0, d1) = (wrap_dim(*d0, rank)?, wrap_dim(*d1, rank)?);
+                if rank == 0 || d0 == d1 {
+                    return Ok(v);
+                }
+                let mut dims: Vec<usize> = (0..rank).collect();
+                dims.swap(d0, d1);
+                Ok(self.g.permute(v, &dims).map_err(|e| e.0)?)
+            }
+            ("aten::permute", [x, Arg::Const(Const::Ints(dims))]) => {
+                let v = self.tensor(x)?;
+                let rank = self.g.ty(v).rank();
+                let dims = dims.iter().map(|&d| wrap_dim(d, rank)).collect::<R<Vec<_>>>()?;
+                if dims.iter().enumerate().all(|(i, &d)| i == d) {
+                    return Ok(v);
+                }
+                Ok(self.g.permute(v, &dims).map_err(|e| e.0)?)
+            }
             ("aten::softmax", [x, dim, dtype]) => self.softmax(x, dim, dtype, false),
             ("aten::log_softmax", [x, dim, dtype]) => self.softmax(x, dim, dtype, true),
             _ if KINDS.contains(&kind) => Err(format!("this overload ({} arguments) is not supported", a.len())),
             _ => Err("not an op Kiln supports yet".into()),
         }
+    }
+
+    /// torch.matmul of two tensors of rank ≥ 2 (`rank`: mm and bmm's exact rank). Operands
+    /// must share a float dtype (eager raises otherwise: left to it).
+    fn matmul(&mut self, x: &Arg, y: &Arg, rank: Option<usize>) -> R<ValueId> {
+        let (a, b) = (self.tensor(x)?, self.tensor(y)?);
+        let (ta, tb) = (self.g.ty(a).clone(), self.g.ty(b).clone());
+        if ta.dtype != tb.dtype || !matches!(ta.dtype, DType::F32 | DType::F64) {
+            return Err(format!("operands {} and {} (Kiln multiplies float32 or float64 of one dtype)", ta.dtype, tb.dtype));
+        }
+        if let Some(r) = rank {
+            if ta.rank() != r || tb.rank() != r {
+                return Err(format!("operands of rank {} and {} (expected {r})", ta.rank(), tb.rank()));
+            }
+            if r == 3 && ta.shape[0] != tb.shape[0] {
+                return Err("bmm of different batch sizes".into());
+            }
+        }
+        if ta.rank() < 2 || tb.rank() < 2 {
+            return Err("a vector operand (rank 1) is not supported yet".into());
+        }
+        if ta.rank() == 2 && tb.rank() > 2 {
+            // Eager computes this as a transposed product and returns a transposed result.
+            return Err("a matrix times a batch of matrices is not supported yet".into());
+        }
+        Ok(self.g.matmul(a, b).map_err(|e| e.0)?)
+    }
+
+    /// linear(x, w, bias) = x · wᵀ + bias.
+    fn linear(&mut self, x: &Arg, w: &Arg, bias: &Arg) -> R<ValueId> {
+        let wv = self.tensor(w)?;
+        if self.g.ty(wv).rank() != 2 {
+            return Err("a weight that is not a matrix".into());
+        }
+        let wt = self.g.permute(wv, &[1, 0]).map_err(|e| e.0)?;
+        let p = self.matmul(x, &Arg::Tensor(wt), None)?;
+        match bias {
+            Arg::Const(Const::None) => Ok(p),
+            Arg::Tensor(b) if self.g.ty(*b).dtype == self.g.ty(p).dtype => Ok(self.g.binary(BinaryOp::Add, p, *b).map_err(|e| e.0)?),
+            _ => Err("a bias of another dtype".into()),
+        }
+    }
+
+    /// beta · bias + alpha · p (addmm, baddbmm): eager skips the bias when beta is 0 (so a NaN
+    /// in it does not propagate).
+    fn scaled_sum(&mut self, p: ValueId, bias: &Arg, beta: &Arg, alpha: &Arg) -> R<ValueId> {
+        let d = self.g.ty(p).dtype;
+        let bias = self.tensor(bias)?;
+        if self.g.ty(bias).dtype != d {
+            return Err("a bias of another dtype".into());
+        }
+        let (beta, alpha) = (scalar(const_of(beta)?)?.as_f64(), scalar(const_of(alpha)?)?.as_f64());
+        let p = if alpha == 1.0 {
+            p
+        } else {
+            let a = self.g.constant(Scalar::Float(alpha), d);
+            self.g.binary(BinaryOp::Mul, p, a).map_err(|e| e.0)?
+        };
+        if beta == 0.0 {
+            return Ok(p);
+        }
+        let bias = if beta == 1.0 {
+            bias
+        } else {
+            let b = self.g.constant(Scalar::Float(beta), d);
+            self.g.binary(BinaryOp::Mul, bias, b).map_err(|e| e.0)?
+        };
+        Ok(self.g.binary(BinaryOp::Add, bias, p).map_err(|e| e.0)?)
     }
 
     fn to(&mut self, x: &Arg, dtype: &Arg) -> R<ValueId> {
@@ -492,6 +627,13 @@ fn scalar(c: &Const) -> R<Scalar> {
         Const::Int(i) => Ok(Scalar::Int(*i)),
         Const::Float(f) => Ok(Scalar::Float(*f)),
         c => Err(format!("expected a number, got {c:?}")),
+    }
+}
+
+fn const_of(a: &Arg) -> R<&Const> {
+    match a {
+        Arg::Const(c) => Ok(c),
+        Arg::Tensor(_) => Err("a tensor where a number was expected".into()),
     }
 }
 
@@ -553,7 +695,7 @@ mod tests {
 
     fn check(dump: &str, want: Expect) {
         let out = match parse(dump).and_then(|r| lower(&r)) {
-            Ok(l) => format!("{}", kiln_compiler::passes::optimize(&l.graph)),
+            Ok(l) => format!("{}", kiln_compiler::graph::passes::optimize(&l.graph)),
             Err(e) => format!("error: {e}\n"),
         };
         want.assert_eq(&out);

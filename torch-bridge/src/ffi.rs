@@ -165,7 +165,7 @@ pub unsafe extern "C" fn kiln_rs_node_supported(dump: *const c_char, len: usize,
     let verdict = guarded(Err("internal error (panic) while checking".to_string()), || {
         let region = crate::ts_dump::parse(dump)?;
         if region.inputs().all(Option::is_some) {
-            return crate::aten::lower(&region).map(|_| ());
+            return crate::aten::lower_node(&region).map(|_| ());
         }
         match region.node_kinds().first() {
             Some(kind) if crate::aten::KINDS.contains(&kind.as_str()) => Ok(()),

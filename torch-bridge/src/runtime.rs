@@ -7,7 +7,7 @@
 //! Kiln takes types from the live tensors ([`kiln_profiler`]) and guards on exactly those
 //! ([`kiln_guards`]). Once a dim has been seen with two sizes (`dynamic="auto"`), or from the
 //! first call (`"always"`), the region is compiled for symbolic sizes where its code allows
-//! (`kiln_compiler::symbolic`): one specialisation then serves every size ≥ 2 of those dims.
+//! (`kiln_compiler::lower::symbolic`): one specialisation then serves every size ≥ 2 of those dims.
 //! A region holds up to `max_specializations` specialisations; any other call runs
 //! TorchScript's fallback. Regions are never freed: the graphs that name them by id live as
 //! long as the process may call them.
@@ -15,7 +15,7 @@
 use crate::aten;
 use crate::ts_dump::{InputDecl, Region as Dump};
 use kiln_cache::{CacheKey, CompileMode, DiskCache, ProgramCache, Request, Source};
-use kiln_compiler::symbolic::{self, SymbolicShapes};
+use kiln_compiler::lower::symbolic::{self, SymbolicShapes};
 use kiln_compiler::lower::LoopProgram;
 use kiln_compiler::{CompileOptions, CompiledProgram, Target};
 use kiln_guards::{DimGuard, GuardSet, StrideGuard};
@@ -446,7 +446,7 @@ impl Runtime {
 
     /// The region lowered at sample sizes of the symbols of `guards`: its guards, its lowering
     /// at the first sample (what is compiled) and how it runs at other sizes, if the lowerings
-    /// differ only by products of symbols (`kiln_compiler::symbolic`).
+    /// differ only by products of symbols (`kiln_compiler::lower::symbolic`).
     fn infer_symbolic(&self, dump: &Dump, live: &[InputDecl], guards: GuardSet) -> Result<SymbolicCode, String> {
         let statics: Vec<i64> =
             guards.tensors.iter().flat_map(|t| t.dims.iter().filter_map(|d| if let DimGuard::Size(n) = d { Some(*n) } else { None })).collect();
@@ -467,7 +467,7 @@ impl Runtime {
                         })
                         .collect();
                     let strides = match &t.strides {
-                        StrideGuard::Dense(order) => kiln_compiler::layout::dense_strides(&sizes, order),
+                        StrideGuard::Dense(order) => kiln_compiler::graph::layout::dense_strides(&sizes, order),
                         StrideGuard::Exact(_) => d.strides.clone(),
                     };
                     InputDecl { dtype: d.dtype.clone(), sizes, strides }

@@ -17,7 +17,7 @@ use inkwell::values::{BasicValueEnum, FloatValue, FunctionValue, IntValue, Point
 use inkwell::{AddressSpace, FloatPredicate, IntPredicate};
 use std::collections::HashMap;
 
-fn used_buffers(k: &Kernel) -> Vec<BufId> {
+pub(crate) fn used_buffers(k: &Kernel) -> Vec<BufId> {
     let mut bufs = vec![];
     for (e, _) in &k.exprs {
         if let Expr::Load { buf, .. } = e {
@@ -181,7 +181,7 @@ fn set_interleave_count(ctx: &Context, latch: inkwell::values::InstructionValue<
     }
 }
 
-fn llvm_type<'ctx>(ctx: &'ctx Context, d: DType) -> BasicTypeEnum<'ctx> {
+pub(crate) fn llvm_type<'ctx>(ctx: &'ctx Context, d: DType) -> BasicTypeEnum<'ctx> {
     match d {
         DType::Bool => ctx.bool_type().into(),
         DType::I32 => ctx.i32_type().into(),
@@ -199,23 +199,26 @@ fn mem_type<'ctx>(ctx: &'ctx Context, d: DType) -> BasicTypeEnum<'ctx> {
     }
 }
 
-struct Emitter<'a, 'ctx> {
-    ctx: &'ctx Context,
-    module: &'a Module<'ctx>,
-    b: &'a Builder<'ctx>,
-    k: &'a Kernel,
-    f: FunctionValue<'ctx>,
-    bufs: HashMap<BufId, (PointerValue<'ctx>, DType)>,
-    vars: HashMap<VarId, PointerValue<'ctx>>,
-    accs: Vec<PointerValue<'ctx>>,
+/// Emits a kernel's statements and expressions into the function `f`. Other kernel
+/// generators (GEMM's epilogue) use it for the expression DAG of a loop-IR kernel.
+pub(crate) struct Emitter<'a, 'ctx> {
+    pub ctx: &'ctx Context,
+    pub module: &'a Module<'ctx>,
+    pub b: &'a Builder<'ctx>,
+    pub k: &'a Kernel,
+    pub f: FunctionValue<'ctx>,
+    pub bufs: HashMap<BufId, (PointerValue<'ctx>, DType)>,
+    /// A stack slot per loop variable (mem2reg makes them SSA).
+    pub vars: HashMap<VarId, PointerValue<'ctx>>,
+    pub accs: Vec<PointerValue<'ctx>>,
     /// Expressions already computed in the current straight-line block.
-    memo: HashMap<ExprId, BasicValueEnum<'ctx>>,
+    pub memo: HashMap<ExprId, BasicValueEnum<'ctx>>,
     /// The program's parameters, loaded at entry.
-    params: Vec<IntValue<'ctx>>,
-    interleave: u32,
+    pub params: Vec<IntValue<'ctx>>,
+    pub interleave: u32,
 }
 
-type R<T> = Result<T, CodegenError>;
+pub(crate) type R<T> = Result<T, CodegenError>;
 
 impl<'a, 'ctx> Emitter<'a, 'ctx> {
     fn math(&self) -> Math<'a, 'ctx> {
@@ -258,7 +261,7 @@ impl<'a, 'ctx> Emitter<'a, 'ctx> {
         Ok(())
     }
 
-    fn emit_stmt(&mut self, s: &Stmt) -> R<()> {
+    pub(crate) fn emit_stmt(&mut self, s: &Stmt) -> R<()> {
         match s {
             Stmt::Loop(l) => {
                 self.emit_loop(l, None)?;

@@ -22,7 +22,13 @@ pub mod loops;
 pub mod math;
 pub mod target;
 
-use loops::emit_kernel;
+/// Emits one kernel of any kind under the symbol `name`.
+fn emit<'ctx>(ctx: &'ctx Context, module: &inkwell::module::Module<'ctx>, k: &Kernel, buffer_dtypes: &[DType], target: &Target, opts: &CompileOptions, name: &str) -> Result<(), CodegenError> {
+    match &k.gemm {
+        Some(spec) => crate::kernels::gemm::microkernel::emit(ctx, module, k, spec, buffer_dtypes, target, opts, name),
+        None => loops::emit_kernel(ctx, module, k, buffer_dtypes, target, opts, name),
+    }
+}
 
 #[derive(thiserror::Error, Debug)]
 pub enum CodegenError {
@@ -57,7 +63,7 @@ pub fn compile(kernels: &[Kernel], buffer_dtypes: &[DType], target: &Target, pre
     let mut symbols = vec![];
     for k in kernels {
         let name = format!("{prefix}_{}", k.name);
-        emit_kernel(&ctx, &module, k, buffer_dtypes, target, opts, &name)?;
+        emit(&ctx, &module, k, buffer_dtypes, target, opts, &name)?;
         symbols.push(name);
     }
     module.verify().map_err(|e| CodegenError::Llvm(format!("invalid module: {e}")))?;
@@ -74,7 +80,7 @@ pub fn llvm_ir(kernels: &[Kernel], buffer_dtypes: &[DType], target: &Target, opt
     let module = ctx.create_module("kiln");
     let tm = target_machine(target)?;
     for k in kernels {
-        emit_kernel(&ctx, &module, k, buffer_dtypes, target, opts, &k.name)?;
+        emit(&ctx, &module, k, buffer_dtypes, target, opts, &k.name)?;
     }
     module.run_passes(&opts.pipeline, &tm, PassBuilderOptions::create()).map_err(|e| CodegenError::Llvm(e.to_string()))?;
     Ok(module.print_to_string().to_string())

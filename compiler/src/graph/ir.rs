@@ -148,12 +148,19 @@ pub enum Op {
     Cast,
     Reduce { op: ReduceOp, dims: Vec<usize>, keepdim: bool },
     Softmax { dim: usize, log: bool },
+    /// A view with its dims reordered: output dim i is input dim `dims[i]`. Lowered as index
+    /// arithmetic (no copy): it reads its input at permuted coordinates.
+    Permute(Vec<usize>),
+    /// Matrix product of a[batch…, m, k] and b[batch…, k, n], batch dims broadcast
+    /// (right-aligned): torch.matmul for operands of rank ≥ 2.
+    MatMul,
 }
 
 impl Op {
-    /// Pointwise ops are inlined into their consumers; the others own a kernel.
+    /// Pointwise ops are inlined into their consumers; the others own a kernel. A permute is
+    /// "pointwise" in that sense: its consumers read through it.
     pub fn is_pointwise(&self) -> bool {
-        !matches!(self, Op::Reduce { .. } | Op::Softmax { .. } | Op::Input(_))
+        !matches!(self, Op::Reduce { .. } | Op::Softmax { .. } | Op::Input(_) | Op::MatMul)
     }
 }
 
@@ -339,6 +346,35 @@ impl Graph {
         Ok(self.push(Op::Softmax { dim, log }, vec![x], ty))
     }
 
+    pub fn permute(&mut self, x: ValueId, dims: &[usize]) -> Result<ValueId, IrError> {
+        let ty = self.ty(x).clone();
+        let mut sorted = dims.to_vec();
+        sorted.sort_unstable();
+        if sorted != row_major(ty.rank()) {
+            return err(format!("permute: {dims:?} is not an order of {} dims", ty.rank()));
+        }
+        let shape = dims.iter().map(|&d| ty.shape[d]).collect();
+        Ok(self.push(Op::Permute(dims.to_vec()), vec![x], TensorType { dtype: ty.dtype, shape }))
+    }
+
+    pub fn matmul(&mut self, a: ValueId, b: ValueId) -> Result<ValueId, IrError> {
+        let (ta, tb) = (self.ty(a).clone(), self.ty(b).clone());
+        if ta.dtype != tb.dtype || !matches!(ta.dtype, DType::F32 | DType::F64) {
+            return err(format!("matmul takes two float32 or float64 operands, not {} and {}", ta.dtype, tb.dtype));
+        }
+        if ta.rank() < 2 || tb.rank() < 2 {
+            return err("matmul operands have rank 2 or more (the frontend reshapes vectors)");
+        }
+        let (ra, rb) = (ta.rank(), tb.rank());
+        if ta.shape[ra - 1] != tb.shape[rb - 2] {
+            return err(format!("matmul: {} x {} do not match", ta, tb));
+        }
+        let mut shape = broadcast_shapes(&ta.shape[..ra - 2], &tb.shape[..rb - 2])?;
+        shape.push(ta.shape[ra - 2]);
+        shape.push(tb.shape[rb - 1]);
+        Ok(self.push(Op::MatMul, vec![a, b], TensorType { dtype: ta.dtype, shape }))
+    }
+
     /// Sets the outputs, laid out row-major.
     pub fn set_outputs(&mut self, outputs: Vec<ValueId>) {
         self.output_orders = outputs.iter().map(|&v| row_major(self.ty(v).rank())).collect();
@@ -404,6 +440,8 @@ impl fmt::Display for Graph {
                 Op::Softmax { dim, log } => {
                     format!("{}({args}) dim={dim}", if *log { "log_softmax" } else { "softmax" })
                 }
+                Op::Permute(dims) => format!("permute({args}) dims={dims:?}"),
+                Op::MatMul => format!("matmul({args})"),
             };
             writeln!(f, "  %{i} = {head} : {}", n.ty)?;
         }
@@ -500,6 +538,16 @@ pub fn parse_graph(text: &str) -> Result<Graph, IrError> {
                 "softmax" | "log_softmax" => {
                     let dim = attr("dim").and_then(|d| d.parse().ok()).ok_or_else(|| IrError("softmax needs dim=".into()))?;
                     g.softmax(ins()?[0], dim, opname == "log_softmax")?
+                }
+                "permute" => {
+                    let dims = attr("dims").ok_or_else(|| IrError("permute needs dims=".into()))?;
+                    let dims = dims.trim_matches(|c| c == '[' || c == ']');
+                    let dims: Vec<usize> = dims.split(',').filter(|s| !s.trim().is_empty()).map(|s| s.trim().parse().unwrap_or(usize::MAX)).collect();
+                    g.permute(ins()?[0], &dims)?
+                }
+                "matmul" => {
+                    let i = ins()?;
+                    g.matmul(i[0], i[1])?
                 }
                 _ => return err(format!("unknown op {opname}")),
             }

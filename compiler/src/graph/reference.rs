@@ -242,6 +242,27 @@ fn softmax(x: &Tensor, dim: usize, log: bool) -> Vec<Scalar> {
     out
 }
 
+/// Each element the exact-as-f64 sum of its products, rounded once to the dtype.
+fn matmul(a: &Tensor, b: &Tensor, out_sizes: &[i64]) -> Vec<Scalar> {
+    let r = out_sizes.len();
+    let k = a.sizes[a.sizes.len() - 1];
+    (0..numel(out_sizes))
+        .map(|i| {
+            let c = coords(i, out_sizes);
+            let (batch, row, col) = (&c[..r - 2], c[r - 2], c[r - 1]);
+            let at_batch = |t: &Tensor, x: i64, y: i64| {
+                // `at` right-aligns: a lower-rank operand broadcasts over the leading batch dims.
+                let mut idx = batch.to_vec();
+                idx.push(x);
+                idx.push(y);
+                f(at(t, &idx))
+            };
+            let sum: f64 = (0..k).map(|p| at_batch(a, row, p) * at_batch(b, p, col)).sum();
+            round(Scalar::Float(sum), a.dtype)
+        })
+        .collect()
+}
+
 /// Evaluates `g` on dense row-major inputs; returns the outputs in order.
 pub fn eval(g: &Graph, inputs: &[Tensor]) -> Vec<Tensor> {
     let mut vals: Vec<Tensor> = Vec::with_capacity(g.nodes.len());
@@ -260,6 +281,14 @@ pub fn eval(g: &Graph, inputs: &[Tensor]) -> Vec<Tensor> {
             Op::Cast => pointwise(&|c| at(arg(0), c).cast(d)),
             Op::Reduce { op, dims, keepdim } => reduce(arg(0), *op, dims, *keepdim, &sizes),
             Op::Softmax { dim, log } => softmax(arg(0), *dim, *log),
+            Op::Permute(dims) => pointwise(&|c| {
+                let mut src = vec![0; c.len()];
+                for (i, &d) in dims.iter().enumerate() {
+                    src[d] = c[i];
+                }
+                at(arg(0), &src)
+            }),
+            Op::MatMul => matmul(arg(0), arg(1), &sizes),
         };
         vals.push(Tensor { dtype: d, sizes, data });
     }

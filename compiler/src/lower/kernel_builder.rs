@@ -23,11 +23,13 @@ pub struct KernelBuilder<'a> {
     memo: HashMap<(ValueId, Coords), ExprId>,
     accs: Vec<DType>,
     num_vars: u32,
+    /// In a GEMM kernel's epilogue: the product's value, read as this accumulator.
+    product: Option<(ValueId, AccId)>,
 }
 
 impl<'a> KernelBuilder<'a> {
     pub fn new(g: &'a Graph, bufs: &'a HashMap<ValueId, Target>, materialised: &'a HashSet<ValueId>, name: String) -> Self {
-        KernelBuilder { g, bufs, materialised, name, arena: ExprArena::default(), memo: HashMap::new(), accs: vec![], num_vars: 0 }
+        KernelBuilder { g, bufs, materialised, name, arena: ExprArena::default(), memo: HashMap::new(), accs: vec![], num_vars: 0, product: None }
     }
     fn var(&mut self) -> VarId {
         self.num_vars += 1;
@@ -51,7 +53,9 @@ impl<'a> KernelBuilder<'a> {
         let node = self.g.node(v);
         // Other pointwise values are recomputed, never read back: their buffer (if they are
         // outputs) is written by the last kernel.
-        let e = if !node.op.is_pointwise() || self.materialised.contains(&v) {
+        let e = if let Some((_, acc)) = self.product.filter(|p| p.0 == v) {
+            self.arena.add(Expr::Acc(acc), node.ty.dtype)
+        } else if !node.op.is_pointwise() || self.materialised.contains(&v) {
             let (buf, strides) = &self.bufs[&v];
             let terms = coords.iter().zip(strides).filter_map(|(c, &s)| c.map(|var| (var, s))).collect();
             self.arena.add(Expr::Load { buf: *buf, index: Index { terms, offset: 0, params: vec![] } }, node.ty.dtype)
@@ -66,6 +70,14 @@ impl<'a> KernelBuilder<'a> {
     fn compute(&mut self, v: ValueId, coords: &Coords) -> ExprId {
         let node = self.g.node(v);
         let dtype = node.ty.dtype;
+        if let Op::Permute(dims) = &node.op {
+            // Output dim i is input dim dims[i]: the input is read where the output is.
+            let mut c = vec![None; dims.len()];
+            for (i, &d) in dims.iter().enumerate() {
+                c[d] = coords[i];
+            }
+            return self.value(node.inputs[0], &c);
+        }
         {
             let shape = node.ty.static_shape().unwrap();
             let args: Vec<ExprId> = node
@@ -85,7 +97,7 @@ impl<'a> KernelBuilder<'a> {
                 Op::Compare(c) => Expr::Compare(*c, args[0], args[1]),
                 Op::Where => Expr::Select(args[0], args[1], args[2]),
                 Op::Cast => Expr::Cast(args[0]),
-                Op::Input(_) | Op::Reduce { .. } | Op::Softmax { .. } => unreachable!("not pointwise"),
+                Op::Input(_) | Op::Reduce { .. } | Op::Softmax { .. } | Op::MatMul | Op::Permute(_) => unreachable!("not pointwise, or handled above"),
             };
             self.arena.add(expr, dtype)
         }
@@ -123,7 +135,7 @@ impl<'a> KernelBuilder<'a> {
                 Loop { var: VarId(num_vars - 1), extent: Dim::Const(1), kind: LoopKind::Serial, body }
             }
         };
-        Kernel { name: self.name, root, exprs: self.arena.exprs, accs: self.accs, num_vars, work_per_iter }
+        Kernel { name: self.name, root, exprs: self.arena.exprs, accs: self.accs, num_vars, work_per_iter, gemm: None }
     }
 
     /// One kernel over `shape` computing each value into its target buffer, its loops nested
@@ -198,6 +210,77 @@ impl<'a> KernelBuilder<'a> {
         let kext: Vec<i64> = kept.iter().map(|&d| xshape[d]).collect();
         let body = Self::nest(&kvars, &kext, inner);
         self.finish(body, count.max(1))
+    }
+
+    /// Where `v`'s elements are read from without computing: its own buffer, or for a permute
+    /// the buffer of its input with the strides permuted. None for a value computed inline.
+    pub fn strided(&self, v: ValueId) -> Option<Target> {
+        if let Some(t) = self.bufs.get(&v) {
+            return Some(t.clone());
+        }
+        match &self.g.node(v).op {
+            Op::Permute(dims) if !self.materialised.contains(&v) => {
+                let (buf, strides) = self.strided(self.g.node(v).inputs[0])?;
+                Some((buf, dims.iter().map(|&d| strides[d]).collect()))
+            }
+            _ => None,
+        }
+    }
+
+    /// Coordinates of a matmul operand of `shape` (batch dims right-aligned to the output's
+    /// `batch` vars, then its two matrix dims), a size-1 dim broadcast.
+    fn operand_coords(shape: &[i64], batch: &[VarId], row: VarId, col: VarId) -> Coords {
+        let nb = shape.len() - 2;
+        let mut c: Coords = batch[batch.len() - nb..].iter().map(|&v| Some(v)).collect();
+        c.push(Some(row));
+        c.push(Some(col));
+        c.iter().zip(shape).map(|(&v, &n)| if n == 1 { None } else { v }).collect()
+    }
+
+    /// A matmul as a loop nest: each output element one accumulation over k, innermost (a
+    /// vectorised dot product when k is contiguous: the GEMV path, and any matmul the GEMM
+    /// kernel does not take). Accumulates in the dtype, as BLAS does.
+    pub fn matmul_loops(mut self, out: ValueId) -> Kernel {
+        let (a, b) = (self.g.node(out).inputs[0], self.g.node(out).inputs[1]);
+        let (ashape, bshape) = (self.g.ty(a).static_shape().unwrap(), self.g.ty(b).static_shape().unwrap());
+        let shape = self.g.ty(out).static_shape().unwrap();
+        let dtype = self.g.ty(out).dtype;
+        let r = shape.len();
+        let vars: Vec<VarId> = shape.iter().map(|_| self.var()).collect();
+        let kvar = self.var();
+        let k = ashape[ashape.len() - 1];
+        let av = self.value(a, &Self::operand_coords(&ashape, &vars[..r - 2], vars[r - 2], kvar));
+        let bv = self.value(b, &Self::operand_coords(&bshape, &vars[..r - 2], kvar, vars[r - 1]));
+        let prod = self.arena.add(Expr::Binary(BinaryOp::Mul, av, bv), dtype);
+        let acc = self.acc(dtype);
+        let zero = self.konst(Scalar::Int(0), dtype);
+        let result = self.arena.add(Expr::Acc(acc), dtype);
+        let coords: Coords = vars.iter().zip(&shape).map(|(&v, &n)| if n == 1 { None } else { Some(v) }).collect();
+        let store = self.store(out, &coords, result);
+        let mut inner = vec![Stmt::Init { acc, value: zero }];
+        inner.extend(Self::nest(&[kvar], &[k], vec![Stmt::Update { acc, combine: Combine::Add, value: prod }]));
+        inner.push(store);
+        let body = Self::nest(&vars[..r - 1], &shape[..r - 1], vec![Stmt::Loop(Loop { var: vars[r - 1], extent: Dim::Const(shape[r - 1]), kind: LoopKind::Serial, body: inner })]);
+        self.finish(body, k.max(1))
+    }
+
+    /// A matmul on the GEMM kernel: the loop nest over the output is the epilogue (storing the
+    /// product; `lower::epilogue` fuses pointwise consumers into it later).
+    pub fn gemm(mut self, out: ValueId, shape: crate::kernels::gemm::GemmShape) -> Kernel {
+        let dims = self.g.ty(out).static_shape().unwrap();
+        let r = dims.len();
+        let vars: Vec<VarId> = dims.iter().map(|_| self.var()).collect();
+        let acc = self.acc(DType::F32);
+        self.product = Some((out, acc));
+        let coords: Coords = vars.iter().zip(&dims).map(|(&v, &n)| if n == 1 { None } else { Some(v) }).collect();
+        let value = self.value(out, &coords);
+        let store = self.store(out, &coords, value);
+        let body = Self::nest(&vars, &dims, vec![store]);
+        let spec = crate::kernels::gemm::GemmSpec { batch_vars: vars[..r - 2].to_vec(), row_var: vars[r - 2], col_var: vars[r - 1], acc, shape };
+        let work = spec.shape.flops();
+        let mut k = self.finish(body, work);
+        k.gemm = Some(Box::new(spec));
+        k
     }
 
     pub fn softmax(mut self, out: ValueId, dim: usize, log: bool) -> Kernel {

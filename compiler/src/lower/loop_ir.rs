@@ -86,6 +86,9 @@ pub struct Kernel {
     pub num_vars: u32,
     /// Rough element operations per outer iteration; the runtime's parallel grain.
     pub work_per_iter: i64,
+    /// A GEMM: the loop nest is its epilogue, run by the microkernel on each register tile
+    /// (`kernels::gemm`), and the runtime's GEMM loops drive it instead of the root loop.
+    pub gemm: Option<Box<crate::kernels::gemm::GemmSpec>>,
 }
 
 impl Kernel {
@@ -211,6 +214,16 @@ impl fmt::Display for Kernel {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let mut out = String::new();
         writeln!(out, "kernel {}:", self.name).unwrap();
+        if let Some(g) = &self.gemm {
+            let s = &g.shape;
+            let operand = |o: &crate::kernels::gemm::GemmOperand| format!("b{}[batch {:?}, rows {}, cols {}]", o.buf.0, o.batch_strides, o.rows, o.cols);
+            writeln!(
+                out,
+                "  gemm acc{} = {} x {}: batch {:?} m {} n {} k {}, tile {}x{}, epilogue per element:",
+                g.acc.0, operand(&s.a), operand(&s.b), s.batch, s.m, s.n, s.k, s.tile.mr, s.tile.nr
+            )
+            .unwrap();
+        }
         self.fmt_loop(&self.root, 1, &mut out);
         f.write_str(&out)
     }

@@ -19,6 +19,12 @@ pub fn plan_memory(buffers: &mut [BufferDecl], kernels: &[Kernel]) -> usize {
             }
         }
         visit_stores(&k.root, &mut |b| note(b));
+        if let Some(g) = &k.gemm {
+            // The runtime's GEMM loops read the operands and fill the pack buffers.
+            for b in [g.shape.a.buf, g.shape.b.buf, g.shape.pack_a, g.shape.pack_b] {
+                note(b);
+            }
+        }
     }
     let mut placed: Vec<(usize, usize, usize, usize)> = vec![]; // (offset, bytes, first, last)
     let mut arena = 0;

@@ -17,6 +17,7 @@ use crate::lower::loop_ir::*;
 use kernel_builder::{KernelBuilder, Target};
 use std::collections::HashMap;
 
+pub mod epilogue;
 pub mod kernel_builder;
 pub mod loop_ir;
 pub mod materialize;
@@ -125,7 +126,17 @@ pub fn lower(g: &Graph, input_strides: &[Vec<i64>]) -> Result<LoopProgram, Lower
     }
     // Non-pointwise nodes and materialised pointwise values that are not outputs become temps;
     // offsets come from the memory plan.
-    let materialised = crate::lower::materialize::choose(g);
+    let mut materialised = crate::lower::materialize::choose(g);
+    // A matmul reads each operand element many times: operands are buffers (or views of one).
+    for n in g.nodes.iter().filter(|n| n.op == Op::MatMul) {
+        for &x in &n.inputs {
+            let base = view_base(g, x);
+            if g.node(base).op.is_pointwise() {
+                materialised.insert(base);
+            }
+        }
+    }
+    let materialised = materialised;
     let buffered = |v: ValueId| !g.node(v).op.is_pointwise() || materialised.contains(&v);
     for (i, n) in g.nodes.iter().enumerate() {
         let v = ValueId(i as u32);
@@ -155,6 +166,10 @@ pub fn lower(g: &Graph, input_strides: &[Vec<i64>]) -> Result<LoopProgram, Lower
         match &n.op {
             Op::Reduce { op, dims, keepdim } => kernels.push(b.reduction(v, *op, dims, *keepdim)),
             Op::Softmax { dim, log } => kernels.push(b.softmax(v, *dim, *log)),
+            Op::MatMul => match gemm_shape(g, v, &b, &mut buffers) {
+                Some(shape) => kernels.push(b.gemm(v, shape)),
+                None => kernels.push(b.matmul_loops(v)),
+            },
             _ if materialised.contains(&v) => {
                 let shape = shape_of(v)?;
                 let order = output_order.get(&v).cloned().unwrap_or_else(|| row_major(shape.len()));
@@ -173,11 +188,56 @@ pub fn lower(g: &Graph, input_strides: &[Vec<i64>]) -> Result<LoopProgram, Lower
         let b = KernelBuilder::new(g, &buf_of, &materialised, format!("k{}", kernels.len()));
         kernels.push(b.pointwise(shape, order, targets));
     }
-    for k in &mut kernels {
+    epilogue::fuse(&mut kernels, &mut buffers);
+    for k in kernels.iter_mut().filter(|k| k.gemm.is_none()) {
         schedule::schedule(k);
     }
     let arena_bytes = memory_plan::plan_memory(&mut buffers, &kernels);
     Ok(LoopProgram { buffers, kernels, arena_bytes, num_inputs: g.inputs.len(), num_outputs: g.outputs.len() })
+}
+
+/// The value a chain of views (permutes) reads from.
+fn view_base(g: &Graph, mut v: ValueId) -> ValueId {
+    while let Op::Permute(_) = g.node(v).op {
+        v = g.node(v).inputs[0];
+    }
+    v
+}
+
+/// Smallest output a matmul runs on the GEMM kernel with: below, the register tile would be
+/// mostly padding and the loop nest (a dot product per element) is faster.
+const GEMM_MIN_ROWS: i64 = 4;
+const GEMM_MIN_COLS: i64 = 16;
+
+/// The GEMM kernel's description of matmul `v`, with its pack buffers added to `buffers`; None
+/// where the loop nest takes it (float64, a thin output, an operand not in memory).
+fn gemm_shape(g: &Graph, v: ValueId, b: &KernelBuilder, buffers: &mut Vec<BufferDecl>) -> Option<crate::kernels::gemm::GemmShape> {
+    use crate::kernels::gemm::{GemmOperand, GemmShape, GemmTile};
+    let out = g.ty(v).static_shape()?;
+    let r = out.len();
+    let (m, n) = (out[r - 2], out[r - 1]);
+    let (a, bv) = (g.node(v).inputs[0], g.node(v).inputs[1]);
+    let k = g.ty(a).static_shape()?.last().copied()?;
+    if g.ty(v).dtype != DType::F32 || m < GEMM_MIN_ROWS || n < GEMM_MIN_COLS || r - 2 > crate::runtime::gemm::MAX_BATCH_DIMS {
+        return None;
+    }
+    let operand = |x: ValueId| -> Option<GemmOperand> {
+        let (buf, strides) = b.strided(x)?;
+        let shape = g.ty(x).static_shape()?;
+        let nb = shape.len() - 2;
+        let mut batch_strides = vec![0; r - 2 - nb];
+        batch_strides.extend((0..nb).map(|d| if shape[d] == 1 { 0 } else { strides[d] }));
+        Some(GemmOperand { buf, batch_strides, rows: strides[nb], cols: strides[nb + 1] })
+    };
+    let (a, bop) = (operand(a)?, operand(bv)?);
+    let mut shape = GemmShape { batch: out[..r - 2].to_vec(), m, n, k, a, b: bop, tile: GemmTile::avx512(), pack_a: BufId(0), pack_b: BufId(0) };
+    let mut scratch = |elems: i64| {
+        buffers.push(BufferDecl { dtype: DType::F32, sizes: vec![elems], kind: BufferKind::Temp { offset: 0 }, order: row_major(1) });
+        BufId(buffers.len() as u32 - 1)
+    };
+    shape.pack_a = scratch(shape.packed_a_elems());
+    shape.pack_b = scratch(shape.packed_b_elems());
+    Some(shape)
 }
 
 /// Appends `item` to the list for `key`, starting one if there is none.

@@ -2,6 +2,7 @@
 //! run on caller-provided memory with per-thread scratch (`program`), on a persistent
 //! spin-then-park pool (`thread_pool`).
 
+pub mod gemm;
 pub mod jit;
 pub mod program;
 pub mod thread_pool;

@@ -1,0 +1,195 @@
+"""Benchmark (not a test): issue 10's models, Kiln beside eager, TorchScript, TorchScript +
+oneDNN fusion, torch.compile and ONNX Runtime in one process, median µs and ratios to Kiln,
+and a PNG chart. Random weights (`torch.manual_seed(0)`), eval, `torch.no_grad()`, scripted
+or traced, then frozen; 2 threads by default. Kiln's column says how much of each model ran
+in Kiln: the count of ops left in TorchScript, taken from `torch_kiln.explain`.
+
+    .venv/bin/python bench/models.py [--threads 2] [--reps 300] [--models mlp_b1 ...] [--png out.png]
+"""
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+import warnings
+
+import torch
+
+sys.path.insert(0, os.path.dirname(__file__))
+from pointwise import ensure  # noqa: E402
+
+warnings.filterwarnings("ignore")
+
+
+class MLP(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.l1, self.l2, self.l3 = torch.nn.Linear(512, 1024), torch.nn.Linear(1024, 1024), torch.nn.Linear(1024, 256)
+
+    def forward(self, x):
+        g = torch.nn.functional.gelu
+        return self.l3(g(self.l2(g(self.l1(x)))))
+
+
+class WaveStep(torch.nn.Module):
+    """One WaveRNN-style sampling step."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = torch.nn.Linear(256, 128)
+        self.gru = torch.nn.GRUCell(208, 512)
+        self.fc1, self.fc2 = torch.nn.Linear(512, 512), torch.nn.Linear(512, 256)
+
+    def forward(self, prev, cond, h):
+        x = torch.cat([self.embed(prev), cond], 1)
+        h = self.gru(x, h)
+        p = torch.softmax(self.fc2(torch.relu(self.fc1(h))), 1)
+        return p, h
+
+
+def encoder():
+    layer = torch.nn.TransformerEncoderLayer(256, 4, 1024, dropout=0.0, batch_first=True, activation="gelu")
+    return torch.nn.TransformerEncoder(layer, 4, enable_nested_tensor=False)
+
+
+def models():
+    onehot = torch.zeros(1, 256)
+    onehot[0, 3] = 1.0
+    return {
+        "mlp_b1": (MLP, (torch.randn(1, 512),), "script"),
+        "mlp_b64": (MLP, (torch.randn(64, 512),), "script"),
+        "wavestep": (WaveStep, (onehot, torch.randn(1, 80), torch.randn(1, 512)), "script"),
+        "encoder": (encoder, (torch.randn(1, 128, 256),), "trace"),
+    }
+
+
+def median_us(fn, args, reps):
+    for _ in range(max(10, reps // 10)):
+        fn(*args)
+    times = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        fn(*args)
+        times.append(time.perf_counter() - t)
+    times.sort()
+    return times[len(times) // 2] * 1e6
+
+
+def build(make, args, how):
+    torch.manual_seed(0)
+    m = make().eval()
+    ts = torch.jit.script(m) if how == "script" else torch.jit.trace(m, args)
+    return m, torch.jit.freeze(ts)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--reps", type=int, default=300)
+    ap.add_argument("--models", nargs="+", default=list(models()))
+    ap.add_argument("--png", default="bench/models.png")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    import torch_kiln
+
+    tools = ["kiln", "eager", "torchscript", "ts+onednn", "torch.compile", "onnxruntime"]
+    rows = []
+    for name in args.models:
+        make, inputs, how = models()[name]
+        times, notes = {}, []
+        with torch.no_grad():
+            eager, _ = build(make, inputs, how)
+            want = eager(*inputs)
+
+            def run(tool, fn):
+                try:
+                    for _ in range(3):
+                        out = fn(*inputs)
+                    torch.testing.assert_close(out, want, rtol=1e-4, atol=1e-4)
+                    times[tool] = median_us(fn, inputs, args.reps)
+                except Exception as e:  # one broken tool must not hide the others
+                    times[tool] = f"failed: {type(e).__name__}: {str(e).splitlines()[0][:60] if str(e) else ''}"
+
+            run("eager", eager)
+            run("torchscript", build(make, inputs, how)[1])
+            torch.jit.enable_onednn_fusion(True)
+            try:
+                run("ts+onednn", build(make, inputs, how)[1])
+            finally:
+                torch.jit.enable_onednn_fusion(False)
+            run("torch.compile", torch.compile(eager))
+            try:
+                ensure("onnx", "onnxruntime", "onnxscript")
+                import onnxruntime as ort
+
+                path = os.path.join(tempfile.mkdtemp(), "m.onnx")
+                names = [f"i{i}" for i in range(len(inputs))]
+                torch.onnx.export(eager, inputs, path, input_names=names, dynamo=True, verbose=False)
+                opts = ort.SessionOptions()
+                opts.intra_op_num_threads, opts.inter_op_num_threads = args.threads, 1
+                sess = ort.InferenceSession(path, opts, providers=["CPUExecutionProvider"])
+
+                def ort_fn(*xs):
+                    outs = sess.run(None, {n: x.numpy() for n, x in zip(names, xs)})
+                    outs = [torch.from_numpy(o) for o in outs]
+                    return outs[0] if len(outs) == 1 else tuple(outs)
+
+                run("onnxruntime", ort_fn)
+            except Exception as e:
+                times["onnxruntime"] = f"failed: {type(e).__name__}"
+            torch_kiln.enable(num_threads=args.threads)
+            torch_kiln.reset()
+            k = build(make, inputs, how)[1]
+            run("kiln", k)
+            text = torch_kiln.explain(k)
+            left = [line.split("]")[1].split(":")[0].strip() for line in text.splitlines() if line.startswith("  [torchscript]")]
+            notes.append(f"{len(left)} op(s) left in TorchScript" + (f": {', '.join(sorted(set(left)))[:80]}" if left else ""))
+            torch_kiln.disable()
+        rows.append((name, times, notes))
+
+    print(f"\nmodels, {args.threads} threads, median µs (x = time / Kiln's)")
+    print(f"{'model':10}" + "".join(f"{t:>22}" for t in tools))
+    for name, times, notes in rows:
+        k = times.get("kiln")
+        cells = []
+        for t in tools:
+            v = times.get(t)
+            if isinstance(v, float):
+                cells.append(f"{v:9.1f}" + (f" ({v / k:5.2f}x)" if isinstance(k, float) else ""))
+            else:
+                cells.append(" " + str(v)[:21])
+        print(f"{name:10}" + "".join(f"{c:>22}" for c in cells))
+        for n in notes:
+            print(f"{'':10}kiln: {n}")
+    for name, times, _ in rows:
+        for t, v in times.items():
+            if not isinstance(v, float):
+                print(f"  {name} / {t}: {v}")
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        ensure("matplotlib")
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(10, 4))
+    width = 0.8 / len(tools)
+    for i, t in enumerate(tools):
+        vals = [r[1].get(t) if isinstance(r[1].get(t), float) else 0 for r in rows]
+        ax.bar([j + i * width for j in range(len(rows))], vals, width, label=t)
+    ax.set_xticks([j + 0.4 - width / 2 for j in range(len(rows))], [r[0] for r in rows])
+    ax.set_ylabel("median µs (lower is better)")
+    ax.set_yscale("log")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(args.png, dpi=120)
+    print(f"chart: {args.png}")
+
+
+if __name__ == "__main__":
+    main()

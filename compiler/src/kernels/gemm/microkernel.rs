@@ -1,0 +1,199 @@
+//! The GEMM microkernel with its epilogue, as LLVM IR:
+//!
+//! `void NAME(ptr table, ptr a_panel, ptr b_panel, i64 k, ptr coords, i64 rows, i64 cols)`
+//!
+//! computes the `mr × nr` tile Σₚ a_panel[p][r] · b_panel[p][c] in `mr × nr/16` vector
+//! accumulators (one float32 FMA chain per element, p increasing), then runs the kernel's
+//! epilogue on the first `rows × cols` elements of the tile: `coords` holds the tile's batch
+//! coordinates, its first row and its first column, and the epilogue's loads and stores
+//! address the program's buffers (`table`) at those absolute coordinates. Panels are packed
+//! by the runtime (`runtime::gemm`): `a_panel` is k × mr floats, `b_panel` k × nr floats, 64-byte
+//! aligned, zero past the matrix edge, so the k loop never branches on the edge.
+
+use super::{GemmSpec, LANES};
+use crate::codegen::loops::{llvm_type, set_target_attrs, used_buffers, Emitter, R};
+use crate::codegen::target::Target;
+use crate::codegen::CodegenError;
+use crate::dtype::DType;
+use crate::lower::loop_ir::{Kernel, Stmt, VarId};
+use crate::CompileOptions;
+use inkwell::context::Context;
+use inkwell::intrinsics::Intrinsic;
+use inkwell::module::Module;
+use inkwell::types::VectorType;
+use inkwell::values::{BasicValue, BasicMetadataValueEnum, FunctionValue, IntValue, PointerValue, VectorValue};
+use inkwell::{AddressSpace, IntPredicate};
+use std::collections::HashMap;
+
+/// k steps per iteration of the main loop (a remainder loop takes the rest): enough
+/// independent work between loop branches; LLVM does not unroll a runtime trip count itself.
+const UNROLL: i64 = 4;
+
+/// The epilogue's innermost statements: the body of the loop over the output's columns.
+fn epilogue_body<'k>(k: &'k Kernel, spec: &GemmSpec) -> Result<&'k [Stmt], CodegenError> {
+    let expected: Vec<VarId> = spec.batch_vars.iter().copied().chain([spec.row_var, spec.col_var]).collect();
+    let mut l = &k.root;
+    let mut seen = vec![l.var];
+    while let [Stmt::Loop(inner)] = l.body.as_slice() {
+        l = inner;
+        seen.push(l.var);
+    }
+    if seen != expected || l.body.iter().any(|s| matches!(s, Stmt::Loop(_))) {
+        return Err(CodegenError::Unsupported(format!("GEMM epilogue of {} is not a loop nest over its output", k.name)));
+    }
+    Ok(&l.body)
+}
+
+pub fn emit<'ctx>(ctx: &'ctx Context, module: &Module<'ctx>, k: &Kernel, spec: &GemmSpec, buffer_dtypes: &[DType], target: &Target, opts: &CompileOptions, name: &str) -> R<()> {
+    let body_stmts = epilogue_body(k, spec)?;
+    let tile = spec.shape.tile;
+    let (mr, nv) = (tile.mr, tile.vectors());
+    let ptr = ctx.ptr_type(AddressSpace::default());
+    let i64t = ctx.i64_type();
+    let f32t = ctx.f32_type();
+    let vt = f32t.vec_type(LANES as u32);
+    let fn_type = ctx.void_type().fn_type(&[ptr.into(), ptr.into(), ptr.into(), i64t.into(), ptr.into(), i64t.into(), i64t.into()], false);
+    let f = module.add_function(name, fn_type, None);
+    set_target_attrs(ctx, f, target);
+    let b = ctx.create_builder();
+    b.position_at_end(ctx.append_basic_block(f, "entry"));
+    let param = |i: u32| f.get_nth_param(i).unwrap();
+    let (table, pa, pb) = (param(0).into_pointer_value(), param(1).into_pointer_value(), param(2).into_pointer_value());
+    let kc = param(3).into_int_value();
+    let coords = param(4).into_pointer_value();
+    let (rows, cols) = (param(5).into_int_value(), param(6).into_int_value());
+
+    // The epilogue's view of the program: its buffers from the table, a slot per variable.
+    let mut bufs = HashMap::new();
+    for buf in used_buffers(k) {
+        let slot = unsafe { b.build_in_bounds_gep(ptr, table, &[i64t.const_int(buf.0 as u64, false)], "")? };
+        bufs.insert(buf, (b.build_load(ptr, slot, "")?.into_pointer_value(), buffer_dtypes[buf.0 as usize]));
+    }
+    let mut vars = HashMap::new();
+    for v in 0..k.num_vars {
+        vars.insert(VarId(v), b.build_alloca(i64t, &format!("i{v}"))?);
+    }
+    let mut accs = vec![];
+    for d in &k.accs {
+        accs.push(b.build_alloca(llvm_type(ctx, *d), "acc")?);
+    }
+    let coord = |i: usize| -> R<IntValue<'ctx>> {
+        let slot = unsafe { b.build_in_bounds_gep(i64t, coords, &[i64t.const_int(i as u64, false)], "")? };
+        Ok(b.build_load(i64t, slot, "")?.into_int_value())
+    };
+    for (i, v) in spec.batch_vars.iter().enumerate() {
+        b.build_store(vars[v], coord(i)?)?;
+    }
+    let row0 = coord(spec.batch_vars.len())?;
+    let col0 = coord(spec.batch_vars.len() + 1)?;
+
+    // The register tile.
+    let tile_accs: Vec<PointerValue> = (0..mr * nv).map(|_| b.build_alloca(vt, "c")).collect::<Result<_, _>>()?;
+    for a in &tile_accs {
+        b.build_store(*a, vt.const_zero())?;
+    }
+    let fma = Intrinsic::find("llvm.fma").and_then(|i| i.get_declaration(module, &[vt.into()])).expect("llvm.fma");
+    let step = |p: IntValue<'ctx>| -> R<()> {
+        let b_row = b.build_int_mul(p, i64t.const_int(tile.nr as u64, false), "")?;
+        let mut bv: Vec<VectorValue> = vec![];
+        for v in 0..nv {
+            let off = b.build_int_add(b_row, i64t.const_int((v * LANES) as u64, false), "")?;
+            let addr = unsafe { b.build_in_bounds_gep(f32t, pb, &[off], "")? };
+            let load = b.build_load(vt, addr, "")?;
+            load.as_instruction_value().unwrap().set_alignment(64).map_err(|e| CodegenError::Llvm(e.to_string()))?;
+            bv.push(load.into_vector_value());
+        }
+        let a_row = b.build_int_mul(p, i64t.const_int(mr as u64, false), "")?;
+        for r in 0..mr {
+            let off = b.build_int_add(a_row, i64t.const_int(r as u64, false), "")?;
+            let addr = unsafe { b.build_in_bounds_gep(f32t, pa, &[off], "")? };
+            let a = b.build_load(f32t, addr, "")?;
+            let splat = splat(&b, ctx, vt, a.into_float_value())?;
+            for v in 0..nv {
+                let slot = tile_accs[(r * nv + v) as usize];
+                let c = b.build_load(vt, slot, "")?;
+                let args: [BasicMetadataValueEnum; 3] = [splat.into(), bv[v as usize].into(), c.into()];
+                let inkwell::values::ValueKind::Basic(sum) = b.build_call(fma, &args, "")?.try_as_basic_value() else { unreachable!("fma returns a value") };
+                b.build_store(slot, sum)?;
+            }
+        }
+        Ok(())
+    };
+    // Main loop, UNROLL steps at a time, then the remainder one step at a time.
+    let p_slot = b.build_alloca(i64t, "p")?;
+    b.build_store(p_slot, i64t.const_zero())?;
+    let main_end = b.build_int_sub(kc, i64t.const_int(UNROLL as u64 - 1, false), "")?;
+    counted_loop(ctx, &b, f, p_slot, main_end, UNROLL, |p| {
+        for u in 0..UNROLL {
+            step(b.build_int_add(p, i64t.const_int(u as u64, false), "")?)?;
+        }
+        Ok(())
+    })?;
+    counted_loop(ctx, &b, f, p_slot, kc, 1, step)?;
+
+    // Epilogue: the tile goes through memory on the stack (L1), so the epilogue is scalar
+    // code over a column loop the vectoriser widens, the same expression code as any kernel.
+    let tile_mem = b.build_array_alloca(f32t, i64t.const_int((mr * tile.nr) as u64, false), "tile")?;
+    tile_mem.as_instruction().unwrap().set_alignment(64).map_err(|e| CodegenError::Llvm(e.to_string()))?;
+    for r in 0..mr {
+        for v in 0..nv {
+            let addr = unsafe { b.build_in_bounds_gep(f32t, tile_mem, &[i64t.const_int((r * tile.nr + v * LANES) as u64, false)], "")? };
+            let c = b.build_load(vt, tile_accs[(r * nv + v) as usize], "")?;
+            b.build_store(addr, c)?.set_alignment(64).map_err(|e| CodegenError::Llvm(e.to_string()))?;
+        }
+    }
+    let mut e = Emitter { ctx, module, b: &b, k, f, bufs, vars, accs, memo: HashMap::new(), params: vec![], interleave: opts.interleave };
+    let done = ctx.append_basic_block(f, "done");
+    for r in 0..mr {
+        let live = ctx.append_basic_block(f, "row");
+        let in_tile = b.build_int_compare(IntPredicate::SLT, i64t.const_int(r as u64, false), rows, "")?;
+        b.build_conditional_branch(in_tile, live, done)?;
+        b.position_at_end(live);
+        let row = b.build_int_add(row0, i64t.const_int(r as u64, false), "")?;
+        b.build_store(e.vars[&spec.row_var], row)?;
+        let j_slot = b.build_alloca(i64t, "j")?;
+        b.build_store(j_slot, i64t.const_zero())?;
+        let row_mem = unsafe { b.build_in_bounds_gep(f32t, tile_mem, &[i64t.const_int((r * tile.nr) as u64, false)], "")? };
+        counted_loop(ctx, &b, f, j_slot, cols, 1, |j| {
+            b.build_store(e.vars[&spec.col_var], b.build_int_add(col0, j, "")?)?;
+            let addr = unsafe { b.build_in_bounds_gep(f32t, row_mem, &[j], "")? };
+            b.build_store(e.accs[spec.acc.0 as usize], b.build_load(f32t, addr, "")?)?;
+            e.memo.clear();
+            for s in body_stmts {
+                e.emit_stmt(s)?;
+            }
+            Ok(())
+        })?;
+    }
+    b.build_unconditional_branch(done)?;
+    b.position_at_end(done);
+    b.build_return(None)?;
+    Ok(())
+}
+
+fn splat<'ctx>(b: &inkwell::builder::Builder<'ctx>, ctx: &'ctx Context, vt: VectorType<'ctx>, x: inkwell::values::FloatValue<'ctx>) -> R<VectorValue<'ctx>> {
+    let i32t = ctx.i32_type();
+    let one = b.build_insert_element(vt.get_undef(), x, i32t.const_zero(), "")?;
+    let mask = i32t.vec_type(vt.get_size()).const_zero();
+    Ok(b.build_shuffle_vector(one, vt.get_undef(), mask, "")?)
+}
+
+/// `while *slot < end { body(*slot); *slot += step }`, leaving the builder after the loop.
+fn counted_loop<'ctx>(ctx: &'ctx Context, b: &inkwell::builder::Builder<'ctx>, f: FunctionValue<'ctx>, slot: PointerValue<'ctx>, end: IntValue<'ctx>, step: i64, mut body: impl FnMut(IntValue<'ctx>) -> R<()>) -> R<()> {
+    let i64t = ctx.i64_type();
+    let header = ctx.append_basic_block(f, "loop");
+    let body_bb = ctx.append_basic_block(f, "body");
+    let exit = ctx.append_basic_block(f, "exit");
+    b.build_unconditional_branch(header)?;
+    b.position_at_end(header);
+    let i = b.build_load(i64t, slot, "")?.into_int_value();
+    let more = b.build_int_compare(IntPredicate::SLT, i, end, "")?;
+    b.build_conditional_branch(more, body_bb, exit)?;
+    b.position_at_end(body_bb);
+    body(i)?;
+    let next = b.build_int_add(i, i64t.const_int(step as u64, false), "")?;
+    b.build_store(slot, next)?;
+    b.build_unconditional_branch(header)?;
+    b.position_at_end(exit);
+    Ok(())
+}

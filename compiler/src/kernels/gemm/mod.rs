@@ -1,0 +1,115 @@
+//! GEMM, in the manner of BLIS/Goto: the runtime's loops (`runtime::gemm`) pack the operands
+//! into panels and walk the output in register tiles; the microkernel (`microkernel`) is the
+//! only code that depends on the target, and it is generated per program so the fused
+//! epilogue (bias, residual, activation, any pointwise chain the lowering fuses) runs on the
+//! register tile before it is stored.
+//!
+//! What is data, not code: the tile shape ([`GemmTile`], chosen per target by measurement),
+//! the operands' strides, the batch dims and their broadcasting ([`GemmShape`]).
+//!
+//! Accumulation order (stated, since results are not bit-identical to MKL's): each output
+//! element is one float32 sum over k in increasing order, fused multiply-adds, starting from
+//! zero; the epilogue then applies to that sum. Thread count does not change it (threads split
+//! the output, never k).
+
+pub mod microkernel;
+
+use crate::lower::loop_ir::{AccId, BufId, VarId};
+
+/// The register tile: `mr` rows × `nr` columns of the output, `nr` a multiple of the vector
+/// width. Packed A panels are `mr` rows wide, packed B panels `nr` columns.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct GemmTile {
+    pub mr: i64,
+    pub nr: i64,
+}
+
+/// float32 lanes of one vector register on the targets Kiln generates GEMM for (AVX-512).
+pub const LANES: i64 = 16;
+
+impl GemmTile {
+    /// The tile for AVX-512 (32 zmm registers). Measured on Zen 5 (`bench/gemm.py`): see
+    /// ARCHITECTURE.md, "GEMM". 8 × 48 keeps 24 accumulators, 3 B vectors and a broadcast in
+    /// registers.
+    pub fn avx512() -> GemmTile {
+        GemmTile { mr: 8, nr: 48 }
+    }
+    pub fn vectors(&self) -> i64 {
+        self.nr / LANES
+    }
+}
+
+/// One GEMM operand: element (batch…, row, col) is at `buf[Σ batch·batch_strides + row·rows +
+/// col·cols]`. A broadcast batch dim has stride 0.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct GemmOperand {
+    pub buf: BufId,
+    pub batch_strides: Vec<i64>,
+    pub rows: i64,
+    pub cols: i64,
+}
+
+impl GemmOperand {
+    /// Whether every batch of the operand is the same matrix (packed once, not per batch).
+    pub fn batch_invariant(&self) -> bool {
+        self.batch_strides.iter().all(|&s| s == 0)
+    }
+}
+
+/// What the runtime needs to run a GEMM: C[batch…, m, n] = A[batch…, m, k] · B[batch…, k, n],
+/// then the epilogue. `pack_a` / `pack_b` are scratch buffers of the program large enough
+/// for [`GemmShape::packed_a_elems`] / [`GemmShape::packed_b_elems`] float32s.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct GemmShape {
+    pub batch: Vec<i64>,
+    pub m: i64,
+    pub n: i64,
+    pub k: i64,
+    pub a: GemmOperand,
+    pub b: GemmOperand,
+    pub tile: GemmTile,
+    pub pack_a: BufId,
+    pub pack_b: BufId,
+}
+
+impl GemmShape {
+    pub fn batch_count(&self) -> i64 {
+        self.batch.iter().product()
+    }
+    pub fn m_panels(&self) -> i64 {
+        (self.m + self.tile.mr - 1) / self.tile.mr
+    }
+    pub fn n_panels(&self) -> i64 {
+        (self.n + self.tile.nr - 1) / self.tile.nr
+    }
+    fn packed_count(&self, op: &GemmOperand) -> i64 {
+        if op.batch_invariant() {
+            1
+        } else {
+            self.batch_count()
+        }
+    }
+    pub fn packed_a_elems(&self) -> i64 {
+        self.packed_count(&self.a) * self.m_panels() * self.tile.mr * self.k
+    }
+    pub fn packed_b_elems(&self) -> i64 {
+        self.packed_count(&self.b) * self.n_panels() * self.tile.nr * self.k
+    }
+    /// Multiply-adds, for the parallel grain.
+    pub fn flops(&self) -> i64 {
+        2 * self.batch_count() * self.m * self.n * self.k
+    }
+}
+
+/// A GEMM kernel in the loop IR: the shape, and which loop variables and accumulator of the
+/// kernel's loop nest stand for the output coordinates and the product. The kernel's loop
+/// nest (over batch…, m, n, in that order, unscheduled) is the epilogue: its stores are what
+/// the microkernel does with each element of the tile, the product read as `Acc(acc)`.
+#[derive(Clone, Debug, PartialEq)]
+pub struct GemmSpec {
+    pub shape: GemmShape,
+    pub batch_vars: Vec<VarId>,
+    pub row_var: VarId,
+    pub col_var: VarId,
+    pub acc: AccId,
+}

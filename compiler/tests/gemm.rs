@@ -1,0 +1,195 @@
+//! GEMM and GEMV kernels against a float64 reference, over random shapes (odd sizes, 1, and
+//! remainders of every tile), transposed and strided operands, broadcast batches and fused
+//! epilogues, in the manner of tract's kernel proptests.
+//!
+//! Bound: each element is a float32 sum of k products; |computed - exact| ≤ γ(k+2) · Σ|aᵢ bᵢ|
+//! with γ(n) = n·u/(1 - n·u), u = 2⁻²⁴ (Higham's bound for recursive summation, plus the
+//! product's rounding and the final store). A kernel that drops or repeats a term exceeds it.
+
+mod common;
+use common::Rng;
+use kiln_compiler::graph::ir::parse_graph;
+use kiln_compiler::{compile, lower_graph, CompileOptions, Target};
+
+/// Row-major strides of `sizes`, permuted: the memory of a tensor whose dims were permuted.
+fn strides_of(sizes: &[i64], layout: &[usize]) -> Vec<i64> {
+    // `layout` lists dims outermost first in memory.
+    let mut strides = vec![0; sizes.len()];
+    let mut s = 1;
+    for &d in layout.iter().rev() {
+        strides[d] = s;
+        s *= sizes[d].max(1);
+    }
+    strides
+}
+
+struct Case {
+    batch_a: Vec<i64>,
+    batch_b: Vec<i64>,
+    m: i64,
+    n: i64,
+    k: i64,
+    /// A read transposed (memory k-major) / B read transposed (memory n-major, a Linear weight).
+    a_t: bool,
+    b_t: bool,
+    /// The epilogue text, with %p the product; empty for none.
+    epilogue: &'static str,
+}
+
+fn ir_of(c: &Case) -> (String, Vec<Vec<i64>>, Vec<Vec<i64>>) {
+    let shape = |b: &[i64], r: i64, col: i64| {
+        let mut s = b.to_vec();
+        s.extend([r, col]);
+        s
+    };
+    let fmt = |s: &[i64]| s.iter().map(|d| d.to_string()).collect::<Vec<_>>().join(", ");
+    let (sa, sb) = (shape(&c.batch_a, c.m, c.k), shape(&c.batch_b, c.k, c.n));
+    let rank = c.batch_a.len().max(c.batch_b.len());
+    let mut batch = vec![1i64; rank];
+    for (dst, src) in [(&c.batch_a, 0), (&c.batch_b, 1)] {
+        let _ = src;
+        for (i, &d) in dst.iter().enumerate() {
+            let j = rank - dst.len() + i;
+            batch[j] = batch[j].max(d);
+        }
+    }
+    let so = shape(&batch, c.m, c.n);
+    let layout = |rank: usize, t: bool| {
+        let mut l: Vec<usize> = (0..rank).collect();
+        if t {
+            l.swap(rank - 2, rank - 1);
+        }
+        l
+    };
+    let mut ir = format!("graph(%0: f32[{}], %1: f32[{}], %2: f32[{}], %3: f32[{}]) {{\n", fmt(&sa), fmt(&sb), c.n, fmt(&so));
+    ir += &format!("  %4 = matmul(%0, %1) : f32[{}]\n", fmt(&so));
+    let mut last = 4;
+    for line in c.epilogue.lines().filter(|l| !l.trim().is_empty()) {
+        last += 1;
+        let line = line.replace("%prev", &format!("%{}", last - 1)).replace("%p", "%4").replace("SHAPE", &fmt(&so));
+        ir += &format!("  %{last} = {line}\n");
+    }
+    ir += &format!("  return (%{last})\n}}\n");
+    let strides = vec![strides_of(&sa, &layout(sa.len(), c.a_t)), strides_of(&sb, &layout(sb.len(), c.b_t)), vec![1], strides_of(&so, &layout(so.len(), false))];
+    (ir, vec![sa, sb, vec![c.n], so], strides)
+}
+
+/// Fills a tensor laid out with `strides` from row-major `values`.
+fn lay(values: &[f32], sizes: &[i64], strides: &[i64]) -> Vec<f32> {
+    let span: i64 = sizes.iter().zip(strides).map(|(n, s)| (n - 1).max(0) * s).sum::<i64>() + 1;
+    let mut out = vec![f32::NAN; span as usize];
+    for (i, v) in values.iter().enumerate() {
+        let (mut rest, mut off) = (i as i64, 0);
+        for d in (0..sizes.len()).rev() {
+            off += (rest % sizes[d]) * strides[d];
+            rest /= sizes[d];
+        }
+        out[off as usize] = *v;
+    }
+    out
+}
+
+fn check(c: &Case, rng: &mut Rng) {
+    let (ir, sizes, strides) = ir_of(c);
+    let g = parse_graph(&ir).unwrap_or_else(|e| panic!("{e}\n{ir}"));
+    let values: Vec<Vec<f32>> = sizes.iter().map(|s| (0..s.iter().product::<i64>()).map(|_| rng.uniform(-1.0, 1.0)).collect()).collect();
+    let laid: Vec<Vec<f32>> = values.iter().zip(&sizes).zip(&strides).map(|((v, s), st)| lay(v, s, st)).collect();
+    let program = compile(&g, &strides, &Target::host(), &CompileOptions::default()).unwrap_or_else(|e| panic!("{e}\n{ir}"));
+    let loops = lower_graph(&g, &strides).unwrap().to_string();
+    let out_len: i64 = program.outputs().next().unwrap().sizes.iter().product();
+    let mut out = vec![0f32; out_len as usize];
+    let ins: Vec<*const u8> = laid.iter().map(|v| v.as_ptr() as *const u8).collect();
+    unsafe { program.run(&ins, &[out.as_mut_ptr() as *mut u8]) }.unwrap();
+    // Reference: the product in f64, then the epilogue through the interpreter on f64 inputs.
+    let inputs: Vec<kiln_compiler::graph::reference::Tensor> = values
+        .iter()
+        .zip(&sizes)
+        .map(|(v, s)| kiln_compiler::graph::reference::Tensor { dtype: kiln_compiler::DType::F32, sizes: s.clone(), data: v.iter().map(|&x| kiln_compiler::Scalar::Float(x as f64)).collect() })
+        .collect();
+    let want = &kiln_compiler::graph::reference::eval(&g, &inputs)[0];
+    // |a|·|b| products for the bound, through the same graph with absolute operands and no
+    // epilogue.
+    let abs_ir = format!("graph(%0: f32[{}], %1: f32[{}]) {{\n  %2 = abs(%0) : {}\n  %3 = abs(%1) : {}\n  %4 = matmul(%2, %3) : {}\n  return (%4)\n}}\n",
+        sizes[0].iter().map(|d| d.to_string()).collect::<Vec<_>>().join(", "),
+        sizes[1].iter().map(|d| d.to_string()).collect::<Vec<_>>().join(", "),
+        g.ty(g.inputs[0]), g.ty(g.inputs[1]), g.ty(g.nodes.iter().position(|n| n.op == kiln_compiler::graph::ir::Op::MatMul).map(|i| kiln_compiler::ValueId(i as u32)).unwrap()));
+    let mags = &kiln_compiler::graph::reference::eval(&parse_graph(&abs_ir).unwrap(), &inputs[..2])[0];
+    let u = 2f64.powi(-24);
+    let n = (c.k + 2) as f64 * u;
+    let gamma = n / (1.0 - n);
+    for i in 0..out.len() {
+        let (got, exact) = (out[i] as f64, want.data[i].as_f64());
+        // The epilogues tested are 1-Lipschitz-ish (relu, add, gelu ≤ 1.13): scale by 2.
+        let bound = 2.0 * gamma * mags.data[i % mags.data.len()].as_f64() + 4.0 * u * exact.abs() + 1e-30;
+        assert!((got - exact).abs() <= bound, "element {i}: {got} vs {exact} (bound {bound})\n{ir}\n{loops}");
+    }
+}
+
+const EPILOGUES: &[&str] = &[
+    "",
+    "add(%p, %2) : f32[SHAPE]",
+    "add(%p, %2) : f32[SHAPE]\nrelu(%prev) : f32[SHAPE]",
+    "add(%p, %3) : f32[SHAPE]\ngelu(%prev) : f32[SHAPE]",
+    "gelu_tanh(%p) : f32[SHAPE]",
+];
+
+#[test]
+fn gemm_matches_float64_on_random_shapes() {
+    let mut rng = Rng(0x9e3779b97f4a7c15);
+    let sizes = [1, 3, 7, 8, 9, 16, 17, 47, 48, 49, 64, 97, 255];
+    let mut checked = 0;
+    for case in 0..120 {
+        let pick = |rng: &mut Rng| sizes[(rng.next_u64() % sizes.len() as u64) as usize];
+        let batch_a: Vec<i64> = match case % 4 {
+            0 | 1 => vec![],
+            2 => vec![(rng.next_u64() % 3 + 1) as i64],
+            _ => vec![2, 1],
+        };
+        let batch_b: Vec<i64> = match case % 4 {
+            0 => vec![],
+            1 => vec![],
+            2 => if rng.next_u64() % 2 == 0 { vec![] } else { batch_a.clone() },
+            _ => vec![3],
+        };
+        let c = Case {
+            batch_a,
+            batch_b,
+            m: pick(&mut rng),
+            n: pick(&mut rng),
+            k: pick(&mut rng),
+            a_t: rng.next_u64() % 3 == 0,
+            b_t: rng.next_u64() % 2 == 0,
+            epilogue: EPILOGUES[case % EPILOGUES.len()],
+        };
+        check(&c, &mut rng);
+        checked += 1;
+    }
+    // Large sizes the fuzz does not reach: k beyond the unrolled loop, many panels.
+    for (m, n, k) in [(255, 1023, 129), (64, 1024, 1023), (1023, 17, 255), (1, 1023, 1023)] {
+        check(&Case { batch_a: vec![], batch_b: vec![], m, n, k, a_t: false, b_t: true, epilogue: EPILOGUES[2] }, &mut rng);
+        checked += 1;
+    }
+    assert_eq!(checked, 124);
+}
+
+#[test]
+fn large_matmuls_use_the_gemm_kernel_and_thin_ones_the_loop_nest() {
+    let g = |m: i64, n: i64| {
+        parse_graph(&format!("graph(%0: f32[{m}, 32], %1: f32[32, {n}]) {{\n  %2 = matmul(%0, %1) : f32[{m}, {n}]\n  return (%2)\n}}\n")).unwrap()
+    };
+    let text = |m, n| lower_graph(&g(m, n), &[vec![32, 1], vec![n, 1]]).unwrap().to_string();
+    assert!(text(64, 64).contains("gemm acc0"), "{}", text(64, 64));
+    assert!(!text(1, 64).contains("gemm"), "{}", text(1, 64));
+}
+
+#[test]
+fn a_pointwise_tail_becomes_the_gemm_epilogue() {
+    let ir = "graph(%0: f32[64, 32], %1: f32[48, 32], %2: f32[48], %3: f32[64, 48]) {\n  %4 = permute(%1) dims=[1, 0] : f32[32, 48]\n  %5 = matmul(%0, %4) : f32[64, 48]\n  %6 = add(%5, %2) : f32[64, 48]\n  %7 = gelu(%6) : f32[64, 48]\n  %8 = add(%7, %3) : f32[64, 48]\n  return (%8)\n}\n";
+    let text = lower_graph(&parse_graph(ir).unwrap(), &[vec![32, 1], vec![32, 1], vec![1], vec![48, 1]]).unwrap().to_string();
+    assert_eq!(text.matches("kernel ").count(), 1, "{text}");
+    assert!(text.contains("gemm acc") && text.contains("gelu(add(acc"), "{text}");
+    // A product read twice (here also returned) stays stored: nothing to fuse into.
+    let ir2 = ir.replace("return (%8)", "return (%8, %5)");
+    let text = lower_graph(&parse_graph(&ir2).unwrap(), &[vec![32, 1], vec![32, 1], vec![1], vec![48, 1]]).unwrap().to_string();
+    assert_eq!(text.matches("kernel ").count(), 2, "{text}");
+}

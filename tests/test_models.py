@@ -1,0 +1,123 @@
+"""Whole models on Kiln's dense kernels (issue 10): scripted and traced, frozen and not, each
+against eager, with zero fallbacks and no FLOP-carrying op left in TorchScript."""
+
+import pytest
+import torch
+import torch_kiln
+
+FLOP_OPS = ("aten::linear", "aten::matmul", "aten::mm", "aten::bmm", "aten::addmm")
+
+
+class MLP(torch.nn.Module):
+    """The issue's mlp: Linear(512,1024) → GELU → Linear(1024,1024) → GELU → Linear(1024,256)."""
+
+    def __init__(self, sizes=(512, 1024, 1024, 256)):
+        super().__init__()
+        self.l1 = torch.nn.Linear(sizes[0], sizes[1])
+        self.l2 = torch.nn.Linear(sizes[1], sizes[2])
+        self.l3 = torch.nn.Linear(sizes[2], sizes[3])
+
+    def forward(self, x):
+        g = torch.nn.functional.gelu
+        return self.l3(g(self.l2(g(self.l1(x)))))
+
+
+class Residual(torch.nn.Module):
+    """A residual block on 3-D input (batch, sequence, features): bias, tanh-gelu, residual add."""
+
+    def __init__(self, d=96, hidden=160):
+        super().__init__()
+        self.up = torch.nn.Linear(d, hidden)
+        self.down = torch.nn.Linear(hidden, d)
+
+    def forward(self, x):
+        return x + self.down(torch.nn.functional.gelu(self.up(x), approximate="tanh"))
+
+
+class Products(torch.nn.Module):
+    """mm, bmm, addmm, matmul with broadcast batch dims and transposes, as user code writes them."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.randn(40, 24))
+        self.b = torch.nn.Parameter(torch.randn(24))
+
+    def forward(self, x, y):
+        a = torch.addmm(self.b, x, self.w, beta=0.5, alpha=2.0)
+        s = torch.bmm(y, y.transpose(1, 2))
+        t = torch.matmul(y.permute(0, 2, 1), s)
+        return torch.relu(a), torch.sigmoid(s), t * 0.5, torch.mm(x.t(), x)
+
+
+def build(model, args, how, freeze):
+    m = torch.jit.script(model) if how == "script" else torch.jit.trace(model, args)
+    return torch.jit.freeze(m) if freeze else m
+
+
+def check_model(model, args, how, freeze):
+    torch.manual_seed(0)
+    model = model.eval()
+    with torch.no_grad():
+        want = model(*args)
+        m = build(model, args, how, freeze)
+        before = torch_kiln.stats()["kernel_runs"]
+        for _ in range(3):
+            got = m(*args)
+        torch.testing.assert_close(got, want)
+        assert torch_kiln.stats()["kernel_runs"] > before, torch_kiln.explain(m)
+    text = torch_kiln.explain(m)
+    assert torch_kiln.stats()["fallbacks"] == {}, text
+    left = [line for line in text.splitlines() if "TorchScript" in line or line.startswith("  aten::")]
+    assert not any(op in line for line in left for op in FLOP_OPS), text
+    return m
+
+
+@pytest.fixture(autouse=True)
+def fresh_counters():
+    # Kiln is enabled for the session (conftest); each model's fallbacks are its own.
+    torch_kiln.reset()
+
+
+@pytest.mark.parametrize("how", ["script", "trace"])
+@pytest.mark.parametrize("freeze", [True, False], ids=["frozen", "unfrozen"])
+@pytest.mark.parametrize("batch", [1, 3, 64])
+def test_mlp(how, freeze, batch):
+    torch.manual_seed(0)
+    check_model(MLP(), (torch.randn(batch, 512),), how, freeze)
+
+
+@pytest.mark.parametrize("how", ["script", "trace"])
+@pytest.mark.parametrize("freeze", [True, False], ids=["frozen", "unfrozen"])
+def test_residual_block_on_3d_input(how, freeze):
+    torch.manual_seed(0)
+    check_model(Residual(), (torch.randn(2, 37, 96),), how, freeze)
+
+
+@pytest.mark.parametrize("how", ["script", "trace"])
+def test_products(how):
+    torch.manual_seed(0)
+    check_model(Products(), (torch.randn(19, 40), torch.randn(3, 17, 9)), how, False)
+
+
+def test_an_unfrozen_weight_updated_in_place_is_read_anew():
+    torch.manual_seed(0)
+    model = MLP((64, 48, 32, 16)).eval()
+    x = torch.randn(8, 64)
+    m = check_model(model, (x,), "script", False)
+    with torch.no_grad():
+        model.l2.weight.mul_(-2.0)
+        model.l1.bias.add_(1.0)
+        torch.testing.assert_close(m(x), model(x))
+
+
+def test_outputs_are_contiguous_as_in_eager():
+    torch.manual_seed(0)
+    model = Residual().eval()
+    x = torch.randn(3, 20, 96).transpose(0, 1)
+    with torch.no_grad():
+        m = build(model, (x,), "script", True)
+        for _ in range(3):
+            got = m(x)
+        want = model(x)
+    torch.testing.assert_close(got, want)
+    assert got.stride() == want.stride()
