@@ -111,6 +111,16 @@ def main():
                 except Exception as e:  # one broken tool must not hide the others
                     times[tool] = f"failed: {type(e).__name__}: {str(e).splitlines()[0][:60] if str(e) else ''}"
 
+            # Kiln first: other tools leave threads spinning for a while after their runs
+            # (OpenMP, ONNX Runtime), which would take the cores from Kiln's pool.
+            torch_kiln.enable(num_threads=args.threads)
+            torch_kiln.reset()
+            k = build(make, inputs, how)[1]
+            run("kiln", k)
+            text = torch_kiln.explain(k)
+            left = [line.split("]")[1].split(": ")[0].strip() for line in text.splitlines() if line.startswith("  [torchscript]")]
+            notes.append(f"{len(left)} op(s) left in TorchScript" + (f": {', '.join(sorted(set(left)))[:80]}" if left else ""))
+            torch_kiln.disable()
             run("eager", eager)
             run("torchscript", build(make, inputs, how)[1])
             torch.jit.enable_onednn_fusion(True)
@@ -136,16 +146,9 @@ def main():
                     return outs[0] if len(outs) == 1 else tuple(outs)
 
                 run("onnxruntime", ort_fn)
+                del sess, ort_fn  # its threads go with it
             except Exception as e:
                 times["onnxruntime"] = f"failed: {type(e).__name__}"
-            torch_kiln.enable(num_threads=args.threads)
-            torch_kiln.reset()
-            k = build(make, inputs, how)[1]
-            run("kiln", k)
-            text = torch_kiln.explain(k)
-            left = [line.split("]")[1].split(":")[0].strip() for line in text.splitlines() if line.startswith("  [torchscript]")]
-            notes.append(f"{len(left)} op(s) left in TorchScript" + (f": {', '.join(sorted(set(left)))[:80]}" if left else ""))
-            torch_kiln.disable()
         rows.append((name, times, notes))
 
     print(f"\nmodels, {args.threads} threads, median µs (x = time / Kiln's)")

@@ -25,8 +25,10 @@ pub use runtime::program::{CompiledProgram, ProgramImage};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant;
 
-/// Kiln's version, part of every cache key.
-pub const VERSION: &str = env!("CARGO_PKG_VERSION");
+/// Kiln's version, part of every cache key: the package version and a fingerprint of the
+/// compiler's sources (`build.rs`), so code cached by another build is never taken for this
+/// one's.
+pub const VERSION: &str = concat!(env!("CARGO_PKG_VERSION"), "+", env!("KILN_SOURCE_HASH"));
 
 #[derive(thiserror::Error, Debug)]
 pub enum CompileError {

@@ -218,7 +218,7 @@ fn gemm_shape(g: &Graph, v: ValueId, b: &KernelBuilder, buffers: &mut Vec<Buffer
     let (m, n) = (out[r - 2], out[r - 1]);
     let (a, bv) = (g.node(v).inputs[0], g.node(v).inputs[1]);
     let k = g.ty(a).static_shape()?.last().copied()?;
-    if g.ty(v).dtype != DType::F32 || m < GEMM_MIN_ROWS || n < GEMM_MIN_COLS || r - 2 > crate::runtime::gemm::MAX_BATCH_DIMS {
+    if g.ty(v).dtype != DType::F32 || n < GEMM_MIN_COLS || r - 2 > crate::runtime::gemm::MAX_BATCH_DIMS {
         return None;
     }
     let operand = |x: ValueId| -> Option<GemmOperand> {
@@ -230,6 +230,13 @@ fn gemm_shape(g: &Graph, v: ValueId, b: &KernelBuilder, buffers: &mut Vec<Buffer
         Some(GemmOperand { buf, batch_strides, rows: strides[nb], cols: strides[nb + 1] })
     };
     let (a, bop) = (operand(a)?, operand(bv)?);
+    // The loop nest is a dot product per element, fast only when both operands step by one
+    // element along k (x · Wᵀ, the Linear case); a thin product of a row-major B goes to
+    // the GEMM, whose packing reads B contiguously (measured 1×1024×1024: 1.3 GFLOP/s as
+    // strided dot products).
+    if m < GEMM_MIN_ROWS && a.cols == 1 && bop.rows == 1 {
+        return None;
+    }
     let mut shape = GemmShape { batch: out[..r - 2].to_vec(), m, n, k, a, b: bop, tile: GemmTile::avx512(), pack_a: BufId(0), pack_b: BufId(0) };
     let mut scratch = |elems: i64| {
         buffers.push(BufferDecl { dtype: DType::F32, sizes: vec![elems], kind: BufferKind::Temp { offset: 0 }, order: row_major(1) });
