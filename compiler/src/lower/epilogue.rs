@@ -38,7 +38,8 @@ pub fn fuse(kernels: &mut Vec<Kernel>, buffers: &mut [BufferDecl]) {
     let mut i = 0;
     while i < kernels.len() {
         if let Some((j, fused)) = candidate(kernels, buffers, i) {
-            let product = kernels[i].gemm.as_ref().map(|g| stores(&kernels[i])[0]).unwrap();
+            // `candidate` took only a GEMM whose one store is its product.
+            let product = stores(&kernels[i])[0];
             kernels[i] = fused;
             kernels.remove(j);
             // The product's buffer is no longer written or read: it takes no scratch.
