@@ -6,7 +6,9 @@ measured in the same run with ../shared/tools/peak.c (`gcc -O2 -mavx512f -mfma p
     .venv/bin/python bench/gemm.py [--threads 1 2] [--shapes 2048x2048x2048 64x1024x1024 ...]
 
 Shapes are MxNxK. `xWᵀ` shapes multiply by a transposed weight, as a Linear layer does (B
-read k-contiguous); others are plain row-major products. Kiln runs a scripted `torch.mm`
+read k-contiguous); others are plain row-major products. B is an unchanging input, so Kiln
+packs it once and keeps it (as it does a model's weights); A is packed on every call. Kiln
+runs a scripted `torch.mm`
 through its own kernel (asserted: the final call ran a Kiln group); results are checked
 against torch.mm.
 """

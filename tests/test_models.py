@@ -121,3 +121,57 @@ def test_outputs_are_contiguous_as_in_eager():
         want = model(x)
     torch.testing.assert_close(got, want)
     assert got.stride() == want.stride()
+
+
+def test_a_kept_packed_weight_follows_every_change_to_it():
+    """Kiln keeps each weight packed between calls (torch-bridge/src/packed.rs); the copy must
+    follow in-place writes (version counter), a replaced parameter (another storage), a
+    storage freed and another allocated, and tensors with no version counter."""
+    torch.manual_seed(0)
+    model = MLP((64, 48, 32, 16)).eval()
+    x = torch.randn(8, 64)
+    m = check_model(model, (x,), "script", False)
+    with torch.no_grad():
+        model.l2.weight.copy_(torch.randn(32, 48))
+        torch.testing.assert_close(m(x), model(x))
+        model.l2.weight[3:5].zero_()  # a write through a view bumps the shared counter
+        torch.testing.assert_close(m(x), model(x))
+        for _ in range(3):  # new storages, the old ones freed: addresses may be reused
+            w = torch.randn(32, 48)
+            model.l2.weight = torch.nn.Parameter(w)
+            m.l2.weight = torch.nn.Parameter(w.clone())  # the scripted module's own attribute
+            torch.testing.assert_close(m(x), model(x))
+    with torch.inference_mode():
+        w = torch.randn(32, 48)  # an inference tensor: no version counter
+        model.l2.weight = torch.nn.Parameter(w, requires_grad=False)
+        m.l2.weight = torch.nn.Parameter(w, requires_grad=False)
+        for _ in range(2):
+            torch.testing.assert_close(m(x), model(x))
+        w.mul_(3.0)
+        torch.testing.assert_close(m(x), model(x))
+
+
+def test_many_threads_share_a_model_and_its_packed_weights():
+    import threading
+
+    torch.manual_seed(0)
+    model = MLP((64, 96, 64, 16)).eval()
+    xs = [torch.randn(16, 64) for _ in range(4)]
+    with torch.no_grad():
+        m = check_model(model, (xs[0],), "script", True)
+        want = [model(x) for x in xs]
+        errors = []
+
+        def work(i):
+            try:
+                for _ in range(50):
+                    torch.testing.assert_close(m(xs[i]), want[i])
+            except Exception as e:  # reported below: an assertion in a thread is lost
+                errors.append(e)
+
+        threads = [threading.Thread(target=work, args=(i,)) for i in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    assert not errors, errors[0]

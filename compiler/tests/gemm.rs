@@ -195,3 +195,34 @@ fn a_pointwise_tail_becomes_the_gemm_epilogue() {
     let text = lower_graph(&parse_graph(&ir2).unwrap(), &[vec![32, 1], vec![32, 1], vec![1], vec![48, 1]]).unwrap().to_string();
     assert_eq!(text.matches("kernel ").count(), 2, "{text}");
 }
+
+#[test]
+fn a_weight_packed_once_gives_the_same_result_as_packing_per_call() {
+    // x · Wᵀ + b with W an input: the program offers W for packing.
+    let (m, n, k) = (37, 100, 65);
+    let ir = format!("graph(%0: f32[{m}, {k}], %1: f32[{n}, {k}], %2: f32[{n}]) {{\n  %3 = permute(%1) dims=[1, 0] : f32[{k}, {n}]\n  %4 = matmul(%0, %3) : f32[{m}, {n}]\n  %5 = add(%4, %2) : f32[{m}, {n}]\n  return (%5)\n}}\n");
+    let strides = [vec![k, 1], vec![k, 1], vec![1]];
+    let p = compile(&parse_graph(&ir).unwrap(), &strides, &Target::host(), &CompileOptions::default()).unwrap();
+    let weights = p.packable_weights().to_vec();
+    assert_eq!(weights.len(), 1);
+    assert_eq!(weights[0].input, 1);
+    let mut rng = Rng(7);
+    let mut vals = |len: i64| (0..len).map(|_| rng.uniform(-1.0, 1.0)).collect::<Vec<f32>>();
+    let (x, w, b) = (vals(m * k), vals(n * k), vals(n));
+    #[derive(Clone, Copy)]
+    #[repr(align(64))]
+    struct Line([f32; 16]);
+    let mut packed = vec![Line([f32::NAN; 16]); weights[0].elems.div_ceil(16)];
+    unsafe { p.pack_weight(&weights[0], w.as_ptr() as _, packed.as_mut_ptr() as *mut f32) };
+    let ins = [x.as_ptr() as *const u8, w.as_ptr() as *const u8, b.as_ptr() as *const u8];
+    let run = |prepacked: bool| {
+        let mut out = vec![0f32; (m * n) as usize];
+        let mut slot = Some(out.as_mut_ptr() as *mut u8);
+        let ptr = packed.as_ptr() as *const f32;
+        unsafe { p.run_packed(|i| ins[i], |_| slot.take(), &|_| prepacked.then_some(ptr)) }.unwrap();
+        out
+    };
+    let (per_call, once) = (run(false), run(true));
+    assert!(per_call.iter().zip(&once).all(|(a, b)| a.to_bits() == b.to_bits()));
+    assert!(per_call.iter().all(|v| v.is_finite()));
+}

@@ -39,6 +39,11 @@ struct KilnTensor {
   int32_t requires_grad;
   // 0: generated code may read this tensor; else why not (see `admission`).
   int32_t refusal;
+  // Identity of the data, for packed copies kept between calls: the StorageImpl and the
+  // version counter (bumped by every in-place op); -1 when the tensor has none (an
+  // inference tensor).
+  void* storage;
+  int64_t version;
 };
 
 // What a call's semantics depend on besides its tensors (see `call_state`).
@@ -529,6 +534,8 @@ void fill_admitted(KilnTensor& d, const at::Tensor& t) {
   // Under no_grad/inference_mode nothing is recorded for autograd, so an input that requires
   // grad (a module's parameter) is just data: computing without autograd is what eager does.
   d.requires_grad = impl->requires_grad() && c10::GradMode::is_enabled();
+  d.storage = impl->storage().unsafeGetStorageImpl();
+  d.version = impl->version_counter().enabled() ? static_cast<int64_t>(impl->version_counter().current_version()) : -1;
 }
 
 // Describes a tensor for Rust; `refusal` says whether generated code may read it.
@@ -663,6 +670,16 @@ void kiln_cpp_disable() {
 int32_t kiln_cpp_torch_threads() { return at::get_num_threads(); }
 
 void kiln_cpp_call_state(KilnCallState* state) { *state = call_state(); }
+
+// A weak reference to a StorageImpl: while held, no other storage can be made at its address,
+// so (address, version) names one storage's data for as long as a packed copy is kept.
+void kiln_cpp_storage_hold(void* storage) {
+  c10::raw::weak_intrusive_ptr::incref(static_cast<c10::StorageImpl*>(storage));
+}
+
+void kiln_cpp_storage_release(void* storage) {
+  c10::raw::weak_intrusive_ptr::decref(static_cast<c10::StorageImpl*>(storage));
+}
 
 // The name of a c10::ScalarType (a default dtype Kiln has no code for).
 const char* kiln_cpp_scalar_type_name(int32_t type) { return c10::toString(static_cast<c10::ScalarType>(type)); }

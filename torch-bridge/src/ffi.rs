@@ -22,6 +22,10 @@ pub struct KilnTensor {
     /// 0: generated code may read the tensor; else why not, a code of `refusal_reason` (the
     /// other fields are then unset).
     pub refusal: i32,
+    /// The tensor's StorageImpl and version counter (-1: it has none), which name its data
+    /// for packed copies kept between calls (`runtime::PackedWeights`).
+    pub storage: *mut c_void,
+    pub version: i64,
 }
 
 /// The state of one call besides its tensors, as the C++ side reads it (`call_state`).
@@ -40,6 +44,8 @@ extern "C" {
     fn kiln_cpp_dispatch_key_name(key: i32) -> *const c_char;
     fn kiln_cpp_scalar_type_name(code: i32) -> *const c_char;
     fn kiln_cpp_call_state(state: *mut KilnCallState);
+    pub fn kiln_cpp_storage_hold(storage: *mut c_void);
+    pub fn kiln_cpp_storage_release(storage: *mut c_void);
 }
 
 /// libtorch's name of c10::ScalarType `code` (e.g. "BFloat16").
@@ -244,10 +250,18 @@ pub unsafe extern "C" fn kiln_rs_run(
             (alloc(ctx, i, dtype, sizes.as_ptr(), strides, sizes.len(), &mut out) == 0).then_some(out)
         };
         let ran = match &spec.symbolic {
-            None => spec.program.run_with(data, |i| {
-                let (dtype, sizes, strides) = &spec.outputs[i];
-                allocate(i, *dtype, sizes, strides.as_deref())
-            }),
+            None => {
+                let output = |i: usize| {
+                    let (dtype, sizes, strides) = &spec.outputs[i];
+                    allocate(i, *dtype, sizes, strides.as_deref())
+                };
+                if spec.weights.is_empty() {
+                    spec.program.run_with(data, output)
+                } else {
+                    let packed = spec.weights.for_call(&spec.program, ts);
+                    spec.program.run_packed(data, output, &|w| packed[w].as_ref().map(|b| b.as_ptr()))
+                }
+            }
             Some(run) => {
                 // The guard passed: every symbol's dims agree, so its first one gives its value.
                 let symbols = spec.guards.bind(|i, d| *ts[i].sizes.add(d));

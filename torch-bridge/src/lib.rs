@@ -8,6 +8,7 @@
 
 pub mod aten;
 pub mod ffi;
+pub mod packed;
 pub mod runtime;
 pub mod ts_dump;
 

@@ -100,6 +100,8 @@ pub struct Specialization {
     /// the C++ side to allocate.
     pub outputs: Vec<(i32, Vec<i64>, Option<Vec<i64>>)>,
     pub runs: AtomicU64,
+    /// Packed copies of the program's weights, kept between calls (`packed.rs`).
+    pub weights: crate::packed::PackedWeights,
 }
 
 /// Signatures a region will not run in Kiln, and why (bounded: past the bound, any new
@@ -507,6 +509,7 @@ impl Runtime {
             symbolic,
             outputs: program.outputs().map(|b| (aten::scalar_type_code(b.dtype), b.sizes.clone(), b.strides())).collect(),
             compile_time: if source == Source::Memory { Duration::ZERO } else { program.compile_time },
+            weights: crate::packed::PackedWeights::new(&program),
             program,
             kiln_ir: lowered.graph.to_string(),
             cache_key: key,

@@ -101,7 +101,20 @@ fn run_of(n: i64, parts: usize, p: usize) -> (i64, i64) {
 /// # Safety
 /// `table` is the program's buffer table, filled for this call: the operands laid out as
 /// `s` says, the pack buffers at least `packed_*_elems` floats, 64-byte aligned.
-pub unsafe fn run(s: &GemmShape, ukr: MicrokernelFn, table: *const *mut u8, pool: &ThreadPool) {
+/// Packs a batch-invariant B (a weight) whole: the layout `run` reads from `pack_b`.
+///
+/// # Safety
+/// `src` laid out as `s.b` says; `dst` writable for `s.packed_b_elems()` floats.
+pub unsafe fn pack_b(s: &GemmShape, src: *const f32, dst: *mut f32) {
+    debug_assert!(s.b.batch_invariant());
+    for jp in 0..s.n_panels() {
+        pack_b_panel(&s.b, src, s.n, s.k, jp * s.tile.nr, s.tile.nr, dst.offset((jp * s.tile.nr * s.k) as isize));
+    }
+}
+
+/// `prepacked_b`: B already packed (by [`pack_b`], from this call's data); B's packing is
+/// then skipped.
+pub unsafe fn run(s: &GemmShape, ukr: MicrokernelFn, table: *const *mut u8, pool: &ThreadPool, prepacked_b: Option<*const f32>) {
     let tile = s.tile;
     let (mp, np) = (s.m_panels(), s.n_panels());
     let batches = s.batch_count();
@@ -112,7 +125,7 @@ pub unsafe fn run(s: &GemmShape, ukr: MicrokernelFn, table: *const *mut u8, pool
     let a_src = *table.add(s.a.buf.0 as usize) as *const f32;
     let b_src = *table.add(s.b.buf.0 as usize) as *const f32;
     let pa = *table.add(s.pack_a.0 as usize) as *mut f32;
-    let pb = *table.add(s.pack_b.0 as usize) as *mut f32;
+    let pb = prepacked_b.map_or(*table.add(s.pack_b.0 as usize) as *mut f32, |p| p as *mut f32);
     let a_count = if s.a.batch_invariant() { 1 } else { batches };
     let b_count = if s.b.batch_invariant() { 1 } else { batches };
     let (a_panel, b_panel) = (tile.mr * s.k, tile.nr * s.k);
@@ -120,7 +133,8 @@ pub unsafe fn run(s: &GemmShape, ukr: MicrokernelFn, table: *const *mut u8, pool
     let shared = Shared((a_src, b_src, pa, pb, table));
 
     // Packing: A's panels, then B's, split evenly across the threads.
-    let pack_tasks = a_count * mp + b_count * np;
+    let b_tasks = if prepacked_b.is_some() { 0 } else { b_count * np };
+    let pack_tasks = a_count * mp + b_tasks;
     let pack = |p: usize| {
         let (a_src, b_src, pa, pb, _) = shared.get();
         let mut coords = [0i64; MAX_BATCH_DIMS];

@@ -58,7 +58,8 @@ impl ProgramImage {
                 }
             })
             .collect();
-        Ok(CompiledProgram { image: self, fns, compile_time: Duration::ZERO })
+        let weights = packable_weights(&self);
+        Ok(CompiledProgram { image: self, fns, weights, compile_time: Duration::ZERO })
     }
 }
 
@@ -69,10 +70,34 @@ enum Code {
     Gemm(MicrokernelFn),
 }
 
+/// A GEMM's B operand that is a program input, the same for every batch: see
+/// [`CompiledProgram::packable_weights`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PackableWeight {
+    pub kernel: usize,
+    pub input: usize,
+    /// Floats of its packed copy.
+    pub elems: usize,
+}
+
+fn packable_weights(image: &ProgramImage) -> Vec<PackableWeight> {
+    let mut out = vec![];
+    for (kernel, k) in image.kernels.iter().enumerate() {
+        let Some(g) = &k.gemm else { continue };
+        if let BufferKind::Input(input) = image.buffers[g.b.buf.0 as usize].kind {
+            if g.b.batch_invariant() {
+                out.push(PackableWeight { kernel, input, elems: g.packed_b_elems() as usize });
+            }
+        }
+    }
+    out
+}
+
 pub struct CompiledProgram {
     pub image: ProgramImage,
     /// The loaded code of `image.kernels[i]`.
     fns: Vec<Code>,
+    weights: Vec<PackableWeight>,
     /// Time to compile and load; zero when loaded from an image.
     pub compile_time: Duration,
 }
@@ -237,12 +262,42 @@ impl CompiledProgram {
     /// # Safety
     /// As for `run`, for the pointers the two functions return.
     pub unsafe fn run_with(&self, input: impl Fn(usize) -> *const u8, output: impl FnMut(usize) -> Option<*mut u8>) -> Result<(), RunError> {
+        self.run_packed(input, output, &|_| None)
+    }
+
+    /// [`run_with`](Self::run_with), with packed copies of weights: `packed(w)` is the
+    /// packed B operand of [`packable_weights`](Self::packable_weights)`()[w]` for this call's
+    /// input (filled by [`pack_weight`](Self::pack_weight) from the same data), or None to
+    /// pack it in this call.
+    ///
+    /// # Safety
+    /// As for `run_with`; a packed copy must be of this call's input data.
+    pub unsafe fn run_packed(&self, input: impl Fn(usize) -> *const u8, output: impl FnMut(usize) -> Option<*mut u8>, packed: &dyn Fn(usize) -> Option<*const f32>) -> Result<(), RunError> {
         let kernels = &self.image.kernels;
         let temp_offset = |_, b: &BufferDecl| match b.kind {
             BufferKind::Temp { offset } => offset,
             _ => 0,
         };
-        self.run_plan(|i| kernels[i].extent, |i| kernels[i].parallel, temp_offset, self.image.arena_bytes, &[], input, output)
+        let weights = &self.weights;
+        let packed_of = |k: usize| weights.iter().position(|w| w.kernel == k).and_then(packed);
+        self.run_plan(|i| kernels[i].extent, |i| kernels[i].parallel, temp_offset, self.image.arena_bytes, &[], input, output, &packed_of)
+    }
+
+    /// The GEMM operands that are inputs of the program and the same matrix for every batch
+    /// (a Linear's weight): a caller that keeps their packed copies between calls (keyed by
+    /// what makes the data the same) saves packing them on every call.
+    pub fn packable_weights(&self) -> &[PackableWeight] {
+        &self.weights
+    }
+
+    /// Packs weight `w` from input data `data` (laid out as the program was specialised for)
+    /// into `dst`, 64-byte aligned, of `w.elems` floats.
+    ///
+    /// # Safety
+    /// `data` as for `run`'s input `w.input`; `dst` writable for `w.elems` floats.
+    pub unsafe fn pack_weight(&self, w: &PackableWeight, data: *const u8, dst: *mut f32) {
+        let shape = self.image.kernels[w.kernel].gemm.as_ref().expect("a packable weight is a GEMM operand");
+        crate::runtime::gemm::pack_b(shape, data as *const f32, dst);
     }
 
     /// Runs a program compiled for symbolic sizes (see [`crate::lower::symbolic`]) at `symbols`:
@@ -288,7 +343,7 @@ impl CompiledProgram {
             let sizes: Vec<i64> = shapes.buffers[b].iter().map(|m| m.eval(symbols)).collect();
             output(o, &sizes, image.buffers[b].strides_at(&sizes).as_deref())
         };
-        self.run_plan(|i| extents[i], |i| parallel[i], |i, _| offsets[i], arena, &params, input, output)
+        self.run_plan(|i| extents[i], |i| parallel[i], |i, _| offsets[i], arena, &params, input, output, &|_| None)
     }
 
     /// Fills the buffer table (temporaries at `temp_offset(i, buffer)` in an arena of
@@ -305,6 +360,7 @@ impl CompiledProgram {
         params: &[i64],
         input: impl Fn(usize) -> *const u8,
         mut output: impl FnMut(usize) -> Option<*mut u8>,
+        packed: &dyn Fn(usize) -> Option<*const f32>,
     ) -> Result<(), RunError> {
         // The buffer table lives on the stack for the common case: this runs on every call.
         const INLINE: usize = 32;
@@ -343,7 +399,7 @@ impl CompiledProgram {
                     Code::Loop(f) => f,
                     Code::Gemm(ukr) => {
                         let shape = image.kernels[i].gemm.as_ref().expect("a GEMM kernel has its shape");
-                        crate::runtime::gemm::run(shape, ukr, table.0, &pool());
+                        crate::runtime::gemm::run(shape, ukr, table.0, &pool(), packed(i));
                         continue;
                     }
                 };
