@@ -20,10 +20,19 @@ fn files(dir: &Path, out: &mut Vec<PathBuf>) {
 
 fn main() {
     let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
-    println!("cargo:rerun-if-changed={}", src.display());
     let mut paths = vec![];
     files(&src, &mut paths);
     paths.sort();
+    // Each file, and each directory for files added or removed (a directory alone was seen
+    // not to rerun this script when a file in a subfolder changed).
+    for p in &paths {
+        println!("cargo:rerun-if-changed={}", p.display());
+    }
+    let mut dirs: Vec<_> = paths.iter().filter_map(|p| p.parent().map(|d| d.to_path_buf())).collect();
+    dirs.dedup();
+    for d in dirs {
+        println!("cargo:rerun-if-changed={}", d.display());
+    }
     // FNV-1a: stable across toolchains, no build dependency.
     struct Fnv(u64);
     impl Hasher for Fnv {

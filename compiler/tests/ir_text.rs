@@ -104,12 +104,13 @@ fn an_expensive_value_two_kernels_need_is_computed_once() {
                 for i1 in 0..8 {
                   acc0 Max= b2[i0*8 + i1]
                 }
-                acc1 = 0.0:f64
+                acc1 = 0.0:f32
                 for i2 in 0..8 {
-                  acc1 Add= cast<f64>(exp(sub(b2[i0*8 + i2], acc0)))
+                  b3[i0*8 + i2] = exp(sub(b2[i0*8 + i2], acc0))
+                  acc1 Add= exp(sub(b2[i0*8 + i2], acc0))
                 }
                 for i3 in 0..8 {
-                  b3[i0*8 + i3] = div(exp(sub(b2[i0*8 + i3], acc0)), cast<f32>(acc1))
+                  b3[i0*8 + i3] = mul(b3[i0*8 + i3], reciprocal(acc1))
                 }
               }
             kernel k2:

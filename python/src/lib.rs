@@ -40,7 +40,7 @@ fn enable(max_specializations: usize, opt_level: u8, num_threads: usize, compile
     let mode = compile_mode(compile)?;
     let dynamic = dynamic_policy(dynamic)?;
     let disk = cache_dir.map(|d| open_cache(d, cache_size_limit)).transpose()?.map(Arc::new);
-    kiln_compiler::runtime::program::set_num_threads(num_threads)
+    kiln_torch_bridge::set_num_threads(num_threads)
         .map_err(|e| PyValueError::new_err(format!("torch_kiln option 'num_threads'={num_threads}: cannot start that many threads: {e}")))?;
     let options = Options {
         max_specializations,
@@ -117,7 +117,7 @@ fn reset() {
 
 #[pyfunction]
 fn set_num_threads(n: usize) -> PyResult<()> {
-    kiln_compiler::runtime::program::set_num_threads(n).map_err(|e| PyValueError::new_err(format!("cannot start {n} threads: {e}")))
+    kiln_torch_bridge::set_num_threads(n).map_err(|e| PyValueError::new_err(format!("cannot start {n} threads: {e}")))
 }
 
 /// Bytes of scratch this thread keeps between calls (bounded: see `program::ARENA_KEEP_BYTES`).

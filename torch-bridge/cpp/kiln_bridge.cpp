@@ -5,6 +5,8 @@
 // is in Rust behind the extern "C" functions below; this file only walks and rewrites
 // TorchScript graphs and moves tensors across. Facts relied on are in ARCHITECTURE.md.
 
+#include <dlfcn.h>
+
 #include <ATen/ATen.h>
 #include <ATen/EmptyTensor.h>
 #include <ATen/Parallel.h>
@@ -20,6 +22,7 @@
 #include <torch/csrc/jit/runtime/operator.h>
 
 #include <atomic>
+#include <cstring>
 #include <mutex>
 #include <sstream>
 #include <unordered_map>
@@ -162,7 +165,24 @@ void tensor_type_text(const Value* v, std::ostream& os, bool with_strides) {
   }
 }
 
-constexpr const char* kDynamicScalar = "a scalar argument is computed at run time (Kiln takes constants)";
+constexpr const char* kDynamicScalar = "a non-numeric argument is computed at run time (Kiln takes constants)";
+
+// How a group input reaches Rust: a tensor; a number computed at run time, passed as a 0-d
+// float64 / int64 tensor that Rust promotes as a Python number (a kernel parameter: code does
+// not depend on its value); a constant, written into the dump; or something Kiln cannot take.
+enum class InputKind { Tensor, Float, Int, Constant, Unsupported };
+
+InputKind input_kind(const Value* v) {
+  if (v->type()->cast<TensorType>()) return InputKind::Tensor;
+  std::ostringstream c;
+  if (constant_text(v, c)) return InputKind::Constant;
+  if (v->type()->kind() == TypeKind::FloatType) return InputKind::Float;
+  if (v->type()->kind() == TypeKind::IntType) return InputKind::Int;
+  return InputKind::Unsupported;
+}
+
+// What the guard and the group op pass to Rust: tensors and run-time numbers, in order.
+bool passed_to_rust(InputKind k) { return k == InputKind::Tensor || k == InputKind::Float || k == InputKind::Int; }
 
 // Ops with one tensor output are what Kiln groups.
 bool is_tensor_op(const Node* n) {
@@ -216,6 +236,11 @@ struct Dumper {
       os << "input " << name(v) << " ";
       if (!tensor_input_text(v, os, why)) return false;
       os << "\n";
+      return true;
+    }
+    InputKind kind = input_kind(v);
+    if (kind == InputKind::Float || kind == InputKind::Int) {
+      os << "input " << name(v) << " scalar " << (kind == InputKind::Float ? "f64" : "i64") << "\n";
       return true;
     }
     std::ostringstream c;
@@ -344,6 +369,8 @@ struct Fuser {
         d.os << "input " << d.names[sub->inputs()[i]] << " ";
         if (!tensor_input_text(outer, d.os, why)) return "";
         d.os << "\n";
+      } else if (input_kind(outer) == InputKind::Float || input_kind(outer) == InputKind::Int) {
+        d.os << "input " << d.names[sub->inputs()[i]] << " scalar " << (input_kind(outer) == InputKind::Float ? "f64" : "i64") << "\n";
       } else {
         std::ostringstream c;
         if (!constant_text(outer, c)) { *why = kDynamicScalar; return ""; }
@@ -380,7 +407,7 @@ struct Fuser {
     WithInsertPoint wip(group);
     std::vector<Value*> tensors;
     for (Value* in : group->inputs())
-      if (in->type()->cast<TensorType>()) tensors.push_back(in);
+      if (passed_to_rust(input_kind(in))) tensors.push_back(in);
     Node* check = g->insertNode(g->create(guard_kind(), tensors, 1));
     check->i_(group_attr(), id);
     check->output()->setType(BoolType::get());
@@ -561,18 +588,67 @@ KilnCallState call_state() {
   return s;
 }
 
+// The kinds of a node's inputs, decided once when the op is created.
+std::vector<InputKind> input_kinds(const Node* node) {
+  std::vector<InputKind> kinds;
+  for (auto* in : node->inputs()) kinds.push_back(input_kind(in));
+  return kinds;
+}
+
+// A number computed at run time, for Rust: a 0-d float64 or int64 tensor over `slot`.
+void fill_number(KilnTensor& d, const IValue& v, InputKind kind, int64_t* slot) {
+  static const int64_t kNoDims[1] = {0};
+  if (kind == InputKind::Float) {
+    double x = v.toDouble();
+    std::memcpy(slot, &x, sizeof(x));
+  } else {
+    *slot = v.toInt();
+  }
+  d.data = slot;
+  d.sizes = kNoDims;
+  d.strides = kNoDims;
+  d.ndim = 0;
+  d.dtype = static_cast<int32_t>(kind == InputKind::Float ? at::ScalarType::Double : at::ScalarType::Long);
+  d.device = static_cast<int32_t>(c10::DeviceType::CPU);
+  d.requires_grad = 0;
+  d.refusal = kAdmitted;
+  d.storage = nullptr;
+  d.version = -1;
+}
+
+// Describes the inputs Rust takes (tensors: admitted or not by `fill_tensor`; numbers) into
+// `d`, with `numbers` holding the numbers' values; returns how many.
+template <typename FillTensor>
+size_t describe(c10::ArrayRef<IValue> ins, const std::vector<InputKind>& kinds, KilnTensor* d, int64_t* numbers, FillTensor fill_tensor) {
+  size_t k = 0;
+  for (size_t i = 0; i < ins.size(); ++i) {
+    if (kinds[i] == InputKind::Tensor) {
+      fill_tensor(d[k], ins[i].toTensor());
+      ++k;
+    } else if (kinds[i] == InputKind::Float || kinds[i] == InputKind::Int) {
+      fill_number(d[k], ins[i], kinds[i], &numbers[k]);
+      ++k;
+    }
+  }
+  return k;
+}
+
 Operation guard_op(const Node* node) {
   int64_t id = node->i(group_attr());
   size_t n = node->inputs().size();
-  return [id, n](Stack& stack) {
+  std::vector<InputKind> kinds = input_kinds(node);
+  return [id, n, kinds](Stack& stack) {
     KilnTensor descs[16];
+    int64_t numbers_inline[16];
     std::vector<KilnTensor> heap;
+    std::vector<int64_t> numbers_heap;
     KilnTensor* d = descs;
-    if (n > 16) { heap.resize(n); d = heap.data(); }
+    int64_t* numbers = numbers_inline;
+    if (n > 16) { heap.resize(n); d = heap.data(); numbers_heap.resize(n); numbers = numbers_heap.data(); }
     auto ins = last(stack, n);
-    for (size_t i = 0; i < n; ++i) fill(d[i], ins[i].toTensor());
+    size_t m = describe(ins, kinds, d, numbers, [](KilnTensor& t, const at::Tensor& x) { fill(t, x); });
     KilnCallState state = call_state();
-    bool ok = kiln_rs_guard(id, d, n, &state) != 0;
+    bool ok = kiln_rs_guard(id, d, m, &state) != 0;
     drop(stack, n);
     push(stack, ok);
   };
@@ -608,19 +684,19 @@ int32_t alloc_output(void* ctx, size_t index, int32_t dtype, const int64_t* size
 Operation group_op(const Node* node) {
   int64_t id = node->i(group_attr());
   size_t n = node->inputs().size();
-  std::vector<bool> is_tensor;
-  for (auto* in : node->inputs()) is_tensor.push_back(static_cast<bool>(in->type()->cast<TensorType>()));
-  return [id, n, is_tensor](Stack& stack) {
+  std::vector<InputKind> kinds = input_kinds(node);
+  return [id, n, kinds](Stack& stack) {
     KilnTensor descs[16];
+    int64_t numbers_inline[16];
     std::vector<KilnTensor> heap;
+    std::vector<int64_t> numbers_heap;
     KilnTensor* d = descs;
-    if (n > 16) { heap.resize(n); d = heap.data(); }
-    size_t k = 0;
+    int64_t* numbers = numbers_inline;
+    if (n > 16) { heap.resize(n); d = heap.data(); numbers_heap.resize(n); numbers = numbers_heap.data(); }
     auto ins = last(stack, n);
     // The guard just before this op admitted these very tensors (it takes the group's
-    // tensor inputs, and the group runs only where it passed).
-    for (size_t i = 0; i < n; ++i)
-      if (is_tensor[i]) fill_admitted(d[k++], ins[i].toTensor());
+    // tensors and numbers, and the group runs only where it passed).
+    size_t k = describe(ins, kinds, d, numbers, [](KilnTensor& t, const at::Tensor& x) { fill_admitted(t, x); });
     OutputSink sink;
     char error[256] = {0};
     if (kiln_rs_run(id, d, k, alloc_output, &sink, error, sizeof(error)) != 0) {
@@ -670,6 +746,50 @@ void kiln_cpp_disable() {
 int32_t kiln_cpp_torch_threads() { return at::get_num_threads(); }
 
 void kiln_cpp_call_state(KilnCallState* state) { *state = call_state(); }
+
+// torch's intra-op pool for Kiln's parallel kernels (see compiler/src/runtime/parallel.rs): one
+// set of threads for Kiln groups and TorchScript's own ops, instead of two that spin against
+// each other. at::parallel_for is inline and parallel only in code compiled with OpenMP, and
+// this shim must not bring an OpenMP runtime of its own (a second pool): it calls the
+// GOMP_parallel entry of the libgomp libtorch_cpu was linked with, found through libtorch_cpu.
+using GompParallel = void (*)(void (*fn)(void*), void* data, unsigned num_threads, unsigned flags);
+
+GompParallel torch_gomp_parallel() {
+  static GompParallel f = [] {
+    void* torch = dlopen("libtorch_cpu.so", RTLD_NOW | RTLD_NOLOAD);
+    return torch ? reinterpret_cast<GompParallel>(dlsym(torch, "GOMP_parallel")) : nullptr;
+  }();
+  return f;
+}
+
+typedef void (*KilnJob)(const void* ctx, size_t part);
+
+struct ParallelJob {
+  KilnJob job;
+  const void* ctx;
+  size_t parts;
+  std::atomic<size_t> next{0};
+};
+
+void run_parts(void* data) {
+  auto* j = static_cast<ParallelJob*>(data);
+  for (size_t p = j->next.fetch_add(1); p < j->parts; p = j->next.fetch_add(1)) j->job(j->ctx, p);
+}
+
+// Whether torch's pool can be lent (an OpenMP build of libtorch).
+int32_t kiln_cpp_has_torch_pool() { return torch_gomp_parallel() != nullptr; }
+
+// Runs job(ctx, p) for p in [0, parts) on torch's OpenMP team (team size: torch's thread
+// count, as at::parallel_for does; threads take parts from a shared counter).
+void kiln_cpp_parallel(size_t parts, KilnJob job, const void* ctx) {
+  ParallelJob j{job, ctx, parts};
+  GompParallel gomp = torch_gomp_parallel();
+  if (gomp == nullptr || parts <= 1 || at::in_parallel_region()) {
+    run_parts(&j);
+    return;
+  }
+  gomp(run_parts, &j, 0, 0);
+}
 
 // A weak reference to a StorageImpl: while held, no other storage can be made at its address,
 // so (address, version) names one storage's data for as long as a packed copy is kept.

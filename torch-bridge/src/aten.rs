@@ -22,6 +22,9 @@ pub struct Lowered {
 #[derive(Clone, Debug)]
 enum Arg {
     Tensor(ValueId),
+    /// A TorchScript float or int computed at run time: a 0-d float64 / int64 input of the
+    /// graph (a kernel parameter), promoted as a Python number.
+    Number(ValueId),
     Const(Const),
 }
 
@@ -48,6 +51,11 @@ fn lower_region(r: &Region, view_outputs: bool) -> R<Lowered> {
     for item in &r.items {
         let (arg, layout) = match item {
             Item::Input(None) => return Err("input types are not known".into()),
+            Item::Input(Some(d)) if d.number => {
+                let dtype = d.dtype.clone().map_err(|name| format!("dtype {name} is not supported"))?;
+                input_strides.push(vec![]);
+                (Arg::Number(g.input(TensorType::new(dtype, &[]))), None)
+            }
             Item::Input(Some(d)) => {
                 let dtype = d.dtype.clone().map_err(|name| format!("dtype {name} is not supported"))?;
                 input_strides.push(canonical_strides(&d.sizes, &d.strides));
@@ -96,7 +104,7 @@ fn lower_region(r: &Region, view_outputs: bool) -> R<Lowered> {
         .iter()
         .map(|&o| match &vals[o] {
             Arg::Tensor(v) => Ok(*v),
-            Arg::Const(_) => Err("an output is a constant".to_string()),
+            Arg::Const(_) | Arg::Number(_) => Err("an output is a constant or a number".to_string()),
         })
         .collect::<R<Vec<_>>>()?;
     for (i, o) in outputs.iter().enumerate() {
@@ -169,7 +177,7 @@ fn wraps_a_scalar(kind: &str, args: &[Arg]) -> bool {
         "aten::where" => &args[1.min(args.len())..],
         _ => return false,
     };
-    operands.iter().any(|a| matches!(a, Arg::Const(Const::Int(_) | Const::Float(_) | Const::Bool(_))))
+    operands.iter().any(|a| matches!(a, Arg::Const(Const::Int(_) | Const::Float(_) | Const::Bool(_)) | Arg::Number(_)))
 }
 
 /// The ops `Lower::node` knows, for regions whose types are not known until they run.
@@ -228,6 +236,7 @@ impl Lower<'_> {
         match a {
             Arg::Tensor(v) => Ok(*v),
             Arg::Const(c) => Err(format!("expected a tensor, got constant {c:?}")),
+            Arg::Number(_) => Err("expected a tensor, got a number".into()),
         }
     }
 
@@ -243,6 +252,9 @@ impl Lower<'_> {
                 Arg::Tensor(v) => up(&mut zero, self.g.ty(*v).dtype),
                 Arg::Const(Const::Bool(_)) => up(&mut wrapped, DType::Bool),
                 Arg::Const(Const::Int(_)) => up(&mut wrapped, DType::I64),
+                Arg::Number(v) if self.g.ty(*v).dtype == DType::I64 => up(&mut wrapped, DType::I64),
+                Arg::Number(_) if float_tensor => up(&mut wrapped, DType::F32),
+                Arg::Number(_) => up(&mut wrapped, self.default_float()?),
                 Arg::Const(Const::Float(_)) if float_tensor => up(&mut wrapped, DType::F32),
                 Arg::Const(Const::Float(_)) => up(&mut wrapped, self.default_float()?),
                 Arg::Const(Const::None) => {}
@@ -256,6 +268,14 @@ impl Lower<'_> {
     fn value(&mut self, a: &Arg, dtype: DType) -> R<ValueId> {
         Ok(match a {
             Arg::Tensor(v) => self.g.cast(*v, dtype),
+            Arg::Number(v) => {
+                // As PyTorch converts a Python number to the computation's dtype; a float into
+                // an integer computation is an error there.
+                if self.g.ty(*v).dtype.is_float() && !dtype.is_float() {
+                    return Err(format!("float number with {dtype} result"));
+                }
+                self.g.cast(*v, dtype)
+            }
             Arg::Const(c) => {
                 let s = scalar(c)?;
                 // PyTorch converts the scalar to the computation's dtype; an out-of-range
@@ -410,6 +430,10 @@ impl Lower<'_> {
             ("aten::maximum", [x, y]) => self.binary(BinaryOp::Max, x, y),
             ("aten::minimum", [x, y]) => self.binary(BinaryOp::Min, x, y),
             ("aten::pow", [x, y]) => {
+                if matches!(y, Arg::Number(_)) {
+                    // Eager special-cases exponents (2: x*x, 0.5: sqrt, ...) by value.
+                    return Err("an exponent computed at run time".into());
+                }
                 let d = self.result_type(&[x, y])?;
                 if !d.is_float() {
                     return Err(format!("integer power ({d})"));
@@ -634,6 +658,7 @@ fn const_of(a: &Arg) -> R<&Const> {
     match a {
         Arg::Const(c) => Ok(c),
         Arg::Tensor(_) => Err("a tensor where a number was expected".into()),
+        Arg::Number(_) => Err("a number computed at run time where a constant was expected".into()),
     }
 }
 

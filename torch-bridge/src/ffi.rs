@@ -45,6 +45,9 @@ extern "C" {
     fn kiln_cpp_scalar_type_name(code: i32) -> *const c_char;
     fn kiln_cpp_call_state(state: *mut KilnCallState);
     pub fn kiln_cpp_storage_hold(storage: *mut c_void);
+    pub fn kiln_cpp_parallel(parts: usize, job: unsafe extern "C" fn(*const c_void, usize), ctx: *const c_void);
+    pub fn kiln_cpp_torch_threads() -> i32;
+    pub fn kiln_cpp_has_torch_pool() -> i32;
     pub fn kiln_cpp_storage_release(storage: *mut c_void);
 }
 

@@ -21,6 +21,21 @@ pub enum BridgeError {
 }
 
 /// Registers the pass and operators (once) and turns the pass on.
+/// Sets the threads Kiln's parallel kernels use. At torch's own thread count they run on
+/// torch's intra-op pool (no second pool to spin against it: `runtime::parallel`); another
+/// count, or a libtorch without OpenMP, gets Kiln's pool of that size.
+pub fn set_num_threads(n: usize) -> std::io::Result<()> {
+    use kiln_compiler::runtime::parallel;
+    let torch = unsafe { ffi::kiln_cpp_torch_threads() }.max(1) as usize;
+    if n.max(1) == torch && unsafe { ffi::kiln_cpp_has_torch_pool() } != 0 {
+        parallel::use_host_pool(Some((ffi::kiln_cpp_parallel, torch)));
+        return Ok(());
+    }
+    parallel::set_num_threads(n)?;
+    parallel::use_host_pool(None);
+    Ok(())
+}
+
 pub fn enable(options: Options) -> Result<(), BridgeError> {
     *RUNTIME.options.write().unwrap() = options;
     RUNTIME.generation.fetch_add(1, std::sync::atomic::Ordering::Relaxed);

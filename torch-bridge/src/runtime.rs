@@ -238,7 +238,7 @@ fn decl(m: &TensorMeta) -> Result<InputDecl, String> {
         return Err("an input requires grad (Kiln computes no gradients)".into());
     }
     let dtype = m.dtype.ok_or_else(|| "an input's dtype is not supported".to_string())?;
-    Ok(InputDecl { dtype: Ok(dtype), sizes: m.sizes.clone(), strides: m.strides.clone() })
+    Ok(InputDecl { dtype: Ok(dtype), sizes: m.sizes.clone(), strides: m.strides.clone(), number: false })
 }
 
 impl Runtime {
@@ -472,7 +472,7 @@ impl Runtime {
                         StrideGuard::Dense(order) => kiln_compiler::graph::layout::dense_strides(&sizes, order),
                         StrideGuard::Exact(_) => d.strides.clone(),
                     };
-                    InputDecl { dtype: d.dtype.clone(), sizes, strides }
+                    InputDecl { dtype: d.dtype.clone(), sizes, strides, number: d.number }
                 })
                 .collect();
             let l = aten::lower(&dump.with_inputs(&decls, dump.default_float.clone()))?;

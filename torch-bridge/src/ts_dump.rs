@@ -6,6 +6,8 @@
 //! input %0 f32 [4,4] [4,1]      a tensor input: dtype, sizes, strides as profiled
 //! input %0 ?                    a tensor input TorchScript did not profile (types come from
 //!                               the live tensors when the group first runs)
+//! input %0 scalar f64           a number computed at run time (float: f64, int: i64), passed
+//!                               as a 0-d tensor and promoted as a Python number
 //! const %1 float 0.5            a constant: none | bool 0/1 | int N | float X | str S | ints N...
 //! node %2 aten::mul %0 %1 : f32 [4,4]   one TorchScript node with one tensor output and
 //!                               the output type TorchScript profiled (when it knows it)
@@ -33,6 +35,9 @@ pub struct InputDecl {
     pub dtype: Result<DType, String>,
     pub sizes: Vec<i64>,
     pub strides: Vec<i64>,
+    /// A number computed at run time (a TorchScript float or int), not a tensor: it arrives
+    /// as a 0-d float64 / int64 tensor and takes part in type promotion as a Python number.
+    pub number: bool,
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -92,7 +97,7 @@ impl Region {
             .items
             .iter()
             .map(|i| match i {
-                Item::Input(_) => Item::Input(live.next().cloned()),
+                Item::Input(d) => Item::Input(live.next().cloned().map(|l| InputDecl { number: d.as_ref().is_some_and(|d| d.number), ..l })),
                 Item::Node { kind, args, expect } => Item::Node { kind: kind.clone(), args: args.clone(), expect: if same { expect.clone() } else { None } },
                 other => other.clone(),
             })
@@ -121,7 +126,8 @@ pub fn parse(text: &str) -> Result<Region, String> {
             }
             "input" => match rest[..] {
                 ["?"] => Item::Input(None),
-                [dtype, sizes, strides] => Item::Input(Some(InputDecl { dtype: parse_dtype(dtype), sizes: ints(sizes)?, strides: ints(strides)? })),
+                ["scalar", dtype @ ("f64" | "i64")] => Item::Input(Some(InputDecl { dtype: parse_dtype(dtype), sizes: vec![], strides: vec![], number: true })),
+                [dtype, sizes, strides] => Item::Input(Some(InputDecl { dtype: parse_dtype(dtype), sizes: ints(sizes)?, strides: ints(strides)?, number: false })),
                 _ => return Err(format!("bad input: {line}")),
             },
             "const" => {
@@ -169,8 +175,10 @@ mod tests {
     #[test]
     fn parses_every_item() {
         let r = parse("input %0 f32 [2,3] [3,1]\ninput %1 unsupported:Half [] []\nconst %2 float -inf\nconst %3 ints 0 1\nconst %4 str tanh\nnode %5 aten::gelu %0 %4\noutput %5\n").unwrap();
-        assert_eq!(r.items[0], Item::Input(Some(InputDecl { dtype: Ok(DType::F32), sizes: vec![2, 3], strides: vec![3, 1] })));
-        assert_eq!(r.items[1], Item::Input(Some(InputDecl { dtype: Err("Half".into()), sizes: vec![], strides: vec![] })));
+        assert_eq!(r.items[0], Item::Input(Some(InputDecl { dtype: Ok(DType::F32), sizes: vec![2, 3], strides: vec![3, 1], number: false })));
+        assert_eq!(r.items[1], Item::Input(Some(InputDecl { dtype: Err("Half".into()), sizes: vec![], strides: vec![], number: false })));
+        let n = parse("input %0 scalar f64\n").unwrap();
+        assert_eq!(n.items[0], Item::Input(Some(InputDecl { dtype: Ok(DType::F64), sizes: vec![], strides: vec![], number: true })));
         assert_eq!(parse("input %0 ?").unwrap().items[0], Item::Input(None));
         assert_eq!(r.items[2], Item::Const(Const::Float(f64::NEG_INFINITY)));
         assert_eq!(r.items[3], Item::Const(Const::Ints(vec![0, 1])));

@@ -305,37 +305,43 @@ impl<'a> KernelBuilder<'a> {
             c[dim] = (xshape[dim] != 1).then_some(inner);
             c
         };
-        let acc_sum_dtype = DType::F64;
-        let (m, s) = (self.acc(dtype), self.acc(acc_sum_dtype));
+        // As ATen's vectorised softmax: the sum of exp(x - max) in the dtype (the vectoriser
+        // keeps a partial sum per lane, combined pairwise), exp stored in phase 2 and scaled by
+        // the sum's reciprocal in phase 3; log_softmax writes (x - max) - log(sum).
+        let (m, s) = (self.acc(dtype), self.acc(dtype));
         let n = xshape[dim];
-        // Phase 1: running max. Phase 2: sum of exp(x - max). Phase 3: write.
         let (v1, v2, v3) = (self.var(), self.var(), self.var());
         let x1 = self.value(x, &coords_with(&ovars, v1));
         let x2 = self.value(x, &coords_with(&ovars, v2));
-        let x3 = self.value(x, &coords_with(&ovars, v3));
         let neg_inf = self.konst(Scalar::Float(f64::NEG_INFINITY), dtype);
-        let zero = self.konst(Scalar::Int(0), acc_sum_dtype);
+        let zero = self.konst(Scalar::Int(0), dtype);
         let mv = self.arena.add(Expr::Acc(m), dtype);
-        let sv = self.arena.add(Expr::Acc(s), acc_sum_dtype);
+        let sv = self.arena.add(Expr::Acc(s), dtype);
         let d2 = self.arena.add(Expr::Binary(BinaryOp::Sub, x2, mv), dtype);
         let e2 = self.arena.add(Expr::Unary(UnaryOp::Exp, d2), dtype);
-        let e2 = self.arena.add(Expr::Cast(e2), acc_sum_dtype);
-        let d3 = self.arena.add(Expr::Binary(BinaryOp::Sub, x3, mv), dtype);
-        let value = if log {
-            let logs = self.arena.add(Expr::Unary(UnaryOp::Log, sv), acc_sum_dtype);
-            let logs = self.arena.add(Expr::Cast(logs), dtype);
-            self.arena.add(Expr::Binary(BinaryOp::Sub, d3, logs), dtype)
-        } else {
-            let e3 = self.arena.add(Expr::Unary(UnaryOp::Exp, d3), dtype);
-            let sf = self.arena.add(Expr::Cast(sv), dtype);
-            self.arena.add(Expr::Binary(BinaryOp::Div, e3, sf), dtype)
-        };
-        let store = self.store(out, &coords_with(&ovars, v3), value);
         let mut inner = vec![Stmt::Init { acc: m, value: neg_inf }];
         inner.extend(Self::nest(&[v1], &[n], vec![Stmt::Update { acc: m, combine: Combine::Max, value: x1 }]));
         inner.push(Stmt::Init { acc: s, value: zero });
-        inner.extend(Self::nest(&[v2], &[n], vec![Stmt::Update { acc: s, combine: Combine::Add, value: e2 }]));
-        inner.extend(Self::nest(&[v3], &[n], vec![store]));
+        let out3 = coords_with(&ovars, v3);
+        if log {
+            inner.extend(Self::nest(&[v2], &[n], vec![Stmt::Update { acc: s, combine: Combine::Add, value: e2 }]));
+            let x3 = self.value(x, &out3);
+            let d3 = self.arena.add(Expr::Binary(BinaryOp::Sub, x3, mv), dtype);
+            let logs = self.arena.add(Expr::Unary(UnaryOp::Log, sv), dtype);
+            let value = self.arena.add(Expr::Binary(BinaryOp::Sub, d3, logs), dtype);
+            let store = self.store(out, &out3, value);
+            inner.extend(Self::nest(&[v3], &[n], vec![store]));
+        } else {
+            let keep = self.store(out, &coords_with(&ovars, v2), e2);
+            inner.extend(Self::nest(&[v2], &[n], vec![keep, Stmt::Update { acc: s, combine: Combine::Add, value: e2 }]));
+            let (buf, strides) = self.bufs[&out].clone();
+            let terms = out3.iter().zip(&strides).filter_map(|(c, &st)| c.map(|var| (var, st))).collect();
+            let e3 = self.arena.add(Expr::Load { buf, index: Index { terms, offset: 0, params: vec![] } }, dtype);
+            let r = self.arena.add(Expr::Unary(UnaryOp::Reciprocal, sv), dtype);
+            let value = self.arena.add(Expr::Binary(BinaryOp::Mul, e3, r), dtype);
+            let store = self.store(out, &out3, value);
+            inner.extend(Self::nest(&[v3], &[n], vec![store]));
+        }
         let oext: Vec<i64> = outer.iter().map(|&d| xshape[d]).collect();
         let body = Self::nest(&ovars, &oext, inner);
         self.finish(body, 3 * n.max(1))

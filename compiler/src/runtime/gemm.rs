@@ -9,7 +9,7 @@
 //! (batch, column panel, row panel) order, so a thread reuses its B panel across the rows.
 
 use crate::kernels::gemm::{GemmOperand, GemmShape};
-use crate::runtime::thread_pool::ThreadPool;
+use crate::runtime::parallel;
 
 /// The microkernel's signature (see `kernels::gemm::microkernel`).
 pub type MicrokernelFn = unsafe extern "C" fn(table: *const *mut u8, a_panel: *const f32, b_panel: *const f32, k: i64, coords: *const i64, rows: i64, cols: i64);
@@ -114,7 +114,7 @@ pub unsafe fn pack_b(s: &GemmShape, src: *const f32, dst: *mut f32) {
 
 /// `prepacked_b`: B already packed (by [`pack_b`], from this call's data); B's packing is
 /// then skipped.
-pub unsafe fn run(s: &GemmShape, ukr: MicrokernelFn, table: *const *mut u8, pool: &ThreadPool, prepacked_b: Option<*const f32>) {
+pub unsafe fn run(s: &GemmShape, ukr: MicrokernelFn, table: *const *mut u8, prepacked_b: Option<*const f32>) {
     let tile = s.tile;
     let (mp, np) = (s.m_panels(), s.n_panels());
     let batches = s.batch_count();
@@ -129,7 +129,7 @@ pub unsafe fn run(s: &GemmShape, ukr: MicrokernelFn, table: *const *mut u8, pool
     let a_count = if s.a.batch_invariant() { 1 } else { batches };
     let b_count = if s.b.batch_invariant() { 1 } else { batches };
     let (a_panel, b_panel) = (tile.mr * s.k, tile.nr * s.k);
-    let parts = if s.flops() < PARALLEL_MIN_FLOPS { 1 } else { pool.threads().min(tiles as usize) };
+    let parts = if s.flops() < PARALLEL_MIN_FLOPS { 1 } else { parallel::threads().min(tiles as usize) };
     let shared = Shared((a_src, b_src, pa, pb, table));
 
     // Packing: A's panels, then B's, split evenly across the threads.
@@ -175,7 +175,7 @@ pub unsafe fn run(s: &GemmShape, ukr: MicrokernelFn, table: *const *mut u8, pool
         pack(0);
         compute(0);
     } else {
-        pool.run(parts, &pack);
-        pool.run(parts, &compute);
+        parallel::run(parts, &pack);
+        parallel::run(parts, &compute);
     }
 }

@@ -3,10 +3,8 @@
 
 use crate::lower::{BufferDecl, BufferKind};
 use crate::runtime::gemm::MicrokernelFn;
-use crate::runtime::thread_pool::ThreadPool;
-use once_cell::sync::Lazy;
+use crate::runtime::parallel;
 use std::cell::RefCell;
-use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 pub type KernelFn = unsafe extern "C" fn(*const *mut u8, i64, i64);
@@ -102,58 +100,7 @@ pub struct CompiledProgram {
     pub compile_time: Duration,
 }
 
-/// The pool and the process it was made in: a forked child (a DataLoader worker, a server
-/// worker) inherits the pool but none of its threads, so it makes its own.
-static POOL: Lazy<RwLock<(u32, Arc<ThreadPool>)>> = Lazy::new(|| RwLock::new((std::process::id(), Arc::new(pool_of(default_threads())))));
-
-/// A pool of `threads`, or of as many as the system would start (kernels run either way).
-fn pool_of(threads: usize) -> ThreadPool {
-    let (pool, error) = ThreadPool::new(threads);
-    if let Some(e) = error {
-        tracing::warn!("kiln: started {} of {threads} threads for parallel kernels: {e}", pool.threads());
-    }
-    pool
-}
-
-fn pool() -> Arc<ThreadPool> {
-    let pid = std::process::id();
-    {
-        let p = POOL.read().unwrap();
-        if p.0 == pid {
-            return p.1.clone();
-        }
-    }
-    let mut p = POOL.write().unwrap();
-    if p.0 != pid {
-        let threads = p.1.threads();
-        // The parent's pool is leaked, not dropped: its Drop takes a lock that one of the
-        // parent's threads may have held at the fork.
-        std::mem::forget(std::mem::replace(&mut p.1, Arc::new(pool_of(threads))));
-        p.0 = pid;
-    }
-    p.1.clone()
-}
-
-fn default_threads() -> usize {
-    std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)
-}
-
-/// Sets the number of threads parallel kernels use (the caller counts as one). If the system
-/// will not start that many, the pool stays as it was and the error says why.
-pub fn set_num_threads(n: usize) -> std::io::Result<()> {
-    let current = pool();
-    if current.threads() != n.max(1) {
-        match ThreadPool::new(n.max(1)) {
-            (new, None) => POOL.write().unwrap().1 = Arc::new(new),
-            (_, Some(e)) => return Err(e),
-        }
-    }
-    Ok(())
-}
-
-pub fn num_threads() -> usize {
-    pool().threads()
-}
+pub use crate::runtime::parallel::{num_threads, set_num_threads};
 
 /// The most scratch memory a thread keeps between calls. A call that needs more gets it for
 /// itself and returns it to the allocator when it is done: a long-lived thread that once ran a
@@ -399,17 +346,16 @@ impl CompiledProgram {
                     Code::Loop(f) => f,
                     Code::Gemm(ukr) => {
                         let shape = image.kernels[i].gemm.as_ref().expect("a GEMM kernel has its shape");
-                        crate::runtime::gemm::run(shape, ukr, table.0, &pool(), packed(i));
+                        crate::runtime::gemm::run(shape, ukr, table.0, packed(i));
                         continue;
                     }
                 };
                 let extent = extent(i);
                 if parallel(i) {
-                    let pool = pool();
-                    let parts = pool.threads().min(extent.max(1) as usize);
+                    let parts = parallel::threads().min(extent.max(1) as usize);
                     let chunk = (extent + parts as i64 - 1) / parts as i64;
                     let table = &table;
-                    pool.run(parts, &|p| {
+                    parallel::run(parts, &|p| {
                         let start = p as i64 * chunk;
                         let end = (start + chunk).min(extent);
                         if start < end {
