@@ -54,7 +54,7 @@ def build(model, args, how, freeze):
     return torch.jit.freeze(m) if freeze else m
 
 
-def check_model(model, args, how, freeze):
+def check_model(model, args, how, freeze, allowed_fallbacks=()):
     torch.manual_seed(0)
     model = model.eval()
     with torch.no_grad():
@@ -66,7 +66,8 @@ def check_model(model, args, how, freeze):
         torch.testing.assert_close(got, want)
         assert torch_kiln.stats()["kernel_runs"] > before, torch_kiln.explain(m)
     text = torch_kiln.explain(m)
-    assert torch_kiln.stats()["fallbacks"] == {}, text
+    fallbacks = {k: v for k, v in torch_kiln.stats()["fallbacks"].items() if not k.startswith(allowed_fallbacks)}
+    assert fallbacks == {}, text
     left = [line for line in text.splitlines() if "TorchScript" in line or line.startswith("  aten::")]
     assert not any(op in line for line in left for op in FLOP_OPS), text
     return m
@@ -175,3 +176,69 @@ def test_many_threads_share_a_model_and_its_packed_weights():
         for t in threads:
             t.join()
     assert not errors, errors[0]
+
+
+def encoder(layers=2, d=64, heads=4, ff=96, norm_first=False, activation="gelu"):
+    layer = torch.nn.TransformerEncoderLayer(d, heads, ff, dropout=0.0, batch_first=True, activation=activation, norm_first=norm_first)
+    return torch.nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
+
+
+@pytest.mark.parametrize("norm_first", [False, True], ids=["post_norm", "pre_norm"])
+@pytest.mark.parametrize("activation", ["gelu", "relu"])
+def test_traced_transformer_encoder_runs_in_kiln(norm_first, activation):
+    """Traced in eval, each layer is one `_transformer_encoder_layer_fwd` (the fast path):
+    Kiln lowers it into its own ops (projections, heads as views, attention, norms, FFN)."""
+    torch.manual_seed(0)
+    m = check_model(encoder(norm_first=norm_first, activation=activation), (torch.randn(2, 19, 64),), "trace", True)
+    assert "_transformer_encoder_layer_fwd" in torch_kiln.explain(m)
+
+
+def test_the_issues_encoder_shape_matches_eager():
+    torch.manual_seed(0)
+    check_model(encoder(layers=1, d=256, heads=4, ff=1024), (torch.randn(1, 128, 256),), "trace", True)
+
+
+class Views(torch.nn.Module):
+    def forward(self, x, y):
+        a = x.view(4, 6).t().reshape(2, 12)  # a flattened transpose: stored, then viewed
+        b = x[1:3].unsqueeze(0) * 2.0
+        c = torch.narrow(y, 1, 2, 3).flatten() + y.select(0, 1).sum()
+        d = x.unflatten(1, (2, 3)).squeeze(0).expand(2, 4, 2, 3) + 1.0
+        return a + 1.0, b, c, d.contiguous() * 1.0, torch.nn.functional.dropout(x, 0.5, False) - 1.0
+
+
+@pytest.mark.parametrize("how", ["script", "trace"])
+def test_view_ops_read_through(how):
+    torch.manual_seed(0)
+    check_model(Views(), (torch.randn(4, 6), torch.randn(3, 7)), how, False)
+
+
+class WaveStep(torch.nn.Module):
+    """One WaveRNN-style sampling step (the issue's wavestep, smaller sizes)."""
+
+    def __init__(self, classes=64, cond=20, hidden=96):
+        super().__init__()
+        self.embed = torch.nn.Linear(classes, 32)
+        self.gru = torch.nn.GRUCell(32 + cond, hidden)
+        self.fc1, self.fc2 = torch.nn.Linear(hidden, hidden), torch.nn.Linear(hidden, classes)
+
+    def forward(self, prev, cond, h):
+        x = torch.cat([self.embed(prev), cond], 1)
+        h = self.gru(x, h)
+        p = torch.softmax(self.fc2(torch.relu(self.fc1(h))), 1)
+        return p, h
+
+
+@pytest.mark.parametrize("batch", [1, 5])
+@pytest.mark.parametrize("freeze", [True, False], ids=["frozen", "unfrozen"])
+def test_scripted_wavestep_runs_in_kiln(batch, freeze):
+    """Scripted, the GRU cell is one `aten::gru_cell` (lowered to two projections, gate slices
+    and pointwise math) and the concatenation an `aten::cat` of a list."""
+    torch.manual_seed(0)
+    prev = torch.zeros(batch, 64)
+    prev[:, 3] = 1.0
+    # nn.GRUCell's `hx is None` branch (never taken here) builds zeros of a size computed at
+    # run time: Kiln takes sizes as constants, so that dead node stays in TorchScript.
+    m = check_model(WaveStep(), (prev, torch.randn(batch, 20), torch.randn(batch, 96)), "script", freeze, allowed_fallbacks=("aten::zeros",))
+    text = torch_kiln.explain(m)
+    assert "aten::gru_cell" in text and "aten::cat" in text, text

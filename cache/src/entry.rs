@@ -102,7 +102,7 @@ pub fn encode(header: &EntryHeader, image: &ProgramImage) -> Vec<u8> {
     for k in &image.kernels {
         body.extend(format!("kernel {} {} {} {} {}\n", k.name, k.symbol, k.extent, k.parallel as u8, k.work_per_iter).bytes());
         if let Some(g) = &k.gemm {
-            let operand = |o: &GemmOperand| format!("{} {} {} {}", o.buf.0, list(&o.batch_strides), o.rows, o.cols);
+            let operand = |o: &GemmOperand| format!("{} {} {} {} {}", o.buf.0, o.offset, list(&o.batch_strides), o.rows, o.cols);
             let line = format!("gemm {} {} {} {} {} {} {} {} {} {}\n", list(&g.batch), g.m, g.n, g.k, operand(&g.a), operand(&g.b), g.tile.mr, g.tile.nr, g.pack_a.0, g.pack_b.0);
             body.extend(line.bytes());
         }
@@ -244,7 +244,8 @@ fn parse_body(body: &[u8]) -> Result<ProgramImage, String> {
             Some("gemm") => {
                 let operand = |w: &mut std::str::Split<'_, char>, what: &str| -> Result<GemmOperand, String> {
                     let buf = BufId(num(w.next(), what)?);
-                    Ok(GemmOperand { buf, batch_strides: list(w.next(), what)?, rows: num(w.next(), what)?, cols: num(w.next(), what)? })
+                    let offset = num(w.next(), what)?;
+                    Ok(GemmOperand { buf, offset, batch_strides: list(w.next(), what)?, rows: num(w.next(), what)?, cols: num(w.next(), what)? })
                 };
                 let batch = list(w.next(), "gemm batch")?;
                 let (m, n, k) = (num(w.next(), "gemm m")?, num(w.next(), "gemm n")?, num(w.next(), "gemm k")?);
@@ -315,7 +316,7 @@ fn check_consistent(image: &ProgramImage) -> Result<(), String> {
 fn check_gemm(image: &ProgramImage, g: &GemmShape) -> Result<(), String> {
     let buf = |b: BufId| image.buffers.get(b.0 as usize).ok_or_else(|| "a gemm buffer index out of range".to_string());
     for o in [&g.a, &g.b] {
-        if buf(o.buf)?.dtype != DType::F32 || o.batch_strides.len() != g.batch.len() {
+        if buf(o.buf)?.dtype != DType::F32 || o.batch_strides.len() != g.batch.len() || o.offset < 0 {
             return Err("a gemm operand that is not a float32 buffer of the batch's rank".into());
         }
     }

@@ -23,6 +23,7 @@ fn main() {
     // 64-byte aligned storage for the packed copy (panels are read with aligned loads).
     #[derive(Clone, Copy)]
     #[repr(align(64))]
+    #[allow(dead_code)] // storage only
     struct Line([f32; 16]);
     let mut packed = vec![Line([0.0; 16]); weights.first().map_or(0, |w| w.elems.div_ceil(16))];
     if prepack {

@@ -91,7 +91,7 @@ impl Gen {
 
     fn step(&mut self) -> Option<()> {
         use DType::*;
-        let choice = self.rng.next_u64() % 10;
+        let choice = self.rng.next_u64() % 16;
         let v = match choice {
             0 => Some(self.input()),
             1 | 2 => {
@@ -155,6 +155,49 @@ impl Gen {
                 let keepdim = self.chance(50);
                 let v = self.g.reduce(op, a, &dims, keepdim).ok()?;
                 return self.finish(v, matches!(op, ReduceOp::Sum | ReduceOp::Mean) && d.is_float());
+            }
+            10 | 11 => {
+                // A permute and its inverse: a view read through another view.
+                let a = self.value_of(|g, v| g.ty(v).rank() > 1)?;
+                let p = Layout::random(&mut self.rng, self.g.ty(a).rank()).order;
+                let mut inv = vec![0; p.len()];
+                for (i, &d) in p.iter().enumerate() {
+                    inv[d] = i;
+                }
+                let t = self.g.permute(a, &p).ok()?;
+                self.g.permute(t, &inv).ok()
+            }
+            12 | 13 => {
+                // A value broadcast to the full shape explicitly.
+                let a = self.value_of(|_, _| true)?;
+                let shape = self.shape.clone();
+                self.g.expand(a, &shape).ok()
+            }
+            14 => {
+                // Flattened through a permute and split back: a reshape no view expresses,
+                // so the lowering stores the permuted value first.
+                let a = self.value_of(|g, v| g.ty(v).rank() > 1)?;
+                let p = Layout::random(&mut self.rng, self.g.ty(a).rank()).order;
+                let t = self.g.permute(a, &p).ok()?;
+                let tshape = self.g.ty(t).static_shape()?;
+                let flat = self.g.reshape(t, &[tshape.iter().product()]).ok()?;
+                let back = self.g.reshape(flat, &tshape).ok()?;
+                let mut inv = vec![0; p.len()];
+                for (i, &d) in p.iter().enumerate() {
+                    inv[d] = i;
+                }
+                self.g.permute(back, &inv).ok()
+            }
+            15 => {
+                // Split along a dim and joined again: slices at offsets, cat's parts.
+                let a = self.value_of(|g, v| g.ty(v).static_shape().is_some_and(|s| s.iter().any(|&n| n >= 2)))?;
+                let shape = self.g.ty(a).static_shape()?;
+                let d = shape.iter().position(|&n| n >= 2)?;
+                let k = 1 + (self.rng.next_u64() % (shape[d] as u64 - 1)) as i64;
+                let x = self.g.slice(a, d, 0, k).ok()?;
+                let y = self.g.slice(a, d, k, shape[d] - k).ok()?;
+                let y = if self.chance(50) { self.g.unary(UnaryOp::Neg, y).ok().filter(|_| self.g.ty(y).dtype != Bool).unwrap_or(y) } else { y };
+                self.g.cat(&[x, y], d).ok()
             }
             _ => {
                 let a = self.value_of(|g, v| g.ty(v).dtype.is_float() && g.ty(v).rank() > 0)?;
@@ -393,6 +436,11 @@ fn resized(text: &str, from: i64, to: i64) -> String {
 /// ≥ 2 no other dim has).
 fn check_symbolic(seed: u64) -> bool {
     let (g, trust, shape) = random_graph(seed);
+    // Reshapes, slices and cats name sizes that are sums or products of the shape's: the text
+    // cannot be resized by substituting one size.
+    if g.nodes.iter().any(|n| matches!(n.op, kiln_compiler::graph::ir::Op::Reshape | kiln_compiler::graph::ir::Op::Slice { .. } | kiln_compiler::graph::ir::Op::Cat { .. })) {
+        return false;
+    }
     let mut rng = Rng(seed ^ 0x2545F4914F6CDD1D);
     let dims: Vec<i64> = shape.iter().copied().filter(|&n| n >= 2 && shape.iter().filter(|&&m| m == n).count() == 1).collect();
     if dims.is_empty() {

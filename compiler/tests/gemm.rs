@@ -211,6 +211,7 @@ fn a_weight_packed_once_gives_the_same_result_as_packing_per_call() {
     let (x, w, b) = (vals(m * k), vals(n * k), vals(n));
     #[derive(Clone, Copy)]
     #[repr(align(64))]
+    #[allow(dead_code)] // storage only
     struct Line([f32; 16]);
     let mut packed = vec![Line([f32::NAN; 16]); weights[0].elems.div_ceil(16)];
     unsafe { p.pack_weight(&weights[0], w.as_ptr() as _, packed.as_mut_ptr() as *mut f32) };

@@ -66,7 +66,7 @@ typedef int32_t (*KilnAlloc)(void* ctx, size_t index, int32_t dtype, const int64
 // 0: ran; else nothing ran and `error` says why. Reads the call's state (kiln_cpp_call_state)
 // only where the guard's choice is not at hand.
 int32_t kiln_rs_run(int64_t group, const KilnTensor* inputs, size_t n, KilnAlloc alloc, void* ctx, char* error, size_t cap);
-int64_t kiln_rs_reason(const char* kind, const char* reason);
+int64_t kiln_rs_reason(const char* kind, const char* reason, int32_t counted);
 void kiln_rs_pass_started();
 void kiln_rs_pass_error(const char* what);
 }
@@ -217,6 +217,9 @@ bool is_reported(const Node* n) {
 }
 
 // The text form Rust lowers (torch-bridge/src/ts_dump.rs documents it).
+// A list of tensors joins a group with its cat, and only then (see view_used_outside).
+bool is_tensor_list(const Node* n);
+
 struct Dumper {
   std::ostringstream os;
   std::unordered_map<const Value*, std::string> names;
@@ -238,6 +241,7 @@ struct Dumper {
       os << "\n";
       return true;
     }
+    if (is_tensor_list(v->node())) return tensor_list(v->node(), why);
     InputKind kind = input_kind(v);
     if (kind == InputKind::Float || kind == InputKind::Int) {
       os << "input " << name(v) << " scalar " << (kind == InputKind::Float ? "f64" : "i64") << "\n";
@@ -246,6 +250,14 @@ struct Dumper {
     std::ostringstream c;
     if (!constant_text(v, c)) { *why = kDynamicScalar; return false; }
     os << "const " << name(v) << " " << c.str() << "\n";
+    return true;
+  }
+  // A list of tensors built for a cat: `list %k %a %b ...`.
+  bool tensor_list(const Node* n, std::string* why) {
+    for (auto* in : n->inputs()) if (!declare(in, why)) return false;
+    os << "list " << name(n->output());
+    for (auto* in : n->inputs()) os << " " << name(in);
+    os << "\n";
     return true;
   }
   bool node(const Node* n, std::string* why) {
@@ -268,6 +280,7 @@ struct Dumper {
 
 std::string ask_node(const Node* n) {
   if (n->hasAttribute(fallback_attr())) return "fallback copy of a Kiln group";
+  if (is_tensor_list(n)) return "";
   if (n->kind().ns() != c10::Symbol::fromQualString("namespaces::aten")) return "not an aten op";
   if (n->outputs().size() != 1)
     return "has " + std::to_string(n->outputs().size()) + " outputs (Kiln groups ops with one tensor output)";
@@ -282,16 +295,31 @@ std::string ask_node(const Node* n) {
   return reason;
 }
 
-// A view op (t, transpose, permute) returns memory shared with its input; Kiln's outputs are
-// new tensors. So a view joins a group only once every user of it is in the group: it is then
-// index arithmetic inside the group, never a group output.
+// A view op returns memory shared with its input (contiguous and dropout in eval may return
+// the input itself); Kiln's outputs are new tensors. So a view joins a group only once every
+// user of it is in the group: it is then index arithmetic inside the group, never a group
+// output.
 bool is_view(const Node* n) {
-  static const std::unordered_set<std::string> views = {"aten::t", "aten::transpose", "aten::permute"};
+  static const std::unordered_set<std::string> views = {
+      "aten::t",       "aten::transpose", "aten::permute", "aten::view",   "aten::reshape",    "aten::flatten",
+      "aten::unflatten", "aten::unsqueeze", "aten::squeeze", "aten::select", "aten::slice",      "aten::narrow",
+      "aten::expand",  "aten::contiguous", "aten::dropout"};
   return views.count(n->kind().toQualString()) > 0;
 }
 
+// A prim::ListConstruct of tensors whose every user is a cat (or a group a cat was merged
+// into): a group takes it with its cat.
+bool is_tensor_list(const Node* n) {
+  if (n->kind() != prim::ListConstruct) return false;
+  auto list = n->output()->type()->cast<ListType>();
+  if (!list || !list->getElementType()->cast<TensorType>()) return false;
+  for (const Use& u : n->output()->uses())
+    if (u.user->kind() != aten::cat && u.user->kind() != group_kind()) return false;
+  return true;
+}
+
 bool view_used_outside(const Node* p, const Node* group) {
-  if (!is_view(p)) return false;
+  if (!is_view(p) && !is_tensor_list(p)) return false;
   for (const Use& u : p->output()->uses())
     if (u.user != group) return true;
   return false;
@@ -324,7 +352,7 @@ struct Fuser {
     for (auto it = b->nodes().rbegin(); it != b->nodes().rend();) {
       Node* n = *it;
       // A view never starts a group: alone it computes nothing.
-      if (!supported(n) || is_view(n)) { ++it; continue; }
+      if (!supported(n) || is_view(n) || is_tensor_list(n)) { ++it; continue; }
       started = true;
       Node* group = SubgraphUtils::createSingletonSubgraphAndUpdateAliasing(n, group_kind(), *db);
       bool grew = true;
@@ -378,6 +406,10 @@ struct Fuser {
       }
     }
     for (Node* n : sub->nodes()) {
+      if (is_tensor_list(n)) {
+        if (!d.tensor_list(n, why)) return "";
+        continue;
+      }
       if (n->kind() == prim::Constant || n->kind() == prim::ListConstruct) {
         // Constants merged into the subgraph (none are today; kept for robustness).
         std::ostringstream c;
@@ -438,8 +470,11 @@ struct Fuser {
       if (!is_reported(n) || n->hasAttribute(fallback_attr())) continue;
       auto it = verdicts.find(n);
       std::string why = it == verdicts.end() ? "not reached by the pass" : it->second;
-      if (why.empty()) why = "supported, but not part of a compiled group";
-      int64_t rid = kiln_rs_reason(n->kind().toQualString(), why.c_str());
+      // A view left alone computes nothing (it shares its input's memory): explain says so,
+      // but it is no fallback.
+      bool idle_view = why.empty() && is_view(n);
+      if (why.empty()) why = idle_view ? "a view outside any group (computes nothing)" : "supported, but not part of a compiled group";
+      int64_t rid = kiln_rs_reason(n->kind().toQualString(), why.c_str(), idle_view ? 0 : 1);
       if (rid >= 0) n->i_(reason_attr(), rid);
     }
   }

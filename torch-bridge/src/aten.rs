@@ -26,6 +26,8 @@ enum Arg {
     /// graph (a kernel parameter), promoted as a Python number.
     Number(ValueId),
     Const(Const),
+    /// A list of tensors (a cat's argument), with eager's strides of each.
+    List(Vec<ValueId>, Vec<Vec<i64>>),
 }
 
 type R<T> = Result<T, String>;
@@ -64,6 +66,11 @@ fn lower_region(r: &Region, view_outputs: bool) -> R<Lowered> {
                 (Arg::Tensor(g.input(TensorType::new(dtype, &d.sizes))), Some(strides))
             }
             Item::Const(c) => (Arg::Const(c.clone()), None),
+            Item::List(xs) => {
+                let ts = xs.iter().map(|&x| match vals[x] { Arg::Tensor(t) => Ok(t), _ => Err("a list of non-tensors".to_string()) }).collect::<R<Vec<_>>>()?;
+                let strides = xs.iter().map(|&x| eager[x].clone().ok_or("a list of non-tensors")).collect::<Result<Vec<_>, _>>()?;
+                (Arg::List(ts, strides), None)
+            }
             Item::Node { kind, args, expect } => {
                 let arg_vals: Vec<Arg> = args.iter().map(|&a| vals[a].clone()).collect();
                 let v = Lower { g: &mut g, default_float: &r.default_float }.node(kind, &arg_vals).map_err(|e| format!("{kind}: {e}"))?;
@@ -84,12 +91,10 @@ fn lower_region(r: &Region, view_outputs: bool) -> R<Lowered> {
                     .collect();
                 let view_of = |x: ValueId| args.iter().find(|&&a| matches!(vals[a], Arg::Tensor(t) if t == x)).and_then(|&a| eager[a].clone());
                 let strides = match &g.node(v).op {
-                    // A view (t, transpose, permute): its input's strides, permuted.
-                    Op::Permute(dims) if view_of(g.node(v).inputs[0]).is_some() => {
-                        let s = view_of(g.node(v).inputs[0]).unwrap();
-                        dims.iter().map(|&d| s[d]).collect()
-                    }
-                    // An identity view (t of a vector) is its input.
+                    _ if kind == "aten::contiguous" => contiguous_strides(&shape),
+                    // A view: eager's strides of the view over its input's.
+                    op if is_view(op) && view_of(g.node(v).inputs[0]).is_some() => view_of_strides(&g, v, &view_of(g.node(v).inputs[0]).unwrap()),
+                    // An identity (t of a vector, dropout in eval) is its input.
                     _ if view_of(v).is_some() => view_of(v).unwrap(),
                     _ => eager_strides(kind, &shape, ty.dtype, operands, wraps_a_scalar(kind, &arg_vals)),
                 };
@@ -104,16 +109,17 @@ fn lower_region(r: &Region, view_outputs: bool) -> R<Lowered> {
         .iter()
         .map(|&o| match &vals[o] {
             Arg::Tensor(v) => Ok(*v),
-            Arg::Const(_) | Arg::Number(_) => Err("an output is a constant or a number".to_string()),
+            Arg::Const(_) | Arg::Number(_) | Arg::List(..) => Err("an output is a constant, a number or a list".to_string()),
         })
         .collect::<R<Vec<_>>>()?;
     for (i, o) in outputs.iter().enumerate() {
-        if g.inputs.contains(o) || outputs[..i].contains(o) {
+        // (A single view node may be the identity: in a group it is read through.)
+        if !view_outputs && (g.inputs.contains(o) || outputs[..i].contains(o)) {
             return Err("an output is an input or another output (nothing to compute)".into());
         }
-        if !view_outputs && matches!(g.node(*o).op, Op::Permute(_)) {
+        if !view_outputs && is_view(&g.node(*o).op) {
             // Eager returns a view sharing its input's memory; a new tensor would not alias.
-            return Err("an output is a view (t, transpose, permute) of another tensor".into());
+            return Err("an output is a view (a permute, slice, reshape or expand) of another tensor".into());
         }
     }
     g.set_outputs(outputs);
@@ -123,6 +129,28 @@ fn lower_region(r: &Region, view_outputs: bool) -> R<Lowered> {
         g.set_output_order(i, order).map_err(|e| e.0)?;
     }
     Ok(Lowered { graph: g, input_strides })
+}
+
+fn is_view(op: &Op) -> bool {
+    kiln_compiler::lower::views::is_view(op)
+}
+
+/// Eager's strides of view `v` (of the graph) over an input with eager strides `input`: a
+/// permute permutes them, a slice keeps them, an expand sets broadcast dims to 0, a reshape
+/// is a view where PyTorch's rule allows and else a contiguous copy (`reshape` copies).
+fn view_of_strides(g: &Graph, v: ValueId, input: &[i64]) -> Vec<i64> {
+    let n = g.node(v);
+    let from = g.ty(n.inputs[0]).static_shape().unwrap_or_default();
+    let to = n.ty.static_shape().unwrap_or_default();
+    match &n.op {
+        Op::Permute(dims) => dims.iter().map(|&d| input[d]).collect(),
+        Op::Slice { .. } => input.to_vec(),
+        Op::Expand => {
+            let skip = to.len() - from.len();
+            (0..to.len()).map(|d| if d < skip || from[d - skip] != to[d] { 0 } else { input[d - skip] }).collect()
+        }
+        _ => kiln_compiler::graph::layout::view_strides(&from, input, &to).unwrap_or_else(|| contiguous_strides(&to)),
+    }
 }
 
 /// A tensor argument of an ATen op as its layout rule sees it: eager's strides.
@@ -153,6 +181,9 @@ fn eager_strides(kind: &str, shape: &[i64], dtype: DType, mut operands: Vec<Oper
         // Products are computed into new contiguous tensors (mm, bmm, and matmul folding its
         // batch dims; `Lower::matmul` refuses the rank combinations eager transposes).
         "aten::linear" | "aten::matmul" | "aten::mm" | "aten::bmm" | "aten::addmm" => return contiguous_strides(shape),
+        "aten::layer_norm" | "aten::_transformer_encoder_layer_fwd" | "aten::contiguous" | "aten::cat" | "aten::gru_cell" | "aten::zeros" | "aten::ones" => {
+            return contiguous_strides(shape)
+        }
 
         "aten::to" | "aten::type_as" => return converted_strides(&operands[0]),
         "aten::rsub" => operands.reverse(),
@@ -189,6 +220,9 @@ pub const KINDS: &[&str] = &[
     "aten::eq", "aten::ne", "aten::lt", "aten::le", "aten::gt", "aten::ge", "aten::logical_not", "aten::to",
     "aten::type_as", "aten::sum", "aten::mean", "aten::amax", "aten::amin", "aten::softmax", "aten::log_softmax",
     "aten::linear", "aten::matmul", "aten::mm", "aten::bmm", "aten::addmm", "aten::t", "aten::transpose", "aten::permute",
+    "aten::view", "aten::reshape", "aten::flatten", "aten::unflatten", "aten::unsqueeze", "aten::squeeze", "aten::contiguous",
+    "aten::select", "aten::slice", "aten::narrow", "aten::expand", "aten::dropout", "aten::layer_norm",
+    "aten::_transformer_encoder_layer_fwd", "aten::cat", "aten::gru_cell", "aten::zeros", "aten::ones",
 ];
 
 fn category(d: DType) -> u8 {
@@ -220,6 +254,21 @@ fn combine(higher: Option<DType>, lower: Option<DType>) -> Option<DType> {
     }
 }
 
+/// The arguments of `_transformer_encoder_layer_fwd`: (weight, bias) pairs and flags.
+struct EncoderLayer<'a> {
+    heads: i64,
+    embed: i64,
+    qkv: (&'a Arg, &'a Arg),
+    proj: (&'a Arg, &'a Arg),
+    norm1: (&'a Arg, &'a Arg),
+    norm2: (&'a Arg, &'a Arg),
+    ffn1: (&'a Arg, &'a Arg),
+    ffn2: (&'a Arg, &'a Arg),
+    gelu: bool,
+    norm_first: bool,
+    eps: f64,
+}
+
 struct Lower<'a> {
     g: &'a mut Graph,
     /// `torch.get_default_dtype()` for this call (the region's `default_float`).
@@ -237,6 +286,7 @@ impl Lower<'_> {
             Arg::Tensor(v) => Ok(*v),
             Arg::Const(c) => Err(format!("expected a tensor, got constant {c:?}")),
             Arg::Number(_) => Err("expected a tensor, got a number".into()),
+            Arg::List(..) => Err("expected a tensor, got a list".into()),
         }
     }
 
@@ -259,6 +309,7 @@ impl Lower<'_> {
                 Arg::Const(Const::Float(_)) => up(&mut wrapped, self.default_float()?),
                 Arg::Const(Const::None) => {}
                 Arg::Const(c) => return Err(format!("unexpected argument {c:?}")),
+                Arg::List(..) => return Err("unexpected list argument".into()),
             }
         }
         combine(dim, combine(zero, wrapped)).ok_or_else(|| "no tensor operand".to_string())
@@ -268,6 +319,7 @@ impl Lower<'_> {
     fn value(&mut self, a: &Arg, dtype: DType) -> R<ValueId> {
         Ok(match a {
             Arg::Tensor(v) => self.g.cast(*v, dtype),
+            Arg::List(..) => return Err("a list where a tensor or number was expected".into()),
             Arg::Number(v) => {
                 // As PyTorch converts a Python number to the computation's dtype; a float into
                 // an integer computation is an error there.
@@ -547,11 +599,280 @@ impl Lower<'_> {
                 }
                 Ok(self.g.permute(v, &dims).map_err(|e| e.0)?)
             }
+            ("aten::view" | "aten::reshape", [x, Arg::Const(Const::Ints(shape))]) => self.reshape(x, shape),
+            ("aten::flatten", [x, Arg::Const(Const::Int(start)), Arg::Const(Const::Int(end))]) => {
+                let v = self.tensor(x)?;
+                let sizes = self.sizes(v)?;
+                if sizes.is_empty() {
+                    return self.reshape(x, &[1]);
+                }
+                let (a, b) = (wrap_dim(*start, sizes.len())?, wrap_dim(*end, sizes.len())?);
+                if a > b {
+                    return Err("flatten with start_dim after end_dim".into());
+                }
+                let mut shape: Vec<i64> = sizes[..a].to_vec();
+                shape.push(sizes[a..=b].iter().product());
+                shape.extend(&sizes[b + 1..]);
+                self.reshape(x, &shape)
+            }
+            ("aten::unflatten", [x, Arg::Const(Const::Int(dim)), Arg::Const(Const::Ints(split))]) => {
+                let v = self.tensor(x)?;
+                let sizes = self.sizes(v)?;
+                let d = wrap_dim(*dim, sizes.len())?;
+                let mut shape: Vec<i64> = sizes[..d].to_vec();
+                shape.extend(split);
+                shape.extend(&sizes[d + 1..]);
+                self.reshape(x, &shape)
+            }
+            ("aten::unsqueeze", [x, Arg::Const(Const::Int(dim))]) => {
+                let v = self.tensor(x)?;
+                let mut shape = self.sizes(v)?;
+                let d = wrap_dim(*dim, shape.len() + 1)?;
+                shape.insert(d, 1);
+                self.reshape(x, &shape)
+            }
+            ("aten::squeeze", [x]) => {
+                let v = self.tensor(x)?;
+                let shape: Vec<i64> = self.sizes(v)?.into_iter().filter(|&n| n != 1).collect();
+                self.reshape(x, &shape)
+            }
+            ("aten::squeeze", [x, dim]) => {
+                let v = self.tensor(x)?;
+                let sizes = self.sizes(v)?;
+                let dims = match dim {
+                    Arg::Const(Const::Int(d)) => vec![wrap_dim(*d, sizes.len().max(1))?],
+                    Arg::Const(Const::Ints(ds)) => ds.iter().map(|&d| wrap_dim(d, sizes.len().max(1))).collect::<R<_>>()?,
+                    _ => return Err("dim is not a constant".into()),
+                };
+                let shape: Vec<i64> = sizes.iter().enumerate().filter(|(d, &n)| !(n == 1 && dims.contains(d))).map(|(_, &n)| n).collect();
+                self.reshape(x, &shape)
+            }
+            ("aten::contiguous", [x, Arg::Const(Const::Int(_))]) => self.tensor(x),
+            ("aten::dropout", [x, _, Arg::Const(Const::Bool(false))]) => self.tensor(x),
+            ("aten::select", [x, Arg::Const(Const::Int(dim)), Arg::Const(Const::Int(index))]) => {
+                let v = self.tensor(x)?;
+                let sizes = self.sizes(v)?;
+                let d = wrap_dim(*dim, sizes.len())?;
+                let i = if *index < 0 { index + sizes[d] } else { *index };
+                if i < 0 || i >= sizes[d] {
+                    return Err("select index out of range (eager raises)".into());
+                }
+                let s = self.g.slice(v, d, i, 1).map_err(|e| e.0)?;
+                let mut shape = sizes.clone();
+                shape.remove(d);
+                Ok(self.g.reshape(s, &shape).map_err(|e| e.0)?)
+            }
+            ("aten::slice", [x, Arg::Const(Const::Int(dim)), start, end, Arg::Const(Const::Int(1))]) => {
+                let v = self.tensor(x)?;
+                let sizes = self.sizes(v)?;
+                let d = wrap_dim(*dim, sizes.len())?;
+                // Python slicing: None, negative and out-of-range bounds clamp.
+                let bound = |a: &Arg, default: i64| -> R<i64> {
+                    let b = match a {
+                        Arg::Const(Const::None) => default,
+                        Arg::Const(Const::Int(b)) => *b,
+                        _ => return Err("a slice bound that is not a constant".into()),
+                    };
+                    Ok(if b < 0 { (b + sizes[d]).max(0) } else { b.min(sizes[d]) })
+                };
+                let (a, b) = (bound(start, 0)?, bound(end, sizes[d])?);
+                self.slice(v, d, a, (b - a).max(0))
+            }
+            ("aten::narrow", [x, Arg::Const(Const::Int(dim)), Arg::Const(Const::Int(start)), Arg::Const(Const::Int(len))]) => {
+                let v = self.tensor(x)?;
+                let sizes = self.sizes(v)?;
+                let d = wrap_dim(*dim, sizes.len())?;
+                let a = if *start < 0 { start + sizes[d] } else { *start };
+                self.slice(v, d, a, *len)
+            }
+            ("aten::expand", [x, Arg::Const(Const::Ints(shape)), Arg::Const(Const::Bool(false))]) => {
+                let v = self.tensor(x)?;
+                let sizes = self.sizes(v)?;
+                let skip = shape.len().checked_sub(sizes.len()).ok_or("expand to fewer dims")?;
+                let shape: Vec<i64> = shape.iter().enumerate().map(|(d, &n)| if n == -1 && d >= skip { sizes[d - skip] } else { n }).collect();
+                if shape == sizes {
+                    return Ok(v);
+                }
+                Ok(self.g.expand(v, &shape).map_err(|e| e.0)?)
+            }
+            ("aten::layer_norm", [x, Arg::Const(Const::Ints(normalized)), weight, bias, Arg::Const(Const::Float(eps)), _]) => {
+                let v = self.tensor(x)?;
+                self.layer_norm(v, normalized.len(), weight, bias, *eps)
+            }
+            (
+                "aten::_transformer_encoder_layer_fwd",
+                [src, Arg::Const(Const::Int(e)), Arg::Const(Const::Int(h)), qkv_w, qkv_b, proj_w, proj_b, Arg::Const(Const::Bool(gelu)), Arg::Const(Const::Bool(norm_first)), Arg::Const(Const::Float(eps)), nw1, nb1, nw2, nb2, w1, b1, w2, b2, Arg::Const(Const::None), _],
+            ) => {
+                let layer = EncoderLayer { heads: *h, embed: *e, qkv: (qkv_w, qkv_b), proj: (proj_w, proj_b), norm1: (nw1, nb1), norm2: (nw2, nb2), ffn1: (w1, b1), ffn2: (w2, b2), gelu: *gelu, norm_first: *norm_first, eps: *eps };
+                self.encoder_layer(src, &layer)
+            }
+            ("aten::zeros" | "aten::ones", [Arg::Const(Const::Ints(size)), dtype, layout, Arg::Const(Const::None), pin]) => {
+                if !matches!(layout, Arg::Const(Const::None | Const::Int(0))) || !matches!(pin, Arg::Const(Const::None | Const::Bool(false))) {
+                    return Err("a layout or pinned memory Kiln does not make".into());
+                }
+                let d = match dtype_arg(dtype)? {
+                    Some(d) => d,
+                    None => self.default_float()?,
+                };
+                let value = self.g.constant(Scalar::Int((kind == "aten::ones") as i64), d);
+                let filled = self.g.expand(value, size).map_err(|e| e.0)?;
+                Ok(self.g.copy(filled))
+            }
+            ("aten::gru_cell", [x, hx, w_ih, w_hh, b_ih, b_hh]) => self.gru_cell(x, hx, (w_ih, b_ih), (w_hh, b_hh)),
+            ("aten::cat", [Arg::List(xs, strides), Arg::Const(Const::Int(dim))]) => {
+                let Some(&first) = xs.first() else { return Err("cat of no tensors".into()) };
+                if xs.iter().any(|&x| self.g.ty(x).dtype != self.g.ty(first).dtype) {
+                    return Err("cat of tensors of different dtypes".into());
+                }
+                // Eager's result layout follows its inputs' memory format: contiguous ones
+                // give a contiguous result (the layout rule says so below).
+                let contiguous = xs.iter().zip(strides).all(|(&x, s)| kiln_compiler::graph::layout::is_contiguous(&self.g.ty(x).static_shape().unwrap_or_default(), s));
+                if !contiguous {
+                    return Err("cat of tensors that are not contiguous".into());
+                }
+                let rank = self.g.ty(first).rank();
+                if xs.len() == 1 {
+                    return Ok(first);
+                }
+                Ok(self.g.cat(xs, wrap_dim(*dim, rank)?).map_err(|e| e.0)?)
+            }
             ("aten::softmax", [x, dim, dtype]) => self.softmax(x, dim, dtype, false),
             ("aten::log_softmax", [x, dim, dtype]) => self.softmax(x, dim, dtype, true),
             _ if KINDS.contains(&kind) => Err(format!("this overload ({} arguments) is not supported", a.len())),
             _ => Err("not an op Kiln supports yet".into()),
         }
+    }
+
+    fn sizes(&self, v: ValueId) -> R<Vec<i64>> {
+        self.g.ty(v).static_shape().ok_or_else(|| "a symbolic shape".to_string())
+    }
+
+    /// view/reshape to `shape` (one -1 inferred).
+    fn reshape(&mut self, x: &Arg, shape: &[i64]) -> R<ValueId> {
+        let v = self.tensor(x)?;
+        let numel: i64 = self.sizes(v)?.iter().product();
+        let known: i64 = shape.iter().filter(|&&n| n != -1).product();
+        let mut shape = shape.to_vec();
+        match shape.iter().filter(|&&n| n == -1).count() {
+            0 => {}
+            1 if known != 0 && numel % known == 0 => *shape.iter_mut().find(|n| **n == -1).unwrap() = numel / known,
+            _ => return Err("a shape eager cannot infer".into()),
+        }
+        if shape == self.sizes(v)? {
+            return Ok(v);
+        }
+        Ok(self.g.reshape(v, &shape).map_err(|e| e.0)?)
+    }
+
+    fn slice(&mut self, v: ValueId, dim: usize, start: i64, len: i64) -> R<ValueId> {
+        if start == 0 && Some(len) == self.sizes(v)?.get(dim).copied() {
+            return Ok(v);
+        }
+        Ok(self.g.slice(v, dim, start, len).map_err(|e| e.0)?)
+    }
+
+    /// layer_norm over the last `dims` dims: (x - mean) · rsqrt(var + eps) · weight + bias, the
+    /// variance biased, as eager.
+    fn layer_norm(&mut self, x: ValueId, dims: usize, weight: &Arg, bias: &Arg, eps: f64) -> R<ValueId> {
+        let d = self.g.ty(x).dtype;
+        if !d.is_float() {
+            return Err("layer_norm of an integer tensor".into());
+        }
+        let rank = self.g.ty(x).rank();
+        let axes: Vec<usize> = (rank.checked_sub(dims).ok_or("normalized_shape longer than the input")?..rank).collect();
+        let e = |r: Result<ValueId, kiln_compiler::graph::ir::IrError>| r.map_err(|e| e.0);
+        let mean = e(self.g.reduce(ReduceOp::Mean, x, &axes, true))?;
+        let centred = e(self.g.binary(BinaryOp::Sub, x, mean))?;
+        let sq = e(self.g.binary(BinaryOp::Mul, centred, centred))?;
+        let var = e(self.g.reduce(ReduceOp::Mean, sq, &axes, true))?;
+        let eps = self.g.constant(Scalar::Float(eps), d);
+        let var = e(self.g.binary(BinaryOp::Add, var, eps))?;
+        let rstd = e(self.g.unary(UnaryOp::Rsqrt, var))?;
+        let mut y = e(self.g.binary(BinaryOp::Mul, centred, rstd))?;
+        for (arg, op) in [(weight, BinaryOp::Mul), (bias, BinaryOp::Add)] {
+            match arg {
+                Arg::Const(Const::None) => {}
+                Arg::Tensor(t) if self.g.ty(*t).dtype == d => y = e(self.g.binary(op, y, *t))?,
+                _ => return Err("a layer_norm weight or bias of another dtype".into()),
+            }
+        }
+        Ok(y)
+    }
+
+    /// The fast path's fused encoder layer (`nn.TransformerEncoderLayer` traced in eval), in
+    /// Kiln's own ops as PyTorch's `transformer_encoder_layer_forward` computes it:
+    /// self-attention (`_native_multi_head_attention` without weights: the packed qkv
+    /// projection, heads as views, softmax(q kᵀ · 1/√d) v, the output projection), residual,
+    /// layer norm, the feed-forward block, residual, layer norm (norm_first moves the norms
+    /// before each block).
+    fn encoder_layer(&mut self, src: &Arg, l: &EncoderLayer) -> R<ValueId> {
+        let x0 = self.tensor(src)?;
+        let sizes = self.sizes(x0)?;
+        let (b, s, e, h) = match sizes[..] {
+            [b, s, e] if e == l.embed && l.heads > 0 && e % l.heads == 0 => (b, s, e, l.heads),
+            _ => return Err(format!("an encoder layer input of shape {sizes:?} (Kiln takes batch-first [batch, seq, {}])", l.embed)),
+        };
+        let dh = e / h;
+        let err = |r: Result<ValueId, kiln_compiler::graph::ir::IrError>| r.map_err(|e| e.0);
+        let x = if l.norm_first { self.layer_norm(x0, 1, l.norm1.0, l.norm1.1, l.eps)? } else { x0 };
+        let qkv = self.linear(&Arg::Tensor(x), l.qkv.0, l.qkv.1)?;
+        let mut heads = vec![];
+        for (i, order) in [(0, [0usize, 2, 1, 3]), (1, [0, 2, 3, 1]), (2, [0, 2, 1, 3])] {
+            let part = err(self.g.slice(qkv, 2, i * e, e))?;
+            let split = err(self.g.reshape(part, &[b, s, h, dh]))?;
+            heads.push(err(self.g.permute(split, &order))?);
+        }
+        let scores = err(self.g.matmul(heads[0], heads[1]))?;
+        let scale = self.g.constant(Scalar::Float(1.0 / (dh as f64).sqrt()), self.g.ty(scores).dtype);
+        let scores = err(self.g.binary(BinaryOp::Mul, scores, scale))?;
+        let p = err(self.g.softmax(scores, 3, false))?;
+        let ctx = err(self.g.matmul(p, heads[2]))?;
+        let ctx = err(self.g.permute(ctx, &[0, 2, 1, 3]))?;
+        let ctx = err(self.g.reshape(ctx, &[b, s, e]))?;
+        let attn = self.linear(&Arg::Tensor(ctx), l.proj.0, l.proj.1)?;
+        let mut x = err(self.g.binary(BinaryOp::Add, attn, x0))?;
+        if !l.norm_first {
+            x = self.layer_norm(x, 1, l.norm1.0, l.norm1.1, l.eps)?;
+        }
+        let residual = x;
+        if l.norm_first {
+            x = self.layer_norm(x, 1, l.norm2.0, l.norm2.1, l.eps)?;
+        }
+        let hidden = self.linear(&Arg::Tensor(x), l.ffn1.0, l.ffn1.1)?;
+        let hidden = err(self.g.unary(if l.gelu { UnaryOp::Gelu } else { UnaryOp::Relu }, hidden))?;
+        let ff = self.linear(&Arg::Tensor(hidden), l.ffn2.0, l.ffn2.1)?;
+        let mut x = err(self.g.binary(BinaryOp::Add, ff, residual))?;
+        if !l.norm_first {
+            x = self.layer_norm(x, 1, l.norm2.0, l.norm2.1, l.eps)?;
+        }
+        Ok(x)
+    }
+
+    /// gru_cell as ATen's `GRUCell` computes it: gates from both projections (chunks as
+    /// slices), r = σ(h_r + i_r), z = σ(h_z + i_z), n = tanh(i_n + h_n·r), h' = (h - n)·z + n.
+    fn gru_cell(&mut self, x: &Arg, hx: &Arg, ih: (&Arg, &Arg), hh: (&Arg, &Arg)) -> R<ValueId> {
+        let (xv, h) = (self.tensor(x)?, self.tensor(hx)?);
+        let hs = self.sizes(h)?;
+        if self.g.ty(xv).rank() != 2 || hs.len() != 2 {
+            return Err("an unbatched GRU cell (1-d input)".into());
+        }
+        let n = hs[1];
+        let gi = self.linear(x, ih.0, ih.1)?;
+        let gh = self.linear(hx, hh.0, hh.1)?;
+        let e = |r: Result<ValueId, kiln_compiler::graph::ir::IrError>| r.map_err(|e| e.0);
+        let mut part = |g: ValueId, i: i64| -> R<ValueId> { e(self.g.slice(g, 1, i * n, n)) };
+        let (i_r, i_z, i_n) = (part(gi, 0)?, part(gi, 1)?, part(gi, 2)?);
+        let (h_r, h_z, h_n) = (part(gh, 0)?, part(gh, 1)?, part(gh, 2)?);
+        let r = e(self.g.binary(BinaryOp::Add, h_r, i_r))?;
+        let r = e(self.g.unary(UnaryOp::Sigmoid, r))?;
+        let z = e(self.g.binary(BinaryOp::Add, h_z, i_z))?;
+        let z = e(self.g.unary(UnaryOp::Sigmoid, z))?;
+        let hn = e(self.g.binary(BinaryOp::Mul, h_n, r))?;
+        let new = e(self.g.binary(BinaryOp::Add, i_n, hn))?;
+        let new = e(self.g.unary(UnaryOp::Tanh, new))?;
+        let d = e(self.g.binary(BinaryOp::Sub, h, new))?;
+        let d = e(self.g.binary(BinaryOp::Mul, d, z))?;
+        e(self.g.binary(BinaryOp::Add, d, new))
     }
 
     /// torch.matmul of two tensors of rank ≥ 2 (`rank`: mm and bmm's exact rank). Operands
@@ -659,6 +980,7 @@ fn const_of(a: &Arg) -> R<&Const> {
         Arg::Const(c) => Ok(c),
         Arg::Tensor(_) => Err("a tensor where a number was expected".into()),
         Arg::Number(_) => Err("a number computed at run time where a constant was expected".into()),
+        Arg::List(..) => Err("a list where a number was expected".into()),
     }
 }
 

@@ -288,13 +288,13 @@ pub unsafe extern "C" fn kiln_rs_run(
 /// Records why a node stayed in TorchScript; returns the reason's id (the C++ side stamps it
 /// on the node for `explain`).
 #[no_mangle]
-pub unsafe extern "C" fn kiln_rs_reason(kind: *const c_char, reason: *const c_char) -> i64 {
+pub unsafe extern "C" fn kiln_rs_reason(kind: *const c_char, reason: *const c_char, counted: i32) -> i64 {
     guarded(-1, || {
         let kind = CStr::from_ptr(kind).to_string_lossy();
         let reason = CStr::from_ptr(reason).to_string_lossy();
         // Lowering errors already name the op they are about.
         let text = if reason.starts_with(&*kind) { reason.into_owned() } else { format!("{kind}: {reason}") };
-        RUNTIME.note(&text) as i64
+        (if counted != 0 { RUNTIME.note(&text) } else { RUNTIME.reason_id(&text) }) as i64
     })
 }
 

@@ -243,7 +243,7 @@ fn decl(m: &TensorMeta) -> Result<InputDecl, String> {
 
 impl Runtime {
     pub fn region(&self, id: usize) -> Option<&'static Region> {
-        self.regions.read().unwrap().get(id).copied()
+        self.regions.read().unwrap_or_else(|e| e.into_inner()).get(id).copied()
     }
 
     /// Registers a region the pass wants to group. Where TorchScript profiled every input,
@@ -253,7 +253,7 @@ impl Runtime {
         if dump.inputs().all(Option::is_some) {
             aten::lower(&dump)?;
         }
-        let mut regions = self.regions.write().unwrap();
+        let mut regions = self.regions.write().unwrap_or_else(|e| e.into_inner());
         let region: &'static Region = Box::leak(Box::new(Region {
             id: regions.len(),
             nodes: dump.node_kinds(),
@@ -274,7 +274,7 @@ impl Runtime {
     /// The guard of one call: true if a specialisation (existing, or compiled now for these
     /// inputs) will run it.
     pub fn guard(&self, r: &Region, inputs: &[TensorView<'_>], state: &GlobalState) -> bool {
-        let found = r.specs.read().unwrap().iter().position(|s| s.guards.check(inputs, state).is_ok());
+        let found = r.specs.read().unwrap_or_else(|e| e.into_inner()).iter().position(|s| s.guards.check(inputs, state).is_ok());
         let chosen = match found {
             Some(i) => Some(i),
             None => {
@@ -315,8 +315,8 @@ impl Runtime {
     fn specialize(&self, r: &Region, inputs: &[TensorView<'_>], state: &GlobalState) -> Option<usize> {
         let metas: Vec<TensorMeta> = inputs.iter().map(TensorMeta::from).collect();
         // Held while compiling: one thread compiles a signature, others wait and reuse it.
-        let mut rejected = r.rejected.lock().unwrap();
-        if let Some(i) = r.specs.read().unwrap().iter().position(|s| s.guards.check(inputs, state).is_ok()) {
+        let mut rejected = r.rejected.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(i) = r.specs.read().unwrap_or_else(|e| e.into_inner()).iter().position(|s| s.guards.check(inputs, state).is_ok()) {
             return Some(i);
         }
         let generation = self.generation.load(Ordering::Relaxed);
@@ -326,7 +326,7 @@ impl Runtime {
             return None;
         }
         {
-            let mut profile = r.profile.lock().unwrap();
+            let mut profile = r.profile.lock().unwrap_or_else(|e| e.into_inner());
             if profile.signatures.len() < MAX_REJECTED {
                 profile.observe(inputs);
             }
@@ -336,13 +336,18 @@ impl Runtime {
             self.note("group not run: Kiln is disabled (no new specialisations)");
             return None;
         }
-        let max = self.options.read().unwrap().max_specializations;
+        let max = self.options.read().unwrap_or_else(|e| e.into_inner()).max_specializations;
         let attempt = if rejected.len() >= MAX_REJECTED {
             Err(format!("more than {MAX_REJECTED} input signatures refused for this group"))
-        } else if r.specs.read().unwrap().len() >= max {
+        } else if r.specs.read().unwrap_or_else(|e| e.into_inner()).len() >= max {
             Err(format!("specialisation limit ({max}) reached for this group"))
         } else {
-            self.compile(r, &metas, state)
+            // A bug in lowering or codegen must cost this signature only: the panic becomes its
+            // reason (and the locks held here stay usable).
+            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.compile(r, &metas, state))).unwrap_or_else(|p| {
+                let what = p.downcast_ref::<String>().cloned().or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string())).unwrap_or_default();
+                Err(format!("internal error while compiling (please report): {what}"))
+            })
         };
         match attempt {
             Ok(spec) => {
@@ -352,7 +357,7 @@ impl Runtime {
                     Source::Memory => None,
                 };
                 time.map(|t| t.fetch_add(spec.compile_time.as_nanos() as u64, Ordering::Relaxed));
-                let mut specs = r.specs.write().unwrap();
+                let mut specs = r.specs.write().unwrap_or_else(|e| e.into_inner());
                 if spec.symbolic.is_some() {
                     self.counters.symbolic_specializations.fetch_add(1, Ordering::Relaxed);
                 }
@@ -379,13 +384,13 @@ impl Runtime {
         let live: Vec<InputDecl> = metas.iter().map(decl).collect::<Result<_, _>>()?;
         let default_float = state.default_float.map_err(crate::ffi::scalar_type_name);
         let dump = r.dump.with_inputs(&live, default_float);
-        let options = self.options.read().unwrap().clone();
+        let options = self.options.read().unwrap_or_else(|e| e.into_inner()).clone();
         let mut plans = vec![];
         if options.dynamic != Dynamic::Static {
-            plans.push(r.profile.lock().unwrap().dim_plan(options.dynamic == Dynamic::Always));
+            plans.push(r.profile.lock().unwrap_or_else(|e| e.into_inner()).dim_plan(options.dynamic == Dynamic::Always));
         }
         if options.dynamic == Dynamic::Auto && options.mode == CompileMode::Never {
-            plans.push(r.profile.lock().unwrap().dim_plan(true));
+            plans.push(r.profile.lock().unwrap_or_else(|e| e.into_inner()).dim_plan(true));
         }
         for plan in plans {
             if let Some((guards, lowered, run, program)) = self.symbolic_plan(&dump, r, metas, &live, &plan, state) {
@@ -430,7 +435,7 @@ impl Runtime {
     /// Symbolic code for `plan`, or why there is none (remembered: a refused plan is not
     /// lowered again).
     fn try_symbolic(&self, dump: &Dump, r: &Region, metas: &[TensorMeta], live: &[InputDecl], plan: &[Vec<DimPlan>], state: &GlobalState) -> Result<SymbolicCode, String> {
-        if let Some((_, _, why)) = r.symbolic_refused.lock().unwrap().iter().find(|(p, s, _)| p == plan && s == state) {
+        if let Some((_, _, why)) = r.symbolic_refused.lock().unwrap_or_else(|e| e.into_inner()).iter().find(|(p, s, _)| p == plan && s == state) {
             return Err(why.clone());
         }
         let result = GuardSet::symbolic(metas, plan, *state)
@@ -438,7 +443,7 @@ impl Runtime {
             .and_then(|guards| self.infer_symbolic(dump, live, guards));
         if let Err(why) = &result {
             tracing::info!(group = r.id, "kiln: no code for symbolic sizes: {why}");
-            let mut refused = r.symbolic_refused.lock().unwrap();
+            let mut refused = r.symbolic_refused.lock().unwrap_or_else(|e| e.into_inner());
             if refused.len() < MAX_REJECTED {
                 refused.push((plan.to_vec(), *state, why.clone()));
             }
@@ -527,13 +532,13 @@ impl Runtime {
         if rid != r.id {
             return None;
         }
-        r.specs.read().unwrap().get(i).cloned()
+        r.specs.read().unwrap_or_else(|e| e.into_inner()).get(i).cloned()
     }
 
     /// The first specialisation of `r` that accepts `inputs` (when another group's guard ran
     /// between `r`'s guard and `r`).
     pub fn first_accepting(&self, r: &Region, inputs: &[TensorView<'_>], state: &GlobalState) -> Option<Arc<Specialization>> {
-        r.specs.read().unwrap().iter().find(|s| s.guards.check(inputs, state).is_ok()).cloned()
+        r.specs.read().unwrap_or_else(|e| e.into_inner()).iter().find(|s| s.guards.check(inputs, state).is_ok()).cloned()
     }
 
     pub fn count_run(&self, s: &Specialization) {
@@ -547,12 +552,9 @@ impl Runtime {
 
     /// Records one occurrence of a reason code ran in TorchScript; logs each reason once.
     /// Returns the reason's id (stable for the process).
-    pub fn note(&self, reason: &str) -> usize {
-        let mut r = self.reasons.lock().unwrap();
-        *r.counts.entry(reason.to_string()).or_insert(0) += 1;
-        if r.logged.insert(reason.to_string()) {
-            tracing::info!("kiln fallback: {reason}");
-        }
+    /// The id of a reason's text for explain, without counting it as a fallback.
+    pub fn reason_id(&self, reason: &str) -> usize {
+        let mut r = self.reasons.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(&id) = r.ids.get(reason) {
             return id;
         }
@@ -562,8 +564,19 @@ impl Runtime {
         id
     }
 
+    pub fn note(&self, reason: &str) -> usize {
+        {
+            let mut r = self.reasons.lock().unwrap_or_else(|e| e.into_inner());
+            *r.counts.entry(reason.to_string()).or_insert(0) += 1;
+            if r.logged.insert(reason.to_string()) {
+                tracing::info!("kiln fallback: {reason}");
+            }
+        }
+        self.reason_id(reason)
+    }
+
     pub fn reason_text(&self, id: usize) -> Option<String> {
-        self.reasons.lock().unwrap().texts.get(id).cloned()
+        self.reasons.lock().unwrap_or_else(|e| e.into_inner()).texts.get(id).cloned()
     }
 
     /// Writes the programs of `keys` that `disk` lacks; see [`ProgramCache::persist`].
@@ -573,8 +586,8 @@ impl Runtime {
 
     /// (cache key, runs) of every specialisation of every group.
     pub fn specialization_runs(&self) -> Vec<(CacheKey, u64)> {
-        let regions = self.regions.read().unwrap();
-        regions.iter().flat_map(|r| r.specs.read().unwrap().iter().map(|s| (s.cache_key, s.runs.load(Ordering::Relaxed))).collect::<Vec<_>>()).collect()
+        let regions = self.regions.read().unwrap_or_else(|e| e.into_inner());
+        regions.iter().flat_map(|r| r.specs.read().unwrap_or_else(|e| e.into_inner()).iter().map(|s| (s.cache_key, s.runs.load(Ordering::Relaxed))).collect::<Vec<_>>()).collect()
     }
 
     pub fn stats(&self) -> Stats {
@@ -595,7 +608,7 @@ impl Runtime {
             guard_failures: load(&self.counters.guard_failures),
             runs: load(&self.counters.runs),
             pass_runs: load(&self.counters.pass_runs),
-            fallbacks: self.reasons.lock().unwrap().counts.clone(),
+            fallbacks: self.reasons.lock().unwrap_or_else(|e| e.into_inner()).counts.clone(),
         }
     }
 
@@ -607,15 +620,15 @@ impl Runtime {
             a.store(0, Ordering::Relaxed);
         }
         self.cache.reset_counters();
-        let mut r = self.reasons.lock().unwrap();
+        let mut r = self.reasons.lock().unwrap_or_else(|e| e.into_inner());
         r.counts.clear();
         r.logged.clear();
         drop(r);
-        for region in self.regions.read().unwrap().iter() {
+        for region in self.regions.read().unwrap_or_else(|e| e.into_inner()).iter() {
             region.guard_passes.store(0, Ordering::Relaxed);
             region.guard_misses.store(0, Ordering::Relaxed);
             region.guard_failures.store(0, Ordering::Relaxed);
-            for s in region.specs.read().unwrap().iter() {
+            for s in region.specs.read().unwrap_or_else(|e| e.into_inner()).iter() {
                 s.runs.store(0, Ordering::Relaxed);
             }
         }

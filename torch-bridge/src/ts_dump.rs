@@ -9,6 +9,7 @@
 //! input %0 scalar f64           a number computed at run time (float: f64, int: i64), passed
 //!                               as a 0-d tensor and promoted as a Python number
 //! const %1 float 0.5            a constant: none | bool 0/1 | int N | float X | str S | ints N...
+//! list %3 %0 %2                 a list of tensors (a cat's argument)
 //! node %2 aten::mul %0 %1 : f32 [4,4]   one TorchScript node with one tensor output and
 //!                               the output type TorchScript profiled (when it knows it)
 //! output %2
@@ -45,6 +46,8 @@ pub enum Item {
     /// None: not profiled.
     Input(Option<InputDecl>),
     Const(Const),
+    /// A list of tensor values (the argument of a cat).
+    List(Vec<usize>),
     /// `expect`: the output dtype and sizes TorchScript recorded, checked against Kiln's own
     /// type inference so that a disagreement rejects the node instead of computing wrongly.
     Node { kind: String, args: Vec<usize>, expect: Option<(Result<DType, String>, Vec<i64>)> },
@@ -147,6 +150,7 @@ pub fn parse(text: &str) -> Result<Region, String> {
                     _ => return Err(format!("bad const: {line}")),
                 })
             }
+            "list" => Item::List(rest.iter().map(|a| lookup(a)).collect::<Result<_, _>>()?),
             "node" => {
                 let (call, ty) = match rest.iter().position(|w| *w == ":") {
                     Some(p) => (&rest[..p], Some(&rest[p + 1..])),

@@ -151,16 +151,48 @@ pub enum Op {
     /// A view with its dims reordered: output dim i is input dim `dims[i]`. Lowered as index
     /// arithmetic (no copy): it reads its input at permuted coordinates.
     Permute(Vec<usize>),
+    /// A view of `len` (the output's size) consecutive elements of dim `dim` from `start`.
+    Slice { dim: usize, start: i64 },
+    /// A view with the output's shape over the same elements in row-major order (`view`,
+    /// `reshape`, `flatten`, `unsqueeze`, ...). Read through the input's strides where
+    /// PyTorch's view rule allows; the lowering stores the input first where it does not.
+    Reshape,
+    /// The input broadcast (right-aligned) to the output's shape.
+    Expand,
     /// Matrix product of a[batch…, m, k] and b[batch…, k, n], batch dims broadcast
     /// (right-aligned): torch.matmul for operands of rank ≥ 2.
     MatMul,
+    /// The inputs one after another along `dim` (torch.cat): stored, each input written into
+    /// its part of the buffer by a kernel of its own.
+    Cat { dim: usize },
 }
 
 impl Op {
+    /// A short name for messages.
+    pub fn name_for_errors(&self) -> &'static str {
+        match self {
+            Op::Input(_) => "input",
+            Op::Constant(_) => "constant",
+            Op::Unary(u) => u.name(),
+            Op::Binary(b) => b.name(),
+            Op::Compare(c) => c.name(),
+            Op::Where => "where",
+            Op::Cast => "cast",
+            Op::Reduce { op, .. } => op.name(),
+            Op::Softmax { .. } => "softmax",
+            Op::Permute(_) => "permute",
+            Op::Slice { .. } => "slice",
+            Op::Reshape => "reshape",
+            Op::Expand => "expand",
+            Op::MatMul => "matmul",
+            Op::Cat { .. } => "cat",
+        }
+    }
+
     /// Pointwise ops are inlined into their consumers; the others own a kernel. A permute is
     /// "pointwise" in that sense: its consumers read through it.
     pub fn is_pointwise(&self) -> bool {
-        !matches!(self, Op::Reduce { .. } | Op::Softmax { .. } | Op::Input(_) | Op::MatMul)
+        !matches!(self, Op::Reduce { .. } | Op::Softmax { .. } | Op::Input(_) | Op::MatMul | Op::Cat { .. })
     }
 }
 
@@ -295,6 +327,13 @@ impl Graph {
         Ok(self.push(Op::Where, vec![cond, a, b], TensorType { dtype, shape }))
     }
 
+    /// A copy of `x` (a cast to its own dtype): a value of its own where `x` is a view (the
+    /// lowering stores it; a view of an input must not be returned as a new tensor).
+    pub fn copy(&mut self, x: ValueId) -> ValueId {
+        let ty = self.ty(x).clone();
+        self.push(Op::Cast, vec![x], ty)
+    }
+
     pub fn cast(&mut self, x: ValueId, dtype: DType) -> ValueId {
         if self.ty(x).dtype == dtype {
             return x;
@@ -355,6 +394,56 @@ impl Graph {
         }
         let shape = dims.iter().map(|&d| ty.shape[d]).collect();
         Ok(self.push(Op::Permute(dims.to_vec()), vec![x], TensorType { dtype: ty.dtype, shape }))
+    }
+
+    pub fn slice(&mut self, x: ValueId, dim: usize, start: i64, len: i64) -> Result<ValueId, IrError> {
+        let ty = self.ty(x).clone();
+        let Some(&Dim::Const(n)) = ty.shape.get(dim) else {
+            return err(format!("slice: dim {dim} of {ty} is not a known size"));
+        };
+        if start < 0 || len < 0 || start + len > n {
+            return err(format!("slice: [{start}, {}) outside 0..{n}", start + len));
+        }
+        let mut shape = ty.shape.clone();
+        shape[dim] = Dim::Const(len);
+        Ok(self.push(Op::Slice { dim, start }, vec![x], TensorType { dtype: ty.dtype, shape }))
+    }
+
+    pub fn reshape(&mut self, x: ValueId, shape: &[i64]) -> Result<ValueId, IrError> {
+        let ty = self.ty(x).clone();
+        let numel = ty.static_shape().map(|s| s.iter().product::<i64>());
+        if numel != Some(shape.iter().product::<i64>()) || shape.iter().any(|&d| d < 0) {
+            return err(format!("reshape: {ty} has not the elements of {shape:?}"));
+        }
+        Ok(self.push(Op::Reshape, vec![x], TensorType::new(ty.dtype, shape)))
+    }
+
+    pub fn expand(&mut self, x: ValueId, shape: &[i64]) -> Result<ValueId, IrError> {
+        let ty = self.ty(x).clone();
+        let target: Vec<Dim> = shape.iter().map(|&n| Dim::Const(n)).collect();
+        if ty.rank() > shape.len() || broadcast_shapes(&ty.shape, &target)? != target {
+            return err(format!("expand: {ty} does not broadcast to {shape:?}"));
+        }
+        Ok(self.push(Op::Expand, vec![x], TensorType::new(ty.dtype, shape)))
+    }
+
+    pub fn cat(&mut self, xs: &[ValueId], dim: usize) -> Result<ValueId, IrError> {
+        let first = self.ty(*xs.first().ok_or_else(|| IrError("cat of no tensors".into()))?).clone();
+        let mut shape = first.shape.clone();
+        if dim >= shape.len() {
+            return err("cat: dim out of range");
+        }
+        let mut total = 0;
+        for &x in xs {
+            let t = self.ty(x);
+            let same = t.dtype == first.dtype && t.rank() == first.rank() && (0..t.rank()).all(|d| d == dim || t.shape[d] == first.shape[d]);
+            match (same, t.shape[dim]) {
+                (true, Dim::Const(n)) => total += n,
+                _ => return err(format!("cat: {t} does not join {first} along dim {dim}")),
+            }
+        }
+        shape[dim] = Dim::Const(total);
+        Ok(self.push(Op::Cat { dim }, xs.to_vec(), TensorType { dtype: first.dtype, shape }))
     }
 
     pub fn matmul(&mut self, a: ValueId, b: ValueId) -> Result<ValueId, IrError> {
@@ -441,7 +530,11 @@ impl fmt::Display for Graph {
                     format!("{}({args}) dim={dim}", if *log { "log_softmax" } else { "softmax" })
                 }
                 Op::Permute(dims) => format!("permute({args}) dims={dims:?}"),
+                Op::Slice { dim, start } => format!("slice({args}) dim={dim} start={start}"),
+                Op::Reshape => format!("reshape({args})"),
+                Op::Expand => format!("expand({args})"),
                 Op::MatMul => format!("matmul({args})"),
+                Op::Cat { dim } => format!("cat({args}) dim={dim}"),
             };
             writeln!(f, "  %{i} = {head} : {}", n.ty)?;
         }
@@ -548,6 +641,24 @@ pub fn parse_graph(text: &str) -> Result<Graph, IrError> {
                 "matmul" => {
                     let i = ins()?;
                     g.matmul(i[0], i[1])?
+                }
+                "cat" => {
+                    let dim = attr("dim").and_then(|d| d.parse().ok()).ok_or_else(|| IrError("cat needs dim=".into()))?;
+                    g.cat(&ins()?, dim)?
+                }
+                "slice" => {
+                    let num = |k: &str| attr(k).and_then(|d| d.parse().ok()).ok_or_else(|| IrError(format!("slice needs {k}=")));
+                    let dim: usize = num("dim")?;
+                    let len = match ty.shape.get(dim) {
+                        Some(Dim::Const(n)) => *n,
+                        _ => return err(format!("slice: bad result type {ty}")),
+                    };
+                    g.slice(ins()?[0], dim, num("start")? as i64, len)?
+                }
+                "reshape" | "expand" => {
+                    let shape = ty.static_shape().ok_or_else(|| IrError(format!("{opname} needs a static result type")))?;
+                    let x = ins()?[0];
+                    if opname == "reshape" { g.reshape(x, &shape)? } else { g.expand(x, &shape)? }
                 }
                 _ => return err(format!("unknown op {opname}")),
             }

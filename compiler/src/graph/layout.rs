@@ -183,6 +183,41 @@ pub fn elementwise_order(shape: &[i64], operands: &[(&[i64], &[i64])]) -> DimOrd
     perm
 }
 
+/// The strides a view of `new_sizes` over memory laid out as (`sizes`, `strides`) has, or None
+/// when no view can express it (a copy is needed): PyTorch's `computeStride`, the rule of
+/// `view` and of `reshape`'s view case.
+pub fn view_strides(sizes: &[i64], strides: &[i64], new_sizes: &[i64]) -> Option<Vec<i64>> {
+    let numel: i64 = sizes.iter().product();
+    if numel == 0 || sizes.is_empty() {
+        // Nothing to address, or one element: any strides do; contiguous ones, as PyTorch.
+        return (new_sizes.iter().product::<i64>() == numel.max(sizes.is_empty() as i64)).then(|| contiguous_strides(new_sizes));
+    }
+    let mut new_strides = vec![0; new_sizes.len()];
+    let mut view_d = new_sizes.len() as i64 - 1;
+    let mut chunk_base_stride = *strides.last().unwrap();
+    let (mut tensor_numel, mut view_numel) = (1i64, 1i64);
+    for tensor_d in (0..sizes.len()).rev() {
+        tensor_numel *= sizes[tensor_d];
+        // A chunk ends where the next dim out is not laid out right after this one.
+        if tensor_d == 0 || (sizes[tensor_d - 1] != 1 && strides[tensor_d - 1] != tensor_numel * chunk_base_stride) {
+            while view_d >= 0 && (view_numel < tensor_numel || new_sizes[view_d as usize] == 1) {
+                new_strides[view_d as usize] = view_numel * chunk_base_stride;
+                view_numel *= new_sizes[view_d as usize];
+                view_d -= 1;
+            }
+            if view_numel != tensor_numel {
+                return None;
+            }
+            if tensor_d > 0 {
+                chunk_base_stride = strides[tensor_d - 1];
+                tensor_numel = 1;
+                view_numel = 1;
+            }
+        }
+    }
+    (view_d == -1).then_some(new_strides)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -238,5 +273,21 @@ mod tests {
         assert_eq!(elementwise_order(&[4, 3], &[(&[], &[]), (&[4, 3], &[0, 0])]), vec![0, 1]);
         // A slice keeps its order: (4, 6)[:, ::2].t() has shape (3, 4), strides (2, 6).
         assert_eq!(elementwise_order(&[3, 4], &[(&[3, 4], &[2, 6])]), vec![1, 0]);
+    }
+
+    #[test]
+    fn views_follow_pytorchs_compute_stride() {
+        // Merging and splitting contiguous dims.
+        assert_eq!(view_strides(&[2, 3, 4], &[12, 4, 1], &[6, 4]), Some(vec![4, 1]));
+        assert_eq!(view_strides(&[6, 4], &[4, 1], &[2, 3, 2, 2]), Some(vec![12, 4, 2, 1]));
+        // A transposed matrix cannot be flattened, but its dims can be split.
+        assert_eq!(view_strides(&[4, 3], &[1, 4], &[12]), None);
+        assert_eq!(view_strides(&[4, 3], &[1, 4], &[2, 2, 3]), Some(vec![2, 1, 4]));
+        // Size-1 dims come and go anywhere.
+        assert_eq!(view_strides(&[3, 1, 5], &[5, 5, 1], &[1, 3, 5, 1]), Some(vec![15, 5, 1, 1]));
+        // Heads of a packed qkv row: [b, s, 3e] sliced to e, split into [b, s, h, d].
+        assert_eq!(view_strides(&[2, 7, 8], &[168, 24, 1], &[2, 7, 2, 4]), Some(vec![168, 24, 4, 1]));
+        assert_eq!(view_strides(&[0, 3], &[3, 1], &[3, 0]), Some(contiguous_strides(&[3, 0])));
+        assert_eq!(view_strides(&[], &[], &[1, 1]), Some(vec![1, 1]));
     }
 }

@@ -289,6 +289,25 @@ pub fn eval(g: &Graph, inputs: &[Tensor]) -> Vec<Tensor> {
                 at(arg(0), &src)
             }),
             Op::MatMul => matmul(arg(0), arg(1), &sizes),
+            Op::Cat { dim } => pointwise(&|c| {
+                let mut c = c.to_vec();
+                for i in 0..n.inputs.len() {
+                    let len = arg(i).sizes[*dim];
+                    if c[*dim] < len {
+                        return at(arg(i), &c);
+                    }
+                    c[*dim] -= len;
+                }
+                unreachable!("a coordinate inside the concatenation")
+            }),
+            Op::Slice { dim, start } => pointwise(&|c| {
+                let mut src = c.to_vec();
+                src[*dim] += start;
+                at(arg(0), &src)
+            }),
+            // Dense row-major tensors: the same elements in the same order.
+            Op::Reshape => arg(0).data.clone(),
+            Op::Expand => pointwise(&|c| at(arg(0), c)),
         };
         vals.push(Tensor { dtype: d, sizes, data });
     }

@@ -5,6 +5,7 @@
 use crate::dtype::{DType, Scalar};
 use crate::graph::ir::{BinaryOp, Dim, Graph, Op, ReduceOp, UnaryOp, ValueId};
 use crate::lower::loop_ir::*;
+use crate::lower::views::{is_view, only_unit_dims, Layout};
 use std::collections::{HashMap, HashSet};
 
 /// Where a value is stored: a buffer and the element strides of its dims.
@@ -25,11 +26,13 @@ pub struct KernelBuilder<'a> {
     num_vars: u32,
     /// In a GEMM kernel's epilogue: the product's value, read as this accumulator.
     product: Option<(ValueId, AccId)>,
+    /// Each value's strided layout over a buffer, where it has one (`views.rs`).
+    layouts: &'a [Option<Layout>],
 }
 
 impl<'a> KernelBuilder<'a> {
-    pub fn new(g: &'a Graph, bufs: &'a HashMap<ValueId, Target>, materialised: &'a HashSet<ValueId>, name: String) -> Self {
-        KernelBuilder { g, bufs, materialised, name, arena: ExprArena::default(), memo: HashMap::new(), accs: vec![], num_vars: 0, product: None }
+    pub fn new(g: &'a Graph, bufs: &'a HashMap<ValueId, Target>, materialised: &'a HashSet<ValueId>, layouts: &'a [Option<Layout>], name: String) -> Self {
+        KernelBuilder { g, bufs, materialised, name, arena: ExprArena::default(), memo: HashMap::new(), accs: vec![], num_vars: 0, product: None, layouts }
     }
     fn var(&mut self) -> VarId {
         self.num_vars += 1;
@@ -59,6 +62,10 @@ impl<'a> KernelBuilder<'a> {
             let (buf, strides) = &self.bufs[&v];
             let terms = coords.iter().zip(strides).filter_map(|(c, &s)| c.map(|var| (var, s))).collect();
             self.arena.add(Expr::Load { buf: *buf, index: Index { terms, offset: 0, params: vec![] } }, node.ty.dtype)
+        } else if let Some((buf, strides, offset)) = self.strided(v).filter(|_| is_view(&node.op)) {
+            // A view of a stored value: index arithmetic over its buffer.
+            let terms = coords.iter().zip(&strides).filter_map(|(c, &s)| c.map(|var| (var, s))).filter(|t| t.1 != 0).collect();
+            self.arena.add(Expr::Load { buf, index: Index { terms, offset, params: vec![] } }, node.ty.dtype)
         } else {
             self.compute(v, coords)
         };
@@ -77,6 +84,19 @@ impl<'a> KernelBuilder<'a> {
                 c[d] = coords[i];
             }
             return self.value(node.inputs[0], &c);
+        }
+        if matches!(node.op, Op::Expand | Op::Reshape | Op::Slice { .. }) {
+            // A stored view (an output, say) is computed from its input's buffer where the
+            // input has one, else remapped.
+            let x = node.inputs[0];
+            let through = self.layouts[x.0 as usize].as_ref().and_then(|l| crate::lower::views::view_layout(self.g, v, l));
+            if let Some(l) = through {
+                if let Some((buf, _)) = self.bufs.get(&l.base) {
+                    let terms = coords.iter().zip(&l.strides).filter_map(|(c, &s)| c.map(|var| (var, s))).filter(|t| t.1 != 0).collect();
+                    return self.arena.add(Expr::Load { buf: *buf, index: Index { terms, offset: l.offset, params: vec![] } }, dtype);
+                }
+            }
+            return self.remap(v, coords);
         }
         {
             let shape = node.ty.static_shape().unwrap();
@@ -97,7 +117,9 @@ impl<'a> KernelBuilder<'a> {
                 Op::Compare(c) => Expr::Compare(*c, args[0], args[1]),
                 Op::Where => Expr::Select(args[0], args[1], args[2]),
                 Op::Cast => Expr::Cast(args[0]),
-                Op::Input(_) | Op::Reduce { .. } | Op::Softmax { .. } | Op::MatMul | Op::Permute(_) => unreachable!("not pointwise, or handled above"),
+                Op::Input(_) | Op::Reduce { .. } | Op::Softmax { .. } | Op::MatMul | Op::Cat { .. } | Op::Permute(_) | Op::Slice { .. } | Op::Reshape | Op::Expand => {
+                    unreachable!("not pointwise, or handled above")
+                }
             };
             self.arena.add(expr, dtype)
         }
@@ -157,6 +179,21 @@ impl<'a> KernelBuilder<'a> {
         self.finish(body, 1)
     }
 
+    /// Part `part` of a concatenation: its input computed (producers fused) and stored into
+    /// the output's buffer from `start` along the concatenated dim.
+    pub fn cat_part(mut self, out: ValueId, part: usize, dim: usize, start: i64) -> Kernel {
+        let x = self.g.node(out).inputs[part];
+        let shape = self.g.ty(x).static_shape().unwrap();
+        let vars: Vec<VarId> = shape.iter().map(|_| self.var()).collect();
+        let coords: Coords = vars.iter().zip(&shape).map(|(&v, &n)| if n == 1 { None } else { Some(v) }).collect();
+        let value = self.value(x, &coords);
+        let (buf, strides) = self.bufs[&out].clone();
+        let terms = coords.iter().zip(&strides).filter_map(|(c, &s)| c.map(|var| (var, s))).collect();
+        let store = Stmt::Store { buf, index: Index { terms, offset: start * strides[dim], params: vec![] }, value };
+        let body = Self::nest(&vars, &shape, vec![store]);
+        self.finish(body, 1)
+    }
+
     pub fn reduction(mut self, out: ValueId, op: ReduceOp, dims: &[usize], keepdim: bool) -> Kernel {
         let x = self.g.node(out).inputs[0];
         let xshape = self.g.ty(x).static_shape().unwrap();
@@ -212,19 +249,36 @@ impl<'a> KernelBuilder<'a> {
         self.finish(body, count.max(1))
     }
 
-    /// Where `v`'s elements are read from without computing: its own buffer, or for a permute
-    /// the buffer of its input with the strides permuted. None for a value computed inline.
-    pub fn strided(&self, v: ValueId) -> Option<Target> {
-        if let Some(t) = self.bufs.get(&v) {
-            return Some(t.clone());
-        }
-        match &self.g.node(v).op {
-            Op::Permute(dims) if !self.materialised.contains(&v) => {
-                let (buf, strides) = self.strided(self.g.node(v).inputs[0])?;
-                Some((buf, dims.iter().map(|&d| strides[d]).collect()))
+    /// Where `v`'s elements are read from without computing: a buffer, the element strides of
+    /// v's dims and an offset (its own buffer, or a view's base). None for a value computed
+    /// inline.
+    pub fn strided(&self, v: ValueId) -> Option<(BufId, Vec<i64>, i64)> {
+        let layout = self.layouts[v.0 as usize].as_ref()?;
+        let (buf, _) = self.bufs.get(&layout.base)?;
+        Some((*buf, layout.strides.clone(), layout.offset))
+    }
+
+    /// An expand or a unit-dim reshape of a value computed inline: its input at the
+    /// coordinates these map to. (Slices and other reshapes always have a layout: `views.rs`
+    /// stores their input.)
+    fn remap(&mut self, v: ValueId, coords: &Coords) -> ExprId {
+        let node = self.g.node(v);
+        let x = node.inputs[0];
+        let xshape = self.g.ty(x).static_shape().unwrap();
+        let shape = node.ty.static_shape().unwrap();
+        let c: Coords = match &node.op {
+            Op::Expand => {
+                let skip = shape.len() - xshape.len();
+                xshape.iter().enumerate().map(|(d, &n)| if n == 1 { None } else { coords[d + skip] }).collect()
             }
-            _ => None,
-        }
+            Op::Reshape if only_unit_dims(&xshape, &shape) => {
+                // The dims longer than 1 keep their order: pair them up.
+                let mut long = coords.iter().zip(&shape).filter(|(_, &n)| n != 1).map(|(c, _)| *c);
+                xshape.iter().map(|&n| if n == 1 { None } else { long.next().flatten() }).collect()
+            }
+            _ => panic!("{} %{} of a value without a layout (views.rs stores its input)", self.g.node(v).op.name_for_errors(), v.0),
+        };
+        self.value(x, &c)
     }
 
     /// Coordinates of a matmul operand of `shape` (batch dims right-aligned to the output's

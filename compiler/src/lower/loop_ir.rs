@@ -216,7 +216,10 @@ impl fmt::Display for Kernel {
         writeln!(out, "kernel {}:", self.name).unwrap();
         if let Some(g) = &self.gemm {
             let s = &g.shape;
-            let operand = |o: &crate::kernels::gemm::GemmOperand| format!("b{}[batch {:?}, rows {}, cols {}]", o.buf.0, o.batch_strides, o.rows, o.cols);
+            let operand = |o: &crate::kernels::gemm::GemmOperand| {
+                let at = if o.offset != 0 { format!("{} + ", o.offset) } else { String::new() };
+                format!("b{}[{at}batch {:?}, rows {}, cols {}]", o.buf.0, o.batch_strides, o.rows, o.cols)
+            };
             writeln!(
                 out,
                 "  gemm acc{} = {} x {}: batch {:?} m {} n {} k {}, tile {}x{}, epilogue per element:",

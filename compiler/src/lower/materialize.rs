@@ -28,7 +28,8 @@ fn op_cost(op: &Op) -> u32 {
         // it (six layer-norm/gelu/softmax blocks, 256 x 1024: 1633 µs recomputed, 1050 stored).
         Op::Unary(UnaryOp::Erf | UnaryOp::Gelu | UnaryOp::GeluTanh) => 24,
         Op::Unary(UnaryOp::Sigmoid | UnaryOp::Tanh | UnaryOp::Exp | UnaryOp::Log | UnaryOp::Log1p | UnaryOp::Silu) | Op::Binary(BinaryOp::Pow) => 12,
-        Op::Constant(_) | Op::Input(_) => 0,
+        // Views are index arithmetic: nothing to save by storing one.
+        Op::Constant(_) | Op::Input(_) | Op::Permute(_) | Op::Slice { .. } | Op::Reshape | Op::Expand => 0,
         _ => 1,
     }
 }

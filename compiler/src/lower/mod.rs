@@ -24,6 +24,7 @@ pub mod materialize;
 pub mod memory_plan;
 pub mod schedule;
 pub mod symbolic;
+pub mod views;
 
 #[derive(thiserror::Error, Debug, Clone, PartialEq)]
 pub enum LowerError {
@@ -94,6 +95,13 @@ impl std::fmt::Display for LoopProgram {
 
 /// Lowers an optimized graph. `input_strides[i]` are the element strides input i will have.
 pub fn lower(g: &Graph, input_strides: &[Vec<i64>]) -> Result<LoopProgram, LowerError> {
+    for (i, &v) in g.inputs.iter().enumerate() {
+        if input_strides.get(i).map(Vec::len) != Some(g.ty(v).rank()) {
+            return Err(LowerError::BadStrides(i, input_strides.get(i).map_or(0, Vec::len), g.ty(v).rank()));
+        }
+    }
+    let copied = views::with_input_copies(g, input_strides);
+    let g = copied.as_ref().unwrap_or(g);
     let shape_of = |v: ValueId| g.ty(v).static_shape().ok_or(LowerError::Symbolic);
     for n in &g.nodes {
         n.ty.static_shape().ok_or(LowerError::Symbolic)?;
@@ -127,15 +135,9 @@ pub fn lower(g: &Graph, input_strides: &[Vec<i64>]) -> Result<LoopProgram, Lower
     // Non-pointwise nodes and materialised pointwise values that are not outputs become temps;
     // offsets come from the memory plan.
     let mut materialised = crate::lower::materialize::choose(g);
-    // A matmul reads each operand element many times: operands are buffers (or views of one).
-    for n in g.nodes.iter().filter(|n| n.op == Op::MatMul) {
-        for &x in &n.inputs {
-            let base = view_base(g, x);
-            if g.node(base).op.is_pointwise() {
-                materialised.insert(base);
-            }
-        }
-    }
+    // Views read their input's buffer; slices, reshapes that copy and matmul operands need
+    // one (views.rs).
+    let layouts = views::plan(g, input_strides, &output_order, &mut materialised);
     let materialised = materialised;
     let buffered = |v: ValueId| !g.node(v).op.is_pointwise() || materialised.contains(&v);
     for (i, n) in g.nodes.iter().enumerate() {
@@ -162,7 +164,7 @@ pub fn lower(g: &Graph, input_strides: &[Vec<i64>]) -> Result<LoopProgram, Lower
     }
     for (i, n) in g.nodes.iter().enumerate() {
         let v = ValueId(i as u32);
-        let b = KernelBuilder::new(g, &buf_of, &materialised, format!("k{}", kernels.len()));
+        let b = KernelBuilder::new(g, &buf_of, &materialised, &layouts, format!("k{}", kernels.len()));
         match &n.op {
             Op::Reduce { op, dims, keepdim } => kernels.push(b.reduction(v, *op, dims, *keepdim)),
             Op::Softmax { dim, log } => kernels.push(b.softmax(v, *dim, *log)),
@@ -170,6 +172,14 @@ pub fn lower(g: &Graph, input_strides: &[Vec<i64>]) -> Result<LoopProgram, Lower
                 Some(shape) => kernels.push(b.gemm(v, shape)),
                 None => kernels.push(b.matmul_loops(v)),
             },
+            Op::Cat { dim } => {
+                let mut start = 0;
+                for part in 0..n.inputs.len() {
+                    let b = KernelBuilder::new(g, &buf_of, &materialised, &layouts, format!("k{}", kernels.len()));
+                    kernels.push(b.cat_part(v, part, *dim, start));
+                    start += shape_of(n.inputs[part])?[*dim];
+                }
+            }
             _ if materialised.contains(&v) => {
                 let shape = shape_of(v)?;
                 let order = output_order.get(&v).cloned().unwrap_or_else(|| row_major(shape.len()));
@@ -179,13 +189,13 @@ pub fn lower(g: &Graph, input_strides: &[Vec<i64>]) -> Result<LoopProgram, Lower
         }
         if let Some(pos) = pending_pointwise.iter().position(|(_, vs)| vs.iter().max() == Some(&v)) {
             let ((shape, order), vs) = pending_pointwise.remove(pos);
-            let b = KernelBuilder::new(g, &buf_of, &materialised, format!("k{}", kernels.len()));
+            let b = KernelBuilder::new(g, &buf_of, &materialised, &layouts, format!("k{}", kernels.len()));
             let targets: Vec<(ValueId, Target)> = vs.iter().map(|v| (*v, buf_of[v].clone())).collect();
             kernels.push(b.pointwise(&shape, &order, &targets));
         }
     }
     for ((shape, order), targets) in &copies {
-        let b = KernelBuilder::new(g, &buf_of, &materialised, format!("k{}", kernels.len()));
+        let b = KernelBuilder::new(g, &buf_of, &materialised, &layouts, format!("k{}", kernels.len()));
         kernels.push(b.pointwise(shape, order, targets));
     }
     epilogue::fuse(&mut kernels, &mut buffers);
@@ -194,14 +204,6 @@ pub fn lower(g: &Graph, input_strides: &[Vec<i64>]) -> Result<LoopProgram, Lower
     }
     let arena_bytes = memory_plan::plan_memory(&mut buffers, &kernels);
     Ok(LoopProgram { buffers, kernels, arena_bytes, num_inputs: g.inputs.len(), num_outputs: g.outputs.len() })
-}
-
-/// The value a chain of views (permutes) reads from.
-fn view_base(g: &Graph, mut v: ValueId) -> ValueId {
-    while let Op::Permute(_) = g.node(v).op {
-        v = g.node(v).inputs[0];
-    }
-    v
 }
 
 /// Smallest output a matmul runs on the GEMM kernel with: below, the register tile would be
@@ -222,12 +224,12 @@ fn gemm_shape(g: &Graph, v: ValueId, b: &KernelBuilder, buffers: &mut Vec<Buffer
         return None;
     }
     let operand = |x: ValueId| -> Option<GemmOperand> {
-        let (buf, strides) = b.strided(x)?;
+        let (buf, strides, offset) = b.strided(x)?;
         let shape = g.ty(x).static_shape()?;
         let nb = shape.len() - 2;
         let mut batch_strides = vec![0; r - 2 - nb];
         batch_strides.extend((0..nb).map(|d| if shape[d] == 1 { 0 } else { strides[d] }));
-        Some(GemmOperand { buf, batch_strides, rows: strides[nb], cols: strides[nb + 1] })
+        Some(GemmOperand { buf, offset, batch_strides, rows: strides[nb], cols: strides[nb + 1] })
     };
     let (a, bop) = (operand(a)?, operand(bv)?);
     // The loop nest is a dot product per element, fast only when both operands step by one

@@ -104,8 +104,9 @@ fn run_of(n: i64, parts: usize, p: usize) -> (i64, i64) {
 /// Packs a batch-invariant B (a weight) whole: the layout `run` reads from `pack_b`.
 ///
 /// # Safety
-/// `src` laid out as `s.b` says; `dst` writable for `s.packed_b_elems()` floats.
+/// `src` is B's buffer, laid out as `s.b` says; `dst` writable for `s.packed_b_elems()` floats.
 pub unsafe fn pack_b(s: &GemmShape, src: *const f32, dst: *mut f32) {
+    let src = src.offset(s.b.offset as isize);
     debug_assert!(s.b.batch_invariant());
     for jp in 0..s.n_panels() {
         pack_b_panel(&s.b, src, s.n, s.k, jp * s.tile.nr, s.tile.nr, dst.offset((jp * s.tile.nr * s.k) as isize));
@@ -122,8 +123,8 @@ pub unsafe fn run(s: &GemmShape, ukr: MicrokernelFn, table: *const *mut u8, prep
     if tiles == 0 {
         return;
     }
-    let a_src = *table.add(s.a.buf.0 as usize) as *const f32;
-    let b_src = *table.add(s.b.buf.0 as usize) as *const f32;
+    let a_src = (*table.add(s.a.buf.0 as usize) as *const f32).offset(s.a.offset as isize);
+    let b_src = (*table.add(s.b.buf.0 as usize) as *const f32).offset(s.b.offset as isize);
     let pa = *table.add(s.pack_a.0 as usize) as *mut f32;
     let pb = prepacked_b.map_or(*table.add(s.pack_b.0 as usize) as *mut f32, |p| p as *mut f32);
     let a_count = if s.a.batch_invariant() { 1 } else { batches };

@@ -39,11 +39,13 @@ impl GemmTile {
     }
 }
 
-/// One GEMM operand: element (batch…, row, col) is at `buf[Σ batch·batch_strides + row·rows +
-/// col·cols]`. A broadcast batch dim has stride 0.
+/// One GEMM operand: element (batch…, row, col) is at `buf[offset + Σ batch·batch_strides +
+/// row·rows + col·cols]` (a view of a buffer: a slice's offset, permuted strides). A
+/// broadcast batch dim has stride 0.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub struct GemmOperand {
     pub buf: BufId,
+    pub offset: i64,
     pub batch_strides: Vec<i64>,
     pub rows: i64,
     pub cols: i64,
