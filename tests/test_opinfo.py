@@ -34,6 +34,9 @@ CLAIMS = {
     "softmax": FLOAT, "softmax.with_dtype": FLOAT, "log_softmax": FLOAT, "log_softmax.with_dtype": FLOAT,
     "mm": FLOAT, "bmm": FLOAT, "addmm": FLOAT, "matmul": FLOAT, "nn.functional.linear": FLOAT,
     "t": NUMERIC, "transpose": NUMERIC, "permute": NUMERIC,
+    "view": NUMERIC, "reshape": NUMERIC, "flatten": NUMERIC, "unflatten": NUMERIC, "unsqueeze": NUMERIC,
+    "squeeze": NUMERIC, "squeeze.multiple": NUMERIC, "select": NUMERIC, "narrow": NUMERIC, "expand": NUMERIC,
+    "cat": NUMERIC, "nn.functional.layer_norm": FLOAT,
 }
 
 # Calls that are not `torch.<name>(input, *args, **kwargs)`.
@@ -48,6 +51,18 @@ CALL = {
     "t": "torch.t({input}) * 1",
     "transpose": "torch.transpose({input}{rest}) * 1",
     "permute": "torch.permute({input}{rest}) * 1",
+    "view": "{input}.view({args_joined}) * 1",
+    "reshape": "torch.reshape({input}{rest}) * 1",
+    "flatten": "torch.flatten({input}{rest}) * 1",
+    "unflatten": "torch.unflatten({input}{rest}) * 1",
+    "unsqueeze": "torch.unsqueeze({input}{rest}) * 1",
+    "squeeze": "torch.squeeze({input}{rest}) * 1",
+    "squeeze.multiple": "torch.squeeze({input}{rest}) * 1",
+    "select": "torch.select({input}{rest}) * 1",
+    "narrow": "torch.narrow({input}{rest}) * 1",
+    "expand": "{input}.expand({args_joined}) * 1",
+    "cat": "torch.cat({input}{rest}) * 1",
+    "nn.functional.layer_norm": "torch.nn.functional.layer_norm({input}{rest})",
 }
 
 # Samples a claimed op leaves to TorchScript on purpose: (op, predicate on the sample, why).
@@ -62,6 +77,9 @@ UNCLAIMED_SAMPLES = [
      "a vector operand, or a matrix times a batch (eager returns that transposed)"),
     ("nn.functional.linear", lambda s: min(_ranks(s)[:2]) < 2, "a vector input or weight"),
     ("t", lambda s: s.input.dim() < 2, "t() of a vector is the vector itself"),
+    ("cat", lambda s: any(t.dtype != s.input[0].dtype or not t.is_contiguous() or t.shape == (0,) for t in s.input),
+     "mixed dtypes, non-contiguous inputs (eager picks the layout), or the legacy skipped empty vector"),
+    ("narrow", lambda s: any(isinstance(a, torch.Tensor) for a in s.args), "a start given as a tensor (a size computed at run time)"),
     ("transpose", lambda s: s.input.dim() == 0 or len(set(a % max(s.input.dim(), 1) for a in s.args)) == 1,
      "a transpose of one dim with itself is the tensor itself"),
 ]
@@ -102,7 +120,7 @@ def source(name, sample):
     kwargs = [f"{k}={literal(v, tensors)}" for k, v in sample.kwargs.items()]
     template = CALL.get(name, "torch.{op}({input}{rest})")
     rest = "".join(", " + a for a in args + kwargs)
-    call = template.format(op=name.split(".")[0], input=inp, args=args, rest=rest)
+    call = template.format(op=name.split(".")[0], input=inp, args=args, rest=rest, args_joined=", ".join(args + kwargs))
     params = ", ".join(f"t{i}" for i in range(len(tensors)))
     return f"def fn({params}):\n    return {call}\n", tensors
 
