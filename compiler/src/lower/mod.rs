@@ -234,12 +234,12 @@ fn gemm_shape(g: &Graph, v: ValueId, b: &KernelBuilder, buffers: &mut Vec<Buffer
     let (a, bop) = (operand(a)?, operand(bv)?);
     // The loop nest is a dot product per element, fast only when both operands step by one
     // element along k (x · Wᵀ, the Linear case); a thin product of a row-major B goes to
-    // the GEMM, whose packing reads B contiguously (measured 1×1024×1024: 1.3 GFLOP/s as
-    // strided dot products).
+    // the GEMM with a tile of its rows (`GemmTile::for_rows`), whose packing reads B
+    // contiguously (measured 1×1024×1024: 1.3 GFLOP/s as strided dot products).
     if m < GEMM_MIN_ROWS && a.cols == 1 && bop.rows == 1 {
         return None;
     }
-    let mut shape = GemmShape { batch: out[..r - 2].to_vec(), m, n, k, a, b: bop, tile: GemmTile::avx512(), pack_a: BufId(0), pack_b: BufId(0) };
+    let mut shape = GemmShape { batch: out[..r - 2].to_vec(), m, n, k, a, b: bop, tile: GemmTile::for_rows(m), pack_a: BufId(0), pack_b: BufId(0) };
     let mut scratch = |elems: i64| {
         buffers.push(BufferDecl { dtype: DType::F32, sizes: vec![elems], kind: BufferKind::Temp { offset: 0 }, order: row_major(1) });
         BufId(buffers.len() as u32 - 1)

@@ -17,6 +17,9 @@ pub type MicrokernelFn = unsafe extern "C" fn(table: *const *mut u8, a_panel: *c
 /// Below this many flops a GEMM runs on the calling thread: waking the pool costs more.
 const PARALLEL_MIN_FLOPS: i64 = 1 << 18;
 
+/// Below this many packed floats the packing runs on the calling thread.
+const PARALLEL_MIN_PACK: i64 = 1 << 15;
+
 /// The most batch dims a GEMM has (the lowering refuses more).
 pub const MAX_BATCH_DIMS: usize = 8;
 
@@ -136,11 +139,14 @@ pub unsafe fn run(s: &GemmShape, ukr: MicrokernelFn, table: *const *mut u8, prep
     // Packing: A's panels, then B's, split evenly across the threads.
     let b_tasks = if prepacked_b.is_some() { 0 } else { b_count * np };
     let pack_tasks = a_count * mp + b_tasks;
+    // Packing a little (one row of A beside a kept weight) is not worth a parallel region.
+    let pack_elems = a_count * mp * a_panel + if prepacked_b.is_some() { 0 } else { b_count * np * b_panel };
+    let pack_parts = if pack_elems < PARALLEL_MIN_PACK { 1 } else { parts };
     let pack = |p: usize| {
         let (a_src, b_src, pa, pb, _) = shared.get();
         let mut coords = [0i64; MAX_BATCH_DIMS];
         let coords = &mut coords[..s.batch.len()];
-        let (lo, hi) = run_of(pack_tasks, parts, p);
+        let (lo, hi) = run_of(pack_tasks, pack_parts, p);
         for t in lo..hi {
             if t < a_count * mp {
                 let (bi, ip) = (t / mp, t % mp);
@@ -172,11 +178,6 @@ pub unsafe fn run(s: &GemmShape, ukr: MicrokernelFn, table: *const *mut u8, prep
             ukr(table, a, b, s.k, coords.as_ptr(), rows, cols);
         }
     };
-    if parts == 1 {
-        pack(0);
-        compute(0);
-    } else {
-        parallel::run(parts, &pack);
-        parallel::run(parts, &compute);
-    }
+    parallel::run(pack_parts, &pack);
+    parallel::run(parts, &compute);
 }

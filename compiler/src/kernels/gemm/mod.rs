@@ -34,6 +34,19 @@ impl GemmTile {
     pub fn avx512() -> GemmTile {
         GemmTile { mr: 8, nr: 48 }
     }
+    /// The tile for an output of `m` rows: 8 × 48 from 4 rows on; a thinner output gets a
+    /// tile of its own height, wide enough for 8 or 9 accumulators (FMA latency × 2 pipes).
+    /// On the 8-row tile a single row wasted 7/8 of the work: 1×1024×1024, 1 thread, 31 GFLOP/s
+    /// (torch.mm 41); see ARCHITECTURE.md, "GEMM".
+    pub fn for_rows(m: i64) -> GemmTile {
+        match m {
+            1 => GemmTile { mr: 1, nr: 128 },
+            2 => GemmTile { mr: 2, nr: 64 },
+            3 => GemmTile { mr: 3, nr: 48 },
+            _ => GemmTile::avx512(),
+        }
+    }
+
     pub fn vectors(&self) -> i64 {
         self.nr / LANES
     }
