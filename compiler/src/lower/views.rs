@@ -1,8 +1,8 @@
 //! Views (permute, slice, reshape, expand) as index arithmetic: a view of a value stored in a
 //! buffer is read from that buffer through strides and an offset, never copied. What this
 //! file decides, before any buffer exists:
-//! - which values are stored (buffered): inputs, outputs, non-pointwise nodes, and the values
-//!   `materialize` chose;
+//! - which values are read from a buffer of their own: inputs, non-pointwise nodes, and the
+//!   values `materialize` chose (a pointwise output is written last, never read back);
 //! - the strided layout of every value a buffer holds or a view of one reaches ([`Layout`]);
 //! - which further values must be stored so that every view and matmul operand has a layout:
 //!   a slice of a value computed inline, a reshape PyTorch's view rule cannot express over
