@@ -19,7 +19,7 @@ import warnings
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
-from pointwise import ensure, median_ms  # noqa: E402
+from pointwise import ensure, median_ms, ratio_cells  # noqa: E402
 
 warnings.filterwarnings("ignore")
 
@@ -127,15 +127,7 @@ def main():
     tools = ["kiln", "eager", "torchscript", "ts+onednn", "torch.compile", "onnxruntime"]
     print(f"{'function':18}{'layout':15}" + "".join(f"{t:>18}" for t in tools))
     for fname, lname, shape, times in rows:
-        k = times.get("kiln")
-        cells = []
-        for t in tools:
-            v = times.get(t)
-            if isinstance(v, float):
-                cells.append(f"{v:8.3f}" + (f" ({v / k:4.2f}x)" if isinstance(k, float) else ""))
-            else:
-                cells.append(" " + str(v)[:17])
-        print(f"{fname:18}{lname:15}" + "".join(f"{c:>18}" for c in cells))
+        print(f"{fname:18}{lname:15}" + ratio_cells(times, tools, 18, 3))
     failures = [(f, l, t, v) for f, l, _, times in rows for t, v in times.items() if not isinstance(v, float)]
     for f, l, t, v in failures:
         print(f"  {f} / {l} / {t}: {v}")

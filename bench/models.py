@@ -11,13 +11,12 @@ import argparse
 import os
 import sys
 import tempfile
-import time
 import warnings
 
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
-from pointwise import ensure  # noqa: E402
+from pointwise import ensure, median_ms, ratio_cells  # noqa: E402
 
 warnings.filterwarnings("ignore")
 
@@ -65,15 +64,7 @@ def models():
 
 
 def median_us(fn, args, reps):
-    for _ in range(max(10, reps // 10)):
-        fn(*args)
-    times = []
-    for _ in range(reps):
-        t = time.perf_counter()
-        fn(*args)
-        times.append(time.perf_counter() - t)
-    times.sort()
-    return times[len(times) // 2] * 1e6
+    return median_ms(fn, args, reps) * 1e3
 
 
 def build(make, args, how):
@@ -154,15 +145,7 @@ def main():
     print(f"\nmodels, {args.threads} threads, median µs (x = time / Kiln's)")
     print(f"{'model':10}" + "".join(f"{t:>22}" for t in tools))
     for name, times, notes in rows:
-        k = times.get("kiln")
-        cells = []
-        for t in tools:
-            v = times.get(t)
-            if isinstance(v, float):
-                cells.append(f"{v:9.1f}" + (f" ({v / k:5.2f}x)" if isinstance(k, float) else ""))
-            else:
-                cells.append(" " + str(v)[:21])
-        print(f"{name:10}" + "".join(f"{c:>22}" for c in cells))
+        print(f"{name:10}" + ratio_cells(times, tools, 22, 1))
         for n in notes:
             print(f"{'':10}kiln: {n}")
     for name, times, _ in rows:

@@ -47,6 +47,20 @@ def median_ms(fn, args, reps):
     return times[len(times) // 2] * 1e3
 
 
+def ratio_cells(times, tools, width, digits):
+    """Each tool's time (a float) with its ratio to Kiln's, or its failure text, for a table
+    row of `width`-wide cells."""
+    k = times.get("kiln")
+    cells = []
+    for t in tools:
+        v = times.get(t)
+        if isinstance(v, float):
+            cells.append(f"{v:8.{digits}f}" + (f" ({v / k:4.2f}x)" if isinstance(k, float) else ""))
+        else:
+            cells.append(" " + str(v)[: width - 1])
+    return "".join(f"{c:>{width}}" for c in cells)
+
+
 def fresh_script():
     # torch.jit.script(f) is cached per Python function; each variant needs its own graph.
     return torch.jit.CompilationUnit(

@@ -9,19 +9,8 @@
 mod common;
 use common::Rng;
 use kiln_compiler::graph::ir::parse_graph;
+use kiln_compiler::graph::layout::dense_strides;
 use kiln_compiler::{compile, lower_graph, CompileOptions, Target};
-
-/// Row-major strides of `sizes`, permuted: the memory of a tensor whose dims were permuted.
-fn strides_of(sizes: &[i64], layout: &[usize]) -> Vec<i64> {
-    // `layout` lists dims outermost first in memory.
-    let mut strides = vec![0; sizes.len()];
-    let mut s = 1;
-    for &d in layout.iter().rev() {
-        strides[d] = s;
-        s *= sizes[d].max(1);
-    }
-    strides
-}
 
 struct Case {
     batch_a: Vec<i64>,
@@ -54,6 +43,7 @@ fn ir_of(c: &Case) -> (String, Vec<Vec<i64>>, Vec<Vec<i64>>) {
         }
     }
     let so = shape(&batch, c.m, c.n);
+    // Dims outermost first in memory: a transposed operand swaps its two matrix dims.
     let layout = |rank: usize, t: bool| {
         let mut l: Vec<usize> = (0..rank).collect();
         if t {
@@ -70,7 +60,7 @@ fn ir_of(c: &Case) -> (String, Vec<Vec<i64>>, Vec<Vec<i64>>) {
         ir += &format!("  %{last} = {line}\n");
     }
     ir += &format!("  return (%{last})\n}}\n");
-    let strides = vec![strides_of(&sa, &layout(sa.len(), c.a_t)), strides_of(&sb, &layout(sb.len(), c.b_t)), vec![1], strides_of(&so, &layout(so.len(), false))];
+    let strides = vec![dense_strides(&sa, &layout(sa.len(), c.a_t)), dense_strides(&sb, &layout(sb.len(), c.b_t)), vec![1], dense_strides(&so, &layout(so.len(), false))];
     (ir, vec![sa, sb, vec![c.n], so], strides)
 }
 

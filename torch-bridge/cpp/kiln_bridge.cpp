@@ -651,39 +651,48 @@ void fill_number(KilnTensor& d, const IValue& v, InputKind kind, int64_t* slot) 
   d.version = -1;
 }
 
-// Describes the inputs Rust takes (tensors: admitted or not by `fill_tensor`; numbers) into
-// `d`, with `numbers` holding the numbers' values; returns how many.
-template <typename FillTensor>
-size_t describe(c10::ArrayRef<IValue> ins, const std::vector<InputKind>& kinds, KilnTensor* d, int64_t* numbers, FillTensor fill_tensor) {
-  size_t k = 0;
-  for (size_t i = 0; i < ins.size(); ++i) {
-    if (kinds[i] == InputKind::Tensor) {
-      fill_tensor(d[k], ins[i].toTensor());
-      ++k;
-    } else if (kinds[i] == InputKind::Float || kinds[i] == InputKind::Int) {
-      fill_number(d[k], ins[i], kinds[i], &numbers[k]);
-      ++k;
+// The inputs Rust takes (tensors, described by `fill_tensor`: admitted or not; numbers), in
+// order: on the stack for up to 16, else on the heap. `numbers` holds the numbers' values.
+struct Descriptions {
+  KilnTensor inline_descs[16];
+  int64_t inline_numbers[16];
+  std::vector<KilnTensor> heap_descs;
+  std::vector<int64_t> heap_numbers;
+  KilnTensor* d = inline_descs;
+  int64_t* numbers = inline_numbers;
+  size_t count = 0;
+
+  // `d` and `numbers` may point into this object.
+  Descriptions(const Descriptions&) = delete;
+  Descriptions& operator=(const Descriptions&) = delete;
+
+  template <typename FillTensor>
+  Descriptions(c10::ArrayRef<IValue> ins, const std::vector<InputKind>& kinds, FillTensor fill_tensor) {
+    if (ins.size() > 16) {
+      heap_descs.resize(ins.size());
+      heap_numbers.resize(ins.size());
+      d = heap_descs.data();
+      numbers = heap_numbers.data();
+    }
+    for (size_t i = 0; i < ins.size(); ++i) {
+      if (kinds[i] == InputKind::Tensor) {
+        fill_tensor(d[count++], ins[i].toTensor());
+      } else if (kinds[i] == InputKind::Float || kinds[i] == InputKind::Int) {
+        fill_number(d[count], ins[i], kinds[i], &numbers[count]);
+        ++count;
+      }
     }
   }
-  return k;
-}
+};
 
 Operation guard_op(const Node* node) {
   int64_t id = node->i(group_attr());
   size_t n = node->inputs().size();
   std::vector<InputKind> kinds = input_kinds(node);
   return [id, n, kinds](Stack& stack) {
-    KilnTensor descs[16];
-    int64_t numbers_inline[16];
-    std::vector<KilnTensor> heap;
-    std::vector<int64_t> numbers_heap;
-    KilnTensor* d = descs;
-    int64_t* numbers = numbers_inline;
-    if (n > 16) { heap.resize(n); d = heap.data(); numbers_heap.resize(n); numbers = numbers_heap.data(); }
-    auto ins = last(stack, n);
-    size_t m = describe(ins, kinds, d, numbers, [](KilnTensor& t, const at::Tensor& x) { fill(t, x); });
+    Descriptions in(last(stack, n), kinds, [](KilnTensor& t, const at::Tensor& x) { fill(t, x); });
     KilnCallState state = call_state();
-    bool ok = kiln_rs_guard(id, d, m, &state) != 0;
+    bool ok = kiln_rs_guard(id, in.d, in.count, &state) != 0;
     drop(stack, n);
     push(stack, ok);
   };
@@ -721,20 +730,12 @@ Operation group_op(const Node* node) {
   size_t n = node->inputs().size();
   std::vector<InputKind> kinds = input_kinds(node);
   return [id, n, kinds](Stack& stack) {
-    KilnTensor descs[16];
-    int64_t numbers_inline[16];
-    std::vector<KilnTensor> heap;
-    std::vector<int64_t> numbers_heap;
-    KilnTensor* d = descs;
-    int64_t* numbers = numbers_inline;
-    if (n > 16) { heap.resize(n); d = heap.data(); numbers_heap.resize(n); numbers = numbers_heap.data(); }
-    auto ins = last(stack, n);
     // The guard just before this op admitted these very tensors (it takes the group's
     // tensors and numbers, and the group runs only where it passed).
-    size_t k = describe(ins, kinds, d, numbers, [](KilnTensor& t, const at::Tensor& x) { fill_admitted(t, x); });
+    Descriptions in(last(stack, n), kinds, [](KilnTensor& t, const at::Tensor& x) { fill_admitted(t, x); });
     OutputSink sink;
     char error[256] = {0};
-    if (kiln_rs_run(id, d, k, alloc_output, &sink, error, sizeof(error)) != 0) {
+    if (kiln_rs_run(id, in.d, in.count, alloc_output, &sink, error, sizeof(error)) != 0) {
       // Out of memory, as eager would be, or a guard/group mismatch (a bug): the user's call
       // raises like an eager op would.
       if (sink.error) std::rethrow_exception(sink.error);

@@ -14,6 +14,13 @@ pub type Target = (BufId, Vec<i64>);
 /// A coordinate of a value inside a kernel: a loop variable, or 0 (a broadcast dim).
 pub type Coords = Vec<Option<VarId>>;
 
+/// The element index of `coords` in memory with these strides from `offset`: a broadcast
+/// coordinate (None) and a stride of 0 step nothing.
+fn index_at(coords: &Coords, strides: &[i64], offset: i64) -> Index {
+    let terms = coords.iter().zip(strides).filter_map(|(c, &s)| c.filter(|_| s != 0).map(|var| (var, s))).collect();
+    Index { terms, offset, params: vec![] }
+}
+
 pub struct KernelBuilder<'a> {
     g: &'a Graph,
     bufs: &'a HashMap<ValueId, Target>,
@@ -60,12 +67,10 @@ impl<'a> KernelBuilder<'a> {
             self.arena.add(Expr::Acc(acc), node.ty.dtype)
         } else if !node.op.is_pointwise() || self.materialised.contains(&v) {
             let (buf, strides) = &self.bufs[&v];
-            let terms = coords.iter().zip(strides).filter_map(|(c, &s)| c.map(|var| (var, s))).collect();
-            self.arena.add(Expr::Load { buf: *buf, index: Index { terms, offset: 0, params: vec![] } }, node.ty.dtype)
+            self.arena.add(Expr::Load { buf: *buf, index: index_at(coords, strides, 0) }, node.ty.dtype)
         } else if let Some((buf, strides, offset)) = self.strided(v).filter(|_| is_view(&node.op)) {
             // A view of a stored value: index arithmetic over its buffer.
-            let terms = coords.iter().zip(&strides).filter_map(|(c, &s)| c.map(|var| (var, s))).filter(|t| t.1 != 0).collect();
-            self.arena.add(Expr::Load { buf, index: Index { terms, offset, params: vec![] } }, node.ty.dtype)
+            self.arena.add(Expr::Load { buf, index: index_at(coords, &strides, offset) }, node.ty.dtype)
         } else {
             self.compute(v, coords)
         };
@@ -92,8 +97,7 @@ impl<'a> KernelBuilder<'a> {
             let through = self.layouts[x.0 as usize].as_ref().and_then(|l| crate::lower::views::view_layout(self.g, v, l));
             if let Some(l) = through {
                 if let Some((buf, _)) = self.bufs.get(&l.base) {
-                    let terms = coords.iter().zip(&l.strides).filter_map(|(c, &s)| c.map(|var| (var, s))).filter(|t| t.1 != 0).collect();
-                    return self.arena.add(Expr::Load { buf: *buf, index: Index { terms, offset: l.offset, params: vec![] } }, dtype);
+                    return self.arena.add(Expr::Load { buf: *buf, index: index_at(coords, &l.strides, l.offset) }, dtype);
                 }
             }
             return self.remap(v, coords);
@@ -130,8 +134,7 @@ impl<'a> KernelBuilder<'a> {
     }
 
     fn store_to((buf, strides): &Target, coords: &Coords, value: ExprId) -> Stmt {
-        let terms = coords.iter().zip(strides).filter_map(|(c, &s)| c.map(|var| (var, s))).collect();
-        Stmt::Store { buf: *buf, index: Index { terms, offset: 0, params: vec![] }, value }
+        Stmt::Store { buf: *buf, index: index_at(coords, strides, 0), value }
     }
 
     /// Nests `body` in loops over `vars`/`extents`, outermost first.
@@ -188,8 +191,7 @@ impl<'a> KernelBuilder<'a> {
         let coords: Coords = vars.iter().zip(&shape).map(|(&v, &n)| if n == 1 { None } else { Some(v) }).collect();
         let value = self.value(x, &coords);
         let (buf, strides) = self.bufs[&out].clone();
-        let terms = coords.iter().zip(&strides).filter_map(|(c, &s)| c.map(|var| (var, s))).collect();
-        let store = Stmt::Store { buf, index: Index { terms, offset: start * strides[dim], params: vec![] }, value };
+        let store = Stmt::Store { buf, index: index_at(&coords, &strides, start * strides[dim]), value };
         let body = Self::nest(&vars, &shape, vec![store]);
         self.finish(body, 1)
     }
@@ -389,8 +391,7 @@ impl<'a> KernelBuilder<'a> {
             let keep = self.store(out, &coords_with(&ovars, v2), e2);
             inner.extend(Self::nest(&[v2], &[n], vec![keep, Stmt::Update { acc: s, combine: Combine::Add, value: e2 }]));
             let (buf, strides) = self.bufs[&out].clone();
-            let terms = out3.iter().zip(&strides).filter_map(|(c, &st)| c.map(|var| (var, st))).collect();
-            let e3 = self.arena.add(Expr::Load { buf, index: Index { terms, offset: 0, params: vec![] } }, dtype);
+            let e3 = self.arena.add(Expr::Load { buf, index: index_at(&out3, &strides, 0) }, dtype);
             let r = self.arena.add(Expr::Unary(UnaryOp::Reciprocal, sv), dtype);
             let value = self.arena.add(Expr::Binary(BinaryOp::Mul, e3, r), dtype);
             let store = self.store(out, &out3, value);

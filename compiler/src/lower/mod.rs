@@ -110,11 +110,8 @@ pub fn lower(g: &Graph, input_strides: &[Vec<i64>]) -> Result<LoopProgram, Lower
     let mut buf_of: HashMap<ValueId, Target> = HashMap::new();
     for (i, &v) in g.inputs.iter().enumerate() {
         let sizes = shape_of(v)?;
-        let strides = input_strides[i].clone();
-        if strides.len() != sizes.len() {
-            return Err(LowerError::BadStrides(i, strides.len(), sizes.len()));
-        }
-        buf_of.insert(v, (BufId(buffers.len() as u32), strides));
+        // (Ranks were checked on entry.)
+        buf_of.insert(v, (BufId(buffers.len() as u32), input_strides[i].clone()));
         buffers.push(BufferDecl { dtype: g.ty(v).dtype, order: row_major(sizes.len()), sizes, kind: BufferKind::Input(i) });
     }
     // An output that is an input or an earlier output gets its own buffer, filled by a copy

@@ -36,6 +36,21 @@ struct Shared {
     shutdown: AtomicBool,
 }
 
+impl Shared {
+    /// Posts a job (None: wake up to see the shutdown) under a new epoch and wakes parked
+    /// workers.
+    fn post(&self, job: Option<(usize, usize)>, parts: usize) {
+        let epoch = {
+            let mut posted = self.posted.lock().unwrap();
+            *posted = Posted { epoch: posted.epoch + 1, job, parts };
+            posted.epoch
+        };
+        self.epoch.store(epoch, Ordering::SeqCst);
+        let _l = self.park.lock().unwrap();
+        self.wake.notify_all();
+    }
+}
+
 pub struct ThreadPool {
     shared: Arc<Shared>,
     workers: usize,
@@ -86,16 +101,7 @@ impl ThreadPool {
         let helpers = parts - 1;
         let raw: (usize, usize) = unsafe { std::mem::transmute::<&(dyn Fn(usize) + Sync + '_), (usize, usize)>(f) };
         self.shared.pending.store(helpers, Ordering::SeqCst);
-        let epoch = {
-            let mut posted = self.shared.posted.lock().unwrap();
-            *posted = Posted { epoch: posted.epoch + 1, job: Some(raw), parts };
-            posted.epoch
-        };
-        self.shared.epoch.store(epoch, Ordering::SeqCst);
-        {
-            let _l = self.shared.park.lock().unwrap();
-            self.shared.wake.notify_all();
-        }
+        self.shared.post(Some(raw), parts);
         f(0);
         while self.shared.pending.load(Ordering::Acquire) != 0 {
             std::hint::spin_loop();
@@ -107,14 +113,7 @@ impl ThreadPool {
 impl Drop for ThreadPool {
     fn drop(&mut self) {
         self.shared.shutdown.store(true, Ordering::SeqCst);
-        let epoch = {
-            let mut posted = self.shared.posted.lock().unwrap();
-            *posted = Posted { epoch: posted.epoch + 1, job: None, parts: 0 };
-            posted.epoch
-        };
-        self.shared.epoch.store(epoch, Ordering::SeqCst);
-        let _l = self.shared.park.lock().unwrap();
-        self.shared.wake.notify_all();
+        self.shared.post(None, 0);
     }
 }
 
