@@ -198,6 +198,31 @@ def test_the_issues_encoder_shape_matches_eager():
     check_model(encoder(layers=1, d=256, heads=4, ff=1024), (torch.randn(1, 128, 256),), "trace", True)
 
 
+@pytest.mark.parametrize("norm_first", [False, True], ids=["post_norm", "pre_norm"])
+def test_scripted_transformer_encoder_runs_in_kiln(norm_first):
+    """Scripted, the encoder keeps its Python control flow: each layer's fast path is an
+    `_transformer_encoder_layer_fwd` inside a prim::If, fed a merged mask and mask type that
+    the scripted code computes (None here). Kiln specialises on them being None (the guard
+    checks), and the slow path's nodes, which never run, are no fallbacks."""
+    torch.manual_seed(0)
+    m = check_model(encoder(norm_first=norm_first), (torch.randn(2, 19, 64),), "script", True)
+    text = torch_kiln.explain(m)
+    assert "_transformer_encoder_layer_fwd" in text and "(has not run)" in text, text
+
+
+def test_a_scripted_encoder_given_a_mask_falls_back_to_torchscript():
+    torch.manual_seed(0)
+    model = encoder().eval()
+    x, pad = torch.randn(2, 19, 64), torch.zeros(2, 19, dtype=torch.bool)
+    pad[1, 15:] = True
+    with torch.no_grad():
+        m = check_model(model, (x,), "script", True)
+        failures = torch_kiln.stats()["guard_failures"]
+        torch.testing.assert_close(m(x, src_key_padding_mask=pad), model(x, src_key_padding_mask=pad))
+        torch.testing.assert_close(m(x), model(x))
+    assert torch_kiln.stats()["guard_failures"] > failures
+
+
 class Views(torch.nn.Module):
     def forward(self, x, y):
         a = x.view(4, 6).t().reshape(2, 12)  # a flattened transpose: stored, then viewed
@@ -242,3 +267,17 @@ def test_scripted_wavestep_runs_in_kiln(batch, freeze):
     m = check_model(WaveStep(), (prev, torch.randn(batch, 20), torch.randn(batch, 96)), "script", freeze, allowed_fallbacks=("aten::zeros",))
     text = torch_kiln.explain(m)
     assert "aten::gru_cell" in text and "aten::cat" in text, text
+
+
+@pytest.mark.parametrize("batch", [1, 5])
+@pytest.mark.parametrize("freeze", [True, False], ids=["frozen", "unfrozen"])
+def test_traced_wavestep_runs_in_kiln(batch, freeze):
+    """Traced, the GRU cell is decomposed: linears, unsafe_chunk + ListUnpack (parts as
+    slices) and in-place add_, sigmoid_, mul_, tanh_ on tensors nothing else reads (Kiln
+    computes them as their functional ops): one group for the whole step."""
+    torch.manual_seed(0)
+    prev = torch.zeros(batch, 64)
+    prev[:, 3] = 1.0
+    m = check_model(WaveStep(), (prev, torch.randn(batch, 20), torch.randn(batch, 96)), "trace", freeze)
+    text = torch_kiln.explain(m)
+    assert "aten::sigmoid_" in text and "aten::unsafe_chunk" in text and "[torchscript]" not in text, text

@@ -36,7 +36,22 @@ CLAIMS = {
     "t": NUMERIC, "transpose": NUMERIC, "permute": NUMERIC,
     "view": NUMERIC, "reshape": NUMERIC, "flatten": NUMERIC, "unflatten": NUMERIC, "unsqueeze": NUMERIC,
     "squeeze": NUMERIC, "squeeze.multiple": NUMERIC, "select": NUMERIC, "narrow": NUMERIC, "expand": NUMERIC,
-    "cat": NUMERIC, "nn.functional.layer_norm": FLOAT,
+    "cat": NUMERIC, "stack": NUMERIC, "nn.functional.layer_norm": FLOAT, "baddbmm": FLOAT,
+    # Splits, unpacked into their parts (PARTS below).
+    "chunk": NUMERIC, "unsafe_chunk": NUMERIC, "split": NUMERIC, "split.list_args": NUMERIC,
+    "unsafe_split": NUMERIC, "split_with_sizes": NUMERIC,
+}
+
+# Ops returning a list of tensors: the function unpacks it (`p0, p1 = torch.split(...)`), as
+# models do; Kiln takes each part as a slice.
+PARTS = {"chunk", "unsafe_chunk", "split", "split.list_args", "unsafe_split", "split_with_sizes"}
+
+# In-place variants on a tensor the function made (`x = t0.clone(); x.add_(t1); return x`):
+# Kiln computes them as their functional op, with in-place semantics (x's dtype and shape).
+IN_PLACE_CLAIMS = {
+    "add": NUMERIC, "sub": NUMERIC, "mul": NUMERIC, "div.no_rounding_mode": FLOAT, "neg": NUMERIC, "abs": NUMERIC,
+    "nn.functional.relu": NUMERIC, "sigmoid": FLOAT, "tanh": FLOAT, "exp": FLOAT, "sqrt": FLOAT, "clamp": NUMERIC,
+    "nn.functional.leaky_relu": FLOAT,
 }
 
 # Calls that are not `torch.<name>(input, *args, **kwargs)`.
@@ -62,6 +77,7 @@ CALL = {
     "narrow": "torch.narrow({input}{rest}) * 1",
     "expand": "{input}.expand({args_joined}) * 1",
     "cat": "torch.cat({input}{rest}) * 1",
+    "stack": "torch.stack({input}{rest}) * 1",
     "nn.functional.layer_norm": "torch.nn.functional.layer_norm({input}{rest})",
 }
 
@@ -91,7 +107,7 @@ def key(op):
     return op.name + (f".{op.variant_test_name}" if op.variant_test_name else "")
 
 
-OPS = {key(op): op for op in op_db if key(op) in CLAIMS}
+OPS = {key(op): op for op in op_db if key(op) in CLAIMS or key(op) in IN_PLACE_CLAIMS}
 
 
 def literal(v, tensors):
@@ -113,15 +129,27 @@ def literal(v, tensors):
     raise NotImplementedError(type(v))
 
 
-def source(name, sample):
+def source(name, sample, parts=None, in_place=False):
+    """The function calling `name` on the sample; `parts`: the number of tensors a split
+    returns (unpacked); `in_place`: the in-place variant on a copy of the input."""
     tensors = []
     inp = literal(sample.input, tensors)
     args = [literal(a, tensors) for a in sample.args]
     kwargs = [f"{k}={literal(v, tensors)}" for k, v in sample.kwargs.items()]
+    params = ", ".join(f"t{i}" for i in range(len(tensors)))
+    if in_place:
+        method = {"nn.functional.relu": "relu", "nn.functional.leaky_relu": "leaky_relu"}.get(name, name.split(".")[0])
+        call = "torch.nn.functional.leaky_relu_" if name == "nn.functional.leaky_relu" else f"x.{method}_"
+        first = "x, " if call.startswith("torch") else ""
+        return f"def fn({params}):\n    x = {inp}.clone()\n    {call}({first}{', '.join(args + kwargs)})\n    return x\n", tensors
     template = CALL.get(name, "torch.{op}({input}{rest})")
     rest = "".join(", " + a for a in args + kwargs)
     call = template.format(op=name.split(".")[0], input=inp, args=args, rest=rest, args_joined=", ".join(args + kwargs))
-    params = ", ".join(f"t{i}" for i in range(len(tensors)))
+    if parts is not None:
+        if parts < 2:
+            raise NotImplementedError("a split into one part")  # `p0, = ...` is no TorchScript
+        names = [f"p{i}" for i in range(parts)]
+        return f"def fn({params}):\n    {', '.join(names)} = {call}\n    return {', '.join(n + ' * 1' for n in names)}\n", tensors
     return f"def fn({params}):\n    return {call}\n", tensors
 
 
@@ -136,22 +164,35 @@ def samples(op, dtype):
 
 @pytest.mark.parametrize("name,dtype", [(n, d) for n in CLAIMS for d in CLAIMS[n]], ids=lambda x: str(x).replace("torch.", ""))
 def test_opinfo(name, dtype):
+    check_samples(name, dtype, in_place=False)
+
+
+@pytest.mark.parametrize("name,dtype", [(n, d) for n in IN_PLACE_CLAIMS for d in IN_PLACE_CLAIMS[n]], ids=lambda x: str(x).replace("torch.", ""))
+def test_opinfo_in_place(name, dtype):
+    check_samples(name, dtype, in_place=True)
+
+
+def check_samples(name, dtype, in_place):
     op = OPS.get(name)
     assert op is not None, f"{name} is not in this torch's OpInfo database"
     if dtype not in op.supported_dtypes("cpu"):
         pytest.skip(f"{name} does not support {dtype} in eager")
+    # (OpInfo lists no in-place variant for the functional relus.)
+    own = {"nn.functional.relu": torch.relu_, "nn.functional.leaky_relu": torch.nn.functional.leaky_relu_}
+    variant = (op.inplace_variant or own.get(name)) if in_place else op
+    assert variant is not None, f"{name} has no in-place variant"
     checked, deviations, failures = 0, 0, []
     for sample in samples(op, dtype):
+        first = sample.input.clone() if in_place else sample.input
         try:
-            src, tensors = source(name, sample)
+            expected = variant(first, *sample.args, **sample.kwargs)
+        except Exception:
+            continue  # eager rejects the sample; not Kiln's business
+        try:
+            src, tensors = source(name, sample, parts=len(expected) if name in PARTS else None, in_place=in_place)
         except NotImplementedError:
             continue  # an argument TorchScript source cannot spell (e.g. a complex scalar)
         fn = script_source(src)
-        eager = lambda *ts: op(*[sample.input], *sample.args, **sample.kwargs)  # noqa: E731
-        try:
-            expected = eager()
-        except Exception:
-            continue  # eager rejects the sample; not Kiln's business
         try:
             # The profiling call never runs Kiln: where TorchScript itself disagrees with
             # eager (e.g. `bool_tensor + True` is int64 in TorchScript), Kiln has to follow

@@ -225,6 +225,12 @@ fn reason(id: usize) -> Option<String> {
     RUNTIME.reason_text(id)
 }
 
+/// Whether the block a `kiln::FallbacksRan` marker starts has run.
+#[pyfunction]
+fn fallback_block_ran(marker: usize) -> bool {
+    RUNTIME.fallback_block_has_run(marker)
+}
+
 /// Logs through `tracing` to stderr, filtered by KILN_LOG (e.g. `info`, `debug`).
 fn init_logging() {
     if let Ok(filter) = std::env::var("KILN_LOG") {
@@ -246,6 +252,7 @@ fn _kiln(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(scratch_bytes_kept, m)?)?;
     m.add_function(wrap_pyfunction!(group_info, m)?)?;
     m.add_function(wrap_pyfunction!(reason, m)?)?;
+    m.add_function(wrap_pyfunction!(fallback_block_ran, m)?)?;
     m.add_function(wrap_pyfunction!(persist, m)?)?;
     m.add_function(wrap_pyfunction!(specialization_runs, m)?)?;
     m.add_function(wrap_pyfunction!(cache_entries, m)?)?;

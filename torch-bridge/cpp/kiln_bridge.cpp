@@ -67,6 +67,9 @@ typedef int32_t (*KilnAlloc)(void* ctx, size_t index, int32_t dtype, const int64
 // only where the guard's choice is not at hand.
 int32_t kiln_rs_run(int64_t group, const KilnTensor* inputs, size_t n, KilnAlloc alloc, void* ctx, char* error, size_t cap);
 int64_t kiln_rs_reason(const char* kind, const char* reason, int32_t counted);
+// A block's fallbacks (reason ids, one per node): the marker's id, or -1.
+int64_t kiln_rs_fallback_block(const int64_t* reasons, size_t n);
+void kiln_rs_fallback_block_ran(int64_t marker);
 void kiln_rs_pass_started();
 void kiln_rs_pass_error(const char* what);
 }
@@ -89,6 +92,12 @@ Symbol reason_attr() { static Symbol s = Symbol::attr("kiln_reason"); return s; 
 // (a refused call would be refused once per nesting level, up to the bailout depth) and would
 // give the group fresh specialisation slots past its limit.
 Symbol fallback_attr() { static Symbol s = Symbol::attr("kiln_fallback"); return s; }
+// At the start of a block with nodes left in TorchScript: counts them as fallbacks when the
+// block first runs.
+Symbol ran_kind() { static Symbol s = Symbol::fromQualString("kiln::FallbacksRan"); return s; }
+Symbol marker_attr() { static Symbol s = Symbol::attr("kiln_marker"); return s; }
+// On a functional node that stands for an in-place one during the pass: that op's kind.
+Symbol inplace_attr() { static Symbol s = Symbol::attr("kiln_inplace"); return s; }
 
 std::string dtype_name(at::ScalarType t) {
   switch (t) {
@@ -119,6 +128,18 @@ bool tensor_input_text(const Value* v, std::ostream& os, std::string* why) {
   return true;
 }
 
+// A tracer's constant for a Python number (`x * 2.0` traced): a 0-d tensor that promotes like
+// the number it was, so Kiln takes it as that number.
+bool wrapped_number_text(const at::Tensor& t, std::ostream& os) {
+  if (!t.defined() || !t.unsafeGetTensorImpl()->is_wrapped_number() || t.dim() != 0 || !t.device().is_cpu()) return false;
+  switch (t.scalar_type()) {
+    case at::kDouble: os.precision(17); os << "float " << t.item<double>(); return true;
+    case at::kLong: os << "int " << t.item<int64_t>(); return true;
+    case at::kBool: os << "bool " << (t.item<bool>() ? 1 : 0); return true;
+    default: return false;
+  }
+}
+
 // Non-tensor arguments must be constants known at compile time.
 bool constant_text(const Value* v, std::ostream& os) {
   const Node* p = v->node();
@@ -135,7 +156,7 @@ bool constant_text(const Value* v, std::ostream& os) {
       for (auto x : iv->toIntVector()) os << " " << x;
       return true;
     }
-    if (iv->isScalar() == false && iv->isTensor()) return false;
+    if (iv->isTensor()) return wrapped_number_text(iv->toTensor(), os);
     return false;
   }
   if (p->kind() == prim::ListConstruct) {
@@ -169,8 +190,11 @@ constexpr const char* kDynamicScalar = "a non-numeric argument is computed at ru
 
 // How a group input reaches Rust: a tensor; a number computed at run time, passed as a 0-d
 // float64 / int64 tensor that Rust promotes as a Python number (a kernel parameter: code does
-// not depend on its value); a constant, written into the dump; or something Kiln cannot take.
-enum class InputKind { Tensor, Float, Int, Constant, Unsupported };
+// not depend on its value); a constant, written into the dump; an optional computed at run
+// time, which Kiln specialises as None (the dump says `none`, and the guard fails the call
+// when it is not: a scripted module's `mask=None` paths, e.g. the merged attention mask a
+// scripted TransformerEncoderLayer computes in Python); or something Kiln cannot take.
+enum class InputKind { Tensor, Float, Int, Constant, ExpectNone, Unsupported };
 
 InputKind input_kind(const Value* v) {
   if (v->type()->cast<TensorType>()) return InputKind::Tensor;
@@ -178,7 +202,25 @@ InputKind input_kind(const Value* v) {
   if (constant_text(v, c)) return InputKind::Constant;
   if (v->type()->kind() == TypeKind::FloatType) return InputKind::Float;
   if (v->type()->kind() == TypeKind::IntType) return InputKind::Int;
+  if (v->type()->kind() == TypeKind::OptionalType) return InputKind::ExpectNone;
   return InputKind::Unsupported;
+}
+
+// Declares a group input that is no tensor in the dump (`input ... scalar`, or `const`).
+bool non_tensor_text(const Value* v, const std::string& name, std::ostream& os, std::string* why) {
+  InputKind kind = input_kind(v);
+  if (kind == InputKind::Float || kind == InputKind::Int) {
+    os << "input " << name << " scalar " << (kind == InputKind::Float ? "f64" : "i64") << "\n";
+    return true;
+  }
+  if (kind == InputKind::ExpectNone) {
+    os << "const " << name << " none\n";
+    return true;
+  }
+  std::ostringstream c;
+  if (!constant_text(v, c)) { *why = kDynamicScalar; return false; }
+  os << "const " << name << " " << c.str() << "\n";
+  return true;
 }
 
 // What the guard and the group op pass to Rust: tensors and run-time numbers, in order.
@@ -202,7 +244,7 @@ bool is_plumbing(const Node* n) {
                                                   prim::TupleUnpack, prim::TupleIndex, prim::GetAttr, prim::If, prim::Loop,
                                                   prim::unchecked_cast, prim::Uninitialized, prim::FallbackGraph, prim::DictConstruct,
                                                   prim::profile, prim::TypeCheck, prim::RequiresGradCheck, prim::BailOut};
-  return kinds.count(n->kind()) > 0 || n->kind() == group_kind() || n->kind() == guard_kind();
+  return kinds.count(n->kind()) > 0 || n->kind() == group_kind() || n->kind() == guard_kind() || n->kind() == ran_kind();
 }
 
 // What explain() lists, with why it stayed in TorchScript: every aten op and every other
@@ -219,6 +261,9 @@ bool is_reported(const Node* n) {
 // The text form Rust lowers (torch-bridge/src/ts_dump.rs documents it).
 // A list of tensors joins a group with its cat, and only then (see view_used_outside).
 bool is_tensor_list(const Node* n);
+bool is_split(const Node* n);
+bool is_unpack(const Node* n);
+bool is_view(const Node* n);
 
 struct Dumper {
   std::ostringstream os;
@@ -242,15 +287,7 @@ struct Dumper {
       return true;
     }
     if (is_tensor_list(v->node())) return tensor_list(v->node(), why);
-    InputKind kind = input_kind(v);
-    if (kind == InputKind::Float || kind == InputKind::Int) {
-      os << "input " << name(v) << " scalar " << (kind == InputKind::Float ? "f64" : "i64") << "\n";
-      return true;
-    }
-    std::ostringstream c;
-    if (!constant_text(v, c)) { *why = kDynamicScalar; return false; }
-    os << "const " << name(v) << " " << c.str() << "\n";
-    return true;
+    return non_tensor_text(v, name(v), os, why);
   }
   // A list of tensors built for a cat: `list %k %a %b ...`.
   bool tensor_list(const Node* n, std::string* why) {
@@ -263,28 +300,217 @@ struct Dumper {
   bool node(const Node* n, std::string* why) {
     if (!is_tensor_op(n)) { *why = "not a tensor op"; return false; }
     for (auto* in : n->inputs()) if (!declare(in, why)) return false;
-    os << "node " << name(n->output()) << " " << n->kind().toQualString();
+    os << "node " << name(n->output()) << " " << (n->hasAttribute(inplace_attr()) ? n->s(inplace_attr()) : std::string(n->kind().toQualString()));
     for (auto* in : n->inputs()) os << " " << name(in);
-    // The output type TorchScript profiled, when complete: Rust checks its own inference.
-    auto t = n->output()->type()->cast<TensorType>();
-    if (t->scalarType() && t->sizes().concrete_sizes()) {
+    recorded_type(n->output());
+    os << "\n";
+    return true;
+  }
+  // The parts of a split (a ListUnpack of chunk/split, or a ConstantChunk), or the outputs of
+  // an op with several (lstm_cell), one `node` each: the op and its arguments, then the
+  // part's index and the number of parts (eager raises when a split makes another number).
+  bool parts(const Node* n, std::string* why) {
+    std::string kind;
+    std::vector<std::string> args;
+    if (n->kind() == prim::ConstantChunk) {
+      if (!declare(n->input(), why)) return false;
+      kind = "aten::chunk";
+      args = {name(n->input()), constant("int " + std::to_string(n->i(attr::chunks))), constant("int " + std::to_string(n->i(attr::dim)))};
+    } else {
+      // A ListUnpack's parts are its split's; an op with several outputs is its own.
+      const Node* op = n->kind() == prim::ListUnpack ? n->input()->node() : n;
+      for (auto* in : op->inputs()) if (!declare(in, why)) return false;
+      kind = op->kind().toQualString();
+      for (auto* in : op->inputs()) args.push_back(name(in));
+    }
+    std::string count = constant("int " + std::to_string(n->outputs().size()));
+    for (size_t i = 0; i < n->outputs().size(); ++i) {
+      std::string index = constant("int " + std::to_string(i));
+      os << "node " << name(n->outputs()[i]) << " " << kind;
+      for (const auto& a : args) os << " " << a;
+      os << " " << index << " " << count;
+      recorded_type(n->outputs()[i]);
+      os << "\n";
+    }
+    return true;
+  }
+  // A constant the dump makes up (a ConstantChunk's attributes, a part's index).
+  std::string constant(const std::string& text) {
+    std::string n = "%c" + std::to_string(made_up++);
+    os << "const " << n << " " << text << "\n";
+    return n;
+  }
+  // The output type TorchScript profiled, when complete: Rust checks its own inference.
+  void recorded_type(const Value* v) {
+    auto t = v->type()->cast<TensorType>();
+    if (t && t->scalarType() && t->sizes().concrete_sizes()) {
       os << " : " << dtype_name(*t->scalarType()) << " [";
       auto sizes = *t->sizes().concrete_sizes();
       for (size_t i = 0; i < sizes.size(); ++i) os << (i ? "," : "") << sizes[i];
       os << "]";
     }
-    os << "\n";
-    return true;
   }
+  size_t made_up = 0;
 };
+
+// A split of a tensor into a list (chunk, split and their unsafe_ forms) that only a
+// ListUnpack takes apart: each part is a slice, and the split joins a group with its parts.
+bool is_split(const Node* n) {
+  static const std::unordered_set<std::string> kinds = {"aten::chunk", "aten::unsafe_chunk", "aten::split", "aten::unsafe_split",
+                                                        "aten::split_with_sizes", "aten::unsafe_split_with_sizes"};
+  if (n->outputs().size() != 1 || !kinds.count(n->kind().toQualString())) return false;
+  auto list = n->output()->type()->cast<ListType>();
+  if (!list || !list->getElementType()->cast<TensorType>() || n->output()->uses().empty()) return false;
+  for (const Use& u : n->output()->uses())
+    if (u.user->kind() != prim::ListUnpack && u.user->kind() != group_kind()) return false;
+  return true;
+}
+
+// The parts of a split as tensors: a ListUnpack of a split, or a prim::ConstantChunk.
+bool is_unpack(const Node* n) {
+  if (n->kind() == prim::ConstantChunk) return true;
+  return n->kind() == prim::ListUnpack && is_split(n->input()->node());
+}
+
+// An aten op with several tensor outputs (lstm_cell): dumped as its parts, as a split is.
+bool is_multi_output_op(const Node* n) {
+  if (n->outputs().size() < 2 || n->kind().ns() != c10::Symbol::fromQualString("namespaces::aten")) return false;
+  for (const Value* o : n->outputs())
+    if (!o->type()->cast<TensorType>()) return false;
+  return true;
+}
+
+// add_, sigmoid_, ...: an aten op that writes its first argument.
+bool is_inplace(const Node* n) {
+  std::string k = n->kind().toQualString();
+  return n->kind().ns() == c10::Symbol::fromQualString("namespaces::aten") && k.size() > 7 && k.back() == '_' && k.compare(6, 2, "__") != 0;
+}
+
+// Composite ops whose schema promises a new tensor but which return their input as it is
+// (type_as to the same dtype, dropouts in eval).
+bool may_return_input(const Node* n) {
+  static const std::unordered_set<std::string> kinds = {"aten::type_as", "aten::dropout", "aten::feature_dropout", "aten::alpha_dropout",
+                                                        "aten::feature_alpha_dropout"};
+  return kinds.count(n->kind().toQualString()) > 0;
+}
+
+// Whether nothing but `n` can see what the in-place op `n` writes: then Kiln computes its
+// functional form (traced GRU/LSTM cells are chains of add_, sigmoid_, mul_). True when the
+// tensor it writes, and every tensor that one is a view, a part (of a chunk or split: parts
+// do not overlap) or an in-place result of, has one use (the next link of the chain), down
+// to a tensor an op made new (not an input of the graph, not a constant).
+bool makes_new_tensor(const Node* p);
+
+bool writes_unobserved(const Node* n) {
+  const Value* v = n->inputs()[0];
+  for (;;) {
+    if (v->uses().size() != 1) return false;
+    const Node* p = v->node();
+    if (p->kind() == prim::ListUnpack || p->kind() == prim::ConstantChunk || is_split(p) || is_view(p) || is_inplace(p)) {
+      v = p->inputs()[0];
+      continue;
+    }
+    return makes_new_tensor(p);
+  }
+}
+
+// An aten op whose one output is a tensor no other value shares memory with: not a view,
+// not an in-place op, not an input or constant of the graph.
+bool makes_new_tensor(const Node* p) {
+  if (p->kind() == prim::Param || p->kind() == prim::Constant || may_return_input(p) || is_view(p) || is_split(p)) return false;
+  const FunctionSchema* schema = p->maybeSchema();
+  if (!schema || schema->is_mutable() || p->outputs().size() != 1) return false;
+  for (const auto& r : schema->returns())
+    if (r.alias_info()) return false;
+  return true;
+}
+
+// The scripted form of the same: `a = x * 2; a.add_(y); a.sigmoid_(); return a` writes a
+// value that later nodes read by its name. Kiln computes the op functionally and renames the
+// later uses when the value is new (makes_new_tensor), made in the op's own block, and every
+// use of it before the op only reads it (no view, list or other alias of it exists to see
+// the write).
+bool writes_renamable(const Node* n) {
+  const Value* x = n->inputs()[0];
+  const Node* p = x->node();
+  if (p->owningBlock() != n->owningBlock() || !makes_new_tensor(p)) return false;
+  for (const Use& u : x->uses()) {
+    if (u.user == n || u.user->isAfter(n)) continue;
+    // Before the op: a read that makes nothing sharing x's memory.
+    if (!makes_new_tensor(u.user)) return false;
+  }
+  return true;
+}
+
+// `n` replaced by a node of `kind` on the same inputs (its output's uses, type and
+// attributes move over).
+Node* with_kind(Node* n, Symbol kind) {
+  Node* m = n->owningGraph()->create(kind, n->inputs(), 1);
+  m->copyAttributes(*n);
+  m->setSourceRange(n->sourceRange());
+  if (n->scope()) m->setScope(n->scope());
+  m->insertBefore(n);
+  m->output()->copyMetadata(n->output());
+  n->output()->replaceAllUsesWith(m->output());
+  n->destroy();
+  return m;
+}
+
+// In-place ops whose write nothing else sees (writes_unobserved) become their functional op
+// for the pass, remembering their kind. TorchScript's alias analysis cannot tell that such a
+// write is private: a write to a part of a list (a traced GRU cell's unsafe_chunk) would keep
+// it from moving past every read of a module's weights, and groups would stop at each. The
+// dump names the in-place op, so Kiln lowers it with in-place semantics (x's dtype and shape);
+// whatever stays in TorchScript, and every group's fallback copy, gets the in-place op back
+// (restore_in_place), so TorchScript's own semantics never change.
+void functionalize(Block* b) {
+  for (auto it = b->nodes().begin(); it != b->nodes().end();) {
+    Node* n = *it;
+    ++it;
+    for (Block* sub : n->blocks()) functionalize(sub);
+    if (!is_inplace(n) || n->outputs().size() != 1 || !kiln_rs_known_op(n->kind().toQualString())) continue;
+    bool rename = false;
+    if (!writes_unobserved(n)) {
+      if (!writes_renamable(n)) continue;
+      rename = true;
+    }
+    Value* x = n->inputs()[0];
+    std::string kind = n->kind().toQualString();
+    Node* f = with_kind(n, Symbol::fromQualString(kind.substr(0, kind.size() - 1)));
+    f->s_(inplace_attr(), kind);
+    if (rename) x->replaceAllUsesAfterNodeWith(f, f->output());
+  }
+}
+
+void restore_in_place(Block* b) {
+  for (auto it = b->nodes().begin(); it != b->nodes().end();) {
+    Node* n = *it;
+    ++it;
+    for (Block* sub : n->blocks()) restore_in_place(sub);
+    if (!n->hasAttribute(inplace_attr())) continue;
+    Node* m = with_kind(n, Symbol::fromQualString(n->s(inplace_attr())));
+    m->removeAttribute(inplace_attr());
+  }
+}
 
 std::string ask_node(const Node* n) {
   if (n->hasAttribute(fallback_attr())) return "fallback copy of a Kiln group";
-  if (is_tensor_list(n)) return "";
+  if (is_tensor_list(n) || is_split(n)) return "";  // they go with their users
+  if (is_unpack(n) || (is_multi_output_op(n) && kiln_rs_known_op(n->kind().toQualString()))) {
+    Dumper d;
+    std::string why;
+    if (!d.parts(n, &why)) return why;
+    for (const Value* o : n->outputs()) d.os << "output " << d.name(o) << "\n";
+    std::string text = d.os.str();
+    char reason[512] = {0};
+    return kiln_rs_node_supported(text.data(), text.size(), reason, sizeof(reason)) ? "" : reason;
+  }
   if (n->kind().ns() != c10::Symbol::fromQualString("namespaces::aten")) return "not an aten op";
   if (n->outputs().size() != 1)
-    return "has " + std::to_string(n->outputs().size()) + " outputs (Kiln groups ops with one tensor output)";
+    return "has " + std::to_string(n->outputs().size()) + " outputs: not an op Kiln supports yet";
   if (!kiln_rs_known_op(n->kind().toQualString())) return "not an op Kiln supports yet";
+  if (is_inplace(n))  // functionalize turned those Kiln may compute into functional ops
+    return "writes a tensor other ops can see (Kiln computes an in-place op only where nothing else reads what it writes)";
   Dumper d;
   std::string why;
   if (!d.node(n, &why)) return why;
@@ -307,21 +533,23 @@ bool is_view(const Node* n) {
   return views.count(n->kind().toQualString()) > 0;
 }
 
-// A prim::ListConstruct of tensors whose every user is a cat (or a group a cat was merged
-// into): a group takes it with its cat.
+// A prim::ListConstruct of tensors whose every user is an op Kiln takes lists for (cat,
+// stack, lstm_cell's state) or a group one was merged into: a group takes it with its users.
 bool is_tensor_list(const Node* n) {
   if (n->kind() != prim::ListConstruct) return false;
   auto list = n->output()->type()->cast<ListType>();
   if (!list || !list->getElementType()->cast<TensorType>()) return false;
   for (const Use& u : n->output()->uses())
-    if (u.user->kind() != aten::cat && u.user->kind() != group_kind()) return false;
+    if (u.user->kind() != aten::cat && u.user->kind() != aten::stack && u.user->kind() != aten::lstm_cell && u.user->kind() != group_kind())
+      return false;
   return true;
 }
 
 bool view_used_outside(const Node* p, const Node* group) {
-  if (!is_view(p) && !is_tensor_list(p)) return false;
-  for (const Use& u : p->output()->uses())
-    if (u.user != group) return true;
+  if (!is_view(p) && !is_tensor_list(p) && !is_split(p) && !is_unpack(p)) return false;
+  for (const Value* o : p->outputs())
+    for (const Use& u : o->uses())
+      if (u.user != group) return true;
   return false;
 }
 
@@ -352,7 +580,7 @@ struct Fuser {
     for (auto it = b->nodes().rbegin(); it != b->nodes().rend();) {
       Node* n = *it;
       // A view never starts a group: alone it computes nothing.
-      if (!supported(n) || is_view(n) || is_tensor_list(n)) { ++it; continue; }
+      if (!supported(n) || is_view(n) || is_tensor_list(n) || is_split(n) || is_unpack(n)) { ++it; continue; }
       started = true;
       Node* group = SubgraphUtils::createSingletonSubgraphAndUpdateAliasing(n, group_kind(), *db);
       bool grew = true;
@@ -397,12 +625,8 @@ struct Fuser {
         d.os << "input " << d.names[sub->inputs()[i]] << " ";
         if (!tensor_input_text(outer, d.os, why)) return "";
         d.os << "\n";
-      } else if (input_kind(outer) == InputKind::Float || input_kind(outer) == InputKind::Int) {
-        d.os << "input " << d.names[sub->inputs()[i]] << " scalar " << (input_kind(outer) == InputKind::Float ? "f64" : "i64") << "\n";
-      } else {
-        std::ostringstream c;
-        if (!constant_text(outer, c)) { *why = kDynamicScalar; return ""; }
-        d.os << "const " << d.names[sub->inputs()[i]] << " " << c.str() << "\n";
+      } else if (!non_tensor_text(outer, d.names[sub->inputs()[i]], d.os, why)) {
+        return "";
       }
     }
     for (Node* n : sub->nodes()) {
@@ -410,8 +634,14 @@ struct Fuser {
         if (!d.tensor_list(n, why)) return "";
         continue;
       }
+      if (is_split(n)) continue;  // its parts say what it is
+      if (is_unpack(n) || is_multi_output_op(n)) {
+        if (!d.parts(n, why)) return "";
+        continue;
+      }
       if (n->kind() == prim::Constant || n->kind() == prim::ListConstruct) {
-        // Constants merged into the subgraph (none are today; kept for robustness).
+        // Constants merged into the subgraph: a tracer's wrapped numbers (tensor constants
+        // that are not are inputs by now, see lift_tensor_constants).
         std::ostringstream c;
         if (!constant_text(n->output(), c)) { *why = "a tensor or non-integer constant inside the group"; return ""; }
         d.os << "const " << d.name(n->output()) << " " << c.str() << "\n";
@@ -439,7 +669,7 @@ struct Fuser {
     WithInsertPoint wip(group);
     std::vector<Value*> tensors;
     for (Value* in : group->inputs())
-      if (passed_to_rust(input_kind(in))) tensors.push_back(in);
+      if (passed_to_rust(input_kind(in)) || input_kind(in) == InputKind::ExpectNone) tensors.push_back(in);
     Node* check = g->insertNode(g->create(guard_kind(), tensors, 1));
     check->i_(group_attr(), id);
     check->output()->setType(BoolType::get());
@@ -456,6 +686,7 @@ struct Fuser {
     WithInsertPoint wip2(else_b->return_node());
     Node* fb = g->create(prim::FallbackGraph, group->inputs(), group->outputs().size());
     auto fallback = group->g(attr::Subgraph)->copy();
+    restore_in_place(fallback->block());
     for (Node* n : fallback->nodes()) n->i_(fallback_attr(), id);
     fb->g_(attr::Subgraph, fallback);
     for (size_t i = 0; i < group->outputs().size(); ++i) fb->outputs()[i]->setType(group->outputs()[i]->type());
@@ -464,19 +695,32 @@ struct Fuser {
     group->i_(group_attr(), id);
   }
 
+  // Stamps each node left in TorchScript with why, for explain(). A fallback is counted when
+  // its block first runs (a kiln::FallbacksRan at the block's start), not when the pass sees
+  // it: a scripted module's Python control flow leaves whole branches that never run (a
+  // TransformerEncoderLayer's slow path, the masks' checks), and stats() reports what ran.
   void record_rest(Block* b) {
+    std::vector<int64_t> counted;
     for (Node* n : b->nodes()) {
       for (Block* sub : n->blocks()) record_rest(sub);
       if (!is_reported(n) || n->hasAttribute(fallback_attr())) continue;
       auto it = verdicts.find(n);
       std::string why = it == verdicts.end() ? "not reached by the pass" : it->second;
-      // A view left alone computes nothing (it shares its input's memory): explain says so,
-      // but it is no fallback.
-      bool idle_view = why.empty() && is_view(n);
+      // A view (or a split into views) left alone computes nothing: it shares its input's
+      // memory. explain says so, but it is no fallback.
+      bool idle_view = why.empty() && (is_view(n) || is_split(n) || is_unpack(n));
       if (why.empty()) why = idle_view ? "a view outside any group (computes nothing)" : "supported, but not part of a compiled group";
-      int64_t rid = kiln_rs_reason(n->kind().toQualString(), why.c_str(), idle_view ? 0 : 1);
-      if (rid >= 0) n->i_(reason_attr(), rid);
+      int64_t rid = kiln_rs_reason(n->kind().toQualString(), why.c_str(), 0);
+      if (rid < 0) continue;
+      n->i_(reason_attr(), rid);
+      if (!idle_view) counted.push_back(rid);
     }
+    if (counted.empty()) return;
+    int64_t marker = kiln_rs_fallback_block(counted.data(), counted.size());
+    if (marker < 0) return;
+    Node* ran = b->owningGraph()->create(ran_kind(), {}, 0);
+    ran->i_(marker_attr(), marker);
+    b->prependNode(ran);
   }
 
   // Merging clones constants into the subgraph; tensor constants (a frozen module's weights)
@@ -486,7 +730,10 @@ struct Fuser {
     auto sub = group->g(attr::Subgraph);
     std::vector<Node*> constants;
     for (Node* n : sub->nodes())
-      if (n->kind() == prim::Constant && n->output()->type()->cast<TensorType>()) constants.push_back(n);
+      if (n->kind() == prim::Constant && n->output()->type()->cast<TensorType>()) {
+        std::ostringstream number;
+        if (!constant_text(n->output(), number)) constants.push_back(n);  // a wrapped number stays a number
+      }
     for (Node* n : constants) {
       Node* outer = group->owningGraph()->createClone(n, [](Value* v) { return v; });
       outer->insertBefore(group);
@@ -499,6 +746,7 @@ struct Fuser {
   }
 
   void run() {
+    functionalize(graph->block());
     db = std::make_unique<AliasDb>(graph);
     fuse_block(graph->block());
     std::vector<Node*> groups;
@@ -521,6 +769,7 @@ struct Fuser {
     }
     // Nodes outside groups: say why they stayed in TorchScript.
     record_rest(graph->block());
+    restore_in_place(graph->block());
   }
 };
 
@@ -542,14 +791,18 @@ void kiln_pass(std::shared_ptr<Graph>& graph) {
   } catch (const std::exception& e) {
     // Never break the user's program: undo unguarded groups and run the graph as it was.
     kiln_rs_pass_error(e.what());
-    try { unmerge_all(graph->block()); } catch (...) {}
+    try {
+      unmerge_all(graph->block());
+      restore_in_place(graph->block());
+    } catch (...) {}
   }
 }
 
 // Why generated code must not read a tensor (0: it may). Rust turns the codes into reasons
 // (ffi.rs, `refusal_reason`, which repeats these numbers); a dispatch key that makes a tensor more than plain memory is passed as
 // kRefusedKey + its c10::DispatchKey number.
-enum : int32_t { kAdmitted = 0, kUndefined = 1, kWrappedNumber = 2, kNotCpu = 3, kNotStrided = 4, kNoMemory = 5, kRefusedKey = 1000 };
+// kNotNone is a call's: an optional input the group was specialised on as None is not.
+enum : int32_t { kAdmitted = 0, kUndefined = 1, kWrappedNumber = 2, kNotCpu = 3, kNotStrided = 4, kNoMemory = 5, kNotNone = 6, kRefusedKey = 1000 };
 
 // The dispatch keys of a plain CPU tensor. Any other key means its bytes are not what its
 // sizes, strides and dtype say, or that eager would run other code on it: a tensor subclass
@@ -690,8 +943,11 @@ Operation guard_op(const Node* node) {
   size_t n = node->inputs().size();
   std::vector<InputKind> kinds = input_kinds(node);
   return [id, n, kinds](Stack& stack) {
-    Descriptions in(last(stack, n), kinds, [](KilnTensor& t, const at::Tensor& x) { fill(t, x); });
+    auto ins = last(stack, n);
+    Descriptions in(ins, kinds, [](KilnTensor& t, const at::Tensor& x) { fill(t, x); });
     KilnCallState state = call_state();
+    for (size_t i = 0; i < n; ++i)
+      if (kinds[i] == InputKind::ExpectNone && !ins[i].isNone()) state.refusal = kNotNone;
     bool ok = kiln_rs_guard(id, in.d, in.count, &state) != 0;
     drop(stack, n);
     push(stack, ok);
@@ -725,6 +981,15 @@ int32_t alloc_output(void* ctx, size_t index, int32_t dtype, const int64_t* size
   }
 }
 
+// Counts its block's fallbacks once, the first time the block runs; later runs cost a load.
+Operation fallbacks_ran_op(const Node* node) {
+  int64_t marker = node->i(marker_attr());
+  auto ran = std::make_shared<std::atomic<bool>>(false);
+  return [marker, ran](Stack&) {
+    if (!ran->load(std::memory_order_relaxed) && !ran->exchange(true)) kiln_rs_fallback_block_ran(marker);
+  };
+}
+
 Operation group_op(const Node* node) {
   int64_t id = node->i(group_attr());
   size_t n = node->inputs().size();
@@ -756,6 +1021,9 @@ int32_t kiln_cpp_enable() {
     if (!g_registered_ops) {
       registerOperator(Operator(group_kind(), group_op, c10::AliasAnalysisKind::PURE_FUNCTION));
       registerOperator(Operator(guard_kind(), guard_op, c10::AliasAnalysisKind::PURE_FUNCTION));
+      // CONSERVATIVE: an op with a side effect (dead-code elimination keeps it); it has no
+      // inputs or outputs, so it orders nothing else.
+      registerOperator(Operator(ran_kind(), fallbacks_ran_op, c10::AliasAnalysisKind::CONSERVATIVE));
       g_registered_ops = true;
     }
     if (!g_pass_registered) {

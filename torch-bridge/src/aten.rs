@@ -92,6 +92,8 @@ fn lower_region(r: &Region, view_outputs: bool) -> R<Lowered> {
                 let view_of = |x: ValueId| args.iter().find(|&&a| matches!(vals[a], Arg::Tensor(t) if t == x)).and_then(|&a| eager[a].clone());
                 let strides = match &g.node(v).op {
                     _ if kind == "aten::contiguous" => contiguous_strides(&shape),
+                    // An in-place op's result is the tensor it wrote.
+                    _ if in_place_of(kind).is_some() => eager[args[0]].clone().ok_or("an in-place op on a non-tensor")?,
                     // A view: eager's strides of the view over its input's.
                     op if is_view(op) && view_of(g.node(v).inputs[0]).is_some() => view_of_strides(&g, v, &view_of(g.node(v).inputs[0]).unwrap()),
                     // An identity (t of a vector, dropout in eval) is its input.
@@ -180,8 +182,8 @@ fn eager_strides(kind: &str, shape: &[i64], dtype: DType, mut operands: Vec<Oper
         "aten::sum" | "aten::mean" | "aten::amax" | "aten::amin" | "aten::softmax" | "aten::log_softmax" => return contiguous_strides(shape),
         // Products are computed into new contiguous tensors (mm, bmm, and matmul folding its
         // batch dims; `Lower::matmul` refuses the rank combinations eager transposes).
-        "aten::linear" | "aten::matmul" | "aten::mm" | "aten::bmm" | "aten::addmm" => return contiguous_strides(shape),
-        "aten::layer_norm" | "aten::_transformer_encoder_layer_fwd" | "aten::contiguous" | "aten::cat" | "aten::gru_cell" | "aten::zeros" | "aten::ones" => {
+        "aten::linear" | "aten::matmul" | "aten::mm" | "aten::bmm" | "aten::addmm" | "aten::baddbmm" => return contiguous_strides(shape),
+        "aten::layer_norm" | "aten::_transformer_encoder_layer_fwd" | "aten::contiguous" | "aten::cat" | "aten::gru_cell" | "aten::lstm_cell" | "aten::stack" | "aten::zeros" | "aten::ones" => {
             return contiguous_strides(shape)
         }
 
@@ -219,11 +221,33 @@ pub const KINDS: &[&str] = &[
     "aten::gelu", "aten::leaky_relu", "aten::clamp", "aten::clamp_min", "aten::clamp_max", "aten::where",
     "aten::eq", "aten::ne", "aten::lt", "aten::le", "aten::gt", "aten::ge", "aten::logical_not", "aten::to",
     "aten::type_as", "aten::sum", "aten::mean", "aten::amax", "aten::amin", "aten::softmax", "aten::log_softmax",
-    "aten::linear", "aten::matmul", "aten::mm", "aten::bmm", "aten::addmm", "aten::t", "aten::transpose", "aten::permute",
+    "aten::linear", "aten::matmul", "aten::mm", "aten::bmm", "aten::addmm", "aten::baddbmm", "aten::t", "aten::transpose", "aten::permute",
     "aten::view", "aten::reshape", "aten::flatten", "aten::unflatten", "aten::unsqueeze", "aten::squeeze", "aten::contiguous",
     "aten::select", "aten::slice", "aten::narrow", "aten::expand", "aten::dropout", "aten::layer_norm",
-    "aten::_transformer_encoder_layer_fwd", "aten::cat", "aten::gru_cell", "aten::zeros", "aten::ones",
+    "aten::_transformer_encoder_layer_fwd", "aten::cat", "aten::stack", "aten::gru_cell", "aten::lstm_cell", "aten::zeros", "aten::ones",
+    // A part of a split (the pass dumps a ListUnpack of one, or a ConstantChunk, as its parts).
+    "aten::chunk", "aten::unsafe_chunk", "aten::split", "aten::unsafe_split", "aten::split_with_sizes",
+    "aten::unsafe_split_with_sizes",
 ];
+
+/// The ops whose in-place form (`aten::add_`...) Kiln computes as the op itself, where the
+/// pass found that nothing else reads what it writes (`writes_unobserved` in the shim).
+const IN_PLACE: &[&str] = &[
+    "aten::add", "aten::sub", "aten::mul", "aten::div", "aten::true_divide", "aten::neg", "aten::abs", "aten::relu",
+    "aten::reciprocal", "aten::sigmoid", "aten::tanh", "aten::exp", "aten::log", "aten::log1p", "aten::sqrt",
+    "aten::rsqrt", "aten::erf", "aten::silu", "aten::gelu", "aten::leaky_relu", "aten::clamp", "aten::clamp_min",
+    "aten::clamp_max", "aten::pow",
+];
+
+/// The functional op of an in-place one Kiln computes (`aten::add_` → `aten::add`).
+fn in_place_of(kind: &str) -> Option<&str> {
+    kind.strip_suffix('_').filter(|f| IN_PLACE.contains(f))
+}
+
+/// Whether Kiln lowers some overload of the op `kind`.
+pub fn is_known(kind: &str) -> bool {
+    KINDS.contains(&kind) || in_place_of(kind).is_some()
+}
 
 fn category(d: DType) -> u8 {
     match d {
@@ -571,6 +595,10 @@ impl Lower<'_> {
                 let p = self.matmul(x, y, Some(2))?;
                 self.scaled_sum(p, bias, beta, alpha)
             }
+            ("aten::baddbmm", [bias, x, y, beta, alpha]) => {
+                let p = self.matmul(x, y, Some(3))?;
+                self.scaled_sum(p, bias, beta, alpha)
+            }
             ("aten::t", [x]) => {
                 let v = self.tensor(x)?;
                 match self.g.ty(v).rank() {
@@ -719,6 +747,37 @@ impl Lower<'_> {
                 Ok(self.g.copy(filled))
             }
             ("aten::gru_cell", [x, hx, w_ih, w_hh, b_ih, b_hh]) => self.gru_cell(x, hx, (w_ih, b_ih), (w_hh, b_hh)),
+            ("aten::lstm_cell", [x, Arg::List(hx, _), w_ih, w_hh, b_ih, b_hh, Arg::Const(Const::Int(index)), Arg::Const(Const::Int(2))]) => {
+                let [h, c] = hx[..] else { return Err(format!("an LSTM state of {} tensors (eager raises)", hx.len())) };
+                let (hy, cy) = self.lstm_cell(x, h, c, (w_ih, b_ih), (w_hh, b_hh))?;
+                match index {
+                    0 => Ok(hy),
+                    1 => Ok(cy),
+                    _ => Err("lstm_cell has two outputs".into()),
+                }
+            }
+            ("aten::stack", [Arg::List(xs, strides), Arg::Const(Const::Int(dim))]) => {
+                let Some(&first) = xs.first() else { return Err("stack of no tensors (eager raises)".into()) };
+                let shape = self.sizes(first)?;
+                let d = wrap_dim(*dim, shape.len() + 1)?;
+                let mut parts = vec![];
+                for (&x, s) in xs.iter().zip(strides) {
+                    let sizes = self.sizes(x)?;
+                    if sizes != shape || self.g.ty(x).dtype != self.g.ty(first).dtype {
+                        return Err("stack of tensors of different shapes or dtypes".into());
+                    }
+                    if !kiln_compiler::graph::layout::is_contiguous(&sizes, s) {
+                        return Err("stack of tensors that are not contiguous".into());
+                    }
+                    let mut up = sizes.clone();
+                    up.insert(d, 1);
+                    parts.push(self.g.reshape(x, &up).map_err(|e| e.0)?);
+                }
+                if parts.len() == 1 {
+                    return Ok(self.g.copy(parts[0]));
+                }
+                Ok(self.g.cat(&parts, d).map_err(|e| e.0)?)
+            }
             ("aten::cat", [Arg::List(xs, strides), Arg::Const(Const::Int(dim))]) => {
                 let Some(&first) = xs.first() else { return Err("cat of no tensors".into()) };
                 if xs.iter().any(|&x| self.g.ty(x).dtype != self.g.ty(first).dtype) {
@@ -736,11 +795,57 @@ impl Lower<'_> {
                 }
                 Ok(self.g.cat(xs, wrap_dim(*dim, rank)?).map_err(|e| e.0)?)
             }
+            (
+                "aten::chunk" | "aten::unsafe_chunk" | "aten::split" | "aten::unsafe_split" | "aten::split_with_sizes" | "aten::unsafe_split_with_sizes",
+                [x, Arg::Const(how), Arg::Const(Const::Int(dim)), Arg::Const(Const::Int(index)), Arg::Const(Const::Int(count))],
+            ) => self.part(kind, x, how, *dim, *index, *count),
+            (k, [x, ..]) if in_place_of(k).is_some() => {
+                // Eager writes the result into x: its shape must be x's, and it is cast to
+                // x's dtype where PyTorch allows that cast (it raises otherwise).
+                let target = self.g.ty(self.tensor(x)?).clone();
+                let y = self.node(in_place_of(k).unwrap(), a)?;
+                let got = self.g.ty(y).clone();
+                if got.shape != target.shape {
+                    return Err(format!("the result has shape {got}, the tensor written {target} (eager raises)"));
+                }
+                if category(got.dtype) > category(target.dtype) {
+                    return Err(format!("a {} result cannot be written into a {} tensor (eager raises)", got.dtype, target.dtype));
+                }
+                Ok(self.g.cast(y, target.dtype))
+            }
             ("aten::softmax", [x, dim, dtype]) => self.softmax(x, dim, dtype, false),
             ("aten::log_softmax", [x, dim, dtype]) => self.softmax(x, dim, dtype, true),
-            _ if KINDS.contains(&kind) => Err(format!("this overload ({} arguments) is not supported", a.len())),
+            _ if is_known(kind) => Err(format!("this overload ({} arguments) is not supported", a.len())),
             _ => Err("not an op Kiln supports yet".into()),
         }
+    }
+
+    /// Part `index` of `count` of a split of `x` along `dim` (`how`: chunk's number of chunks,
+    /// split's size or sizes), as ATen splits: equal parts, the last one shorter.
+    fn part(&mut self, kind: &str, x: &Arg, how: &Const, dim: i64, index: i64, count: i64) -> R<ValueId> {
+        let v = self.tensor(x)?;
+        let sizes = self.sizes(v)?;
+        let d = wrap_dim(dim, sizes.len())?;
+        let n = sizes[d];
+        let equal = |size: i64| -> Vec<i64> {
+            let parts = ((n + size - 1) / size).max(1);
+            (0..parts).map(|i| size.min(n - i * size)).collect()
+        };
+        let lens: Vec<i64> = match (kind.trim_start_matches("aten::").trim_start_matches("unsafe_"), how) {
+            ("chunk", Const::Int(c)) if *c > 0 => match (n + c - 1) / c {
+                0 => vec![0; *c as usize],
+                size => equal(size),
+            },
+            ("split", Const::Int(0)) if n == 0 => vec![0],
+            ("split", Const::Int(size)) if *size > 0 => equal(*size),
+            ("split" | "split_with_sizes", Const::Ints(ls)) if ls.iter().all(|&l| l >= 0) && ls.iter().sum::<i64>() == n => ls.clone(),
+            _ => return Err(format!("a split by {how:?} of {n} elements (eager raises)")),
+        };
+        if lens.len() as i64 != count || index < 0 || index >= count {
+            return Err(format!("the split makes {} parts and {count} are unpacked (eager raises)", lens.len()));
+        }
+        let start = lens[..index as usize].iter().sum();
+        self.slice(v, d, start, lens[index as usize])
     }
 
     fn sizes(&self, v: ValueId) -> R<Vec<i64>> {
@@ -873,6 +978,32 @@ impl Lower<'_> {
         let d = e(self.g.binary(BinaryOp::Sub, h, new))?;
         let d = e(self.g.binary(BinaryOp::Mul, d, z))?;
         e(self.g.binary(BinaryOp::Add, d, new))
+    }
+
+    /// lstm_cell as ATen's `LSTMCell` computes it: gates = (h·W_hhᵀ + b_hh) + (x·W_ihᵀ + b_ih) in
+    /// four chunks i, f, g, o; c' = σ(f)·c + σ(i)·tanh(g), h' = σ(o)·tanh(c'). (h', c').
+    fn lstm_cell(&mut self, x: &Arg, h: ValueId, c: ValueId, ih: (&Arg, &Arg), hh: (&Arg, &Arg)) -> R<(ValueId, ValueId)> {
+        let xv = self.tensor(x)?;
+        let hs = self.sizes(h)?;
+        if self.g.ty(xv).rank() != 2 || hs.len() != 2 || self.sizes(c)? != hs {
+            return Err("an unbatched LSTM cell (1-d input) or a cell state of another shape".into());
+        }
+        let n = hs[1];
+        let gh = self.linear(&Arg::Tensor(h), hh.0, hh.1)?;
+        let gi = self.linear(x, ih.0, ih.1)?;
+        let e = |r: Result<ValueId, kiln_compiler::graph::ir::IrError>| r.map_err(|e| e.0);
+        let gates = e(self.g.binary(BinaryOp::Add, gh, gi))?;
+        let mut gate = |i: i64, op: UnaryOp| -> R<ValueId> {
+            let part = e(self.g.slice(gates, 1, i * n, n))?;
+            e(self.g.unary(op, part))
+        };
+        let (i, f, g, o) = (gate(0, UnaryOp::Sigmoid)?, gate(1, UnaryOp::Sigmoid)?, gate(2, UnaryOp::Tanh)?, gate(3, UnaryOp::Sigmoid)?);
+        let fc = e(self.g.binary(BinaryOp::Mul, f, c))?;
+        let ig = e(self.g.binary(BinaryOp::Mul, i, g))?;
+        let cy = e(self.g.binary(BinaryOp::Add, fc, ig))?;
+        let t = e(self.g.unary(UnaryOp::Tanh, cy))?;
+        let hy = e(self.g.binary(BinaryOp::Mul, o, t))?;
+        Ok((hy, cy))
     }
 
     /// torch.matmul of two tensors of rank ≥ 2 (`rank`: mm and bmm's exact rank). Operands

@@ -64,6 +64,8 @@ const WRAPPED_NUMBER: i32 = 2;
 const NOT_CPU: i32 = 3;
 const NOT_STRIDED: i32 = 4;
 const NO_MEMORY: i32 = 5;
+/// A call's: an optional argument the group was specialised on as None is not None.
+const NOT_NONE: i32 = 6;
 /// A dispatch key refused: this plus its c10::DispatchKey number.
 const REFUSED_KEY: i32 = 1000;
 
@@ -76,6 +78,7 @@ pub fn refusal_reason(code: i32, index: Option<usize>) -> String {
         NOT_CPU => format!("{what}is not on the CPU"),
         NOT_STRIDED => format!("{what}is not a strided tensor with storage (sparse, nested, mkldnn or storage-less)"),
         NO_MEMORY => format!("{what}has no memory behind its elements (a null data pointer or a storage smaller than the view)"),
+        NOT_NONE => "an optional argument Kiln specialised as None is not None (e.g. an attention mask)".to_string(),
         c if c >= REFUSED_KEY => {
             // SAFETY: the C++ side returns a static string for any key number.
             let key = unsafe { CStr::from_ptr(kiln_cpp_dispatch_key_name(c - REFUSED_KEY)) }.to_string_lossy();
@@ -163,7 +166,7 @@ fn guarded<T>(default: T, f: impl FnOnce() -> T) -> T {
 #[no_mangle]
 pub unsafe extern "C" fn kiln_rs_known_op(kind: *const c_char) -> i32 {
     let kind = CStr::from_ptr(kind).to_string_lossy();
-    crate::aten::KINDS.contains(&kind.as_ref()) as i32
+    crate::aten::is_known(&kind) as i32
 }
 
 /// 1 if Kiln can take the single node in `dump` (or, where TorchScript did not profile its
@@ -177,7 +180,7 @@ pub unsafe extern "C" fn kiln_rs_node_supported(dump: *const c_char, len: usize,
             return crate::aten::lower_node(&region).map(|_| ());
         }
         match region.node_kinds().first() {
-            Some(kind) if crate::aten::KINDS.contains(&kind.as_str()) => Ok(()),
+            Some(kind) if crate::aten::is_known(kind) => Ok(()),
             _ => Err("not an op Kiln supports yet".to_string()),
         }
     });
@@ -296,6 +299,21 @@ pub unsafe extern "C" fn kiln_rs_reason(kind: *const c_char, reason: *const c_ch
         let text = if reason.starts_with(&*kind) { reason.into_owned() } else { format!("{kind}: {reason}") };
         (if counted != 0 { RUNTIME.note(&text) } else { RUNTIME.reason_id(&text) }) as i64
     })
+}
+
+/// Registers a block's fallbacks (`n` reason ids, one per node left in TorchScript): the id
+/// of its marker, which counts them when the block first runs.
+#[no_mangle]
+pub unsafe extern "C" fn kiln_rs_fallback_block(reasons: *const i64, n: usize) -> i64 {
+    guarded(-1, || {
+        let ids = std::slice::from_raw_parts(reasons, n).iter().map(|&i| i as usize).collect();
+        RUNTIME.fallback_block(ids) as i64
+    })
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn kiln_rs_fallback_block_ran(marker: i64) {
+    guarded((), || RUNTIME.fallback_block_ran(marker as usize))
 }
 
 #[no_mangle]

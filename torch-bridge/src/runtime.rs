@@ -159,6 +159,9 @@ struct Reasons {
     ids: HashMap<String, usize>,
     counts: BTreeMap<String, u64>,
     logged: HashSet<String>,
+    /// Per block with nodes left in TorchScript: their reason ids, and whether it ran (its
+    /// fallbacks are counted then, once).
+    blocks: Vec<(Vec<usize>, bool)>,
 }
 
 pub struct Runtime {
@@ -573,6 +576,34 @@ impl Runtime {
             }
         }
         self.reason_id(reason)
+    }
+
+    /// Registers a block's fallbacks (reason ids, one per node), counted when it first runs.
+    pub fn fallback_block(&self, reasons: Vec<usize>) -> usize {
+        let mut r = self.reasons.lock().unwrap_or_else(|e| e.into_inner());
+        r.blocks.push((reasons, false));
+        r.blocks.len() - 1
+    }
+
+    /// The block `marker` runs: its fallbacks are counted (the first time only).
+    pub fn fallback_block_ran(&self, marker: usize) {
+        let texts: Vec<String> = {
+            let mut r = self.reasons.lock().unwrap_or_else(|e| e.into_inner());
+            let Some((ids, ran)) = r.blocks.get_mut(marker) else { return };
+            if std::mem::replace(ran, true) {
+                return;
+            }
+            let ids = ids.clone();
+            ids.iter().filter_map(|&i| r.texts.get(i).cloned()).collect()
+        };
+        for t in texts {
+            self.note(&t);
+        }
+    }
+
+    /// Whether block `marker` has run.
+    pub fn fallback_block_has_run(&self, marker: usize) -> bool {
+        self.reasons.lock().unwrap_or_else(|e| e.into_inner()).blocks.get(marker).is_some_and(|b| b.1)
     }
 
     pub fn reason_text(&self, id: usize) -> Option<String> {

@@ -161,8 +161,13 @@ def _is_listed(node):
 
 def _walk(block, lines, groups, depth):
     pad = "  " * depth
+    # Fallbacks count once their block has run; those of a block that has not are marked.
+    not_run = ""
     for node in block.nodes():
         kind = node.kind()
+        if kind == "kiln::FallbacksRan":
+            not_run = "" if _kiln.fallback_block_ran(node.i("kiln_marker")) else " (has not run)"
+            continue
         if _is_guarded_group(node):
             # The else branch is TorchScript's fallback copy of the group: not listed.
             _walk(next(node.blocks()), lines, groups, depth)
@@ -172,7 +177,7 @@ def _walk(block, lines, groups, depth):
             groups.append(info)
             lines.append(f"{pad}[kiln group {info['id']}] {', '.join(info['nodes'])}")
         elif node.hasAttribute("kiln_reason"):
-            lines.append(f"{pad}[torchscript] {_kiln.reason(node.i('kiln_reason')) or kind + ': unknown'}")
+            lines.append(f"{pad}[torchscript] {_kiln.reason(node.i('kiln_reason')) or kind + ': unknown'}{not_run}")
         elif _is_listed(node):
             lines.append(f"{pad}[torchscript] {kind}: not seen by the Kiln pass")
         for sub in node.blocks():
