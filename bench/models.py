@@ -59,7 +59,9 @@ def models():
         "mlp_b1": (MLP, (torch.randn(1, 512),), "script"),
         "mlp_b64": (MLP, (torch.randn(64, 512),), "script"),
         "wavestep": (WaveStep, (onehot, torch.randn(1, 80), torch.randn(1, 512)), "script"),
+        "wavestep_traced": (WaveStep, (onehot, torch.randn(1, 80), torch.randn(1, 512)), "trace"),
         "encoder": (encoder, (torch.randn(1, 128, 256),), "trace"),
+        "encoder_scripted": (encoder, (torch.randn(1, 128, 256),), "script"),
     }
 
 

@@ -180,6 +180,12 @@ def _node(rng, values):
             op = rng.choice(INT_REDUCE)
             dtype = torch.int64 if op == "sum" else adt
         return f"torch.{op}({name}, {d}, keepdim={keep})", dims, dtype
+    if kind < 0.94 and adt.is_floating_point and len(adims) >= 2:
+        # A product with its own transpose, or of its transpose with a function of itself
+        # (the GEMM, or the loop nest for thin outputs and float64): views as operands.
+        if rng.random() < 0.5:
+            return f"torch.matmul({name}, {name}.transpose(-1, -2))", adims[:-1] + [adims[-2]], adt
+        return f"torch.matmul({name}.transpose(-1, -2), torch.tanh({name}))", adims[:-2] + [adims[-1], adims[-1]], adt
     if adt.is_floating_point and adims:
         d = rng.randrange(len(adims))
         return f"torch.{rng.choice(['softmax', 'log_softmax'])}({name}, {d})", adims, adt

@@ -24,22 +24,26 @@ def counters():
     return s["kernel_runs"], s["guard_failures"]
 
 
-def run_compiled(scripted, args, expected=None, reference=None, *, must_compile=True, warmup_reference=None):
+def run_compiled(scripted, args, expected=None, reference=None, *, must_compile=True, warmup_reference=None, check=None):
     """Calls `scripted` until it is optimised, then once more, comparing every result with
     `reference(*args)` (or `expected`). Returns (result, whether a Kiln group ran on the
     final call). With must_compile, a final call that ran no Kiln group fails the test.
     `warmup_reference` checks the profiling call instead (it runs TorchScript's own kernels,
-    where `reference` is more exact than those; from the optimising call on, Kiln runs)."""
-    if expected is None:
+    where `reference` is more exact than those; from the optimising call on, Kiln runs).
+    `check(result)`, where given, is the comparison instead."""
+    if expected is None and check is None:
         expected = reference(*args)
+    compare = check or (lambda out: close(out, expected))
     for call in range(WARMUP_CALLS):
-        profiling = call == 0 and warmup_reference is not None
-        close(scripted(*args), warmup_reference(*args) if profiling else expected)
+        if call == 0 and warmup_reference is not None:
+            close(scripted(*args), warmup_reference(*args))
+        else:
+            compare(scripted(*args))
     runs, fails = counters()
     out = scripted(*args)
     runs2, fails2 = counters()
     ran = runs2 > runs and fails2 == fails
-    close(out, expected)
+    compare(out)
     if must_compile:
         assert ran, f"no Kiln group ran on the final call; explain:\n{torch_kiln.explain(scripted)}"
     return out, ran

@@ -281,3 +281,126 @@ def test_traced_wavestep_runs_in_kiln(batch, freeze):
     m = check_model(WaveStep(), (prev, torch.randn(batch, 20), torch.randn(batch, 96)), "trace", freeze)
     text = torch_kiln.explain(m)
     assert "aten::sigmoid_" in text and "aten::unsafe_chunk" in text and "[torchscript]" not in text, text
+
+
+@pytest.mark.parametrize("name", ["mlp", "encoder"])
+def test_batch_and_sequence_sweeps_compile_at_most_three_times(name):
+    """Batch (mlp, 1..64) and sequence length (encoder, 1..256) stay symbolic through the
+    GEMM and attention: size 1 gets code of its own, every other size shares one."""
+    torch.manual_seed(0)
+    if name == "mlp":
+        model, make, sizes = MLP().eval(), lambda n: (torch.randn(n, 512),), range(1, 65)
+    else:
+        model, make, sizes = encoder().eval(), lambda n: (torch.randn(2, n, 64),), [1, 2, 3, 7, 16, 17, 31, 64, 100, 128, 255, 256]
+    with torch.no_grad():
+        m = torch.jit.freeze(torch.jit.trace(model, make(8)))
+        for n in sizes:
+            args = make(n)
+            before = torch_kiln.stats()["kernel_runs"]
+            for _ in range(3):
+                got = m(*args)
+            torch.testing.assert_close(got, model(*args))
+            assert torch_kiln.stats()["kernel_runs"] > before, f"size {n} ran no Kiln code"
+    s = torch_kiln.stats()
+    assert s["groups"] == 1 and s["specializations"] <= 3 and s["symbolic_specializations"] >= 1, s
+    assert s["fallbacks"] == {}, s["fallbacks"]
+
+
+class CausalBlock(torch.nn.Module):
+    """A GPT-style decoder block: pre-norm, causal scaled_dot_product_attention over heads
+    made with chunk/unflatten/transpose, a GELU feed-forward, residuals."""
+
+    def __init__(self, d=64, heads=4):
+        super().__init__()
+        self.heads = heads
+        self.ln1, self.ln2 = torch.nn.LayerNorm(d), torch.nn.LayerNorm(d)
+        self.qkv, self.proj = torch.nn.Linear(d, 3 * d), torch.nn.Linear(d, d)
+        self.up, self.down = torch.nn.Linear(d, 4 * d), torch.nn.Linear(4 * d, d)
+
+    def forward(self, x):
+        q, k, v = self.qkv(self.ln1(x)).chunk(3, -1)
+        q, k, v = [t.unflatten(-1, (self.heads, -1)).transpose(1, 2) for t in (q, k, v)]
+        a = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+        x = x + self.proj(a.transpose(1, 2).flatten(2))
+        return x + self.down(torch.nn.functional.gelu(self.up(self.ln2(x))))
+
+
+@pytest.mark.parametrize("how", ["script", "trace"])
+def test_a_causal_decoder_block_runs_in_kiln(how):
+    torch.manual_seed(0)
+    m = check_model(CausalBlock(), (torch.randn(2, 23, 64),), how, True)
+    assert "scaled_dot_product_attention" in torch_kiln.explain(m)
+
+
+class Attention(torch.nn.Module):
+    """nn.MultiheadAttention's slow path (masks, weights not needed) as models call it."""
+
+    def __init__(self, d=48, heads=4):
+        super().__init__()
+        self.mha = torch.nn.MultiheadAttention(d, heads, batch_first=True)
+
+    def forward(self, x, mask):
+        out, _ = self.mha(x, x, x, attn_mask=mask, need_weights=False)
+        return out
+
+
+def test_masked_attention_matches_eager():
+    """A bool mask (True = masked, as nn.MultiheadAttention takes it), one row of which masks
+    everything: eager returns NaN there for the math path; Kiln must return what eager does."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 9, 48)
+    mask = torch.rand(9, 9) > 0.7
+    with torch.no_grad():
+        model = Attention().eval()
+        want = model(x, mask)
+        m = torch.jit.freeze(torch.jit.trace(model, (x, mask)))
+        for _ in range(3):
+            got = m(x, mask)
+    torch.testing.assert_close(got, want, equal_nan=True)
+
+
+class HeadsFromShape(torch.nn.Module):
+    """Views whose sizes come from the input's shape at run time (`b, s, d = x.shape`), with
+    integer arithmetic on them, as attention code writes it."""
+
+    def __init__(self, d=32, heads=4):
+        super().__init__()
+        self.heads = heads
+        self.proj = torch.nn.Linear(d, d)
+
+    def forward(self, x):
+        b, s, d = x.shape
+        h = self.proj(x).view(b, s, self.heads, d // self.heads).transpose(1, 2)
+        return torch.softmax(h @ h.transpose(-2, -1), -1).reshape(b * self.heads, s, s) * x.size(1)
+
+
+@pytest.mark.parametrize("how", ["script", "trace"])
+def test_sizes_read_from_the_input_shape_become_constants_of_the_group(how):
+    torch.manual_seed(0)
+    m = check_model(HeadsFromShape(), (torch.randn(2, 11, 32),), how, True)
+    assert "[torchscript]" not in torch_kiln.explain(m), torch_kiln.explain(m)
+    torch.manual_seed(0)
+    model = HeadsFromShape().eval()
+    with torch.no_grad():  # other shapes: their own sizes, never stale constants
+        for shape in [(3, 5, 32), (1, 11, 32), (2, 11, 32)]:
+            x = torch.randn(*shape)
+            for _ in range(2):
+                torch.testing.assert_close(m(x), model(x))
+
+
+class SelfAttention(torch.nn.Module):
+    def __init__(self, d=48, heads=4):
+        super().__init__()
+        self.mha = torch.nn.MultiheadAttention(d, heads, batch_first=True)
+
+    def forward(self, x):
+        return self.mha(x, x, x, need_weights=False)[0]
+
+
+@pytest.mark.parametrize("how", ["script", "trace"])
+def test_multi_head_attention_runs_in_kiln(how):
+    """Traced in eval, nn.MultiheadAttention takes its fast path (`_native_multi_head_attention`);
+    scripted, its Python control flow decides at run time."""
+    torch.manual_seed(0)
+    m = check_model(SelfAttention(), (torch.randn(2, 13, 48),), how, True)
+    assert "attention" in torch_kiln.explain(m)

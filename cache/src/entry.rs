@@ -22,8 +22,9 @@ use kiln_compiler::{DType, ProgramImage, Target};
 const MAGIC: &[u8; 8] = b"KILNCODE";
 /// Bumped whenever the layout above or the kernels' calling convention changes; older
 /// entries are then foreign. 3: kernels read the program's parameters after the buffers.
-/// 4: buffers carry their layout order (outputs follow eager's layout).
-pub const FORMAT: u32 = 5;
+/// 4: buffers carry their layout order (outputs follow eager's layout). 6: GEMMs pack into
+/// the runtime's scratch (no pack buffers).
+pub const FORMAT: u32 = 6;
 const CHECKSUM: usize = 32;
 
 #[derive(thiserror::Error, Debug, Clone, PartialEq, Eq)]
@@ -103,7 +104,7 @@ pub fn encode(header: &EntryHeader, image: &ProgramImage) -> Vec<u8> {
         body.extend(format!("kernel {} {} {} {} {}\n", k.name, k.symbol, k.extent, k.parallel as u8, k.work_per_iter).bytes());
         if let Some(g) = &k.gemm {
             let operand = |o: &GemmOperand| format!("{} {} {} {} {}", o.buf.0, o.offset, list(&o.batch_strides), o.rows, o.cols);
-            let line = format!("gemm {} {} {} {} {} {} {} {} {} {}\n", list(&g.batch), g.m, g.n, g.k, operand(&g.a), operand(&g.b), g.tile.mr, g.tile.nr, g.pack_a.0, g.pack_b.0);
+            let line = format!("gemm {} {} {} {} {} {} {} {}\n", list(&g.batch), g.m, g.n, g.k, operand(&g.a), operand(&g.b), g.tile.mr, g.tile.nr);
             body.extend(line.bytes());
         }
     }
@@ -251,9 +252,8 @@ fn parse_body(body: &[u8]) -> Result<ProgramImage, String> {
                 let (m, n, k) = (num(w.next(), "gemm m")?, num(w.next(), "gemm n")?, num(w.next(), "gemm k")?);
                 let (a, b) = (operand(&mut w, "gemm operand a")?, operand(&mut w, "gemm operand b")?);
                 let tile = GemmTile { mr: num(w.next(), "gemm tile")?, nr: num(w.next(), "gemm tile")? };
-                let (pack_a, pack_b) = (BufId(num(w.next(), "gemm pack buffer")?), BufId(num(w.next(), "gemm pack buffer")?));
                 let kernel = image.kernels.last_mut().ok_or("a gemm line before any kernel")?;
-                kernel.gemm = Some(GemmShape { batch, m, n, k, a, b, tile, pack_a, pack_b });
+                kernel.gemm = Some(GemmShape { batch, m, n, k, a, b, tile });
             }
             Some("loop_ir") => {
                 let n = num(w.next(), "loop_ir length")?;
@@ -312,7 +312,7 @@ fn check_consistent(image: &ProgramImage) -> Result<(), String> {
 }
 
 /// A GEMM's description must keep the runtime's loops inside its buffers: operands float32
-/// buffers of the program, pack buffers temporaries large enough, a tile the microkernel has.
+/// buffers of the program, sizes that are not negative, a tile the microkernel has.
 fn check_gemm(image: &ProgramImage, g: &GemmShape) -> Result<(), String> {
     let buf = |b: BufId| image.buffers.get(b.0 as usize).ok_or_else(|| "a gemm buffer index out of range".to_string());
     for o in [&g.a, &g.b] {
@@ -322,12 +322,6 @@ fn check_gemm(image: &ProgramImage, g: &GemmShape) -> Result<(), String> {
     }
     if g.tile.mr <= 0 || g.tile.nr <= 0 || g.tile.nr % kiln_compiler::kernels::gemm::LANES != 0 || [g.m, g.n, g.k].iter().any(|&d| d < 0) || g.batch.iter().any(|&d| d < 0) || g.batch.len() > kiln_compiler::runtime::gemm::MAX_BATCH_DIMS {
         return Err("a gemm of bad sizes".into());
-    }
-    for (b, need) in [(g.pack_a, g.packed_a_elems()), (g.pack_b, g.packed_b_elems())] {
-        let b = buf(b)?;
-        if !matches!(b.kind, BufferKind::Temp { .. }) || b.dtype != DType::F32 || b.sizes.iter().product::<i64>() < need {
-            return Err("a gemm pack buffer too small".into());
-        }
     }
     Ok(())
 }

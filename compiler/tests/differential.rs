@@ -468,7 +468,7 @@ fn check_symbolic(seed: u64) -> bool {
         let gs = at(s);
         let inputs = random_inputs(&gs, &mut rng);
         let what = format!("seed {seed}, symbolic dim of size {v}, run at {s}");
-        compare(&what, &gs, &trust, &inputs, &layouts, &loop_ir, |ins, outs| unsafe { p.run_symbolic(&shapes, &[s], |i| ins[i], |i, _, _| Some(outs[i])) });
+        compare(&what, &gs, &trust, &inputs, &layouts, &loop_ir, |ins, outs| unsafe { p.run_symbolic(&shapes, &[s], |i| ins[i], |i, _, _| Some(outs[i]), &|_| None) });
     }
     true
 }

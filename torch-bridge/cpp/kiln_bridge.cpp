@@ -21,6 +21,7 @@
 #include <torch/csrc/jit/passes/utils/subgraph_utils.h>
 #include <torch/csrc/jit/runtime/operator.h>
 
+#include <algorithm>
 #include <atomic>
 #include <cstring>
 #include <mutex>
@@ -98,6 +99,8 @@ Symbol ran_kind() { static Symbol s = Symbol::fromQualString("kiln::FallbacksRan
 Symbol marker_attr() { static Symbol s = Symbol::attr("kiln_marker"); return s; }
 // On a functional node that stands for an in-place one during the pass: that op's kind.
 Symbol inplace_attr() { static Symbol s = Symbol::attr("kiln_inplace"); return s; }
+// On a group: the outputs it returns undefined, as eager does (Rust computes the others).
+Symbol undefined_attr() { static Symbol s = Symbol::attr("kiln_undefined"); return s; }
 
 std::string dtype_name(at::ScalarType t) {
   switch (t) {
@@ -238,6 +241,9 @@ bool holds_tensors(const TypePtr& t) {
   return false;
 }
 
+bool is_shape_op(const Node* n);
+bool size_constant_text(const Value* v, std::ostream& os);
+
 // Nodes that only move values around: not reported (explain lists what computes).
 bool is_plumbing(const Node* n) {
   static const std::unordered_set<Symbol> kinds = {prim::Constant, prim::ListConstruct, prim::ListUnpack, prim::TupleConstruct,
@@ -252,7 +258,7 @@ bool is_plumbing(const Node* n) {
 // _native_multi_head_attention, prim::ConstantChunk). Ops on scalars, lists and strings
 // (size, dim, __not__, format...) are not candidates at all.
 bool is_reported(const Node* n) {
-  if (is_plumbing(n)) return false;
+  if (is_plumbing(n) || is_shape_op(n)) return false;
   for (const Value* o : n->outputs())
     if (holds_tensors(o->type())) return true;
   return false;
@@ -264,6 +270,15 @@ bool is_tensor_list(const Node* n);
 bool is_split(const Node* n);
 bool is_unpack(const Node* n);
 bool is_view(const Node* n);
+bool is_shape_op(const Node* n);
+
+// Output `i` of `n` is a tensor eager leaves undefined: `_native_multi_head_attention`'s
+// attention weights when need_weights is false.
+bool leaves_undefined(const Node* n, size_t i) {
+  if (n->kind() != Symbol::fromQualString("aten::_native_multi_head_attention") || i != 1 || n->inputs().size() < 11) return false;
+  auto need = toIValue(n->input(10));
+  return need && need->isBool() && !need->toBool();
+}
 
 struct Dumper {
   std::ostringstream os;
@@ -280,6 +295,9 @@ struct Dumper {
   // Declares an outside value: a tensor input, or a constant. Returns false if neither.
   bool declare(const Value* v, std::string* why) {
     if (names.count(v)) return true;
+    // Sizes computed from tensors Kiln sees (traced sizes are 0-d tensors too): evaluated
+    // from their types while lowering.
+    if (is_shape_op(v->node())) return shape_node(v->node(), why);
     if (v->type()->cast<TensorType>()) {
       os << "input " << name(v) << " ";
       if (!tensor_input_text(v, os, why)) return false;
@@ -325,6 +343,12 @@ struct Dumper {
     }
     std::string count = constant("int " + std::to_string(n->outputs().size()));
     for (size_t i = 0; i < n->outputs().size(); ++i) {
+      // An output nothing reads is not computed; one eager leaves undefined is not either.
+      if (n->outputs()[i]->uses().empty()) continue;
+      if (leaves_undefined(n, i)) {
+        undefined.insert(n->outputs()[i]);
+        continue;
+      }
       std::string index = constant("int " + std::to_string(i));
       os << "node " << name(n->outputs()[i]) << " " << kind;
       for (const auto& a : args) os << " " << a;
@@ -332,6 +356,30 @@ struct Dumper {
       recorded_type(n->outputs()[i]);
       os << "\n";
     }
+    return true;
+  }
+  // A shape op (is_shape_op): `shape %k kind args...`; an unpacked list of ints one `shape`
+  // per item, with its index and count appended.
+  bool shape_node(const Node* n, std::string* why) {
+    for (auto* in : n->inputs()) {
+      std::ostringstream number;
+      if (!names.count(in) && size_constant_text(in, number)) {
+        os << "const " << name(in) << " " << number.str() << "\n";
+        continue;
+      }
+      if (!declare(in, why)) return false;
+    }
+    if (n->kind() == prim::ListUnpack) {
+      std::string count = constant("int " + std::to_string(n->outputs().size()));
+      for (size_t i = 0; i < n->outputs().size(); ++i) {
+        std::string index = constant("int " + std::to_string(i));  // (its line first)
+        os << "shape " << name(n->outputs()[i]) << " prim::ListUnpack " << name(n->input()) << " " << index << " " << count << "\n";
+      }
+      return true;
+    }
+    os << "shape " << name(n->output()) << " " << n->kind().toQualString();
+    for (auto* in : n->inputs()) os << " " << name(in);
+    os << "\n";
     return true;
   }
   // A constant the dump makes up (a ConstantChunk's attributes, a part's index).
@@ -351,6 +399,8 @@ struct Dumper {
     }
   }
   size_t made_up = 0;
+  // Outputs eager leaves undefined (see leaves_undefined): the group op returns them so.
+  std::unordered_set<const Value*> undefined;
 };
 
 // A split of a tensor into a list (chunk, split and their unsafe_ forms) that only a
@@ -370,6 +420,77 @@ bool is_split(const Node* n) {
 bool is_unpack(const Node* n) {
   if (n->kind() == prim::ConstantChunk) return true;
   return n->kind() == prim::ListUnpack && is_split(n->input()->node());
+}
+
+// Integer arithmetic on sizes: x.size(d), x.shape and its items, products and quotients
+// of sizes, the int lists views take (`x.view(b, s, h, -1)`). A group takes it with its
+// users and Rust evaluates it while lowering, where every size is known (the guard checks
+// them); alone it stays in TorchScript (it computes no tensor).
+bool is_size_tensor(const Value* v);
+
+// Traced code computes with sizes as 0-d tensors: `prim::NumToTensor(x.size(d))`, a number
+// constant (`{4}`), integer arithmetic on those (`aten::floor_divide`), back with `aten::Int`.
+bool is_size_arithmetic(const Node* n) {
+  if (n->kind() != aten::mul && n->kind() != aten::add && n->kind() != aten::sub && n->kind() != aten::floor_divide) return false;
+  if (n->outputs().size() != 1 || !n->output()->type()->cast<TensorType>()) return false;
+  bool from_a_size = false;
+  for (const Value* in : n->inputs()) {
+    if (in->type()->cast<TensorType>()) {
+      if (!is_size_tensor(in)) return false;
+      from_a_size |= in->node()->kind() != prim::Constant;
+    } else if (in->type()->kind() != TypeKind::IntType) {
+      return false;
+    }
+  }
+  return from_a_size;
+}
+
+// A 0-d integer tensor constant (the tracer's `{4}` for a module's int attribute): in size
+// arithmetic, the number it holds.
+bool size_constant_text(const Value* v, std::ostream& os) {
+  if (v->node()->kind() != prim::Constant || !v->type()->cast<TensorType>()) return false;
+  auto iv = toIValue(v);
+  if (!iv || !iv->isTensor()) return false;
+  const at::Tensor& t = iv->toTensor();
+  if (!t.defined() || t.dim() != 0 || !t.device().is_cpu() || !c10::isIntegralType(t.scalar_type(), false)) return false;
+  os << "int " << t.item<int64_t>();
+  return true;
+}
+
+// Whether every user of `v` is a shape op (then a tensor constant is a number to them).
+bool only_shape_ops_use(const Value* v) {
+  for (const Use& u : v->uses())
+    if (!is_shape_op(u.user)) return false;
+  return !v->uses().empty();
+}
+
+bool is_size_tensor(const Value* v) {
+  const Node* p = v->node();
+  if (p->kind() == prim::NumToTensor) return p->input()->type()->kind() == TypeKind::IntType;
+  std::ostringstream number;
+  if (p->kind() == prim::Constant) return size_constant_text(v, number);
+  return is_size_arithmetic(p);
+}
+
+bool is_shape_op(const Node* n) {
+  auto is_int = [](const Value* v) { return v->type()->kind() == TypeKind::IntType; };
+  auto is_ints = [](const Value* v) {
+    auto l = v->type()->cast<ListType>();
+    return l && l->getElementType()->kind() == TypeKind::IntType;
+  };
+  auto all = [](auto vs, auto pred) { return std::all_of(vs.begin(), vs.end(), pred); };
+  if (n->kind() == aten::size)
+    return n->outputs().size() == 1 && n->input(0)->type()->cast<TensorType>() && (n->inputs().size() == 1 ? is_ints(n->output()) : is_int(n->output()));
+  if (n->kind() == aten::dim) return n->inputs().size() == 1 && n->input(0)->type()->cast<TensorType>();
+  if ((n->kind() == aten::mul || n->kind() == aten::add || n->kind() == aten::sub || n->kind() == aten::floordiv) && n->inputs().size() == 2 &&
+      all(n->inputs(), is_int) && is_int(n->output()))
+    return true;
+  if (n->kind() == aten::__getitem__) return n->inputs().size() == 2 && is_ints(n->input(0)) && is_int(n->input(1));
+  if (n->kind() == prim::ListConstruct) return all(n->inputs(), is_int) && is_ints(n->output());
+  if (n->kind() == prim::ListUnpack) return is_ints(n->input()) && all(n->outputs(), is_int);
+  if (n->kind() == prim::NumToTensor) return n->outputs().size() == 1 && is_size_tensor(n->output());
+  if (n->kind() == aten::Int) return n->inputs().size() == 1 && is_size_tensor(n->input());
+  return is_size_arithmetic(n);
 }
 
 // An aten op with several tensor outputs (lstm_cell): dumped as its parts, as a split is.
@@ -482,6 +603,29 @@ void functionalize(Block* b) {
   }
 }
 
+// Gives every shape op (is_shape_op) one user, cloning it for each other: a size read once
+// and used by two groups, or by a group and TorchScript, then joins each group that needs
+// it (a group takes a shape op only with all its users). Cloning from the last node up
+// clones a clone's own shape-op inputs in turn. Shape ops cost next to nothing, so those left
+// in TorchScript may run twice.
+void unshare_shape_ops(Block* b) {
+  std::vector<Node*> nodes(b->nodes().begin(), b->nodes().end());
+  for (auto it = nodes.rbegin(); it != nodes.rend(); ++it) {
+    Node* n = *it;
+    for (Block* sub : n->blocks()) unshare_shape_ops(sub);
+    if (!is_shape_op(n)) continue;
+    for (size_t o = 0; o < n->outputs().size(); ++o) {
+      std::vector<Use> uses = n->outputs()[o]->uses();
+      for (size_t u = 1; u < uses.size(); ++u) {
+        Node* c = n->owningGraph()->createClone(n, [](Value* v) { return v; });
+        c->insertAfter(n);
+        for (size_t k = 0; k < c->outputs().size(); ++k) c->outputs()[k]->copyMetadata(n->outputs()[k]);
+        uses[u].user->replaceInput(uses[u].offset, c->outputs()[o]);
+      }
+    }
+  }
+}
+
 void restore_in_place(Block* b) {
   for (auto it = b->nodes().begin(); it != b->nodes().end();) {
     Node* n = *it;
@@ -495,12 +639,13 @@ void restore_in_place(Block* b) {
 
 std::string ask_node(const Node* n) {
   if (n->hasAttribute(fallback_attr())) return "fallback copy of a Kiln group";
-  if (is_tensor_list(n) || is_split(n)) return "";  // they go with their users
+  if (is_tensor_list(n) || is_split(n) || is_shape_op(n)) return "";  // they go with their users
   if (is_unpack(n) || (is_multi_output_op(n) && kiln_rs_known_op(n->kind().toQualString()))) {
     Dumper d;
     std::string why;
     if (!d.parts(n, &why)) return why;
-    for (const Value* o : n->outputs()) d.os << "output " << d.name(o) << "\n";
+    for (const Value* o : n->outputs())
+      if (!o->uses().empty() && !d.undefined.count(o)) d.os << "output " << d.name(o) << "\n";
     std::string text = d.os.str();
     char reason[512] = {0};
     return kiln_rs_node_supported(text.data(), text.size(), reason, sizeof(reason)) ? "" : reason;
@@ -546,7 +691,7 @@ bool is_tensor_list(const Node* n) {
 }
 
 bool view_used_outside(const Node* p, const Node* group) {
-  if (!is_view(p) && !is_tensor_list(p) && !is_split(p) && !is_unpack(p)) return false;
+  if (!is_view(p) && !is_tensor_list(p) && !is_split(p) && !is_unpack(p) && !is_shape_op(p)) return false;
   for (const Value* o : p->outputs())
     for (const Use& u : o->uses())
       if (u.user != group) return true;
@@ -580,7 +725,7 @@ struct Fuser {
     for (auto it = b->nodes().rbegin(); it != b->nodes().rend();) {
       Node* n = *it;
       // A view never starts a group: alone it computes nothing.
-      if (!supported(n) || is_view(n) || is_tensor_list(n) || is_split(n) || is_unpack(n)) { ++it; continue; }
+      if (!supported(n) || is_view(n) || is_tensor_list(n) || is_split(n) || is_unpack(n) || is_shape_op(n)) { ++it; continue; }
       started = true;
       Node* group = SubgraphUtils::createSingletonSubgraphAndUpdateAliasing(n, group_kind(), *db);
       bool grew = true;
@@ -635,6 +780,10 @@ struct Fuser {
         continue;
       }
       if (is_split(n)) continue;  // its parts say what it is
+      if (is_shape_op(n)) {
+        if (!d.shape_node(n, why)) return "";
+        continue;
+      }
       if (is_unpack(n) || is_multi_output_op(n)) {
         if (!d.parts(n, why)) return "";
         continue;
@@ -643,13 +792,24 @@ struct Fuser {
         // Constants merged into the subgraph: a tracer's wrapped numbers (tensor constants
         // that are not are inputs by now, see lift_tensor_constants).
         std::ostringstream c;
-        if (!constant_text(n->output(), c)) { *why = "a tensor or non-integer constant inside the group"; return ""; }
+        if (!constant_text(n->output(), c) && !(only_shape_ops_use(n->output()) && size_constant_text(n->output(), c))) {
+          *why = "a tensor or non-integer constant inside the group";
+          return "";
+        }
         d.os << "const " << d.name(n->output()) << " " << c.str() << "\n";
         continue;
       }
       if (!d.node(n, why)) return "";
     }
-    for (Value* o : sub->outputs()) d.os << "output " << d.name(o) << "\n";
+    std::vector<int64_t> undefined;
+    for (size_t i = 0; i < sub->outputs().size(); ++i) {
+      if (d.undefined.count(sub->outputs()[i])) {
+        undefined.push_back(static_cast<int64_t>(i));
+        continue;
+      }
+      d.os << "output " << d.name(sub->outputs()[i]) << "\n";
+    }
+    if (!undefined.empty()) group->is_(undefined_attr(), undefined);
     return d.os.str();
   }
 
@@ -687,6 +847,11 @@ struct Fuser {
     Node* fb = g->create(prim::FallbackGraph, group->inputs(), group->outputs().size());
     auto fallback = group->g(attr::Subgraph)->copy();
     restore_in_place(fallback->block());
+    // A None merged in as an optional's constant (`Tensor? = prim::Constant()`) is a value
+    // TorchScript's interpreter cannot emit in a graph of its own: it is None.
+    for (Node* n : fallback->nodes())
+      if (n->kind() == prim::Constant && !n->hasAttribute(attr::value) && n->output()->type()->kind() == TypeKind::OptionalType)
+        n->output()->setType(NoneType::get());
     for (Node* n : fallback->nodes()) n->i_(fallback_attr(), id);
     fb->g_(attr::Subgraph, fallback);
     for (size_t i = 0; i < group->outputs().size(); ++i) fb->outputs()[i]->setType(group->outputs()[i]->type());
@@ -731,8 +896,10 @@ struct Fuser {
     std::vector<Node*> constants;
     for (Node* n : sub->nodes())
       if (n->kind() == prim::Constant && n->output()->type()->cast<TensorType>()) {
+        // A wrapped number stays a number, and so does a size constant of shape ops.
         std::ostringstream number;
-        if (!constant_text(n->output(), number)) constants.push_back(n);  // a wrapped number stays a number
+        if (!constant_text(n->output(), number) && !(only_shape_ops_use(n->output()) && size_constant_text(n->output(), number)))
+          constants.push_back(n);
       }
     for (Node* n : constants) {
       Node* outer = group->owningGraph()->createClone(n, [](Value* v) { return v; });
@@ -747,6 +914,7 @@ struct Fuser {
 
   void run() {
     functionalize(graph->block());
+    unshare_shape_ops(graph->block());
     db = std::make_unique<AliasDb>(graph);
     fuse_block(graph->block());
     std::vector<Node*> groups;
@@ -994,7 +1162,9 @@ Operation group_op(const Node* node) {
   int64_t id = node->i(group_attr());
   size_t n = node->inputs().size();
   std::vector<InputKind> kinds = input_kinds(node);
-  return [id, n, kinds](Stack& stack) {
+  std::vector<int64_t> undefined = node->hasAttribute(undefined_attr()) ? node->is(undefined_attr()) : std::vector<int64_t>{};
+  size_t outputs = node->outputs().size();
+  return [id, n, kinds, undefined, outputs](Stack& stack) {
     // The guard just before this op admitted these very tensors (it takes the group's
     // tensors and numbers, and the group runs only where it passed).
     Descriptions in(last(stack, n), kinds, [](KilnTensor& t, const at::Tensor& x) { fill_admitted(t, x); });
@@ -1007,7 +1177,13 @@ Operation group_op(const Node* node) {
       throw std::runtime_error(std::string("kiln: ") + error);
     }
     drop(stack, n);
-    for (auto& r : sink.results) push(stack, std::move(r));
+    size_t next = 0;
+    for (size_t i = 0; i < outputs; ++i) {
+      if (std::find(undefined.begin(), undefined.end(), static_cast<int64_t>(i)) != undefined.end())
+        push(stack, at::Tensor());
+      else
+        push(stack, std::move(sink.results[next++]));
+    }
   };
 }
 

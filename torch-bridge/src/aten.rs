@@ -71,6 +71,10 @@ fn lower_region(r: &Region, view_outputs: bool) -> R<Lowered> {
                 let strides = xs.iter().map(|&x| eager[x].clone().ok_or("a list of non-tensors")).collect::<Result<Vec<_>, _>>()?;
                 (Arg::List(ts, strides), None)
             }
+            Item::Shape { kind, args } => {
+                let arg_vals: Vec<Arg> = args.iter().map(|&a| vals[a].clone()).collect();
+                (Arg::Const(shape_value(&g, kind, &arg_vals).map_err(|e| format!("{kind}: {e}"))?), None)
+            }
             Item::Node { kind, args, expect } => {
                 let arg_vals: Vec<Arg> = args.iter().map(|&a| vals[a].clone()).collect();
                 let v = Lower { g: &mut g, default_float: &r.default_float }.node(kind, &arg_vals).map_err(|e| format!("{kind}: {e}"))?;
@@ -133,6 +137,50 @@ fn lower_region(r: &Region, view_outputs: bool) -> R<Lowered> {
     Ok(Lowered { graph: g, input_strides })
 }
 
+/// The value of integer arithmetic on sizes the pass put in the group (`is_shape_op` in the
+/// shim): a constant of the lowering (the guard checks every size it reads).
+fn shape_value(g: &Graph, kind: &str, args: &[Arg]) -> R<Const> {
+    let sizes = |t: &ValueId| g.ty(*t).static_shape().ok_or_else(|| "a symbolic shape".to_string());
+    let int = |a: &Arg| match a {
+        Arg::Const(Const::Int(i)) => Ok(*i),
+        _ => Err("an argument that is not a known int".to_string()),
+    };
+    Ok(match (kind, args) {
+        ("aten::size", [Arg::Tensor(t)]) => Const::Ints(sizes(t)?),
+        ("aten::size", [Arg::Tensor(t), d]) => {
+            let s = sizes(t)?;
+            Const::Int(s[wrap_dim(int(d)?, s.len())?])
+        }
+        ("aten::dim", [Arg::Tensor(t)]) => Const::Int(g.ty(*t).rank() as i64),
+        ("aten::__getitem__", [Arg::Const(Const::Ints(xs)), i]) => {
+            let i = int(i)?;
+            let at = if i < 0 { i + xs.len() as i64 } else { i };
+            Const::Int(*xs.get(usize::try_from(at).map_err(|_| "index out of range (eager raises)")?).ok_or("index out of range (eager raises)")?)
+        }
+        ("prim::ListConstruct", items) => Const::Ints(items.iter().map(int).collect::<R<_>>()?),
+        ("prim::ListUnpack", [Arg::Const(Const::Ints(xs)), i, n]) if xs.len() as i64 == int(n)? => Const::Int(xs[int(i)? as usize]),
+        ("prim::ListUnpack", _) => return Err("a list of another length than unpacked (eager raises)".into()),
+        ("prim::NumToTensor" | "aten::Int", [a]) => Const::Int(int(a)?),
+        ("aten::mul", [a, b]) => Const::Int(int(a)?.checked_mul(int(b)?).ok_or("overflow")?),
+        ("aten::add", [a, b]) => Const::Int(int(a)?.checked_add(int(b)?).ok_or("overflow")?),
+        ("aten::sub", [a, b]) => Const::Int(int(a)?.checked_sub(int(b)?).ok_or("overflow")?),
+        ("aten::add" | "aten::sub", [a, b, alpha]) => {
+            let b = int(b)?.checked_mul(int(alpha)?).ok_or("overflow")?;
+            Const::Int(if kind == "aten::add" { int(a)?.checked_add(b) } else { int(a)?.checked_sub(b) }.ok_or("overflow")?)
+        }
+        ("aten::floordiv" | "aten::floor_divide", [a, b]) => {
+            let (a, b) = (int(a)?, int(b)?);
+            if b == 0 {
+                return Err("division by zero (eager raises)".into());
+            }
+            // Python's floor division.
+            let q = a / b;
+            Const::Int(if a % b != 0 && (a < 0) != (b < 0) { q - 1 } else { q })
+        }
+        _ => return Err("this overload is not supported".into()),
+    })
+}
+
 fn is_view(op: &Op) -> bool {
     kiln_compiler::lower::views::is_view(op)
 }
@@ -182,12 +230,15 @@ fn eager_strides(kind: &str, shape: &[i64], dtype: DType, mut operands: Vec<Oper
         "aten::sum" | "aten::mean" | "aten::amax" | "aten::amin" | "aten::softmax" | "aten::log_softmax" => return contiguous_strides(shape),
         // Products are computed into new contiguous tensors (mm, bmm, and matmul folding its
         // batch dims; `Lower::matmul` refuses the rank combinations eager transposes).
-        "aten::linear" | "aten::matmul" | "aten::mm" | "aten::bmm" | "aten::addmm" | "aten::baddbmm" => return contiguous_strides(shape),
-        "aten::layer_norm" | "aten::_transformer_encoder_layer_fwd" | "aten::contiguous" | "aten::cat" | "aten::gru_cell" | "aten::lstm_cell" | "aten::stack" | "aten::zeros" | "aten::ones" => {
+        "aten::linear" | "aten::matmul" | "aten::mm" | "aten::bmm" | "aten::addmm" | "aten::baddbmm" | "aten::scaled_dot_product_attention"
+        | "aten::_native_multi_head_attention" => return contiguous_strides(shape),
+        "aten::layer_norm" | "aten::_transformer_encoder_layer_fwd" | "aten::contiguous" | "aten::cat" | "aten::gru_cell" | "aten::lstm_cell" | "aten::stack" | "aten::zeros" | "aten::ones"
+        // (masked_fill clones its broadcast input contiguous, then fills it.)
+        | "aten::masked_fill" => {
             return contiguous_strides(shape)
         }
 
-        "aten::to" | "aten::type_as" => return converted_strides(&operands[0]),
+        "aten::to" | "aten::type_as" | "aten::zeros_like" | "aten::ones_like" => return converted_strides(&operands[0]),
         "aten::rsub" => operands.reverse(),
         "aten::where" => {
             for x in operands.iter_mut().skip(1).filter(|x| x.dtype != dtype) {
@@ -227,7 +278,8 @@ pub const KINDS: &[&str] = &[
     "aten::_transformer_encoder_layer_fwd", "aten::cat", "aten::stack", "aten::gru_cell", "aten::lstm_cell", "aten::zeros", "aten::ones",
     // A part of a split (the pass dumps a ListUnpack of one, or a ConstantChunk, as its parts).
     "aten::chunk", "aten::unsafe_chunk", "aten::split", "aten::unsafe_split", "aten::split_with_sizes",
-    "aten::unsafe_split_with_sizes",
+    "aten::unsafe_split_with_sizes", "aten::masked_fill", "aten::triu", "aten::tril", "aten::scaled_dot_product_attention",
+    "aten::_native_multi_head_attention", "aten::zeros_like", "aten::ones_like",
 ];
 
 /// The ops whose in-place form (`aten::add_`...) Kiln computes as the op itself, where the
@@ -236,7 +288,7 @@ const IN_PLACE: &[&str] = &[
     "aten::add", "aten::sub", "aten::mul", "aten::div", "aten::true_divide", "aten::neg", "aten::abs", "aten::relu",
     "aten::reciprocal", "aten::sigmoid", "aten::tanh", "aten::exp", "aten::log", "aten::log1p", "aten::sqrt",
     "aten::rsqrt", "aten::erf", "aten::silu", "aten::gelu", "aten::leaky_relu", "aten::clamp", "aten::clamp_min",
-    "aten::clamp_max", "aten::pow",
+    "aten::clamp_max", "aten::pow", "aten::masked_fill", "aten::triu", "aten::tril",
 ];
 
 /// The functional op of an in-place one Kiln computes (`aten::add_` → `aten::add`).
@@ -558,6 +610,45 @@ impl Lower<'_> {
                 let (x, y) = (self.value(x, d)?, self.value(y, d)?);
                 Ok(self.g.where_(c, x, y).map_err(|e| e.0)?)
             }
+            ("aten::masked_fill", [x, mask, value]) => {
+                // x where the mask is false, else the value (a number, or a 0-d tensor), in x's dtype.
+                let (xv, m) = (self.tensor(x)?, self.tensor(mask)?);
+                if self.g.ty(m).dtype != DType::Bool {
+                    return Err("a mask that is not bool (eager raises)".into());
+                }
+                if matches!(value, Arg::Tensor(t) if self.g.ty(*t).rank() != 0) {
+                    return Err("a fill value that is not a number or 0-d tensor (eager raises)".into());
+                }
+                let d = self.g.ty(xv).dtype;
+                let fill = self.value(value, d)?;
+                Ok(self.g.where_(m, fill, xv).map_err(|e| e.0)?)
+            }
+            ("aten::triu" | "aten::tril", [x, Arg::Const(Const::Int(diagonal))]) => {
+                // Kept where column - row ≥ diagonal (triu) or ≤ diagonal (tril), else zero.
+                let v = self.tensor(x)?;
+                let sizes = self.sizes(v)?;
+                let r = sizes.len();
+                if r < 2 {
+                    return Err("triu/tril of fewer than 2 dims (eager raises)".into());
+                }
+                let keep = self.band(&sizes[r - 2..], *diagonal, if kind == "aten::triu" { CmpOp::Ge } else { CmpOp::Le })?;
+                let zero = self.g.constant(Scalar::Int(0), self.g.ty(v).dtype);
+                Ok(self.g.where_(keep, v, zero).map_err(|e| e.0)?)
+            }
+            (
+                "aten::scaled_dot_product_attention",
+                [q, k, v, mask, Arg::Const(Const::Float(dropout)), Arg::Const(Const::Bool(causal)), scale, Arg::Const(Const::Bool(false))],
+            ) => {
+                if *dropout != 0.0 {
+                    return Err("attention dropout (Kiln computes inference)".into());
+                }
+                let scale = match scale {
+                    Arg::Const(Const::None) => None,
+                    Arg::Const(Const::Float(f)) => Some(*f),
+                    _ => return Err("a scale computed at run time".into()),
+                };
+                self.attention(q, k, v, mask, *causal, scale)
+            }
             ("aten::eq", [x, y]) => self.compare(CmpOp::Eq, x, y),
             ("aten::ne", [x, y]) => self.compare(CmpOp::Ne, x, y),
             ("aten::lt", [x, y]) => self.compare(CmpOp::Lt, x, y),
@@ -746,6 +837,28 @@ impl Lower<'_> {
                 let filled = self.g.expand(value, size).map_err(|e| e.0)?;
                 Ok(self.g.copy(filled))
             }
+            (
+                "aten::_native_multi_head_attention",
+                [q, k, v, Arg::Const(Const::Int(e)), Arg::Const(Const::Int(h)), qkv_w, qkv_b, proj_w, proj_b, Arg::Const(Const::None), _, _, _, Arg::Const(Const::Int(0)), Arg::Const(Const::Int(2))],
+            ) => {
+                let (q, k, v) = (self.tensor(q)?, self.tensor(k)?, self.tensor(v)?);
+                self.multi_head_attention([q, k, v], *h, *e, (qkv_w, qkv_b), (proj_w, proj_b))
+            }
+            ("aten::_native_multi_head_attention", [.., Arg::Const(Const::Int(1)), _]) => Err("the attention weights (Kiln computes the output only)".into()),
+            ("aten::zeros_like" | "aten::ones_like", [x, dtype, layout, _, pin, format]) => {
+                if !matches!(layout, Arg::Const(Const::None | Const::Int(0))) || !matches!(pin, Arg::Const(Const::None | Const::Bool(false))) {
+                    return Err("a layout or pinned memory Kiln does not make".into());
+                }
+                // (c10::MemoryFormat::Preserve is 3: the layout follows x, as `to` does.)
+                if !matches!(format, Arg::Const(Const::None | Const::Int(3))) {
+                    return Err("a memory format other than x's".into());
+                }
+                let xv = self.tensor(x)?;
+                let d = dtype_arg(dtype)?.unwrap_or(self.g.ty(xv).dtype);
+                let value = self.g.constant(Scalar::Int((kind == "aten::ones_like") as i64), d);
+                let filled = self.g.expand(value, &self.sizes(xv)?).map_err(|e| e.0)?;
+                Ok(self.g.copy(filled))
+            }
             ("aten::gru_cell", [x, hx, w_ih, w_hh, b_ih, b_hh]) => self.gru_cell(x, hx, (w_ih, b_ih), (w_hh, b_hh)),
             ("aten::lstm_cell", [x, Arg::List(hx, _), w_ih, w_hh, b_ih, b_hh, Arg::Const(Const::Int(index)), Arg::Const(Const::Int(2))]) => {
                 let [h, c] = hx[..] else { return Err(format!("an LSTM state of {} tensors (eager raises)", hx.len())) };
@@ -913,28 +1026,12 @@ impl Lower<'_> {
     fn encoder_layer(&mut self, src: &Arg, l: &EncoderLayer) -> R<ValueId> {
         let x0 = self.tensor(src)?;
         let sizes = self.sizes(x0)?;
-        let (b, s, e, h) = match sizes[..] {
-            [b, s, e] if e == l.embed && l.heads > 0 && e % l.heads == 0 => (b, s, e, l.heads),
-            _ => return Err(format!("an encoder layer input of shape {sizes:?} (Kiln takes batch-first [batch, seq, {}])", l.embed)),
-        };
-        let dh = e / h;
+        if !matches!(sizes[..], [_, _, e] if e == l.embed) {
+            return Err(format!("an encoder layer input of shape {sizes:?} (Kiln takes batch-first [batch, seq, {}])", l.embed));
+        }
         let err = |r: Result<ValueId, kiln_compiler::graph::ir::IrError>| r.map_err(|e| e.0);
         let x = if l.norm_first { self.layer_norm(x0, 1, l.norm1.0, l.norm1.1, l.eps)? } else { x0 };
-        let qkv = self.linear(&Arg::Tensor(x), l.qkv.0, l.qkv.1)?;
-        let mut heads = vec![];
-        for (i, order) in [(0, [0usize, 2, 1, 3]), (1, [0, 2, 3, 1]), (2, [0, 2, 1, 3])] {
-            let part = err(self.g.slice(qkv, 2, i * e, e))?;
-            let split = err(self.g.reshape(part, &[b, s, h, dh]))?;
-            heads.push(err(self.g.permute(split, &order))?);
-        }
-        let scores = err(self.g.matmul(heads[0], heads[1]))?;
-        let scale = self.g.constant(Scalar::Float(1.0 / (dh as f64).sqrt()), self.g.ty(scores).dtype);
-        let scores = err(self.g.binary(BinaryOp::Mul, scores, scale))?;
-        let p = err(self.g.softmax(scores, 3, false))?;
-        let ctx = err(self.g.matmul(p, heads[2]))?;
-        let ctx = err(self.g.permute(ctx, &[0, 2, 1, 3]))?;
-        let ctx = err(self.g.reshape(ctx, &[b, s, e]))?;
-        let attn = self.linear(&Arg::Tensor(ctx), l.proj.0, l.proj.1)?;
+        let attn = self.multi_head_attention([x, x, x], l.heads, l.embed, l.qkv, l.proj)?;
         let mut x = err(self.g.binary(BinaryOp::Add, attn, x0))?;
         if !l.norm_first {
             x = self.layer_norm(x, 1, l.norm1.0, l.norm1.1, l.eps)?;
@@ -951,6 +1048,46 @@ impl Lower<'_> {
             x = self.layer_norm(x, 1, l.norm2.0, l.norm2.1, l.eps)?;
         }
         Ok(x)
+    }
+
+    /// Multi-head attention without a mask, batch first, as `_native_multi_head_attention`
+    /// computes it: the packed input projection (one GEMM when query, key and value are one
+    /// tensor, else one per weight third), heads as views, softmax(q kᵀ · 1/√d) v, the output
+    /// projection.
+    fn multi_head_attention(&mut self, [q, k, v]: [ValueId; 3], heads: i64, embed: i64, qkv: (&Arg, &Arg), proj: (&Arg, &Arg)) -> R<ValueId> {
+        let err = |r: Result<ValueId, kiln_compiler::graph::ir::IrError>| r.map_err(|e| e.0);
+        let (qs, ks) = (self.sizes(q)?, self.sizes(k)?);
+        if qs.len() != 3 || ks.len() != 3 || self.sizes(v)? != ks || qs[2] != embed || ks[2] != embed || heads <= 0 || embed % heads != 0 || qs[0] != ks[0] {
+            return Err(format!("attention over query {qs:?} and key {ks:?} (Kiln takes batch-first [batch, seq, {embed}])"));
+        }
+        let dh = embed / heads;
+        let projected: Vec<ValueId> = if q == k && k == v {
+            let packed = self.linear(&Arg::Tensor(q), qkv.0, qkv.1)?;
+            (0..3).map(|i| err(self.g.slice(packed, 2, i * embed, embed))).collect::<R<_>>()?
+        } else {
+            let (w, bias) = (self.tensor(qkv.0)?, self.tensor(qkv.1)?);
+            let mut out = vec![];
+            for (i, x) in [q, k, v].into_iter().enumerate() {
+                let wi = err(self.g.slice(w, 0, i as i64 * embed, embed))?;
+                let bi = err(self.g.slice(bias, 0, i as i64 * embed, embed))?;
+                out.push(self.linear(&Arg::Tensor(x), &Arg::Tensor(wi), &Arg::Tensor(bi))?);
+            }
+            out
+        };
+        let mut hs = vec![];
+        for (part, order) in projected.into_iter().zip([[0usize, 2, 1, 3], [0, 2, 3, 1], [0, 2, 1, 3]]) {
+            let sizes = self.sizes(part)?;
+            let split = err(self.g.reshape(part, &[sizes[0], sizes[1], heads, dh]))?;
+            hs.push(err(self.g.permute(split, &order))?);
+        }
+        let scores = err(self.g.matmul(hs[0], hs[1]))?;
+        let scale = self.g.constant(Scalar::Float(1.0 / (dh as f64).sqrt()), self.g.ty(scores).dtype);
+        let scores = err(self.g.binary(BinaryOp::Mul, scores, scale))?;
+        let p = err(self.g.softmax(scores, 3, false))?;
+        let ctx = err(self.g.matmul(p, hs[2]))?;
+        let ctx = err(self.g.permute(ctx, &[0, 2, 1, 3]))?;
+        let ctx = err(self.g.reshape(ctx, &[qs[0], qs[1], embed]))?;
+        self.linear(&Arg::Tensor(ctx), proj.0, proj.1)
     }
 
     /// gru_cell as ATen's `GRUCell` computes it: gates from both projections (chunks as
@@ -1004,6 +1141,69 @@ impl Lower<'_> {
         let t = e(self.g.unary(UnaryOp::Tanh, cy))?;
         let hy = e(self.g.binary(BinaryOp::Mul, o, t))?;
         Ok((hy, cy))
+    }
+
+    /// A bool [rows, cols] mask: column - row `cmp` diagonal (triu: ≥, tril and causal: ≤).
+    fn band(&mut self, rc: &[i64], diagonal: i64, cmp: CmpOp) -> R<ValueId> {
+        let e = |r: Result<ValueId, kiln_compiler::graph::ir::IrError>| r.map_err(|e| e.0);
+        let row = e(self.g.iota(rc, 0))?;
+        let col = e(self.g.iota(rc, 1))?;
+        let offset = e(self.g.binary(BinaryOp::Sub, col, row))?;
+        let d = self.g.constant(Scalar::Int(diagonal), DType::I64);
+        e(self.g.compare(cmp, offset, d))
+    }
+
+    /// scaled_dot_product_attention as PyTorch's math reference computes it: softmax(q·kᵀ ·
+    /// scale + mask)·v, the scale 1/√E by default; a causal mask keeps column ≤ row; a bool
+    /// mask keeps where it is true. A row with nothing kept is zero, as eager's CPU kernels
+    /// return it (no NaN).
+    fn attention(&mut self, q: &Arg, k: &Arg, v: &Arg, mask: &Arg, causal: bool, scale: Option<f64>) -> R<ValueId> {
+        let e = |r: Result<ValueId, kiln_compiler::graph::ir::IrError>| r.map_err(|e| e.0);
+        let (qv, kv) = (self.tensor(q)?, self.tensor(k)?);
+        let (qs, ks) = (self.sizes(qv)?, self.sizes(kv)?);
+        let (r, rk) = (qs.len(), ks.len());
+        if r < 2 || rk < 2 || qs[r - 1] != ks[rk - 1] {
+            return Err(format!("attention of a query {qs:?} and key {ks:?}"));
+        }
+        let d = self.g.ty(qv).dtype;
+        let mut order: Vec<usize> = (0..rk).collect();
+        order.swap(rk - 2, rk - 1);
+        let kt = e(self.g.permute(kv, &order))?;
+        let scores = self.matmul(q, &Arg::Tensor(kt), None)?;
+        let scale = self.g.constant(Scalar::Float(scale.unwrap_or(1.0 / (qs[r - 1] as f64).sqrt())), d);
+        let mut scores = e(self.g.binary(BinaryOp::Mul, scores, scale))?;
+        let rank = self.g.ty(scores).rank();
+        let (l, s) = (qs[r - 2], ks[rk - 2]);
+        let ninf = self.g.constant(Scalar::Float(f64::NEG_INFINITY), d);
+        let mut may_empty = false;
+        match mask {
+            Arg::Const(Const::None) => {}
+            _ if causal => return Err("a mask with is_causal (eager raises)".into()),
+            Arg::Tensor(m) if self.g.ty(*m).dtype == DType::Bool => {
+                scores = e(self.g.where_(*m, scores, ninf))?;
+                may_empty = true;
+            }
+            Arg::Tensor(m) if self.g.ty(*m).dtype == d => {
+                scores = e(self.g.binary(BinaryOp::Add, scores, *m))?;
+                may_empty = true;
+            }
+            _ => return Err("a mask that is neither bool nor of the query's dtype".into()),
+        }
+        if self.g.ty(scores).rank() != rank {
+            return Err("a mask of more dims than the scores (eager raises)".into());
+        }
+        if causal {
+            let keep = self.band(&[l, s], 0, CmpOp::Le)?;
+            scores = e(self.g.where_(keep, scores, ninf))?;
+        }
+        let mut p = e(self.g.softmax(scores, rank - 1, false))?;
+        if may_empty {
+            let top = e(self.g.reduce(ReduceOp::Max, scores, &[rank - 1], true))?;
+            let empty = e(self.g.compare(CmpOp::Eq, top, ninf))?;
+            let zero = self.g.constant(Scalar::Float(0.0), d);
+            p = e(self.g.where_(empty, zero, p))?;
+        }
+        self.matmul(&Arg::Tensor(p), v, None)
     }
 
     /// torch.matmul of two tensors of rank ≥ 2 (`rank`: mm and bmm's exact rank). Operands

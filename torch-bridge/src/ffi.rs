@@ -179,7 +179,8 @@ pub unsafe extern "C" fn kiln_rs_node_supported(dump: *const c_char, len: usize,
         if region.inputs().all(Option::is_some) {
             return crate::aten::lower_node(&region).map(|_| ());
         }
-        match region.node_kinds().first() {
+        // (The node asked about comes last: shape ops it reads come first.)
+        match region.node_kinds().last() {
             Some(kind) if crate::aten::is_known(kind) => Ok(()),
             _ => Err("not an op Kiln supports yet".to_string()),
         }
@@ -272,7 +273,13 @@ pub unsafe extern "C" fn kiln_rs_run(
                 // The guard passed: every symbol's dims agree, so its first one gives its value.
                 let symbols = spec.guards.bind(|i, d| *ts[i].sizes.add(d));
                 let symbols = &symbols[..spec.guards.symbols.len()];
-                spec.program.run_symbolic(&run.shapes, symbols, data, |i, sizes, strides| allocate(i, run.outputs[i], sizes, strides))
+                let output = |i: usize, sizes: &[i64], strides: Option<&[i64]>| allocate(i, run.outputs[i], sizes, strides);
+                if spec.weights.is_empty() {
+                    spec.program.run_symbolic(&run.shapes, symbols, data, output, &|_| None)
+                } else {
+                    let packed = spec.weights.for_call(&spec.program, ts);
+                    spec.program.run_symbolic(&run.shapes, symbols, data, output, &|w| packed[w].as_ref().map(|b| b.as_ptr()))
+                }
             }
         };
         ran.map_err(|e| e.to_string())?;

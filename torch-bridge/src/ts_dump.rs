@@ -12,6 +12,8 @@
 //! list %3 %0 %2                 a list of tensors (a cat's argument)
 //! node %2 aten::mul %0 %1 : f32 [4,4]   one TorchScript node with one tensor output and
 //!                               the output type TorchScript profiled (when it knows it)
+//! shape %3 aten::size %0 %2     integer arithmetic on sizes (x.size(d), a view's shape list,
+//!                               a tracer's sizes as 0-d tensors): a constant of the lowering
 //! output %2
 //! ```
 //!
@@ -51,6 +53,8 @@ pub enum Item {
     /// `expect`: the output dtype and sizes TorchScript recorded, checked against Kiln's own
     /// type inference so that a disagreement rejects the node instead of computing wrongly.
     Node { kind: String, args: Vec<usize>, expect: Option<(Result<DType, String>, Vec<i64>)> },
+    /// Integer arithmetic on sizes: evaluated while lowering, from the inputs' sizes.
+    Shape { kind: String, args: Vec<usize> },
 }
 
 /// A parsed region. Values are numbered by their position in `items`.
@@ -151,6 +155,10 @@ pub fn parse(text: &str) -> Result<Region, String> {
                 })
             }
             "list" => Item::List(rest.iter().map(|a| lookup(a)).collect::<Result<_, _>>()?),
+            "shape" => {
+                let (kind, args) = rest.split_first().ok_or_else(|| format!("bad shape: {line}"))?;
+                Item::Shape { kind: kind.to_string(), args: args.iter().map(|a| lookup(a)).collect::<Result<_, _>>()? }
+            }
             "node" => {
                 let (call, ty) = match rest.iter().position(|w| *w == ":") {
                     Some(p) => (&rest[..p], Some(&rest[p + 1..])),
@@ -195,5 +203,8 @@ mod tests {
         let r = parse("input %0 f32 [2] [1]\nnode %1 aten::exp %0 : f32 [2]\n").unwrap();
         assert_eq!(r.items[1], Item::Node { kind: "aten::exp".into(), args: vec![0], expect: Some((Ok(DType::F32), vec![2])) });
         assert!(parse("node %1 aten::exp %0").is_err());
+        let r = parse("input %0 f32 [2] [1]\nconst %1 int 0\nshape %2 aten::size %0 %1\n").unwrap();
+        assert_eq!(r.items[2], Item::Shape { kind: "aten::size".into(), args: vec![0, 1] });
+        assert!(r.node_kinds().is_empty(), "shape arithmetic is no op of the region");
     }
 }

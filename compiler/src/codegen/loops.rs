@@ -40,13 +40,13 @@ pub(crate) fn used_buffers(k: &Kernel) -> Vec<BufId> {
 }
 
 /// How many parameters the kernel reads: one past the highest it names.
-fn num_params(k: &Kernel) -> usize {
+pub(crate) fn num_params(k: &Kernel) -> usize {
     let mut n = 0;
     let mut see = |p: u32| n = n.max(p as usize + 1);
     let index = |ix: &Index, see: &mut dyn FnMut(u32)| ix.params.iter().for_each(|&(_, p)| see(p));
     for (e, _) in &k.exprs {
         match e {
-            Expr::Load { index: ix, .. } => index(ix, &mut see),
+            Expr::Load { index: ix, .. } | Expr::Index(ix) => index(ix, &mut see),
             Expr::Param(p) => see(*p),
             _ => {}
         }
@@ -181,7 +181,7 @@ fn transcendental(k: &Kernel, body: &[Stmt]) -> bool {
             Expr::Binary(_, a, b) | Expr::Compare(_, a, b) => stack.extend([*a, *b]),
             Expr::Select(c, a, b) => stack.extend([*c, *a, *b]),
             Expr::Cast(x) => stack.push(*x),
-            Expr::Load { .. } | Expr::Const(_) | Expr::Param(_) | Expr::Acc(_) => {}
+            Expr::Load { .. } | Expr::Const(_) | Expr::Param(_) | Expr::Acc(_) | Expr::Index(_) => {}
         }
     }
     false
@@ -341,7 +341,8 @@ impl<'a, 'ctx> Emitter<'a, 'ctx> {
         Ok(())
     }
 
-    fn address(&self, base: PointerValue<'ctx>, dtype: DType, index: &Index) -> R<PointerValue<'ctx>> {
+    /// The value of `index` at the loop variables' current values.
+    fn index_value(&self, index: &Index) -> R<IntValue<'ctx>> {
         let i64t = self.ctx.i64_type();
         let mut off = i64t.const_int(index.offset as u64, true);
         for (v, stride) in &index.terms {
@@ -354,6 +355,11 @@ impl<'a, 'ctx> Emitter<'a, 'ctx> {
             let t = self.b.build_int_mul(i, self.params[*p as usize], "")?;
             off = self.b.build_int_add(off, t, "")?;
         }
+        Ok(off)
+    }
+
+    fn address(&self, base: PointerValue<'ctx>, dtype: DType, index: &Index) -> R<PointerValue<'ctx>> {
+        let off = self.index_value(index)?;
         Ok(unsafe { self.b.build_in_bounds_gep(mem_type(self.ctx, dtype), base, &[off], "")? })
     }
 
@@ -385,8 +391,12 @@ impl<'a, 'ctx> Emitter<'a, 'ctx> {
                 }
             }
             Expr::Const(s) => self.constant(s, d),
-            Expr::Param(p) => {
-                let v = self.params[p as usize];
+            Expr::Param(_) | Expr::Index(_) => {
+                let v = match self.k.expr(id) {
+                    Expr::Param(p) => self.params[*p as usize],
+                    Expr::Index(ix) => self.index_value(ix)?,
+                    _ => unreachable!(),
+                };
                 match d {
                     DType::F32 | DType::F64 => self.b.build_signed_int_to_float(v, llvm_type(self.ctx, d).into_float_type(), "")?.into(),
                     DType::I64 => v.into(),

@@ -165,6 +165,9 @@ pub enum Op {
     /// The inputs one after another along `dim` (torch.cat): stored, each input written into
     /// its part of the buffer by a kernel of its own.
     Cat { dim: usize },
+    /// Each element's coordinate along `dim`, as int64 (no inputs): the index arithmetic of
+    /// masks (a causal mask is `iota(dim -1) > iota(dim -2)`), pointwise like a constant.
+    Iota { dim: usize },
 }
 
 impl Op {
@@ -186,6 +189,7 @@ impl Op {
             Op::Expand => "expand",
             Op::MatMul => "matmul",
             Op::Cat { .. } => "cat",
+            Op::Iota { .. } => "iota",
         }
     }
 
@@ -274,6 +278,14 @@ impl Graph {
 
     pub fn constant(&mut self, value: Scalar, dtype: DType) -> ValueId {
         self.push(Op::Constant(value.cast(dtype)), vec![], TensorType { dtype, shape: vec![] })
+    }
+
+    /// The coordinates along `dim` of a tensor of `shape` (int64).
+    pub fn iota(&mut self, shape: &[i64], dim: usize) -> Result<ValueId, IrError> {
+        if dim >= shape.len() {
+            return err(format!("iota: dim {dim} of a {}-d shape", shape.len()));
+        }
+        Ok(self.push(Op::Iota { dim }, vec![], TensorType::new(DType::I64, shape)))
     }
 
     pub fn unary(&mut self, op: UnaryOp, x: ValueId) -> Result<ValueId, IrError> {
@@ -535,6 +547,7 @@ impl fmt::Display for Graph {
                 Op::Expand => format!("expand({args})"),
                 Op::MatMul => format!("matmul({args})"),
                 Op::Cat { dim } => format!("cat({args}) dim={dim}"),
+                Op::Iota { dim } => format!("iota() dim={dim}"),
             };
             writeln!(f, "  %{i} = {head} : {}", n.ty)?;
         }
@@ -645,6 +658,11 @@ pub fn parse_graph(text: &str) -> Result<Graph, IrError> {
                 "cat" => {
                     let dim = attr("dim").and_then(|d| d.parse().ok()).ok_or_else(|| IrError("cat needs dim=".into()))?;
                     g.cat(&ins()?, dim)?
+                }
+                "iota" => {
+                    let dim = attr("dim").and_then(|d| d.parse().ok()).ok_or_else(|| IrError("iota needs dim=".into()))?;
+                    let shape = ty.static_shape().ok_or_else(|| IrError("iota needs a static result type".into()))?;
+                    g.iota(&shape, dim)?
                 }
                 "slice" => {
                     let num = |k: &str| attr(k).and_then(|d| d.parse().ok()).ok_or_else(|| IrError(format!("slice needs {k}=")));

@@ -274,6 +274,7 @@ pub fn eval(g: &Graph, inputs: &[Tensor]) -> Vec<Tensor> {
         let data = match &n.op {
             Op::Input(i) => inputs[*i].data.clone(),
             Op::Constant(s) => vec![*s],
+            Op::Iota { dim } => pointwise(&|c| Scalar::Int(c[*dim])),
             Op::Unary(u) => pointwise(&|c| round(unary(*u, at(arg(0), c), d), d)),
             Op::Binary(b) => pointwise(&|c| round(binary(*b, at(arg(0), c), at(arg(1), c), d), d)),
             Op::Compare(op) => pointwise(&|c| Scalar::Bool(compare(*op, at(arg(0), c), at(arg(1), c), arg(0).dtype))),

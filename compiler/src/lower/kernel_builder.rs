@@ -116,6 +116,11 @@ impl<'a> KernelBuilder<'a> {
                 .collect();
             let expr = match &node.op {
                 Op::Constant(s) => Expr::Const(*s),
+                Op::Iota { dim } => {
+                    let mut unit = vec![0; shape.len()];
+                    unit[*dim] = 1;
+                    Expr::Index(index_at(coords, &unit, 0))
+                }
                 Op::Unary(u) => Expr::Unary(*u, args[0]),
                 Op::Binary(b) => Expr::Binary(*b, args[0], args[1]),
                 Op::Compare(c) => Expr::Compare(*c, args[0], args[1]),

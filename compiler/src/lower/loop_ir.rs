@@ -42,6 +42,8 @@ pub enum Expr {
     Compare(CmpOp, ExprId, ExprId),
     Select(ExprId, ExprId, ExprId),
     Cast(ExprId),
+    /// The value of an index expression (int64): an iota's coordinate.
+    Index(Index),
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -147,6 +149,7 @@ impl Kernel {
             Expr::Load { buf, index } => write!(out, "b{}[{}]", buf.0, index).unwrap(),
             Expr::Const(s) => write!(out, "{s}:{dtype}").unwrap(),
             Expr::Param(p) => write!(out, "p{p}:{dtype}").unwrap(),
+            Expr::Index(index) => write!(out, "index({index})").unwrap(),
             Expr::Acc(a) => write!(out, "acc{}", a.0).unwrap(),
             Expr::Unary(op, x) => {
                 write!(out, "{}(", op.name()).unwrap();

@@ -20,8 +20,8 @@ pub fn plan_memory(buffers: &mut [BufferDecl], kernels: &[Kernel]) -> usize {
         }
         visit_stores(&k.root, &mut |b| note(b));
         if let Some(g) = &k.gemm {
-            // The runtime's GEMM loops read the operands and fill the pack buffers.
-            for b in [g.shape.a.buf, g.shape.b.buf, g.shape.pack_a, g.shape.pack_b] {
+            // The runtime's GEMM loops read the operands (and pack into scratch of their own).
+            for b in [g.shape.a.buf, g.shape.b.buf] {
                 note(b);
             }
         }

@@ -165,7 +165,7 @@ pub fn lower(g: &Graph, input_strides: &[Vec<i64>]) -> Result<LoopProgram, Lower
         match &n.op {
             Op::Reduce { op, dims, keepdim } => kernels.push(b.reduction(v, *op, dims, *keepdim)),
             Op::Softmax { dim, log } => kernels.push(b.softmax(v, *dim, *log)),
-            Op::MatMul => match gemm_shape(g, v, &b, &mut buffers) {
+            Op::MatMul => match gemm_shape(g, v, &b) {
                 Some(shape) => kernels.push(b.gemm(v, shape)),
                 None => kernels.push(b.matmul_loops(v)),
             },
@@ -208,9 +208,9 @@ pub fn lower(g: &Graph, input_strides: &[Vec<i64>]) -> Result<LoopProgram, Lower
 const GEMM_MIN_ROWS: i64 = 4;
 const GEMM_MIN_COLS: i64 = 16;
 
-/// The GEMM kernel's description of matmul `v`, with its pack buffers added to `buffers`; None
+/// The GEMM kernel's description of matmul `v`; None
 /// where the loop nest takes it (float64, a thin output, an operand not in memory).
-fn gemm_shape(g: &Graph, v: ValueId, b: &KernelBuilder, buffers: &mut Vec<BufferDecl>) -> Option<crate::kernels::gemm::GemmShape> {
+fn gemm_shape(g: &Graph, v: ValueId, b: &KernelBuilder) -> Option<crate::kernels::gemm::GemmShape> {
     use crate::kernels::gemm::{GemmOperand, GemmShape, GemmTile};
     let out = g.ty(v).static_shape()?;
     let r = out.len();
@@ -236,14 +236,7 @@ fn gemm_shape(g: &Graph, v: ValueId, b: &KernelBuilder, buffers: &mut Vec<Buffer
     if m < GEMM_MIN_ROWS && a.cols == 1 && bop.rows == 1 {
         return None;
     }
-    let mut shape = GemmShape { batch: out[..r - 2].to_vec(), m, n, k, a, b: bop, tile: GemmTile::for_rows(m), pack_a: BufId(0), pack_b: BufId(0) };
-    let mut scratch = |elems: i64| {
-        buffers.push(BufferDecl { dtype: DType::F32, sizes: vec![elems], kind: BufferKind::Temp { offset: 0 }, order: row_major(1) });
-        BufId(buffers.len() as u32 - 1)
-    };
-    shape.pack_a = scratch(shape.packed_a_elems());
-    shape.pack_b = scratch(shape.packed_b_elems());
-    Some(shape)
+    Some(GemmShape { batch: out[..r - 2].to_vec(), m, n, k, a, b: bop, tile: GemmTile::for_rows(m) })
 }
 
 /// Appends `item` to the list for `key`, starting one if there is none.

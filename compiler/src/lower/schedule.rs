@@ -65,7 +65,7 @@ fn stride(index: &Index, v: VarId) -> i64 {
 
 fn for_each_index(k: &mut Kernel, f: &mut impl FnMut(&mut Index)) {
     for (e, _) in &mut k.exprs {
-        if let Expr::Load { index, .. } = e {
+        if let Expr::Load { index, .. } | Expr::Index(index) = e {
             f(index);
         }
     }

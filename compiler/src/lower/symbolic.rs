@@ -5,14 +5,17 @@
 //! in the symbols (`c × Π sᵏ`: a loop extent, a stride, a mean's count), the program is
 //! rewritten to read those integers from parameters at run time (`Dim::Sym`,
 //! `Index::params`, `Expr::Param`) and compiled once. Kernels run on `[start, end)` slices of
-//! their root loop, so root extents and buffer sizes need no parameter: the runtime evaluates
-//! them and lays temporaries out for the sizes at hand
+//! their root loop, so root extents, buffer sizes and a GEMM's shape (the runtime's loops
+//! read it, not generated code) need no parameter: the runtime evaluates them and lays
+//! temporaries out for the sizes at hand
 //! ([`CompiledProgram::run_symbolic`](crate::CompiledProgram::run_symbolic)). A region whose
 //! lowering changes shape with the sizes, or whose integers are no monomials, keeps code per
 //! size.
 //!
-//! The samples are primes ≥ 11 that no static size equals, so that no comparison the lowering
-//! makes (broadcast, contiguity, coalescing) holds at the samples by coincidence; one extra
+//! The samples are primes ≥ 17 that no static size equals, so that no comparison the lowering
+//! makes (broadcast, contiguity, coalescing) holds at the samples by coincidence, and every
+//! sample is past the lowering's size thresholds (a matmul of fewer than 16 columns takes
+//! the loop nest, not the GEMM: samples on both sides would lower differently); one extra
 //! sample with every symbol moved checks the inferred monomials. Symbols are ≥ 2 at run time
 //! (the guard's job): sizes 0 and 1 change broadcasting and get code of their own.
 
@@ -61,9 +64,12 @@ pub struct SymbolicShapes {
     pub work: Vec<Polynomial>,
     /// The program's parameters, as the rewritten kernels number them.
     pub params: Vec<Monomial>,
+    /// Per kernel that is a GEMM: its shape's integers (`GemmShape::integers`), which the
+    /// runtime's GEMM loops read (the microkernel takes k, rows and columns as arguments).
+    pub gemms: Vec<Option<Vec<Monomial>>>,
 }
 
-const PRIMES: [i64; 24] = [11, 13, 17, 19, 23, 29, 31, 37, 41, 43, 47, 53, 59, 61, 67, 71, 73, 79, 83, 89, 97, 101, 103, 107];
+const PRIMES: [i64; 24] = [17, 19, 23, 29, 31, 37, 41, 43, 47, 53, 59, 61, 67, 71, 73, 79, 83, 89, 97, 101, 103, 107, 109, 113];
 
 /// The assignments to lower a region at for [`infer`]: a base, the base with each symbol moved
 /// in turn, and every symbol moved at once. No value equals a size in `avoid` (static sizes).
@@ -138,8 +144,18 @@ pub fn infer(samples: &[(Vec<i64>, LoopProgram)]) -> Result<(SymbolicShapes, Loo
         parameterise(&mut kernel, &decisions);
         kernels.push(kernel);
     }
+    let gemms = (0..base.kernels.len())
+        .map(|k| match &base.kernels[k].gemm {
+            None => Ok(None),
+            Some(spec) => (0..spec.shape.integers().len())
+                .map(|i| fit(&points, &values(&|p| p.kernels[k].gemm.as_ref().expect("same skeleton").shape.integers()[i])))
+                .collect::<Result<Vec<_>, _>>()
+                .map(Some)
+                .map_err(|e| format!("kernel {}: a GEMM size {e}", base.kernels[k].name)),
+        })
+        .collect::<Result<Vec<_>, _>>()?;
     let work = kernels.iter().map(|k| work(&k.root.body, &params, n)).collect();
-    let shapes = SymbolicShapes { num_symbols: n, buffers, extents, work, params };
+    let shapes = SymbolicShapes { num_symbols: n, buffers, extents, work, params, gemms };
     Ok((shapes, LoopProgram { kernels, ..base.clone() }))
 }
 
@@ -251,7 +267,7 @@ fn integers(k: &Kernel) -> Vec<Int> {
     walk(&k.root, &mut out);
     for (e, _) in &k.exprs {
         match e {
-            Expr::Load { index: ix, .. } => index(ix, &mut out),
+            Expr::Load { index: ix, .. } | Expr::Index(ix) => index(ix, &mut out),
             Expr::Const(s) => out.push(Int::Const(*s)),
             _ => {}
         }
@@ -291,7 +307,7 @@ fn parameterise(k: &mut Kernel, decisions: &[Option<u32>]) {
     walk(&mut k.root, &mut next);
     for (e, _) in &mut k.exprs {
         match e {
-            Expr::Load { index: ix, .. } => index(ix, &mut next),
+            Expr::Load { index: ix, .. } | Expr::Index(ix) => index(ix, &mut next),
             Expr::Const(_) => {
                 if let Some(p) = next.next().unwrap() {
                     *e = Expr::Param(p);
@@ -310,6 +326,9 @@ fn skeleton(k: &Kernel) -> Kernel {
     k.root.extent = Dim::Const(0);
     k.root.kind = LoopKind::Serial;
     k.work_per_iter = 0;
+    if let Some(g) = &mut k.gemm {
+        g.shape = g.shape.with_integers(&vec![0; g.shape.integers().len()]);
+    }
     fn index(ix: &mut Index) {
         ix.terms.iter_mut().for_each(|t| t.1 = 0);
         ix.offset = 0;
@@ -329,7 +348,7 @@ fn skeleton(k: &Kernel) -> Kernel {
     walk(&mut k.root);
     for (e, _) in &mut k.exprs {
         match e {
-            Expr::Load { index: ix, .. } => index(ix),
+            Expr::Load { index: ix, .. } | Expr::Index(ix) => index(ix),
             Expr::Const(s) => *s = Scalar::Int(0),
             _ => {}
         }

@@ -99,12 +99,7 @@ fn run_of(n: i64, parts: usize, p: usize) -> (i64, i64) {
     ((p as i64 * chunk).min(n), ((p as i64 + 1) * chunk).min(n))
 }
 
-/// Runs one GEMM kernel of a program.
-///
-/// # Safety
-/// `table` is the program's buffer table, filled for this call: the operands laid out as
-/// `s` says, the pack buffers at least `packed_*_elems` floats, 64-byte aligned.
-/// Packs a batch-invariant B (a weight) whole: the layout `run` reads from `pack_b`.
+/// Packs a batch-invariant B (a weight) whole: the layout `run` packs B into.
 ///
 /// # Safety
 /// `src` is B's buffer, laid out as `s.b` says; `dst` writable for `s.packed_b_elems()` floats.
@@ -116,9 +111,13 @@ pub unsafe fn pack_b(s: &GemmShape, src: *const f32, dst: *mut f32) {
     }
 }
 
-/// `prepacked_b`: B already packed (by [`pack_b`], from this call's data); B's packing is
-/// then skipped.
-pub unsafe fn run(s: &GemmShape, ukr: MicrokernelFn, table: *const *mut u8, prepacked_b: Option<*const f32>) {
+/// Runs one GEMM kernel of a program. `prepacked_b`: B already packed (by [`pack_b`], from
+/// this call's data); B's packing is then skipped.
+///
+/// # Safety
+/// `table` is the program's buffer table, filled for this call, with the operands laid out as
+/// `s` says; `scratch` is writable for `s.scratch_elems()` floats, 64-byte aligned.
+pub unsafe fn run(s: &GemmShape, ukr: MicrokernelFn, table: *const *mut u8, scratch: *mut f32, prepacked_b: Option<*const f32>) {
     let tile = s.tile;
     let (mp, np) = (s.m_panels(), s.n_panels());
     let batches = s.batch_count();
@@ -128,8 +127,8 @@ pub unsafe fn run(s: &GemmShape, ukr: MicrokernelFn, table: *const *mut u8, prep
     }
     let a_src = (*table.add(s.a.buf.0 as usize) as *const f32).offset(s.a.offset as isize);
     let b_src = (*table.add(s.b.buf.0 as usize) as *const f32).offset(s.b.offset as isize);
-    let pa = *table.add(s.pack_a.0 as usize) as *mut f32;
-    let pb = prepacked_b.map_or(*table.add(s.pack_b.0 as usize) as *mut f32, |p| p as *mut f32);
+    let pa = scratch;
+    let pb = prepacked_b.map_or(scratch.offset(s.packed_b_offset() as isize), |p| p as *mut f32);
     let a_count = if s.a.batch_invariant() { 1 } else { batches };
     let b_count = if s.b.batch_invariant() { 1 } else { batches };
     let (a_panel, b_panel) = (tile.mr * s.k, tile.nr * s.k);

@@ -57,7 +57,8 @@ impl ProgramImage {
             })
             .collect();
         let weights = packable_weights(&self);
-        Ok(CompiledProgram { image: self, fns, weights, compile_time: Duration::ZERO })
+        let pack_bytes = pack_bytes(self.kernels.iter().map(|k| k.gemm.as_ref()));
+        Ok(CompiledProgram { image: self, fns, weights, pack_bytes, compile_time: Duration::ZERO })
     }
 }
 
@@ -91,11 +92,19 @@ fn packable_weights(image: &ProgramImage) -> Vec<PackableWeight> {
     out
 }
 
+/// Scratch bytes the largest of these GEMMs packs its operands into (they run one at a time
+/// and share it).
+fn pack_bytes<'a>(gemms: impl Iterator<Item = Option<&'a crate::kernels::gemm::GemmShape>>) -> usize {
+    gemms.flatten().map(|g| (g.scratch_elems().max(0) as usize * 4).div_ceil(ARENA_ALIGN) * ARENA_ALIGN).max().unwrap_or(0)
+}
+
 pub struct CompiledProgram {
     pub image: ProgramImage,
     /// The loaded code of `image.kernels[i]`.
     fns: Vec<Code>,
     weights: Vec<PackableWeight>,
+    /// Scratch for packing GEMM operands, after the temporaries (see `pack_bytes`).
+    pack_bytes: usize,
     /// Time to compile and load; zero when loaded from an image.
     pub compile_time: Duration,
 }
@@ -180,6 +189,14 @@ pub enum RunError {
     Output(usize),
 }
 
+/// How a call runs its GEMMs: each kernel's shape at this call's sizes, the scratch their
+/// packing needs, and kernel i's packed weight where one is kept.
+struct Plan<'a> {
+    gemm: &'a dyn Fn(usize) -> Option<&'a crate::kernels::gemm::GemmShape>,
+    pack_bytes: usize,
+    packed: &'a dyn Fn(usize) -> Option<*const f32>,
+}
+
 struct Table(*const *mut u8);
 // The table only carries addresses the caller vouches for for the duration of `run`.
 unsafe impl Sync for Table {}
@@ -225,9 +242,13 @@ impl CompiledProgram {
             BufferKind::Temp { offset } => offset,
             _ => 0,
         };
-        let weights = &self.weights;
-        let packed_of = |k: usize| weights.iter().position(|w| w.kernel == k).and_then(packed);
-        self.run_plan(|i| kernels[i].extent, |i| kernels[i].parallel, temp_offset, self.image.arena_bytes, &[], input, output, &packed_of)
+        let plan = Plan { gemm: &|i| kernels[i].gemm.as_ref(), pack_bytes: self.pack_bytes, packed: &|k| self.packed_of(k, packed) };
+        self.run_plan(|i| kernels[i].extent, |i| kernels[i].parallel, temp_offset, self.image.arena_bytes, &[], input, output, &plan)
+    }
+
+    /// The packed copy `packed` gives for kernel `k`'s weight, if it has one.
+    fn packed_of(&self, k: usize, packed: &dyn Fn(usize) -> Option<*const f32>) -> Option<*const f32> {
+        self.weights.iter().position(|w| w.kernel == k).and_then(packed)
     }
 
     /// The GEMM operands that are inputs of the program and the same matrix for every batch
@@ -261,6 +282,7 @@ impl CompiledProgram {
         symbols: &[i64],
         input: impl Fn(usize) -> *const u8,
         mut output: impl FnMut(usize, &[i64], Option<&[i64]>) -> Option<*mut u8>,
+        packed: &dyn Fn(usize) -> Option<*const f32>,
     ) -> Result<(), RunError> {
         let image = &self.image;
         let extents: Vec<i64> = shapes.extents.iter().map(|m| m.eval(symbols)).collect();
@@ -290,7 +312,15 @@ impl CompiledProgram {
             let sizes: Vec<i64> = shapes.buffers[b].iter().map(|m| m.eval(symbols)).collect();
             output(o, &sizes, image.buffers[b].strides_at(&sizes).as_deref())
         };
-        self.run_plan(|i| extents[i], |i| parallel[i], |i, _| offsets[i], arena, &params, input, output, &|_| None)
+        // GEMMs: every integer of their shape at these sizes.
+        let gemms: Vec<Option<crate::kernels::gemm::GemmShape>> = image
+            .kernels
+            .iter()
+            .zip(&shapes.gemms)
+            .map(|(k, g)| Some(k.gemm.as_ref()?.with_integers(&g.as_ref()?.iter().map(|m| m.eval(symbols)).collect::<Vec<_>>())))
+            .collect();
+        let plan = Plan { gemm: &|i| gemms[i].as_ref(), pack_bytes: pack_bytes(gemms.iter().map(Option::as_ref)), packed: &|k| self.packed_of(k, packed) };
+        self.run_plan(|i| extents[i], |i| parallel[i], |i, _| offsets[i], arena, &params, input, output, &plan)
     }
 
     /// Fills the buffer table (temporaries at `temp_offset(i, buffer)` in an arena of
@@ -307,7 +337,7 @@ impl CompiledProgram {
         params: &[i64],
         input: impl Fn(usize) -> *const u8,
         mut output: impl FnMut(usize) -> Option<*mut u8>,
-        packed: &dyn Fn(usize) -> Option<*const f32>,
+        plan: &Plan<'_>,
     ) -> Result<(), RunError> {
         // The buffer table lives on the stack for the common case: this runs on every call.
         const INLINE: usize = 32;
@@ -324,7 +354,9 @@ impl CompiledProgram {
         table[slots - 1] = params.as_ptr() as *mut u8;
         ARENA.with(|arena| {
             let mut arena = arena.borrow_mut();
-            let base = arena.reserve(arena_bytes).ok_or(RunError::Scratch(arena_bytes))?;
+            let temps = arena_bytes.div_ceil(ARENA_ALIGN) * ARENA_ALIGN;
+            let base = arena.reserve(temps + plan.pack_bytes).ok_or(RunError::Scratch(temps + plan.pack_bytes))?;
+            let pack_scratch = base.add(temps) as *mut f32;
             for (i, (slot, b)) in table.iter_mut().zip(&image.buffers).enumerate() {
                 let offset = temp_offset(i, b);
                 *slot = match b.kind {
@@ -345,8 +377,8 @@ impl CompiledProgram {
                 let f = match code {
                     Code::Loop(f) => f,
                     Code::Gemm(ukr) => {
-                        let shape = image.kernels[i].gemm.as_ref().expect("a GEMM kernel has its shape");
-                        crate::runtime::gemm::run(shape, ukr, table.0, packed(i));
+                        let shape = (plan.gemm)(i).expect("a GEMM kernel has its shape");
+                        crate::runtime::gemm::run(shape, ukr, table.0, pack_scratch, (plan.packed)(i));
                         continue;
                     }
                 };

@@ -11,7 +11,7 @@
 //! aligned, zero past the matrix edge, so the k loop never branches on the edge.
 
 use super::{GemmSpec, LANES};
-use crate::codegen::loops::{llvm_type, set_target_attrs, used_buffers, Emitter, R};
+use crate::codegen::loops::{llvm_type, num_params, set_target_attrs, used_buffers, Emitter, R};
 use crate::codegen::target::Target;
 use crate::codegen::CodegenError;
 use crate::dtype::DType;
@@ -68,6 +68,17 @@ pub fn emit<'ctx>(ctx: &'ctx Context, module: &Module<'ctx>, k: &Kernel, spec: &
     for buf in used_buffers(k) {
         let slot = unsafe { b.build_in_bounds_gep(ptr, table, &[i64t.const_int(buf.0 as u64, false)], "")? };
         bufs.insert(buf, (b.build_load(ptr, slot, "")?.into_pointer_value(), buffer_dtypes[buf.0 as usize]));
+    }
+    // Parameters (code for symbolic sizes: strides of the output and of what the epilogue
+    // reads) follow the buffers in the table.
+    let mut params = vec![];
+    if num_params(k) > 0 {
+        let slot = unsafe { b.build_in_bounds_gep(ptr, table, &[i64t.const_int(buffer_dtypes.len() as u64, false)], "")? };
+        let base = b.build_load(ptr, slot, "")?.into_pointer_value();
+        for p in 0..num_params(k) {
+            let slot = unsafe { b.build_in_bounds_gep(i64t, base, &[i64t.const_int(p as u64, false)], "")? };
+            params.push(b.build_load(i64t, slot, &format!("p{p}"))?.into_int_value());
+        }
     }
     let mut vars = HashMap::new();
     for v in 0..k.num_vars {
@@ -142,7 +153,7 @@ pub fn emit<'ctx>(ctx: &'ctx Context, module: &Module<'ctx>, k: &Kernel, spec: &
             b.build_store(addr, c)?.set_alignment(64).map_err(|e| CodegenError::Llvm(e.to_string()))?;
         }
     }
-    let mut e = Emitter { ctx, module, b: &b, k, f, bufs, vars, accs, memo: HashMap::new(), params: vec![], interleave: opts.interleave };
+    let mut e = Emitter { ctx, module, b: &b, k, f, bufs, vars, accs, memo: HashMap::new(), params, interleave: opts.interleave };
     let done = ctx.append_basic_block(f, "done");
     for r in 0..mr {
         let live = ctx.append_basic_block(f, "row");

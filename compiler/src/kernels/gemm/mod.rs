@@ -72,8 +72,10 @@ impl GemmOperand {
 }
 
 /// What the runtime needs to run a GEMM: C[batch…, m, n] = A[batch…, m, k] · B[batch…, k, n],
-/// then the epilogue. `pack_a` / `pack_b` are scratch buffers of the program large enough
-/// for [`GemmShape::packed_a_elems`] / [`GemmShape::packed_b_elems`] float32s.
+/// then the epilogue. The packed panels live in scratch the runtime sets aside per call
+/// ([`GemmShape::scratch_elems`] floats), not in the program's buffers: their size is no
+/// product of the sizes (whole panels), and code for symbolic sizes evaluates every integer
+/// here per call ([`GemmShape::integers`]).
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub struct GemmShape {
     pub batch: Vec<i64>,
@@ -83,8 +85,6 @@ pub struct GemmShape {
     pub a: GemmOperand,
     pub b: GemmOperand,
     pub tile: GemmTile,
-    pub pack_a: BufId,
-    pub pack_b: BufId,
 }
 
 impl GemmShape {
@@ -109,6 +109,42 @@ impl GemmShape {
     }
     pub fn packed_b_elems(&self) -> i64 {
         self.packed_count(&self.b) * self.n_panels() * self.tile.nr * self.k
+    }
+    /// Where B's panels start in the scratch (after A's, 64-byte aligned: the microkernel's
+    /// loads of B are aligned).
+    pub fn packed_b_offset(&self) -> i64 {
+        (self.packed_a_elems() + LANES - 1) / LANES * LANES
+    }
+    /// Floats of scratch a call packs A and B into (B's part unused when it is prepacked).
+    pub fn scratch_elems(&self) -> i64 {
+        self.packed_b_offset() + self.packed_b_elems()
+    }
+    /// The integers that follow the sizes, in a fixed order: batch sizes, m, n, k, then each
+    /// operand's offset, batch strides, row and column strides. (Code for symbolic sizes
+    /// fits each to a product of symbols, `lower::symbolic`.)
+    pub fn integers(&self) -> Vec<i64> {
+        let mut out = self.batch.clone();
+        out.extend([self.m, self.n, self.k]);
+        for op in [&self.a, &self.b] {
+            out.push(op.offset);
+            out.extend(&op.batch_strides);
+            out.extend([op.rows, op.cols]);
+        }
+        out
+    }
+    /// This shape with `integers` (in [`integers`](Self::integers)' order) in place of its own.
+    pub fn with_integers(&self, integers: &[i64]) -> GemmShape {
+        let mut next = integers.iter().copied();
+        let mut take = || next.next().expect("as many integers as `integers` gives");
+        let batch = self.batch.iter().map(|_| take()).collect();
+        let (m, n, k) = (take(), take(), take());
+        let mut operand = |op: &GemmOperand| {
+            let offset = take();
+            let batch_strides = op.batch_strides.iter().map(|_| take()).collect();
+            GemmOperand { buf: op.buf, offset, batch_strides, rows: take(), cols: take() }
+        };
+        let (a, b) = (operand(&self.a), operand(&self.b));
+        GemmShape { batch, m, n, k, a, b, tile: self.tile }
     }
     /// Multiply-adds, for the parallel grain.
     pub fn flops(&self) -> i64 {
