@@ -404,3 +404,17 @@ def test_multi_head_attention_runs_in_kiln(how):
     torch.manual_seed(0)
     m = check_model(SelfAttention(), (torch.randn(2, 13, 48),), how, True)
     assert "attention" in torch_kiln.explain(m)
+
+
+def test_symbolic_products_of_two_inputs_follow_every_size():
+    """Every dim of both operands symbolic (`dynamic="always"`'s kind of code, reached by
+    `auto` once each dim has moved): the GEMM's shape is evaluated per call, and a B operand
+    whose packed layout moves with the sizes is packed per call, never kept from another size."""
+    torch.manual_seed(0)
+    fn = torch.jit.CompilationUnit("def fn(x, w):\n    return torch.relu(torch.matmul(x, w))\n").fn
+    sizes = [(17, 33, 24), (17, 33, 24), (17, 33, 24), (5, 20, 24), (5, 20, 24), (9, 20, 40), (9, 20, 40), (3, 4, 17), (3, 4, 17), (17, 33, 24)]
+    for m, k, n in sizes:
+        x, w = torch.randn(m, k), torch.randn(k, n)
+        torch.testing.assert_close(fn(x, w), torch.relu(x @ w))
+    s = torch_kiln.stats()
+    assert s["symbolic_specializations"] >= 1 and s["kernel_runs"] >= 6, s

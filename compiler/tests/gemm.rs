@@ -191,6 +191,11 @@ fn a_pointwise_tail_becomes_the_gemm_epilogue() {
     let ir2 = ir.replace("return (%8)", "return (%8, %5)");
     let text = lower_graph(&parse_graph(&ir2).unwrap(), &[vec![32, 1], vec![32, 1], vec![1], vec![48, 1]]).unwrap().to_string();
     assert_eq!(text.matches("kernel ").count(), 2, "{text}");
+    // A product another GEMM takes as an operand (read by the runtime's packing, not by a
+    // load) stays stored too, though a pointwise consumer reads it at its own coordinates.
+    let ir3 = "graph(%0: f32[64, 32], %1: f32[32, 48]) {\n  %2 = matmul(%0, %1) : f32[64, 48]\n  %3 = tanh(%2) : f32[64, 48]\n  %4 = permute(%2) dims=[1, 0] : f32[48, 64]\n  %5 = matmul(%4, %3) : f32[48, 48]\n  return (%5)\n}\n";
+    let text = lower_graph(&parse_graph(ir3).unwrap(), &[vec![32, 1], vec![48, 1]]).unwrap().to_string();
+    assert!(!text.contains("tanh(acc"), "the product's store was fused away:\n{text}");
 }
 
 #[test]

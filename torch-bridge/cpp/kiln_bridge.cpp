@@ -422,10 +422,6 @@ bool is_unpack(const Node* n) {
   return n->kind() == prim::ListUnpack && is_split(n->input()->node());
 }
 
-// Integer arithmetic on sizes: x.size(d), x.shape and its items, products and quotients
-// of sizes, the int lists views take (`x.view(b, s, h, -1)`). A group takes it with its
-// users and Rust evaluates it while lowering, where every size is known (the guard checks
-// them); alone it stays in TorchScript (it computes no tensor).
 bool is_size_tensor(const Value* v);
 
 // Traced code computes with sizes as 0-d tensors: `prim::NumToTensor(x.size(d))`, a number
@@ -472,6 +468,10 @@ bool is_size_tensor(const Value* v) {
   return is_size_arithmetic(p);
 }
 
+// Integer arithmetic on sizes: x.size(d), x.shape and its items, products and quotients
+// of sizes, the int lists views take (`x.view(b, s, h, -1)`). A group takes it with its
+// users and Rust evaluates it while lowering, where every size is known (the guard checks
+// them); alone it stays in TorchScript (it computes no tensor).
 bool is_shape_op(const Node* n) {
   auto is_int = [](const Value* v) { return v->type()->kind() == TypeKind::IntType; };
   auto is_ints = [](const Value* v) {

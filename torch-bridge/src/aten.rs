@@ -1222,8 +1222,31 @@ impl Lower<'_> {
                 return Err("bmm of different batch sizes".into());
             }
         }
+        if rank.is_none() && (ta.rank() == 1 || tb.rank() == 1) && ta.rank() >= 1 && tb.rank() >= 1 {
+            // A vector is a matrix of one row (left) or one column (right), removed from the
+            // result again, as torch.matmul does; the result is stored (eager's is new
+            // memory, never a view of the product).
+            let e = |r: Result<ValueId, kiln_compiler::graph::ir::IrError>| r.map_err(|e| e.0);
+            let (sa, sb) = (self.sizes(a)?, self.sizes(b)?);
+            let a2 = if sa.len() == 1 { e(self.g.reshape(a, &[1, sa[0]]))? } else { a };
+            let b2 = if sb.len() == 1 { e(self.g.reshape(b, &[sb[0], 1]))? } else { b };
+            if self.g.ty(a2).rank() == 2 && self.g.ty(b2).rank() > 2 && sa.len() != 1 {
+                return Err("a matrix times a batch of matrices is not supported yet".into());
+            }
+            let p = e(self.g.matmul(a2, b2))?;
+            let mut out = self.sizes(p)?;
+            let r = out.len();
+            if sb.len() == 1 {
+                out.remove(r - 1);
+            }
+            if sa.len() == 1 {
+                out.remove(r - 2);
+            }
+            let v = e(self.g.reshape(p, &out))?;
+            return Ok(self.g.copy(v));
+        }
         if ta.rank() < 2 || tb.rank() < 2 {
-            return Err("a vector operand (rank 1) is not supported yet".into());
+            return Err("a 0-d operand (eager raises)".into());
         }
         if ta.rank() == 2 && tb.rank() > 2 {
             // Eager computes this as a transposed product and returns a transposed result.

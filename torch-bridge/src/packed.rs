@@ -64,15 +64,19 @@ impl Drop for Packed {
 /// One slot per packable weight of a program (`CompiledProgram::packable_weights`).
 pub struct PackedWeights {
     slots: Vec<Mutex<Option<Packed>>>,
+    /// Per weight: whether a copy is kept (code for symbolic sizes keeps only weights whose
+    /// packed layout does not move with the sizes).
+    kept: Vec<bool>,
 }
 
 impl PackedWeights {
-    pub fn new(program: &CompiledProgram) -> PackedWeights {
-        PackedWeights { slots: program.packable_weights().iter().map(|_| Mutex::new(None)).collect() }
+    pub fn new(program: &CompiledProgram, keep: impl Fn(&kiln_compiler::runtime::program::PackableWeight) -> bool) -> PackedWeights {
+        let kept: Vec<bool> = program.packable_weights().iter().map(keep).collect();
+        PackedWeights { slots: kept.iter().map(|_| Mutex::new(None)).collect(), kept }
     }
 
     pub fn is_empty(&self) -> bool {
-        self.slots.is_empty()
+        !self.kept.contains(&true)
     }
 
     /// The packed copy of each weight for this call's inputs, packing those missing or stale;
@@ -85,9 +89,10 @@ impl PackedWeights {
             .packable_weights()
             .iter()
             .zip(&self.slots)
-            .map(|(w, slot)| {
+            .zip(&self.kept)
+            .map(|((w, slot), &kept)| {
                 let t = &inputs[w.input];
-                if t.version < 0 || t.storage.is_null() {
+                if !kept || t.version < 0 || t.storage.is_null() {
                     return None;
                 }
                 let mut slot = slot.lock().unwrap_or_else(|e| e.into_inner());

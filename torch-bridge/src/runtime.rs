@@ -512,12 +512,17 @@ impl Runtime {
             disk: options.disk.as_deref(),
         };
         let (program, source) = self.cache.fetch(&request).map_err(|e| e.to_string())?;
+        // Code for symbolic sizes keeps a packed copy only of a B whose layout does not move.
+        let weights = crate::packed::PackedWeights::new(&program, |w| match &symbolic {
+            None => true,
+            Some(run) => program.image.kernels[w.kernel].gemm.as_ref().is_some_and(|g| run.shapes.gemm_b_is_static(w.kernel, g)),
+        });
         let spec = Specialization {
             guards,
             symbolic,
             outputs: program.outputs().map(|b| (aten::scalar_type_code(b.dtype), b.sizes.clone(), b.strides())).collect(),
             compile_time: if source == Source::Memory { Duration::ZERO } else { program.compile_time },
-            weights: crate::packed::PackedWeights::new(&program),
+            weights,
             program,
             kiln_ir: lowered.graph.to_string(),
             cache_key: key,

@@ -57,7 +57,9 @@ fn candidate(kernels: &[Kernel], buffers: &[BufferDecl], i: usize) -> Option<(us
         [b] if matches!(buffers[b.0 as usize].kind, BufferKind::Temp { .. }) => *b,
         _ => return None,
     };
-    let readers: Vec<usize> = (0..kernels.len()).filter(|&k| loads(&kernels[k]).any(|(b, _)| b == product)).collect();
+    // A GEMM reads its operands in the runtime's packing loops, not through loads.
+    let reads = |k: &Kernel| loads(k).any(|(b, _)| b == product) || k.gemm.as_ref().is_some_and(|g| g.shape.a.buf == product || g.shape.b.buf == product);
+    let readers: Vec<usize> = (0..kernels.len()).filter(|&k| reads(&kernels[k])).collect();
     let [j] = readers.as_slice() else { return None };
     let consumer = &kernels[*j];
     if consumer.gemm.is_some() || *j < i {

@@ -69,6 +69,14 @@ pub struct SymbolicShapes {
     pub gemms: Vec<Option<Vec<Monomial>>>,
 }
 
+impl SymbolicShapes {
+    /// Whether kernel `k`, a GEMM of `shape` (the base sample's), reads a B whose packed layout
+    /// is the same at every size: only then may a packed copy of it be kept between calls.
+    pub fn gemm_b_is_static(&self, k: usize, shape: &crate::kernels::gemm::GemmShape) -> bool {
+        self.gemms.get(k).and_then(Option::as_ref).is_some_and(|ms| shape.b_integer_positions().iter().all(|&i| ms[i].is_constant()))
+    }
+}
+
 const PRIMES: [i64; 24] = [17, 19, 23, 29, 31, 37, 41, 43, 47, 53, 59, 61, 67, 71, 73, 79, 83, 89, 97, 101, 103, 107, 109, 113];
 
 /// The assignments to lower a region at for [`infer`]: a base, the base with each symbol moved

@@ -319,7 +319,13 @@ impl CompiledProgram {
             .zip(&shapes.gemms)
             .map(|(k, g)| Some(k.gemm.as_ref()?.with_integers(&g.as_ref()?.iter().map(|m| m.eval(symbols)).collect::<Vec<_>>())))
             .collect();
-        let plan = Plan { gemm: &|i| gemms[i].as_ref(), pack_bytes: pack_bytes(gemms.iter().map(Option::as_ref)), packed: &|k| self.packed_of(k, packed) };
+        // A packed B holds for the base sizes: only one whose layout does not move is used.
+        let b_static = |k: usize| image.kernels[k].gemm.as_ref().is_some_and(|g| shapes.gemm_b_is_static(k, g));
+        let plan = Plan {
+            gemm: &|i| gemms[i].as_ref(),
+            pack_bytes: pack_bytes(gemms.iter().map(Option::as_ref)),
+            packed: &|k| if b_static(k) { self.packed_of(k, packed) } else { None },
+        };
         self.run_plan(|i| extents[i], |i| parallel[i], |i, _| offsets[i], arena, &params, input, output, &plan)
     }
 

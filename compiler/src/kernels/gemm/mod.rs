@@ -132,6 +132,15 @@ impl GemmShape {
         }
         out
     }
+    /// The positions in [`integers`](Self::integers) that B's packed layout depends on: n, k
+    /// and B's offset and strides (a B packed once must have them fixed).
+    pub fn b_integer_positions(&self) -> Vec<usize> {
+        let nb = self.batch.len();
+        let b_start = nb + 3 + 1 + nb + 2;
+        let mut out = vec![nb + 1, nb + 2];
+        out.extend(b_start..b_start + 1 + nb + 2);
+        out
+    }
     /// This shape with `integers` (in [`integers`](Self::integers)' order) in place of its own.
     pub fn with_integers(&self, integers: &[i64]) -> GemmShape {
         let mut next = integers.iter().copied();
