@@ -55,6 +55,12 @@ IN_PLACE_CLAIMS = {
     "nn.functional.leaky_relu": FLOAT,
 }
 
+# In-place forms OpInfo lists no variant for: (TorchScript spelling, eager function).
+FUNCTIONAL_IN_PLACE = {
+    "nn.functional.relu": ("torch.relu_", torch.relu_),
+    "nn.functional.leaky_relu": ("torch.nn.functional.leaky_relu_", torch.nn.functional.leaky_relu_),
+}
+
 # Calls that are not `torch.<name>(input, *args, **kwargs)`.
 CALL = {
     "where": "torch.where({args[0]}, {input}, {args[1]})",
@@ -174,10 +180,9 @@ def source(name, sample, parts=None, in_place=False):
     kwargs = [f"{k}={literal(v, tensors)}" for k, v in sample.kwargs.items()]
     params = ", ".join(f"t{i}" for i in range(len(tensors)))
     if in_place:
-        method = {"nn.functional.relu": "relu", "nn.functional.leaky_relu": "leaky_relu"}.get(name, name.split(".")[0])
-        call = "torch.nn.functional.leaky_relu_" if name == "nn.functional.leaky_relu" else f"x.{method}_"
-        first = "x, " if call.startswith("torch") else ""
-        return f"def fn({params}):\n    x = {inp}.clone()\n    {call}({first}{', '.join(args + kwargs)})\n    return x\n", tensors
+        rest = ", ".join(args + kwargs)
+        call = f"{FUNCTIONAL_IN_PLACE[name][0]}(x{', ' if rest else ''}{rest})" if name in FUNCTIONAL_IN_PLACE else f"x.{name.split('.')[0]}_({rest})"
+        return f"def fn({params}):\n    x = {inp}.clone()\n    {call}\n    return x\n", tensors
     template = CALL.get(name, "torch.{op}({input}{rest})")
     rest = "".join(", " + a for a in args + kwargs)
     call = template.format(op=name.split(".")[0], input=inp, args=args, rest=rest, args_joined=", ".join(args + kwargs))
@@ -213,9 +218,7 @@ def check_samples(name, dtype, in_place):
     assert op is not None, f"{name} is not in this torch's OpInfo database"
     if dtype not in op.supported_dtypes("cpu"):
         pytest.skip(f"{name} does not support {dtype} in eager")
-    # (OpInfo lists no in-place variant for the functional relus.)
-    own = {"nn.functional.relu": torch.relu_, "nn.functional.leaky_relu": torch.nn.functional.leaky_relu_}
-    variant = (op.inplace_variant or own.get(name)) if in_place else op
+    variant = (op.inplace_variant or FUNCTIONAL_IN_PLACE.get(name, (None, None))[1]) if in_place else op
     assert variant is not None, f"{name} has no in-place variant"
     checked, deviations, failures = 0, 0, []
     for sample in samples(op, dtype):

@@ -460,6 +460,12 @@ bool only_shape_ops_use(const Value* v) {
   return !v->uses().empty();
 }
 
+// A constant Kiln takes as a number inside a group: any constant_text takes, and a 0-d
+// integer tensor that only size arithmetic reads.
+bool number_constant_text(const Value* v, std::ostream& os) {
+  return constant_text(v, os) || (only_shape_ops_use(v) && size_constant_text(v, os));
+}
+
 bool is_size_tensor(const Value* v) {
   const Node* p = v->node();
   if (p->kind() == prim::NumToTensor) return p->input()->type()->kind() == TypeKind::IntType;
@@ -690,8 +696,12 @@ bool is_tensor_list(const Node* n) {
   return true;
 }
 
+// Nodes that compute nothing of their own (views, lists, splits and their parts, size
+// arithmetic): they never start a group and join one only with all their users.
+bool goes_with_users(const Node* n) { return is_view(n) || is_tensor_list(n) || is_split(n) || is_unpack(n) || is_shape_op(n); }
+
 bool view_used_outside(const Node* p, const Node* group) {
-  if (!is_view(p) && !is_tensor_list(p) && !is_split(p) && !is_unpack(p) && !is_shape_op(p)) return false;
+  if (!goes_with_users(p)) return false;
   for (const Value* o : p->outputs())
     for (const Use& u : o->uses())
       if (u.user != group) return true;
@@ -725,7 +735,7 @@ struct Fuser {
     for (auto it = b->nodes().rbegin(); it != b->nodes().rend();) {
       Node* n = *it;
       // A view never starts a group: alone it computes nothing.
-      if (!supported(n) || is_view(n) || is_tensor_list(n) || is_split(n) || is_unpack(n) || is_shape_op(n)) { ++it; continue; }
+      if (!supported(n) || goes_with_users(n)) { ++it; continue; }
       started = true;
       Node* group = SubgraphUtils::createSingletonSubgraphAndUpdateAliasing(n, group_kind(), *db);
       bool grew = true;
@@ -792,7 +802,7 @@ struct Fuser {
         // Constants merged into the subgraph: a tracer's wrapped numbers (tensor constants
         // that are not are inputs by now, see lift_tensor_constants).
         std::ostringstream c;
-        if (!constant_text(n->output(), c) && !(only_shape_ops_use(n->output()) && size_constant_text(n->output(), c))) {
+        if (!number_constant_text(n->output(), c)) {
           *why = "a tensor or non-integer constant inside the group";
           return "";
         }
@@ -898,8 +908,7 @@ struct Fuser {
       if (n->kind() == prim::Constant && n->output()->type()->cast<TensorType>()) {
         // A wrapped number stays a number, and so does a size constant of shape ops.
         std::ostringstream number;
-        if (!constant_text(n->output(), number) && !(only_shape_ops_use(n->output()) && size_constant_text(n->output(), number)))
-          constants.push_back(n);
+        if (!number_constant_text(n->output(), number)) constants.push_back(n);
       }
     for (Node* n : constants) {
       Node* outer = group->owningGraph()->createClone(n, [](Value* v) { return v; });

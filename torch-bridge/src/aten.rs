@@ -1052,7 +1052,7 @@ impl Lower<'_> {
 
     /// Multi-head attention without a mask, batch first, as `_native_multi_head_attention`
     /// computes it: the packed input projection (one GEMM when query, key and value are one
-    /// tensor, else one per weight third), heads as views, softmax(q kᵀ · 1/√d) v, the output
+    /// tensor, else one per weight third), heads as views, `attention` without a mask, the output
     /// projection.
     fn multi_head_attention(&mut self, [q, k, v]: [ValueId; 3], heads: i64, embed: i64, qkv: (&Arg, &Arg), proj: (&Arg, &Arg)) -> R<ValueId> {
         let err = |r: Result<ValueId, kiln_compiler::graph::ir::IrError>| r.map_err(|e| e.0);
@@ -1074,17 +1074,14 @@ impl Lower<'_> {
             }
             out
         };
+        // [batch, seq, heads, dh] viewed as [batch, heads, seq, dh].
         let mut hs = vec![];
-        for (part, order) in projected.into_iter().zip([[0usize, 2, 1, 3], [0, 2, 3, 1], [0, 2, 1, 3]]) {
+        for part in projected {
             let sizes = self.sizes(part)?;
             let split = err(self.g.reshape(part, &[sizes[0], sizes[1], heads, dh]))?;
-            hs.push(err(self.g.permute(split, &order))?);
+            hs.push(Arg::Tensor(err(self.g.permute(split, &[0, 2, 1, 3]))?));
         }
-        let scores = err(self.g.matmul(hs[0], hs[1]))?;
-        let scale = self.g.constant(Scalar::Float(1.0 / (dh as f64).sqrt()), self.g.ty(scores).dtype);
-        let scores = err(self.g.binary(BinaryOp::Mul, scores, scale))?;
-        let p = err(self.g.softmax(scores, 3, false))?;
-        let ctx = err(self.g.matmul(p, hs[2]))?;
+        let ctx = self.attention(&hs[0], &hs[1], &hs[2], &Arg::Const(Const::None), false, None)?;
         let ctx = err(self.g.permute(ctx, &[0, 2, 1, 3]))?;
         let ctx = err(self.g.reshape(ctx, &[qs[0], qs[1], embed]))?;
         self.linear(&Arg::Tensor(ctx), proj.0, proj.1)

@@ -256,30 +256,23 @@ pub unsafe extern "C" fn kiln_rs_run(
             let strides = strides.map_or(std::ptr::null(), |s| s.as_ptr());
             (alloc(ctx, i, dtype, sizes.as_ptr(), strides, sizes.len(), &mut out) == 0).then_some(out)
         };
+        // (An empty Vec allocates nothing: a program without weights pays nothing here.)
+        let kept = if spec.weights.is_empty() { vec![] } else { spec.weights.for_call(&spec.program, ts) };
+        let packed = |w: usize| kept.get(w).and_then(Option::as_ref).map(|b| b.as_ptr());
         let ran = match &spec.symbolic {
             None => {
                 let output = |i: usize| {
                     let (dtype, sizes, strides) = &spec.outputs[i];
                     allocate(i, *dtype, sizes, strides.as_deref())
                 };
-                if spec.weights.is_empty() {
-                    spec.program.run_with(data, output)
-                } else {
-                    let packed = spec.weights.for_call(&spec.program, ts);
-                    spec.program.run_packed(data, output, &|w| packed[w].as_ref().map(|b| b.as_ptr()))
-                }
+                spec.program.run_packed(data, output, &packed)
             }
             Some(run) => {
                 // The guard passed: every symbol's dims agree, so its first one gives its value.
                 let symbols = spec.guards.bind(|i, d| *ts[i].sizes.add(d));
                 let symbols = &symbols[..spec.guards.symbols.len()];
                 let output = |i: usize, sizes: &[i64], strides: Option<&[i64]>| allocate(i, run.outputs[i], sizes, strides);
-                if spec.weights.is_empty() {
-                    spec.program.run_symbolic(&run.shapes, symbols, data, output, &|_| None)
-                } else {
-                    let packed = spec.weights.for_call(&spec.program, ts);
-                    spec.program.run_symbolic(&run.shapes, symbols, data, output, &|w| packed[w].as_ref().map(|b| b.as_ptr()))
-                }
+                spec.program.run_symbolic(&run.shapes, symbols, data, output, &packed)
             }
         };
         ran.map_err(|e| e.to_string())?;

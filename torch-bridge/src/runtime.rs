@@ -515,7 +515,7 @@ impl Runtime {
         // Code for symbolic sizes keeps a packed copy only of a B whose layout does not move.
         let weights = crate::packed::PackedWeights::new(&program, |w| match &symbolic {
             None => true,
-            Some(run) => program.image.kernels[w.kernel].gemm.as_ref().is_some_and(|g| run.shapes.gemm_b_is_static(w.kernel, g)),
+            Some(run) => program.packs_at_every_size(w.kernel, &run.shapes),
         });
         let spec = Specialization {
             guards,

@@ -246,6 +246,12 @@ impl CompiledProgram {
         self.run_plan(|i| kernels[i].extent, |i| kernels[i].parallel, temp_offset, self.image.arena_bytes, &[], input, output, &plan)
     }
 
+    /// Whether kernel `k`'s B, packed for this program's (base) sizes, holds at every size
+    /// of code for symbolic sizes `shapes`: only then may a packed copy be kept and used.
+    pub fn packs_at_every_size(&self, k: usize, shapes: &crate::lower::symbolic::SymbolicShapes) -> bool {
+        self.image.kernels[k].gemm.as_ref().is_some_and(|g| shapes.gemm_b_is_static(k, g))
+    }
+
     /// The packed copy `packed` gives for kernel `k`'s weight, if it has one.
     fn packed_of(&self, k: usize, packed: &dyn Fn(usize) -> Option<*const f32>) -> Option<*const f32> {
         self.weights.iter().position(|w| w.kernel == k).and_then(packed)
@@ -320,11 +326,10 @@ impl CompiledProgram {
             .map(|(k, g)| Some(k.gemm.as_ref()?.with_integers(&g.as_ref()?.iter().map(|m| m.eval(symbols)).collect::<Vec<_>>())))
             .collect();
         // A packed B holds for the base sizes: only one whose layout does not move is used.
-        let b_static = |k: usize| image.kernels[k].gemm.as_ref().is_some_and(|g| shapes.gemm_b_is_static(k, g));
         let plan = Plan {
             gemm: &|i| gemms[i].as_ref(),
             pack_bytes: pack_bytes(gemms.iter().map(Option::as_ref)),
-            packed: &|k| if b_static(k) { self.packed_of(k, packed) } else { None },
+            packed: &|k| if self.packs_at_every_size(k, shapes) { self.packed_of(k, packed) } else { None },
         };
         self.run_plan(|i| extents[i], |i| parallel[i], |i, _| offsets[i], arena, &params, input, output, &plan)
     }
