@@ -77,7 +77,7 @@ def main():
                 b = torch.randn(n, k).t() if transposed else torch.randn(k, n)
                 flops = 2.0 * m * n * k
                 t_mm = best_seconds(lambda: torch.mm(a, b), flops)
-                torch_kiln.enable(num_threads=threads)
+                torch_kiln.enable(num_threads=threads, background=False)
                 fn = torch.jit.CompilationUnit("def f(a, b):\n    return torch.mm(a, b)\n").f
                 for _ in range(3):
                     out = fn(a, b)

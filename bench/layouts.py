@@ -114,7 +114,7 @@ def main():
                 return lambda x, y: torch.from_numpy(sess.run(None, {"a": x.contiguous().numpy(), "b": y.contiguous().numpy()})[0])
 
             run("onnxruntime", onnxruntime, check_layout=False)
-            torch_kiln.enable(num_threads=args.threads)
+            torch_kiln.enable(num_threads=args.threads, background=False)
             before = torch_kiln.stats()["kernel_runs"]
             run("kiln", lambda: torch.jit.CompilationUnit(src).f)
             ran = torch_kiln.stats()["kernel_runs"] > before

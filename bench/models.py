@@ -106,7 +106,7 @@ def main():
 
             # Kiln first: other tools leave threads spinning for a while after their runs
             # (OpenMP, ONNX Runtime), which would take the cores from Kiln's pool.
-            torch_kiln.enable(num_threads=args.threads)
+            torch_kiln.enable(num_threads=args.threads, background=False)
             torch_kiln.reset()
             k = build(make, inputs, how)[1]
             run("kiln", k)

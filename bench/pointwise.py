@@ -136,7 +136,7 @@ def main():
 
     import torch_kiln
 
-    torch_kiln.enable(num_threads=a.threads)
+    torch_kiln.enable(num_threads=a.threads, background=False)
     kiln_fn = warmed(fresh_script())
     run("kiln", lambda: kiln_fn)
     stats = torch_kiln.stats()

@@ -70,7 +70,7 @@ def child(tool, model_name, model_file, cache_dir, artifacts):
     start = time.perf_counter()
     if tool.startswith("kiln"):
         import torch_kiln
-        torch_kiln.enable(compile="never" if tool == "kiln-prewarmed" else "lazy", cache_dir=cache_dir)
+        torch_kiln.enable(compile="never" if tool == "kiln-prewarmed" else "lazy", cache_dir=cache_dir, background=False)
     if tool in ("torchscript", "kiln-cold", "kiln-prewarmed"):
         run = torch.jit.load(model_file)
         calls_to_own = 2

@@ -5,8 +5,8 @@
 //! "KILNCODE" | format: u32 | header length: u32 | header | body length: u64 | body | blake3: 32 bytes
 //! header: text lines "field value"  (key, kiln, llvm, triple, cpu, features)
 //! body:   text lines "arena N" "inputs N" "outputs N" "buffer DTYPE input|output|temp N SIZES ORDER"
-//!         "kernel NAME SYMBOL EXTENT PARALLEL WORK", then "loop_ir LEN" and "object LEN", each
-//!         followed by LEN raw bytes
+//!         per kernel "kernel NAME SYMBOL EXTENT PARALLEL WORK [BUFFERS]", maybe "gemm …", and
+//!         "object LEN"; then "loop_ir LEN"; each LEN followed by LEN raw bytes
 //! ```
 //! Nothing is trusted before the checksum matches, and nothing is loaded unless every header
 //! field equals this process's: a truncated, corrupted, foreign-version or foreign-CPU entry is
@@ -23,8 +23,9 @@ const MAGIC: &[u8; 8] = b"KILNCODE";
 /// Bumped whenever the layout above or the kernels' calling convention changes; older
 /// entries are then foreign. 3: kernels read the program's parameters after the buffers.
 /// 4: buffers carry their layout order (outputs follow eager's layout). 6: GEMMs pack into
-/// the runtime's scratch (no pack buffers).
-pub const FORMAT: u32 = 6;
+/// the runtime's scratch (no pack buffers). 7: an object per kernel, each kernel reading a
+/// table of its own buffers.
+pub const FORMAT: u32 = 7;
 const CHECKSUM: usize = 32;
 
 #[derive(thiserror::Error, Debug, Clone, PartialEq, Eq)]
@@ -101,17 +102,18 @@ pub fn encode(header: &EntryHeader, image: &ProgramImage) -> Vec<u8> {
     }
     let list = |xs: &[i64]| format!("[{}]", xs.iter().map(i64::to_string).collect::<Vec<_>>().join(","));
     for k in &image.kernels {
-        body.extend(format!("kernel {} {} {} {} {}\n", k.name, k.symbol, k.extent, k.parallel as u8, k.work_per_iter).bytes());
+        let buffers: Vec<i64> = k.buffers.iter().map(|&b| b as i64).collect();
+        body.extend(format!("kernel {} {} {} {} {} {}\n", k.name, k.symbol, k.extent, k.parallel as u8, k.work_per_iter, list(&buffers)).bytes());
         if let Some(g) = &k.gemm {
             let operand = |o: &GemmOperand| format!("{} {} {} {} {}", o.buf.0, o.offset, list(&o.batch_strides), o.rows, o.cols);
             let line = format!("gemm {} {} {} {} {} {} {} {}\n", list(&g.batch), g.m, g.n, g.k, operand(&g.a), operand(&g.b), g.tile.mr, g.tile.nr);
             body.extend(line.bytes());
         }
+        body.extend(format!("object {}\n", k.object.len()).bytes());
+        body.extend_from_slice(&k.object);
     }
-    for (tag, blob) in [("loop_ir", image.loop_ir.as_bytes()), ("object", &image.object[..])] {
-        body.extend(format!("{tag} {}\n", blob.len()).bytes());
-        body.extend_from_slice(blob);
-    }
+    body.extend(format!("loop_ir {}\n", image.loop_ir.len()).bytes());
+    body.extend_from_slice(image.loop_ir.as_bytes());
     let mut out = Vec::with_capacity(head.len() + body.len() + 64);
     out.extend_from_slice(MAGIC);
     out.extend_from_slice(&FORMAT.to_le_bytes());
@@ -212,7 +214,7 @@ fn list<T: std::str::FromStr>(s: Option<&str>, what: &str) -> Result<Vec<T>, Str
 
 fn parse_body(body: &[u8]) -> Result<ProgramImage, String> {
     let mut r = Reader { bytes: body, at: 0 };
-    let mut image = ProgramImage { buffers: vec![], kernels: vec![], arena_bytes: 0, num_inputs: 0, num_outputs: 0, loop_ir: String::new(), object: vec![] };
+    let mut image = ProgramImage { buffers: vec![], kernels: vec![], arena_bytes: 0, num_inputs: 0, num_outputs: 0, loop_ir: String::new() };
     loop {
         let line = r.line()?;
         let mut w = line.split(' ');
@@ -240,7 +242,8 @@ fn parse_body(body: &[u8]) -> Result<ProgramImage, String> {
                 let extent = num(w.next(), "kernel extent")?;
                 let parallel = num::<u8>(w.next(), "kernel parallel flag")? == 1;
                 let work_per_iter = num(w.next(), "kernel work")?;
-                image.kernels.push(KernelDecl { name, symbol, extent, parallel, work_per_iter, gemm: None });
+                let buffers = list(w.next(), "kernel buffers")?;
+                image.kernels.push(KernelDecl { name, symbol, object: Default::default(), buffers, extent, parallel, work_per_iter, gemm: None });
             }
             Some("gemm") => {
                 let operand = |w: &mut std::str::Split<'_, char>, what: &str| -> Result<GemmOperand, String> {
@@ -255,21 +258,22 @@ fn parse_body(body: &[u8]) -> Result<ProgramImage, String> {
                 let kernel = image.kernels.last_mut().ok_or("a gemm line before any kernel")?;
                 kernel.gemm = Some(GemmShape { batch, m, n, k, a, b, tile });
             }
+            Some("object") => {
+                let n = num(w.next(), "object length")?;
+                let kernel = image.kernels.last_mut().ok_or("an object before any kernel")?;
+                kernel.object = r.take(n).ok_or("object runs past the end")?.into();
+            }
             Some("loop_ir") => {
                 let n = num(w.next(), "loop_ir length")?;
                 let text = r.take(n).ok_or("loop_ir runs past the end")?;
                 image.loop_ir = String::from_utf8(text.to_vec()).map_err(|_| "loop_ir is not text")?;
-            }
-            Some("object") => {
-                let n = num(w.next(), "object length")?;
-                image.object = r.take(n).ok_or("object runs past the end")?.to_vec();
                 break;
             }
             _ => return Err(format!("unknown line {line:?}")),
         }
     }
     if r.at != body.len() {
-        return Err("bytes after the object".into());
+        return Err("bytes after the loop IR".into());
     }
     check_consistent(&image)?;
     Ok(image)
@@ -305,16 +309,21 @@ fn check_consistent(image: &ProgramImage) -> Result<(), String> {
     if image.kernels.is_empty() && image.num_outputs > 0 {
         return Err("no kernels".into());
     }
-    for g in image.kernels.iter().filter_map(|k| k.gemm.as_ref()) {
-        check_gemm(image, g)?;
+    for k in &image.kernels {
+        if k.object.is_empty() || k.buffers.iter().any(|&b| b as usize >= image.buffers.len()) {
+            return Err("a kernel without code, or handed a buffer the program lacks".into());
+        }
+        if let Some(g) = &k.gemm {
+            check_gemm(image, k, g)?;
+        }
     }
     Ok(())
 }
 
 /// A GEMM's description must keep the runtime's loops inside its buffers: operands float32
 /// buffers of the program, sizes that are not negative, a tile the microkernel has.
-fn check_gemm(image: &ProgramImage, g: &GemmShape) -> Result<(), String> {
-    let buf = |b: BufId| image.buffers.get(b.0 as usize).ok_or_else(|| "a gemm buffer index out of range".to_string());
+fn check_gemm(image: &ProgramImage, k: &KernelDecl, g: &GemmShape) -> Result<(), String> {
+    let buf = |b: BufId| k.buffers.get(b.0 as usize).and_then(|&b| image.buffers.get(b as usize)).ok_or_else(|| "a gemm buffer index out of range".to_string());
     for o in [&g.a, &g.b] {
         if buf(o.buf)?.dtype != DType::F32 || o.batch_strides.len() != g.batch.len() || o.offset < 0 {
             return Err("a gemm operand that is not a float32 buffer of the batch's rank".into());
@@ -337,12 +346,20 @@ mod tests {
                 BufferDecl { dtype: DType::F32, sizes: vec![8], kind: BufferKind::Temp { offset: 0 }, order: vec![0] },
                 BufferDecl { dtype: DType::Bool, sizes: vec![3, 2], kind: BufferKind::Output(0), order: vec![1, 0] },
             ],
-            kernels: vec![KernelDecl { name: "k0".into(), symbol: "kiln_ab_k0".into(), extent: 4, parallel: true, work_per_iter: 2, gemm: None }],
+            kernels: vec![KernelDecl {
+                name: "k0".into(),
+                symbol: "kiln_kab".into(),
+                object: (0..=255u8).collect::<Vec<u8>>().into(),
+                buffers: vec![0, 2, 1],
+                extent: 4,
+                parallel: true,
+                work_per_iter: 2,
+                gemm: None,
+            }],
             arena_bytes: 32,
             num_inputs: 1,
             num_outputs: 1,
             loop_ir: "for i in 0..4 {\n}\n".into(),
-            object: (0..=255u8).collect(),
         }
     }
 
@@ -410,6 +427,9 @@ mod tests {
         assert!(matches!(decode(&encode(&header(), &bad), &header()), Err(EntryError::Malformed(_))));
         let mut bad = image();
         bad.buffers[2].order = vec![1, 1];
+        assert!(matches!(decode(&encode(&header(), &bad), &header()), Err(EntryError::Malformed(_))));
+        let mut bad = image();
+        bad.kernels[0].buffers = vec![0, 3];
         assert!(matches!(decode(&encode(&header(), &bad), &header()), Err(EntryError::Malformed(_))));
     }
 }

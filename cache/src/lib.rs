@@ -57,12 +57,6 @@ impl CacheKey {
     pub fn hex(&self) -> String {
         self.0.iter().map(|b| format!("{b:02x}")).collect()
     }
-
-    /// The prefix of the program's symbols: named after the key, so that code loaded from any
-    /// process's entries never clashes, and one key's code is loaded once per process.
-    pub fn symbol_prefix(&self) -> String {
-        format!("kiln_{}", &self.hex()[..32])
-    }
 }
 
 /// When Kiln may compile.
@@ -168,10 +162,9 @@ impl ProgramCache {
             return Err(FetchError::NotCached);
         }
         let start = Instant::now();
-        let prefix = req.key.symbol_prefix();
         let image = match req.symbolic {
-            Some(lp) => kiln_compiler::compile_loop_program(lp, req.target, req.options, &prefix)?,
-            None => kiln_compiler::compile_image(req.graph, req.input_strides, req.target, req.options, &prefix)?,
+            Some(lp) => kiln_compiler::compile_loop_program(lp, req.target, req.options)?,
+            None => kiln_compiler::compile_image(req.graph, req.input_strides, req.target, req.options)?,
         };
         if let Some(disk) = req.disk {
             self.store(disk, &req.key, req.target, &image);

@@ -184,7 +184,7 @@ fn concurrent_writers_of_one_key_never_leave_a_bad_entry() {
     let dir = TempDir::new();
     let disk = Arc::new(DiskCache::open(&dir.0, LIMIT).unwrap());
     let s = Setup::new("exp", 57);
-    let image = kiln_compiler::compile_image(&s.g, &s.strides, &s.target, &s.options, &s.key().symbol_prefix()).unwrap();
+    let image = kiln_compiler::compile_image(&s.g, &s.strides, &s.target, &s.options).unwrap();
     let header = EntryHeader::current(&s.key(), &s.target);
     let writers: Vec<_> = (0..4)
         .map(|_| {

@@ -15,6 +15,7 @@ pub mod dtype;
 pub mod graph;
 pub mod kernels;
 pub mod lower;
+pub mod phases;
 pub mod runtime;
 
 pub use dtype::{DType, Scalar};
@@ -22,7 +23,6 @@ pub use codegen::target::Target;
 pub use graph::ir::{Graph, TensorType, ValueId};
 pub use runtime::program::{CompiledProgram, ProgramImage};
 
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant;
 
 /// Kiln's version, part of every cache key: the package version and a fingerprint of the
@@ -52,39 +52,63 @@ pub struct CompileOptions {
     pub interleave: u32,
 }
 
-impl Default for CompileOptions {
-    fn default() -> Self {
-        CompileOptions { pipeline: "default<O3>".into(), interleave: 4 }
+/// The LLVM pipeline of `opt_level` 3: what Kiln's IR needs and no more. Kernels arrive as
+/// scalar loops over allocas with the body in a function of its own; they need inlining,
+/// SROA, simplification, LICM and loop rotation so that the vectoriser sees canonical loops,
+/// the vectoriser, and a clean-up. `default<O3>` runs ~80 passes more, which on Kiln's
+/// kernels took twice as long for the same code speed (measured on the spine, the
+/// normalisation stack and the encoder: ARCHITECTURE.md, "Compile time").
+///
+/// InstCombine runs as `default<O3>` runs it: without its fixpoint check, which in LLVM 19
+/// is on for a pipeline written out and *aborts the process* when one iteration does not
+/// reach a fixpoint (found by the differential fuzzer).
+pub const KILN_PIPELINE: &str = "cgscc(inline),function(sroa,early-cse,instcombine<no-verify-fixpoint>,simplifycfg,loop-mssa(licm),loop(loop-rotate),loop(indvars),loop-vectorize,loop-mssa(licm),instcombine<no-verify-fixpoint>,simplifycfg)";
+
+impl CompileOptions {
+    /// Level 3 is [`KILN_PIPELINE`]; 0–2 are LLVM's `default<On>` (below 2 nothing is
+    /// vectorised).
+    pub fn at_level(opt_level: u8) -> CompileOptions {
+        let pipeline = if opt_level >= 3 { KILN_PIPELINE.to_string() } else { format!("default<O{opt_level}>") };
+        CompileOptions { pipeline, ..CompileOptions::default() }
     }
 }
 
-static PROGRAM_COUNTER: AtomicU64 = AtomicU64::new(0);
+impl Default for CompileOptions {
+    fn default() -> Self {
+        CompileOptions { pipeline: KILN_PIPELINE.into(), interleave: 4 }
+    }
+}
 
 /// Lowers a graph to loop IR after the graph passes; what `compile` generates code for.
 pub fn lower_graph(graph: &Graph, input_strides: &[Vec<i64>]) -> Result<lower::LoopProgram, CompileError> {
-    let g = graph::passes::optimize(graph);
-    Ok(lower::lower(&g, input_strides)?)
+    phases::Phase::Lower.time(|| {
+        let g = graph::passes::optimize(graph);
+        Ok(lower::lower(&g, input_strides)?)
+    })
 }
 
-/// Compiles `graph` for inputs with the given strides, for `target`, to an image whose symbols
-/// start with `symbol_prefix`. Symbols must be unique in a process; a caller that may load
-/// images compiled by other processes names them after their cache key.
-pub fn compile_image(graph: &Graph, input_strides: &[Vec<i64>], target: &Target, options: &CompileOptions, symbol_prefix: &str) -> Result<ProgramImage, CompileError> {
-    compile_loop_program(&lower_graph(graph, input_strides)?, target, options, symbol_prefix)
+/// Compiles `graph` for inputs with the given strides, for `target`, to an image. Kernels
+/// this process compiled before (in this program or another) are not compiled again.
+pub fn compile_image(graph: &Graph, input_strides: &[Vec<i64>], target: &Target, options: &CompileOptions) -> Result<ProgramImage, CompileError> {
+    compile_loop_program(&lower_graph(graph, input_strides)?, target, options)
 }
 
 /// Compiles a lowered program (say, one `symbolic::infer` rewrote) to an image; see
 /// [`compile_image`].
-pub fn compile_loop_program(lp: &lower::LoopProgram, target: &Target, options: &CompileOptions, symbol_prefix: &str) -> Result<ProgramImage, CompileError> {
-    let dtypes: Vec<DType> = lp.buffers.iter().map(|b| b.dtype).collect();
-    let obj = codegen::compile(&lp.kernels, &dtypes, target, symbol_prefix, options)?;
-    let kernels = lp
-        .kernels
-        .iter()
-        .zip(obj.symbols)
-        .map(|(k, symbol)| runtime::program::KernelDecl {
+pub fn compile_loop_program(lp: &lower::LoopProgram, target: &Target, options: &CompileOptions) -> Result<ProgramImage, CompileError> {
+    let (locals, buffers): (Vec<lower::loop_ir::Kernel>, Vec<Vec<lower::loop_ir::BufId>>) = lp.kernels.iter().map(|k| k.with_local_buffers()).unzip();
+    let jobs: Vec<(lower::loop_ir::Kernel, Vec<DType>)> =
+        locals.into_iter().zip(&buffers).map(|(k, bufs)| (k, bufs.iter().map(|b| lp.buffers[b.0 as usize].dtype).collect())).collect();
+    let code = codegen::kernel_cache::compile_kernels(&jobs, target, options)?;
+    let kernels = jobs
+        .into_iter()
+        .zip(code)
+        .zip(buffers)
+        .map(|(((k, _), code), buffers)| runtime::program::KernelDecl {
             name: k.name.clone(),
-            symbol,
+            symbol: code.symbol,
+            object: code.object,
+            buffers: buffers.iter().map(|b| b.0).collect(),
             extent: k.outer_extent(),
             parallel: k.root.kind == lower::loop_ir::LoopKind::Parallel,
             work_per_iter: k.work_per_iter,
@@ -98,23 +122,16 @@ pub fn compile_loop_program(lp: &lower::LoopProgram, target: &Target, options: &
         num_inputs: lp.num_inputs,
         num_outputs: lp.num_outputs,
         loop_ir: lp.kernels.iter().map(|k| k.to_string()).collect(),
-        object: obj.bytes,
     })
 }
 
-/// Compiles an image (see [`compile_image`]) and loads it.
-pub fn compile_named(graph: &Graph, input_strides: &[Vec<i64>], target: &Target, options: &CompileOptions, symbol_prefix: &str) -> Result<CompiledProgram, CompileError> {
+/// Compiles `graph` (see [`compile_image`]) and loads it.
+pub fn compile(graph: &Graph, input_strides: &[Vec<i64>], target: &Target, options: &CompileOptions) -> Result<CompiledProgram, CompileError> {
     let start = Instant::now();
-    let image = compile_image(graph, input_strides, target, options, symbol_prefix)?;
-    let (kernels, bytes) = (image.kernels.len(), image.object.len());
+    let image = compile_image(graph, input_strides, target, options)?;
+    let kernels = image.kernels.len();
     let mut program = image.load().map_err(CompileError::Load)?;
     program.compile_time = start.elapsed();
-    tracing::debug!(kernels, bytes, ms = program.compile_time.as_secs_f64() * 1e3, "compiled program");
+    tracing::debug!(kernels, ms = program.compile_time.as_secs_f64() * 1e3, "compiled program");
     Ok(program)
-}
-
-/// Compiles and loads `graph` under symbols unique to this process.
-pub fn compile(graph: &Graph, input_strides: &[Vec<i64>], target: &Target, options: &CompileOptions) -> Result<CompiledProgram, CompileError> {
-    let prefix = format!("kiln{}", PROGRAM_COUNTER.fetch_add(1, Ordering::Relaxed));
-    compile_named(graph, input_strides, target, options, &prefix)
 }

@@ -461,7 +461,7 @@ fn check_symbolic(seed: u64) -> bool {
         })
         .collect();
     let (shapes, program) = infer(&samples).unwrap_or_else(|why| panic!("seed {seed}: not symbolic in the dim of size {v}: {why}\n{g}"));
-    let image = compile_loop_program(&program, &Target::host(), &CompileOptions::default(), &format!("symbolic_fuzz{seed}")).unwrap();
+    let image = compile_loop_program(&program, &Target::host(), &CompileOptions::default()).unwrap();
     let loop_ir = image.loop_ir.clone();
     let p = image.load().unwrap();
     for s in [2, 3, v, 4 + (rng.next_u64() % 60) as i64] {

@@ -8,7 +8,6 @@ use kiln_compiler::graph::layout::contiguous_strides;
 use kiln_compiler::lower::{BufferKind, LoopProgram};
 use kiln_compiler::lower::symbolic::{eval_sum, infer, sample_points, SymbolicShapes};
 use kiln_compiler::{compile_loop_program, lower_graph, CompileOptions, CompiledProgram, Target};
-use std::sync::atomic::{AtomicUsize, Ordering};
 
 /// Layer norm, gelu and softmax over rows of [B, S, 24], with a per-column weight: every
 /// kernel runs over rows.
@@ -50,9 +49,7 @@ impl Region<'_> {
     fn symbolic(&self, num_symbols: usize, avoid: &[i64]) -> Result<(SymbolicShapes, CompiledProgram), String> {
         let samples: Vec<(Vec<i64>, LoopProgram)> = sample_points(num_symbols, avoid).into_iter().map(|p| (p.clone(), self.lowered(&p))).collect();
         let (shapes, program) = infer(&samples)?;
-        static N: AtomicUsize = AtomicUsize::new(0);
-        let prefix = format!("symbolic_test{}", N.fetch_add(1, Ordering::Relaxed));
-        let image = compile_loop_program(&program, &Target::host(), &CompileOptions::default(), &prefix).unwrap();
+        let image = compile_loop_program(&program, &Target::host(), &CompileOptions::default()).unwrap();
         Ok((shapes, image.load().unwrap()))
     }
 

@@ -36,7 +36,7 @@ fn dynamic_policy(dynamic: &str) -> PyResult<Dynamic> {
 /// `cache_dir`: None keeps compiled code in memory only.
 #[pyfunction]
 #[allow(clippy::too_many_arguments)]
-fn enable(max_specializations: usize, opt_level: u8, num_threads: usize, compile: &str, dynamic: &str, cache_dir: Option<&str>, cache_size_limit: u64) -> PyResult<()> {
+fn enable(max_specializations: usize, opt_level: u8, num_threads: usize, compile: &str, dynamic: &str, cache_dir: Option<&str>, cache_size_limit: u64, background: bool) -> PyResult<()> {
     let mode = compile_mode(compile)?;
     let dynamic = dynamic_policy(dynamic)?;
     let disk = cache_dir.map(|d| open_cache(d, cache_size_limit)).transpose()?.map(Arc::new);
@@ -44,10 +44,11 @@ fn enable(max_specializations: usize, opt_level: u8, num_threads: usize, compile
         .map_err(|e| PyValueError::new_err(format!("torch_kiln option 'num_threads'={num_threads}: cannot start that many threads: {e}")))?;
     let options = Options {
         max_specializations,
-        compile: CompileOptions { pipeline: format!("default<O{opt_level}>"), ..CompileOptions::default() },
+        compile: CompileOptions::at_level(opt_level),
         mode,
         dynamic,
         disk,
+        background,
     };
     kiln_torch_bridge::enable(options).map_err(|e| PyRuntimeError::new_err(e.to_string()))
 }
@@ -105,6 +106,19 @@ fn cache_verify(cache_dir: &str) -> PyResult<Vec<(String, String)>> {
         .collect())
 }
 
+/// Waits until no compile is queued or running (the GIL is released meanwhile: the calls that
+/// queue compiles may be Python threads).
+#[pyfunction]
+fn synchronize(py: Python<'_>) {
+    py.allow_threads(|| kiln_torch_bridge::background::QUEUE.synchronize());
+}
+
+/// At interpreter exit: drop queued compiles, wait for the running one.
+#[pyfunction]
+fn shutdown(py: Python<'_>) {
+    py.allow_threads(|| kiln_torch_bridge::background::QUEUE.shutdown());
+}
+
 #[pyfunction]
 fn disable() {
     kiln_torch_bridge::disable();
@@ -141,10 +155,29 @@ fn stats(py: Python<'_>) -> PyResult<PyObject> {
     let options = RUNTIME.options.read().unwrap();
     d.set_item("compile_mode", format!("{:?}", options.mode).to_lowercase())?;
     d.set_item("dynamic", format!("{:?}", options.dynamic).to_lowercase())?;
+    d.set_item("background_compile", options.background)?;
     d.set_item("cache_dir", options.disk.as_ref().map(|d| d.dir().display().to_string()))?;
     drop(options);
     d.set_item("compile_time_ms", s.compile_time.as_secs_f64() * 1e3)?;
     d.set_item("disk_load_time_ms", s.disk_load_time.as_secs_f64() * 1e3)?;
+    let phases = PyDict::new(py);
+    for p in kiln_compiler::phases::PHASES {
+        phases.set_item(p.name(), p.total().as_secs_f64() * 1e3)?;
+    }
+    d.set_item("compile_phases_ms", phases)?;
+    let queue = &kiln_torch_bridge::background::QUEUE;
+    let (queued, running) = queue.pending();
+    let bg = PyDict::new(py);
+    bg.set_item("queued", queued)?;
+    bg.set_item("running", running)?;
+    bg.set_item("submitted", queue.counts.queued.load(Ordering::Relaxed))?;
+    bg.set_item("done", queue.counts.done.load(Ordering::Relaxed))?;
+    bg.set_item("dropped", queue.counts.dropped.load(Ordering::Relaxed))?;
+    bg.set_item("calls_while_pending", queue.counts.waited.load(Ordering::Relaxed))?;
+    d.set_item("background", bg)?;
+    let (compiled, reused) = kiln_compiler::codegen::kernel_cache::counts();
+    d.set_item("kernels_compiled", compiled)?;
+    d.set_item("kernels_reused", reused)?;
     d.set_item("kernel_runs", s.runs)?;
     d.set_item("guard_passes", s.guard_passes)?;
     d.set_item("guard_misses", s.guard_misses)?;
@@ -180,7 +213,7 @@ fn group_info(py: Python<'_>, id: usize) -> PyResult<Option<PyObject>> {
         sd.set_item("kernels", s.program.image.kernels.len())?;
         sd.set_item("parallel_kernels", s.program.image.kernels.iter().filter(|k| k.parallel).count())?;
         sd.set_item("arena_bytes", s.program.image.arena_bytes)?;
-        sd.set_item("object_bytes", s.program.image.object.len())?;
+        sd.set_item("object_bytes", s.program.image.kernels.iter().map(|k| k.object.len()).sum::<usize>())?;
         sd.set_item("cache_key", s.cache_key.hex())?;
         sd.set_item("source", match s.source {
             Source::Memory => "memory",
@@ -192,6 +225,8 @@ fn group_info(py: Python<'_>, id: usize) -> PyResult<Option<PyObject>> {
         specs.append(sd)?;
     }
     d.set_item("specializations", specs)?;
+    let pending = r.pending.lock().unwrap().as_ref().map(|metas| metas.iter().map(|m| m.to_string()).collect::<Vec<_>>().join("; "));
+    d.set_item("pending", pending)?;
     let rejected: Vec<(String, String)> = r
         .rejected
         .lock()
@@ -246,6 +281,8 @@ fn _kiln(m: &Bound<'_, PyModule>) -> PyResult<()> {
     init_logging();
     m.add_function(wrap_pyfunction!(enable, m)?)?;
     m.add_function(wrap_pyfunction!(disable, m)?)?;
+    m.add_function(wrap_pyfunction!(synchronize, m)?)?;
+    m.add_function(wrap_pyfunction!(shutdown, m)?)?;
     m.add_function(wrap_pyfunction!(reset, m)?)?;
     m.add_function(wrap_pyfunction!(set_num_threads, m)?)?;
     m.add_function(wrap_pyfunction!(stats, m)?)?;

@@ -7,6 +7,7 @@
 //! compiles, caches and runs.
 
 pub mod aten;
+pub mod background;
 pub mod ffi;
 pub mod packed;
 pub mod runtime;
@@ -50,5 +51,6 @@ pub fn enable(options: Options) -> Result<(), BridgeError> {
 /// running for the signatures it was built for.
 pub fn disable() {
     RUNTIME.compiling.store(false, std::sync::atomic::Ordering::Relaxed);
+    background::QUEUE.drop_queued();
     unsafe { ffi::kiln_cpp_disable() }
 }

@@ -13,10 +13,12 @@
 //! long as the process may call them.
 
 use crate::aten;
+use crate::background::{Job, QUEUE};
 use crate::ts_dump::{InputDecl, Region as Dump};
 use kiln_cache::{CacheKey, CompileMode, DiskCache, ProgramCache, Request, Source};
 use kiln_compiler::lower::symbolic::{self, SymbolicShapes};
 use kiln_compiler::lower::LoopProgram;
+use kiln_compiler::phases::Phase;
 use kiln_compiler::{CompileOptions, CompiledProgram, Target};
 use kiln_guards::{DimGuard, GuardSet, StrideGuard};
 use kiln_profiler::{DimPlan, GlobalState, GroupProfile, TensorMeta, TensorView};
@@ -47,11 +49,14 @@ pub struct Options {
     pub dynamic: Dynamic,
     /// Where compiled code is kept across processes; None: in memory only.
     pub disk: Option<Arc<DiskCache>>,
+    /// Compile on Kiln's compile thread while the call that needs the code runs TorchScript
+    /// (`background.rs`); false: the call waits for its compile.
+    pub background: bool,
 }
 
 impl Default for Options {
     fn default() -> Self {
-        Options { max_specializations: 8, compile: CompileOptions::default(), mode: CompileMode::Lazy, dynamic: Dynamic::Auto, disk: None }
+        Options { max_specializations: 8, compile: CompileOptions::default(), mode: CompileMode::Lazy, dynamic: Dynamic::Auto, disk: None, background: true }
     }
 }
 
@@ -134,6 +139,14 @@ pub struct Region {
     /// Calls no existing specialisation accepted (then specialised for, or failed).
     pub guard_misses: AtomicU64,
     pub guard_failures: AtomicU64,
+    /// The signature of the region's compile queued or running on the compile thread.
+    pub pending: Mutex<Option<Vec<TensorMeta>>>,
+}
+
+impl Region {
+    pub fn clear_pending(&self) {
+        *self.pending.lock().unwrap_or_else(|e| e.into_inner()) = None;
+    }
 }
 
 /// Everything `stats()` counts; `reset()` zeroes all of it.
@@ -268,6 +281,7 @@ impl Runtime {
             guard_passes: AtomicU64::new(0),
             guard_misses: AtomicU64::new(0),
             guard_failures: AtomicU64::new(0),
+            pending: Mutex::new(None),
         }));
         regions.push(region);
         self.counters.groups.fetch_add(1, Ordering::Relaxed);
@@ -276,7 +290,7 @@ impl Runtime {
 
     /// The guard of one call: true if a specialisation (existing, or compiled now for these
     /// inputs) will run it.
-    pub fn guard(&self, r: &Region, inputs: &[TensorView<'_>], state: &GlobalState) -> bool {
+    pub fn guard(&self, r: &'static Region, inputs: &[TensorView<'_>], state: &GlobalState) -> bool {
         let found = r.specs.read().unwrap_or_else(|e| e.into_inner()).iter().position(|s| s.guards.check(inputs, state).is_ok());
         let chosen = match found {
             Some(i) => Some(i),
@@ -312,11 +326,101 @@ impl Runtime {
         false
     }
 
-    /// A call no specialisation accepts: compile one for it, or say why not (once per
-    /// signature; later calls with it are refused at once).
+    /// A call no specialisation accepts: compile one for it (or, in the background, queue its
+    /// compile and return None), or say why not (once per signature; later calls with it are
+    /// refused at once).
     #[cold]
-    fn specialize(&self, r: &Region, inputs: &[TensorView<'_>], state: &GlobalState) -> Option<usize> {
+    fn specialize(&self, r: &'static Region, inputs: &[TensorView<'_>], state: &GlobalState) -> Option<usize> {
         let metas: Vec<TensorMeta> = inputs.iter().map(TensorMeta::from).collect();
+        let (background, mode) = {
+            let o = self.options.read().unwrap_or_else(|e| e.into_inner());
+            (o.background, o.mode)
+        };
+        // compile='never' compiles nothing: its misses only look in the caches, at once.
+        if background && mode != CompileMode::Never {
+            return self.queue_compile(r, inputs, metas, state);
+        }
+        self.specialize_now(r, inputs, metas, state)
+    }
+
+    /// The background path of a miss: the call runs TorchScript now, and its group's compile
+    /// is queued unless one is pending already (or the signature was refused before).
+    fn queue_compile(&self, r: &'static Region, inputs: &[TensorView<'_>], metas: Vec<TensorMeta>, state: &GlobalState) -> Option<usize> {
+        let waiting = || {
+            QUEUE.counts.waited.fetch_add(1, Ordering::Relaxed);
+            None
+        };
+        let mut pending = r.pending.lock().unwrap_or_else(|e| e.into_inner());
+        if pending.is_some() {
+            drop(pending);
+            // The job sees this call's sizes in the profile when it runs.
+            self.observe(r, inputs);
+            QUEUE.wake();
+            return waiting();
+        }
+        // Not pending, so no job holds the lock for long.
+        let rejected = r.rejected.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(i) = r.specs.read().unwrap_or_else(|e| e.into_inner()).iter().position(|s| s.guards.check(inputs, state).is_ok()) {
+            return Some(i);
+        }
+        let generation = self.generation.load(Ordering::Relaxed);
+        if let Some(r) = rejected.iter().find(|r| r.generation == generation && r.inputs == metas && r.state == *state) {
+            self.note(&r.why);
+            return None;
+        }
+        drop(rejected);
+        if !self.compiling.load(Ordering::Relaxed) {
+            self.note("group not run: Kiln is disabled (no new specialisations)");
+            return None;
+        }
+        // Past the limit nothing is queued (the job would be dropped, and the next call queue
+        // another): the call is refused as a synchronous miss would be.
+        let max = self.options.read().unwrap_or_else(|e| e.into_inner()).max_specializations;
+        if r.specs.read().unwrap_or_else(|e| e.into_inner()).len() >= max {
+            self.observe(r, inputs);
+            self.note(&format!("group not run: specialisation limit ({max}) reached for this group"));
+            return None;
+        }
+        // Code a cache holds runs now (this call included); only compiling is queued.
+        self.observe(r, inputs);
+        if let Some(spec) = self.cached(r, &metas, state) {
+            return Some(self.land(r, spec));
+        }
+        *pending = Some(metas.clone());
+        drop(pending);
+        if !QUEUE.push(Job { region: r, metas, state: *state, generation }) {
+            r.clear_pending();
+        }
+        waiting()
+    }
+
+    /// Runs a queued compile; false if it was no longer wanted (dropped).
+    pub fn run_job(&self, job: Job) -> bool {
+        let r = job.region;
+        let wanted = job.generation == self.generation.load(Ordering::Relaxed) && self.compiling.load(Ordering::Relaxed);
+        let views: Vec<TensorView<'_>> = job.metas.iter().map(TensorMeta::view).collect();
+        let ran = wanted && {
+            let max = self.options.read().unwrap_or_else(|e| e.into_inner()).max_specializations;
+            let specs = r.specs.read().unwrap_or_else(|e| e.into_inner());
+            // Past its limit, or served by a specialisation that landed since: not wanted.
+            specs.len() < max && !specs.iter().any(|s| s.guards.check(&views, &job.state).is_ok())
+        };
+        if ran {
+            self.specialize_now(r, &views, job.metas.clone(), &job.state);
+        }
+        r.clear_pending();
+        ran
+    }
+
+    fn observe(&self, r: &Region, inputs: &[TensorView<'_>]) {
+        let mut profile = r.profile.lock().unwrap_or_else(|e| e.into_inner());
+        if profile.signatures.len() < MAX_REJECTED {
+            profile.observe(inputs);
+        }
+    }
+
+    /// Compiles (or fetches from the caches) code for this signature, in this thread.
+    fn specialize_now(&self, r: &Region, inputs: &[TensorView<'_>], metas: Vec<TensorMeta>, state: &GlobalState) -> Option<usize> {
         // Held while compiling: one thread compiles a signature, others wait and reuse it.
         let mut rejected = r.rejected.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(i) = r.specs.read().unwrap_or_else(|e| e.into_inner()).iter().position(|s| s.guards.check(inputs, state).is_ok()) {
@@ -328,12 +432,7 @@ impl Runtime {
             self.note(&r.why);
             return None;
         }
-        {
-            let mut profile = r.profile.lock().unwrap_or_else(|e| e.into_inner());
-            if profile.signatures.len() < MAX_REJECTED {
-                profile.observe(inputs);
-            }
-        }
+        self.observe(r, inputs);
         if !self.compiling.load(Ordering::Relaxed) {
             // Not remembered as rejected: after enable() this signature may compile.
             self.note("group not run: Kiln is disabled (no new specialisations)");
@@ -347,27 +446,13 @@ impl Runtime {
         } else {
             // A bug in lowering or codegen must cost this signature only: the panic becomes its
             // reason (and the locks held here stay usable).
-            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.compile(r, &metas, state))).unwrap_or_else(|p| {
+            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.compile(r, &metas, state, None))).unwrap_or_else(|p| {
                 let what = p.downcast_ref::<String>().cloned().or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string())).unwrap_or_default();
                 Err(format!("internal error while compiling (please report): {what}"))
             })
         };
         match attempt {
-            Ok(spec) => {
-                let time = match spec.source {
-                    Source::Compiled => Some(&self.counters.compile_ns),
-                    Source::Disk => Some(&self.counters.disk_load_ns),
-                    Source::Memory => None,
-                };
-                time.map(|t| t.fetch_add(spec.compile_time.as_nanos() as u64, Ordering::Relaxed));
-                let mut specs = r.specs.write().unwrap_or_else(|e| e.into_inner());
-                if spec.symbolic.is_some() {
-                    self.counters.symbolic_specializations.fetch_add(1, Ordering::Relaxed);
-                }
-                specs.push(Arc::new(spec));
-                self.counters.specializations.fetch_add(1, Ordering::Relaxed);
-                Some(specs.len() - 1)
-            }
+            Ok(spec) => Some(self.land(r, spec)),
             Err(why) => {
                 let why = format!("group not run: {why}");
                 self.note(&why);
@@ -379,15 +464,40 @@ impl Runtime {
         }
     }
 
+    /// Adds a specialisation to its region (counted); returns its index.
+    fn land(&self, r: &Region, spec: Specialization) -> usize {
+        let time = match spec.source {
+            Source::Compiled => Some(&self.counters.compile_ns),
+            Source::Disk => Some(&self.counters.disk_load_ns),
+            Source::Memory => None,
+        };
+        time.map(|t| t.fetch_add(spec.compile_time.as_nanos() as u64, Ordering::Relaxed));
+        let mut specs = r.specs.write().unwrap_or_else(|e| e.into_inner());
+        if spec.symbolic.is_some() {
+            self.counters.symbolic_specializations.fetch_add(1, Ordering::Relaxed);
+        }
+        specs.push(Arc::new(spec));
+        self.counters.specializations.fetch_add(1, Ordering::Relaxed);
+        specs.len() - 1
+    }
+
+    /// Code for `metas` as [`compile`](Self::compile) finds it with compile='never': from
+    /// memory or the disk cache, never compiled. What a background miss tries first, so that
+    /// code a cache holds serves the call that asked for it.
+    fn cached(&self, r: &Region, metas: &[TensorMeta], state: &GlobalState) -> Option<Specialization> {
+        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.compile(r, metas, state, Some(CompileMode::Never)))).ok()?.ok()
+    }
+
     /// Code for `metas`: symbolic where the dynamic policy and the profile say so and the
     /// region's code allows, else for exactly this signature. With compile='never', code a
     /// cache prewarmed under dynamic='always' holds is looked for too: it serves every size
-    /// from the first call.
-    fn compile(&self, r: &Region, metas: &[TensorMeta], state: &GlobalState) -> Result<Specialization, String> {
+    /// from the first call. `mode` overrides the options' compile mode.
+    fn compile(&self, r: &Region, metas: &[TensorMeta], state: &GlobalState, mode: Option<CompileMode>) -> Result<Specialization, String> {
         let live: Vec<InputDecl> = metas.iter().map(decl).collect::<Result<_, _>>()?;
         let default_float = state.default_float.map_err(crate::ffi::scalar_type_name);
         let dump = r.dump.with_inputs(&live, default_float);
-        let options = self.options.read().unwrap_or_else(|e| e.into_inner()).clone();
+        let mut options = self.options.read().unwrap_or_else(|e| e.into_inner()).clone();
+        options.mode = mode.unwrap_or(options.mode);
         let mut plans = vec![];
         if options.dynamic != Dynamic::Static {
             plans.push(r.profile.lock().unwrap_or_else(|e| e.into_inner()).dim_plan(options.dynamic == Dynamic::Always));
@@ -404,7 +514,7 @@ impl Runtime {
                 }
             }
         }
-        let lowered = aten::lower(&dump)?;
+        let lowered = Phase::Frontend.time(|| aten::lower(&dump))?;
         let guards = GuardSet::for_inputs(metas, *state).ok_or("an input cannot be guarded")?;
         self.build(r, lowered, guards, None, &options)
     }
@@ -483,12 +593,12 @@ impl Runtime {
                     InputDecl { dtype: d.dtype.clone(), sizes, strides, number: d.number }
                 })
                 .collect();
-            let l = aten::lower(&dump.with_inputs(&decls, dump.default_float.clone()))?;
+            let l = Phase::Frontend.time(|| aten::lower(&dump.with_inputs(&decls, dump.default_float.clone())))?;
             let program = kiln_compiler::lower_graph(&l.graph, &l.input_strides).map_err(|e| e.to_string())?;
             samples.push((point.clone(), program));
             lowered.push(l);
         }
-        let (shapes, program) = symbolic::infer(&samples)?;
+        let (shapes, program) = Phase::Lower.time(|| symbolic::infer(&samples))?;
         let outputs = program.outputs().map(|b| aten::scalar_type_code(b.dtype)).collect();
         let run = SymbolicRun { shapes, samples: points[0].clone(), outputs };
         Ok((guards, lowered.swap_remove(0), run, program))
@@ -656,6 +766,9 @@ impl Runtime {
             a.store(0, Ordering::Relaxed);
         }
         self.cache.reset_counters();
+        kiln_compiler::phases::reset();
+        kiln_compiler::codegen::kernel_cache::reset_counts();
+        QUEUE.counts.reset();
         let mut r = self.reasons.lock().unwrap_or_else(|e| e.into_inner());
         r.counts.clear();
         r.logged.clear();

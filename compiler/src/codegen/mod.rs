@@ -1,16 +1,18 @@
-//! LLVM codegen: loop IR kernels → one LLVM module → `default<O3>` for the target CPU → an
-//! object file in memory. `loops` emits loop-IR kernels, `math` the float32 approximations
-//! they call, `target` says which CPU the code is for.
+//! LLVM codegen: each loop IR kernel → an LLVM module → Kiln's pipeline for the target CPU →
+//! an object file in memory (`kernel_cache` compiles each distinct kernel once, several at a
+//! time). `loops` emits loop-IR kernels, `math` the float32 approximations they call,
+//! `target` says which CPU the code is for.
 //!
-//! Each kernel becomes `void NAME(ptr bufs, i64 start, i64 end)`: `bufs` is the program's
-//! buffer table, [start, end) the slice of the root loop this call runs (the runtime splits it
-//! across threads). The body is a separate function taking each buffer it touches as a
-//! `noalias` pointer, so the vectoriser needs no runtime alias checks; O3 inlines it.
+//! Each kernel becomes `void NAME(ptr bufs, i64 start, i64 end)`: `bufs` is the kernel's
+//! buffer table (its own buffers, in local order, then the parameters), [start, end) the
+//! slice of the root loop this call runs (the runtime splits it across threads). The body is a separate function taking each buffer it touches as a
+//! `noalias` pointer, so the vectoriser needs no runtime alias checks; the pipeline inlines it.
 //! Loop counters and accumulators start as allocas; mem2reg turns them into SSA.
 
 use crate::codegen::target::Target;
 use crate::dtype::DType;
 use crate::lower::loop_ir::*;
+use crate::phases::Phase;
 use crate::CompileOptions;
 use inkwell::builder::BuilderError;
 use inkwell::context::Context;
@@ -18,6 +20,7 @@ use inkwell::passes::PassBuilderOptions;
 use inkwell::targets::{CodeModel, FileType, RelocMode, Target as LlvmTarget, TargetMachine, TargetTriple};
 use inkwell::OptimizationLevel;
 
+pub mod kernel_cache;
 pub mod loops;
 pub mod math;
 pub mod target;
@@ -40,12 +43,6 @@ pub enum CodegenError {
     Unsupported(String),
 }
 
-/// Machine code for a set of kernels, with the symbol of each.
-pub struct ObjectCode {
-    pub bytes: Vec<u8>,
-    pub symbols: Vec<String>,
-}
-
 fn target_machine(target: &Target) -> Result<TargetMachine, CodegenError> {
     let triple = TargetTriple::create(&target.triple);
     let t = LlvmTarget::from_triple(&triple).map_err(|e| CodegenError::Llvm(e.to_string()))?;
@@ -53,25 +50,24 @@ fn target_machine(target: &Target) -> Result<TargetMachine, CodegenError> {
         .ok_or_else(|| CodegenError::Llvm("cannot create target machine".into()))
 }
 
-/// Compiles kernels to an object file. Symbols are `{prefix}_{kernel.name}`.
-pub fn compile(kernels: &[Kernel], buffer_dtypes: &[DType], target: &Target, prefix: &str, opts: &CompileOptions) -> Result<ObjectCode, CodegenError> {
+/// Compiles one kernel (in local form: `buffer_dtypes` are its own buffers') to an object
+/// file defining `symbol`, in a context of its own (see `kernel_cache`).
+pub fn compile_kernel(k: &Kernel, buffer_dtypes: &[DType], target: &Target, opts: &CompileOptions, symbol: &str) -> Result<Vec<u8>, CodegenError> {
+    let start = std::time::Instant::now();
     let ctx = Context::create();
-    let module = ctx.create_module(prefix);
+    let module = ctx.create_module(symbol);
     let tm = target_machine(target)?;
     module.set_triple(&tm.get_triple());
     module.set_data_layout(&tm.get_target_data().get_data_layout());
-    let mut symbols = vec![];
-    for k in kernels {
-        let name = format!("{prefix}_{}", k.name);
-        emit(&ctx, &module, k, buffer_dtypes, target, opts, &name)?;
-        symbols.push(name);
-    }
-    module.verify().map_err(|e| CodegenError::Llvm(format!("invalid module: {e}")))?;
-    module
-        .run_passes(&opts.pipeline, &tm, PassBuilderOptions::create())
-        .map_err(|e| CodegenError::Llvm(e.to_string()))?;
-    let buf = tm.write_to_memory_buffer(&module, FileType::Object).map_err(|e| CodegenError::Llvm(e.to_string()))?;
-    Ok(ObjectCode { bytes: buf.as_slice().to_vec(), symbols })
+    Phase::Emit.time(|| {
+        emit(&ctx, &module, k, buffer_dtypes, target, opts, symbol)?;
+        module.verify().map_err(|e| CodegenError::Llvm(format!("invalid module: {e}")))
+    })?;
+    Phase::Optimize.time(|| module.run_passes(&opts.pipeline, &tm, PassBuilderOptions::create()).map_err(|e| CodegenError::Llvm(e.to_string())))?;
+    let buf = Phase::MachineCode.time(|| tm.write_to_memory_buffer(&module, FileType::Object).map_err(|e| CodegenError::Llvm(e.to_string())))?;
+    let kind = if k.gemm.is_some() { "gemm" } else { "loops" };
+    tracing::debug!(symbol, kind, bytes = buf.get_size(), ms = start.elapsed().as_secs_f64() * 1e3, "compiled kernel");
+    Ok(buf.as_slice().to_vec())
 }
 
 /// The optimised LLVM IR of the kernels, for debugging and tests.

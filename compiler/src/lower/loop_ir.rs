@@ -100,6 +100,43 @@ impl Kernel {
     pub fn dtype(&self, e: ExprId) -> DType {
         self.exprs[e.0 as usize].1
     }
+    /// This kernel with its buffers numbered 0, 1, … in order of first use (GEMM operands,
+    /// then the expression arena, then stores in loop order), and the buffer of the program
+    /// each number stands for. Kernels that differ only in which buffers of their programs
+    /// they touch have the same local form, so they can share code: the runtime hands each
+    /// kernel a table of its own buffers (`KernelDecl::buffers`).
+    pub fn with_local_buffers(&self) -> (Kernel, Vec<BufId>) {
+        let mut order: Vec<BufId> = vec![];
+        let mut local = |b: &mut BufId| {
+            let i = order.iter().position(|x| x == b).unwrap_or_else(|| {
+                order.push(*b);
+                order.len() - 1
+            });
+            *b = BufId(i as u32);
+        };
+        let mut k = self.clone();
+        if let Some(g) = &mut k.gemm {
+            local(&mut g.shape.a.buf);
+            local(&mut g.shape.b.buf);
+        }
+        for (e, _) in &mut k.exprs {
+            if let Expr::Load { buf, .. } = e {
+                local(buf);
+            }
+        }
+        fn stores(l: &mut Loop, local: &mut dyn FnMut(&mut BufId)) {
+            for s in &mut l.body {
+                match s {
+                    Stmt::Loop(inner) => stores(inner, local),
+                    Stmt::Store { buf, .. } => local(buf),
+                    _ => {}
+                }
+            }
+        }
+        stores(&mut k.root, &mut local);
+        (k, order)
+    }
+
     pub fn outer_extent(&self) -> i64 {
         match self.root.extent {
             Dim::Const(n) => n,

@@ -14,6 +14,7 @@ ship a cache made with ``prewarm()`` (or ``python -m torch_kiln prewarm``) and r
 ``enable(compile="never")``. See ``torch_kiln.cache``.
 """
 
+import atexit
 import os
 import warnings
 
@@ -22,7 +23,7 @@ import torch  # loads libtorch before the extension, which has no RUNPATH of its
 from . import _kiln
 from . import cache
 
-__all__ = ["enable", "disable", "reset", "stats", "explain", "prewarm", "cache", "OPTIONS"]
+__all__ = ["enable", "disable", "reset", "stats", "explain", "prewarm", "synchronize", "cache", "OPTIONS"]
 __version__ = _kiln.VERSION
 
 #: Options of ``enable()`` and their defaults.
@@ -51,6 +52,11 @@ OPTIONS = {
     "cache_dir": None,
     # Bytes of entries kept in cache_dir; past it, least recently used entries are removed.
     "cache_size_limit": 1 << 30,
+    # Compile on Kiln's compile thread: a call whose signature has no code yet runs
+    # TorchScript's own nodes at once, and later calls run Kiln's code once it is ready
+    # (synchronize() waits for it). False: that call waits for its compile. The default is
+    # $KILN_BACKGROUND ("0" turns it off), else True.
+    "background": None,
 }
 
 _enabled = False
@@ -89,13 +95,18 @@ def enable(**options):
     if opts["dynamic"] not in ("auto", "static", "always"):
         raise ValueError(f"torch_kiln option 'dynamic' must be 'auto', 'static' or 'always', got {opts['dynamic']!r}")
     _check_int("cache_size_limit", opts["cache_size_limit"], 0, _MAX_BYTES)
+    background = opts["background"]
+    if background is None:
+        background = os.environ.get("KILN_BACKGROUND", "1") != "0"
+    elif not isinstance(background, bool):
+        raise ValueError(f"torch_kiln option 'background' must be a bool, got {background!r}")
     cache_dir = opts["cache_dir"]
     if cache_dir is not False:
         cache_dir = cache.resolve_dir(cache_dir)
     global _options
     args = (opts["max_specializations"], opts["opt_level"], threads, opts["compile"], opts["dynamic"])
     try:
-        _kiln.enable(*args, cache_dir or None, opts["cache_size_limit"])
+        _kiln.enable(*args, cache_dir or None, opts["cache_size_limit"], background)
     except ValueError as e:
         # A directory the user named is their mistake to hear about; the default one (say, a
         # read-only home) must not stop their program: Kiln keeps code in memory instead.
@@ -103,14 +114,26 @@ def enable(**options):
             raise
         warnings.warn(f"torch_kiln: no disk cache ({e}); compiled code is kept in memory only", RuntimeWarning, stacklevel=2)
         cache_dir = False
-        _kiln.enable(*args, None, opts["cache_size_limit"])
-    _options = {**opts, "cache_dir": cache_dir}
+        _kiln.enable(*args, None, opts["cache_size_limit"], background)
+    _options = {**opts, "cache_dir": cache_dir, "background": background}
     _enabled = True
+
+
+def synchronize():
+    """Wait until no compile is queued or running on Kiln's compile thread: afterwards every
+    signature seen so far runs Kiln's code (or has its reason in stats()). For tests,
+    benchmarks and warm-up."""
+    _kiln.synchronize()
+
+
+# No compile may be inside LLVM while the interpreter tears down.
+atexit.register(_kiln.shutdown)
 
 
 def disable():
     """Stop compiling: no new groups, no new specialisations (those calls run TorchScript's
-    nodes). Code already compiled keeps running for the signatures it was built for."""
+    nodes; queued compiles are dropped). Code already compiled keeps running for the
+    signatures it was built for."""
     global _enabled
     _kiln.disable()
     _enabled = False
@@ -127,8 +150,12 @@ def stats():
     cache_hits in memory, disk_hits), entries written to the disk cache and problems met
     there, kernel runs, guard passes, misses (calls no existing specialisation accepted:
     compiled for, or failed) and failures (calls that ran TorchScript's own nodes), and every
-    reason code ran in TorchScript, with counts; the options compile_mode, dynamic and
-    cache_dir."""
+    reason code ran in TorchScript, with counts; the options compile_mode, dynamic,
+    background_compile and cache_dir. ``background``: the compile thread's jobs queued,
+    running, done and dropped (no longer wanted), and the calls that ran TorchScript while
+    their group's compile was pending (counted there, not as fallbacks); ``compile_phases_ms``:
+    where compile time went (summed over threads); ``kernels_compiled`` / ``kernels_reused``:
+    kernels compiled, and kernels whose code an earlier compile had made."""
     s = _kiln.stats()
     s["fallbacks"] = dict(s["fallbacks"])
     s["disk_problems"] = dict(s["disk_problems"])
@@ -202,6 +229,8 @@ def explain(obj):
         out.append(f"group {g['id']}: {len(g['nodes'])} ops, {len(specs)} specialisation(s), "
                    f"guard passes {g['guard_passes']} (of which {g['guard_misses']} needed new code), "
                    f"failures {g['guard_failures']}")
+        if g["pending"]:
+            out.append(f"  compile pending on the compile thread: [{g['pending']}]")
         if g["varying_dims"]:
             out.append("  dims seen with several sizes: " + "; ".join(g["varying_dims"]))
         for why in g["symbolic_refused"]:

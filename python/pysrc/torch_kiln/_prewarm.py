@@ -98,7 +98,9 @@ def prewarm(module, example_inputs, cache_dir=None, progress=None, dynamic="alwa
     calls = _calls(example_inputs)
     directory = cache.resolve_dir(cache_dir)
     previous = dict(torch_kiln._options) if torch_kiln._enabled else None
-    options = {**(previous or {}), "cache_dir": directory, "compile": "lazy", "dynamic": dynamic}
+    # Synchronous compiles: each call's code exists before the next call, so the calls made
+    # here are the ones whose code is written.
+    options = {**(previous or {}), "cache_dir": directory, "compile": "lazy", "dynamic": dynamic, "background": False}
     if progress is None:
         progress = sys.stderr.isatty()
     torch_kiln.enable(**options)
