@@ -236,3 +236,9 @@ def test_a_disk_entry_serves_a_new_process_from_its_second_call(tmp_path):
     run_isolated(env_path + textwrap.dedent(body).replace("BACKGROUND", "False"))
     hits, submitted, runs = map(int, run_isolated(env_path + textwrap.dedent(body).replace("BACKGROUND", "True")).split())
     assert (hits, submitted) == (1, 0) and runs > 0, (hits, submitted, runs)
+
+
+def test_background_option_must_be_a_bool():
+    with pytest.raises(ValueError, match="background"):
+        torch_kiln.enable(background="yes")
+    torch_kiln.enable()

@@ -5,8 +5,9 @@
 //!
 //! Each kernel becomes `void NAME(ptr bufs, i64 start, i64 end)`: `bufs` is the kernel's
 //! buffer table (its own buffers, in local order, then the parameters), [start, end) the
-//! slice of the root loop this call runs (the runtime splits it across threads). The body is a separate function taking each buffer it touches as a
-//! `noalias` pointer, so the vectoriser needs no runtime alias checks; the pipeline inlines it.
+//! slice of the root loop this call runs (the runtime splits it across threads). The body is
+//! a separate function taking each buffer it touches as a `noalias` pointer, so the
+//! vectoriser needs no runtime alias checks; the pipeline inlines it.
 //! Loop counters and accumulators start as allocas; mem2reg turns them into SSA.
 
 use crate::codegen::target::Target;
