@@ -92,9 +92,14 @@ impl CompileQueue {
             self.counts.dropped.fetch_add(1, Ordering::Relaxed);
             return false;
         }
+        self.ensure_worker(&mut s);
+        if !s.worker {
+            // Nothing would run it: the caller clears its pending mark, a later call tries again.
+            self.counts.dropped.fetch_add(1, Ordering::Relaxed);
+            return false;
+        }
         s.jobs.push_back(job);
         self.counts.queued.fetch_add(1, Ordering::Relaxed);
-        self.ensure_worker(&mut s);
         self.changed.notify_all();
         true
     }
@@ -106,7 +111,6 @@ impl CompileQueue {
         let spawned = std::thread::Builder::new().name("kiln-compile".into()).spawn(move || self.work());
         match spawned {
             Ok(_) => s.worker = true,
-            // No thread: the jobs run in the calls that wait for them (`synchronize`), or not.
             Err(e) => tracing::warn!("kiln: cannot start the compile thread: {e}"),
         }
     }
@@ -122,8 +126,12 @@ impl CompileQueue {
             s.running += 1;
             drop(s);
             // `run_job` catches a compile's panic; a panic here would be Kiln's own bug, and
-            // must not leave `running` counted for good.
+            // must leave neither `running` counted nor the group pending for good.
+            let region = job.region;
             let done = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| crate::runtime::RUNTIME.run_job(job)));
+            if done.is_err() {
+                region.clear_pending();
+            }
             let counter = if done.unwrap_or(false) { &self.counts.done } else { &self.counts.dropped };
             counter.fetch_add(1, Ordering::Relaxed);
             s = self.lock();
@@ -154,9 +162,11 @@ impl CompileQueue {
             if !s.jobs.is_empty() && !s.worker {
                 self.ensure_worker(&mut s);
                 if !s.worker {
-                    // No thread can be started: nothing will run these jobs.
+                    // No thread can be started (a forked child, say): nothing will run these.
                     self.counts.dropped.fetch_add(s.jobs.len() as u64, Ordering::Relaxed);
-                    s.jobs.clear();
+                    for job in s.jobs.drain(..) {
+                        job.region.clear_pending();
+                    }
                     break;
                 }
             }
