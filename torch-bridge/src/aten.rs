@@ -7,7 +7,7 @@
 
 use crate::ts_dump::{Const, Item, Region};
 use kiln_compiler::graph::ir::{BinaryOp, CmpOp, Graph, Op, ReduceOp, UnaryOp};
-use kiln_compiler::graph::layout::{contiguous_strides, dense_strides, elementwise_order, elementwise_strides, is_non_overlapping_and_dense, order_of};
+use kiln_compiler::graph::layout::{contiguous_strides, dense_strides, elementwise_order, elementwise_strides, is_channels_last, is_contiguous, is_non_overlapping_and_dense, order_of};
 use kiln_compiler::{DType, Scalar, TensorType, ValueId};
 use kiln_profiler::canonical_strides;
 
@@ -239,6 +239,16 @@ fn eager_strides(kind: &str, shape: &[i64], dtype: DType, mut operands: Vec<Oper
         }
 
         "aten::to" | "aten::type_as" | "aten::zeros_like" | "aten::ones_like" => return converted_strides(&operands[0]),
+        // `empty_like(input, input.suggest_memory_format())`, and a pool's output in the
+        // input's memory format.
+        "aten::batch_norm" | "aten::adaptive_avg_pool2d" => {
+            let x = &operands[0];
+            return if shape.len() == 4 && is_channels_last(&x.sizes, &x.strides) && !is_contiguous(&x.sizes, &x.strides) {
+                dense_strides(shape, &[0, 2, 3, 1])
+            } else {
+                contiguous_strides(shape)
+            };
+        }
         "aten::rsub" => operands.reverse(),
         "aten::where" => {
             for x in operands.iter_mut().skip(1).filter(|x| x.dtype != dtype) {
@@ -280,6 +290,8 @@ pub const KINDS: &[&str] = &[
     "aten::chunk", "aten::unsafe_chunk", "aten::split", "aten::unsafe_split", "aten::split_with_sizes",
     "aten::unsafe_split_with_sizes", "aten::masked_fill", "aten::triu", "aten::tril", "aten::scaled_dot_product_attention",
     "aten::_native_multi_head_attention", "aten::zeros_like", "aten::ones_like",
+    "aten::hardswish", "aten::hardsigmoid", "aten::hardtanh", "aten::relu6", "aten::mish",
+    "aten::batch_norm", "aten::adaptive_avg_pool2d",
 ];
 
 /// The ops whose in-place form (`aten::add_`...) Kiln computes as the op itself, where the
@@ -289,6 +301,7 @@ const IN_PLACE: &[&str] = &[
     "aten::reciprocal", "aten::sigmoid", "aten::tanh", "aten::exp", "aten::log", "aten::log1p", "aten::sqrt",
     "aten::rsqrt", "aten::erf", "aten::silu", "aten::gelu", "aten::leaky_relu", "aten::clamp", "aten::clamp_min",
     "aten::clamp_max", "aten::pow", "aten::masked_fill", "aten::triu", "aten::tril",
+    "aten::hardswish", "aten::hardsigmoid", "aten::hardtanh", "aten::relu6", "aten::mish",
 ];
 
 /// The functional op of an in-place one Kiln computes (`aten::add_` → `aten::add`).
@@ -489,6 +502,15 @@ impl Lower<'_> {
         Ok(v)
     }
 
+    /// min(max(x + 3, 0), 6): the gate of hardsigmoid and hardswish.
+    fn relu6_of_x_plus_3(&mut self, v: ValueId) -> R<ValueId> {
+        let d = self.g.ty(v).dtype;
+        let [three, zero, six] = [3, 0, 6].map(|n| self.g.constant(Scalar::Int(n), d));
+        let s = self.g.binary(BinaryOp::Add, v, three).map_err(|e| e.0)?;
+        let s = self.g.binary(BinaryOp::Max, s, zero).map_err(|e| e.0)?;
+        Ok(self.g.binary(BinaryOp::Min, s, six).map_err(|e| e.0)?)
+    }
+
     fn dims(&self, x: ValueId, dim: &Arg) -> R<Vec<usize>> {
         let rank = self.g.ty(x).rank();
         let all: Vec<usize> = (0..rank).collect();
@@ -597,6 +619,38 @@ impl Lower<'_> {
                 let pos = self.g.compare(CmpOp::Gt, v, zero).map_err(|e| e.0)?;
                 let neg = self.g.binary(BinaryOp::Mul, v, s).map_err(|e| e.0)?;
                 Ok(self.g.where_(pos, v, neg).map_err(|e| e.0)?)
+            }
+            // The activations of mobile networks, in ATen's CPU kernels' order of operations.
+            ("aten::hardtanh", [x, lo, hi]) => {
+                self.float_only(x)?;
+                self.clamp(x, lo, hi)
+            }
+            ("aten::relu6", [x]) => {
+                self.float_only(x)?;
+                self.clamp(x, &Arg::Const(Const::Int(0)), &Arg::Const(Const::Int(6)))
+            }
+            ("aten::hardsigmoid", [x]) => {
+                // min(max(x + 3, 0), 6) / 6
+                let v = self.float_only(x)?;
+                let gate = self.relu6_of_x_plus_3(v)?;
+                let six = self.g.constant(Scalar::Int(6), self.g.ty(v).dtype);
+                Ok(self.g.binary(BinaryOp::Div, gate, six).map_err(|e| e.0)?)
+            }
+            ("aten::hardswish", [x]) => {
+                // x * min(max(x + 3, 0), 6) / 6
+                let v = self.float_only(x)?;
+                let gate = self.relu6_of_x_plus_3(v)?;
+                let six = self.g.constant(Scalar::Int(6), self.g.ty(v).dtype);
+                let p = self.g.binary(BinaryOp::Mul, v, gate).map_err(|e| e.0)?;
+                Ok(self.g.binary(BinaryOp::Div, p, six).map_err(|e| e.0)?)
+            }
+            ("aten::mish", [x]) => {
+                // x * tanh(log1p(exp(x)))
+                let v = self.float_only(x)?;
+                let e = self.g.unary(U::Exp, v).map_err(|e| e.0)?;
+                let sp = self.g.unary(U::Log1p, e).map_err(|e| e.0)?;
+                let t = self.g.unary(U::Tanh, sp).map_err(|e| e.0)?;
+                Ok(self.g.binary(BinaryOp::Mul, v, t).map_err(|e| e.0)?)
             }
             ("aten::clamp", [x, lo, hi]) => self.clamp(x, lo, hi),
             ("aten::clamp_min", [x, lo]) => self.clamp(x, lo, &none),
@@ -814,6 +868,21 @@ impl Lower<'_> {
                 }
                 Ok(self.g.expand(v, &shape).map_err(|e| e.0)?)
             }
+            ("aten::batch_norm", [x, weight, bias, mean, var, Arg::Const(Const::Bool(false)), _momentum, Arg::Const(Const::Float(eps)), _]) => {
+                let v = self.tensor(x)?;
+                self.batch_norm_eval(v, weight, bias, mean, var, *eps)
+            }
+            ("aten::batch_norm", _) => Err("batch_norm in training mode (Kiln computes inference)".into()),
+            ("aten::adaptive_avg_pool2d", [x, Arg::Const(Const::Ints(out))]) if out[..] == [1, 1] => {
+                // The mean over H and W: eager sums each window, then divides by its size.
+                let v = self.float_only(x)?;
+                let rank = self.g.ty(v).rank();
+                if !(3..=4).contains(&rank) || self.sizes(v)?[rank - 2..].contains(&0) {
+                    return Err("adaptive_avg_pool2d of an input that is not [N,] C, H, W with H, W > 0 (eager raises)".into());
+                }
+                Ok(self.g.reduce(ReduceOp::Mean, v, &[rank - 2, rank - 1], true).map_err(|e| e.0)?)
+            }
+            ("aten::adaptive_avg_pool2d", _) => Err("adaptive_avg_pool2d to an output other than 1x1".into()),
             ("aten::layer_norm", [x, Arg::Const(Const::Ints(normalized)), weight, bias, Arg::Const(Const::Float(eps)), _]) => {
                 let v = self.tensor(x)?;
                 self.layer_norm(v, normalized.len(), weight, bias, *eps)
@@ -1015,6 +1084,40 @@ impl Lower<'_> {
             }
         }
         Ok(y)
+    }
+
+    /// Batch norm with running statistics, as ATen's CPU kernel computes it per channel (dim
+    /// 1): alpha = weight / sqrt(var + eps), beta = bias - mean * alpha, out = x * alpha + beta.
+    /// (ATen's path for inputs that are neither contiguous nor channels-last computes
+    /// ((x - mean) * invstd) * weight + bias: the same value to an ulp or two.)
+    fn batch_norm_eval(&mut self, x: ValueId, weight: &Arg, bias: &Arg, mean: &Arg, var: &Arg, eps: f64) -> R<ValueId> {
+        let d = self.g.ty(x).dtype;
+        let sizes = self.sizes(x)?;
+        if !d.is_float() || sizes.len() < 2 {
+            return Err("batch_norm of an integer tensor or one without a channel dim".into());
+        }
+        let e = |r: Result<ValueId, kiln_compiler::graph::ir::IrError>| r.map_err(|e| e.0);
+        // A [C] parameter as [C, 1, ...] against x's [N, C, ...].
+        let mut per_channel: Vec<i64> = vec![sizes[1]];
+        per_channel.extend(std::iter::repeat_n(1, sizes.len() - 2));
+        let param = |this: &mut Self, a: &Arg, default: Option<i64>| -> R<ValueId> {
+            match a {
+                Arg::Const(Const::None) => default.map(|n| this.g.constant(Scalar::Int(n), d)).ok_or_else(|| "batch_norm without running statistics".to_string()),
+                Arg::Tensor(t) if this.g.ty(*t).dtype == d && this.sizes(*t)? == [sizes[1]] => e(this.g.reshape(*t, &per_channel)),
+                _ => Err("a batch_norm parameter of another dtype or size".into()),
+            }
+        };
+        let (mean, var) = (param(self, mean, None)?, param(self, var, None)?);
+        let (w, b) = (param(self, weight, Some(1))?, param(self, bias, Some(0))?);
+        let (one, eps) = (self.g.constant(Scalar::Int(1), d), self.g.constant(Scalar::Float(eps), d));
+        let std = e(self.g.binary(BinaryOp::Add, var, eps))?;
+        let std = e(self.g.unary(UnaryOp::Sqrt, std))?;
+        let invstd = e(self.g.binary(BinaryOp::Div, one, std))?;
+        let alpha = e(self.g.binary(BinaryOp::Mul, invstd, w))?;
+        let shift = e(self.g.binary(BinaryOp::Mul, mean, alpha))?;
+        let beta = e(self.g.binary(BinaryOp::Sub, b, shift))?;
+        let y = e(self.g.binary(BinaryOp::Mul, x, alpha))?;
+        e(self.g.binary(BinaryOp::Add, y, beta))
     }
 
     /// The fast path's fused encoder layer (`nn.TransformerEncoderLayer` traced in eval), in
