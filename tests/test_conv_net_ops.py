@@ -58,3 +58,17 @@ def test_a_frozen_block_of_them_runs_entirely_in_kiln():
         run_compiled(frozen, (x,), reference=m)
         text = torch_kiln.explain(frozen)
     assert "[torchscript]" not in text, text
+
+
+def test_pad_and_channel_shuffle_keep_eagers_layout():
+    fn = script_source(
+        "def fn(x):\n"
+        "    y = torch.nn.functional.pad(x, [1, 2, 0, -1], 'constant', 0.5)\n"
+        "    return y, torch.nn.functional.channel_shuffle(x, 3)\n"
+    )
+    ref = lambda x: (torch.nn.functional.pad(x, [1, 2, 0, -1], "constant", 0.5), torch.nn.functional.channel_shuffle(x, 3))  # noqa: E731
+    for layout in (torch.contiguous_format, torch.channels_last):
+        x = torch.randn(2, 6, 5, 7).contiguous(memory_format=layout)
+        out, _ = run_compiled(fn, (x,), reference=ref)
+        for o, e in zip(out, ref(x)):
+            assert o.stride() == e.stride(), (layout, o.stride(), e.stride())

@@ -44,7 +44,8 @@ CLAIMS = {
     # The convolutional networks' pointwise ops (issue 12).
     "nn.functional.hardswish": FLOAT, "nn.functional.hardsigmoid": FLOAT, "nn.functional.hardtanh": FLOAT,
     "nn.functional.relu6": FLOAT, "nn.functional.mish": FLOAT, "nn.functional.batch_norm": FLOAT,
-    "nn.functional.adaptive_avg_pool2d": FLOAT,
+    "nn.functional.adaptive_avg_pool2d": FLOAT, "constant_pad_nd": NUMERIC, "nn.functional.pad.constant": NUMERIC,
+    "nn.functional.channel_shuffle": NUMERIC,
 }
 
 # Ops returning a list of tensors: the function unpacks it (`p0, p1 = torch.split(...)`), as
@@ -94,6 +95,8 @@ CALL = {
     "masked_fill": "torch.masked_fill({input}{rest})",
     "nn.functional.scaled_dot_product_attention": "torch.nn.functional.scaled_dot_product_attention({input}{rest})",
     "nn.functional.layer_norm": "torch.nn.functional.layer_norm({input}{rest})",
+    "nn.functional.pad.constant": "torch.nn.functional.pad({input}{rest})",
+    "nn.functional.channel_shuffle": "torch.nn.functional.channel_shuffle({input}{rest})",
     **{f"nn.functional.{n}": f"torch.nn.functional.{n}({{input}}{{rest}})"
        for n in ("hardswish", "hardsigmoid", "hardtanh", "relu6", "mish", "batch_norm", "adaptive_avg_pool2d")},
 }
@@ -116,6 +119,8 @@ UNCLAIMED_SAMPLES = [
      "training mode or no running statistics (batch statistics: Kiln computes inference), or no channel dim"),
     ("nn.functional.adaptive_avg_pool2d", lambda s: tuple(s.args[0] if isinstance(s.args[0], (list, tuple)) else (s.args[0],) * 2) != (1, 1),
      "an output other than 1x1 (pooling windows come with the convolution kernels)"),
+    *[(name, lambda s: all(p <= 0 for p in s.args[0]), "a pad that only crops (eager clones the view in the input's layout)")
+      for name in ("constant_pad_nd", "nn.functional.pad.constant")],
     ("transpose", lambda s: s.input.dim() == 0 or len(set(a % max(s.input.dim(), 1) for a in s.args)) == 1,
      "a transpose of one dim with itself is the tensor itself"),
 ]

@@ -241,7 +241,7 @@ fn eager_strides(kind: &str, shape: &[i64], dtype: DType, mut operands: Vec<Oper
         "aten::to" | "aten::type_as" | "aten::zeros_like" | "aten::ones_like" => return converted_strides(&operands[0]),
         // `empty_like(input, input.suggest_memory_format())`, and a pool's output in the
         // input's memory format.
-        "aten::batch_norm" | "aten::adaptive_avg_pool2d" => {
+        "aten::batch_norm" | "aten::adaptive_avg_pool2d" | "aten::constant_pad_nd" | "aten::pad" | "aten::channel_shuffle" | "aten::native_channel_shuffle" => {
             let x = &operands[0];
             return if shape.len() == 4 && is_channels_last(&x.sizes, &x.strides) && !is_contiguous(&x.sizes, &x.strides) {
                 dense_strides(shape, &[0, 2, 3, 1])
@@ -291,7 +291,8 @@ pub const KINDS: &[&str] = &[
     "aten::unsafe_split_with_sizes", "aten::masked_fill", "aten::triu", "aten::tril", "aten::scaled_dot_product_attention",
     "aten::_native_multi_head_attention", "aten::zeros_like", "aten::ones_like",
     "aten::hardswish", "aten::hardsigmoid", "aten::hardtanh", "aten::relu6", "aten::mish",
-    "aten::batch_norm", "aten::adaptive_avg_pool2d",
+    "aten::batch_norm", "aten::adaptive_avg_pool2d", "aten::constant_pad_nd", "aten::pad",
+    "aten::channel_shuffle", "aten::native_channel_shuffle",
 ];
 
 /// The ops whose in-place form (`aten::add_`...) Kiln computes as the op itself, where the
@@ -883,6 +884,27 @@ impl Lower<'_> {
                 Ok(self.g.reduce(ReduceOp::Mean, v, &[rank - 2, rank - 1], true).map_err(|e| e.0)?)
             }
             ("aten::adaptive_avg_pool2d", _) => Err("adaptive_avg_pool2d to an output other than 1x1".into()),
+            ("aten::constant_pad_nd", [x, Arg::Const(Const::Ints(pad)), value]) => self.constant_pad(x, pad, value),
+            ("aten::pad", [x, Arg::Const(Const::Ints(pad)), Arg::Const(Const::Str(mode)), value]) if mode == "constant" => self.constant_pad(x, pad, value),
+            ("aten::pad", _) => Err("a pad mode other than constant (reflect, replicate, circular)".into()),
+            ("aten::channel_shuffle" | "aten::native_channel_shuffle", [x, Arg::Const(Const::Int(groups))]) => {
+                // [N, g, C/g, ...] with the two group dims swapped, copied into a new tensor.
+                let v = self.tensor(x)?;
+                let sizes = self.sizes(v)?;
+                let g = *groups;
+                if sizes.len() < 3 || g <= 0 || sizes[1] % g != 0 {
+                    return Err("channel_shuffle of fewer than 3 dims or channels not a multiple of groups (eager raises)".into());
+                }
+                let e = |r: Result<ValueId, kiln_compiler::graph::ir::IrError>| r.map_err(|e| e.0);
+                let mut split = vec![sizes[0], g, sizes[1] / g];
+                split.extend(&sizes[2..]);
+                let grouped = e(self.g.reshape(v, &split))?;
+                let mut perm: Vec<usize> = (0..split.len()).collect();
+                perm.swap(1, 2);
+                let swapped = e(self.g.permute(grouped, &perm))?;
+                let merged = e(self.g.reshape(swapped, &sizes))?;
+                Ok(self.g.copy(merged))
+            }
             ("aten::layer_norm", [x, Arg::Const(Const::Ints(normalized)), weight, bias, Arg::Const(Const::Float(eps)), _]) => {
                 let v = self.tensor(x)?;
                 self.layer_norm(v, normalized.len(), weight, bias, *eps)
@@ -1084,6 +1106,60 @@ impl Lower<'_> {
             }
         }
         Ok(y)
+    }
+
+    /// `constant_pad_nd`: pad (left, right) pairs from the last dim backwards; a negative pad
+    /// crops. The padding is the fill value expanded, joined to x by cats.
+    fn constant_pad(&mut self, x: &Arg, pad: &[i64], value: &Arg) -> R<ValueId> {
+        let mut v = self.tensor(x)?;
+        let d = self.g.ty(v).dtype;
+        let rank = self.g.ty(v).rank();
+        if pad.len() % 2 != 0 || pad.len() > 2 * rank {
+            return Err("a pad list of odd length or longer than twice the rank (eager raises)".into());
+        }
+        if pad.iter().all(|&p| p <= 0) {
+            // Eager then clones the cropped view, keeping a dense input's own strides.
+            return Err("a pad that only crops (eager returns a clone in the input's layout)".into());
+        }
+        let fill = match value {
+            Arg::Const(Const::None) => self.g.constant(Scalar::Int(0), d),
+            // `fill_` converts the value to x's dtype (a float into an integer truncates;
+            // eager raises where it does not fit).
+            Arg::Const(Const::Float(f)) if !d.is_float() && f.is_finite() && f.abs() < 2f64.powi(31) => self.g.constant(Scalar::Float(*f), d),
+            other => self.value(other, d)?,
+        };
+        let e = |r: Result<ValueId, kiln_compiler::graph::ir::IrError>| r.map_err(|e| e.0);
+        let dims: Vec<(usize, i64, i64)> = pad.chunks(2).enumerate().map(|(i, p)| (rank - 1 - i, p[0], p[1])).collect();
+        // Crops first (slices of x), so that the last op is a cat: the result is never a view.
+        for &(dim, left, right) in &dims {
+            let n = self.sizes(v)?[dim];
+            if n + left + right < 0 {
+                return Err("a pad that leaves a negative size (eager raises)".into());
+            }
+            let (start, keep) = (-left.min(0), n + left.min(0) + right.min(0));
+            if start != 0 || keep != n {
+                v = e(self.g.slice(v, dim, start, keep.max(0)))?;
+            }
+        }
+        let mut joined = false;
+        for &(dim, left, right) in &dims {
+            let side = |this: &mut Self, width: i64| -> R<Option<ValueId>> {
+                if width <= 0 {
+                    return Ok(None);
+                }
+                let mut shape = this.sizes(v)?;
+                shape[dim] = width;
+                Ok(Some(e(this.g.expand(fill, &shape))?))
+            };
+            let (before, after) = (side(self, left)?, side(self, right)?);
+            if before.is_some() || after.is_some() {
+                let xs: Vec<ValueId> = before.into_iter().chain([v]).chain(after).collect();
+                v = e(self.g.cat(&xs, dim))?;
+                joined = true;
+            }
+        }
+        debug_assert!(joined, "some pad is positive");
+        Ok(v)
     }
 
     /// Batch norm with running statistics, as ATen's CPU kernel computes it per channel (dim
