@@ -72,3 +72,35 @@ def test_pad_and_channel_shuffle_keep_eagers_layout():
         out, _ = run_compiled(fn, (x,), reference=ref)
         for o, e in zip(out, ref(x)):
             assert o.stride() == e.stride(), (layout, o.stride(), e.stride())
+
+
+def test_pooling_whose_windows_tile_the_input():
+    # max_pool2d / avg_pool2d with stride = kernel and no padding: odd sizes (rows and columns
+    # no window covers are dropped), channels-last, no batch dim, NaN and infinities.
+    cases = [((2, 3, 7, 9), [2, 2], False), ((1, 5, 6, 6), [3, 2], True), ((4, 2, 5), [1, 1], False),
+             ((2, 16, 17, 3), [2, 3], False), ((3, 4, 8, 8), [4, 4], True)]
+    for shape, k, ceil in cases:
+        for layout in (torch.contiguous_format, torch.channels_last):
+            if layout == torch.channels_last and len(shape) != 4:
+                continue
+            x = torch.randn(*shape)
+            x.view(-1)[::7] = float("nan")
+            x.view(-1)[3::11] = float("inf")
+            x.view(-1)[5::13] = float("-inf")
+            x = x.contiguous(memory_format=layout)
+            fn = script_source(
+                "def fn(x):\n"
+                f"    return torch.nn.functional.max_pool2d(x, {k}, ceil_mode={ceil}), torch.nn.functional.avg_pool2d(x, {k}, ceil_mode={ceil})\n"
+            )
+            ref = lambda x: (torch.nn.functional.max_pool2d(x, k, ceil_mode=ceil), torch.nn.functional.avg_pool2d(x, k, ceil_mode=ceil))  # noqa: E731
+            out, _ = run_compiled(fn, (x,), reference=ref)
+            for o, e in zip(out, ref(x)):
+                assert o.stride() == e.stride(), (shape, layout, o.stride(), e.stride())
+
+
+def test_overlapping_or_padded_pooling_stays_in_torchscript_with_its_reason():
+    fn = script_source("def fn(x):\n    return torch.nn.functional.max_pool2d(x, 3, 2, 1)\n")
+    x = torch.randn(1, 2, 9, 9)
+    _, ran = run_compiled(fn, (x,), reference=lambda x: torch.nn.functional.max_pool2d(x, 3, 2, 1), must_compile=False)
+    assert not ran
+    assert "stride != kernel" in torch_kiln.explain(fn)

@@ -45,7 +45,7 @@ CLAIMS = {
     "nn.functional.hardswish": FLOAT, "nn.functional.hardsigmoid": FLOAT, "nn.functional.hardtanh": FLOAT,
     "nn.functional.relu6": FLOAT, "nn.functional.mish": FLOAT, "nn.functional.batch_norm": FLOAT,
     "nn.functional.adaptive_avg_pool2d": FLOAT, "constant_pad_nd": NUMERIC, "nn.functional.pad.constant": NUMERIC,
-    "nn.functional.channel_shuffle": NUMERIC,
+    "nn.functional.channel_shuffle": NUMERIC, "nn.functional.max_pool2d": FLOAT, "nn.functional.avg_pool2d": FLOAT,
 }
 
 # Ops returning a list of tensors: the function unpacks it (`p0, p1 = torch.split(...)`), as
@@ -97,6 +97,8 @@ CALL = {
     "nn.functional.layer_norm": "torch.nn.functional.layer_norm({input}{rest})",
     "nn.functional.pad.constant": "torch.nn.functional.pad({input}{rest})",
     "nn.functional.channel_shuffle": "torch.nn.functional.channel_shuffle({input}{rest})",
+    "nn.functional.max_pool2d": "torch.nn.functional.max_pool2d({input}{rest})",
+    "nn.functional.avg_pool2d": "torch.nn.functional.avg_pool2d({input}{rest})",
     **{f"nn.functional.{n}": f"torch.nn.functional.{n}({{input}}{{rest}})"
        for n in ("hardswish", "hardsigmoid", "hardtanh", "relu6", "mish", "batch_norm", "adaptive_avg_pool2d")},
 }
@@ -106,7 +108,24 @@ def _ranks(s):
     return [t.dim() for t in [s.input, *s.args] if isinstance(t, torch.Tensor)]
 
 
+def _pool_tiles(s, names):
+    """Whether a pooling sample's windows tile its input (stride = kernel, no padding,
+    dilation 1, no indices, no divisor override): the pools Kiln computes before its window
+    kernels exist."""
+    a = dict(zip(names, s.args), **s.kwargs)
+    pair = lambda v: tuple(v) * (2 // len(v)) if isinstance(v, (list, tuple)) and len(v) else (v, v)  # noqa: E731
+    k = pair(a["kernel_size"])
+    stride = a.get("stride")
+    return (stride in (None, (), []) or pair(stride) == k) and pair(a.get("padding", 0)) == (0, 0) \
+        and pair(a.get("dilation", 1)) == (1, 1) and not a.get("return_indices") and a.get("divisor_override") is None \
+        and not (a.get("ceil_mode") and any(n % m for n, m in zip(s.input.shape[-2:], k)))
+
+
 UNCLAIMED_SAMPLES = [
+    ("nn.functional.max_pool2d", lambda s: not _pool_tiles(s, ["kernel_size", "stride", "padding", "dilation", "ceil_mode", "return_indices"]),
+     "overlapping, padded or dilated windows, or indices (they wait for the window kernels)"),
+    ("nn.functional.avg_pool2d", lambda s: not _pool_tiles(s, ["kernel_size", "stride", "padding", "ceil_mode", "count_include_pad", "divisor_override"]),
+     "overlapping or padded windows, or a divisor override (they wait for the window kernels)"),
     ("pow", lambda s: any(isinstance(a, torch.Tensor) and a.dtype != s.input.dtype for a in s.args),
      "a tensor exponent of another dtype"),
     ("matmul", lambda s: _ranks(s)[0] == 2 and _ranks(s)[1] > 2, "a matrix times a batch (eager returns that transposed)"),
