@@ -49,6 +49,28 @@ def run_compiled(scripted, args, expected=None, reference=None, *, must_compile=
     return out, ran
 
 
+def in_threads(work, n):
+    """Runs `work(i)` for i in 0..n, each on a thread of its own, and raises the first error
+    one of them met (an assertion in a thread is otherwise lost)."""
+    import threading
+
+    errors = []
+
+    def run(i):
+        try:
+            work(i)
+        except Exception as e:  # noqa: BLE001 (raised below, in the caller's thread)
+            errors.append(e)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    if errors:
+        raise errors[0]
+
+
 def close(actual, expected):
     torch.testing.assert_close(actual, expected, equal_nan=True)
 

@@ -6,13 +6,12 @@ conftest.py) and puts the suite's default back afterwards."""
 
 import os
 import textwrap
-import threading
 
 import pytest
 import torch
 import torch_kiln
 
-from kiln_check import close, fresh_script, run_isolated, spine, script_source
+from kiln_check import close, fresh_script, in_threads, run_isolated, spine, script_source
 
 
 @pytest.fixture
@@ -54,22 +53,13 @@ def test_many_threads_calling_while_the_compile_is_queued_get_right_results_and_
     inputs = [(torch.randn(17, 130), torch.randn(17, 130)) for _ in range(4)]
     expected = [spine(*a) for a in inputs]
     _, _, compiles0 = counts()
-    errors = []
 
     def worker(k):
-        try:
-            for i in range(30):
-                a = inputs[(i + k) % len(inputs)]
-                close(f(*a), expected[(i + k) % len(inputs)])
-        except Exception as e:  # noqa: BLE001 (reported by the main thread)
-            errors.append(e)
+        for i in range(30):
+            a = inputs[(i + k) % len(inputs)]
+            close(f(*a), expected[(i + k) % len(inputs)])
 
-    threads = [threading.Thread(target=worker, args=(k,)) for k in range(8)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert not errors, errors[0]
+    in_threads(worker, 8)
     torch_kiln.synchronize()
     assert counts()[2] == compiles0 + 1, "one signature, one compile"
     runs = counts()[1]
@@ -138,16 +128,20 @@ def test_a_compile_error_in_the_background_is_a_fallback_reason_and_is_not_retri
         torch.set_default_dtype(old)
 
 
-def test_fork_with_a_compile_in_flight():
-    out = run_isolated("""
-        import os
-        torch_kiln.enable(cache_dir=False, background=True)
-        torch.manual_seed(0)
-        class Stack(torch.nn.Module):
+# A traced stack whose compile takes long enough to be in flight when the test acts.
+STACK = """class Stack(torch.nn.Module):
             def forward(self, x):
                 for _ in range(6):
                     x = torch.nn.functional.gelu(torch.layer_norm(x, [x.shape[-1]])) + torch.softmax(x, -1)
-                return x
+                return x"""
+
+
+def test_fork_with_a_compile_in_flight():
+    out = run_isolated(f"""
+        import os
+        torch_kiln.enable(cache_dir=False, background=True)
+        torch.manual_seed(0)
+        {STACK}
         m = torch.jit.trace(Stack(), torch.randn(64, 512))
         x = torch.randn(64, 512)
         with torch.no_grad():
@@ -174,11 +168,7 @@ def test_fork_with_a_compile_in_flight():
 def test_interpreter_exit_with_a_compile_in_flight_leaves_no_bad_entry(tmp_path):
     run_isolated(f"""
         torch_kiln.enable(cache_dir={str(tmp_path)!r}, background=True)
-        class Stack(torch.nn.Module):
-            def forward(self, x):
-                for _ in range(6):
-                    x = torch.nn.functional.gelu(torch.layer_norm(x, [x.shape[-1]])) + torch.softmax(x, -1)
-                return x
+        {STACK}
         m = torch.jit.trace(Stack(), torch.randn(64, 512))
         with torch.no_grad():
             m(torch.randn(64, 512)); m(torch.randn(64, 512))

@@ -5,6 +5,8 @@ import pytest
 import torch
 import torch_kiln
 
+from kiln_check import in_threads
+
 FLOP_OPS = ("aten::linear", "aten::matmul", "aten::mm", "aten::bmm", "aten::addmm")
 
 
@@ -153,29 +155,18 @@ def test_a_kept_packed_weight_follows_every_change_to_it():
 
 
 def test_many_threads_share_a_model_and_its_packed_weights():
-    import threading
-
     torch.manual_seed(0)
     model = MLP((64, 96, 64, 16)).eval()
     xs = [torch.randn(16, 64) for _ in range(4)]
     with torch.no_grad():
         m = check_model(model, (xs[0],), "script", True)
         want = [model(x) for x in xs]
-        errors = []
 
         def work(i):
-            try:
-                for _ in range(50):
-                    torch.testing.assert_close(m(xs[i]), want[i])
-            except Exception as e:  # reported below: an assertion in a thread is lost
-                errors.append(e)
+            for _ in range(50):
+                torch.testing.assert_close(m(xs[i]), want[i])
 
-        threads = [threading.Thread(target=work, args=(i,)) for i in range(4)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-    assert not errors, errors[0]
+        in_threads(work, 4)
 
 
 def encoder(layers=2, d=64, heads=4, ff=96, norm_first=False, activation="gelu"):

@@ -122,6 +122,11 @@ pub struct Rejection {
     pub generation: u64,
 }
 
+/// Why a group past `max_specializations` takes no new signature (both miss paths say it).
+fn limit_reached(max: usize) -> String {
+    format!("specialisation limit ({max}) reached for this group")
+}
+
 /// A region of a TorchScript graph that the pass replaced by a guarded Kiln group.
 pub struct Region {
     pub id: usize,
@@ -378,7 +383,7 @@ impl Runtime {
         let max = self.options.read().unwrap_or_else(|e| e.into_inner()).max_specializations;
         if r.specs.read().unwrap_or_else(|e| e.into_inner()).len() >= max {
             self.observe(r, inputs);
-            self.note(&format!("group not run: specialisation limit ({max}) reached for this group"));
+            self.note(&format!("group not run: {}", limit_reached(max)));
             return None;
         }
         // Code a cache holds runs now (this call included); only compiling is queued.
@@ -442,7 +447,7 @@ impl Runtime {
         let attempt = if rejected.len() >= MAX_REJECTED {
             Err(format!("more than {MAX_REJECTED} input signatures refused for this group"))
         } else if r.specs.read().unwrap_or_else(|e| e.into_inner()).len() >= max {
-            Err(format!("specialisation limit ({max}) reached for this group"))
+            Err(limit_reached(max))
         } else {
             // A bug in lowering or codegen must cost this signature only: the panic becomes its
             // reason (and the locks held here stay usable).
