@@ -22,8 +22,9 @@ if [ ! -x .venv/bin/python ]; then
   echo "setup: creating .venv"
   python3 -m venv .venv
 fi
-# Test-only packages: expecttest (torch's OpInfo database imports it) and pytest.
-PYPKGS=(torch==2.13.0 maturin expecttest pytest numpy)
+# Test-only packages: expecttest (torch's OpInfo database imports it), pytest, and
+# torchvision (the version built for torch 2.13.0) for the classifiers the model tests run.
+PYPKGS=(torch==2.13.0 torchvision==0.28.0 maturin expecttest pytest numpy)
 if ! .venv/bin/python - "${PYPKGS[@]}" <<'PY'
 import sys
 from importlib.metadata import version, PackageNotFoundError

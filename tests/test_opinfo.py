@@ -46,6 +46,7 @@ CLAIMS = {
     "nn.functional.relu6": FLOAT, "nn.functional.mish": FLOAT, "nn.functional.batch_norm": FLOAT,
     "nn.functional.adaptive_avg_pool2d": FLOAT, "constant_pad_nd": NUMERIC, "nn.functional.pad.constant": NUMERIC,
     "nn.functional.channel_shuffle": NUMERIC, "nn.functional.max_pool2d": FLOAT, "nn.functional.avg_pool2d": FLOAT,
+    "nn.functional.conv2d": FLOAT, "nn.functional.conv1d": FLOAT,
 }
 
 # Ops returning a list of tensors: the function unpacks it (`p0, p1 = torch.split(...)`), as
@@ -99,6 +100,8 @@ CALL = {
     "nn.functional.channel_shuffle": "torch.nn.functional.channel_shuffle({input}{rest})",
     "nn.functional.max_pool2d": "torch.nn.functional.max_pool2d({input}{rest})",
     "nn.functional.avg_pool2d": "torch.nn.functional.avg_pool2d({input}{rest})",
+    "nn.functional.conv2d": "torch.nn.functional.conv2d({input}{rest})",
+    "nn.functional.conv1d": "torch.nn.functional.conv1d({input}{rest})",
     **{f"nn.functional.{n}": f"torch.nn.functional.{n}({{input}}{{rest}})"
        for n in ("hardswish", "hardsigmoid", "hardtanh", "relu6", "mish", "batch_norm", "adaptive_avg_pool2d")},
 }
@@ -108,24 +111,16 @@ def _ranks(s):
     return [t.dim() for t in [s.input, *s.args] if isinstance(t, torch.Tensor)]
 
 
-def _pool_tiles(s, names):
-    """Whether a pooling sample's windows tile its input (stride = kernel, no padding,
-    dilation 1, no indices, no divisor override): the pools Kiln computes before its window
-    kernels exist."""
-    a = dict(zip(names, s.args), **s.kwargs)
-    pair = lambda v: tuple(v) * (2 // len(v)) if isinstance(v, (list, tuple)) and len(v) else (v, v)  # noqa: E731
-    k = pair(a["kernel_size"])
-    stride = a.get("stride")
-    return (stride in (None, (), []) or pair(stride) == k) and pair(a.get("padding", 0)) == (0, 0) \
-        and pair(a.get("dilation", 1)) == (1, 1) and not a.get("return_indices") and a.get("divisor_override") is None \
-        and not (a.get("ceil_mode") and any(n % m for n, m in zip(s.input.shape[-2:], k)))
+def _adaptive_tiles(s):
+    """Whether adaptive pooling's windows are equal tiles: each output size divides the
+    input's (None keeps the input's size)."""
+    out = s.args[0] if isinstance(s.args[0], (list, tuple)) else (s.args[0],) * 2
+    return all(o is None or (o > 0 and n % o == 0) for o, n in zip(out, s.input.shape[-2:]))
 
 
 UNCLAIMED_SAMPLES = [
-    ("nn.functional.max_pool2d", lambda s: not _pool_tiles(s, ["kernel_size", "stride", "padding", "dilation", "ceil_mode", "return_indices"]),
-     "overlapping, padded or dilated windows, or indices (they wait for the window kernels)"),
-    ("nn.functional.avg_pool2d", lambda s: not _pool_tiles(s, ["kernel_size", "stride", "padding", "ceil_mode", "count_include_pad", "divisor_override"]),
-     "overlapping or padded windows, or a divisor override (they wait for the window kernels)"),
+    ("nn.functional.max_pool2d", lambda s: dict(zip(["kernel_size", "stride", "padding", "dilation", "ceil_mode", "return_indices"], s.args), **s.kwargs).get("return_indices"),
+     "the indices of the maxima (a second output Kiln does not compute)"),
     ("pow", lambda s: any(isinstance(a, torch.Tensor) and a.dtype != s.input.dtype for a in s.args),
      "a tensor exponent of another dtype"),
     ("matmul", lambda s: _ranks(s)[0] == 2 and _ranks(s)[1] > 2, "a matrix times a batch (eager returns that transposed)"),
@@ -136,8 +131,8 @@ UNCLAIMED_SAMPLES = [
     ("narrow", lambda s: any(isinstance(a, torch.Tensor) for a in s.args), "a start given as a tensor (a size computed at run time)"),
     ("nn.functional.batch_norm", lambda s: s.kwargs.get("training", len(s.args) > 4 and s.args[4]) or s.args[0] is None or s.input.dim() < 2,
      "training mode or no running statistics (batch statistics: Kiln computes inference), or no channel dim"),
-    ("nn.functional.adaptive_avg_pool2d", lambda s: tuple(s.args[0] if isinstance(s.args[0], (list, tuple)) else (s.args[0],) * 2) != (1, 1),
-     "an output other than 1x1 (pooling windows come with the convolution kernels)"),
+    ("nn.functional.adaptive_avg_pool2d", lambda s: not _adaptive_tiles(s),
+     "an output size that does not divide the input's (windows of unequal sizes)"),
     *[(name, lambda s: all(p <= 0 for p in s.args[0]), "a pad that only crops (eager clones the view in the input's layout)")
       for name in ("constant_pad_nd", "nn.functional.pad.constant")],
     ("transpose", lambda s: s.input.dim() == 0 or len(set(a % max(s.input.dim(), 1) for a in s.args)) == 1,

@@ -14,7 +14,7 @@
 
 use crate::CacheKey;
 use kiln_compiler::lower::{BufferDecl, BufferKind};
-use kiln_compiler::kernels::gemm::{GemmOperand, GemmShape, GemmTile};
+use kiln_compiler::kernels::gemm::{GemmOperand, GemmShape, GemmTile, Im2col};
 use kiln_compiler::lower::loop_ir::BufId;
 use kiln_compiler::runtime::program::KernelDecl;
 use kiln_compiler::{DType, ProgramImage, Target};
@@ -25,7 +25,7 @@ const MAGIC: &[u8; 8] = b"KILNCODE";
 /// 4: buffers carry their layout order (outputs follow eager's layout). 6: GEMMs pack into
 /// the runtime's scratch (no pack buffers). 7: an object per kernel, each kernel reading a
 /// table of its own buffers.
-pub const FORMAT: u32 = 7;
+pub const FORMAT: u32 = 8;
 const CHECKSUM: usize = 32;
 
 #[derive(thiserror::Error, Debug, Clone, PartialEq, Eq)]
@@ -108,6 +108,15 @@ pub fn encode(header: &EntryHeader, image: &ProgramImage) -> Vec<u8> {
             let operand = |o: &GemmOperand| format!("{} {} {} {} {}", o.buf.0, o.offset, list(&o.batch_strides), o.rows, o.cols);
             let line = format!("gemm {} {} {} {} {} {} {} {}\n", list(&g.batch), g.m, g.n, g.k, operand(&g.a), operand(&g.b), g.tile.mr, g.tile.nr);
             body.extend(line.bytes());
+            if let Some(w) = &g.im2col {
+                let mut nums = vec![w.channels, w.out_w];
+                for pair in [w.kernel, w.in_size, w.pad, w.stride, w.dilation] {
+                    nums.extend(pair);
+                }
+                nums.extend(w.strides);
+                let line = format!("im2col {}\n", nums.iter().map(i64::to_string).collect::<Vec<_>>().join(" "));
+                body.extend(line.bytes());
+            }
         }
         body.extend(format!("object {}\n", k.object.len()).bytes());
         body.extend_from_slice(&k.object);
@@ -256,7 +265,16 @@ fn parse_body(body: &[u8]) -> Result<ProgramImage, String> {
                 let (a, b) = (operand(&mut w, "gemm operand a")?, operand(&mut w, "gemm operand b")?);
                 let tile = GemmTile { mr: num(w.next(), "gemm tile")?, nr: num(w.next(), "gemm tile")? };
                 let kernel = image.kernels.last_mut().ok_or("a gemm line before any kernel")?;
-                kernel.gemm = Some(GemmShape { batch, m, n, k, a, b, tile });
+                kernel.gemm = Some(GemmShape { batch, m, n, k, a, b, tile, im2col: None });
+            }
+            Some("im2col") => {
+                let mut next = || num::<i64>(w.next(), "im2col");
+                let (channels, out_w) = (next()?, next()?);
+                let mut pair = || -> Result<[i64; 2], String> { Ok([next()?, next()?]) };
+                let (kernel, in_size, pad, stride, dilation) = (pair()?, pair()?, pair()?, pair()?, pair()?);
+                let strides = [next()?, next()?, next()?];
+                let g = image.kernels.last_mut().and_then(|k| k.gemm.as_mut()).ok_or("an im2col line before any gemm")?;
+                g.im2col = Some(Im2col { channels, kernel, out_w, in_size, pad, stride, dilation, strides });
             }
             Some("object") => {
                 let n = num(w.next(), "object length")?;
@@ -331,6 +349,13 @@ fn check_gemm(image: &ProgramImage, k: &KernelDecl, g: &GemmShape) -> Result<(),
     }
     if g.tile.mr <= 0 || g.tile.nr <= 0 || g.tile.nr % kiln_compiler::kernels::gemm::LANES != 0 || [g.m, g.n, g.k].iter().any(|&d| d < 0) || g.batch.iter().any(|&d| d < 0) || g.batch.len() > kiln_compiler::runtime::gemm::MAX_BATCH_DIMS {
         return Err("a gemm of bad sizes".into());
+    }
+    if let Some(w) = &g.im2col {
+        let positive = [w.kernel, w.in_size, w.stride, w.dilation].iter().flatten().all(|&n| n > 0) && w.pad.iter().chain(&w.strides).all(|&n| n >= 0);
+        let consistent = w.channels * w.kernel[0] * w.kernel[1] == g.k && w.out_w > 0 && g.m % w.out_w == 0 && g.batch.len() == 1;
+        if !consistent || !positive || g.tile.mr > kiln_compiler::runtime::gemm::MAX_WINDOW_ROWS {
+            return Err("a convolution's windows that do not match its gemm".into());
+        }
     }
     Ok(())
 }

@@ -32,6 +32,8 @@ enum Arg {
 
 type R<T> = Result<T, String>;
 
+mod windows;
+
 /// Lowers a group's region.
 pub fn lower(r: &Region) -> R<Lowered> {
     lower_region(r, false)
@@ -250,6 +252,12 @@ fn eager_strides(kind: &str, shape: &[i64], dtype: DType, mut operands: Vec<Oper
                 contiguous_strides(shape)
             };
         }
+        // A convolution's output is channels-last where its input or its weight is (ATen's
+        // `mkldnn_conv_use_channels_last` / `thnn_conv_use_channels_last`).
+        "aten::conv2d" | "aten::conv1d" | "aten::convolution" | "aten::_convolution" => {
+            let cl = |x: &Operand| x.sizes.len() == 4 && is_channels_last(&x.sizes, &x.strides) && !is_contiguous(&x.sizes, &x.strides);
+            return if shape.len() == 4 && operands.iter().take(2).any(cl) { dense_strides(shape, &[0, 2, 3, 1]) } else { contiguous_strides(shape) };
+        }
         "aten::rsub" => operands.reverse(),
         "aten::where" => {
             for x in operands.iter_mut().skip(1).filter(|x| x.dtype != dtype) {
@@ -294,6 +302,7 @@ pub const KINDS: &[&str] = &[
     "aten::hardswish", "aten::hardsigmoid", "aten::hardtanh", "aten::relu6", "aten::mish",
     "aten::batch_norm", "aten::adaptive_avg_pool2d", "aten::constant_pad_nd", "aten::pad",
     "aten::channel_shuffle", "aten::native_channel_shuffle", "aten::max_pool2d", "aten::avg_pool2d",
+    "aten::conv2d", "aten::conv1d", "aten::convolution", "aten::_convolution",
 ];
 
 /// The ops whose in-place form (`aten::add_`...) Kiln computes as the op itself, where the
@@ -884,21 +893,57 @@ impl Lower<'_> {
                 }
                 Ok(self.g.reduce(ReduceOp::Mean, v, &[rank - 2, rank - 1], true).map_err(|e| e.0)?)
             }
-            ("aten::adaptive_avg_pool2d", _) => Err("adaptive_avg_pool2d to an output other than 1x1".into()),
+            ("aten::adaptive_avg_pool2d", [x, Arg::Const(Const::Ints(out))]) if out.len() == 2 => {
+                // Where the output size divides the input's, eager's windows are the tiles
+                // [i·H/OH, (i+1)·H/OH): an average pool with stride = kernel.
+                let v = self.float_only(x)?;
+                let sizes = self.sizes(v)?;
+                let (h, w) = (sizes[sizes.len() - 2], sizes[sizes.len() - 1]);
+                if out.iter().any(|&o| o < 1) || h % out[0] != 0 || w % out[1] != 0 {
+                    return Err("adaptive_avg_pool2d to a size that does not divide the input's (windows of unequal sizes)".into());
+                }
+                let k = [h / out[0], w / out[1]];
+                self.pool2d(ReduceOp::Mean, x, &k, &k, &[0], &[1], false, true, None)
+            }
+            ("aten::adaptive_avg_pool2d", _) => Err("adaptive_avg_pool2d to an output size given at run time".into()),
             ("aten::constant_pad_nd", [x, Arg::Const(Const::Ints(pad)), value]) => self.constant_pad(x, pad, value),
             ("aten::pad", [x, Arg::Const(Const::Ints(pad)), Arg::Const(Const::Str(mode)), value]) if mode == "constant" => self.constant_pad(x, pad, value),
             ("aten::pad", _) => Err("a pad mode other than constant (reflect, replicate, circular)".into()),
             ("aten::max_pool2d", [x, Arg::Const(Const::Ints(k)), Arg::Const(Const::Ints(stride)), Arg::Const(Const::Ints(pad)), Arg::Const(Const::Ints(dilation)), Arg::Const(Const::Bool(ceil))]) => {
-                if dilation.iter().any(|&d| d != 1) {
-                    return Err("max_pool2d with dilation (pooling windows come with the convolution kernels)".into());
-                }
-                self.tiled_pool(ReduceOp::Max, x, k, stride, pad, *ceil)
+                self.pool2d(ReduceOp::Max, x, k, stride, pad, dilation, *ceil, false, None)
             }
             (
                 "aten::avg_pool2d",
-                [x, Arg::Const(Const::Ints(k)), Arg::Const(Const::Ints(stride)), Arg::Const(Const::Ints(pad)), Arg::Const(Const::Bool(ceil)), Arg::Const(Const::Bool(_)), Arg::Const(Const::None)],
-            ) => self.tiled_pool(ReduceOp::Mean, x, k, stride, pad, *ceil),
-            ("aten::max_pool2d" | "aten::avg_pool2d", _) => Err("a pooling window given at run time, or a divisor override".into()),
+                [x, Arg::Const(Const::Ints(k)), Arg::Const(Const::Ints(stride)), Arg::Const(Const::Ints(pad)), Arg::Const(Const::Bool(ceil)), Arg::Const(Const::Bool(include_pad)), divisor],
+            ) => {
+                let divisor = match divisor {
+                    Arg::Const(Const::None) => None,
+                    Arg::Const(Const::Int(n)) => Some(*n),
+                    _ => return Err("a divisor_override given at run time".into()),
+                };
+                self.pool2d(ReduceOp::Mean, x, k, stride, pad, &[1], *ceil, *include_pad, divisor)
+            }
+            ("aten::max_pool2d" | "aten::avg_pool2d", _) => Err("a pooling window given at run time".into()),
+            ("aten::conv2d" | "aten::conv1d", [x, w, b, Arg::Const(Const::Ints(stride)), padding, Arg::Const(Const::Ints(dilation)), Arg::Const(Const::Int(groups))]) => {
+                let padding = match padding {
+                    Arg::Const(Const::Ints(p)) => windows::Padding::Ints(p),
+                    Arg::Const(Const::Str(m)) => windows::Padding::Mode(m),
+                    _ => return Err("a convolution padding given at run time".into()),
+                };
+                let a = windows::ConvArgs { stride, padding, dilation, groups: *groups, one_d: kind == "aten::conv1d" };
+                self.convolution(x, w, b, &a)
+            }
+            (
+                "aten::convolution" | "aten::_convolution",
+                [x, w, b, Arg::Const(Const::Ints(stride)), Arg::Const(Const::Ints(padding)), Arg::Const(Const::Ints(dilation)), Arg::Const(Const::Bool(false)), _, Arg::Const(Const::Int(groups)), ..],
+            ) => {
+                let one_d = self.g.ty(self.tensor(w)?).rank() == 3;
+                let a = windows::ConvArgs { stride, padding: windows::Padding::Ints(padding), dilation, groups: *groups, one_d };
+                self.convolution(x, w, b, &a)
+            }
+            ("aten::conv2d" | "aten::conv1d" | "aten::convolution" | "aten::_convolution", _) => {
+                Err("a transposed convolution, or convolution arguments given at run time".into())
+            }
             ("aten::channel_shuffle" | "aten::native_channel_shuffle", [x, Arg::Const(Const::Int(groups))]) => {
                 // [N, g, C/g, ...] with the two group dims swapped, copied into a new tensor.
                 let v = self.tensor(x)?;
@@ -1118,51 +1163,6 @@ impl Lower<'_> {
             }
         }
         Ok(y)
-    }
-
-    /// 2-d max or average pooling whose windows tile the input (stride = kernel, no padding):
-    /// the rows and columns no whole window covers are dropped (ceil_mode=False: eager drops
-    /// them too), each window becomes two dims of a reshape, and those are reduced. The max
-    /// propagates NaN as eager's does; the mean is the window's sum over its size (no padding,
-    /// so count_include_pad does not matter). Overlapping or padded windows wait for the
-    /// convolution kernels' window loops.
-    fn tiled_pool(&mut self, op: ReduceOp, x: &Arg, kernel: &[i64], stride: &[i64], pad: &[i64], ceil: bool) -> R<ValueId> {
-        let v = self.float_only(x)?;
-        let sizes = self.sizes(v)?;
-        let pair = |xs: &[i64]| -> Option<[i64; 2]> {
-            match xs {
-                [a] => Some([*a, *a]),
-                [a, b] => Some([*a, *b]),
-                _ => None,
-            }
-        };
-        let k = pair(kernel).ok_or("a pooling kernel that is not 1 or 2 numbers")?;
-        let s = if stride.is_empty() { k } else { pair(stride).ok_or("a pooling stride that is not 1 or 2 numbers")? };
-        let p = pair(pad).ok_or("a pooling padding that is not 1 or 2 numbers")?;
-        let rank = sizes.len();
-        if !(3..=4).contains(&rank) || k.iter().any(|&n| n <= 0) {
-            return Err("pooling of an input that is not [N,] C, H, W, or an empty window (eager raises)".into());
-        }
-        if s != k || p != [0, 0] {
-            return Err("a pooling window that overlaps, skips or is padded (stride != kernel, padding)".into());
-        }
-        let (h, w) = (sizes[rank - 2], sizes[rank - 1]);
-        if h < k[0] || w < k[1] || (ceil && (h % k[0] != 0 || w % k[1] != 0)) {
-            return Err("a pooling window past the input's edge (ceil_mode, or a kernel larger than the input)".into());
-        }
-        let e = |r: Result<ValueId, kiln_compiler::graph::ir::IrError>| r.map_err(|e| e.0);
-        let (oh, ow) = (h / k[0], w / k[1]);
-        let mut v = v;
-        if oh * k[0] != h {
-            v = e(self.g.slice(v, rank - 2, 0, oh * k[0]))?;
-        }
-        if ow * k[1] != w {
-            v = e(self.g.slice(v, rank - 1, 0, ow * k[1]))?;
-        }
-        let mut tiles = sizes[..rank - 2].to_vec();
-        tiles.extend([oh, k[0], ow, k[1]]);
-        let t = e(self.g.reshape(v, &tiles))?;
-        e(self.g.reduce(op, t, &[rank - 1, rank + 1], false))
     }
 
     /// `constant_pad_nd`: pad (left, right) pairs from the last dim backwards; a negative pad

@@ -168,6 +168,19 @@ pub enum Op {
     /// Each element's coordinate along `dim`, as int64 (no inputs): the index arithmetic of
     /// masks (a causal mask is `iota(dim -1) > iota(dim -2)`), pointwise like a constant.
     Iota { dim: usize },
+    /// A sliding-window view (`Tensor.unfold` with a dilation): dim `dim` becomes the window's
+    /// position and a new last dim of `size` the step within it,
+    /// `out[…, o, …, j] = in[…, o·step + j·dilation, …]`. Read through its input's strides
+    /// (the input is stored where it is not a view of a buffer): pooling windows, and the
+    /// windows of a grouped or depthwise convolution.
+    Unfold { dim: usize, size: i64, step: i64, dilation: i64 },
+    /// 2-d convolution of x[N, C, H, W] (one group), zero-padded by `padding` (top, bottom,
+    /// left, right), with a weight given as the matrix w[C·KH·KW, Cout], rows in (c, kh, kw)
+    /// order (PyTorch's weight flattened and transposed): `out[n, co, oh, ow] = Σ
+    /// xpad[n, c, oh·sh + kh·dh, ow·sw + kw·dw] · w[(c·KH + kh)·KW + kw, co]`. Lowered to the GEMM kernel with x's windows packed as A
+    /// (`kernels::gemm::Im2col`); bias and activations are pointwise ops after it, fused into
+    /// its epilogue.
+    Conv2d { kernel: [i64; 2], stride: [i64; 2], dilation: [i64; 2], padding: [i64; 4] },
 }
 
 impl Op {
@@ -190,13 +203,15 @@ impl Op {
             Op::MatMul => "matmul",
             Op::Cat { .. } => "cat",
             Op::Iota { .. } => "iota",
+            Op::Unfold { .. } => "unfold",
+            Op::Conv2d { .. } => "conv2d",
         }
     }
 
     /// Pointwise ops are inlined into their consumers; the others own a kernel. A permute is
     /// "pointwise" in that sense: its consumers read through it.
     pub fn is_pointwise(&self) -> bool {
-        !matches!(self, Op::Reduce { .. } | Op::Softmax { .. } | Op::Input(_) | Op::MatMul | Op::Cat { .. })
+        !matches!(self, Op::Reduce { .. } | Op::Softmax { .. } | Op::Input(_) | Op::MatMul | Op::Cat { .. } | Op::Conv2d { .. })
     }
 }
 
@@ -476,6 +491,50 @@ impl Graph {
         Ok(self.push(Op::MatMul, vec![a, b], TensorType { dtype: ta.dtype, shape }))
     }
 
+    /// Windows of `size` elements of dim `dim`, `step` apart, their elements `dilation`
+    /// apart (see [`Op::Unfold`]).
+    pub fn unfold(&mut self, x: ValueId, dim: usize, size: i64, step: i64, dilation: i64) -> Result<ValueId, IrError> {
+        let ty = self.ty(x).clone();
+        let Some(&Dim::Const(n)) = ty.shape.get(dim) else {
+            return err(format!("unfold: dim {dim} of {ty} is not a known size"));
+        };
+        let span = dilation * (size - 1) + 1;
+        if size < 1 || step < 1 || dilation < 1 || span > n {
+            return err(format!("unfold: windows of {size} (step {step}, dilation {dilation}) do not fit {n}"));
+        }
+        let mut shape = ty.shape.clone();
+        shape[dim] = Dim::Const((n - span) / step + 1);
+        shape.push(Dim::Const(size));
+        Ok(self.push(Op::Unfold { dim, size, step, dilation }, vec![x], TensorType { dtype: ty.dtype, shape }))
+    }
+
+    /// See [`Op::Conv2d`]: `x` [N, C, H, W], `w` [C·KH·KW, Cout], `padding` (top, bottom,
+    /// left, right).
+    pub fn conv2d(&mut self, x: ValueId, w: ValueId, kernel: [i64; 2], stride: [i64; 2], dilation: [i64; 2], padding: [i64; 4]) -> Result<ValueId, IrError> {
+        let (tx, tw) = (self.ty(x).clone(), self.ty(w).clone());
+        if tx.dtype != DType::F32 || tw.dtype != DType::F32 {
+            return err(format!("conv2d takes float32 operands, not {} and {}", tx.dtype, tw.dtype));
+        }
+        let (Some(xs), Some(ws)) = (tx.static_shape(), tw.static_shape()) else {
+            return err("conv2d: operand sizes must be known");
+        };
+        if xs.len() != 4 || ws.len() != 2 || ws[0] != xs[1] * kernel[0] * kernel[1] {
+            return err(format!("conv2d: {tx} and a weight {tw} of {kernel:?} windows do not match"));
+        }
+        if kernel.iter().chain(&stride).chain(&dilation).any(|&n| n < 1) || padding.iter().any(|&p| p < 0) {
+            return err("conv2d: kernel, stride and dilation are positive, padding not negative");
+        }
+        let out = |d: usize| {
+            let span = dilation[d] * (kernel[d] - 1) + 1;
+            let len = xs[2 + d] + padding[2 * d] + padding[2 * d + 1];
+            (len >= span).then(|| (len - span) / stride[d] + 1)
+        };
+        let (Some(oh), Some(ow)) = (out(0), out(1)) else {
+            return err(format!("conv2d: a {kernel:?} window (dilation {dilation:?}) is larger than {tx}"));
+        };
+        Ok(self.push(Op::Conv2d { kernel, stride, dilation, padding }, vec![x, w], TensorType::new(DType::F32, &[xs[0], ws[1], oh, ow])))
+    }
+
     /// Sets the outputs, laid out row-major.
     pub fn set_outputs(&mut self, outputs: Vec<ValueId>) {
         self.output_orders = outputs.iter().map(|&v| row_major(self.ty(v).rank())).collect();
@@ -548,6 +607,8 @@ impl fmt::Display for Graph {
                 Op::MatMul => format!("matmul({args})"),
                 Op::Cat { dim } => format!("cat({args}) dim={dim}"),
                 Op::Iota { dim } => format!("iota() dim={dim}"),
+                Op::Unfold { dim, size, step, dilation } => format!("unfold({args}) dim={dim} size={size} step={step} dilation={dilation}"),
+                Op::Conv2d { kernel, stride, dilation, padding } => format!("conv2d({args}) kernel={kernel:?} stride={stride:?} dilation={dilation:?} padding={padding:?}"),
             };
             writeln!(f, "  %{i} = {head} : {}", n.ty)?;
         }
@@ -672,6 +733,20 @@ pub fn parse_graph(text: &str) -> Result<Graph, IrError> {
                         _ => return err(format!("slice: bad result type {ty}")),
                     };
                     g.slice(ins()?[0], dim, num("start")? as i64, len)?
+                }
+                "unfold" => {
+                    let num = |k: &str| attr(k).and_then(|d| d.parse::<i64>().ok()).ok_or_else(|| IrError(format!("unfold needs {k}=")));
+                    g.unfold(ins()?[0], num("dim")? as usize, num("size")?, num("step")?, num("dilation")?)?
+                }
+                "conv2d" => {
+                    let list = |k: &str| -> Result<Vec<i64>, IrError> {
+                        let v = attr(k).ok_or_else(|| IrError(format!("conv2d needs {k}=")))?;
+                        Ok(v.trim_matches(|c| c == '[' || c == ']').split(',').map(|s| s.trim().parse().unwrap_or(-1)).collect())
+                    };
+                    let pair = |k: &str| -> Result<[i64; 2], IrError> { list(k)?.try_into().map_err(|_| IrError(format!("conv2d: {k} is two numbers"))) };
+                    let padding: [i64; 4] = list("padding")?.try_into().map_err(|_| IrError("conv2d: padding is four numbers".into()))?;
+                    let i = ins()?;
+                    g.conv2d(i[0], i[1], pair("kernel")?, pair("stride")?, pair("dilation")?, padding)?
                 }
                 "reshape" | "expand" => {
                     let shape = ty.static_shape().ok_or_else(|| IrError(format!("{opname} needs a static result type")))?;

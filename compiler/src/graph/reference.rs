@@ -263,6 +263,31 @@ fn matmul(a: &Tensor, b: &Tensor, out_sizes: &[i64]) -> Vec<Scalar> {
         .collect()
 }
 
+/// Each element the exact-as-f64 sum of its window's products, rounded once to float32.
+fn conv2d(x: &Tensor, w: &Tensor, kernel: [i64; 2], stride: [i64; 2], dilation: [i64; 2], padding: [i64; 4], out_sizes: &[i64]) -> Vec<Scalar> {
+    let channels = x.sizes[1];
+    (0..numel(out_sizes))
+        .map(|i| {
+            let c = coords(i, out_sizes);
+            let (n, co, oh, ow) = (c[0], c[1], c[2], c[3]);
+            let mut sum = 0.0;
+            for ci in 0..channels {
+                for kh in 0..kernel[0] {
+                    for kw in 0..kernel[1] {
+                        let (ih, iw) = (oh * stride[0] + kh * dilation[0] - padding[0], ow * stride[1] + kw * dilation[1] - padding[2]);
+                        if ih < 0 || iw < 0 || ih >= x.sizes[2] || iw >= x.sizes[3] {
+                            continue;
+                        }
+                        let xv = f(at(x, &[n, ci, ih, iw]));
+                        sum += xv * f(at(w, &[(ci * kernel[0] + kh) * kernel[1] + kw, co]));
+                    }
+                }
+            }
+            round(Scalar::Float(sum), x.dtype)
+        })
+        .collect()
+}
+
 /// Evaluates `g` on dense row-major inputs; returns the outputs in order.
 pub fn eval(g: &Graph, inputs: &[Tensor]) -> Vec<Tensor> {
     let mut vals: Vec<Tensor> = Vec::with_capacity(g.nodes.len());
@@ -309,6 +334,12 @@ pub fn eval(g: &Graph, inputs: &[Tensor]) -> Vec<Tensor> {
             // Dense row-major tensors: the same elements in the same order.
             Op::Reshape => arg(0).data.clone(),
             Op::Expand => pointwise(&|c| at(arg(0), c)),
+            Op::Unfold { dim, size: _, step, dilation } => pointwise(&|c| {
+                let mut src = c[..c.len() - 1].to_vec();
+                src[*dim] = c[*dim] * step + c[c.len() - 1] * dilation;
+                at(arg(0), &src)
+            }),
+            Op::Conv2d { kernel, stride, dilation, padding } => conv2d(arg(0), arg(1), *kernel, *stride, *dilation, *padding, &sizes),
         };
         vals.push(Tensor { dtype: d, sizes, data });
     }

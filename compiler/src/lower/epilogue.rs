@@ -1,5 +1,5 @@
 //! Epilogue fusion: a pointwise kernel that reads a GEMM's product where the product is
-//! (same shape, row-major, each element at its own coordinates) becomes the GEMM's
+//! (same shape, each element at its own coordinates, in any loop order) becomes the GEMM's
 //! epilogue, run by the microkernel on the register tile; the product is never stored.
 //!
 //! The lowering already fused the pointwise chain after a matmul into one kernel (bias add,
@@ -66,22 +66,61 @@ fn candidate(kernels: &[Kernel], buffers: &[BufferDecl], i: usize) -> Option<(us
         return None;
     }
     let (vars, extents) = pointwise_nest(consumer)?;
-    let dims: Vec<i64> = g.shape.batch.iter().copied().chain([g.shape.m, g.shape.n]).collect();
-    if extents != dims.iter().map(|&n| crate::graph::ir::Dim::Const(n)).collect::<Vec<_>>() {
+    // The product read at the consumer's own coordinates: each dim of the product (a
+    // matmul's [batch…, m, n], a convolution's [N, Cout, OH, OW]) is one loop of the
+    // consumer's nest, in whatever order the consumer's output is laid out, and every load of
+    // the product steps the product's strides (its buffer's order) by those loops.
+    let decl = &buffers[product.0 as usize];
+    let strides = decl.strides().unwrap_or_else(|| crate::graph::layout::contiguous_strides(&decl.sizes));
+    if vars.len() > decl.sizes.len() {
         return None;
     }
-    // The product read at the consumer's own coordinates (row-major, size-1 dims not stepped).
-    let decl = &buffers[product.0 as usize];
-    let strides = crate::graph::layout::contiguous_strides(&decl.sizes);
-    let own: Vec<(VarId, i64)> = vars.iter().zip(&dims).zip(&strides).filter(|((_, &n), _)| n != 1).map(|((&v, _), &s)| (v, s)).collect();
-    let at_own = |ix: &Index| {
+    let mut reads = loads(consumer).filter(|(b, _)| *b == product).map(|(_, ix)| ix);
+    let first = reads.next()?;
+    if first.offset != 0 || !first.params.is_empty() {
+        return None;
+    }
+    let mut var_of_dim: Vec<Option<VarId>> = vec![None; decl.sizes.len()];
+    for (d, (&n, &stride)) in decl.sizes.iter().zip(&strides).enumerate() {
+        if n == 1 {
+            continue;
+        }
+        let at = first.terms.iter().find(|t| t.1 == stride)?;
+        let pos = vars.iter().position(|&v| v == at.0)?;
+        if extents[pos] != crate::graph::ir::Dim::Const(n) {
+            return None;
+        }
+        var_of_dim[d] = Some(at.0);
+    }
+    if first.terms.len() != var_of_dim.iter().flatten().count() {
+        return None;
+    }
+    // Size-1 dims take the nest's remaining loops (of extent 1), or a variable of their own
+    // where the consumer has no loop for them (it dropped the dim: a conv1d's result, an
+    // unbatched convolution's): the microkernel sets it to 0 and nothing reads it.
+    let spare: Vec<(VarId, crate::graph::ir::Dim)> = vars.iter().zip(&extents).filter(|(v, _)| !var_of_dim.contains(&Some(**v))).map(|(v, e)| (*v, *e)).collect();
+    if spare.iter().any(|(_, e)| *e != crate::graph::ir::Dim::Const(1)) {
+        return None;
+    }
+    let mut spare = spare.into_iter().map(|(v, _)| v);
+    let mut fresh = consumer.num_vars;
+    let var_of_dim: Vec<VarId> = var_of_dim
+        .iter()
+        .map(|v| {
+            v.or_else(|| spare.next()).unwrap_or_else(|| {
+                fresh += 1;
+                VarId(fresh - 1)
+            })
+        })
+        .collect();
+    let same = |ix: &Index| {
         let mut t = ix.terms.clone();
         t.sort_by_key(|x| x.0 .0);
-        let mut o = own.clone();
+        let mut o = first.terms.clone();
         o.sort_by_key(|x| x.0 .0);
         t == o && ix.offset == 0 && ix.params.is_empty()
     };
-    if !loads(consumer).filter(|(b, _)| *b == product).all(|(_, ix)| at_own(ix)) {
+    if !reads.all(same) {
         return None;
     }
     // Everything else the consumer reads exists before the GEMM runs.
@@ -90,6 +129,7 @@ fn candidate(kernels: &[Kernel], buffers: &[BufferDecl], i: usize) -> Option<(us
         return None;
     }
     let mut fused = consumer.clone();
+    fused.num_vars = fresh;
     fused.name = kernels[i].name.clone();
     fused.accs.push(crate::dtype::DType::F32);
     let acc = AccId(fused.accs.len() as u32 - 1);
@@ -98,8 +138,7 @@ fn candidate(kernels: &[Kernel], buffers: &[BufferDecl], i: usize) -> Option<(us
             *e = Expr::Acc(acc);
         }
     }
-    let nb = g.batch_vars.len();
-    let spec = crate::kernels::gemm::GemmSpec { shape: g.shape.clone(), batch_vars: vars[..nb].to_vec(), row_var: vars[nb], col_var: vars[nb + 1], acc };
+    let spec = crate::kernels::gemm::GemmSpec::for_product(g.shape.clone(), &var_of_dim, acc);
     fused.work_per_iter = kernels[i].work_per_iter;
     fused.gemm = Some(Box::new(spec));
     Some((*j, fused))

@@ -90,7 +90,7 @@ impl<'a> KernelBuilder<'a> {
             }
             return self.value(node.inputs[0], &c);
         }
-        if matches!(node.op, Op::Expand | Op::Reshape | Op::Slice { .. }) {
+        if matches!(node.op, Op::Expand | Op::Reshape | Op::Slice { .. } | Op::Unfold { .. }) {
             // A stored view (an output, say) is computed from its input's buffer where the
             // input has one, else remapped.
             let x = node.inputs[0];
@@ -126,7 +126,7 @@ impl<'a> KernelBuilder<'a> {
                 Op::Compare(c) => Expr::Compare(*c, args[0], args[1]),
                 Op::Where => Expr::Select(args[0], args[1], args[2]),
                 Op::Cast => Expr::Cast(args[0]),
-                Op::Input(_) | Op::Reduce { .. } | Op::Softmax { .. } | Op::MatMul | Op::Cat { .. } | Op::Permute(_) | Op::Slice { .. } | Op::Reshape | Op::Expand => {
+                Op::Input(_) | Op::Reduce { .. } | Op::Softmax { .. } | Op::MatMul | Op::Cat { .. } | Op::Conv2d { .. } | Op::Permute(_) | Op::Slice { .. } | Op::Reshape | Op::Expand | Op::Unfold { .. } => {
                     unreachable!("not pointwise, or handled above")
                 }
             };
@@ -325,11 +325,10 @@ impl<'a> KernelBuilder<'a> {
         self.finish(body, k.max(1))
     }
 
-    /// A matmul on the GEMM kernel: the loop nest over the output is the epilogue (storing the
+    /// A matmul or convolution on the GEMM kernel: the loop nest over the output is the epilogue (storing the
     /// product; `lower::epilogue` fuses pointwise consumers into it later).
     pub fn gemm(mut self, out: ValueId, shape: crate::kernels::gemm::GemmShape) -> Kernel {
         let dims = self.g.ty(out).static_shape().unwrap();
-        let r = dims.len();
         let vars: Vec<VarId> = dims.iter().map(|_| self.var()).collect();
         let acc = self.acc(DType::F32);
         self.product = Some((out, acc));
@@ -337,7 +336,7 @@ impl<'a> KernelBuilder<'a> {
         let value = self.value(out, &coords);
         let store = self.store(out, &coords, value);
         let body = Self::nest(&vars, &dims, vec![store]);
-        let spec = crate::kernels::gemm::GemmSpec { batch_vars: vars[..r - 2].to_vec(), row_var: vars[r - 2], col_var: vars[r - 1], acc, shape };
+        let spec = crate::kernels::gemm::GemmSpec::for_product(shape, &vars, acc);
         let work = spec.shape.flops();
         let mut k = self.finish(body, work);
         k.gemm = Some(Box::new(spec));

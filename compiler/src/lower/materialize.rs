@@ -29,7 +29,7 @@ fn op_cost(op: &Op) -> u32 {
         Op::Unary(UnaryOp::Erf | UnaryOp::Gelu | UnaryOp::GeluTanh) => 24,
         Op::Unary(UnaryOp::Sigmoid | UnaryOp::Tanh | UnaryOp::Exp | UnaryOp::Log | UnaryOp::Log1p | UnaryOp::Silu) | Op::Binary(BinaryOp::Pow) => 12,
         // Views are index arithmetic: nothing to save by storing one.
-        Op::Constant(_) | Op::Iota { .. } | Op::Input(_) | Op::Permute(_) | Op::Slice { .. } | Op::Reshape | Op::Expand => 0,
+        Op::Constant(_) | Op::Iota { .. } | Op::Input(_) | Op::Permute(_) | Op::Slice { .. } | Op::Reshape | Op::Expand | Op::Unfold { .. } => 0,
         _ => 1,
     }
 }

@@ -4,8 +4,8 @@
 //! - which values are read from a buffer of their own: inputs, non-pointwise nodes, and the
 //!   values `materialize` chose (a pointwise output is written last, never read back);
 //! - the strided layout of every value a buffer holds or a view of one reaches ([`Layout`]);
-//! - which further values must be stored so that every view and matmul operand has a layout:
-//!   a slice of a value computed inline, a reshape PyTorch's view rule cannot express over
+//! - which further values must be stored so that every view and matmul or convolution operand
+//!   has a layout: a slice or window (unfold) of a value computed inline, a reshape PyTorch's view rule cannot express over
 //!   its input's strides (a flattened transpose), an operand of a matmul. Each such input
 //!   is stored (row-major, so any reshape of it is a view) and the layouts are worked out
 //!   again until nothing changes.
@@ -40,6 +40,12 @@ pub fn view_layout(g: &Graph, v: ValueId, input: &Layout) -> Option<Layout> {
         Op::Permute(dims) => (dims.iter().map(|&d| strides[d]).collect(), offset),
         Op::Slice { dim, start } => (strides.clone(), offset + start * strides[*dim]),
         Op::Reshape => (view_strides(&in_shape, &strides, &out_shape)?, offset),
+        Op::Unfold { dim, step, dilation, .. } => {
+            let mut s = strides.clone();
+            s[*dim] = strides[*dim] * step;
+            s.push(strides[*dim] * dilation);
+            (s, offset)
+        }
         Op::Expand => {
             let skip = out_shape.len() - in_shape.len();
             let s = (0..out_shape.len()).map(|d| if d < skip || in_shape[d - skip] == 1 { 0 } else { strides[d - skip] }).collect();
@@ -88,7 +94,7 @@ pub fn with_input_copies(g: &Graph, input_strides: &[Vec<i64>]) -> Option<Graph>
 }
 
 pub fn is_view(op: &Op) -> bool {
-    matches!(op, Op::Permute(_) | Op::Slice { .. } | Op::Reshape | Op::Expand)
+    matches!(op, Op::Permute(_) | Op::Slice { .. } | Op::Reshape | Op::Expand | Op::Unfold { .. })
 }
 
 /// The stored values and every value's layout, storing more values (added to
@@ -100,12 +106,12 @@ pub fn plan(g: &Graph, input_strides: &[Vec<i64>], output_orders: &HashMap<Value
         let mut more = vec![];
         for (i, n) in g.nodes.iter().enumerate() {
             let needs: Vec<ValueId> = match &n.op {
-                Op::Slice { .. } if layouts[i].is_none() => vec![n.inputs[0]],
+                Op::Slice { .. } | Op::Unfold { .. } if layouts[i].is_none() => vec![n.inputs[0]],
                 Op::Reshape if layouts[i].is_none() => {
                     let (from, to) = (g.ty(n.inputs[0]).static_shape().unwrap_or_default(), n.ty.static_shape().unwrap_or_default());
                     if only_unit_dims(&from, &to) { vec![] } else { vec![n.inputs[0]] }
                 }
-                Op::MatMul => n.inputs.iter().copied().filter(|x| layouts[x.0 as usize].is_none()).collect(),
+                Op::MatMul | Op::Conv2d { .. } => n.inputs.iter().copied().filter(|x| layouts[x.0 as usize].is_none()).collect(),
                 _ => vec![],
             };
             more.extend(needs.into_iter().filter(|x| !matches!(g.node(*x).op, Op::Input(_))));

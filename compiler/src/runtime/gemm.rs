@@ -8,11 +8,12 @@
 //! one panel; the A panels stream from L2/L3). Threads split the tiles in contiguous runs in
 //! (batch, column panel, row panel) order, so a thread reuses its B panel across the rows.
 
-use crate::kernels::gemm::{GemmOperand, GemmShape};
+use crate::kernels::gemm::{GemmOperand, GemmShape, Im2col};
 use crate::runtime::parallel;
+use std::cell::RefCell;
 
 /// The microkernel's signature (see `kernels::gemm::microkernel`).
-pub type MicrokernelFn = unsafe extern "C" fn(table: *const *mut u8, a_panel: *const f32, b_panel: *const f32, k: i64, coords: *const i64, rows: i64, cols: i64);
+pub type MicrokernelFn = unsafe extern "C" fn(table: *const *mut u8, a_panel: *const f32, b_panel: *const f32, k: i64, coords: *const i64, rows: i64, cols: i64, a_steps: *const i64);
 
 /// Below this many flops a GEMM runs on the calling thread: waking the pool costs more.
 const PARALLEL_MIN_FLOPS: i64 = 1 << 18;
@@ -22,6 +23,9 @@ const PARALLEL_MIN_PACK: i64 = 1 << 15;
 
 /// The most batch dims a GEMM has (the lowering refuses more).
 pub const MAX_BATCH_DIMS: usize = 8;
+
+/// The most rows a convolution's tile has (`GemmTile::for_columns` stays below).
+pub const MAX_WINDOW_ROWS: i64 = 32;
 
 struct Shared<T>(T);
 // Raw pointers into buffers the caller vouches for for the duration of `run`; threads write
@@ -118,6 +122,9 @@ pub unsafe fn pack_b(s: &GemmShape, src: *const f32, dst: *mut f32) {
 /// `table` is the program's buffer table, filled for this call, with the operands laid out as
 /// `s` says; `scratch` is writable for `s.scratch_elems()` floats, 64-byte aligned.
 pub unsafe fn run(s: &GemmShape, ukr: MicrokernelFn, table: *const *mut u8, scratch: *mut f32, prepacked_b: Option<*const f32>) {
+    if let Some(w) = &s.im2col {
+        return run_im2col(s, w, ukr, table, scratch, prepacked_b);
+    }
     let tile = s.tile;
     let (mp, np) = (s.m_panels(), s.n_panels());
     let batches = s.batch_count();
@@ -174,9 +181,174 @@ pub unsafe fn run(s: &GemmShape, ukr: MicrokernelFn, table: *const *mut u8, scra
             let b = pb.offset((((if b_count == 1 { 0 } else { bi }) * np + jp) * b_panel) as isize);
             let rows = (s.m - ip * tile.mr).min(tile.mr);
             let cols = (s.n - jp * tile.nr).min(tile.nr);
-            ukr(table, a, b, s.k, coords.as_ptr(), rows, cols);
+            ukr(table, a, b, s.k, coords.as_ptr(), rows, cols, std::ptr::null());
         }
     };
     parallel::run(pack_parts, &pack);
     parallel::run(parts, &compute);
+}
+
+thread_local! {
+    /// The row panel of a convolution's windows this thread is working on.
+    static WINDOWS: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+}
+
+/// Packs output pixels [r0, r0 + mr) × all of k of a convolution's windows (the image's batch
+/// offset applied) as k × mr floats, zero past the last pixel and in the padding. k is
+/// (c, kh, kw) row-major, walked outermost so that each k step writes mr consecutive floats.
+/// A panel whose windows all lie inside the image is copied without bounds checks, and where
+/// its pixels are consecutive in one image row (stride 1, unit column stride: an NCHW
+/// image) each k step is one contiguous copy.
+unsafe fn pack_window_panel(w: &Im2col, src: *const f32, m: i64, r0: i64, mr: i64, dst: *mut f32) {
+    const MAX: usize = MAX_WINDOW_ROWS as usize;
+    assert!(mr <= MAX_WINDOW_ROWS, "a convolution tile of at most MAX_WINDOW_ROWS rows");
+    let live = (m - r0).clamp(0, mr) as usize;
+    let (mut ih0, mut iw0) = ([0i64; MAX], [0i64; MAX]);
+    for r in 0..live {
+        let q = r0 + r as i64;
+        ih0[r] = (q / w.out_w) * w.stride[0] - w.pad[0];
+        iw0[r] = (q % w.out_w) * w.stride[1] - w.pad[1];
+    }
+    let [sc, sh, sw] = w.strides;
+    let (dh, dw) = (w.dilation[0], w.dilation[1]);
+    let [h, wd] = w.in_size;
+    let interior = (0..live).all(|r| ih0[r] >= 0 && ih0[r] + w.span(0) <= h && iw0[r] >= 0 && iw0[r] + w.span(1) <= wd);
+    let mut d = dst;
+    if interior {
+        let mut base = [0i64; MAX];
+        for r in 0..live {
+            base[r] = ih0[r] * sh + iw0[r] * sw;
+        }
+        let run = live > 0 && ih0[live - 1] == ih0[0] && w.stride[1] * sw == 1;
+        for c in 0..w.channels {
+            for kh in 0..w.kernel[0] {
+                for kw in 0..w.kernel[1] {
+                    let s = src.offset((c * sc + kh * dh * sh + kw * dw * sw) as isize);
+                    if run {
+                        std::ptr::copy_nonoverlapping(s.offset(base[0] as isize), d, live);
+                    } else {
+                        for r in 0..live {
+                            *d.add(r) = *s.offset(base[r] as isize);
+                        }
+                    }
+                    std::ptr::write_bytes(d.add(live), 0, mr as usize - live);
+                    d = d.add(mr as usize);
+                }
+            }
+        }
+        return;
+    }
+    for c in 0..w.channels {
+        let s = src.offset((c * sc) as isize);
+        for kh in 0..w.kernel[0] {
+            for kw in 0..w.kernel[1] {
+                for r in 0..live {
+                    let (ih, iw) = (ih0[r] + kh * dh, iw0[r] + kw * dw);
+                    let inside = ih >= 0 && ih < h && iw >= 0 && iw < wd;
+                    *d.add(r) = if inside { *s.offset((ih * sh + iw * sw) as isize) } else { 0.0 };
+                }
+                std::ptr::write_bytes(d.add(live), 0, mr as usize - live);
+                d = d.add(mr as usize);
+            }
+        }
+    }
+}
+
+/// Whether a convolution's tiles run direct (A read from the image, `microkernel`): tiles
+/// then hold pixels of one output row, so a row that fills them badly (7 pixels in tiles of
+/// 6) would waste more than the packing costs.
+fn runs_direct(w: &Im2col, mr: i64) -> bool {
+    let per_row = (w.out_w + mr - 1) / mr;
+    per_row * mr * 8 <= w.out_w * 9
+}
+
+/// A convolution: B (the weight) packed first (unless it is kept packed), then the output in
+/// tasks of one row tile against every column panel. Direct tiles (`runs_direct`) read the
+/// image in place where their windows lie inside it; every other tile packs its pixels'
+/// windows into its thread's buffer first, writing the padding's zeros. The windows are
+/// never packed whole (they are KH·KW times the image: 7 MB for a 3×3 convolution over
+/// 64 × 56 × 56), nor is a padded image stored.
+unsafe fn run_im2col(s: &GemmShape, w: &Im2col, ukr: MicrokernelFn, table: *const *mut u8, scratch: *mut f32, prepacked_b: Option<*const f32>) {
+    let tile = s.tile;
+    let np = s.n_panels();
+    let batches = s.batch_count();
+    let out_h = if w.out_w > 0 { s.m / w.out_w } else { 0 };
+    let direct = runs_direct(w, tile.mr);
+    // Row tiles per image: per output row when direct, else over the flattened pixels.
+    let per_row = (w.out_w + tile.mr - 1) / tile.mr;
+    let row_tiles = if direct { out_h * per_row } else { s.m_panels() };
+    let tasks = batches * row_tiles;
+    if tasks == 0 || np == 0 {
+        return;
+    }
+    let a_src = (*table.add(s.a.buf.0 as usize) as *const f32).offset(s.a.offset as isize);
+    let b_src = (*table.add(s.b.buf.0 as usize) as *const f32).offset(s.b.offset as isize);
+    let b_panel = tile.nr * s.k;
+    let pb = match prepacked_b {
+        Some(p) => p,
+        None => {
+            let pb = scratch.offset(s.packed_b_offset() as isize);
+            let parts = if np * b_panel < PARALLEL_MIN_PACK { 1 } else { parallel::threads().min(np as usize) };
+            let shared = Shared((b_src, pb));
+            parallel::run(parts, &|p| {
+                let (b_src, pb) = shared.get();
+                let (lo, hi) = run_of(np, parts, p);
+                for jp in lo..hi {
+                    pack_b_panel(&s.b, b_src, s.n, s.k, jp * tile.nr, tile.nr, pb.offset((jp * b_panel) as isize));
+                }
+            });
+            pb as *const f32
+        }
+    };
+    let steps = if direct { w.steps() } else { vec![] };
+    let [sc, sh, sw] = w.strides;
+    let _ = sc;
+    let parts = if s.flops() < PARALLEL_MIN_FLOPS { 1 } else { parallel::threads().min(tasks as usize) };
+    let shared = Shared((a_src, pb, table, steps.as_ptr()));
+    parallel::run(parts, &|p| {
+        let (a_src, pb, table, steps) = shared.get();
+        WINDOWS.with(|buf| {
+            let mut buf = buf.borrow_mut();
+            let need = (tile.mr * s.k) as usize;
+            if buf.len() < need {
+                buf.resize(need, 0.0);
+            }
+            let pa = buf.as_mut_ptr();
+            let mut coords = [0i64; 3];
+            let (lo, hi) = run_of(tasks, parts, p);
+            for t in lo..hi {
+                let (bi, rt) = (t / row_tiles, t % row_tiles);
+                let image = a_src.offset((bi * s.a.batch_strides[0]) as isize);
+                // The tile's first pixel and its pixel count.
+                let (q0, rows) = if direct {
+                    let (oh, ow0) = (rt / per_row, (rt % per_row) * tile.mr);
+                    (oh * w.out_w + ow0, (w.out_w - ow0).min(tile.mr))
+                } else {
+                    (rt * tile.mr, (s.m - rt * tile.mr).min(tile.mr))
+                };
+                let (ih0, iw0) = ((q0 / w.out_w) * w.stride[0] - w.pad[0], (q0 % w.out_w) * w.stride[1] - w.pad[1]);
+                // In place: a full tile of one row whose windows lie inside the image (a
+                // short tile would read past its pixels).
+                let in_place = direct
+                    && rows == tile.mr
+                    && ih0 >= 0
+                    && ih0 + w.span(0) <= w.in_size[0]
+                    && iw0 >= 0
+                    && iw0 + (rows - 1) * w.stride[1] + w.span(1) <= w.in_size[1];
+                let (a, a_steps) = if in_place {
+                    (image.offset((ih0 * sh + iw0 * sw) as isize), steps)
+                } else {
+                    pack_window_panel(w, image, q0 + rows, q0, tile.mr, pa);
+                    (pa as *const f32, std::ptr::null())
+                };
+                coords[0] = bi;
+                coords[1] = q0;
+                for jp in 0..np {
+                    coords[2] = jp * tile.nr;
+                    let cols = (s.n - jp * tile.nr).min(tile.nr);
+                    ukr(table, a, pb.offset((jp * b_panel) as isize), s.k, coords.as_ptr(), rows, cols, a_steps);
+                }
+            }
+        });
+    });
 }

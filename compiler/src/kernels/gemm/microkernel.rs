@@ -1,6 +1,6 @@
 //! The GEMM microkernel with its epilogue, as LLVM IR:
 //!
-//! `void NAME(ptr table, ptr a_panel, ptr b_panel, i64 k, ptr coords, i64 rows, i64 cols)`
+//! `void NAME(ptr table, ptr a_panel, ptr b_panel, i64 k, ptr coords, i64 rows, i64 cols, ptr a_steps)`
 //!
 //! computes the `mr × nr` tile Σₚ a_panel[p][r] · b_panel[p][c] in `mr × nr/16` vector
 //! accumulators (one float32 FMA chain per element, p increasing), then runs the kernel's
@@ -9,6 +9,13 @@
 //! address the program's buffers (`table`) at those absolute coordinates. Panels are packed
 //! by the runtime (`runtime::gemm`): `a_panel` is k × mr floats, `b_panel` k × nr floats, 64-byte
 //! aligned, zero past the matrix edge, so the k loop never branches on the edge.
+//!
+//! A convolution's microkernel also reads A straight from the image (direct convolution:
+//! nothing packed) when `a_steps` is not null: element (p, r) of A is then
+//! `a_panel[a_steps[p] + r · RS]`, `a_steps[p]` the image offset of window element p
+//! (c, kh, kw) and RS the image step between the tile's output pixels, consecutive in one
+//! output row (`Im2col::row_step`). The runtime takes this path for tiles whose windows lie
+//! inside the image.
 
 use super::{GemmSpec, LANES};
 use crate::codegen::loops::{llvm_type, num_params, set_target_attrs, used_buffers, Emitter, R};
@@ -16,6 +23,7 @@ use crate::codegen::target::Target;
 use crate::codegen::CodegenError;
 use crate::dtype::DType;
 use crate::lower::loop_ir::{Kernel, Stmt, VarId};
+
 use crate::CompileOptions;
 use inkwell::context::Context;
 use inkwell::intrinsics::Intrinsic;
@@ -30,15 +38,18 @@ use std::collections::HashMap;
 const UNROLL: i64 = 4;
 
 /// The epilogue's innermost statements: the body of the loop over the output's columns.
+/// Its loops, in any order, are dims of the product (a dim of size 1 may have none): the
+/// microkernel sets their variables.
 fn epilogue_body<'k>(k: &'k Kernel, spec: &GemmSpec) -> Result<&'k [Stmt], CodegenError> {
-    let expected: Vec<VarId> = spec.batch_vars.iter().copied().chain([spec.row_var, spec.col_var]).collect();
+    let expected = spec.vars();
     let mut l = &k.root;
     let mut seen = vec![l.var];
     while let [Stmt::Loop(inner)] = l.body.as_slice() {
         l = inner;
         seen.push(l.var);
     }
-    if seen != expected || l.body.iter().any(|s| matches!(s, Stmt::Loop(_))) {
+    let distinct = expected.iter().enumerate().all(|(i, v)| !expected[..i].contains(v));
+    if !distinct || !seen.iter().all(|v| expected.contains(v)) || l.body.iter().any(|s| matches!(s, Stmt::Loop(_))) {
         return Err(CodegenError::Unsupported(format!("GEMM epilogue of {} is not a loop nest over its output", k.name)));
     }
     Ok(&l.body)
@@ -52,7 +63,7 @@ pub fn emit<'ctx>(ctx: &'ctx Context, module: &Module<'ctx>, k: &Kernel, spec: &
     let i64t = ctx.i64_type();
     let f32t = ctx.f32_type();
     let vt = f32t.vec_type(LANES as u32);
-    let fn_type = ctx.void_type().fn_type(&[ptr.into(), ptr.into(), ptr.into(), i64t.into(), ptr.into(), i64t.into(), i64t.into()], false);
+    let fn_type = ctx.void_type().fn_type(&[ptr.into(), ptr.into(), ptr.into(), i64t.into(), ptr.into(), i64t.into(), i64t.into(), ptr.into()], false);
     let f = module.add_function(name, fn_type, None);
     set_target_attrs(ctx, f, target);
     let b = ctx.create_builder();
@@ -62,6 +73,7 @@ pub fn emit<'ctx>(ctx: &'ctx Context, module: &Module<'ctx>, k: &Kernel, spec: &
     let kc = param(3).into_int_value();
     let coords = param(4).into_pointer_value();
     let (rows, cols) = (param(5).into_int_value(), param(6).into_int_value());
+    let a_steps = param(7).into_pointer_value();
 
     // The epilogue's view of the program: its buffers from the table, a slot per variable.
     let mut bufs = HashMap::new();
@@ -104,7 +116,19 @@ pub fn emit<'ctx>(ctx: &'ctx Context, module: &Module<'ctx>, k: &Kernel, spec: &
         b.build_store(*a, vt.const_zero())?;
     }
     let fma = Intrinsic::find("llvm.fma").and_then(|i| i.get_declaration(module, &[vt.into()])).expect("llvm.fma");
-    let step = |p: IntValue<'ctx>| -> R<()> {
+    // Where A's element (p, r) is: the packed panel's k × mr floats, or the image (direct).
+    let a_addr = |p: IntValue<'ctx>, r: i64, direct: Option<i64>| -> R<PointerValue<'ctx>> {
+        let off = match direct {
+            None => b.build_int_add(b.build_int_mul(p, i64t.const_int(mr as u64, false), "")?, i64t.const_int(r as u64, false), "")?,
+            Some(row_step) => {
+                let slot = unsafe { b.build_in_bounds_gep(i64t, a_steps, &[p], "")? };
+                let base = b.build_load(i64t, slot, "")?.into_int_value();
+                b.build_int_add(base, i64t.const_int((r * row_step) as u64, true), "")?
+            }
+        };
+        Ok(unsafe { b.build_in_bounds_gep(f32t, pa, &[off], "")? })
+    };
+    let step = |p: IntValue<'ctx>, direct: Option<i64>| -> R<()> {
         let b_row = b.build_int_mul(p, i64t.const_int(tile.nr as u64, false), "")?;
         let mut bv: Vec<VectorValue> = vec![];
         for v in 0..nv {
@@ -114,10 +138,8 @@ pub fn emit<'ctx>(ctx: &'ctx Context, module: &Module<'ctx>, k: &Kernel, spec: &
             load.as_instruction_value().unwrap().set_alignment(64).map_err(|e| CodegenError::Llvm(e.to_string()))?;
             bv.push(load.into_vector_value());
         }
-        let a_row = b.build_int_mul(p, i64t.const_int(mr as u64, false), "")?;
         for r in 0..mr {
-            let off = b.build_int_add(a_row, i64t.const_int(r as u64, false), "")?;
-            let addr = unsafe { b.build_in_bounds_gep(f32t, pa, &[off], "")? };
+            let addr = a_addr(p, r, direct)?;
             let a = b.build_load(f32t, addr, "")?;
             let splat = splat(&b, ctx, vt, a.into_float_value())?;
             for v in 0..nv {
@@ -132,15 +154,31 @@ pub fn emit<'ctx>(ctx: &'ctx Context, module: &Module<'ctx>, k: &Kernel, spec: &
     };
     // Main loop, UNROLL steps at a time, then the remainder one step at a time.
     let p_slot = b.build_alloca(i64t, "p")?;
-    b.build_store(p_slot, i64t.const_zero())?;
-    let main_end = b.build_int_sub(kc, i64t.const_int(UNROLL as u64 - 1, false), "")?;
-    counted_loop(ctx, &b, f, p_slot, main_end, UNROLL, |p| {
-        for u in 0..UNROLL {
-            step(b.build_int_add(p, i64t.const_int(u as u64, false), "")?)?;
+    let k_loop = |direct: Option<i64>| -> R<()> {
+        b.build_store(p_slot, i64t.const_zero())?;
+        let main_end = b.build_int_sub(kc, i64t.const_int(UNROLL as u64 - 1, false), "")?;
+        counted_loop(ctx, &b, f, p_slot, main_end, UNROLL, |p| {
+            for u in 0..UNROLL {
+                step(b.build_int_add(p, i64t.const_int(u as u64, false), "")?, direct)?;
+            }
+            Ok(())
+        })?;
+        counted_loop(ctx, &b, f, p_slot, kc, 1, |p| step(p, direct))
+    };
+    match &spec.shape.im2col {
+        Some(w) => {
+            let (packed_bb, direct_bb, done_bb) = (ctx.append_basic_block(f, "packed"), ctx.append_basic_block(f, "direct"), ctx.append_basic_block(f, "product"));
+            b.build_conditional_branch(b.build_is_null(a_steps, "")?, packed_bb, direct_bb)?;
+            b.position_at_end(packed_bb);
+            k_loop(None)?;
+            b.build_unconditional_branch(done_bb)?;
+            b.position_at_end(direct_bb);
+            k_loop(Some(w.row_step()))?;
+            b.build_unconditional_branch(done_bb)?;
+            b.position_at_end(done_bb);
         }
-        Ok(())
-    })?;
-    counted_loop(ctx, &b, f, p_slot, kc, 1, step)?;
+        None => k_loop(None)?,
+    }
 
     // Epilogue: the tile goes through memory on the stack (L1), so the epilogue is scalar
     // code over a column loop the vectoriser widens, the same expression code as any kernel.
@@ -161,7 +199,18 @@ pub fn emit<'ctx>(ctx: &'ctx Context, module: &Module<'ctx>, k: &Kernel, spec: &
     let j_slot = b.build_alloca(i64t, "j")?;
     let row_end = b.build_select(b.build_int_compare(IntPredicate::SLT, rows, i64t.const_int(mr as u64, false), "")?, rows, i64t.const_int(mr as u64, false), "")?.into_int_value();
     counted_loop(ctx, &b, f, r_slot, row_end, 1, |r| {
-        b.build_store(e.vars[&spec.row_var], b.build_int_add(row0, r, "")?)?;
+        let row = b.build_int_add(row0, r, "")?;
+        match (spec.ow_var, &spec.shape.im2col) {
+            // A convolution's row is the pixel (oh, ow) = (row / OW, row % OW).
+            (Some(ow_var), Some(w)) => {
+                let out_w = i64t.const_int(w.out_w as u64, false);
+                b.build_store(e.vars[&spec.row_var], b.build_int_signed_div(row, out_w, "")?)?;
+                b.build_store(e.vars[&ow_var], b.build_int_signed_rem(row, out_w, "")?)?;
+            }
+            _ => {
+                b.build_store(e.vars[&spec.row_var], row)?;
+            }
+        }
         b.build_store(j_slot, i64t.const_zero())?;
         let row_mem = unsafe { b.build_in_bounds_gep(f32t, tile_mem, &[b.build_int_mul(r, i64t.const_int(tile.nr as u64, false), "")?], "")? };
         counted_loop(ctx, &b, f, j_slot, cols, 1, |j| {

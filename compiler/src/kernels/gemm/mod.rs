@@ -47,6 +47,20 @@ impl GemmTile {
         }
     }
 
+    /// The tile for a product of `n` columns (a convolution's output channels): the widest
+    /// of 64, 48, 32 and 16 columns that `n` fills, rows to keep 24 accumulators (16 for
+    /// the thinnest), so that no column panel is mostly padding (64 channels in 48-wide
+    /// panels wasted a third of the work).
+    pub fn for_columns(n: i64) -> GemmTile {
+        match n {
+            _ if n % 64 == 0 => GemmTile { mr: 6, nr: 64 },
+            _ if n % 48 == 0 => GemmTile { mr: 8, nr: 48 },
+            _ if n % 32 == 0 || (17..32).contains(&n) => GemmTile { mr: 12, nr: 32 },
+            _ if n <= 16 => GemmTile { mr: 16, nr: 16 },
+            _ => GemmTile::avx512(),
+        }
+    }
+
     pub fn vectors(&self) -> i64 {
         self.nr / LANES
     }
@@ -71,6 +85,51 @@ impl GemmOperand {
     }
 }
 
+/// A convolution's A operand: the windows of an image (im2col), packed straight from the
+/// image. Row `q` of A is output pixel (oh, ow) = (q / out_w, q % out_w); column `p` is
+/// (c, kh, kw) in row-major order over (channels, kernel); the element is the image at
+/// (c, oh·stride₀ + kh·dilation₀ − pad₀, ow·stride₁ + kw·dilation₁ − pad₁), zero outside
+/// `in_size` (the padding is never stored), at `offset + batch + Σ coordinate · strides`.
+/// Never part of [`GemmShape::integers`]: code for symbolic sizes takes convolutions whose
+/// image sizes do not move (only the batch does); another image size is another
+/// specialisation.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct Im2col {
+    pub channels: i64,
+    pub kernel: [i64; 2],
+    pub out_w: i64,
+    pub in_size: [i64; 2],
+    /// Zeros before the image's first row and column.
+    pub pad: [i64; 2],
+    pub stride: [i64; 2],
+    pub dilation: [i64; 2],
+    /// The image's element strides along (c, h, w).
+    pub strides: [i64; 3],
+}
+
+impl Im2col {
+    /// The image rows or columns (dim 0 or 1) one window spans.
+    pub fn span(&self, d: usize) -> i64 {
+        self.dilation[d] * (self.kernel[d] - 1) + 1
+    }
+    /// The image step between output pixels next to each other in one row.
+    pub fn row_step(&self) -> i64 {
+        self.stride[1] * self.strides[2]
+    }
+    /// The image offset of each window element p = (c, kh, kw), row-major.
+    pub fn steps(&self) -> Vec<i64> {
+        let mut out = Vec::with_capacity((self.channels * self.kernel[0] * self.kernel[1]) as usize);
+        for c in 0..self.channels {
+            for kh in 0..self.kernel[0] {
+                for kw in 0..self.kernel[1] {
+                    out.push(c * self.strides[0] + kh * self.dilation[0] * self.strides[1] + kw * self.dilation[1] * self.strides[2]);
+                }
+            }
+        }
+        out
+    }
+}
+
 /// What the runtime needs to run a GEMM: C[batch…, m, n] = A[batch…, m, k] · B[batch…, k, n],
 /// then the epilogue. The packed panels live in scratch the runtime sets aside per call
 /// ([`GemmShape::scratch_elems`] floats), not in the program's buffers: their size is no
@@ -85,6 +144,9 @@ pub struct GemmShape {
     pub a: GemmOperand,
     pub b: GemmOperand,
     pub tile: GemmTile,
+    /// A convolution: A is these windows of the image in `a.buf` (`a.rows`, `a.cols`
+    /// unused), packed one row panel at a time as the tiles need it.
+    pub im2col: Option<Im2col>,
 }
 
 impl GemmShape {
@@ -104,7 +166,12 @@ impl GemmShape {
             self.batch_count()
         }
     }
+    /// Floats of A's packed panels in the call's scratch (none for a convolution: each
+    /// thread packs the row panel it works on into a buffer of its own).
     pub fn packed_a_elems(&self) -> i64 {
+        if self.im2col.is_some() {
+            return 0;
+        }
         self.packed_count(&self.a) * self.m_panels() * self.tile.mr * self.k
     }
     pub fn packed_b_elems(&self) -> i64 {
@@ -153,7 +220,7 @@ impl GemmShape {
             GemmOperand { buf: op.buf, offset, batch_strides, rows: take(), cols: take() }
         };
         let (a, b) = (operand(&self.a), operand(&self.b));
-        GemmShape { batch, m, n, k, a, b, tile: self.tile }
+        GemmShape { batch, m, n, k, a, b, tile: self.tile, im2col: self.im2col.clone() }
     }
     /// Multiply-adds, for the parallel grain.
     pub fn flops(&self) -> i64 {
@@ -169,7 +236,27 @@ impl GemmShape {
 pub struct GemmSpec {
     pub shape: GemmShape,
     pub batch_vars: Vec<VarId>,
+    /// A convolution's output row is a pixel: this is its oh, and `ow_var` its ow.
     pub row_var: VarId,
+    pub ow_var: Option<VarId>,
     pub col_var: VarId,
     pub acc: AccId,
+}
+
+impl GemmSpec {
+    /// The spec whose product has the loop variable `vars[d]` for dim d: a matmul's product
+    /// is [batch…, m, n]; a convolution's [N, Cout, OH, OW], its rows the pixels (OH, OW)
+    /// and its columns the channels.
+    pub fn for_product(shape: GemmShape, vars: &[VarId], acc: AccId) -> GemmSpec {
+        let r = vars.len();
+        match shape.im2col {
+            Some(_) => GemmSpec { shape, batch_vars: vec![vars[0]], row_var: vars[2], ow_var: Some(vars[3]), col_var: vars[1], acc },
+            None => GemmSpec { shape, batch_vars: vars[..r - 2].to_vec(), row_var: vars[r - 2], ow_var: None, col_var: vars[r - 1], acc },
+        }
+    }
+
+    /// Every loop variable the microkernel sets for its epilogue.
+    pub fn vars(&self) -> Vec<VarId> {
+        self.batch_vars.iter().copied().chain([self.row_var]).chain(self.ow_var).chain([self.col_var]).collect()
+    }
 }
