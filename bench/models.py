@@ -1,10 +1,15 @@
-"""Benchmark (not a test): issue 10's models, Kiln beside eager, TorchScript, TorchScript +
+"""Benchmark (not a test): issue 10's models and issue 12's torchvision classifiers (input
+1 × 3 × 224 × 224), Kiln beside eager, TorchScript, TorchScript +
 oneDNN fusion, torch.compile and ONNX Runtime in one process, median µs and ratios to Kiln,
 and a PNG chart. Random weights (`torch.manual_seed(0)`), eval, `torch.no_grad()`, scripted
 or traced, then frozen; 2 threads by default. Kiln's column says how much of each model ran
 in Kiln: the count of ops left in TorchScript, taken from `torch_kiln.explain`.
 
-    .venv/bin/python bench/models.py [--threads 2] [--reps 300] [--models mlp_b1 ...] [--png out.png]
+    .venv/bin/python bench/models.py [--threads 2] [--reps 300] [--models mlp_b1 resnet18 ...] [--png out.png]
+
+For the classifiers it also prints the network's GFLOP (convolutions and linears, counted by
+forward hooks) and Kiln's rate as a fraction of this machine's FP32 peak, measured in the
+same run with ../shared/tools/peak.c.
 """
 
 import argparse
@@ -16,6 +21,7 @@ import warnings
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
+from gemm import peak_gflops  # noqa: E402
 from pointwise import ensure, median_ms, ratio_cells  # noqa: E402
 
 warnings.filterwarnings("ignore")
@@ -52,6 +58,41 @@ def encoder():
     return torch.nn.TransformerEncoder(layer, 4, enable_nested_tensor=False)
 
 
+# torchvision classifiers: (name, how). Scripting densenet keeps Python lists and googlenet
+# returns a named tuple, so those two are traced.
+CLASSIFIERS = [
+    ("resnet18", "script"), ("resnet50", "script"), ("mobilenet_v3_small", "script"), ("convnext_tiny", "script"),
+    ("shufflenet_v2_x1_0", "script"), ("squeezenet1_1", "script"), ("densenet121", "trace"), ("googlenet", "trace"),
+    ("mnasnet0_5", "script"), ("vgg11_bn", "script"), ("alexnet", "script"),
+]
+
+
+def classifier(name):
+    import torchvision
+
+    kwargs = {"aux_logits": False, "init_weights": True} if name == "googlenet" else {}
+    return lambda: getattr(torchvision.models, name)(weights=None, **kwargs)
+
+
+def conv_flops(model, inputs):
+    """Multiply-adds × 2 of the model's convolutions and linears on these inputs."""
+    total = [0]
+
+    def conv(m, _, out):
+        total[0] += 2 * out.numel() * (m.in_channels // m.groups) * m.kernel_size[0] * m.kernel_size[1]
+
+    def linear(m, _, out):
+        total[0] += 2 * out.numel() * m.in_features
+
+    hooks = [m.register_forward_hook(conv if isinstance(m, torch.nn.Conv2d) else linear)
+             for m in model.modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))]
+    with torch.no_grad():
+        model(*inputs)
+    for h in hooks:
+        h.remove()
+    return total[0]
+
+
 def models():
     onehot = torch.zeros(1, 256)
     onehot[0, 3] = 1.0
@@ -62,6 +103,7 @@ def models():
         "wavestep_traced": (WaveStep, (onehot, torch.randn(1, 80), torch.randn(1, 512)), "trace"),
         "encoder": (encoder, (torch.randn(1, 128, 256),), "trace"),
         "encoder_scripted": (encoder, (torch.randn(1, 128, 256),), "script"),
+        **{name: (classifier(name), (torch.randn(1, 3, 224, 224),), how) for name, how in CLASSIFIERS},
     }
 
 
@@ -87,6 +129,7 @@ def main():
     import torch_kiln
 
     tools = ["kiln", "eager", "torchscript", "ts+onednn", "torch.compile", "onnxruntime"]
+    peak = peak_gflops(args.threads)
     rows = []
     for name in args.models:
         make, inputs, how = models()[name]
@@ -142,14 +185,18 @@ def main():
                 del sess, ort_fn  # its threads go with it
             except Exception as e:
                 times["onnxruntime"] = f"failed: {type(e).__name__}"
+        if name in dict(CLASSIFIERS) and isinstance(times.get("kiln"), float):
+            flops = conv_flops(eager, inputs)
+            rate = flops / times["kiln"] / 1e3
+            notes.append(f"{flops / 1e9:.2f} GFLOP: {rate:.0f} GFLOP/s" + (f" = {rate / peak:.0%} of the {peak:.0f} GFLOP/s peak" if peak else ""))
         rows.append((name, times, notes))
 
-    print(f"\nmodels, {args.threads} threads, median µs (x = time / Kiln's)")
-    print(f"{'model':10}" + "".join(f"{t:>22}" for t in tools))
+    print(f"\nmodels, {args.threads} threads, median µs (x = time / Kiln's); FP32 peak {peak:.0f} GFLOP/s" if peak else f"\nmodels, {args.threads} threads, median µs (x = time / Kiln's)")
+    print(f"{'model':20}" + "".join(f"{t:>22}" for t in tools))
     for name, times, notes in rows:
-        print(f"{name:10}" + ratio_cells(times, tools, 22, 1))
+        print(f"{name:20}" + ratio_cells(times, tools, 22, 1))
         for n in notes:
-            print(f"{'':10}kiln: {n}")
+            print(f"{'':20}kiln: {n}")
     for name, times, _ in rows:
         for t, v in times.items():
             if not isinstance(v, float):
@@ -165,12 +212,12 @@ def main():
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(10, 4))
+    fig, ax = plt.subplots(figsize=(max(10, len(rows) * 0.9), 4))
     width = 0.8 / len(tools)
     for i, t in enumerate(tools):
         vals = [r[1].get(t) if isinstance(r[1].get(t), float) else 0 for r in rows]
         ax.bar([j + i * width for j in range(len(rows))], vals, width, label=t)
-    ax.set_xticks([j + 0.4 - width / 2 for j in range(len(rows))], [r[0] for r in rows])
+    ax.set_xticks([j + 0.4 - width / 2 for j in range(len(rows))], [r[0] for r in rows], rotation=30, ha="right", fontsize=8)
     ax.set_ylabel("median µs (lower is better)")
     ax.set_yscale("log")
     ax.legend(fontsize=8)

@@ -109,7 +109,7 @@ pub fn encode(header: &EntryHeader, image: &ProgramImage) -> Vec<u8> {
             let line = format!("gemm {} {} {} {} {} {} {} {}\n", list(&g.batch), g.m, g.n, g.k, operand(&g.a), operand(&g.b), g.tile.mr, g.tile.nr);
             body.extend(line.bytes());
             if let Some(w) = &g.im2col {
-                let mut nums = vec![w.channels, w.out_w];
+                let mut nums = vec![w.channels, w.out_h, w.out_w];
                 for pair in [w.kernel, w.in_size, w.pad, w.stride, w.dilation] {
                     nums.extend(pair);
                 }
@@ -269,12 +269,12 @@ fn parse_body(body: &[u8]) -> Result<ProgramImage, String> {
             }
             Some("im2col") => {
                 let mut next = || num::<i64>(w.next(), "im2col");
-                let (channels, out_w) = (next()?, next()?);
+                let (channels, out_h, out_w) = (next()?, next()?, next()?);
                 let mut pair = || -> Result<[i64; 2], String> { Ok([next()?, next()?]) };
                 let (kernel, in_size, pad, stride, dilation) = (pair()?, pair()?, pair()?, pair()?, pair()?);
                 let strides = [next()?, next()?, next()?];
                 let g = image.kernels.last_mut().and_then(|k| k.gemm.as_mut()).ok_or("an im2col line before any gemm")?;
-                g.im2col = Some(Im2col { channels, kernel, out_w, in_size, pad, stride, dilation, strides });
+                g.im2col = Some(Im2col { channels, kernel, out_h, out_w, in_size, pad, stride, dilation, strides });
             }
             Some("object") => {
                 let n = num(w.next(), "object length")?;
@@ -352,7 +352,7 @@ fn check_gemm(image: &ProgramImage, k: &KernelDecl, g: &GemmShape) -> Result<(),
     }
     if let Some(w) = &g.im2col {
         let positive = [w.kernel, w.in_size, w.stride, w.dilation].iter().flatten().all(|&n| n > 0) && w.pad.iter().chain(&w.strides).all(|&n| n >= 0);
-        let consistent = w.channels * w.kernel[0] * w.kernel[1] == g.k && w.out_w > 0 && g.m % w.out_w == 0 && g.batch.len() == 1;
+        let consistent = w.channels * w.kernel[0] * w.kernel[1] == g.k && w.out_w > 0 && w.out_h * w.out_w == g.m && g.batch.len() == 1;
         if !consistent || !positive || g.tile.mr > kiln_compiler::runtime::gemm::MAX_WINDOW_ROWS {
             return Err("a convolution's windows that do not match its gemm".into());
         }

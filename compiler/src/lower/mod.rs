@@ -213,26 +213,38 @@ pub fn lower(g: &Graph, input_strides: &[Vec<i64>]) -> Result<LoopProgram, Lower
 }
 
 /// The 4-d values that are stored channels-last when they are intermediates: convolutions,
-/// and the pointwise values and concatenations (a pad) of the same shape computed from one.
-/// A convolution's tile is pixels × channels, so its epilogue stores whole vectors along the
-/// channels only in that order (row-major, each element of a vector is a row of the image
-/// apart: measured on ResNet-18's 7×7 stem, 38% of peak NCHW against 72% channels-last), and
-/// the next convolution reads its windows through any strides.
+/// and the values computed from one (pointwise values, concatenations such as a pad,
+/// reductions, through any views), so that a network's images stay channels-last from one
+/// convolution to the next. A convolution's tile is pixels × channels, so its epilogue stores
+/// whole vectors along the channels only in that order (row-major, each element of a vector
+/// is a row of the image apart: measured on ResNet-18's 7×7 stem, 38% of peak NCHW against
+/// 72% channels-last), and the next convolution reads its windows through any strides.
 fn channels_last_temps(g: &Graph) -> Vec<ValueId> {
-    let mut cl = vec![false; g.nodes.len()];
+    // Whether a value is computed from a channels-last image (any rank: views of one count).
+    let mut from_image = vec![false; g.nodes.len()];
     for (i, n) in g.nodes.iter().enumerate() {
-        let shape = &n.ty.shape;
-        let from_cl = n.inputs.iter().any(|x| cl[x.0 as usize] && g.ty(*x).shape == *shape);
-        cl[i] = shape.len() == 4
-            && match &n.op {
-                Op::Conv2d { .. } => true,
-                // A cat's parts are of other shapes.
-                Op::Cat { .. } => n.inputs.iter().any(|x| cl[x.0 as usize]),
-                op if op.is_pointwise() && !views::is_view(op) => from_cl,
-                _ => false,
-            };
+        from_image[i] = matches!(n.op, Op::Conv2d { .. }) || n.inputs.iter().any(|x| from_image[x.0 as usize]);
     }
-    (0..g.nodes.len()).filter(|&i| cl[i]).map(|i| ValueId(i as u32)).collect()
+    // A value a reshape flattens (through views) stays row-major: no strides express the
+    // flattened channels-last image (a classifier's `flatten`).
+    let mut flattened = vec![false; g.nodes.len()];
+    for n in &g.nodes {
+        let (from, to) = (n.inputs.first().and_then(|x| g.ty(*x).static_shape()), n.ty.static_shape());
+        if let (Op::Reshape, Some(from), Some(to)) = (&n.op, from, to) {
+            if !views::only_unit_dims(&from, &to) {
+                let mut root = n.inputs[0];
+                while views::is_view(&g.node(root).op) {
+                    root = g.node(root).inputs[0];
+                }
+                flattened[root.0 as usize] = true;
+            }
+        }
+    }
+    let stored_kind = |op: &Op| !views::is_view(op) && !matches!(op, Op::Input(_) | Op::MatMul | Op::Softmax { .. });
+    (0..g.nodes.len())
+        .filter(|&i| from_image[i] && !flattened[i] && g.nodes[i].ty.rank() == 4 && stored_kind(&g.nodes[i].op))
+        .map(|i| ValueId(i as u32))
+        .collect()
 }
 
 /// Smallest output a matmul runs on the GEMM kernel with: below, the register tile would be
@@ -282,7 +294,7 @@ fn conv_gemm_shape(g: &Graph, v: ValueId, b: &KernelBuilder, kernel: [i64; 2], s
     // `views::plan` gives both operands a layout.
     let (xbuf, xst, xoff) = b.strided(x).expect("a convolution's image has a layout");
     let (wbuf, wst, woff) = b.strided(w).expect("a convolution's weight has a layout");
-    let im2col = Im2col { channels: xs[1], kernel, out_w: out[3], in_size: [xs[2], xs[3]], pad: [padding[0], padding[2]], stride, dilation, strides: [xst[1], xst[2], xst[3]] };
+    let im2col = Im2col { channels: xs[1], kernel, out_h: out[2], out_w: out[3], in_size: [xs[2], xs[3]], pad: [padding[0], padding[2]], stride, dilation, strides: [xst[1], xst[2], xst[3]] };
     let a = GemmOperand { buf: xbuf, offset: xoff, batch_strides: vec![if xs[0] == 1 { 0 } else { xst[0] }], rows: 0, cols: 0 };
     let bop = GemmOperand { buf: wbuf, offset: woff, batch_strides: vec![0], rows: wst[0], cols: wst[1] };
     let k = xs[1] * kernel[0] * kernel[1];

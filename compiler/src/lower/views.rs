@@ -104,18 +104,29 @@ pub fn plan(g: &Graph, input_strides: &[Vec<i64>], output_orders: &HashMap<Value
     loop {
         let layouts = layouts(g, input_strides, output_orders, materialised);
         let mut more = vec![];
+        // What to store for a view without a layout: the value its chain of views starts
+        // from, where that has no buffer (a window of an inline ReLU stores the ReLU, not the
+        // windows), else its own input (a reshape that no strides express over a transpose).
+        let source = |x: ValueId| {
+            let mut root = x;
+            while is_view(&g.node(root).op) {
+                root = g.node(root).inputs[0];
+            }
+            if layouts[root.0 as usize].is_none() { root } else { x }
+        };
         for (i, n) in g.nodes.iter().enumerate() {
             let needs: Vec<ValueId> = match &n.op {
-                Op::Slice { .. } | Op::Unfold { .. } if layouts[i].is_none() => vec![n.inputs[0]],
+                Op::Slice { .. } | Op::Unfold { .. } if layouts[i].is_none() => vec![source(n.inputs[0])],
                 Op::Reshape if layouts[i].is_none() => {
                     let (from, to) = (g.ty(n.inputs[0]).static_shape().unwrap_or_default(), n.ty.static_shape().unwrap_or_default());
-                    if only_unit_dims(&from, &to) { vec![] } else { vec![n.inputs[0]] }
+                    if only_unit_dims(&from, &to) { vec![] } else { vec![source(n.inputs[0])] }
                 }
                 Op::MatMul | Op::Conv2d { .. } => n.inputs.iter().copied().filter(|x| layouts[x.0 as usize].is_none()).collect(),
                 _ => vec![],
             };
             more.extend(needs.into_iter().filter(|x| !matches!(g.node(*x).op, Op::Input(_))));
         }
+        more.retain(|x| !materialised.contains(x));
         if more.is_empty() {
             return layouts;
         }

@@ -13,10 +13,20 @@ use crate::runtime::parallel;
 use std::cell::RefCell;
 
 /// The microkernel's signature (see `kernels::gemm::microkernel`).
-pub type MicrokernelFn = unsafe extern "C" fn(table: *const *mut u8, a_panel: *const f32, b_panel: *const f32, k: i64, coords: *const i64, rows: i64, cols: i64, a_steps: *const i64);
+pub type MicrokernelFn =
+    unsafe extern "C" fn(table: *const *mut u8, a_panel: *const f32, b_panel: *const f32, k: i64, coords: *const i64, rows: i64, cols: i64, a_steps: *const i64, partial: *mut f32, flags: i64);
+
+/// `MicrokernelFn` flags: the tile starts from `partial`; the tile is stored to `partial` and
+/// the epilogue skipped (a chunk of k that is not the last).
+const FROM_PARTIAL: i64 = 1;
+const TO_PARTIAL: i64 = 2;
 
 /// Below this many flops a GEMM runs on the calling thread: waking the pool costs more.
 const PARALLEL_MIN_FLOPS: i64 = 1 << 18;
+
+/// The most bytes of one B panel a convolution reads per pass over its tiles (a quarter of
+/// a Zen core's L2: the panel chunk stays there while the thread's tiles use it).
+const B_CHUNK_BYTES: i64 = 256 << 10;
 
 /// Below this many packed floats the packing runs on the calling thread.
 const PARALLEL_MIN_PACK: i64 = 1 << 15;
@@ -181,7 +191,7 @@ pub unsafe fn run(s: &GemmShape, ukr: MicrokernelFn, table: *const *mut u8, scra
             let b = pb.offset((((if b_count == 1 { 0 } else { bi }) * np + jp) * b_panel) as isize);
             let rows = (s.m - ip * tile.mr).min(tile.mr);
             let cols = (s.n - jp * tile.nr).min(tile.nr);
-            ukr(table, a, b, s.k, coords.as_ptr(), rows, cols, std::ptr::null());
+            ukr(table, a, b, s.k, coords.as_ptr(), rows, cols, std::ptr::null(), std::ptr::null_mut(), 0);
         }
     };
     parallel::run(pack_parts, &pack);
@@ -193,102 +203,109 @@ thread_local! {
     static WINDOWS: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
 }
 
-/// Packs output pixels [r0, r0 + mr) × all of k of a convolution's windows (the image's batch
-/// offset applied) as k × mr floats, zero past the last pixel and in the padding. k is
-/// (c, kh, kw) row-major, walked outermost so that each k step writes mr consecutive floats.
-/// A panel whose windows all lie inside the image is copied without bounds checks, and where
-/// its pixels are consecutive in one image row (stride 1, unit column stride: an NCHW
-/// image) each k step is one contiguous copy.
+/// Packs output pixels [r0, r0 + mr) × all of k of a convolution's windows over an image
+/// copy (no padding left: `Im2col::over_copy`) as k × mr floats, zero past the last pixel.
+/// k is (c, kh, kw) row-major, walked outermost so that each k step writes mr consecutive
+/// floats.
 unsafe fn pack_window_panel(w: &Im2col, src: *const f32, m: i64, r0: i64, mr: i64, dst: *mut f32) {
     const MAX: usize = MAX_WINDOW_ROWS as usize;
-    assert!(mr <= MAX_WINDOW_ROWS, "a convolution tile of at most MAX_WINDOW_ROWS rows");
+    assert!(mr <= MAX_WINDOW_ROWS && w.pad == [0, 0], "a tile of at most MAX_WINDOW_ROWS rows over a padded copy");
     let live = (m - r0).clamp(0, mr) as usize;
-    let (mut ih0, mut iw0) = ([0i64; MAX], [0i64; MAX]);
-    for r in 0..live {
+    let [_, sh, sw] = w.strides;
+    let mut base = [0i64; MAX];
+    for (r, b) in base.iter_mut().enumerate().take(live) {
         let q = r0 + r as i64;
-        ih0[r] = (q / w.out_w) * w.stride[0] - w.pad[0];
-        iw0[r] = (q % w.out_w) * w.stride[1] - w.pad[1];
+        *b = (q / w.out_w) * w.stride[0] * sh + (q % w.out_w) * w.stride[1] * sw;
     }
-    let [sc, sh, sw] = w.strides;
-    let (dh, dw) = (w.dilation[0], w.dilation[1]);
-    let [h, wd] = w.in_size;
-    let interior = (0..live).all(|r| ih0[r] >= 0 && ih0[r] + w.span(0) <= h && iw0[r] >= 0 && iw0[r] + w.span(1) <= wd);
     let mut d = dst;
-    if interior {
-        let mut base = [0i64; MAX];
+    for &step in &w.steps() {
+        let s = src.offset(step as isize);
         for r in 0..live {
-            base[r] = ih0[r] * sh + iw0[r] * sw;
+            *d.add(r) = *s.offset(base[r] as isize);
         }
-        let run = live > 0 && ih0[live - 1] == ih0[0] && w.stride[1] * sw == 1;
-        for c in 0..w.channels {
-            for kh in 0..w.kernel[0] {
-                for kw in 0..w.kernel[1] {
-                    let s = src.offset((c * sc + kh * dh * sh + kw * dw * sw) as isize);
-                    if run {
-                        std::ptr::copy_nonoverlapping(s.offset(base[0] as isize), d, live);
-                    } else {
-                        for r in 0..live {
-                            *d.add(r) = *s.offset(base[r] as isize);
-                        }
-                    }
-                    std::ptr::write_bytes(d.add(live), 0, mr as usize - live);
-                    d = d.add(mr as usize);
-                }
-            }
-        }
-        return;
-    }
-    for c in 0..w.channels {
-        let s = src.offset((c * sc) as isize);
-        for kh in 0..w.kernel[0] {
-            for kw in 0..w.kernel[1] {
-                for r in 0..live {
-                    let (ih, iw) = (ih0[r] + kh * dh, iw0[r] + kw * dw);
-                    let inside = ih >= 0 && ih < h && iw >= 0 && iw < wd;
-                    *d.add(r) = if inside { *s.offset((ih * sh + iw * sw) as isize) } else { 0.0 };
-                }
-                std::ptr::write_bytes(d.add(live), 0, mr as usize - live);
-                d = d.add(mr as usize);
-            }
-        }
+        std::ptr::write_bytes(d.add(live), 0, mr as usize - live);
+        d = d.add(mr as usize);
     }
 }
 
-/// Whether a convolution's tiles run direct (A read from the image, `microkernel`): tiles
-/// then hold pixels of one output row, so a row that fills them badly (7 pixels in tiles of
-/// 6) would waste more than the packing costs.
+/// Whether a convolution with a stride runs its tiles direct (A read from the image copy,
+/// `microkernel`): its tiles then hold pixels of one output row, so a row that fills them
+/// badly (7 pixels in tiles of 6) would waste more than packing costs.
 fn runs_direct(w: &Im2col, mr: i64) -> bool {
     let per_row = (w.out_w + mr - 1) / mr;
     per_row * mr * 8 <= w.out_w * 9
 }
 
-/// A convolution: B (the weight) packed first (unless it is kept packed), then the output in
-/// tasks of one row tile against every column panel. Direct tiles (`runs_direct`) read the
-/// image in place where their windows lie inside it; every other tile packs its pixels'
-/// windows into its thread's buffer first, writing the padding's zeros. The windows are
-/// never packed whole (they are KH·KW times the image: 7 MB for a 3×3 convolution over
-/// 64 × 56 × 56), nor is a padded image stored.
+/// Copies image rows [lo, hi) of the padded copy (`Im2col::padded`; row r of image n is task
+/// n · rows + r), images `per_image` floats apart: channels-last, zeros in the padding, and
+/// zeros past the last row of each image (the slack that the last tile's dropped indices
+/// read).
+unsafe fn copy_padded_rows(w: &Im2col, src: *const f32, batch_stride: i64, dst: *mut f32, per_image: i64, lo: i64, hi: i64) {
+    let [hp, wp] = w.padded();
+    let c = w.channels;
+    let [sc, sh, sw] = w.strides;
+    for t in lo..hi {
+        let (n, r) = (t / hp, t % hp);
+        let row = dst.offset((n * per_image + r * wp * c) as isize);
+        let ih = r - w.pad[0];
+        if ih < 0 || ih >= w.in_size[0] {
+            std::ptr::write_bytes(row, 0, (wp * c) as usize);
+        } else {
+            let s = src.offset((n * batch_stride + ih * sh) as isize);
+            // The live columns [iw0, iw1) of the copy's row; zeros on either side.
+            let iw0 = w.pad[1].min(wp);
+            let iw1 = (w.pad[1] + w.in_size[1]).min(wp);
+            std::ptr::write_bytes(row, 0, (iw0 * c) as usize);
+            if sc <= sw {
+                // Channels-last source: each pixel's channels are a contiguous run where sc = 1.
+                for iw in iw0..iw1 {
+                    let (d, sp) = (row.offset((iw * c) as isize), s.offset(((iw - w.pad[1]) * sw) as isize));
+                    for ch in 0..c {
+                        *d.offset(ch as isize) = *sp.offset((ch * sc) as isize);
+                    }
+                }
+            } else {
+                // NCHW source: read each channel's row along the image, write across pixels.
+                for ch in 0..c {
+                    let sp = s.offset((ch * sc) as isize);
+                    for iw in iw0..iw1 {
+                        *row.offset((iw * c + ch) as isize) = *sp.offset(((iw - w.pad[1]) * sw) as isize);
+                    }
+                }
+            }
+            std::ptr::write_bytes(row.offset((iw1 * c) as isize), 0, ((wp - iw1) * c) as usize);
+        }
+        if r == hp - 1 {
+            let used = hp * wp * c;
+            std::ptr::write_bytes(dst.offset((n * per_image + used) as isize), 0, (per_image - used) as usize);
+        }
+    }
+}
+
+/// A convolution: B (the weight) packed first (unless it is kept packed) and every image
+/// copied padded and channels-last into the scratch (`copy_padded_rows`), then the output
+/// in tasks of one row tile against every column panel. Tiles read the copy in place (direct
+/// convolution: `microkernel`'s `a_steps`): with stride 1 along its rows as one long row
+/// (`Im2col::wide_rows`), with a stride per output row; a tile short of a row's end, or a
+/// strided row that fills its tiles badly (`runs_direct`), packs its windows first. The
+/// windows are never packed whole (they are KH·KW times the image: 7 MB for a 3×3
+/// convolution over 64 × 56 × 56).
 unsafe fn run_im2col(s: &GemmShape, w: &Im2col, ukr: MicrokernelFn, table: *const *mut u8, scratch: *mut f32, prepacked_b: Option<*const f32>) {
     let tile = s.tile;
     let np = s.n_panels();
     let batches = s.batch_count();
-    let out_h = if w.out_w > 0 { s.m / w.out_w } else { 0 };
-    let direct = runs_direct(w, tile.mr);
-    // Row tiles per image: per output row when direct, else over the flattened pixels.
-    let per_row = (w.out_w + tile.mr - 1) / tile.mr;
-    let row_tiles = if direct { out_h * per_row } else { s.m_panels() };
-    let tasks = batches * row_tiles;
-    if tasks == 0 || np == 0 {
+    if batches * s.m == 0 || np == 0 {
         return;
     }
     let a_src = (*table.add(s.a.buf.0 as usize) as *const f32).offset(s.a.offset as isize);
     let b_src = (*table.add(s.b.buf.0 as usize) as *const f32).offset(s.b.offset as isize);
     let b_panel = tile.nr * s.k;
+    let threads = parallel::threads();
     let pb = match prepacked_b {
         Some(p) => p,
         None => {
             let pb = scratch.offset(s.packed_b_offset() as isize);
-            let parts = if np * b_panel < PARALLEL_MIN_PACK { 1 } else { parallel::threads().min(np as usize) };
+            let parts = if np * b_panel < PARALLEL_MIN_PACK { 1 } else { threads.min(np as usize) };
             let shared = Shared((b_src, pb));
             parallel::run(parts, &|p| {
                 let (b_src, pb) = shared.get();
@@ -300,53 +317,107 @@ unsafe fn run_im2col(s: &GemmShape, w: &Im2col, ukr: MicrokernelFn, table: *cons
             pb as *const f32
         }
     };
-    let steps = if direct { w.steps() } else { vec![] };
-    let [sc, sh, sw] = w.strides;
-    let _ = sc;
-    let parts = if s.flops() < PARALLEL_MIN_FLOPS { 1 } else { parallel::threads().min(tasks as usize) };
-    let shared = Shared((a_src, pb, table, steps.as_ptr()));
+    // The padded copies.
+    let copy = scratch.offset(s.image_copy_offset() as isize);
+    let [hp, wp] = w.padded();
+    let rows = batches * hp;
+    let copy_parts = if rows * wp * w.channels < PARALLEL_MIN_PACK { 1 } else { threads.min(rows as usize) };
+    let per_image = w.copy_elems(tile.mr);
+    let shared = Shared((a_src, copy));
+    parallel::run(copy_parts, &|p| {
+        let (a_src, copy) = shared.get();
+        let (lo, hi) = run_of(rows, copy_parts, p);
+        copy_padded_rows(w, a_src, s.a.batch_strides[0], copy, per_image, lo, hi);
+    });
+    let over = w.over_copy();
+    let wide = w.wide_rows();
+    let direct = wide || runs_direct(w, tile.mr);
+    let row_w = w.row_width();
+    let per_row = (w.out_w + tile.mr - 1) / tile.mr;
+    // Tiles per image: along the wide rows, per output row, or over the pixels.
+    let row_tiles = if wide {
+        (w.out_h * row_w + tile.mr - 1) / tile.mr
+    } else if direct {
+        w.out_h * per_row
+    } else {
+        s.m_panels()
+    };
+    let tasks = batches * row_tiles;
+    let steps = over.steps();
+    // A B panel past L2 (k long: ResNet's last stages) is taken in chunks of k, each chunk
+    // over all of a thread's tiles before the next, the sums kept between chunks; wide rows
+    // only, where every tile reads the copy in place.
+    let chunks = if wide { ((s.k * tile.nr * 4 + B_CHUNK_BYTES - 1) / B_CHUNK_BYTES).max(1) } else { 1 };
+    let kc = (s.k + chunks - 1) / chunks;
+    // Threads split the tiles, each reading all of B; or, where B is the larger operand (a
+    // deep layer's weights against its small image), the column panels, each reading all
+    // of the image copies and its part of B (direct tiles only: a tile that packs its
+    // windows would pack them once per thread).
+    let split_columns = direct && np as usize >= threads && s.k * s.n > batches * per_image;
+    let parts = match (s.flops() < PARALLEL_MIN_FLOPS, split_columns) {
+        (true, _) => 1,
+        (false, true) => threads.min(np as usize),
+        (false, false) => threads.min(tasks as usize),
+    };
+    let shared = Shared((copy, pb, table, steps.as_ptr()));
     parallel::run(parts, &|p| {
-        let (a_src, pb, table, steps) = shared.get();
+        let (copy, pb, table, steps) = shared.get();
         WINDOWS.with(|buf| {
             let mut buf = buf.borrow_mut();
-            let need = (tile.mr * s.k) as usize;
-            if buf.len() < need {
-                buf.resize(need, 0.0);
+            let ((lo, hi), (jlo, jhi)) = if split_columns { ((0, tasks), run_of(np, parts, p)) } else { (run_of(tasks, parts, p), (0, np)) };
+            let tile_elems = (tile.mr * tile.nr) as usize;
+            let packed = (tile.mr * s.k) as usize;
+            let partials = if chunks > 1 { (hi - lo) as usize * (jhi - jlo) as usize * tile_elems } else { 0 };
+            if buf.len() < packed + partials {
+                buf.resize(packed + partials, 0.0);
             }
-            let pa = buf.as_mut_ptr();
-            let mut coords = [0i64; 3];
-            let (lo, hi) = run_of(tasks, parts, p);
-            for t in lo..hi {
+            let (pa, partial) = (buf.as_mut_ptr(), buf.as_mut_ptr().add(packed));
+            // Tile t: its batch, first index (in the row space the microkernel's epilogue
+            // decodes: `Im2col::row_width` indices per output row), index count, and A.
+            let tile_at = |t: i64| -> (i64, i64, i64, *const f32, *const i64) {
                 let (bi, rt) = (t / row_tiles, t % row_tiles);
-                let image = a_src.offset((bi * s.a.batch_strides[0]) as isize);
-                // The tile's first pixel and its pixel count.
-                let (q0, rows) = if direct {
+                let image = copy.offset((bi * per_image) as isize) as *const f32;
+                let (q0, rows) = if wide {
+                    (rt * tile.mr, (w.out_h * row_w - rt * tile.mr).min(tile.mr))
+                } else if direct {
                     let (oh, ow0) = (rt / per_row, (rt % per_row) * tile.mr);
                     (oh * w.out_w + ow0, (w.out_w - ow0).min(tile.mr))
                 } else {
                     (rt * tile.mr, (s.m - rt * tile.mr).min(tile.mr))
                 };
-                let (ih0, iw0) = ((q0 / w.out_w) * w.stride[0] - w.pad[0], (q0 % w.out_w) * w.stride[1] - w.pad[1]);
-                // In place: a full tile of one row whose windows lie inside the image (a
-                // short tile would read past its pixels).
-                let in_place = direct
-                    && rows == tile.mr
-                    && ih0 >= 0
-                    && ih0 + w.span(0) <= w.in_size[0]
-                    && iw0 >= 0
-                    && iw0 + (rows - 1) * w.stride[1] + w.span(1) <= w.in_size[1];
-                let (a, a_steps) = if in_place {
-                    (image.offset((ih0 * sh + iw0 * sw) as isize), steps)
+                // In place: wide rows always (the copy's slack covers the last tile); with a
+                // stride, full tiles of one row (a short one would read past its pixels).
+                if wide || (direct && rows == tile.mr) {
+                    let (oh, ow) = (q0 / row_w, q0 % row_w);
+                    let at = (oh * w.stride[0] * wp + ow * w.stride[1]) * w.channels;
+                    (bi, q0, rows, image.offset(at as isize), steps)
                 } else {
-                    pack_window_panel(w, image, q0 + rows, q0, tile.mr, pa);
-                    (pa as *const f32, std::ptr::null())
-                };
-                coords[0] = bi;
-                coords[1] = q0;
-                for jp in 0..np {
-                    coords[2] = jp * tile.nr;
-                    let cols = (s.n - jp * tile.nr).min(tile.nr);
-                    ukr(table, a, pb.offset((jp * b_panel) as isize), s.k, coords.as_ptr(), rows, cols, a_steps);
+                    pack_window_panel(&over, image, q0 + rows, q0, tile.mr, pa);
+                    (bi, q0, rows, pa as *const f32, std::ptr::null())
+                }
+            };
+            let cols_of = |jp: i64| (s.n - jp * tile.nr).min(tile.nr);
+            if chunks == 1 {
+                for t in lo..hi {
+                    let (bi, q0, rows, a, a_steps) = tile_at(t);
+                    for jp in jlo..jhi {
+                        let coords = [bi, q0, jp * tile.nr];
+                        ukr(table, a, pb.offset((jp * b_panel) as isize), s.k, coords.as_ptr(), rows, cols_of(jp), a_steps, std::ptr::null_mut(), 0);
+                    }
+                }
+                return;
+            }
+            for c in 0..chunks {
+                let (k0, klen) = (c * kc, kc.min(s.k - c * kc));
+                let flags = if c > 0 { FROM_PARTIAL } else { 0 } | if c + 1 < chunks { TO_PARTIAL } else { 0 };
+                for jp in jlo..jhi {
+                    let b = pb.offset((jp * b_panel + k0 * tile.nr) as isize);
+                    for t in lo..hi {
+                        let (bi, q0, rows, a, a_steps) = tile_at(t);
+                        let part = partial.add((((t - lo) * (jhi - jlo) + jp - jlo) as usize) * tile_elems);
+                        let coords = [bi, q0, jp * tile.nr];
+                        ukr(table, a, b, klen, coords.as_ptr(), rows, cols_of(jp), a_steps.add(k0 as usize), part, flags);
+                    }
                 }
             }
         });

@@ -16,6 +16,10 @@ use crate::ts_dump::Const;
 use kiln_compiler::graph::ir::{BinaryOp, IrError, ReduceOp};
 use kiln_compiler::{DType, Scalar, ValueId};
 
+/// Windows of at most this many elements are reduced as a chain of pointwise ops
+/// (`window_reduce`).
+const SMALL_WINDOW: i64 = 16;
+
 fn e(r: Result<ValueId, IrError>) -> R<ValueId> {
     r.map_err(|e| e.0)
 }
@@ -220,7 +224,11 @@ impl Lower<'_> {
         let reach = |i: usize, o: i64, len: i64| ((o - 1) * s[i] + dl[i] * (k[i] - 1) + 1 - p[i] - len).max(0);
         let (rh, rw) = (reach(0, oh, h), reach(1, ow, w));
         let tiles = s == k && dl == [1, 1] && p == [0, 0] && rh == 0 && rw == 0;
-        if tiles && divisor.is_none() {
+        if tiles && k == [1, 1] && divisor.is_none() {
+            // Windows of one element (an adaptive pool to the input's own size).
+            return Ok(self.g.copy(v));
+        }
+        if tiles && divisor.is_none() && k[0] * k[1] > SMALL_WINDOW {
             return self.tiled_pool(op, v, k, [oh, ow]);
         }
         let d = self.g.ty(v).dtype;
@@ -233,11 +241,10 @@ impl Lower<'_> {
         };
         let pads = [p[0], rh, p[1], rw];
         let win = windows(self, v, pads, fill)?;
-        let wrank = rank + 2;
         if op == ReduceOp::Max {
-            return e(self.g.reduce(ReduceOp::Max, win, &[wrank - 2, wrank - 1], false));
+            return self.window_reduce(win, ReduceOp::Max);
         }
-        let sum = e(self.g.reduce(ReduceOp::Sum, win, &[wrank - 2, wrank - 1], false))?;
+        let sum = self.window_reduce(win, ReduceOp::Sum)?;
         // The divisor per window: the override, or the window's elements inside the input
         // (count_include_pad=False), or inside the input and its padding (True): a window
         // sum of ones over those.
@@ -262,10 +269,39 @@ impl Lower<'_> {
                     let inside = e(self.g.expand(one, &[h, w]))?;
                     windows(self, inside, pads, Const::None)?
                 };
-                e(self.g.reduce(ReduceOp::Sum, ones, &[2, 3], false))?
+                self.window_reduce(ones, ReduceOp::Sum)?
             }
         };
         e(self.g.binary(BinaryOp::Div, sum, divisor))
+    }
+
+    /// Each window (the last two dims of `win`) reduced by max or sum. A small window is a
+    /// chain of its elements in eager's order (row by row), a pointwise kernel that runs
+    /// along the image's innermost dim (the channels of a channels-last image, one vector at
+    /// a time); a reduction would walk each window on its own.
+    fn window_reduce(&mut self, win: ValueId, op: ReduceOp) -> R<ValueId> {
+        let sizes = self.sizes(win)?;
+        let r = sizes.len();
+        let (kh, kw) = (sizes[r - 2], sizes[r - 1]);
+        if kh * kw > SMALL_WINDOW {
+            return e(self.g.reduce(op, win, &[r - 2, r - 1], false));
+        }
+        let combine = if op == ReduceOp::Max { BinaryOp::Max } else { BinaryOp::Add };
+        let mut acc: Option<ValueId> = None;
+        for i in 0..kh {
+            for j in 0..kw {
+                let t = e(self.g.slice(win, r - 2, i, 1))?;
+                let t = e(self.g.slice(t, r - 1, j, 1))?;
+                let t = e(self.g.reshape(t, &sizes[..r - 2]))?;
+                acc = Some(match acc {
+                    None => t,
+                    Some(a) => e(self.g.binary(combine, a, t))?,
+                });
+            }
+        }
+        let v = acc.expect("a window has an element");
+        // A window of one element is a view of the input: a value of its own.
+        Ok(if kh * kw == 1 { self.g.copy(v) } else { v })
     }
 
     /// Pooling whose windows tile the input (stride = kernel, no padding): the rows and

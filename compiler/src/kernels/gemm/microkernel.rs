@@ -1,6 +1,6 @@
 //! The GEMM microkernel with its epilogue, as LLVM IR:
 //!
-//! `void NAME(ptr table, ptr a_panel, ptr b_panel, i64 k, ptr coords, i64 rows, i64 cols, ptr a_steps)`
+//! `void NAME(ptr table, ptr a_panel, ptr b_panel, i64 k, ptr coords, i64 rows, i64 cols, ptr a_steps, ptr partial, i64 flags)`
 //!
 //! computes the `mr × nr` tile Σₚ a_panel[p][r] · b_panel[p][c] in `mr × nr/16` vector
 //! accumulators (one float32 FMA chain per element, p increasing), then runs the kernel's
@@ -16,6 +16,11 @@
 //! (c, kh, kw) and RS the image step between the tile's output pixels, consecutive in one
 //! output row (`Im2col::row_step`). The runtime takes this path for tiles whose windows lie
 //! inside the image.
+//!
+//! A product whose k is too long for a B panel to stay in L2 runs in chunks of k (`flags`):
+//! bit 0, the tile starts from the sums in `partial` (mr × nr floats) instead of zero; bit 1,
+//! the sums are stored back there and the epilogue is left for the last chunk. 0 is the
+//! whole product in one call.
 
 use super::{GemmSpec, LANES};
 use crate::codegen::loops::{llvm_type, num_params, set_target_attrs, used_buffers, Emitter, R};
@@ -63,7 +68,7 @@ pub fn emit<'ctx>(ctx: &'ctx Context, module: &Module<'ctx>, k: &Kernel, spec: &
     let i64t = ctx.i64_type();
     let f32t = ctx.f32_type();
     let vt = f32t.vec_type(LANES as u32);
-    let fn_type = ctx.void_type().fn_type(&[ptr.into(), ptr.into(), ptr.into(), i64t.into(), ptr.into(), i64t.into(), i64t.into(), ptr.into()], false);
+    let fn_type = ctx.void_type().fn_type(&[ptr.into(), ptr.into(), ptr.into(), i64t.into(), ptr.into(), i64t.into(), i64t.into(), ptr.into(), ptr.into(), i64t.into()], false);
     let f = module.add_function(name, fn_type, None);
     set_target_attrs(ctx, f, target);
     let b = ctx.create_builder();
@@ -74,6 +79,7 @@ pub fn emit<'ctx>(ctx: &'ctx Context, module: &Module<'ctx>, k: &Kernel, spec: &
     let coords = param(4).into_pointer_value();
     let (rows, cols) = (param(5).into_int_value(), param(6).into_int_value());
     let a_steps = param(7).into_pointer_value();
+    let (partial, flags) = (param(8).into_pointer_value(), param(9).into_int_value());
 
     // The epilogue's view of the program: its buffers from the table, a slot per variable.
     let mut bufs = HashMap::new();
@@ -115,6 +121,23 @@ pub fn emit<'ctx>(ctx: &'ctx Context, module: &Module<'ctx>, k: &Kernel, spec: &
     for a in &tile_accs {
         b.build_store(*a, vt.const_zero())?;
     }
+    let flag = |bit: u64| -> R<IntValue<'ctx>> {
+        let set = b.build_and(flags, i64t.const_int(bit, false), "")?;
+        Ok(b.build_int_compare(IntPredicate::NE, set, i64t.const_zero(), "")?)
+    };
+    // The partial tile, r-major like the stack tile: vector v of row r at r · nr + v · 16.
+    let partial_at = |i: i64| unsafe { b.build_in_bounds_gep(f32t, partial, &[i64t.const_int((i * LANES) as u64, false)], "") };
+    let (resume, start) = (ctx.append_basic_block(f, "resume"), ctx.append_basic_block(f, "start"));
+    b.build_conditional_branch(flag(1)?, resume, start)?;
+    b.position_at_end(resume);
+    // (The runtime's partial tiles are float-aligned only.)
+    for (i, a) in tile_accs.iter().enumerate() {
+        let v = b.build_load(vt, partial_at(i as i64)?, "")?;
+        v.as_instruction_value().unwrap().set_alignment(4).map_err(|e| CodegenError::Llvm(e.to_string()))?;
+        b.build_store(*a, v)?;
+    }
+    b.build_unconditional_branch(start)?;
+    b.position_at_end(start);
     let fma = Intrinsic::find("llvm.fma").and_then(|i| i.get_declaration(module, &[vt.into()])).expect("llvm.fma");
     // Where A's element (p, r) is: the packed panel's k × mr floats, or the image (direct).
     let a_addr = |p: IntValue<'ctx>, r: i64, direct: Option<i64>| -> R<PointerValue<'ctx>> {
@@ -173,12 +196,23 @@ pub fn emit<'ctx>(ctx: &'ctx Context, module: &Module<'ctx>, k: &Kernel, spec: &
             k_loop(None)?;
             b.build_unconditional_branch(done_bb)?;
             b.position_at_end(direct_bb);
-            k_loop(Some(w.row_step()))?;
+            k_loop(Some(w.over_copy().row_step()))?;
             b.build_unconditional_branch(done_bb)?;
             b.position_at_end(done_bb);
         }
         None => k_loop(None)?,
     }
+
+    // A chunk that is not the last keeps its sums for the next.
+    let (keep, finish) = (ctx.append_basic_block(f, "keep"), ctx.append_basic_block(f, "finish"));
+    b.build_conditional_branch(flag(2)?, keep, finish)?;
+    b.position_at_end(keep);
+    for (i, a) in tile_accs.iter().enumerate() {
+        let v = b.build_load(vt, *a, "")?;
+        b.build_store(partial_at(i as i64)?, v)?.set_alignment(4).map_err(|e| CodegenError::Llvm(e.to_string()))?;
+    }
+    b.build_return(None)?;
+    b.position_at_end(finish);
 
     // Epilogue: the tile goes through memory on the stack (L1), so the epilogue is scalar
     // code over a column loop the vectoriser widens, the same expression code as any kernel.
@@ -200,12 +234,22 @@ pub fn emit<'ctx>(ctx: &'ctx Context, module: &Module<'ctx>, k: &Kernel, spec: &
     let row_end = b.build_select(b.build_int_compare(IntPredicate::SLT, rows, i64t.const_int(mr as u64, false), "")?, rows, i64t.const_int(mr as u64, false), "")?.into_int_value();
     counted_loop(ctx, &b, f, r_slot, row_end, 1, |r| {
         let row = b.build_int_add(row0, r, "")?;
+        let mut skip = None;
         match (spec.ow_var, &spec.shape.im2col) {
-            // A convolution's row is the pixel (oh, ow) = (row / OW, row % OW).
+            // A convolution's row is the pixel (oh, ow) = (row / W, row % W) of rows W wide
+            // (`Im2col::row_width`); on wide rows, the indices past OW are dropped.
             (Some(ow_var), Some(w)) => {
-                let out_w = i64t.const_int(w.out_w as u64, false);
-                b.build_store(e.vars[&spec.row_var], b.build_int_signed_div(row, out_w, "")?)?;
-                b.build_store(e.vars[&ow_var], b.build_int_signed_rem(row, out_w, "")?)?;
+                let width = i64t.const_int(w.row_width() as u64, false);
+                let ow = b.build_int_signed_rem(row, width, "")?;
+                b.build_store(e.vars[&spec.row_var], b.build_int_signed_div(row, width, "")?)?;
+                b.build_store(e.vars[&ow_var], ow)?;
+                if w.row_width() != w.out_w {
+                    let (keep, next) = (ctx.append_basic_block(f, "pixel"), ctx.append_basic_block(f, "next_row"));
+                    let past = b.build_int_compare(IntPredicate::SGE, ow, i64t.const_int(w.out_w as u64, false), "")?;
+                    b.build_conditional_branch(past, next, keep)?;
+                    b.position_at_end(keep);
+                    skip = Some(next);
+                }
             }
             _ => {
                 b.build_store(e.vars[&spec.row_var], row)?;
@@ -222,7 +266,12 @@ pub fn emit<'ctx>(ctx: &'ctx Context, module: &Module<'ctx>, k: &Kernel, spec: &
                 e.emit_stmt(s)?;
             }
             Ok(())
-        })
+        })?;
+        if let Some(next) = skip {
+            b.build_unconditional_branch(next)?;
+            b.position_at_end(next);
+        }
+        Ok(())
     })?;
     b.build_return(None)?;
     Ok(())

@@ -97,6 +97,7 @@ impl GemmOperand {
 pub struct Im2col {
     pub channels: i64,
     pub kernel: [i64; 2],
+    pub out_h: i64,
     pub out_w: i64,
     pub in_size: [i64; 2],
     /// Zeros before the image's first row and column.
@@ -115,6 +116,34 @@ impl Im2col {
     /// The image step between output pixels next to each other in one row.
     pub fn row_step(&self) -> i64 {
         self.stride[1] * self.strides[2]
+    }
+    /// Rows and columns of the padded copy each call makes of each image: what the windows
+    /// reach, the padding's zeros included.
+    pub fn padded(&self) -> [i64; 2] {
+        let out = [self.out_h, self.out_w];
+        [0, 1].map(|d| (out[d] - 1) * self.stride[d] + self.span(d))
+    }
+    /// Whether tiles run along the copy's rows as if they were one long row ("wide rows",
+    /// stride 1): output pixel (oh, ow) is tile-row index oh·W + ow of the copy's width W,
+    /// the W − OW indices past each row's end are computed and dropped, and every tile reads
+    /// the copy in place. With a stride, tiles hold pixels of one output row.
+    pub fn wide_rows(&self) -> bool {
+        self.stride == [1, 1]
+    }
+    /// Tile-row indices per output row (see [`wide_rows`](Self::wide_rows)).
+    pub fn row_width(&self) -> i64 {
+        if self.wide_rows() { self.padded()[1] } else { self.out_w }
+    }
+    /// This convolution over the padded copy: channels-last, no padding.
+    pub fn over_copy(&self) -> Im2col {
+        let [h, w] = self.padded();
+        Im2col { in_size: [h, w], pad: [0, 0], strides: [1, w * self.channels, self.channels], ..self.clone() }
+    }
+    /// Floats of one image's copy: its pixels, then zeros that the last tile's dropped
+    /// indices read (at most a tile and a window row past the end), a whole number of vectors.
+    pub fn copy_elems(&self, mr: i64) -> i64 {
+        let [h, w] = self.padded();
+        ((h * w + mr + w) * self.channels + LANES - 1) / LANES * LANES
     }
     /// The image offset of each window element p = (c, kh, kw), row-major.
     pub fn steps(&self) -> Vec<i64> {
@@ -182,9 +211,17 @@ impl GemmShape {
     pub fn packed_b_offset(&self) -> i64 {
         (self.packed_a_elems() + LANES - 1) / LANES * LANES
     }
-    /// Floats of scratch a call packs A and B into (B's part unused when it is prepacked).
+    /// Where a convolution's padded image copies start in the scratch (after B's panels).
+    pub fn image_copy_offset(&self) -> i64 {
+        (self.packed_b_offset() + self.packed_b_elems() + LANES - 1) / LANES * LANES
+    }
+    /// Floats of scratch a call packs A and B into (B's part unused when it is prepacked),
+    /// and a convolution's padded copies of its images.
     pub fn scratch_elems(&self) -> i64 {
-        self.packed_b_offset() + self.packed_b_elems()
+        match &self.im2col {
+            Some(w) => self.image_copy_offset() + self.batch_count() * w.copy_elems(self.tile.mr),
+            None => self.packed_b_offset() + self.packed_b_elems(),
+        }
     }
     /// The integers that follow the sizes, in a fixed order: batch sizes, m, n, k, then each
     /// operand's offset, batch strides, row and column strides. (Code for symbolic sizes
