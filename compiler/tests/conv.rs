@@ -154,8 +154,16 @@ fn convolution_matches_float64_on_random_shapes() {
         checked += 1;
     }
     // ResNet's shapes, scaled down in the image: a stem of 3 channels, a 3×3 block and a
-    // strided 1×1 projection; k past the microkernel's unrolled loop, many row panels.
-    for (c, h, cout, kernel, stride, pad) in [(3, 23, 64, [7, 7], [2, 2], 3), (64, 14, 64, [3, 3], [1, 1], 1), (128, 9, 256, [1, 1], [2, 2], 0), (256, 5, 512, [3, 3], [1, 1], 1)] {
+    // strided 1×1 projection; k past the microkernel's unrolled loop, many row panels;
+    // ResNet's 7 × 7 stage: rows of 7 × 48 tiles, k in chunks, threads over column panels.
+    for (c, h, cout, kernel, stride, pad) in [
+        (3, 23, 64, [7, 7], [2, 2], 3),
+        (64, 14, 64, [3, 3], [1, 1], 1),
+        (128, 9, 256, [1, 1], [2, 2], 0),
+        (256, 5, 512, [3, 3], [1, 1], 1),
+        (256, 7, 512, [3, 3], [1, 1], 1),
+        (128, 14, 256, [3, 3], [2, 2], 1),
+    ] {
         let case = Case { n: 2, c, h, w: h, cout, kernel, stride, dilation: [1, 1], padding: [pad; 4], channels_last: false, weight_t: false, epilogue: 3 };
         check(&case, &mut rng);
     }

@@ -8,7 +8,7 @@
 //! one panel; the A panels stream from L2/L3). Threads split the tiles in contiguous runs in
 //! (batch, column panel, row panel) order, so a thread reuses its B panel across the rows.
 
-use crate::kernels::gemm::{GemmOperand, GemmShape, Im2col};
+use crate::kernels::gemm::{ConvTiling, GemmOperand, GemmShape, Im2col};
 use crate::runtime::parallel;
 use std::cell::RefCell;
 
@@ -23,10 +23,6 @@ const TO_PARTIAL: i64 = 2;
 
 /// Below this many flops a GEMM runs on the calling thread: waking the pool costs more.
 const PARALLEL_MIN_FLOPS: i64 = 1 << 18;
-
-/// The most bytes of one B panel a convolution reads per pass over its tiles (a quarter of
-/// a Zen core's L2: the panel chunk stays there while the thread's tiles use it).
-const B_CHUNK_BYTES: i64 = 256 << 10;
 
 /// Below this many packed floats the packing runs on the calling thread.
 const PARALLEL_MIN_PACK: i64 = 1 << 15;
@@ -228,14 +224,6 @@ unsafe fn pack_window_panel(w: &Im2col, src: *const f32, m: i64, r0: i64, mr: i6
     }
 }
 
-/// Whether a convolution with a stride runs its tiles direct (A read from the image copy,
-/// `microkernel`): its tiles then hold pixels of one output row, so a row that fills them
-/// badly (7 pixels in tiles of 6) would waste more than packing costs.
-fn runs_direct(w: &Im2col, mr: i64) -> bool {
-    let per_row = (w.out_w + mr - 1) / mr;
-    per_row * mr * 8 <= w.out_w * 9
-}
-
 /// Copies image rows [lo, hi) of the padded copy (`Im2col::padded`; row r of image n is task
 /// n · rows + r), images `per_image` floats apart: channels-last, zeros in the padding, and
 /// zeros past the last row of each image (the slack that the last tile's dropped indices
@@ -284,12 +272,11 @@ unsafe fn copy_padded_rows(w: &Im2col, src: *const f32, batch_stride: i64, dst: 
 
 /// A convolution: B (the weight) packed first (unless it is kept packed) and every image
 /// copied padded and channels-last into the scratch (`copy_padded_rows`), then the output
-/// in tasks of one row tile against every column panel. Tiles read the copy in place (direct
-/// convolution: `microkernel`'s `a_steps`): with stride 1 along its rows as one long row
-/// (`Im2col::wide_rows`), with a stride per output row; a tile short of a row's end, or a
-/// strided row that fills its tiles badly (`runs_direct`), packs its windows first. The
+/// in tasks of one row tile against every column panel (`Im2col::tiling`). Tiles read the
+/// copy in place (direct convolution: `microkernel`'s `a_steps`); a tile short of a row's
+/// end, or any tile of rows that fill their tiles badly, packs its windows first. The
 /// windows are never packed whole (they are KH·KW times the image: 7 MB for a 3×3
-/// convolution over 64 × 56 × 56).
+/// convolution over 64 × 56 × 56). Long k runs in chunks (`GemmShape::k_chunks`).
 unsafe fn run_im2col(s: &GemmShape, w: &Im2col, ukr: MicrokernelFn, table: *const *mut u8, scratch: *mut f32, prepacked_b: Option<*const f32>) {
     let tile = s.tile;
     let np = s.n_panels();
@@ -330,64 +317,51 @@ unsafe fn run_im2col(s: &GemmShape, w: &Im2col, ukr: MicrokernelFn, table: *cons
         copy_padded_rows(w, a_src, s.a.batch_strides[0], copy, per_image, lo, hi);
     });
     let over = w.over_copy();
-    let wide = w.wide_rows();
-    let direct = wide || runs_direct(w, tile.mr);
+    let tiling = w.tiling(tile.mr);
     let row_w = w.row_width();
     let per_row = (w.out_w + tile.mr - 1) / tile.mr;
-    // Tiles per image: along the wide rows, per output row, or over the pixels.
-    let row_tiles = if wide {
-        (w.out_h * row_w + tile.mr - 1) / tile.mr
-    } else if direct {
-        w.out_h * per_row
-    } else {
-        s.m_panels()
-    };
+    let row_tiles = w.row_tiles(tile.mr);
     let tasks = batches * row_tiles;
     let steps = over.steps();
-    // A B panel past L2 (k long: ResNet's last stages) is taken in chunks of k, each chunk
-    // over all of a thread's tiles before the next, the sums kept between chunks; wide rows
-    // only, where every tile reads the copy in place.
-    let chunks = if wide { ((s.k * tile.nr * 4 + B_CHUNK_BYTES - 1) / B_CHUNK_BYTES).max(1) } else { 1 };
+    let (chunks, partial) = (s.k_chunks(), scratch.offset(s.partial_offset() as isize));
     let kc = (s.k + chunks - 1) / chunks;
     // Threads split the tiles, each reading all of B; or, where B is the larger operand (a
     // deep layer's weights against its small image), the column panels, each reading all
-    // of the image copies and its part of B (direct tiles only: a tile that packs its
-    // windows would pack them once per thread).
-    let split_columns = direct && np as usize >= threads && s.k * s.n > batches * per_image;
+    // of the image copies and its part of B (where every tile is in place: a tile that packs
+    // its windows would pack them once per thread).
+    let split_columns = w.all_in_place(tile.mr) && np as usize >= threads && s.k * s.n > batches * per_image;
     let parts = match (s.flops() < PARALLEL_MIN_FLOPS, split_columns) {
         (true, _) => 1,
         (false, true) => threads.min(np as usize),
         (false, false) => threads.min(tasks as usize),
     };
-    let shared = Shared((copy, pb, table, steps.as_ptr()));
+    let shared = Shared((copy, pb, table, steps.as_ptr(), partial));
     parallel::run(parts, &|p| {
-        let (copy, pb, table, steps) = shared.get();
+        let (copy, pb, table, steps, partial) = shared.get();
         WINDOWS.with(|buf| {
             let mut buf = buf.borrow_mut();
             let ((lo, hi), (jlo, jhi)) = if split_columns { ((0, tasks), run_of(np, parts, p)) } else { (run_of(tasks, parts, p), (0, np)) };
-            let tile_elems = (tile.mr * tile.nr) as usize;
-            let packed = (tile.mr * s.k) as usize;
-            let partials = if chunks > 1 { (hi - lo) as usize * (jhi - jlo) as usize * tile_elems } else { 0 };
-            if buf.len() < packed + partials {
-                buf.resize(packed + partials, 0.0);
+            let need = (tile.mr * s.k) as usize;
+            if buf.len() < need {
+                buf.resize(need, 0.0);
             }
-            let (pa, partial) = (buf.as_mut_ptr(), buf.as_mut_ptr().add(packed));
+            let pa = buf.as_mut_ptr();
             // Tile t: its batch, first index (in the row space the microkernel's epilogue
             // decodes: `Im2col::row_width` indices per output row), index count, and A.
             let tile_at = |t: i64| -> (i64, i64, i64, *const f32, *const i64) {
                 let (bi, rt) = (t / row_tiles, t % row_tiles);
                 let image = copy.offset((bi * per_image) as isize) as *const f32;
-                let (q0, rows) = if wide {
-                    (rt * tile.mr, (w.out_h * row_w - rt * tile.mr).min(tile.mr))
-                } else if direct {
-                    let (oh, ow0) = (rt / per_row, (rt % per_row) * tile.mr);
-                    (oh * w.out_w + ow0, (w.out_w - ow0).min(tile.mr))
-                } else {
-                    (rt * tile.mr, (s.m - rt * tile.mr).min(tile.mr))
+                let (q0, rows) = match tiling {
+                    ConvTiling::WideRows => (rt * tile.mr, (w.out_h * row_w - rt * tile.mr).min(tile.mr)),
+                    ConvTiling::PerRow => {
+                        let (oh, ow0) = (rt / per_row, (rt % per_row) * tile.mr);
+                        (oh * w.out_w + ow0, (w.out_w - ow0).min(tile.mr))
+                    }
+                    ConvTiling::Packed => (rt * tile.mr, (s.m - rt * tile.mr).min(tile.mr)),
                 };
-                // In place: wide rows always (the copy's slack covers the last tile); with a
-                // stride, full tiles of one row (a short one would read past its pixels).
-                if wide || (direct && rows == tile.mr) {
+                // In place: wide rows always (the copy's slack covers the last tile); per
+                // row, full tiles (a short one would read past its pixels).
+                if tiling == ConvTiling::WideRows || (tiling == ConvTiling::PerRow && rows == tile.mr) {
                     let (oh, ow) = (q0 / row_w, q0 % row_w);
                     let at = (oh * w.stride[0] * wp + ow * w.stride[1]) * w.channels;
                     (bi, q0, rows, image.offset(at as isize), steps)
@@ -407,6 +381,9 @@ unsafe fn run_im2col(s: &GemmShape, w: &Im2col, ukr: MicrokernelFn, table: *cons
                 }
                 return;
             }
+            // Each chunk of k over this thread's tiles before the next; tile (t, jp)'s sums
+            // are kept at its own place in the scratch (every pair is one thread's).
+            let tile_elems = (tile.mr * tile.nr) as usize;
             for c in 0..chunks {
                 let (k0, klen) = (c * kc, kc.min(s.k - c * kc));
                 let flags = if c > 0 { FROM_PARTIAL } else { 0 } | if c + 1 < chunks { TO_PARTIAL } else { 0 };
@@ -414,7 +391,7 @@ unsafe fn run_im2col(s: &GemmShape, w: &Im2col, ukr: MicrokernelFn, table: *cons
                     let b = pb.offset((jp * b_panel + k0 * tile.nr) as isize);
                     for t in lo..hi {
                         let (bi, q0, rows, a, a_steps) = tile_at(t);
-                        let part = partial.add((((t - lo) * (jhi - jlo) + jp - jlo) as usize) * tile_elems);
+                        let part = partial.add((t * np + jp) as usize * tile_elems);
                         let coords = [bi, q0, jp * tile.nr];
                         ukr(table, a, b, klen, coords.as_ptr(), rows, cols_of(jp), a_steps.add(k0 as usize), part, flags);
                     }
