@@ -31,3 +31,18 @@ impl Rng {
         lo + (hi - lo) * ((self.next_u64() >> 40) as f32 / (1u64 << 24) as f32)
     }
 }
+
+/// Fills a tensor laid out with `strides` from row-major `values` (NaN where no element is).
+pub fn lay(values: &[f32], sizes: &[i64], strides: &[i64]) -> Vec<f32> {
+    let span: i64 = sizes.iter().zip(strides).map(|(n, s)| (n - 1).max(0) * s).sum::<i64>() + 1;
+    let mut out = vec![f32::NAN; span as usize];
+    for (i, v) in values.iter().enumerate() {
+        let (mut rest, mut off) = (i as i64, 0);
+        for d in (0..sizes.len()).rev() {
+            off += (rest % sizes[d]) * strides[d];
+            rest /= sizes[d];
+        }
+        out[off as usize] = *v;
+    }
+    out
+}

@@ -7,7 +7,7 @@
 //! Bound as in `gemm.rs`: |computed − exact| ≤ γ(k+2) · Σ|xᵢ wᵢ|, k = C·KH·KW.
 
 mod common;
-use common::Rng;
+use common::{lay, Rng};
 use kiln_compiler::graph::ir::parse_graph;
 use kiln_compiler::graph::layout::dense_strides;
 use kiln_compiler::graph::reference::{eval, Tensor};
@@ -73,21 +73,6 @@ fn ir_of(c: &Case, absolute: bool) -> (String, Vec<Vec<i64>>, Vec<Vec<i64>>) {
 }
 
 const EPILOGUES: &[&[&str]] = &[&[], &["add(%prev, %2)"], &["add(%prev, %2)", "relu(%prev)"], &["add(%prev, %2)", "add(%prev, %3)", "relu(%prev)"]];
-
-/// Fills a tensor laid out with `strides` from row-major `values`.
-fn lay(values: &[f32], sizes: &[i64], strides: &[i64]) -> Vec<f32> {
-    let span: i64 = sizes.iter().zip(strides).map(|(n, s)| (n - 1).max(0) * s).sum::<i64>() + 1;
-    let mut out = vec![f32::NAN; span as usize];
-    for (i, v) in values.iter().enumerate() {
-        let (mut rest, mut off) = (i as i64, 0);
-        for d in (0..sizes.len()).rev() {
-            off += (rest % sizes[d]) * strides[d];
-            rest /= sizes[d];
-        }
-        out[off as usize] = *v;
-    }
-    out
-}
 
 fn tensor(v: &[f32], sizes: &[i64]) -> Tensor {
     Tensor { dtype: kiln_compiler::DType::F32, sizes: sizes.to_vec(), data: v.iter().map(|&x| Scalar::Float(x as f64)).collect() }

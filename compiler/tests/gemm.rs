@@ -7,7 +7,7 @@
 //! product's rounding and the final store). A kernel that drops or repeats a term exceeds it.
 
 mod common;
-use common::Rng;
+use common::{lay, Rng};
 use kiln_compiler::graph::ir::parse_graph;
 use kiln_compiler::graph::layout::dense_strides;
 use kiln_compiler::{compile, lower_graph, CompileOptions, Target};
@@ -62,21 +62,6 @@ fn ir_of(c: &Case) -> (String, Vec<Vec<i64>>, Vec<Vec<i64>>) {
     ir += &format!("  return (%{last})\n}}\n");
     let strides = vec![dense_strides(&sa, &layout(sa.len(), c.a_t)), dense_strides(&sb, &layout(sb.len(), c.b_t)), vec![1], dense_strides(&so, &layout(so.len(), false))];
     (ir, vec![sa, sb, vec![c.n], so], strides)
-}
-
-/// Fills a tensor laid out with `strides` from row-major `values`.
-fn lay(values: &[f32], sizes: &[i64], strides: &[i64]) -> Vec<f32> {
-    let span: i64 = sizes.iter().zip(strides).map(|(n, s)| (n - 1).max(0) * s).sum::<i64>() + 1;
-    let mut out = vec![f32::NAN; span as usize];
-    for (i, v) in values.iter().enumerate() {
-        let (mut rest, mut off) = (i as i64, 0);
-        for d in (0..sizes.len()).rev() {
-            off += (rest % sizes[d]) * strides[d];
-            rest /= sizes[d];
-        }
-        out[off as usize] = *v;
-    }
-    out
 }
 
 fn check(c: &Case, rng: &mut Rng) {

@@ -213,6 +213,7 @@ fn group_info(py: Python<'_>, id: usize) -> PyResult<Option<PyObject>> {
         sd.set_item("kernels", s.program.image.kernels.len())?;
         sd.set_item("parallel_kernels", s.program.image.kernels.iter().filter(|k| k.parallel).count())?;
         sd.set_item("arena_bytes", s.program.image.arena_bytes)?;
+        sd.set_item("pack_bytes", s.program.pack_bytes())?;
         sd.set_item("object_bytes", s.program.image.kernels.iter().map(|k| k.object.len()).sum::<usize>())?;
         sd.set_item("cache_key", s.cache_key.hex())?;
         sd.set_item("source", match s.source {

@@ -279,6 +279,12 @@ impl CompiledProgram {
         &self.weights
     }
 
+    /// Bytes of scratch a call's GEMMs pack into (after the intermediates, `arena_bytes`): at
+    /// the sizes compiled for (code for symbolic sizes works it out per call).
+    pub fn pack_bytes(&self) -> usize {
+        self.pack_bytes
+    }
+
     /// Packs weight `w` from input data `data` (laid out as the program was specialised for)
     /// into `dst`, 64-byte aligned, of `w.elems` floats.
     ///

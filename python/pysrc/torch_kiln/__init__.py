@@ -243,6 +243,8 @@ def explain(obj):
                    "memory": "shared with an identical group"}[sp["source"]]
             out.append(f"  specialisation {i}: {sp['kernels']} kernel(s) ({sp['parallel_kernels']} parallel), "
                        f"{how}, runs {sp['runs']}")
+            out.append(f"    memory: intermediates {sp['arena_bytes']} bytes (memory plan), "
+                       f"GEMM packing and image copies {sp['pack_bytes']} bytes")
             out.append("    guards: " + "; ".join(sp["guards"]))
             out.append("    state: " + sp["state"])
             if sp["symbols"]:

@@ -1,15 +1,17 @@
 //! ATen's ops over sliding windows of an image: convolution and pooling, built from Kiln IR's
-//! window ops (`conv2d`, `unfold`) after a constant pad.
+//! window ops (`conv2d`, `unfold`).
 //!
-//! - A convolution of one group in float32 is `Op::Conv2d` (the GEMM kernel, windows packed
-//!   from the image): the weight [Cout, C, KH, KW] flattened to [Cout, C·KH·KW] and
-//!   transposed, the bias a pointwise add after it (fused into the GEMM's epilogue).
+//! - A convolution of one group in float32 is `Op::Conv2d` with its padding (the GEMM kernel
+//!   reads a padded copy of the image: the padding is never a graph value): the weight
+//!   [Cout, C, KH, KW] flattened to [Cout, C·KH·KW] and transposed, the bias a pointwise add
+//!   after it (fused into the GEMM's epilogue).
 //! - Any other convolution (grouped, depthwise, float64) is the sum over each window of its
-//!   products: `unfold` views of the padded image times the weight, reduced over
+//!   products: `unfold` views of the zero-padded image times the weight, reduced over
 //!   (channel, kh, kw). Correct for every case eager takes; not fast (a loop nest per output
 //!   element).
-//! - Pooling: windows that tile the input are a reshape (no copy); others are `unfold` views
-//!   of the input padded with −∞ (max) or 0 (average), reduced over each window.
+//! - Pooling: `unfold` views of the input padded with −∞ (max) or 0 (average), each window
+//!   reduced: a chain of pointwise max / add for small windows, a reduction for large ones
+//!   (those that tile the input as a reshape, no pad).
 
 use super::{Arg, Lower, R};
 use crate::ts_dump::Const;
@@ -19,6 +21,10 @@ use kiln_compiler::{DType, Scalar, ValueId};
 /// Windows of at most this many elements are reduced as a chain of pointwise ops
 /// (`window_reduce`).
 const SMALL_WINDOW: i64 = 16;
+
+/// Depthwise convolutions over windows of at most this many elements are a chain of
+/// multiply-adds (`depthwise_chain`): 3×3, 5×5 and 7×7, as in MobileNet, MnasNet and ConvNeXt.
+const SMALL_CONV_WINDOW: i64 = 49;
 
 fn e(r: Result<ValueId, IrError>) -> R<ValueId> {
     r.map_err(|e| e.0)
@@ -91,7 +97,7 @@ impl Lower<'_> {
         let stride = widen(a.stride, "stride", 1)?;
         let dilation = widen(a.dilation, "dilation", 1)?;
         let kernel = [w4[2], w4[3]];
-        let (n, c, cout, groups) = (x4[0], x4[1], w4[0], a.groups);
+        let (c, cout, groups) = (x4[1], w4[0], a.groups);
         if groups < 1 || c % groups != 0 || cout % groups != 0 || w4[1] * groups != c {
             return Err("a convolution whose channels do not match its weight and groups (eager raises)".into());
         }
@@ -147,7 +153,6 @@ impl Lower<'_> {
         if unbatched {
             out.remove(0);
         }
-        debug_assert!(n == 1 || !unbatched);
         if out != self.sizes(y)? {
             // Dropping the unit dims is a view; its copy is the GEMM's epilogue.
             y = e(self.g.reshape(y, &out))?;
@@ -164,9 +169,13 @@ impl Lower<'_> {
         let (n, c, h, wd) = (xs[0], xs[1], xs[2], xs[3]);
         let (cg, og) = (c / groups, ws[0] / groups);
         if cg == 1 && og == 1 {
-            // Depthwise: x [N, C, OH, OW, KH, KW] windows times w as [1, C, 1, 1, KH, KW].
+            // Depthwise: x [N, C, OH, OW, KH, KW] windows times w as [1, C, 1, 1, KH, KW],
+            // summed over the window.
             let v = e(self.g.unfold(x, 2, kernel[0], stride[0], dilation[0]))?;
             let v = e(self.g.unfold(v, 3, kernel[1], stride[1], dilation[1]))?;
+            if kernel[0] * kernel[1] <= SMALL_CONV_WINDOW {
+                return self.depthwise_chain(v, w, kernel);
+            }
             let wv = e(self.g.reshape(w, &[1, c, 1, 1, kernel[0], kernel[1]]))?;
             let p = e(self.g.binary(BinaryOp::Mul, v, wv))?;
             return e(self.g.reduce(ReduceOp::Sum, p, &[4, 5], false));
@@ -185,6 +194,33 @@ impl Lower<'_> {
         let y = e(self.g.reshape(s, &[n, groups * og, oh, ow]))?;
         // A value of its own, not a view of the sums (a group's result is never a view).
         Ok(self.g.copy(y))
+    }
+
+    /// A depthwise convolution over small windows as a chain of multiply-adds, one term per
+    /// window element (row by row): a pointwise kernel that runs along the image's innermost
+    /// dim (the channels of a channels-last image, a vector at a time), where a reduction
+    /// would walk each window on its own. `v` is the windows [N, C, OH, OW, KH, KW], `w` the
+    /// weight [C, 1, KH, KW].
+    fn depthwise_chain(&mut self, v: ValueId, w: ValueId, kernel: [i64; 2]) -> R<ValueId> {
+        let sizes = self.sizes(v)?;
+        let c = sizes[1];
+        let w3 = e(self.g.reshape(w, &[c, kernel[0], kernel[1]]))?;
+        let mut acc: Option<ValueId> = None;
+        for i in 0..kernel[0] {
+            for j in 0..kernel[1] {
+                let t = e(self.g.slice(v, 4, i, 1))?;
+                let t = e(self.g.slice(t, 5, j, 1))?;
+                let t = e(self.g.reshape(t, &sizes[..4]))?;
+                let k = e(self.g.slice(w3, 1, i, 1))?;
+                let k = e(self.g.slice(k, 2, j, 1))?;
+                let term = e(self.g.binary(BinaryOp::Mul, t, k))?;
+                acc = Some(match acc {
+                    None => term,
+                    Some(a) => e(self.g.binary(BinaryOp::Add, a, term))?,
+                });
+            }
+        }
+        Ok(acc.expect("a window has an element"))
     }
 
     /// max_pool2d / avg_pool2d as eager computes them (see the module comment). `divisor`:
