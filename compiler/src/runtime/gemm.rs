@@ -318,7 +318,7 @@ unsafe fn run_im2col(s: &GemmShape, w: &Im2col, ukr: MicrokernelFn, table: *cons
     });
     let over = w.over_copy();
     let tiling = w.tiling(tile.mr);
-    let row_w = w.row_width();
+    let row_w = w.row_width(tile.mr);
     let per_row = (w.out_w + tile.mr - 1) / tile.mr;
     let row_tiles = w.row_tiles(tile.mr);
     let tasks = batches * row_tiles;

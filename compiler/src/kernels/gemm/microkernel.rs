@@ -239,11 +239,11 @@ pub fn emit<'ctx>(ctx: &'ctx Context, module: &Module<'ctx>, k: &Kernel, spec: &
             // A convolution's row is the pixel (oh, ow) = (row / W, row % W) of rows W wide
             // (`Im2col::row_width`); on wide rows, the indices past OW are dropped.
             (Some(ow_var), Some(w)) => {
-                let width = i64t.const_int(w.row_width() as u64, false);
+                let width = i64t.const_int(w.row_width(mr) as u64, false);
                 let ow = b.build_int_signed_rem(row, width, "")?;
                 b.build_store(e.vars[&spec.row_var], b.build_int_signed_div(row, width, "")?)?;
                 b.build_store(e.vars[&ow_var], ow)?;
-                if w.row_width() != w.out_w {
+                if w.row_width(mr) != w.out_w {
                     let (keep, next) = (ctx.append_basic_block(f, "pixel"), ctx.append_basic_block(f, "next_row"));
                     let past = b.build_int_compare(IntPredicate::SGE, ow, i64t.const_int(w.out_w as u64, false), "")?;
                     b.build_conditional_branch(past, next, keep)?;

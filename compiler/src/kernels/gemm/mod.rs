@@ -123,23 +123,22 @@ impl Im2col {
         let out = [self.out_h, self.out_w];
         [0, 1].map(|d| (out[d] - 1) * self.stride[d] + self.span(d))
     }
-    /// Whether tiles run along the copy's rows as if they were one long row ("wide rows",
-    /// stride 1): output pixel (oh, ow) is tile-row index oh·W + ow of the copy's width W,
-    /// the W − OW indices past each row's end are computed and dropped, and every tile reads
-    /// the copy in place. With a stride, tiles hold pixels of one output row. (Rows of
-    /// 7 × 48 tiles for ResNet-18's 7 × 7 stage waste 3% of the work against wide rows' 29%,
-    /// and were measured slower: 1.03 → 1.2 ms a layer, 2 threads, Zen 5.)
-    pub fn wide_rows(&self) -> bool {
-        self.stride == [1, 1]
+    /// Whether tiles of `mr` rows run along the copy's rows as if they were one long row
+    /// ("wide rows", stride 1): output pixel (oh, ow) is tile-row index oh·W + ow of the
+    /// copy's width W, the W − OW indices past each row's end are computed and dropped, and
+    /// every tile reads the copy in place. Where tiles fill output rows exactly, or with a
+    /// stride, tiles hold pixels of one output row.
+    pub fn wide_rows(&self, mr: i64) -> bool {
+        self.stride == [1, 1] && self.out_w % mr != 0
     }
     /// Tile-row indices per output row (see [`wide_rows`](Self::wide_rows)).
-    pub fn row_width(&self) -> i64 {
-        if self.wide_rows() { self.padded()[1] } else { self.out_w }
+    pub fn row_width(&self, mr: i64) -> i64 {
+        if self.wide_rows(mr) { self.padded()[1] } else { self.out_w }
     }
     /// How tiles of `mr` rows cover one image's output.
     pub fn tiling(&self, mr: i64) -> ConvTiling {
         let per_row = (self.out_w + mr - 1) / mr;
-        if self.wide_rows() {
+        if self.wide_rows(mr) {
             ConvTiling::WideRows
         } else if per_row * mr * 8 <= self.out_w * 9 {
             // Rows that fill their tiles well (at most 1/8 wasted): 7 pixels in tiles of 6
@@ -152,7 +151,7 @@ impl Im2col {
     /// Row tiles of `mr` rows per image.
     pub fn row_tiles(&self, mr: i64) -> i64 {
         match self.tiling(mr) {
-            ConvTiling::WideRows => (self.out_h * self.row_width() + mr - 1) / mr,
+            ConvTiling::WideRows => (self.out_h * self.row_width(mr) + mr - 1) / mr,
             ConvTiling::PerRow => self.out_h * ((self.out_w + mr - 1) / mr),
             ConvTiling::Packed => (self.out_h * self.out_w + mr - 1) / mr,
         }
