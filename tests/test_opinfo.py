@@ -47,7 +47,16 @@ CLAIMS = {
     "nn.functional.adaptive_avg_pool2d": FLOAT, "constant_pad_nd": NUMERIC, "nn.functional.pad.constant": NUMERIC,
     "nn.functional.channel_shuffle": NUMERIC, "nn.functional.max_pool2d": FLOAT, "nn.functional.avg_pool2d": FLOAT,
     "nn.functional.conv2d": FLOAT, "nn.functional.conv1d": FLOAT,
+    "nn.functional.adaptive_max_pool2d": FLOAT,
+    "nn.functional.interpolate.nearest": FLOAT, "nn.functional.interpolate.bilinear": FLOAT,
+    "nn.functional.upsample_nearest": FLOAT, "nn.functional.upsample_bilinear": FLOAT,
 }
+
+# Ops checked traced rather than scripted: a scripted F.interpolate builds its sizes and
+# scales at run time (a loop over the input's rank), where Kiln takes constants; a traced
+# one calls upsample_* with them, as a traced or frozen model does.
+TRACED = {"nn.functional.interpolate.nearest", "nn.functional.interpolate.bilinear", "nn.functional.upsample_nearest",
+          "nn.functional.upsample_bilinear"}
 
 # Ops returning a list of tensors: the function unpacks it (`p0, p1 = torch.split(...)`), as
 # models do; Kiln takes each part as a slice.
@@ -102,6 +111,11 @@ CALL = {
     "nn.functional.avg_pool2d": "torch.nn.functional.avg_pool2d({input}{rest})",
     "nn.functional.conv2d": "torch.nn.functional.conv2d({input}{rest})",
     "nn.functional.conv1d": "torch.nn.functional.conv1d({input}{rest})",
+    "nn.functional.adaptive_max_pool2d": "torch.nn.functional.adaptive_max_pool2d({input}{rest})",
+    "nn.functional.interpolate.nearest": "torch.nn.functional.interpolate({input}{rest})",
+    "nn.functional.interpolate.bilinear": "torch.nn.functional.interpolate({input}{rest})",
+    "nn.functional.upsample_nearest": "torch.nn.functional.upsample_nearest({input}{rest})",
+    "nn.functional.upsample_bilinear": "torch.nn.functional.upsample_bilinear({input}{rest})",
     **{f"nn.functional.{n}": f"torch.nn.functional.{n}({{input}}{{rest}})"
        for n in ("hardswish", "hardsigmoid", "hardtanh", "relu6", "mish", "batch_norm", "adaptive_avg_pool2d")},
 }
@@ -111,11 +125,16 @@ def _ranks(s):
     return [t.dim() for t in [s.input, *s.args] if isinstance(t, torch.Tensor)]
 
 
-def _adaptive_tiles(s):
-    """Whether adaptive pooling's windows are equal tiles: each output size divides the
-    input's (None keeps the input's size)."""
-    out = s.args[0] if isinstance(s.args[0], (list, tuple)) else (s.args[0],) * 2
-    return all(o is None or (o > 0 and n % o == 0) for o, n in zip(out, s.input.shape[-2:]))
+def _resample_period(s):
+    """The longest period of an upsampling's weights over the sample's spatial dims: out /
+    gcd(in, out) (Kiln builds each residue of the period as views)."""
+    size = s.args[0] if s.args else s.kwargs.get("size")
+    ins = s.input.shape[2:]
+    if size is None:
+        outs = [int(n * s.kwargs["scale_factor"]) for n in ins]
+    else:
+        outs = list(size) if isinstance(size, (list, tuple, torch.Size)) else [size] * len(ins)
+    return max(o // math.gcd(n, o) for n, o in zip(ins, outs))
 
 
 UNCLAIMED_SAMPLES = [
@@ -131,8 +150,13 @@ UNCLAIMED_SAMPLES = [
     ("narrow", lambda s: any(isinstance(a, torch.Tensor) for a in s.args), "a start given as a tensor (a size computed at run time)"),
     ("nn.functional.batch_norm", lambda s: s.kwargs.get("training", len(s.args) > 4 and s.args[4]) or s.args[0] is None or s.input.dim() < 2,
      "training mode or no running statistics (batch statistics: Kiln computes inference), or no channel dim"),
-    ("nn.functional.adaptive_avg_pool2d", lambda s: not _adaptive_tiles(s),
-     "an output size that does not divide the input's (windows of unequal sizes)"),
+    ("nn.functional.adaptive_max_pool2d", lambda s: len(s.args) > 1 and s.args[1],
+     "the indices of the maxima (a second output Kiln does not compute)"),
+    *[(name, lambda s: s.input.dim() != 4, "1-d and 3-d upsampling (upsample_*1d / *3d)")
+      for name in ("nn.functional.interpolate.nearest", "nn.functional.upsample_nearest")],
+    *[(name, lambda s: s.kwargs.get("antialias") or _resample_period(s) > 16,
+       "antialiasing (another op), or a ratio of sizes whose weights repeat only every 17 outputs or more")
+      for name in ("nn.functional.interpolate.bilinear", "nn.functional.upsample_bilinear")],
     *[(name, lambda s: all(p <= 0 for p in s.args[0]), "a pad that only crops (eager clones the view in the input's layout)")
       for name in ("constant_pad_nd", "nn.functional.pad.constant")],
     ("transpose", lambda s: s.input.dim() == 0 or len(set(a % max(s.input.dim(), 1) for a in s.args)) == 1,
@@ -225,6 +249,13 @@ def source(name, sample, parts=None, in_place=False):
     return f"def fn({params}):\n    return {call}\n", tensors
 
 
+def traced_source(src, tensors):
+    """`src`'s function, traced on the sample's tensors."""
+    scope = {"torch": torch, "__name__": __name__}
+    exec(src, scope)  # noqa: S102 (test source, not input)
+    return torch.jit.trace(scope["fn"], tuple(tensors), check_trace=False)
+
+
 def samples(op, dtype):
     seen = 0
     for s in op.reference_inputs("cpu", dtype, requires_grad=False):
@@ -263,7 +294,7 @@ def check_samples(name, dtype, in_place):
         except NotImplementedError:
             continue  # an argument TorchScript source cannot spell (e.g. a complex scalar)
         try:
-            fn = script_source(src)
+            fn = traced_source(src, tensors) if name in TRACED else script_source(src)
         except RuntimeError:
             continue  # TorchScript's schema refuses the call (`output_size=[None, 7]`): Kiln never sees it
         try:

@@ -159,17 +159,28 @@ bool constant_text(const Value* v, std::ostream& os) {
       for (auto x : iv->toIntVector()) os << " " << x;
       return true;
     }
+    if (iv->isDoubleList()) {
+      os.precision(17);
+      os << "floats";
+      for (auto x : iv->toDoubleVector()) os << " " << x;
+      return true;
+    }
     if (iv->isTensor()) return wrapped_number_text(iv->toTensor(), os);
     return false;
   }
   if (p->kind() == prim::ListConstruct) {
+    // A list of int constants, or of float constants (upsampling's scale factors).
     std::ostringstream items;
+    items.precision(17);
+    bool ints = true, floats = true;
     for (auto* in : p->inputs()) {
       auto iv = toIValue(in);
-      if (!iv || !iv->isInt()) return false;
-      items << " " << iv->toInt();
+      ints = ints && iv && iv->isInt();
+      floats = floats && iv && iv->isDouble();
+      if (!ints && !floats) return false;
+      if (ints) items << " " << iv->toInt(); else items << " " << iv->toDouble();
     }
-    os << "ints" << items.str();
+    os << (ints ? "ints" : "floats") << items.str();
     return true;
   }
   return false;

@@ -32,6 +32,7 @@ enum Arg {
 
 type R<T> = Result<T, String>;
 
+mod upsample;
 mod windows;
 
 /// Lowers a group's region.
@@ -187,6 +188,14 @@ fn is_view(op: &Op) -> bool {
     kiln_compiler::lower::views::is_view(op)
 }
 
+impl Lower<'_> {
+    /// `v` as a tensor of its own where it is a view (of values an op computed on the way:
+    /// the op's result in eager is a new tensor).
+    fn fresh(&mut self, v: ValueId) -> ValueId {
+        if is_view(&self.g.node(v).op) { self.g.copy(v) } else { v }
+    }
+}
+
 /// Eager's strides of view `v` (of the graph) over an input with eager strides `input`: a
 /// permute permutes them, a slice keeps them, an expand sets broadcast dims to 0, a reshape
 /// is a view where PyTorch's rule allows and else a contiguous copy (`reshape` copies).
@@ -244,7 +253,7 @@ fn eager_strides(kind: &str, shape: &[i64], dtype: DType, mut operands: Vec<Oper
         // `empty_like(input, input.suggest_memory_format())`, and a pool's output in the
         // input's memory format.
         "aten::batch_norm" | "aten::adaptive_avg_pool2d" | "aten::constant_pad_nd" | "aten::pad" | "aten::channel_shuffle" | "aten::native_channel_shuffle"
-        | "aten::max_pool2d" | "aten::avg_pool2d" => {
+        | "aten::max_pool2d" | "aten::avg_pool2d" | "aten::adaptive_max_pool2d" | "aten::upsample_nearest2d" | "aten::upsample_bilinear2d" => {
             let x = &operands[0];
             return if shape.len() == 4 && is_channels_last(&x.sizes, &x.strides) && !is_contiguous(&x.sizes, &x.strides) {
                 dense_strides(shape, &[0, 2, 3, 1])
@@ -303,6 +312,7 @@ pub const KINDS: &[&str] = &[
     "aten::batch_norm", "aten::adaptive_avg_pool2d", "aten::constant_pad_nd", "aten::pad",
     "aten::channel_shuffle", "aten::native_channel_shuffle", "aten::max_pool2d", "aten::avg_pool2d",
     "aten::conv2d", "aten::conv1d", "aten::convolution", "aten::_convolution",
+    "aten::adaptive_max_pool2d", "aten::upsample_nearest2d", "aten::upsample_bilinear2d",
 ];
 
 /// The ops whose in-place form (`aten::add_`...) Kiln computes as the op itself, where the
@@ -893,19 +903,14 @@ impl Lower<'_> {
                 }
                 Ok(self.g.reduce(ReduceOp::Mean, v, &[rank - 2, rank - 1], true).map_err(|e| e.0)?)
             }
-            ("aten::adaptive_avg_pool2d", [x, Arg::Const(Const::Ints(out))]) if out.len() == 2 => {
-                // Where the output size divides the input's, eager's windows are the tiles
-                // [i·H/OH, (i+1)·H/OH): an average pool with stride = kernel.
-                let v = self.float_only(x)?;
-                let sizes = self.sizes(v)?;
-                let (h, w) = (sizes[sizes.len() - 2], sizes[sizes.len() - 1]);
-                if out.iter().any(|&o| o < 1) || h % out[0] != 0 || w % out[1] != 0 {
-                    return Err("adaptive_avg_pool2d to a size that does not divide the input's (windows of unequal sizes)".into());
-                }
-                let k = [h / out[0], w / out[1]];
-                self.pool2d(ReduceOp::Mean, x, &k, &k, &[0], &[1], false, true, None)
-            }
+            ("aten::adaptive_avg_pool2d", [x, Arg::Const(Const::Ints(out))]) => self.adaptive_pool2d(ReduceOp::Mean, x, out),
             ("aten::adaptive_avg_pool2d", _) => Err("adaptive_avg_pool2d to an output size given at run time".into()),
+            ("aten::adaptive_max_pool2d", [x, Arg::Const(Const::Ints(out)), Arg::Const(Const::Int(0)), Arg::Const(Const::Int(2))]) => {
+                self.adaptive_pool2d(ReduceOp::Max, x, out)
+            }
+            ("aten::adaptive_max_pool2d", [_, _, Arg::Const(Const::Int(1)), _]) => Err("adaptive_max_pool2d's indices (Kiln computes the values only)".into()),
+            ("aten::adaptive_max_pool2d", _) => Err("adaptive_max_pool2d to an output size given at run time".into()),
+            ("aten::upsample_nearest2d" | "aten::upsample_bilinear2d", _) => self.upsample_op(kind, a),
             ("aten::constant_pad_nd", [x, Arg::Const(Const::Ints(pad)), value]) => self.constant_pad(x, pad, value),
             ("aten::pad", [x, Arg::Const(Const::Ints(pad)), Arg::Const(Const::Str(mode)), value]) if mode == "constant" => self.constant_pad(x, pad, value),
             ("aten::pad", _) => Err("a pad mode other than constant (reflect, replicate, circular)".into()),

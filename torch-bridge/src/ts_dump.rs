@@ -30,6 +30,7 @@ pub enum Const {
     Float(f64),
     Str(String),
     Ints(Vec<i64>),
+    Floats(Vec<f64>),
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -151,6 +152,7 @@ pub fn parse(text: &str) -> Result<Region, String> {
                     }),
                     Some("str") => Const::Str(value),
                     Some("ints") => Const::Ints(rest[1..].iter().map(|x| x.parse().map_err(|_| format!("bad int: {line}"))).collect::<Result<_, _>>()?),
+                    Some("floats") => Const::Floats(rest[1..].iter().map(|x| x.parse().map_err(|_| format!("bad float: {line}"))).collect::<Result<_, _>>()?),
                     _ => return Err(format!("bad const: {line}")),
                 })
             }

@@ -12,6 +12,8 @@
 //! - Pooling: `unfold` views of the input padded with −∞ (max) or 0 (average), each window
 //!   reduced: a chain of pointwise max / add for small windows, a reduction for large ones
 //!   (those that tile the input as a reshape, no pad).
+//! - Adaptive pooling to a size that does not divide the input's: separable, one dim at a
+//!   time, each residue of its windows' period one `unfold` (`adaptive_dim`).
 
 use super::{Arg, Lower, R};
 use crate::ts_dump::Const;
@@ -25,6 +27,14 @@ const SMALL_WINDOW: i64 = 16;
 /// Depthwise convolutions over windows of at most this many elements are a chain of
 /// multiply-adds (`depthwise_chain`): 3×3, 5×5 and 7×7, as in MobileNet, MnasNet and ConvNeXt.
 const SMALL_CONV_WINDOW: i64 = 49;
+
+/// The largest period of adaptive pooling's windows along a dim Kiln builds (a pool of n
+/// to o with o / gcd(n, o) at most this; 7 → 3 is 3, 10 → 7 is 7).
+const MAX_ADAPTIVE_PERIOD: i64 = 32;
+
+pub(super) fn gcd(a: i64, b: i64) -> i64 {
+    if b == 0 { a } else { gcd(b, a % b) }
+}
 
 fn e(r: Result<ValueId, IrError>) -> R<ValueId> {
     r.map_err(|e| e.0)
@@ -338,6 +348,79 @@ impl Lower<'_> {
         let v = acc.expect("a window has an element");
         // A window of one element is a view of the input: a value of its own.
         Ok(if kh * kw == 1 { self.g.copy(v) } else { v })
+    }
+
+    /// adaptive_avg_pool2d / adaptive_max_pool2d of [N,] C, H, W to `out`: eager's windows
+    /// along a dim of n to o are [⌊i·n/o⌋, ⌈(i+1)·n/o⌉). Where o divides n they are the
+    /// tiles of a pool with stride = kernel; otherwise the pool is separable (a max of maxes,
+    /// a sum of sums over its count of elements) and each dim is pooled on its own, see
+    /// [`Self::adaptive_dim`].
+    pub(super) fn adaptive_pool2d(&mut self, op: ReduceOp, x: &Arg, out: &[i64]) -> R<ValueId> {
+        let v = self.float_only(x)?;
+        let sizes = self.sizes(v)?;
+        let rank = sizes.len();
+        let name = if op == ReduceOp::Max { "adaptive_max_pool2d" } else { "adaptive_avg_pool2d" };
+        if !(3..=4).contains(&rank) || sizes[rank - 2..].contains(&0) || out.len() != 2 || out.iter().any(|&o| o < 1) {
+            return Err(format!("{name} of an input that is not [N,] C, H, W with H, W > 0, or to an empty size (eager raises)"));
+        }
+        let (h, w) = (sizes[rank - 2], sizes[rank - 1]);
+        if h % out[0] == 0 && w % out[1] == 0 {
+            let k = [h / out[0], w / out[1]];
+            return self.pool2d(op, x, &k, &k, &[0], &[1], false, true, None);
+        }
+        let reduce = if op == ReduceOp::Max { ReduceOp::Max } else { ReduceOp::Sum };
+        let pooled = self.adaptive_dim(v, rank - 1, out[1], reduce)?;
+        let pooled = self.adaptive_dim(pooled, rank - 2, out[0], reduce)?;
+        if op == ReduceOp::Max {
+            return Ok(self.fresh(pooled));
+        }
+        // Each window's count of elements: the same sums over ones.
+        let d = self.g.ty(v).dtype;
+        let one = self.g.constant(Scalar::Int(1), d);
+        let ones = e(self.g.expand(one, &[h, w]))?;
+        let counts = self.adaptive_dim(ones, 1, out[1], ReduceOp::Sum)?;
+        let counts = self.adaptive_dim(counts, 0, out[0], ReduceOp::Sum)?;
+        e(self.g.binary(BinaryOp::Div, pooled, counts))
+    }
+
+    /// `v` reduced along `dim` over adaptive pooling's windows to `out` of them. Where
+    /// out / n = p / q in lowest terms, window r + p·m starts q·m after window r and has its
+    /// size: per residue r one unfold, reduced; the p results are stacked after the dim and
+    /// merged into it.
+    fn adaptive_dim(&mut self, v: ValueId, dim: usize, out: i64, op: ReduceOp) -> R<ValueId> {
+        let sizes = self.sizes(v)?;
+        let n = sizes[dim];
+        let g = gcd(n, out);
+        let (p, q, per_residue) = (out / g, n / g, g);
+        if p > MAX_ADAPTIVE_PERIOD {
+            return Err(format!("adaptive pooling of {n} to {out}: windows that repeat every {p} (Kiln takes up to {MAX_ADAPTIVE_PERIOD})"));
+        }
+        let rank = sizes.len();
+        let mut planes = vec![];
+        for r in 0..p {
+            let start = r * n / out;
+            let size = ((r + 1) * n + out - 1) / out - start;
+            let t = e(self.g.slice(v, dim, start, q * (per_residue - 1) + size))?;
+            let t = e(self.g.unfold(t, dim, size, q, 1))?;
+            let t = e(self.g.reduce(op, t, &[rank], false))?;
+            planes.push(t);
+        }
+        self.interleave(&planes, dim)
+    }
+
+    /// p tensors of equal shape merged along `dim`: element m of plane r is element r + p·m
+    /// of the result (the planes stacked after the dim, then the two dims merged).
+    pub(super) fn interleave(&mut self, planes: &[ValueId], dim: usize) -> R<ValueId> {
+        if let [one] = planes[..] {
+            return Ok(one);
+        }
+        let mut sizes = self.sizes(planes[0])?;
+        let mut stacked = sizes.clone();
+        stacked.insert(dim + 1, 1);
+        let planes = planes.iter().map(|&t| e(self.g.reshape(t, &stacked))).collect::<R<Vec<_>>>()?;
+        let t = e(self.g.cat(&planes, dim + 1))?;
+        sizes[dim] *= planes.len() as i64;
+        e(self.g.reshape(t, &sizes))
     }
 
     /// Pooling whose windows tile the input (stride = kernel, no padding): the rows and
