@@ -75,6 +75,17 @@ def close(actual, expected):
     torch.testing.assert_close(actual, expected, equal_nan=True)
 
 
+def no_worse_than_float32(out, evaluations, exact):
+    """Kiln's `out` is nowhere further from `exact` than twice the largest error of the
+    float32 `evaluations` (or than the default tolerance allows), NaN where exact is NaN."""
+    assert all(out.dtype == e.dtype and out.shape == e.shape for e in evaluations)
+    assert torch.equal(out.isnan(), exact.isnan()), "NaN elsewhere than the float64 result"
+    worst = max((float((e.double() - exact).nan_to_num(0).abs().max()) for e in evaluations), default=0.0) if exact.numel() else 0.0
+    err = (out.double() - exact).nan_to_num(0).abs()
+    bound = torch.clamp(1e-5 + 1.3e-6 * exact.nan_to_num(0).abs(), min=2 * worst)
+    assert bool((err <= bound).all()), f"error {err.max().item():.3g}, float32 evaluations' largest {worst:.3g}"
+
+
 def script_source(src, name="fn"):
     """A TorchScript function from source text (torch.jit.script needs a file for a def)."""
     return getattr(torch.jit.CompilationUnit(src), name)

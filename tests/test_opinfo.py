@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch.testing._internal.common_methods_invocations import op_db
 
-from kiln_check import close, run_compiled, script_source
+from kiln_check import close, no_worse_than_float32, run_compiled, script_source
 
 F, D, I, L, B = torch.float32, torch.float64, torch.int32, torch.int64, torch.bool
 NUMERIC = (F, D, I, L)
@@ -187,17 +187,6 @@ def sdpa_formula(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=
 
 
 FLOAT64_CHECKED = {"nn.functional.scaled_dot_product_attention": sdpa_formula}
-
-
-def no_worse_than_float32(out, evaluations, exact):
-    """Kiln's `out` is nowhere further from `exact` than twice the largest error of the
-    float32 `evaluations` (or than the default tolerance allows), NaN where exact is NaN."""
-    assert all(out.dtype == e.dtype and out.shape == e.shape for e in evaluations)
-    assert torch.equal(out.isnan(), exact.isnan()), "NaN elsewhere than the float64 result"
-    worst = max((float((e.double() - exact).nan_to_num(0).abs().max()) for e in evaluations), default=0.0) if exact.numel() else 0.0
-    err = (out.double() - exact).nan_to_num(0).abs()
-    bound = torch.clamp(1e-5 + 1.3e-6 * exact.nan_to_num(0).abs(), min=2 * worst)
-    assert bool((err <= bound).all()), f"error {err.max().item():.3g}, float32 evaluations' largest {worst:.3g}"
 
 
 def key(op):

@@ -106,6 +106,7 @@ pub fn emit_kernel<'ctx>(ctx: &'ctx Context, module: &Module<'ctx>, k: &Kernel, 
         memo: HashMap::new(),
         params: vec![],
         interleave: opts.interleave,
+        eager_avx512: target.eager_avx512(),
     };
     // Parameters are loaded once, at entry: they dominate every use.
     let param_base = body_fn.get_nth_param(used.len() as u32).unwrap().into_pointer_value();
@@ -248,13 +249,15 @@ pub(crate) struct Emitter<'a, 'ctx> {
     /// The program's parameters, loaded at entry.
     pub params: Vec<IntValue<'ctx>>,
     pub interleave: u32,
+    /// See `Target::eager_avx512`.
+    pub eager_avx512: bool,
 }
 
 pub(crate) type R<T> = Result<T, CodegenError>;
 
 impl<'a, 'ctx> Emitter<'a, 'ctx> {
     fn math(&self) -> Math<'a, 'ctx> {
-        Math { ctx: self.ctx, module: self.module, b: self.b }
+        Math { ctx: self.ctx, module: self.module, b: self.b, eager_avx512: self.eager_avx512 }
     }
 
     fn emit_loop(&mut self, l: &Loop, range: Option<(IntValue<'ctx>, IntValue<'ctx>)>) -> R<()> {

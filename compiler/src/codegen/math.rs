@@ -17,6 +17,8 @@ pub struct Math<'a, 'ctx> {
     pub ctx: &'ctx Context,
     pub module: &'a Module<'ctx>,
     pub b: &'a Builder<'ctx>,
+    /// Eager's kernels on the target are PyTorch's AVX-512 ones (`Target::eager_avx512`).
+    pub eager_avx512: bool,
 }
 
 type R<'ctx> = Result<FloatValue<'ctx>, inkwell::builder::BuilderError>;
@@ -235,14 +237,18 @@ impl<'a, 'ctx> Math<'a, 'ctx> {
     /// (x below about -5.9). An erfc form is more exact there, but then log(gelu(x)) is NaN
     /// where eager gives -inf, and 0/gelu(x) is 0 where eager gives NaN (graph fuzzer,
     /// tests/fuzz_regressions/case_255582274.json and two more).
+    ///
+    /// Eager's float32 kernel differs by ISA (measured): on AVX-512 hosts (Zen 4, Zen 5) it
+    /// forms x (1 + erf) before halving it, so gelu(x) is inf for x > FLT_MAX/2, and gives
+    /// gelu(+inf) = NaN; on AVX2 hosts (Zen 3) it halves x first (finite up to FLT_MAX) and
+    /// gives gelu(+inf) = inf. Kiln computes what eager computes on the target.
     pub fn gelu_f32(&self, x: FloatValue<'ctx>) -> R<'ctx> {
         let erf = self.erf_scaled(x, true)?;
-        // Eager's float32 kernel (oneDNN's gelu_erf for contiguous tensors) forms
-        // x (1 + erf) before halving it, so gelu(x) is inf for x > FLT_MAX/2; halving first
-        // would give a finite value there.
-        let r = self.mul(self.mul(x, self.add(self.f32c(1.0), erf)?)?, self.f32c(0.5))?;
-        // PyTorch's float32 CPU kernel gives gelu(+inf) = NaN (float64 gives inf); Kiln
-        // computes what eager computes.
+        let one_plus = self.add(self.f32c(1.0), erf)?;
+        if !self.eager_avx512 {
+            return self.mul(self.mul(x, self.f32c(0.5))?, one_plus);
+        }
+        let r = self.mul(self.mul(x, one_plus)?, self.f32c(0.5))?;
         self.select(self.b.build_float_compare(P::OEQ, x, self.f32c(f64::INFINITY), "")?, self.f32c(f64::NAN), r)
     }
 

@@ -19,6 +19,14 @@ impl Target {
             features: TargetMachine::get_host_cpu_features().to_string(),
         }
     }
+
+    /// Whether eager's float32 kernels on this target are PyTorch's AVX-512 ones: ATen picks
+    /// its CPU kernels by ISA at run time, and a few special values differ between them
+    /// (gelu: [`crate::codegen::math::Math::gelu_f32`]). Kiln computes what eager computes on
+    /// the machine it compiles for.
+    pub fn eager_avx512(&self) -> bool {
+        ["+avx512f", "+avx512bw", "+avx512vl", "+avx512dq"].iter().all(|f| self.features.split(',').any(|x| x == *f))
+    }
 }
 
 /// The LLVM this crate is linked against; part of every cache key.

@@ -225,7 +225,7 @@ pub fn emit<'ctx>(ctx: &'ctx Context, module: &Module<'ctx>, k: &Kernel, spec: &
             b.build_store(addr, c)?.set_alignment(64).map_err(|e| CodegenError::Llvm(e.to_string()))?;
         }
     }
-    let mut e = Emitter { ctx, module, b: &b, k, f, bufs, vars, accs, memo: HashMap::new(), params, interleave: opts.interleave };
+    let mut e = Emitter { ctx, module, b: &b, k, f, bufs, vars, accs, memo: HashMap::new(), params, interleave: opts.interleave, eager_avx512: target.eager_avx512() };
     // One loop over the tile's rows around the column loop: the epilogue's code exists once
     // (unrolled per row, a gelu over an 8-row tile was 50 KB of code and ~100 ms of LLVM).
     let r_slot = b.build_alloca(i64t, "r")?;
