@@ -1,7 +1,8 @@
 """Benchmark (not a test): Kiln's GEMM in GFLOP/s and as a fraction of this machine's FP32 peak,
 beside torch.mm (MKL) on the same shapes, 1 and 2 threads, in one process. The peak is
 measured in the same run with ../shared/tools/peak.c (`gcc -O2 -mavx512f -mfma peak.c
--lpthread`); without gcc or the file the %-of-peak columns are left out.
+-lpthread`; on a host without AVX-512 its AVX2 variant, `avx2_variant`); without gcc or the
+file the %-of-peak columns are left out.
 
     .venv/bin/python bench/gemm.py [--threads 1 2] [--shapes 2048x2048x2048 64x1024x1024 ...]
 
@@ -32,12 +33,33 @@ DEFAULT_SHAPES = [
 ]
 
 
+def has_avx512():
+    with open("/proc/cpuinfo") as f:
+        return " avx512f" in f.read()
+
+
+def avx2_variant(c_source):
+    """peak.c with 8-float AVX2 registers for its 16-float AVX-512 ones (same 12 chains of
+    FMAs), for hosts without AVX-512 (Zen 3), where the original cannot run."""
+    s = c_source.replace("__m512", "__m256").replace("_mm512_set1_ps", "_mm256_set1_ps").replace("_mm512_fmadd_ps", "_mm256_fmadd_ps")
+    s = s.replace("s+=_mm512_reduce_add_ps(a[i]);", "{float t[8]; _mm256_storeu_ps(t,a[i]); for(int j=0;j<8;j++) s+=t[j];}")
+    return s.replace("*12*16*2", "*12*8*2")
+
+
 def peak_gflops(threads):
     src = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "tools", "peak.c")
     if not os.path.exists(src):
         return None
-    exe = os.path.join(tempfile.mkdtemp(), "peak")
-    if subprocess.run(["gcc", "-O2", "-mavx512f", "-mfma", src, "-o", exe, "-lpthread"], capture_output=True).returncode != 0:
+    tmp = tempfile.mkdtemp()
+    exe = os.path.join(tmp, "peak")
+    flags = ["-mavx512f"]
+    if not has_avx512():
+        with open(src) as f:
+            variant = avx2_variant(f.read())
+        src, flags = os.path.join(tmp, "peak_avx2.c"), ["-mavx2"]
+        with open(src, "w") as f:
+            f.write(variant)
+    if subprocess.run(["gcc", "-O2", *flags, "-mfma", src, "-o", exe, "-lpthread"], capture_output=True).returncode != 0:
         return None
     out = subprocess.run([exe], capture_output=True, text=True).stdout
     found = dict(re.findall(r"threads (\d+): ([\d.]+) GFLOP/s", out))

@@ -263,7 +263,8 @@ fn parse_body(body: &[u8]) -> Result<ProgramImage, String> {
                 let batch = list(w.next(), "gemm batch")?;
                 let (m, n, k) = (num(w.next(), "gemm m")?, num(w.next(), "gemm n")?, num(w.next(), "gemm k")?);
                 let (a, b) = (operand(&mut w, "gemm operand a")?, operand(&mut w, "gemm operand b")?);
-                let tile = GemmTile { mr: num(w.next(), "gemm tile")?, nr: num(w.next(), "gemm tile")? };
+                // The vector width is the host's: the target, in the key, compiled this code.
+                let tile = GemmTile { mr: num(w.next(), "gemm tile")?, nr: num(w.next(), "gemm tile")?, lanes: kiln_compiler::kernels::gemm::host_lanes() };
                 let kernel = image.kernels.last_mut().ok_or("a gemm line before any kernel")?;
                 kernel.gemm = Some(GemmShape { batch, m, n, k, a, b, tile, im2col: None });
             }
@@ -347,7 +348,7 @@ fn check_gemm(image: &ProgramImage, k: &KernelDecl, g: &GemmShape) -> Result<(),
             return Err("a gemm operand that is not a float32 buffer of the batch's rank".into());
         }
     }
-    if g.tile.mr <= 0 || g.tile.nr <= 0 || g.tile.nr % kiln_compiler::kernels::gemm::LANES != 0 || [g.m, g.n, g.k].iter().any(|&d| d < 0) || g.batch.iter().any(|&d| d < 0) || g.batch.len() > kiln_compiler::runtime::gemm::MAX_BATCH_DIMS {
+    if g.tile.mr <= 0 || g.tile.nr <= 0 || g.tile.nr % g.tile.lanes != 0 || [g.m, g.n, g.k].iter().any(|&d| d < 0) || g.batch.iter().any(|&d| d < 0) || g.batch.len() > kiln_compiler::runtime::gemm::MAX_BATCH_DIMS {
         return Err("a gemm of bad sizes".into());
     }
     if let Some(w) = &g.im2col {

@@ -319,7 +319,10 @@ fn conv_tile(w: &crate::kernels::gemm::Im2col, cout: i64) -> crate::kernels::gem
         rows as f64 / (w.out_h * w.out_w) as f64 * columns
     };
     let base = GemmTile::for_columns(cout);
-    let seven = GemmTile { mr: 7, nr: 48 };
+    if base.lanes != 16 {
+        return base; // (7 × 16 on AVX2 would need 17 registers)
+    }
+    let seven = GemmTile { mr: 7, nr: 48, lanes: 16 };
     if w.out_w % 7 == 0 && waste(seven) < waste(base) { seven } else { base }
 }
 

@@ -22,7 +22,7 @@
 //! the sums are stored back there and the epilogue is left for the last chunk. 0 is the
 //! whole product in one call.
 
-use super::{GemmSpec, LANES};
+use super::GemmSpec;
 use crate::codegen::loops::{llvm_type, num_params, set_target_attrs, used_buffers, Emitter, R};
 use crate::codegen::target::Target;
 use crate::codegen::CodegenError;
@@ -63,11 +63,14 @@ fn epilogue_body<'k>(k: &'k Kernel, spec: &GemmSpec) -> Result<&'k [Stmt], Codeg
 pub fn emit<'ctx>(ctx: &'ctx Context, module: &Module<'ctx>, k: &Kernel, spec: &GemmSpec, buffer_dtypes: &[DType], target: &Target, opts: &CompileOptions, name: &str) -> R<()> {
     let body_stmts = epilogue_body(k, spec)?;
     let tile = spec.shape.tile;
-    let (mr, nv) = (tile.mr, tile.vectors());
+    let (mr, nv, lanes) = (tile.mr, tile.vectors(), tile.lanes);
+    // B panels and the stack tile are 64-byte aligned; a vector at v · lanes floats into a
+    // row of them is aligned to its own size.
+    let vector_align = (4 * lanes) as u32;
     let ptr = ctx.ptr_type(AddressSpace::default());
     let i64t = ctx.i64_type();
     let f32t = ctx.f32_type();
-    let vt = f32t.vec_type(LANES as u32);
+    let vt = f32t.vec_type(lanes as u32);
     let fn_type = ctx.void_type().fn_type(&[ptr.into(), ptr.into(), ptr.into(), i64t.into(), ptr.into(), i64t.into(), i64t.into(), ptr.into(), ptr.into(), i64t.into()], false);
     let f = module.add_function(name, fn_type, None);
     set_target_attrs(ctx, f, target);
@@ -125,8 +128,8 @@ pub fn emit<'ctx>(ctx: &'ctx Context, module: &Module<'ctx>, k: &Kernel, spec: &
         let set = b.build_and(flags, i64t.const_int(bit, false), "")?;
         Ok(b.build_int_compare(IntPredicate::NE, set, i64t.const_zero(), "")?)
     };
-    // The partial tile, r-major like the stack tile: vector v of row r at r · nr + v · 16.
-    let partial_at = |i: i64| unsafe { b.build_in_bounds_gep(f32t, partial, &[i64t.const_int((i * LANES) as u64, false)], "") };
+    // The partial tile, r-major like the stack tile: vector v of row r at r · nr + v · lanes.
+    let partial_at = |i: i64| unsafe { b.build_in_bounds_gep(f32t, partial, &[i64t.const_int((i * lanes) as u64, false)], "") };
     let (resume, start) = (ctx.append_basic_block(f, "resume"), ctx.append_basic_block(f, "start"));
     b.build_conditional_branch(flag(1)?, resume, start)?;
     b.position_at_end(resume);
@@ -155,10 +158,10 @@ pub fn emit<'ctx>(ctx: &'ctx Context, module: &Module<'ctx>, k: &Kernel, spec: &
         let b_row = b.build_int_mul(p, i64t.const_int(tile.nr as u64, false), "")?;
         let mut bv: Vec<VectorValue> = vec![];
         for v in 0..nv {
-            let off = b.build_int_add(b_row, i64t.const_int((v * LANES) as u64, false), "")?;
+            let off = b.build_int_add(b_row, i64t.const_int((v * lanes) as u64, false), "")?;
             let addr = unsafe { b.build_in_bounds_gep(f32t, pb, &[off], "")? };
             let load = b.build_load(vt, addr, "")?;
-            load.as_instruction_value().unwrap().set_alignment(64).map_err(|e| CodegenError::Llvm(e.to_string()))?;
+            load.as_instruction_value().unwrap().set_alignment(vector_align).map_err(|e| CodegenError::Llvm(e.to_string()))?;
             bv.push(load.into_vector_value());
         }
         for r in 0..mr {
@@ -220,9 +223,9 @@ pub fn emit<'ctx>(ctx: &'ctx Context, module: &Module<'ctx>, k: &Kernel, spec: &
     tile_mem.as_instruction().unwrap().set_alignment(64).map_err(|e| CodegenError::Llvm(e.to_string()))?;
     for r in 0..mr {
         for v in 0..nv {
-            let addr = unsafe { b.build_in_bounds_gep(f32t, tile_mem, &[i64t.const_int((r * tile.nr + v * LANES) as u64, false)], "")? };
+            let addr = unsafe { b.build_in_bounds_gep(f32t, tile_mem, &[i64t.const_int((r * tile.nr + v * lanes) as u64, false)], "")? };
             let c = b.build_load(vt, tile_accs[(r * nv + v) as usize], "")?;
-            b.build_store(addr, c)?.set_alignment(64).map_err(|e| CodegenError::Llvm(e.to_string()))?;
+            b.build_store(addr, c)?.set_alignment(vector_align).map_err(|e| CodegenError::Llvm(e.to_string()))?;
         }
     }
     let mut e = Emitter { ctx, module, b: &b, k, f, bufs, vars, accs, memo: HashMap::new(), params, interleave: opts.interleave, eager_avx512: target.eager_avx512() };

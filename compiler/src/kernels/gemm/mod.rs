@@ -17,52 +17,82 @@ pub mod microkernel;
 use crate::lower::loop_ir::{AccId, BufId, VarId};
 
 /// The register tile: `mr` rows × `nr` columns of the output, `nr` a multiple of the vector
-/// width. Packed A panels are `mr` rows wide, packed B panels `nr` columns.
+/// width `lanes` (floats per register: 16 on AVX-512, 8 on AVX2). Packed A panels are `mr`
+/// rows wide, packed B panels `nr` columns.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct GemmTile {
     pub mr: i64,
     pub nr: i64,
+    pub lanes: i64,
 }
 
-/// float32 lanes of one vector register on the targets Kiln generates GEMM for (AVX-512).
+/// Packing and scratch alignment in floats (one AVX-512 register, 64 bytes), whatever the
+/// tile's vector width.
 pub const LANES: i64 = 16;
+
+/// The float32 lanes of the host's vector registers: 16 with AVX-512, else 8 (AVX2). Kiln
+/// compiles for the host, so lowering picks tiles for it (the target is in every cache key,
+/// so code with one width is never served to a host of the other). `KILN_VECTOR_LANES=8`
+/// picks the AVX2 tiles on an AVX-512 host too (they run there): the test command runs the
+/// GEMM and convolution kernel tests so, whatever machine CI has.
+pub fn host_lanes() -> i64 {
+    static LANES_OF_HOST: once_cell::sync::Lazy<i64> = once_cell::sync::Lazy::new(|| {
+        let avx512 = crate::codegen::target::Target::host().features.split(',').any(|f| f == "+avx512f");
+        if !avx512 || std::env::var("KILN_VECTOR_LANES").as_deref() == Ok("8") { 8 } else { 16 }
+    });
+    *LANES_OF_HOST
+}
 
 impl GemmTile {
     /// The tile for AVX-512 (32 zmm registers). Measured on Zen 5 (`bench/gemm.py`): see
     /// ARCHITECTURE.md, "GEMM". 8 × 48 keeps 24 accumulators, 3 B vectors and a broadcast in
     /// registers.
     pub fn avx512() -> GemmTile {
-        GemmTile { mr: 8, nr: 48 }
+        GemmTile { mr: 8, nr: 48, lanes: 16 }
     }
-    /// The tile for an output of `m` rows: 8 × 48 from 4 rows on; a thinner output gets a
-    /// tile of its own height, wide enough for 8 or 9 accumulators (FMA latency × 2 pipes).
-    /// On the 8-row tile a single row wasted 7/8 of the work: 1×1024×1024, 1 thread, 31 GFLOP/s
-    /// (torch.mm 41); see ARCHITECTURE.md, "GEMM".
+    /// The tile for AVX2 (16 ymm registers): 6 × 16 keeps 12 accumulators, 2 B vectors and a
+    /// broadcast in registers (the AVX-512 tiles, split into ymm halves, spill).
+    pub fn avx2() -> GemmTile {
+        GemmTile { mr: 6, nr: 16, lanes: 8 }
+    }
+    /// The host's general tile.
+    pub fn host() -> GemmTile {
+        if host_lanes() == 16 { GemmTile::avx512() } else { GemmTile::avx2() }
+    }
+    /// The tile for an output of `m` rows: the general one from 4 rows on; a thinner output
+    /// gets a tile of its own height, wide enough for 8 or 9 accumulators (FMA latency × 2
+    /// pipes). On the 8-row tile a single row wasted 7/8 of the work: 1×1024×1024, 1 thread,
+    /// 31 GFLOP/s (torch.mm 41); see ARCHITECTURE.md, "GEMM". (AVX2: the same accumulator
+    /// counts in 8-float registers; B is then read by the FMAs from L1.)
     pub fn for_rows(m: i64) -> GemmTile {
+        let l = host_lanes();
         match m {
-            1 => GemmTile { mr: 1, nr: 128 },
-            2 => GemmTile { mr: 2, nr: 64 },
-            3 => GemmTile { mr: 3, nr: 48 },
-            _ => GemmTile::avx512(),
+            1 => GemmTile { mr: 1, nr: 8 * l, lanes: l },
+            2 => GemmTile { mr: 2, nr: 4 * l, lanes: l },
+            3 => GemmTile { mr: 3, nr: if l == 16 { 48 } else { 32 }, lanes: l },
+            _ => GemmTile::host(),
         }
     }
 
     /// The tile for a product of `n` columns (a convolution's output channels): the widest
     /// of 64, 48, 32 and 16 columns that `n` fills, rows to keep 24 accumulators (16 for
     /// the thinnest), so that no column panel is mostly padding (64 channels in 48-wide
-    /// panels wasted a third of the work).
+    /// panels wasted a third of the work). AVX2: 6 × 16, or 12 × 8 for 8 columns or fewer.
     pub fn for_columns(n: i64) -> GemmTile {
+        if host_lanes() == 8 {
+            return if n <= 8 { GemmTile { mr: 12, nr: 8, lanes: 8 } } else { GemmTile::avx2() };
+        }
         match n {
-            _ if n % 64 == 0 => GemmTile { mr: 6, nr: 64 },
-            _ if n % 48 == 0 => GemmTile { mr: 8, nr: 48 },
-            _ if n % 32 == 0 || (17..32).contains(&n) => GemmTile { mr: 12, nr: 32 },
-            _ if n <= 16 => GemmTile { mr: 16, nr: 16 },
+            _ if n % 64 == 0 => GemmTile { mr: 6, nr: 64, lanes: 16 },
+            _ if n % 48 == 0 => GemmTile { mr: 8, nr: 48, lanes: 16 },
+            _ if n % 32 == 0 || (17..32).contains(&n) => GemmTile { mr: 12, nr: 32, lanes: 16 },
+            _ if n <= 16 => GemmTile { mr: 16, nr: 16, lanes: 16 },
             _ => GemmTile::avx512(),
         }
     }
 
     pub fn vectors(&self) -> i64 {
-        self.nr / LANES
+        self.nr / self.lanes
     }
 }
 
