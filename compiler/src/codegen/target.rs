@@ -25,7 +25,12 @@ impl Target {
     /// (gelu: [`crate::codegen::math::Math::gelu_f32`]). Kiln computes what eager computes on
     /// the machine it compiles for.
     pub fn eager_avx512(&self) -> bool {
-        ["+avx512f", "+avx512bw", "+avx512vl", "+avx512dq"].iter().all(|f| self.features.split(',').any(|x| x == *f))
+        ["avx512f", "avx512bw", "avx512vl", "avx512dq"].iter().all(|f| self.has_feature(f))
+    }
+
+    /// Whether LLVM's feature string enables `feature` ("avx512f": "+avx512f" in the list).
+    pub fn has_feature(&self, feature: &str) -> bool {
+        self.features.split(',').any(|x| x.strip_prefix('+') == Some(feature))
     }
 }
 

@@ -232,11 +232,7 @@ fn channels_last_temps(g: &Graph) -> Vec<ValueId> {
         let (from, to) = (n.inputs.first().and_then(|x| g.ty(*x).static_shape()), n.ty.static_shape());
         if let (Op::Reshape, Some(from), Some(to)) = (&n.op, from, to) {
             if !views::only_unit_dims(&from, &to) {
-                let mut root = n.inputs[0];
-                while views::is_view(&g.node(root).op) {
-                    root = g.node(root).inputs[0];
-                }
-                flattened[root.0 as usize] = true;
+                flattened[views::view_root(g, n.inputs[0]).0 as usize] = true;
             }
         }
     }
@@ -307,16 +303,11 @@ fn conv_gemm_shape(g: &Graph, v: ValueId, b: &KernelBuilder, kernel: [i64; 2], s
 /// (ResNet's 7 × 7 stage: 7 × 48 tiles compute 3% that is dropped, 6 × 64 ones on wide rows
 /// 35%).
 fn conv_tile(w: &crate::kernels::gemm::Im2col, cout: i64) -> crate::kernels::gemm::GemmTile {
-    use crate::kernels::gemm::{ConvTiling, GemmTile};
+    use crate::kernels::gemm::GemmTile;
     // Computed elements per useful one.
     let waste = |t: GemmTile| {
         let columns = ((cout + t.nr - 1) / t.nr * t.nr) as f64 / cout as f64;
-        let rows = match w.tiling(t.mr) {
-            ConvTiling::WideRows => (w.out_h * w.row_width(t.mr) + t.mr - 1) / t.mr * t.mr,
-            ConvTiling::PerRow => w.out_h * ((w.out_w + t.mr - 1) / t.mr * t.mr),
-            ConvTiling::Packed => (w.out_h * w.out_w + t.mr - 1) / t.mr * t.mr,
-        };
-        rows as f64 / (w.out_h * w.out_w) as f64 * columns
+        (w.row_tiles(t.mr) * t.mr) as f64 / (w.out_h * w.out_w) as f64 * columns
     };
     let base = GemmTile::for_columns(cout);
     if base.lanes != 16 {

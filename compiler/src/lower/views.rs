@@ -97,6 +97,15 @@ pub fn is_view(op: &Op) -> bool {
     matches!(op, Op::Permute(_) | Op::Slice { .. } | Op::Reshape | Op::Expand | Op::Unfold { .. })
 }
 
+/// The value a chain of views over `x` starts from (`x` itself when it is no view).
+pub fn view_root(g: &Graph, x: ValueId) -> ValueId {
+    let mut root = x;
+    while is_view(&g.node(root).op) {
+        root = g.node(root).inputs[0];
+    }
+    root
+}
+
 /// The stored values and every value's layout, storing more values (added to
 /// `materialised`) until each slice, each reshape that is no unit-dim remap, and each matmul
 /// operand has one.
@@ -108,10 +117,7 @@ pub fn plan(g: &Graph, input_strides: &[Vec<i64>], output_orders: &HashMap<Value
         // from, where that has no buffer (a window of an inline ReLU stores the ReLU, not the
         // windows), else its own input (a reshape that no strides express over a transpose).
         let source = |x: ValueId| {
-            let mut root = x;
-            while is_view(&g.node(root).op) {
-                root = g.node(root).inputs[0];
-            }
+            let root = view_root(g, x);
             if layouts[root.0 as usize].is_none() { root } else { x }
         };
         for (i, n) in g.nodes.iter().enumerate() {

@@ -8,7 +8,7 @@
 //! one panel; the A panels stream from L2/L3). Threads split the tiles in contiguous runs in
 //! (batch, column panel, row panel) order, so a thread reuses its B panel across the rows.
 
-use crate::kernels::gemm::{ConvTiling, GemmOperand, GemmShape, Im2col};
+use crate::kernels::gemm::{ConvTiling, GemmOperand, GemmShape, Im2col, FROM_PARTIAL, TO_PARTIAL};
 use crate::runtime::parallel;
 use std::cell::RefCell;
 
@@ -16,10 +16,6 @@ use std::cell::RefCell;
 pub type MicrokernelFn =
     unsafe extern "C" fn(table: *const *mut u8, a_panel: *const f32, b_panel: *const f32, k: i64, coords: *const i64, rows: i64, cols: i64, a_steps: *const i64, partial: *mut f32, flags: i64);
 
-/// `MicrokernelFn` flags: the tile starts from `partial`; the tile is stored to `partial` and
-/// the epilogue skipped (a chunk of k that is not the last).
-const FROM_PARTIAL: i64 = 1;
-const TO_PARTIAL: i64 = 2;
 
 /// Below this many flops a GEMM runs on the calling thread: waking the pool costs more.
 const PARALLEL_MIN_FLOPS: i64 = 1 << 18;
@@ -114,9 +110,14 @@ fn run_of(n: i64, parts: usize, p: usize) -> (i64, i64) {
 /// # Safety
 /// `src` is B's buffer, laid out as `s.b` says; `dst` writable for `s.packed_b_elems()` floats.
 pub unsafe fn pack_b(s: &GemmShape, src: *const f32, dst: *mut f32) {
-    let src = src.offset(s.b.offset as isize);
     debug_assert!(s.b.batch_invariant());
-    for jp in 0..s.n_panels() {
+    pack_b_panels(s, src.offset(s.b.offset as isize), dst, 0, s.n_panels());
+}
+
+/// Packs column panels [lo, hi) of a batch-invariant B (`src` at B's first element) into
+/// their places in `dst`.
+unsafe fn pack_b_panels(s: &GemmShape, src: *const f32, dst: *mut f32, lo: i64, hi: i64) {
+    for jp in lo..hi {
         pack_b_panel(&s.b, src, s.n, s.k, jp * s.tile.nr, s.tile.nr, dst.offset((jp * s.tile.nr * s.k) as isize));
     }
 }
@@ -297,9 +298,7 @@ unsafe fn run_im2col(s: &GemmShape, w: &Im2col, ukr: MicrokernelFn, table: *cons
             parallel::run(parts, &|p| {
                 let (b_src, pb) = shared.get();
                 let (lo, hi) = run_of(np, parts, p);
-                for jp in lo..hi {
-                    pack_b_panel(&s.b, b_src, s.n, s.k, jp * tile.nr, tile.nr, pb.offset((jp * b_panel) as isize));
-                }
+                pack_b_panels(s, b_src, pb, lo, hi);
             });
             pb as *const f32
         }

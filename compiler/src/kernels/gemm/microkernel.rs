@@ -22,7 +22,7 @@
 //! the sums are stored back there and the epilogue is left for the last chunk. 0 is the
 //! whole product in one call.
 
-use super::GemmSpec;
+use super::{GemmSpec, FROM_PARTIAL, TO_PARTIAL};
 use crate::codegen::loops::{llvm_type, num_params, set_target_attrs, used_buffers, Emitter, R};
 use crate::codegen::target::Target;
 use crate::codegen::CodegenError;
@@ -124,14 +124,14 @@ pub fn emit<'ctx>(ctx: &'ctx Context, module: &Module<'ctx>, k: &Kernel, spec: &
     for a in &tile_accs {
         b.build_store(*a, vt.const_zero())?;
     }
-    let flag = |bit: u64| -> R<IntValue<'ctx>> {
-        let set = b.build_and(flags, i64t.const_int(bit, false), "")?;
+    let flag = |bit: i64| -> R<IntValue<'ctx>> {
+        let set = b.build_and(flags, i64t.const_int(bit as u64, false), "")?;
         Ok(b.build_int_compare(IntPredicate::NE, set, i64t.const_zero(), "")?)
     };
     // The partial tile, r-major like the stack tile: vector v of row r at r · nr + v · lanes.
     let partial_at = |i: i64| unsafe { b.build_in_bounds_gep(f32t, partial, &[i64t.const_int((i * lanes) as u64, false)], "") };
     let (resume, start) = (ctx.append_basic_block(f, "resume"), ctx.append_basic_block(f, "start"));
-    b.build_conditional_branch(flag(1)?, resume, start)?;
+    b.build_conditional_branch(flag(FROM_PARTIAL)?, resume, start)?;
     b.position_at_end(resume);
     // (The runtime's partial tiles are float-aligned only.)
     for (i, a) in tile_accs.iter().enumerate() {
@@ -208,7 +208,7 @@ pub fn emit<'ctx>(ctx: &'ctx Context, module: &Module<'ctx>, k: &Kernel, spec: &
 
     // A chunk that is not the last keeps its sums for the next.
     let (keep, finish) = (ctx.append_basic_block(f, "keep"), ctx.append_basic_block(f, "finish"));
-    b.build_conditional_branch(flag(2)?, keep, finish)?;
+    b.build_conditional_branch(flag(TO_PARTIAL)?, keep, finish)?;
     b.position_at_end(keep);
     for (i, a) in tile_accs.iter().enumerate() {
         let v = b.build_load(vt, *a, "")?;

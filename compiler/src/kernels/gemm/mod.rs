@@ -37,7 +37,7 @@ pub const LANES: i64 = 16;
 /// GEMM and convolution kernel tests so, whatever machine CI has.
 pub fn host_lanes() -> i64 {
     static LANES_OF_HOST: once_cell::sync::Lazy<i64> = once_cell::sync::Lazy::new(|| {
-        let avx512 = crate::codegen::target::Target::host().features.split(',').any(|f| f == "+avx512f");
+        let avx512 = crate::codegen::target::Target::host().has_feature("avx512f");
         if !avx512 || std::env::var("KILN_VECTOR_LANES").as_deref() == Ok("8") { 8 } else { 16 }
     });
     *LANES_OF_HOST
@@ -229,6 +229,11 @@ pub enum ConvTiling {
     /// Over the flattened pixels, each tile's windows packed.
     Packed,
 }
+
+/// Microkernel flags (its last argument): the tile starts from `partial`; the tile is stored
+/// to `partial` and the epilogue skipped (a chunk of k that is not the last).
+pub const FROM_PARTIAL: i64 = 1;
+pub const TO_PARTIAL: i64 = 2;
 
 /// The most bytes of one B panel a convolution reads per pass over its tiles (a quarter of a
 /// Zen core's L2: the chunk stays there while the thread's tiles use it).
