@@ -106,7 +106,8 @@ pub fn encode(header: &EntryHeader, image: &ProgramImage) -> Vec<u8> {
         body.extend(format!("kernel {} {} {} {} {} {}\n", k.name, k.symbol, k.extent, k.parallel as u8, k.work_per_iter, list(&buffers)).bytes());
         if let Some(g) = &k.gemm {
             let operand = |o: &GemmOperand| format!("{} {} {} {} {}", o.buf.0, o.offset, list(&o.batch_strides), o.rows, o.cols);
-            let line = format!("gemm {} {} {} {} {} {} {} {}\n", list(&g.batch), g.m, g.n, g.k, operand(&g.a), operand(&g.b), g.tile.mr, g.tile.nr);
+            let sparse = if g.sparse_b { " sparse" } else { "" };
+            let line = format!("gemm {} {} {} {} {} {} {} {}{sparse}\n", list(&g.batch), g.m, g.n, g.k, operand(&g.a), operand(&g.b), g.tile.mr, g.tile.nr);
             body.extend(line.bytes());
             if let Some(w) = &g.im2col {
                 let mut nums = vec![w.channels, w.out_h, w.out_w];
@@ -263,10 +264,17 @@ fn parse_body(body: &[u8]) -> Result<ProgramImage, String> {
                 let batch = list(w.next(), "gemm batch")?;
                 let (m, n, k) = (num(w.next(), "gemm m")?, num(w.next(), "gemm n")?, num(w.next(), "gemm k")?);
                 let (a, b) = (operand(&mut w, "gemm operand a")?, operand(&mut w, "gemm operand b")?);
-                // The vector width is the host's: the target, in the key, compiled this code.
-                let tile = GemmTile { mr: num(w.next(), "gemm tile")?, nr: num(w.next(), "gemm tile")?, lanes: kiln_compiler::kernels::gemm::host_lanes() };
+                // The vector width is the host's (the target, in the key, compiled this code),
+                // except over sparse panels: one vector a panel.
+                let (mr, nr) = (num(w.next(), "gemm tile")?, num(w.next(), "gemm tile")?);
+                let sparse_b = match w.next() {
+                    None => false,
+                    Some("sparse") => true,
+                    Some(_) => return Err("a gemm line with a bad B format".into()),
+                };
+                let tile = GemmTile { mr, nr, lanes: if sparse_b { nr } else { kiln_compiler::kernels::gemm::host_lanes() } };
                 let kernel = image.kernels.last_mut().ok_or("a gemm line before any kernel")?;
-                kernel.gemm = Some(GemmShape { batch, m, n, k, a, b, tile, im2col: None });
+                kernel.gemm = Some(GemmShape { batch, m, n, k, a, b, tile, im2col: None, sparse_b });
             }
             Some("im2col") => {
                 let mut next = || num::<i64>(w.next(), "im2col");
@@ -347,6 +355,9 @@ fn check_gemm(image: &ProgramImage, k: &KernelDecl, g: &GemmShape) -> Result<(),
         if buf(o.buf)?.dtype != DType::F32 || o.batch_strides.len() != g.batch.len() || o.offset < 0 {
             return Err("a gemm operand that is not a float32 buffer of the batch's rank".into());
         }
+    }
+    if g.sparse_b && (g.im2col.is_some() || ![8, 16].contains(&g.tile.nr) || g.tile.nr > kiln_compiler::kernels::gemm::host_lanes()) {
+        return Err("sparse B panels of a bad width".into());
     }
     if g.tile.mr <= 0 || g.tile.nr <= 0 || g.tile.nr % g.tile.lanes != 0 || [g.m, g.n, g.k].iter().any(|&d| d < 0) || g.batch.iter().any(|&d| d < 0) || g.batch.len() > kiln_compiler::runtime::gemm::MAX_BATCH_DIMS {
         return Err("a gemm of bad sizes".into());

@@ -87,7 +87,7 @@ fn check(c: &Case, rng: &mut Rng) {
     let abs_ir = format!("graph(%0: f32[{}], %1: f32[{}]) {{\n  %2 = abs(%0) : {}\n  %3 = abs(%1) : {}\n  %4 = matmul(%2, %3) : {}\n  return (%4)\n}}\n",
         sizes[0].iter().map(|d| d.to_string()).collect::<Vec<_>>().join(", "),
         sizes[1].iter().map(|d| d.to_string()).collect::<Vec<_>>().join(", "),
-        g.ty(g.inputs[0]), g.ty(g.inputs[1]), g.ty(g.nodes.iter().position(|n| n.op == kiln_compiler::graph::ir::Op::MatMul).map(|i| kiln_compiler::ValueId(i as u32)).unwrap()));
+        g.ty(g.inputs[0]), g.ty(g.inputs[1]), g.ty(g.nodes.iter().position(|n| matches!(n.op, kiln_compiler::graph::ir::Op::MatMul { .. })).map(|i| kiln_compiler::ValueId(i as u32)).unwrap()));
     let mags = &kiln_compiler::graph::reference::eval(&parse_graph(&abs_ir).unwrap(), &inputs[..2])[0];
     let u = 2f64.powi(-24);
     let n = (c.k + 2) as f64 * u;

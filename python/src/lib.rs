@@ -209,6 +209,7 @@ fn group_info(py: Python<'_>, id: usize) -> PyResult<Option<PyObject>> {
         sd.set_item("symbols", symbols)?;
         sd.set_item("compiled_at", s.symbolic.as_ref().map(|run| run.samples.clone()))?;
         sd.set_item("kiln_ir", s.kiln_ir.clone())?;
+        sd.set_item("weights", s.weight_choices.clone())?;
         sd.set_item("loop_ir", s.program.image.loop_ir.clone())?;
         sd.set_item("kernels", s.program.image.kernels.len())?;
         sd.set_item("parallel_kernels", s.program.image.kernels.iter().filter(|k| k.parallel).count())?;

@@ -61,6 +61,7 @@ struct KilnCallState {
 int32_t kiln_rs_known_op(const char* kind);
 int32_t kiln_rs_node_supported(const char* dump, size_t len, char* reason, size_t cap);
 int64_t kiln_rs_prepare_group(const char* dump, size_t len, char* reason, size_t cap);
+int32_t kiln_rs_weight_facts(const float* data, int64_t rows, int64_t cols, int64_t s0, int64_t s1, char* out, size_t cap);
 int32_t kiln_rs_guard(int64_t group, const KilnTensor* inputs, size_t n, const KilnCallState* state);
 // Allocates an output (strides: null for contiguous); 0 and its data in *data, or nonzero.
 typedef int32_t (*KilnAlloc)(void* ctx, size_t index, int32_t dtype, const int64_t* sizes, const int64_t* strides, size_t ndim, void** data);
@@ -780,6 +781,21 @@ struct Fuser {
     }
   }
 
+  // A constant float32 matrix (a frozen module's weight, lifted to an input): what its zeros
+  // look like, for the GEMM's choice of sparse panels (`weight` line; counted in Rust).
+  static void weight_facts(const Value* v, const std::string& name, std::ostream& os) {
+    if (v->node()->kind() != prim::Constant) return;
+    auto iv = toIValue(v);
+    if (!iv || !iv->isTensor()) return;
+    const at::Tensor& t = iv->toTensor();
+    if (!t.defined() || t.dim() != 2 || t.scalar_type() != at::kFloat || !t.device().is_cpu() || t.layout() != at::kStrided ||
+        t.numel() < 256 || !t.has_storage())
+      return;
+    char facts[512] = {0};
+    if (kiln_rs_weight_facts(t.const_data_ptr<float>(), t.size(0), t.size(1), t.stride(0), t.stride(1), facts, sizeof(facts)))
+      os << "weight " << name << " " << facts << "\n";
+  }
+
   std::string dump_group(Node* group, std::string* why) {
     auto sub = group->g(attr::Subgraph);
     Dumper d;
@@ -791,6 +807,7 @@ struct Fuser {
         d.os << "input " << d.names[sub->inputs()[i]] << " ";
         if (!tensor_input_text(outer, d.os, why)) return "";
         d.os << "\n";
+        weight_facts(outer, d.names[sub->inputs()[i]], d.os);
       } else if (!non_tensor_text(outer, d.names[sub->inputs()[i]], d.os, why)) {
         return "";
       }

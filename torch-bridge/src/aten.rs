@@ -9,7 +9,9 @@ use crate::ts_dump::{Const, Item, Region};
 use kiln_compiler::graph::ir::{BinaryOp, CmpOp, Graph, Op, ReduceOp, UnaryOp};
 use kiln_compiler::graph::layout::{contiguous_strides, dense_strides, elementwise_order, elementwise_strides, is_channels_last, is_contiguous, is_non_overlapping_and_dense, order_of};
 use kiln_compiler::{DType, Scalar, TensorType, ValueId};
+use kiln_compiler::kernels::sparse::WeightFacts;
 use kiln_profiler::canonical_strides;
+use std::collections::HashMap;
 
 /// A region as Kiln IR, ready to compile.
 #[derive(Debug)]
@@ -17,6 +19,8 @@ pub struct Lowered {
     pub graph: Graph,
     /// Canonical strides of each tensor input (see `kiln_profiler::canonical_strides`).
     pub input_strides: Vec<Vec<i64>>,
+    /// How each constant weight with zeros is multiplied, and why (for `explain()`).
+    pub weight_choices: Vec<String>,
 }
 
 #[derive(Clone, Debug)]
@@ -53,7 +57,10 @@ fn lower_region(r: &Region, view_outputs: bool) -> R<Lowered> {
     // Per item, for tensors: the strides eager's result has (size-1 dims included: the layout
     // rule reads them).
     let mut eager: Vec<Option<Vec<i64>>> = Vec::with_capacity(r.items.len());
-    for item in &r.items {
+    // Graph values of the constant weights whose zeros the dump counted.
+    let mut weights: HashMap<ValueId, &WeightFacts> = HashMap::new();
+    let mut weight_choices = vec![];
+    for (i, item) in r.items.iter().enumerate() {
         let (arg, layout) = match item {
             Item::Input(None) => return Err("input types are not known".into()),
             Item::Input(Some(d)) if d.number => {
@@ -66,7 +73,11 @@ fn lower_region(r: &Region, view_outputs: bool) -> R<Lowered> {
                 input_strides.push(canonical_strides(&d.sizes, &d.strides));
                 // The layout rule reads what the guard checks: size-1 strides too.
                 let strides = kiln_guards::guarded_strides(&d.sizes, &d.strides);
-                (Arg::Tensor(g.input(TensorType::new(dtype, &d.sizes))), Some(strides))
+                let v = g.input(TensorType::new(dtype, &d.sizes));
+                if let Some((_, facts)) = r.weights.iter().find(|(item, f)| *item == i && d.sizes == [f.rows, f.cols]) {
+                    weights.insert(v, facts);
+                }
+                (Arg::Tensor(v), Some(strides))
             }
             Item::Const(c) => (Arg::Const(c.clone()), None),
             Item::List(xs) => {
@@ -80,7 +91,7 @@ fn lower_region(r: &Region, view_outputs: bool) -> R<Lowered> {
             }
             Item::Node { kind, args, expect } => {
                 let arg_vals: Vec<Arg> = args.iter().map(|&a| vals[a].clone()).collect();
-                let v = Lower { g: &mut g, default_float: &r.default_float }.node(kind, &arg_vals).map_err(|e| format!("{kind}: {e}"))?;
+                let v = Lower { g: &mut g, default_float: &r.default_float, weights: &weights, weight_choices: &mut weight_choices }.node(kind, &arg_vals).map_err(|e| format!("{kind}: {e}"))?;
                 let ty = g.ty(v);
                 if let Some((dtype, sizes)) = expect {
                     let same = dtype.as_ref().ok() == Some(&ty.dtype) && ty.static_shape().as_deref() == Some(sizes.as_slice());
@@ -137,7 +148,7 @@ fn lower_region(r: &Region, view_outputs: bool) -> R<Lowered> {
         let order = order_of(&g.ty(g.outputs[i]).static_shape().expect("static shapes"), strides);
         g.set_output_order(i, order).map_err(|e| e.0)?;
     }
-    Ok(Lowered { graph: g, input_strides })
+    Ok(Lowered { graph: g, input_strides, weight_choices })
 }
 
 /// The value of integer arithmetic on sizes the pass put in the group (`is_shape_op` in the
@@ -383,6 +394,9 @@ struct Lower<'a> {
     g: &'a mut Graph,
     /// `torch.get_default_dtype()` for this call (the region's `default_float`).
     default_float: &'a Result<DType, String>,
+    /// The constant weights' zeros (`kernels::sparse`), by graph value.
+    weights: &'a HashMap<ValueId, &'a WeightFacts>,
+    weight_choices: &'a mut Vec<String>,
 }
 
 impl Lower<'_> {
@@ -1493,6 +1507,21 @@ impl Lower<'_> {
         Ok(self.g.matmul(a, b).map_err(|e| e.0)?)
     }
 
+    /// Product `p` (of something and `w`ᵀ) over sparse B panels where `w` is a constant weight
+    /// whose zeros leave enough panel rows empty (`kernels::sparse::choose`); the choice and
+    /// its reason are kept for `explain()`.
+    fn skip_zeros_of(&mut self, w: ValueId, p: ValueId) {
+        let Some(facts) = self.weights.get(&w) else { return };
+        if !matches!(self.g.node(p).op, Op::MatMul { .. }) || self.g.ty(p).dtype != DType::F32 {
+            return;
+        }
+        let choice = kiln_compiler::kernels::sparse::choose(facts, true, kiln_compiler::kernels::gemm::host_lanes());
+        self.weight_choices.push(format!("weight {}x{} of %{}: {}", facts.rows, facts.cols, p.0, choice.reason));
+        if let Some(lanes) = choice.lanes {
+            self.g.nodes[p.0 as usize].op = Op::MatMul { sparse_b: Some(lanes) };
+        }
+    }
+
     /// linear(x, w, bias) = x · wᵀ + bias.
     fn linear(&mut self, x: &Arg, w: &Arg, bias: &Arg) -> R<ValueId> {
         let wv = self.tensor(w)?;
@@ -1501,6 +1530,7 @@ impl Lower<'_> {
         }
         let wt = self.g.permute(wv, &[1, 0]).map_err(|e| e.0)?;
         let p = self.matmul(x, &Arg::Tensor(wt), None)?;
+        self.skip_zeros_of(wv, p);
         match bias {
             Arg::Const(Const::None) => Ok(p),
             Arg::Tensor(b) if self.g.ty(*b).dtype == self.g.ty(p).dtype => Ok(self.g.binary(BinaryOp::Add, p, *b).map_err(|e| e.0)?),

@@ -97,6 +97,8 @@ pub struct Specialization {
     pub symbolic: Option<SymbolicRun>,
     pub program: Arc<CompiledProgram>,
     pub kiln_ir: String,
+    /// How each constant weight with zeros is multiplied, and why (`aten::Lowered`).
+    pub weight_choices: Vec<String>,
     pub cache_key: CacheKey,
     pub source: Source,
     /// Time to compile, or to load from disk; zero for a program found in memory.
@@ -640,6 +642,7 @@ impl Runtime {
             weights,
             program,
             kiln_ir: lowered.graph.to_string(),
+            weight_choices: lowered.weight_choices,
             cache_key: key,
             source,
             runs: AtomicU64::new(0),

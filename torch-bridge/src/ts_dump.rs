@@ -14,12 +14,16 @@
 //!                               the output type TorchScript profiled (when it knows it)
 //! shape %3 aten::size %0 %2     integer arithmetic on sizes (x.size(d), a view's shape list,
 //!                               a tracer's sizes as 0-d tensors): a constant of the lowering
+//! weight %1 256 256 6554 ...    what a constant weight's zeros look like (a frozen module's
+//!                               tensor constant the pass lifted to an input, %1):
+//!                               `kiln_compiler::kernels::sparse::WeightFacts` in text
 //! output %2
 //! ```
 //!
 //! Text, not a C struct graph: it is what the pass logs, what tests write by hand, and the
 //! same code path serves the single-node "is this supported?" question and whole groups.
 
+use kiln_compiler::kernels::sparse::WeightFacts;
 use kiln_compiler::DType;
 
 #[derive(Clone, Debug, PartialEq)]
@@ -66,11 +70,13 @@ pub struct Region {
     /// The float dtype integer → float promotion gives (PyTorch's default dtype); Err: one
     /// Kiln does not support, by name. Float32 unless the dump says otherwise.
     pub default_float: Result<DType, String>,
+    /// The zeros of inputs that are constant weights, by item.
+    pub weights: Vec<(usize, WeightFacts)>,
 }
 
 impl Default for Region {
     fn default() -> Self {
-        Region { items: vec![], outputs: vec![], default_float: Ok(DType::F32) }
+        Region { items: vec![], outputs: vec![], default_float: Ok(DType::F32), weights: vec![] }
     }
 }
 
@@ -110,7 +116,7 @@ impl Region {
                 other => other.clone(),
             })
             .collect();
-        Region { items, outputs: self.outputs.clone(), default_float }
+        Region { items, outputs: self.outputs.clone(), default_float, weights: self.weights.clone() }
     }
 }
 
@@ -130,6 +136,11 @@ pub fn parse(text: &str) -> Result<Region, String> {
             }
             "output" => {
                 r.outputs.push(lookup(name)?);
+                continue;
+            }
+            "weight" => {
+                let facts = WeightFacts::parse(&rest.join(" ")).ok_or_else(|| format!("bad weight facts: {line}"))?;
+                r.weights.push((lookup(name)?, facts));
                 continue;
             }
             "input" => match rest[..] {
@@ -208,5 +219,8 @@ mod tests {
         let r = parse("input %0 f32 [2] [1]\nconst %1 int 0\nshape %2 aten::size %0 %1\n").unwrap();
         assert_eq!(r.items[2], Item::Shape { kind: "aten::size".into(), args: vec![0, 1] });
         assert!(r.node_kinds().is_empty(), "shape arithmetic is no op of the region");
+        let r = parse("input %0 f32 [2,2] [2,1]\nweight %0 2 2 1 1 1 1 1 1 1 1\n").unwrap();
+        assert_eq!(r.items.len(), 1);
+        assert_eq!(r.weights, vec![(0, WeightFacts { rows: 2, cols: 2, nonzero_blocks: vec![1; 8] })]);
     }
 }

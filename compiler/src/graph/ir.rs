@@ -160,8 +160,10 @@ pub enum Op {
     /// The input broadcast (right-aligned) to the output's shape.
     Expand,
     /// Matrix product of a[batch…, m, k] and b[batch…, k, n], batch dims broadcast
-    /// (right-aligned): torch.matmul for operands of rank ≥ 2.
-    MatMul,
+    /// (right-aligned): torch.matmul for operands of rank ≥ 2. `sparse_b`: how to run it, not
+    /// what it computes — B (a weight with zeros) packed as sparse panels of that many
+    /// columns (`kernels::sparse`), a choice the frontend made from the weight's values.
+    MatMul { sparse_b: Option<i64> },
     /// The inputs one after another along `dim` (torch.cat): stored, each input written into
     /// its part of the buffer by a kernel of its own.
     Cat { dim: usize },
@@ -200,7 +202,7 @@ impl Op {
             Op::Slice { .. } => "slice",
             Op::Reshape => "reshape",
             Op::Expand => "expand",
-            Op::MatMul => "matmul",
+            Op::MatMul { .. } => "matmul",
             Op::Cat { .. } => "cat",
             Op::Iota { .. } => "iota",
             Op::Unfold { .. } => "unfold",
@@ -211,7 +213,7 @@ impl Op {
     /// Pointwise ops are inlined into their consumers; the others own a kernel. A permute is
     /// "pointwise" in that sense: its consumers read through it.
     pub fn is_pointwise(&self) -> bool {
-        !matches!(self, Op::Reduce { .. } | Op::Softmax { .. } | Op::Input(_) | Op::MatMul | Op::Cat { .. } | Op::Conv2d { .. })
+        !matches!(self, Op::Reduce { .. } | Op::Softmax { .. } | Op::Input(_) | Op::MatMul { .. } | Op::Cat { .. } | Op::Conv2d { .. })
     }
 }
 
@@ -488,7 +490,17 @@ impl Graph {
         let mut shape = broadcast_shapes(&ta.shape[..ra - 2], &tb.shape[..rb - 2])?;
         shape.push(ta.shape[ra - 2]);
         shape.push(tb.shape[rb - 1]);
-        Ok(self.push(Op::MatMul, vec![a, b], TensorType { dtype: ta.dtype, shape }))
+        Ok(self.push(Op::MatMul { sparse_b: None }, vec![a, b], TensorType { dtype: ta.dtype, shape }))
+    }
+
+    /// [`matmul`](Self::matmul) over B packed as sparse panels `lanes` columns wide.
+    pub fn matmul_sparse_b(&mut self, a: ValueId, b: ValueId, lanes: i64) -> Result<ValueId, IrError> {
+        if ![8, 16].contains(&lanes) || self.ty(a).dtype != DType::F32 {
+            return err(format!("sparse B panels are float32, 8 or 16 columns wide, not {lanes}"));
+        }
+        let v = self.matmul(a, b)?;
+        self.nodes[v.0 as usize].op = Op::MatMul { sparse_b: Some(lanes) };
+        Ok(v)
     }
 
     /// Windows of `size` elements of dim `dim`, `step` apart, their elements `dilation`
@@ -604,7 +616,8 @@ impl fmt::Display for Graph {
                 Op::Slice { dim, start } => format!("slice({args}) dim={dim} start={start}"),
                 Op::Reshape => format!("reshape({args})"),
                 Op::Expand => format!("expand({args})"),
-                Op::MatMul => format!("matmul({args})"),
+                Op::MatMul { sparse_b: None } => format!("matmul({args})"),
+                Op::MatMul { sparse_b: Some(lanes) } => format!("matmul({args}) sparse_b={lanes}"),
                 Op::Cat { dim } => format!("cat({args}) dim={dim}"),
                 Op::Iota { dim } => format!("iota() dim={dim}"),
                 Op::Unfold { dim, size, step, dilation } => format!("unfold({args}) dim={dim} size={size} step={step} dilation={dilation}"),
@@ -714,7 +727,10 @@ pub fn parse_graph(text: &str) -> Result<Graph, IrError> {
                 }
                 "matmul" => {
                     let i = ins()?;
-                    g.matmul(i[0], i[1])?
+                    match attr("sparse_b") {
+                        None => g.matmul(i[0], i[1])?,
+                        Some(l) => g.matmul_sparse_b(i[0], i[1], l.parse().map_err(|_| IrError(format!("bad sparse_b in {line}")))?)?,
+                    }
                 }
                 "cat" => {
                     let dim = attr("dim").and_then(|d| d.parse().ok()).ok_or_else(|| IrError("cat needs dim=".into()))?;

@@ -317,7 +317,7 @@ pub fn eval(g: &Graph, inputs: &[Tensor]) -> Vec<Tensor> {
                 }
                 at(arg(0), &src)
             }),
-            Op::MatMul => matmul(arg(0), arg(1), &sizes),
+            Op::MatMul { .. } => matmul(arg(0), arg(1), &sizes),
             Op::Cat { dim } => pointwise(&|c| {
                 let mut c = c.to_vec();
                 for i in 0..n.inputs.len() {

@@ -3,3 +3,4 @@
 //! the target's register tile, with the blocking as data.
 
 pub mod gemm;
+pub mod sparse;

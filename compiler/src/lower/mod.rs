@@ -174,7 +174,7 @@ pub fn lower(g: &Graph, input_strides: &[Vec<i64>]) -> Result<LoopProgram, Lower
                 let shape = conv_gemm_shape(g, v, &b, *kernel, *stride, *dilation, *padding);
                 kernels.push(b.gemm(v, shape))
             }
-            Op::MatMul => match gemm_shape(g, v, &b) {
+            Op::MatMul { .. } => match gemm_shape(g, v, &b) {
                 Some(shape) => kernels.push(b.gemm(v, shape)),
                 None => kernels.push(b.matmul_loops(v)),
             },
@@ -236,7 +236,7 @@ fn channels_last_temps(g: &Graph) -> Vec<ValueId> {
             }
         }
     }
-    let stored_kind = |op: &Op| !views::is_view(op) && !matches!(op, Op::Input(_) | Op::MatMul | Op::Softmax { .. });
+    let stored_kind = |op: &Op| !views::is_view(op) && !matches!(op, Op::Input(_) | Op::MatMul { .. } | Op::Softmax { .. });
     (0..g.nodes.len())
         .filter(|&i| from_image[i] && !flattened[i] && g.nodes[i].ty.rank() == 4 && stored_kind(&g.nodes[i].op))
         .map(|i| ValueId(i as u32))
@@ -269,6 +269,13 @@ fn gemm_shape(g: &Graph, v: ValueId, b: &KernelBuilder) -> Option<crate::kernels
         Some(GemmOperand { buf, offset, batch_strides, rows: strides[nb], cols: strides[nb + 1] })
     };
     let (a, bop) = (operand(a)?, operand(bv)?);
+    // Sparse B panels (a weight with zeros, `kernels::sparse`) at any number of rows: the
+    // microkernel keeps several sums per element where the tile has few rows.
+    if let Op::MatMul { sparse_b: Some(lanes) } = g.node(v).op {
+        if lanes <= crate::kernels::gemm::host_lanes() && bop.batch_invariant() {
+            return Some(GemmShape { batch: out[..r - 2].to_vec(), m, n, k, a, b: bop, tile: GemmTile::sparse(m, lanes), im2col: None, sparse_b: true });
+        }
+    }
     // The loop nest is a dot product per element, fast only when both operands step by one
     // element along k (x · Wᵀ, the Linear case); a thin product of a row-major B goes to
     // the GEMM with a tile of its rows (`GemmTile::for_rows`), whose packing reads B
@@ -276,7 +283,7 @@ fn gemm_shape(g: &Graph, v: ValueId, b: &KernelBuilder) -> Option<crate::kernels
     if m < GEMM_MIN_ROWS && a.cols == 1 && bop.rows == 1 {
         return None;
     }
-    Some(GemmShape { batch: out[..r - 2].to_vec(), m, n, k, a, b: bop, tile: GemmTile::for_rows(m), im2col: None })
+    Some(GemmShape { batch: out[..r - 2].to_vec(), m, n, k, a, b: bop, tile: GemmTile::for_rows(m), im2col: None, sparse_b: false })
 }
 
 /// Convolution `v` as a GEMM over its image's windows: rows the output pixels, columns the
@@ -295,7 +302,7 @@ fn conv_gemm_shape(g: &Graph, v: ValueId, b: &KernelBuilder, kernel: [i64; 2], s
     let bop = GemmOperand { buf: wbuf, offset: woff, batch_strides: vec![0], rows: wst[0], cols: wst[1] };
     let k = xs[1] * kernel[0] * kernel[1];
     let tile = conv_tile(&im2col, out[1]);
-    GemmShape { batch: vec![out[0]], m: out[2] * out[3], n: out[1], k, a, b: bop, tile, im2col: Some(im2col) }
+    GemmShape { batch: vec![out[0]], m: out[2] * out[3], n: out[1], k, a, b: bop, tile, im2col: Some(im2col), sparse_b: false }
 }
 
 /// A convolution's tile: `GemmTile::for_columns`, or 7 × 48 where output rows of 7 or 14

@@ -8,7 +8,8 @@
 //! one panel; the A panels stream from L2/L3). Threads split the tiles in contiguous runs in
 //! (batch, column panel, row panel) order, so a thread reuses its B panel across the rows.
 
-use crate::kernels::gemm::{ConvTiling, GemmOperand, GemmShape, Im2col, FROM_PARTIAL, TO_PARTIAL};
+use crate::kernels::gemm::{ConvTiling, GemmOperand, GemmShape, Im2col, DENSE_B, FROM_PARTIAL, TO_PARTIAL};
+use crate::kernels::sparse::SparsePanel;
 use crate::runtime::parallel;
 use std::cell::RefCell;
 
@@ -99,6 +100,60 @@ unsafe fn pack_b_panel(b: &GemmOperand, src: *const f32, n: i64, k: i64, c0: i64
     }
 }
 
+/// Packs columns [c0, c0 + nr) × all of k of B as a sparse panel (`SparsePanel`): the rows
+/// with a nonzero (NaN counts) among the live columns, their k indices and values.
+unsafe fn pack_sparse_b_panel(b: &GemmOperand, src: *const f32, n: i64, k: i64, c0: i64, nr: i64, dst: *mut f32) {
+    let live = (n - c0).clamp(0, nr);
+    let panel = SparsePanel { k, nr };
+    let index = dst.offset(SparsePanel::HEADER as isize) as *mut i32;
+    let values = dst.offset(panel.values_offset() as isize);
+    let mut count = 0;
+    for p in 0..k {
+        let at = |c: i64| *src.offset((p * b.rows + (c0 + c) * b.cols) as isize);
+        if (0..live).all(|c| at(c) == 0.0) {
+            continue;
+        }
+        *index.offset(count as isize) = p as i32;
+        let row = values.offset((count * nr) as isize);
+        for c in 0..nr {
+            *row.offset(c as isize) = if c < live { at(c) } else { 0.0 };
+        }
+        count += 1;
+    }
+    *(dst as *mut i32) = count as i32;
+}
+
+/// Packs one B panel in the shape's format.
+unsafe fn pack_b_panel_as(s: &GemmShape, sparse: bool, src: *const f32, c0: i64, dst: *mut f32) {
+    if sparse {
+        pack_sparse_b_panel(&s.b, src, s.n, s.k, c0, s.tile.nr, dst)
+    } else {
+        pack_b_panel(&s.b, src, s.n, s.k, c0, s.tile.nr, dst)
+    }
+}
+
+/// Whether any element of A (every batch) is an inf or a NaN: then a B zero that sparse
+/// panels skip would have made a NaN (`DENSE_B`). (Exponent bits all set, or-ed over a row
+/// without an early exit: the loop over a contiguous row vectorises.)
+unsafe fn a_has_non_finite(s: &GemmShape, a_src: *const f32) -> bool {
+    const EXPONENT: u32 = 0x7f80_0000;
+    let non_finite = |x: f32| (x.to_bits() & EXPONENT == EXPONENT) as u32;
+    let a_count = if s.a.batch_invariant() { 1 } else { s.batch_count() };
+    let mut coords = [0i64; MAX_BATCH_DIMS];
+    (0..a_count).any(|bi| {
+        let base = a_src.offset(batch_offset(&s.batch, &s.a.batch_strides, bi, &mut coords[..s.batch.len()]) as isize);
+        (0..s.m).any(|r| {
+            let row = base.offset((r * s.a.rows) as isize);
+            let found = if s.a.cols == 1 {
+                std::slice::from_raw_parts(row, s.k as usize).iter().fold(0, |acc, &x| acc | non_finite(x))
+            } else {
+                (0..s.k).fold(0, |acc, p| acc | non_finite(*row.offset((p * s.a.cols) as isize)))
+            };
+            found != 0
+        })
+    })
+}
+
 /// Splits `0..n` into `parts` contiguous runs and returns run `p`.
 fn run_of(n: i64, parts: usize, p: usize) -> (i64, i64) {
     let chunk = (n + parts as i64 - 1) / parts as i64;
@@ -118,7 +173,7 @@ pub unsafe fn pack_b(s: &GemmShape, src: *const f32, dst: *mut f32) {
 /// their places in `dst`.
 unsafe fn pack_b_panels(s: &GemmShape, src: *const f32, dst: *mut f32, lo: i64, hi: i64) {
     for jp in lo..hi {
-        pack_b_panel(&s.b, src, s.n, s.k, jp * s.tile.nr, s.tile.nr, dst.offset((jp * s.tile.nr * s.k) as isize));
+        pack_b_panel_as(s, s.sparse_b, src, jp * s.tile.nr, dst.offset((jp * s.b_panel_elems()) as isize));
     }
 }
 
@@ -142,10 +197,16 @@ pub unsafe fn run(s: &GemmShape, ukr: MicrokernelFn, table: *const *mut u8, scra
     let a_src = (*table.add(s.a.buf.0 as usize) as *const f32).offset(s.a.offset as isize);
     let b_src = (*table.add(s.b.buf.0 as usize) as *const f32).offset(s.b.offset as isize);
     let pa = scratch;
+    // Sparse panels unless A holds an inf or a NaN: then B is packed dense for this call
+    // (the scratch has room: a sparse panel is larger than a dense one).
+    let dense_b = s.sparse_b && a_has_non_finite(s, a_src);
+    let prepacked_b = prepacked_b.filter(|_| !dense_b);
+    let sparse = s.sparse_b && !dense_b;
+    let flags = if dense_b { DENSE_B } else { 0 };
     let pb = prepacked_b.map_or(scratch.offset(s.packed_b_offset() as isize), |p| p as *mut f32);
     let a_count = if s.a.batch_invariant() { 1 } else { batches };
     let b_count = if s.b.batch_invariant() { 1 } else { batches };
-    let (a_panel, b_panel) = (tile.mr * s.k, tile.nr * s.k);
+    let (a_panel, b_panel) = (tile.mr * s.k, if sparse { s.b_panel_elems() } else { tile.nr * s.k });
     let parts = if s.flops() < PARALLEL_MIN_FLOPS { 1 } else { parallel::threads().min(tiles as usize) };
     let shared = Shared((a_src, b_src, pa, pb, table));
 
@@ -169,7 +230,7 @@ pub unsafe fn run(s: &GemmShape, ukr: MicrokernelFn, table: *const *mut u8, scra
                 let t = t - a_count * mp;
                 let (bi, jp) = (t / np, t % np);
                 let off = batch_offset(&s.batch, &s.b.batch_strides, bi, coords);
-                pack_b_panel(&s.b, b_src.offset(off as isize), s.n, s.k, jp * tile.nr, tile.nr, pb.offset((t * b_panel) as isize));
+                pack_b_panel_as(s, sparse, b_src.offset(off as isize), jp * tile.nr, pb.offset((t * b_panel) as isize));
             }
         }
     };
@@ -188,7 +249,7 @@ pub unsafe fn run(s: &GemmShape, ukr: MicrokernelFn, table: *const *mut u8, scra
             let b = pb.offset((((if b_count == 1 { 0 } else { bi }) * np + jp) * b_panel) as isize);
             let rows = (s.m - ip * tile.mr).min(tile.mr);
             let cols = (s.n - jp * tile.nr).min(tile.nr);
-            ukr(table, a, b, s.k, coords.as_ptr(), rows, cols, std::ptr::null(), std::ptr::null_mut(), 0);
+            ukr(table, a, b, s.k, coords.as_ptr(), rows, cols, std::ptr::null(), std::ptr::null_mut(), flags);
         }
     };
     parallel::run(pack_parts, &pack);

@@ -247,6 +247,8 @@ def explain(obj):
                        f"GEMM packing and image copies {sp['pack_bytes']} bytes")
             out.append("    guards: " + "; ".join(sp["guards"]))
             out.append("    state: " + sp["state"])
+            for w in sp["weights"]:
+                out.append("    " + w)
             if sp["symbols"]:
                 at = ", ".join(f"s{k}={v}" for k, v in enumerate(sp["compiled_at"]))
                 out.append(f"    symbolic: {'; '.join(sp['symbols'])}; serves every size >= 2 of them "

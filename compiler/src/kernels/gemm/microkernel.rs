@@ -21,8 +21,16 @@
 //! bit 0, the tile starts from the sums in `partial` (mr × nr floats) instead of zero; bit 1,
 //! the sums are stored back there and the epilogue is left for the last chunk. 0 is the
 //! whole product in one call.
+//!
+//! Over sparse B panels (`GemmShape::sparse_b`, `kernels::sparse::SparsePanel`) the k loop
+//! walks the panel's kept rows: step i reads B's row i of the panel's values and A at the
+//! row's k index. A tile of few rows keeps `sparse_chains` sums per element (the kept rows
+//! taken in turn), added pairwise before the epilogue, so that the FMAs' latency is hidden
+//! by independent chains rather than by rows. Flag `DENSE_B` takes the dense loop instead (a
+//! call the runtime packed dense: its A holds an inf or a NaN).
 
-use super::{GemmSpec, FROM_PARTIAL, TO_PARTIAL};
+use super::{GemmSpec, DENSE_B, FROM_PARTIAL, TO_PARTIAL};
+use crate::kernels::sparse::SparsePanel;
 use crate::codegen::loops::{llvm_type, num_params, set_target_attrs, used_buffers, Emitter, R};
 use crate::codegen::target::Target;
 use crate::codegen::CodegenError;
@@ -119,11 +127,13 @@ pub fn emit<'ctx>(ctx: &'ctx Context, module: &Module<'ctx>, k: &Kernel, spec: &
     let row0 = coord(spec.batch_vars.len())?;
     let col0 = coord(spec.batch_vars.len() + 1)?;
 
-    // The register tile.
-    let tile_accs: Vec<PointerValue> = (0..mr * nv).map(|_| b.build_alloca(vt, "c")).collect::<Result<_, _>>()?;
-    for a in &tile_accs {
+    // The register tile (one set of accumulators per chain of sums).
+    let chains = if spec.shape.sparse_b { tile.sparse_chains() } else { 1 };
+    let chain_accs: Vec<Vec<PointerValue>> = (0..chains).map(|_| (0..mr * nv).map(|_| b.build_alloca(vt, "c")).collect::<Result<_, _>>()).collect::<Result<_, _>>()?;
+    for a in chain_accs.iter().flatten() {
         b.build_store(*a, vt.const_zero())?;
     }
+    let tile_accs = &chain_accs[0];
     let flag = |bit: i64| -> R<IntValue<'ctx>> {
         let set = b.build_and(flags, i64t.const_int(bit as u64, false), "")?;
         Ok(b.build_int_compare(IntPredicate::NE, set, i64t.const_zero(), "")?)
@@ -154,12 +164,13 @@ pub fn emit<'ctx>(ctx: &'ctx Context, module: &Module<'ctx>, k: &Kernel, spec: &
         };
         Ok(unsafe { b.build_in_bounds_gep(f32t, pa, &[off], "")? })
     };
-    let step = |p: IntValue<'ctx>, direct: Option<i64>| -> R<()> {
-        let b_row = b.build_int_mul(p, i64t.const_int(tile.nr as u64, false), "")?;
+    // One k step into chain `chain`: B's row `b_row` of `b_values` times A's column `p`.
+    let step = |b_values: PointerValue<'ctx>, b_row: IntValue<'ctx>, p: IntValue<'ctx>, direct: Option<i64>, chain: usize| -> R<()> {
+        let b_row = b.build_int_mul(b_row, i64t.const_int(tile.nr as u64, false), "")?;
         let mut bv: Vec<VectorValue> = vec![];
         for v in 0..nv {
             let off = b.build_int_add(b_row, i64t.const_int((v * lanes) as u64, false), "")?;
-            let addr = unsafe { b.build_in_bounds_gep(f32t, pb, &[off], "")? };
+            let addr = unsafe { b.build_in_bounds_gep(f32t, b_values, &[off], "")? };
             let load = b.build_load(vt, addr, "")?;
             load.as_instruction_value().unwrap().set_alignment(vector_align).map_err(|e| CodegenError::Llvm(e.to_string()))?;
             bv.push(load.into_vector_value());
@@ -169,7 +180,7 @@ pub fn emit<'ctx>(ctx: &'ctx Context, module: &Module<'ctx>, k: &Kernel, spec: &
             let a = b.build_load(f32t, addr, "")?;
             let splat = splat(&b, ctx, vt, a.into_float_value())?;
             for v in 0..nv {
-                let slot = tile_accs[(r * nv + v) as usize];
+                let slot = chain_accs[chain][(r * nv + v) as usize];
                 let c = b.build_load(vt, slot, "")?;
                 let args: [BasicMetadataValueEnum; 3] = [splat.into(), bv[v as usize].into(), c.into()];
                 let inkwell::values::ValueKind::Basic(sum) = b.build_call(fma, &args, "")?.try_as_basic_value() else { unreachable!("fma returns a value") };
@@ -185,11 +196,48 @@ pub fn emit<'ctx>(ctx: &'ctx Context, module: &Module<'ctx>, k: &Kernel, spec: &
         let main_end = b.build_int_sub(kc, i64t.const_int(UNROLL as u64 - 1, false), "")?;
         counted_loop(ctx, &b, f, p_slot, main_end, UNROLL, |p| {
             for u in 0..UNROLL {
-                step(b.build_int_add(p, i64t.const_int(u as u64, false), "")?, direct)?;
+                let p = b.build_int_add(p, i64t.const_int(u as u64, false), "")?;
+                step(pb, p, p, direct, 0)?;
             }
             Ok(())
         })?;
-        counted_loop(ctx, &b, f, p_slot, kc, 1, |p| step(p, direct))
+        counted_loop(ctx, &b, f, p_slot, kc, 1, |p| step(pb, p, p, direct, 0))
+    };
+    // The kept rows of a sparse panel, a chain a row in turn, then the chains added.
+    let sparse_loop = || -> R<()> {
+        let i32t = ctx.i32_type();
+        let count = b.build_int_s_extend(b.build_load(i32t, pb, "count")?.into_int_value(), i64t, "")?;
+        let index = unsafe { b.build_in_bounds_gep(f32t, pb, &[i64t.const_int(SparsePanel::HEADER as u64, false)], "")? };
+        // values_offset for this k: the header, then k indices padded to a whole vector.
+        let padded_k = b.build_and(b.build_int_add(kc, i64t.const_int((super::LANES - 1) as u64, false), "")?, i64t.const_int((-super::LANES) as u64, true), "")?;
+        let values_at = b.build_int_add(padded_k, i64t.const_int(SparsePanel::HEADER as u64, false), "")?;
+        let values = unsafe { b.build_in_bounds_gep(f32t, pb, &[values_at], "")? };
+        let row_k = |i: IntValue<'ctx>| -> R<IntValue<'ctx>> {
+            let slot = unsafe { b.build_in_bounds_gep(i32t, index, &[i], "")? };
+            Ok(b.build_int_s_extend(b.build_load(i32t, slot, "")?.into_int_value(), i64t, "")?)
+        };
+        b.build_store(p_slot, i64t.const_zero())?;
+        let main_end = b.build_int_sub(count, i64t.const_int(chains as u64 - 1, false), "")?;
+        counted_loop(ctx, &b, f, p_slot, main_end, chains, |i| {
+            for c in 0..chains {
+                let i = b.build_int_add(i, i64t.const_int(c as u64, false), "")?;
+                step(values, i, row_k(i)?, None, c as usize)?;
+            }
+            Ok(())
+        })?;
+        counted_loop(ctx, &b, f, p_slot, count, 1, |i| step(values, i, row_k(i)?, None, 0))?;
+        // Pairwise: chain c += chain c + w for widths 1, 2, 4, ...
+        let (chains, mut width) = (chains as usize, 1usize);
+        while width < chains {
+            for c in (0..chains).step_by(2 * width).filter(|c| c + width < chains) {
+                for (x, y) in chain_accs[c].iter().zip(&chain_accs[c + width]) {
+                    let sum = b.build_float_add(b.build_load(vt, *x, "")?.into_vector_value(), b.build_load(vt, *y, "")?.into_vector_value(), "")?;
+                    b.build_store(*x, sum)?;
+                }
+            }
+            width *= 2;
+        }
+        Ok(())
     };
     match &spec.shape.im2col {
         Some(w) => {
@@ -200,6 +248,17 @@ pub fn emit<'ctx>(ctx: &'ctx Context, module: &Module<'ctx>, k: &Kernel, spec: &
             b.build_unconditional_branch(done_bb)?;
             b.position_at_end(direct_bb);
             k_loop(Some(w.over_copy().row_step()))?;
+            b.build_unconditional_branch(done_bb)?;
+            b.position_at_end(done_bb);
+        }
+        None if spec.shape.sparse_b => {
+            let (sparse_bb, dense_bb, done_bb) = (ctx.append_basic_block(f, "sparse"), ctx.append_basic_block(f, "dense"), ctx.append_basic_block(f, "product"));
+            b.build_conditional_branch(flag(DENSE_B)?, dense_bb, sparse_bb)?;
+            b.position_at_end(sparse_bb);
+            sparse_loop()?;
+            b.build_unconditional_branch(done_bb)?;
+            b.position_at_end(dense_bb);
+            k_loop(None)?;
             b.build_unconditional_branch(done_bb)?;
             b.position_at_end(done_bb);
         }

@@ -91,8 +91,22 @@ impl GemmTile {
         }
     }
 
+    /// The tile over sparse B panels (`kernels::sparse`) of one vector, `lanes` columns: every
+    /// row of the output up to 12 (AVX2: 12 accumulators, the B vector and a broadcast in
+    /// 16 registers), else 8 (a row panel of 12 over 16 rows would be a third padding).
+    pub fn sparse(m: i64, lanes: i64) -> GemmTile {
+        GemmTile { mr: if m <= 12 { m.max(1) } else { 8 }, nr: lanes, lanes }
+    }
+
     pub fn vectors(&self) -> i64 {
         self.nr / self.lanes
+    }
+
+    /// Independent sums per element over a sparse panel: enough accumulators in flight for
+    /// the FMA latency × 2 pipes (8) however few rows the tile has; the chains take the kept
+    /// rows in turn and are added (pairwise) before the epilogue.
+    pub fn sparse_chains(&self) -> i64 {
+        (8 + self.mr - 1) / self.mr
     }
 }
 
@@ -234,6 +248,10 @@ pub enum ConvTiling {
 /// to `partial` and the epilogue skipped (a chunk of k that is not the last).
 pub const FROM_PARTIAL: i64 = 1;
 pub const TO_PARTIAL: i64 = 2;
+/// For a microkernel over sparse B panels: this call's B panel is dense (k × nr) after all.
+/// The runtime packs B dense for a call whose A holds an inf or a NaN, since a skipped zero
+/// of B times it is NaN in eager's product (and in Kiln's dense one).
+pub const DENSE_B: i64 = 4;
 
 /// The most bytes of one B panel a convolution reads per pass over its tiles (a quarter of a
 /// Zen core's L2: the chunk stays there while the thread's tiles use it).
@@ -256,6 +274,9 @@ pub struct GemmShape {
     /// A convolution: A is these windows of the image in `a.buf` (`a.rows`, `a.cols`
     /// unused), packed one row panel at a time as the tiles need it.
     pub im2col: Option<Im2col>,
+    /// B is packed as sparse panels (`kernels::sparse::SparsePanel`, `tile.nr` columns): only
+    /// the k rows of each panel with a nonzero, which the microkernel walks.
+    pub sparse_b: bool,
 }
 
 impl GemmShape {
@@ -283,8 +304,16 @@ impl GemmShape {
         }
         self.packed_count(&self.a) * self.m_panels() * self.tile.mr * self.k
     }
+    /// Floats of one packed B panel (dense: k × nr; sparse: room for every row kept).
+    pub fn b_panel_elems(&self) -> i64 {
+        if self.sparse_b {
+            crate::kernels::sparse::SparsePanel { k: self.k, nr: self.tile.nr }.elems()
+        } else {
+            self.tile.nr * self.k
+        }
+    }
     pub fn packed_b_elems(&self) -> i64 {
-        self.packed_count(&self.b) * self.n_panels() * self.tile.nr * self.k
+        self.packed_count(&self.b) * self.n_panels() * self.b_panel_elems()
     }
     /// Where B's panels start in the scratch (after A's, 64-byte aligned: the microkernel's
     /// loads of B are aligned).
@@ -356,7 +385,7 @@ impl GemmShape {
             GemmOperand { buf: op.buf, offset, batch_strides, rows: take(), cols: take() }
         };
         let (a, b) = (operand(&self.a), operand(&self.b));
-        GemmShape { batch, m, n, k, a, b, tile: self.tile, im2col: self.im2col.clone() }
+        GemmShape { batch, m, n, k, a, b, tile: self.tile, im2col: self.im2col.clone(), sparse_b: self.sparse_b }
     }
     /// Multiply-adds, for the parallel grain.
     pub fn flops(&self) -> i64 {

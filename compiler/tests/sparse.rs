@@ -1,0 +1,132 @@
+//! The GEMM over sparse B panels (`kernels::sparse`) against a float64 reference: random
+//! sparsity patterns (unstructured and in blocks of every shape the facts count), all-zero
+//! rows and columns, an all-zero and a fully dense weight, odd sizes and remainders of every
+//! tile and chain, each packed per call and packed once; infs and NaNs in the activations
+//! (whose products with the skipped zeros are NaN, as in eager). Bound as in `gemm.rs`:
+//! γ(k+2) · Σ|aᵢ bᵢ| (the chains change the order of summation, not the bound).
+
+mod common;
+use common::Rng;
+use kiln_compiler::graph::ir::parse_graph;
+use kiln_compiler::kernels::sparse::{choose, WeightFacts, BLOCK_SHAPES};
+use kiln_compiler::{compile, lower_graph, CompileOptions, CompiledProgram, Target};
+
+/// relu(x · Wᵀ + bias) (or x · Wᵀ alone) with W's zeros skipped by sparse panels `lanes` wide.
+fn program(m: i64, n: i64, k: i64, lanes: i64, epilogue: bool) -> (CompiledProgram, String) {
+    let mut ir = format!("graph(%0: f32[{m}, {k}], %1: f32[{n}, {k}], %2: f32[{n}]) {{\n  %3 = permute(%1) dims=[1, 0] : f32[{k}, {n}]\n  %4 = matmul(%0, %3) sparse_b={lanes} : f32[{m}, {n}]\n");
+    ir += &if epilogue { format!("  %5 = add(%4, %2) : f32[{m}, {n}]\n  %6 = relu(%5) : f32[{m}, {n}]\n  return (%6)\n}}\n") } else { "  return (%4)\n}\n".to_string() };
+    let g = parse_graph(&ir).unwrap_or_else(|e| panic!("{e}\n{ir}"));
+    let strides = [vec![k, 1], vec![k, 1], vec![1]];
+    let loops = lower_graph(&g, &strides).unwrap().to_string();
+    assert!(loops.contains("sparse"), "not the sparse kernel:\n{loops}");
+    (compile(&g, &strides, &Target::host(), &CompileOptions::default()).unwrap_or_else(|e| panic!("{e}\n{ir}")), loops)
+}
+
+/// A weight of `n × k` with nonzeros in `block` blocks kept with probability `density`.
+fn weight(rng: &mut Rng, n: i64, k: i64, block: (i64, i64), density: f32) -> Vec<f32> {
+    let (br, bc) = block;
+    let keep: Vec<bool> = (0..((n + br - 1) / br) * ((k + bc - 1) / bc)).map(|_| rng.uniform(0.0, 1.0) < density).collect();
+    let blocks_per_row = (k + bc - 1) / bc;
+    (0..n * k).map(|i| if keep[((i / k / br) * blocks_per_row + (i % k) / bc) as usize] { rng.uniform(-1.0, 1.0) } else { 0.0 }).collect()
+}
+
+fn run(p: &CompiledProgram, x: &[f32], w: &[f32], bias: &[f32], m: i64, n: i64, prepacked: bool) -> Vec<f32> {
+    #[derive(Clone, Copy)]
+    #[repr(align(64))]
+    #[allow(dead_code)] // storage only
+    struct Line([f32; 16]);
+    let weights = p.packable_weights().to_vec();
+    assert_eq!(weights.len(), 1, "the weight is offered for packing once");
+    let mut packed = vec![Line([f32::NAN; 16]); weights[0].elems.div_ceil(16)];
+    unsafe { p.pack_weight(&weights[0], w.as_ptr() as _, packed.as_mut_ptr() as *mut f32) };
+    let ins = [x.as_ptr() as *const u8, w.as_ptr() as *const u8, bias.as_ptr() as *const u8];
+    let mut out = vec![0f32; (m * n) as usize];
+    let mut slot = Some(out.as_mut_ptr() as *mut u8);
+    let ptr = packed.as_ptr() as *const f32;
+    unsafe { p.run_packed(|i| ins[i], |_| slot.take(), &|_| prepacked.then_some(ptr)) }.unwrap();
+    out
+}
+
+#[allow(clippy::too_many_arguments)]
+fn check(rng: &mut Rng, m: i64, n: i64, k: i64, lanes: i64, w: &[f32], epilogue: bool, what: &str) {
+    let (p, loops) = program(m, n, k, lanes, epilogue);
+    let mut x: Vec<f32> = (0..m * k).map(|_| rng.uniform(-1.0, 1.0)).collect();
+    if rng.next_u64() % 4 == 0 && m * k > 0 {
+        // An inf or a NaN in the activations: the skipped zeros make NaNs, as eager's do.
+        let at = (rng.next_u64() % (m * k) as u64) as usize;
+        x[at] = if rng.next_u64() % 2 == 0 { f32::INFINITY } else { f32::NAN };
+    }
+    let bias: Vec<f32> = (0..n).map(|_| rng.uniform(-1.0, 1.0)).collect();
+    let u = 2f64.powi(-24);
+    let gamma = (k + 2) as f64 * u / (1.0 - (k + 2) as f64 * u);
+    for prepacked in [false, true] {
+        let got = run(&p, &x, w, &bias, m, n, prepacked);
+        for i in 0..m {
+            for j in 0..n {
+                let (mut exact, mut mag) = (0f64, 0f64);
+                for q in 0..k {
+                    let (a, b) = (x[(i * k + q) as usize] as f64, w[(j * k + q) as usize] as f64);
+                    exact += a * b;
+                    mag += (a * b).abs();
+                }
+                if epilogue {
+                    exact = (exact + bias[j as usize] as f64).max(0.0);
+                    // (relu of a NaN is NaN in eager; f64::max drops it)
+                    if mag.is_nan() {
+                        exact = f64::NAN;
+                    }
+                }
+                let g = got[(i * n + j) as usize] as f64;
+                let bound = 2.0 * gamma * mag + 4.0 * u * exact.abs() + 1e-30;
+                let ok = if exact.is_finite() { (g - exact).abs() <= bound } else { g.to_bits() == exact.to_bits() || (g.is_nan() && exact.is_nan()) };
+                assert!(ok, "{what} {m}x{n}x{k} lanes {lanes} prepacked {prepacked}: ({i}, {j}) {g} vs {exact} (bound {bound})\n{loops}");
+            }
+        }
+    }
+}
+
+#[test]
+fn sparse_panels_match_float64_on_random_patterns() {
+    let lanes: Vec<i64> = [8, 16].into_iter().filter(|&l| l <= kiln_compiler::kernels::gemm::host_lanes()).collect();
+    let mut rng = Rng(0x5eed_5ba7_5e00_0001);
+    let sizes = [1, 2, 3, 5, 7, 8, 9, 12, 13, 16, 17, 31, 33, 64, 100];
+    for case in 0..60 {
+        let pick = |rng: &mut Rng| sizes[(rng.next_u64() % sizes.len() as u64) as usize];
+        let (m, n, k) = (pick(&mut rng), pick(&mut rng).max(16) + (case % 3) as i64, pick(&mut rng));
+        let block = BLOCK_SHAPES[case % BLOCK_SHAPES.len()];
+        let density = [0.05, 0.1, 0.3, 0.6][case / 2 % 4];
+        let w = weight(&mut rng, n, k, block, density);
+        check(&mut rng, m, n, k, lanes[case % lanes.len()], &w, case % 2 == 0, &format!("{block:?} blocks at {density}"));
+    }
+    // All zeros; fully dense; zero rows (features) and zero columns (inputs); long k.
+    let (n, k) = (40, 77);
+    let zero_rows: Vec<f32> = (0..n * k).map(|i| if (i / k) % 3 == 0 { 0.0 } else { 0.5 - (i % 7) as f32 * 0.1 }).collect();
+    let zero_cols: Vec<f32> = (0..n * k).map(|i| if (i % k) % 4 != 1 { 0.0 } else { 0.25 + (i % 5) as f32 * 0.1 }).collect();
+    for (what, w) in [("all-zero", vec![0.0; (n * k) as usize]), ("dense", vec![0.75; (n * k) as usize]), ("zero rows", zero_rows), ("zero cols", zero_cols)] {
+        for &m in &[1, 4, 13] {
+            for &l in &lanes {
+                check(&mut rng, m, n, k, l, &w, true, what);
+            }
+        }
+    }
+    let w = weight(&mut rng, 256, 1024, (1, 1), 0.1);
+    check(&mut rng, 3, 256, 1024, 8, &w, true, "long k");
+}
+
+#[test]
+fn the_choice_follows_the_panels_a_weight_leaves_empty() {
+    let mut rng = Rng(3);
+    let facts = |w: &[f32], n, k| unsafe { WeightFacts::measure(w.as_ptr(), n, k, k, 1) };
+    // 90% zeros in 16×1 blocks: a 16- or 8-wide panel keeps a tenth of its rows.
+    let w = weight(&mut rng, 256, 256, (16, 1), 0.1);
+    let c = choose(&facts(&w, 256, 256), true, 16);
+    assert!(c.lanes.is_some() && c.work < 0.2, "{c:?}");
+    assert!(c.reason.contains("16x1 blocks"), "{c:?}");
+    // Half zeros, unstructured: nearly every panel row keeps a nonzero: dense.
+    let w = weight(&mut rng, 256, 256, (1, 1), 0.5);
+    assert_eq!(choose(&facts(&w, 256, 256), true, 8).lanes, None);
+    // 90% unstructured on 8-wide panels: 1 - 0.9^8 = 57% of the rows kept.
+    let w = weight(&mut rng, 256, 256, (1, 1), 0.1);
+    let c = choose(&facts(&w, 256, 256), true, 8);
+    assert!(c.reason.contains("unstructured") && (c.work - 0.57 * kiln_compiler::kernels::sparse::SPARSE_ROW_COST).abs() < 0.05, "{c:?}");
+}
