@@ -15,6 +15,7 @@
 use crate::CacheKey;
 use kiln_compiler::lower::{BufferDecl, BufferKind};
 use kiln_compiler::kernels::gemm::{GemmOperand, GemmShape, GemmTile, Im2col};
+use kiln_compiler::kernels::sparse::SparseFormat;
 use kiln_compiler::lower::loop_ir::BufId;
 use kiln_compiler::runtime::program::KernelDecl;
 use kiln_compiler::{DType, ProgramImage, Target};
@@ -106,7 +107,7 @@ pub fn encode(header: &EntryHeader, image: &ProgramImage) -> Vec<u8> {
         body.extend(format!("kernel {} {} {} {} {} {}\n", k.name, k.symbol, k.extent, k.parallel as u8, k.work_per_iter, list(&buffers)).bytes());
         if let Some(g) = &k.gemm {
             let operand = |o: &GemmOperand| format!("{} {} {} {} {}", o.buf.0, o.offset, list(&o.batch_strides), o.rows, o.cols);
-            let sparse = if g.sparse_b { " sparse" } else { "" };
+            let sparse = g.sparse_b.map_or(String::new(), |f| format!(" {f}"));
             let line = format!("gemm {} {} {} {} {} {} {} {}{sparse}\n", list(&g.batch), g.m, g.n, g.k, operand(&g.a), operand(&g.b), g.tile.mr, g.tile.nr);
             body.extend(line.bytes());
             if let Some(w) = &g.im2col {
@@ -268,11 +269,15 @@ fn parse_body(body: &[u8]) -> Result<ProgramImage, String> {
                 // except over sparse panels: one vector a panel.
                 let (mr, nr) = (num(w.next(), "gemm tile")?, num(w.next(), "gemm tile")?);
                 let sparse_b = match w.next() {
-                    None => false,
-                    Some("sparse") => true,
-                    Some(_) => return Err("a gemm line with a bad B format".into()),
+                    None => None,
+                    Some(f) => Some(SparseFormat::parse(f).ok_or("a gemm line with a bad B format")?),
                 };
-                let tile = GemmTile { mr, nr, lanes: if sparse_b { nr } else { kiln_compiler::kernels::gemm::host_lanes() } };
+                let lanes = match sparse_b {
+                    Some(SparseFormat::Panels(l)) => l,
+                    Some(SparseFormat::Rows(_)) => GemmTile::sparse_rows().lanes,
+                    None => kiln_compiler::kernels::gemm::host_lanes(),
+                };
+                let tile = GemmTile { mr, nr, lanes };
                 let kernel = image.kernels.last_mut().ok_or("a gemm line before any kernel")?;
                 kernel.gemm = Some(GemmShape { batch, m, n, k, a, b, tile, im2col: None, sparse_b });
             }
@@ -356,8 +361,13 @@ fn check_gemm(image: &ProgramImage, k: &KernelDecl, g: &GemmShape) -> Result<(),
             return Err("a gemm operand that is not a float32 buffer of the batch's rank".into());
         }
     }
-    if g.sparse_b && (g.im2col.is_some() || ![8, 16].contains(&g.tile.nr) || g.tile.nr > kiln_compiler::kernels::gemm::host_lanes()) {
-        return Err("sparse B panels of a bad width".into());
+    let sparse_ok = match g.sparse_b {
+        None => true,
+        Some(SparseFormat::Panels(l)) => g.im2col.is_none() && g.tile.nr == l && l <= kiln_compiler::kernels::gemm::host_lanes(),
+        Some(SparseFormat::Rows(_)) => g.im2col.is_none() && g.tile == GemmTile::sparse_rows(),
+    };
+    if !sparse_ok {
+        return Err("a sparse B of a bad format".into());
     }
     if g.tile.mr <= 0 || g.tile.nr <= 0 || g.tile.nr % g.tile.lanes != 0 || [g.m, g.n, g.k].iter().any(|&d| d < 0) || g.batch.iter().any(|&d| d < 0) || g.batch.len() > kiln_compiler::runtime::gemm::MAX_BATCH_DIMS {
         return Err("a gemm of bad sizes".into());

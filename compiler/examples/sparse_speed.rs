@@ -1,14 +1,14 @@
 //! Kiln's GEMM over sparse B panels against its own dense kernel, on pruned weights:
 //! `cargo run --release -p kiln-compiler --example sparse_speed -- [threads]` sweeps square
 //! layers 256² and 1024² at batch 1 and 16, blocks 1×1, 1×4, 1×8, 4×4, 16×1 and 50–95%
-//! zeros, and prints one line per case: `n batch block zeros dense_us sparse_us predicted
-//! chosen` (predicted: the cost model's work over dense, `kernels::sparse::choose`; chosen:
-//! what the frontend would pick, sparse panels or dense). Both programs compute
+//! zeros, and prints one line per case: `n batch block zeros dense=µs` then µs per sparse
+//! format, `best=` the format the cost model predicts fastest (`kernels::sparse::choose`),
+//! `predicted=` its time over dense's, `chosen=` what the frontend picks. Both programs compute
 //! `x · Wᵀ` with W a kept weight packed once, as a frozen model's is. `bench/sparse.py` runs
 //! it and makes the table and chart.
 use kiln_compiler::graph::ir::parse_graph;
 use kiln_compiler::kernels::gemm::host_lanes;
-use kiln_compiler::kernels::sparse::{choose, WeightFacts};
+use kiln_compiler::kernels::sparse::{choose, SparseFormat, WeightFacts};
 use kiln_compiler::{compile, CompileOptions, CompiledProgram, Target};
 use std::time::Instant;
 
@@ -17,7 +17,7 @@ use std::time::Instant;
 #[allow(dead_code)] // storage only
 struct Line([f32; 16]);
 
-fn program(m: i64, n: i64, k: i64, sparse: Option<i64>) -> CompiledProgram {
+fn program(m: i64, n: i64, k: i64, sparse: Option<SparseFormat>) -> CompiledProgram {
     let attr = sparse.map_or(String::new(), |l| format!(" sparse_b={l}"));
     let ir = format!("graph(%0: f32[{m}, {k}], %1: f32[{n}, {k}]) {{\n  %2 = permute(%1) dims=[1, 0] : f32[{k}, {n}]\n  %3 = matmul(%0, %2){attr} : f32[{m}, {n}]\n  return (%3)\n}}\n");
     compile(&parse_graph(&ir).unwrap(), &[vec![k, 1], vec![k, 1]], &Target::host(), &CompileOptions::default()).unwrap()
@@ -74,18 +74,22 @@ fn main() {
             let x: Vec<f32> = (0..m * k).map(|_| rng.uniform() - 0.5).collect();
             let mut out = vec![0f32; (m * n) as usize];
             let dense = program(m, n, k, None);
-            let sparse: Vec<(i64, CompiledProgram)> = [8, 16].into_iter().filter(|&l| l <= host_lanes()).map(|l| (l, program(m, n, k, Some(l)))).collect();
+            let mut formats: Vec<SparseFormat> = [8, 16].into_iter().filter(|&l| l <= host_lanes()).map(SparseFormat::Panels).collect();
+            if m <= 3 {
+                formats.extend([1, 4, 8].map(SparseFormat::Rows));
+            }
+            let sparse: Vec<(SparseFormat, CompiledProgram)> = formats.iter().map(|&f| (f, program(m, n, k, Some(f)))).collect();
             for block in [(1i64, 1i64), (1, 4), (1, 8), (4, 4), (16, 1)] {
                 for zeros in [0.5f32, 0.7, 0.8, 0.9, 0.95] {
                     let per_row = k / block.1;
                     let keep: Vec<bool> = (0..(n / block.0) * per_row).map(|_| rng.uniform() >= zeros).collect();
                     let w: Vec<f32> = (0..n * k).map(|i| if keep[((i / k / block.0) * per_row + (i % k) / block.1) as usize] { rng.uniform() - 0.5 } else { 0.0 }).collect();
                     let facts = unsafe { WeightFacts::measure(w.as_ptr(), n, k, k, 1) };
-                    let choice = choose(&facts, true, host_lanes());
-                    // The sparse time at the width the model predicts best, taken or not.
-                    let sp = &sparse.iter().find(|(l, _)| *l == choice.panels).unwrap().1;
-                    let (d, s) = (time(&dense, &x, &w, &mut out), time(sp, &x, &w, &mut out));
-                    println!("{n} {m} {}x{} {zeros} {d:.2} {s:.2} {:.3} {}", block.0, block.1, choice.work, choice.lanes.map_or("dense".to_string(), |l| format!("sparse{l}")));
+                    let choice = choose(&facts, true, host_lanes(), m);
+                    let d = time(&dense, &x, &w, &mut out);
+                    // Every format's time, and the model's pick (taken or not).
+                    let times: Vec<String> = sparse.iter().map(|(f, p)| format!("{f}={:.2}", time(p, &x, &w, &mut out))).collect();
+                    println!("{n} {m} {}x{} {zeros} dense={d:.2} {} best={} predicted={:.3} chosen={} blocks={}", block.0, block.1, times.join(" "), choice.best, choice.work, choice.format.map_or("dense".to_string(), |f| f.to_string()), facts.nonzero_blocks.iter().map(|b| b.to_string()).collect::<Vec<_>>().join(","));
                 }
             }
         }

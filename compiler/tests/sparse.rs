@@ -8,12 +8,12 @@
 mod common;
 use common::Rng;
 use kiln_compiler::graph::ir::parse_graph;
-use kiln_compiler::kernels::sparse::{choose, WeightFacts, BLOCK_SHAPES};
+use kiln_compiler::kernels::sparse::{choose, SparseFormat, WeightFacts, BLOCK_SHAPES};
 use kiln_compiler::{compile, lower_graph, CompileOptions, CompiledProgram, Target};
 
-/// relu(x · Wᵀ + bias) (or x · Wᵀ alone) with W's zeros skipped by sparse panels `lanes` wide.
-fn program(m: i64, n: i64, k: i64, lanes: i64, epilogue: bool) -> (CompiledProgram, String) {
-    let mut ir = format!("graph(%0: f32[{m}, {k}], %1: f32[{n}, {k}], %2: f32[{n}]) {{\n  %3 = permute(%1) dims=[1, 0] : f32[{k}, {n}]\n  %4 = matmul(%0, %3) sparse_b={lanes} : f32[{m}, {n}]\n");
+/// relu(x · Wᵀ + bias) (or x · Wᵀ alone) with W's zeros skipped in sparse `format`.
+fn program(m: i64, n: i64, k: i64, format: SparseFormat, epilogue: bool) -> (CompiledProgram, String) {
+    let mut ir = format!("graph(%0: f32[{m}, {k}], %1: f32[{n}, {k}], %2: f32[{n}]) {{\n  %3 = permute(%1) dims=[1, 0] : f32[{k}, {n}]\n  %4 = matmul(%0, %3) sparse_b={format} : f32[{m}, {n}]\n");
     ir += &if epilogue { format!("  %5 = add(%4, %2) : f32[{m}, {n}]\n  %6 = relu(%5) : f32[{m}, {n}]\n  return (%6)\n}}\n") } else { "  return (%4)\n}\n".to_string() };
     let g = parse_graph(&ir).unwrap_or_else(|e| panic!("{e}\n{ir}"));
     let strides = [vec![k, 1], vec![k, 1], vec![1]];
@@ -48,8 +48,8 @@ fn run(p: &CompiledProgram, x: &[f32], w: &[f32], bias: &[f32], m: i64, n: i64, 
 }
 
 #[allow(clippy::too_many_arguments)]
-fn check(rng: &mut Rng, m: i64, n: i64, k: i64, lanes: i64, w: &[f32], epilogue: bool, what: &str) {
-    let (p, loops) = program(m, n, k, lanes, epilogue);
+fn check(rng: &mut Rng, m: i64, n: i64, k: i64, format: SparseFormat, w: &[f32], epilogue: bool, what: &str) {
+    let (p, loops) = program(m, n, k, format, epilogue);
     let mut x: Vec<f32> = (0..m * k).map(|_| rng.uniform(-1.0, 1.0)).collect();
     if rng.next_u64() % 4 == 0 && m * k > 0 {
         // An inf or a NaN in the activations: the skipped zeros make NaNs, as eager's do.
@@ -79,7 +79,7 @@ fn check(rng: &mut Rng, m: i64, n: i64, k: i64, lanes: i64, w: &[f32], epilogue:
                 let g = got[(i * n + j) as usize] as f64;
                 let bound = 2.0 * gamma * mag + 4.0 * u * exact.abs() + 1e-30;
                 let ok = if exact.is_finite() { (g - exact).abs() <= bound } else { g.to_bits() == exact.to_bits() || (g.is_nan() && exact.is_nan()) };
-                assert!(ok, "{what} {m}x{n}x{k} lanes {lanes} prepacked {prepacked}: ({i}, {j}) {g} vs {exact} (bound {bound})\n{loops}");
+                assert!(ok, "{what} {m}x{n}x{k} {format} prepacked {prepacked}: ({i}, {j}) {g} vs {exact} (bound {bound})\n{loops}");
             }
         }
     }
@@ -87,7 +87,14 @@ fn check(rng: &mut Rng, m: i64, n: i64, k: i64, lanes: i64, w: &[f32], epilogue:
 
 #[test]
 fn sparse_panels_match_float64_on_random_patterns() {
-    let lanes: Vec<i64> = [8, 16].into_iter().filter(|&l| l <= kiln_compiler::kernels::gemm::host_lanes()).collect();
+    // Every format the host has; sparse rows for one to three rows only.
+    let formats = |m: i64| -> Vec<SparseFormat> {
+        let mut f: Vec<SparseFormat> = [8, 16].into_iter().filter(|&l| l <= kiln_compiler::kernels::gemm::host_lanes()).map(SparseFormat::Panels).collect();
+        if m <= 3 {
+            f.extend([1, 4, 8].map(SparseFormat::Rows));
+        }
+        f
+    };
     let mut rng = Rng(0x5eed_5ba7_5e00_0001);
     let sizes = [1, 2, 3, 5, 7, 8, 9, 12, 13, 16, 17, 31, 33, 64, 100];
     for case in 0..60 {
@@ -96,37 +103,46 @@ fn sparse_panels_match_float64_on_random_patterns() {
         let block = BLOCK_SHAPES[case % BLOCK_SHAPES.len()];
         let density = [0.05, 0.1, 0.3, 0.6][case / 2 % 4];
         let w = weight(&mut rng, n, k, block, density);
-        check(&mut rng, m, n, k, lanes[case % lanes.len()], &w, case % 2 == 0, &format!("{block:?} blocks at {density}"));
+        let fs = formats(m);
+        check(&mut rng, m, n, k, fs[case % fs.len()], &w, case % 2 == 0, &format!("{block:?} blocks at {density}"));
     }
     // All zeros; fully dense; zero rows (features) and zero columns (inputs); long k.
     let (n, k) = (40, 77);
     let zero_rows: Vec<f32> = (0..n * k).map(|i| if (i / k) % 3 == 0 { 0.0 } else { 0.5 - (i % 7) as f32 * 0.1 }).collect();
     let zero_cols: Vec<f32> = (0..n * k).map(|i| if (i % k) % 4 != 1 { 0.0 } else { 0.25 + (i % 5) as f32 * 0.1 }).collect();
     for (what, w) in [("all-zero", vec![0.0; (n * k) as usize]), ("dense", vec![0.75; (n * k) as usize]), ("zero rows", zero_rows), ("zero cols", zero_cols)] {
-        for &m in &[1, 4, 13] {
-            for &l in &lanes {
-                check(&mut rng, m, n, k, l, &w, true, what);
+        for &m in &[1, 3, 4, 13] {
+            for f in formats(m) {
+                check(&mut rng, m, n, k, f, &w, true, what);
             }
         }
     }
     let w = weight(&mut rng, 256, 1024, (1, 1), 0.1);
-    check(&mut rng, 3, 256, 1024, 8, &w, true, "long k");
+    for f in formats(3) {
+        check(&mut rng, 3, 256, 1024, f, &w, true, "long k");
+    }
 }
 
 #[test]
-fn the_choice_follows_the_panels_a_weight_leaves_empty() {
+fn the_choice_follows_the_zeros_a_weight_has() {
     let mut rng = Rng(3);
     let facts = |w: &[f32], n, k| unsafe { WeightFacts::measure(w.as_ptr(), n, k, k, 1) };
-    // 90% zeros in 16×1 blocks: a 16- or 8-wide panel keeps a tenth of its rows.
+    // 90% zeros in 16×1 blocks: panels keep a tenth of their rows, at any batch.
     let w = weight(&mut rng, 256, 256, (16, 1), 0.1);
-    let c = choose(&facts(&w, 256, 256), true, 16);
-    assert!(c.lanes.is_some() && c.work < 0.2, "{c:?}");
-    assert!(c.reason.contains("16x1 blocks"), "{c:?}");
-    // Half zeros, unstructured: nearly every panel row keeps a nonzero: dense.
+    for m in [1, 16] {
+        let c = choose(&facts(&w, 256, 256), true, 16, m);
+        assert!(matches!(c.format, Some(SparseFormat::Panels(_))) && c.work < 0.3, "{c:?}");
+        assert!(c.reason.contains("16x1 blocks"), "{c:?}");
+    }
+    // 90% in 1×8 blocks at batch 1: runs of 8 along k.
+    let w = weight(&mut rng, 1024, 1024, (1, 8), 0.1);
+    assert_eq!(choose(&facts(&w, 1024, 1024), true, 8, 1).format, Some(SparseFormat::Rows(8)));
+    // 90% unstructured at batch 1 (every sparse format within noise of the others here):
+    // sparse, and predicted well under dense.
+    let w = weight(&mut rng, 1024, 1024, (1, 1), 0.1);
+    let c = choose(&facts(&w, 1024, 1024), true, 8, 1);
+    assert!(c.format.is_some() && c.work < 0.8, "{c:?}");
+    // Half zeros, unstructured, at batch 16: nearly every panel row keeps a nonzero: dense.
     let w = weight(&mut rng, 256, 256, (1, 1), 0.5);
-    assert_eq!(choose(&facts(&w, 256, 256), true, 8).lanes, None);
-    // 90% unstructured on 8-wide panels: 1 - 0.9^8 = 57% of the rows kept.
-    let w = weight(&mut rng, 256, 256, (1, 1), 0.1);
-    let c = choose(&facts(&w, 256, 256), true, 8);
-    assert!(c.reason.contains("unstructured") && (c.work - 0.57 * kiln_compiler::kernels::sparse::SPARSE_ROW_COST).abs() < 0.05, "{c:?}");
+    assert_eq!(choose(&facts(&w, 256, 256), true, 8, 16).format, None);
 }

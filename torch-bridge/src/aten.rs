@@ -1515,10 +1515,12 @@ impl Lower<'_> {
         if !matches!(self.g.node(p).op, Op::MatMul { .. }) || self.g.ty(p).dtype != DType::F32 {
             return;
         }
-        let choice = kiln_compiler::kernels::sparse::choose(facts, true, kiln_compiler::kernels::gemm::host_lanes());
+        let shape = self.g.ty(p).static_shape().unwrap_or_default();
+        let m = shape.iter().rev().skip(1).product::<i64>();
+        let choice = kiln_compiler::kernels::sparse::choose(facts, true, kiln_compiler::kernels::gemm::host_lanes(), m);
         self.weight_choices.push(format!("weight {}x{} of %{}: {}", facts.rows, facts.cols, p.0, choice.reason));
-        if let Some(lanes) = choice.lanes {
-            self.g.nodes[p.0 as usize].op = Op::MatMul { sparse_b: Some(lanes) };
+        if let Some(format) = choice.format {
+            self.g.nodes[p.0 as usize].op = Op::MatMul { sparse_b: Some(format) };
         }
     }
 

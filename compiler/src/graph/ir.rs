@@ -161,9 +161,9 @@ pub enum Op {
     Expand,
     /// Matrix product of a[batch…, m, k] and b[batch…, k, n], batch dims broadcast
     /// (right-aligned): torch.matmul for operands of rank ≥ 2. `sparse_b`: how to run it, not
-    /// what it computes — B (a weight with zeros) packed as sparse panels of that many
-    /// columns (`kernels::sparse`), a choice the frontend made from the weight's values.
-    MatMul { sparse_b: Option<i64> },
+    /// what it computes — B (a weight with zeros) packed in that sparse format
+    /// (`kernels::sparse`), a choice the frontend made from the weight's values.
+    MatMul { sparse_b: Option<crate::kernels::sparse::SparseFormat> },
     /// The inputs one after another along `dim` (torch.cat): stored, each input written into
     /// its part of the buffer by a kernel of its own.
     Cat { dim: usize },
@@ -493,13 +493,13 @@ impl Graph {
         Ok(self.push(Op::MatMul { sparse_b: None }, vec![a, b], TensorType { dtype: ta.dtype, shape }))
     }
 
-    /// [`matmul`](Self::matmul) over B packed as sparse panels `lanes` columns wide.
-    pub fn matmul_sparse_b(&mut self, a: ValueId, b: ValueId, lanes: i64) -> Result<ValueId, IrError> {
-        if ![8, 16].contains(&lanes) || self.ty(a).dtype != DType::F32 {
-            return err(format!("sparse B panels are float32, 8 or 16 columns wide, not {lanes}"));
+    /// [`matmul`](Self::matmul) over B packed in sparse `format`.
+    pub fn matmul_sparse_b(&mut self, a: ValueId, b: ValueId, format: crate::kernels::sparse::SparseFormat) -> Result<ValueId, IrError> {
+        if !format.valid() || self.ty(a).dtype != DType::F32 {
+            return err(format!("a sparse B is float32 in a format the kernels have, not {format}"));
         }
         let v = self.matmul(a, b)?;
-        self.nodes[v.0 as usize].op = Op::MatMul { sparse_b: Some(lanes) };
+        self.nodes[v.0 as usize].op = Op::MatMul { sparse_b: Some(format) };
         Ok(v)
     }
 
@@ -617,7 +617,7 @@ impl fmt::Display for Graph {
                 Op::Reshape => format!("reshape({args})"),
                 Op::Expand => format!("expand({args})"),
                 Op::MatMul { sparse_b: None } => format!("matmul({args})"),
-                Op::MatMul { sparse_b: Some(lanes) } => format!("matmul({args}) sparse_b={lanes}"),
+                Op::MatMul { sparse_b: Some(format) } => format!("matmul({args}) sparse_b={format}"),
                 Op::Cat { dim } => format!("cat({args}) dim={dim}"),
                 Op::Iota { dim } => format!("iota() dim={dim}"),
                 Op::Unfold { dim, size, step, dilation } => format!("unfold({args}) dim={dim} size={size} step={step} dilation={dilation}"),
@@ -729,7 +729,7 @@ pub fn parse_graph(text: &str) -> Result<Graph, IrError> {
                     let i = ins()?;
                     match attr("sparse_b") {
                         None => g.matmul(i[0], i[1])?,
-                        Some(l) => g.matmul_sparse_b(i[0], i[1], l.parse().map_err(|_| IrError(format!("bad sparse_b in {line}")))?)?,
+                        Some(f) => g.matmul_sparse_b(i[0], i[1], crate::kernels::sparse::SparseFormat::parse(f).ok_or_else(|| IrError(format!("bad sparse_b in {line}")))?)?,
                     }
                 }
                 "cat" => {

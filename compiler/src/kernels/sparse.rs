@@ -18,7 +18,46 @@
 //! some width, or dense) comes from the weight seen when the frontend lowered, and it is in
 //! the graph's text (so in the cache key); the facts themselves are not.
 
-use crate::kernels::gemm::LANES;
+use crate::kernels::gemm::{GemmTile, LANES};
+
+/// How a sparse B is packed (and so which loop the microkernel runs over it).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum SparseFormat {
+    /// Panels of this many columns (one vector), only their rows with a nonzero
+    /// ([`SparsePanel`]): blocks of `lanes` output features × 1 input; any number of A rows.
+    Panels(i64),
+    /// Each column of B (an output feature) on its own: its nonzero runs of this many k
+    /// (1, 4 or 8: blocks of 1 feature × that many inputs) with their k ([`SparseRows`]); a
+    /// dot product per output element, for products of one to three rows (batch 1).
+    Rows(i64),
+}
+
+impl std::fmt::Display for SparseFormat {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            SparseFormat::Panels(l) => write!(f, "panels{l}"),
+            SparseFormat::Rows(b) => write!(f, "rows{b}"),
+        }
+    }
+}
+
+impl SparseFormat {
+    pub fn parse(s: &str) -> Option<SparseFormat> {
+        let f = if let Some(l) = s.strip_prefix("panels") {
+            SparseFormat::Panels(l.parse().ok()?)
+        } else {
+            SparseFormat::Rows(s.strip_prefix("rows")?.parse().ok()?)
+        };
+        f.valid().then_some(f)
+    }
+    /// Widths the kernels have: panels of one AVX2 or AVX-512 vector, runs of 1, 4 or 8.
+    pub fn valid(&self) -> bool {
+        match *self {
+            SparseFormat::Panels(l) => l == 8 || l == 16,
+            SparseFormat::Rows(b) => [1, 4, 8].contains(&b),
+        }
+    }
+}
 
 /// Block shapes whose nonzero blocks the facts count, (rows, cols) of the weight as the
 /// frontend holds it (a Linear's weight: rows are output features, cols inputs). Panels of
@@ -103,57 +142,135 @@ impl WeightFacts {
     }
 }
 
-/// Work a sparse panel row costs per dense one, from measurement (`bench/sparse.py`: the
-/// k-index load and the A element it addresses beside each FMA, the partial sums combined).
-pub const SPARSE_ROW_COST: f64 = 1.25;
+/// The cost model's rates, per thread, fitted (least squares on log time) to
+/// `compiler/examples/sparse_speed` on Zen 3: one thread, 256² and 1024² layers, batch 1
+/// and 16, five block shapes, 50–95% zeros, every format (ARCHITECTURE.md, "Sparse
+/// weights"). Vector FMAs per cycle of the dense GEMM's tile, of the GEMV loop nest (and
+/// what each of its output elements costs besides: its dot product's lanes summed) and of
+/// sparse panels (a broadcast of A and the k index beside each FMA); steps per cycle of
+/// sparse rows (a run's k, its values and A's: three loads a step; a run of one is a scalar
+/// step); what a microkernel call costs besides (a tile: its epilogue, its loop set-up);
+/// bytes per cycle of a weight read from L2 or, past `L2_BYTES`, from L3 and memory; and a
+/// call's fixed cost (threads woken, A packed).
+const GEMM_FMAS_PER_CYCLE: f64 = 1.4;
+const GEMV_FMAS_PER_CYCLE: f64 = 0.85;
+const GEMV_ELEMENT_CYCLES: f64 = 20.0;
+const PANEL_FMAS_PER_CYCLE: f64 = 1.0;
+const ROW_STEPS_PER_CYCLE: f64 = 0.41;
+const SCALAR_ROW_STEPS_PER_CYCLE: f64 = 0.46;
+const TILE_CYCLES: f64 = 130.0;
+const L2_BYTES_PER_CYCLE: f64 = 14.0;
+const FAR_BYTES_PER_CYCLE: f64 = 11.0;
+const L2_BYTES: f64 = 512.0 * 1024.0;
+const CALL_CYCLES: f64 = 1300.0;
 
-/// The GEMM's choice for a weight B, from its facts: sparse panels `lanes` columns wide, or
-/// dense.
+/// The GEMM's choice for a weight B, from its facts: a sparse format, or dense.
 #[derive(Clone, Debug, PartialEq)]
 pub struct SparseChoice {
-    /// Sparse panels of this many columns; None: dense.
-    pub lanes: Option<i64>,
-    /// The width of the best sparse panels (taken or not).
-    pub panels: i64,
-    /// The best sparse panels' predicted work over the dense kernel's (taken where under 1).
+    /// None: dense.
+    pub format: Option<SparseFormat>,
+    /// The sparse format predicted fastest (taken or not), and its time over dense's.
+    pub best: SparseFormat,
     pub work: f64,
     /// Why, for `explain()`.
     pub reason: String,
 }
 
-/// Picks the panel width (8 or 16 columns, none wider than the host's vectors) with the least
-/// predicted work, and takes it where that is under the dense kernel's work.
+/// Predicted cycles of a product that does `steps` at `rate` a cycle and `overhead` cycles
+/// besides, reading a weight of `bytes`: whichever bounds it, the arithmetic or the bytes.
+fn cycles(steps: f64, rate: f64, overhead: f64, bytes: f64) -> f64 {
+    let bandwidth = if bytes <= L2_BYTES { L2_BYTES_PER_CYCLE } else { FAR_BYTES_PER_CYCLE };
+    CALL_CYCLES + (steps / rate + overhead).max(bytes / bandwidth)
+}
+
+/// Picks the format with the least predicted time for a product of `m` rows (sparse panels
+/// 8 or 16 columns wide, none wider than the host's vectors; sparse rows of runs of 1, 4 or 8
+/// for one to three rows) and takes it where it beats the dense kernel.
 /// `n_dim_rows`: B's columns (n, the output features) are the weight's rows (a Linear's
-/// `x · Wᵀ`); else its columns (`x · W`).
-pub fn choose(facts: &WeightFacts, n_dim_rows: bool, host_lanes: i64) -> SparseChoice {
+/// `x · Wᵀ`); else its columns (`x · W`, panels only).
+pub fn choose(facts: &WeightFacts, n_dim_rows: bool, host_lanes: i64, m: i64) -> SparseChoice {
     let (n, k) = if n_dim_rows { (facts.rows, facts.cols) } else { (facts.cols, facts.rows) };
-    // Dense: k rows per panel of the host's width (a vector of 8 costs an instruction as one
-    // of 16 does).
-    let dense = ((n + host_lanes - 1) / host_lanes * k).max(1) as f64;
-    let (lanes, work) = [8, 16]
-        .into_iter()
-        .filter(|&l| l <= host_lanes)
-        .filter_map(|l| facts.blocks_of(if n_dim_rows { (l, 1) } else { (1, l) }).map(|rows| (l, rows as f64 * SPARSE_ROW_COST / dense)))
-        .min_by(|a, b| a.1.total_cmp(&b.1))
-        .expect("8-wide panels are always counted");
+    let (mf, weight_bytes) = (m.max(1) as f64, (n * k * 4) as f64);
+    let dense_fmas = mf * ((n + host_lanes - 1) / host_lanes * k) as f64;
+    let dense_tiles = (mf / GemmTile::for_rows(m).mr as f64).ceil() * (n as f64 / GemmTile::for_rows(m).nr as f64).ceil();
+    let dense = if m < 4 {
+        cycles(dense_fmas, GEMV_FMAS_PER_CYCLE, mf * n as f64 * GEMV_ELEMENT_CYCLES, weight_bytes)
+    } else {
+        cycles(dense_fmas, GEMM_FMAS_PER_CYCLE, dense_tiles * TILE_CYCLES, weight_bytes)
+    };
+    let mut candidates = vec![];
+    for lanes in [8, 16].into_iter().filter(|&l| l <= host_lanes) {
+        let rows = facts.blocks_of(if n_dim_rows { (lanes, 1) } else { (1, lanes) }).expect("panel widths are counted") as f64;
+        let tile_rows = GemmTile::sparse(m, lanes).mr as f64;
+        let row_panels = (mf / tile_rows).ceil();
+        let tiles = row_panels * (n as f64 / lanes as f64).ceil();
+        candidates.push((SparseFormat::Panels(lanes), cycles(rows * row_panels * tile_rows, PANEL_FMAS_PER_CYCLE, tiles * TILE_CYCLES, rows * (4 * lanes + 4) as f64)));
+    }
+    if n_dim_rows && m <= 3 {
+        let tiles = mf * (n as f64 / GemmTile::sparse_rows().nr as f64).ceil();
+        for block in [1, 4, 8] {
+            let runs = facts.blocks_of((1, block)).expect("run lengths are counted") as f64;
+            let rate = if block == 1 { SCALAR_ROW_STEPS_PER_CYCLE } else { ROW_STEPS_PER_CYCLE };
+            candidates.push((SparseFormat::Rows(block), cycles(runs * mf, rate, tiles * TILE_CYCLES, runs * (4 * block + 4) as f64)));
+        }
+    }
+    let (best, time) = candidates.into_iter().min_by(|a, b| a.1.total_cmp(&b.1)).expect("panels of 8 are always a candidate");
+    let work = time / dense;
     let zeros = format!("{:.0}% zeros, {}", 100.0 * facts.zero_fraction(), match facts.structure() {
         Some((r, c)) => format!("in {r}x{c} blocks"),
         None => "unstructured".to_string(),
     });
     let sparse = work < 1.0;
     let reason = if sparse {
-        format!("sparse panels {lanes}x1: {:.0}% of the dense work ({zeros})", 100.0 * work)
+        format!("sparse {best}: predicted {:.0}% of the dense kernel's time ({zeros})", 100.0 * work)
     } else {
-        format!("dense: sparse panels {lanes}x1 would do {:.0}% of the dense work ({zeros})", 100.0 * work)
+        format!("dense: sparse {best} predicted at {:.0}% of its time ({zeros})", 100.0 * work)
     };
-    SparseChoice { lanes: sparse.then_some(lanes), panels: lanes, work, reason }
+    SparseChoice { format: sparse.then_some(best), best, work, reason }
 }
 
-/// The packed layout of one sparse B panel (`nr` columns over `k` rows), in floats:
-/// `HEADER` floats whose first holds the number of kept rows (as an i32's bits), then `k`
-/// i32 row indices (the kept rows' k, increasing; padded to a vector), then the kept rows'
-/// values, `nr` floats each (the first `count` rows used). Sized for every row kept, so a
-/// panel's place does not depend on the weight.
+/// A sparse B packed whole: a table of each panel's offset (an i64 in two floats' place,
+/// `table_elems` floats), then the panels one after another, each at a multiple of a vector
+/// and only as long as its kept data: one stream through memory (a layout with room for
+/// every row in each panel scattered the data over pages, and the prefetcher never caught
+/// up: sparse rows of a 1024² layer ran at 4 GB/s). Sized for every row kept, so the
+/// buffer's size does not depend on the weight.
+pub fn table_elems(panels: i64) -> i64 {
+    (2 * panels + LANES - 1) / LANES * LANES
+}
+
+/// Rounds a count of floats up to whole vectors.
+pub fn padded(n: i64) -> i64 {
+    (n + LANES - 1) / LANES * LANES
+}
+
+/// One B panel of `nr` columns over `k` rows in [`SparseFormat::Rows`] of runs `block` long,
+/// in floats: `HEADER` floats holding each column's number of kept runs and then each
+/// column's offset from the panel's start (i32 bits), then per column its runs' first k
+/// (i32) followed by their values, `block` floats each (a run past k holds zeros). Runs start
+/// at multiples of `block` (the blocks the facts count).
+#[derive(Clone, Copy, Debug)]
+pub struct SparseRows {
+    pub k: i64,
+    pub nr: i64,
+    pub block: i64,
+}
+
+impl SparseRows {
+    pub const HEADER: i64 = LANES;
+    /// Runs a column has room for.
+    pub fn runs(&self) -> i64 {
+        (self.k + self.block - 1) / self.block
+    }
+    /// Floats of a panel with every run kept.
+    pub fn elems(&self) -> i64 {
+        padded(Self::HEADER + self.nr * self.runs() * (1 + self.block))
+    }
+}
+
+/// One sparse B panel in [`SparseFormat::Panels`] (`nr` columns over `k` rows), in floats:
+/// `HEADER` floats whose first holds the number of kept rows (as an i32's bits), then the
+/// kept rows' k (i32, increasing; padded to a vector), then their values, `nr` floats each.
 #[derive(Clone, Copy, Debug)]
 pub struct SparsePanel {
     pub k: i64,
@@ -163,11 +280,13 @@ pub struct SparsePanel {
 impl SparsePanel {
     /// Floats before the indices (a vector: the values stay aligned).
     pub const HEADER: i64 = LANES;
-    pub fn values_offset(&self) -> i64 {
-        Self::HEADER + (self.k + LANES - 1) / LANES * LANES
+    /// Where the values start for `count` kept rows.
+    pub fn values_offset(count: i64) -> i64 {
+        Self::HEADER + padded(count)
     }
+    /// Floats of a panel with every row kept, to a whole vector (the next panel's start).
     pub fn elems(&self) -> i64 {
-        self.values_offset() + self.k * self.nr
+        padded(Self::values_offset(self.k) + self.k * self.nr)
     }
 }
 
@@ -191,13 +310,21 @@ mod tests {
         assert_eq!(f.blocks_of((16, 1)), Some(4));
         assert_eq!(f.structure(), Some((4, 4)));
         assert_eq!(WeightFacts::parse(&f.to_text()), Some(f.clone()));
-        // Sparse panels along the rows (x · Wᵀ): 4 of 8 panel rows of the one 8-wide panel
-        // group holding rows 0..8 are kept; rows 8..16 keep none.
-        let c = choose(&f, true, 8);
-        assert_eq!(c.lanes, Some(8));
-        assert!((c.work - 4.0 * SPARSE_ROW_COST / 16.0).abs() < 1e-9, "{c:?}");
+        // x · Wᵀ at 64 rows on a 256² weight of one 4×4 block: panels keep 4 rows of one.
+        let mut big = vec![false; 256 * 256];
+        for r in 0..4 {
+            for c in 0..4 {
+                big[r * 256 + c] = true;
+            }
+        }
+        let c = choose(&WeightFacts::of_mask(&big, 256, 256), true, 8, 64);
+        assert_eq!(c.format, Some(SparseFormat::Panels(8)), "{c:?}");
         // All zeros: nothing to do; all nonzero: dense.
-        assert_eq!(choose(&WeightFacts::of_mask(&[false; 64], 8, 8), true, 16).lanes, Some(8));
-        assert_eq!(choose(&WeightFacts::of_mask(&[true; 64], 8, 8), true, 16).lanes, None);
+        assert!(choose(&WeightFacts::of_mask(&vec![false; 256 * 256], 256, 256), true, 16, 1).format.is_some());
+        assert_eq!(choose(&WeightFacts::of_mask(&vec![true; 256 * 256], 256, 256), true, 16, 1).format, None);
+        for f in ["panels8", "panels16", "rows1", "rows4", "rows8"] {
+            assert_eq!(SparseFormat::parse(f).unwrap().to_string(), f);
+        }
+        assert_eq!(SparseFormat::parse("rows3"), None);
     }
 }

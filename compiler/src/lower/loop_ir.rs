@@ -263,7 +263,7 @@ impl fmt::Display for Kernel {
             writeln!(
                 out,
                 "  gemm acc{} = {} x {}{}: batch {:?} m {} n {} k {}, tile {}x{}, epilogue per element:",
-                g.acc.0, operand(&s.a), operand(&s.b), if s.sparse_b { " (sparse panels)" } else { "" }, s.batch, s.m, s.n, s.k, s.tile.mr, s.tile.nr
+                g.acc.0, operand(&s.a), operand(&s.b), s.sparse_b.map_or(String::new(), |f| format!(" (sparse {f})")), s.batch, s.m, s.n, s.k, s.tile.mr, s.tile.nr
             )
             .unwrap();
         }

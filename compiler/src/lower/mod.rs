@@ -269,11 +269,18 @@ fn gemm_shape(g: &Graph, v: ValueId, b: &KernelBuilder) -> Option<crate::kernels
         Some(GemmOperand { buf, offset, batch_strides, rows: strides[nb], cols: strides[nb + 1] })
     };
     let (a, bop) = (operand(a)?, operand(bv)?);
-    // Sparse B panels (a weight with zeros, `kernels::sparse`) at any number of rows: the
-    // microkernel keeps several sums per element where the tile has few rows.
-    if let Op::MatMul { sparse_b: Some(lanes) } = g.node(v).op {
-        if lanes <= crate::kernels::gemm::host_lanes() && bop.batch_invariant() {
-            return Some(GemmShape { batch: out[..r - 2].to_vec(), m, n, k, a, b: bop, tile: GemmTile::sparse(m, lanes), im2col: None, sparse_b: true });
+    // A sparse B (a weight with zeros, `kernels::sparse`): at any number of rows for panels
+    // (the microkernel keeps several sums per element where the tile has few rows), one to
+    // three rows for sparse rows (A's rows then read along k in runs: packed contiguous).
+    if let Op::MatMul { sparse_b: Some(format) } = g.node(v).op {
+        use crate::kernels::sparse::SparseFormat;
+        let tile = match format {
+            SparseFormat::Panels(lanes) if lanes <= crate::kernels::gemm::host_lanes() => Some(GemmTile::sparse(m, lanes)),
+            SparseFormat::Rows(_) if m <= 3 => Some(GemmTile::sparse_rows()),
+            _ => None,
+        };
+        if let Some(tile) = tile.filter(|_| bop.batch_invariant()) {
+            return Some(GemmShape { batch: out[..r - 2].to_vec(), m, n, k, a, b: bop, tile, im2col: None, sparse_b: Some(format) });
         }
     }
     // The loop nest is a dot product per element, fast only when both operands step by one
@@ -283,7 +290,7 @@ fn gemm_shape(g: &Graph, v: ValueId, b: &KernelBuilder) -> Option<crate::kernels
     if m < GEMM_MIN_ROWS && a.cols == 1 && bop.rows == 1 {
         return None;
     }
-    Some(GemmShape { batch: out[..r - 2].to_vec(), m, n, k, a, b: bop, tile: GemmTile::for_rows(m), im2col: None, sparse_b: false })
+    Some(GemmShape { batch: out[..r - 2].to_vec(), m, n, k, a, b: bop, tile: GemmTile::for_rows(m), im2col: None, sparse_b: None })
 }
 
 /// Convolution `v` as a GEMM over its image's windows: rows the output pixels, columns the
@@ -302,7 +309,7 @@ fn conv_gemm_shape(g: &Graph, v: ValueId, b: &KernelBuilder, kernel: [i64; 2], s
     let bop = GemmOperand { buf: wbuf, offset: woff, batch_strides: vec![0], rows: wst[0], cols: wst[1] };
     let k = xs[1] * kernel[0] * kernel[1];
     let tile = conv_tile(&im2col, out[1]);
-    GemmShape { batch: vec![out[0]], m: out[2] * out[3], n: out[1], k, a, b: bop, tile, im2col: Some(im2col), sparse_b: false }
+    GemmShape { batch: vec![out[0]], m: out[2] * out[3], n: out[1], k, a, b: bop, tile, im2col: Some(im2col), sparse_b: None }
 }
 
 /// A convolution's tile: `GemmTile::for_columns`, or 7 × 48 where output rows of 7 or 14

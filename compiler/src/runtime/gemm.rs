@@ -9,7 +9,7 @@
 //! (batch, column panel, row panel) order, so a thread reuses its B panel across the rows.
 
 use crate::kernels::gemm::{ConvTiling, GemmOperand, GemmShape, Im2col, DENSE_B, FROM_PARTIAL, TO_PARTIAL};
-use crate::kernels::sparse::SparsePanel;
+use crate::kernels::sparse::{padded, table_elems, SparseFormat, SparsePanel, SparseRows};
 use crate::runtime::parallel;
 use std::cell::RefCell;
 
@@ -101,35 +101,71 @@ unsafe fn pack_b_panel(b: &GemmOperand, src: *const f32, n: i64, k: i64, c0: i64
 }
 
 /// Packs columns [c0, c0 + nr) × all of k of B as a sparse panel (`SparsePanel`): the rows
-/// with a nonzero (NaN counts) among the live columns, their k indices and values.
-unsafe fn pack_sparse_b_panel(b: &GemmOperand, src: *const f32, n: i64, k: i64, c0: i64, nr: i64, dst: *mut f32) {
+/// with a nonzero (NaN counts) among the live columns, their k indices and values. Returns
+/// the floats written.
+unsafe fn pack_sparse_b_panel(b: &GemmOperand, src: *const f32, n: i64, k: i64, c0: i64, nr: i64, dst: *mut f32) -> i64 {
     let live = (n - c0).clamp(0, nr);
-    let panel = SparsePanel { k, nr };
-    let index = dst.offset(SparsePanel::HEADER as isize) as *mut i32;
-    let values = dst.offset(panel.values_offset() as isize);
-    let mut count = 0;
-    for p in 0..k {
-        let at = |c: i64| *src.offset((p * b.rows + (c0 + c) * b.cols) as isize);
-        if (0..live).all(|c| at(c) == 0.0) {
-            continue;
-        }
-        *index.offset(count as isize) = p as i32;
-        let row = values.offset((count * nr) as isize);
-        for c in 0..nr {
-            *row.offset(c as isize) = if c < live { at(c) } else { 0.0 };
-        }
-        count += 1;
-    }
+    let at = |p: i64, c: i64| *src.offset((p * b.rows + (c0 + c) * b.cols) as isize);
+    let kept: Vec<i64> = (0..k).filter(|&p| (0..live).any(|c| at(p, c) != 0.0)).collect();
+    let count = kept.len() as i64;
+    let (index, values) = (dst.offset(SparsePanel::HEADER as isize) as *mut i32, dst.offset(SparsePanel::values_offset(count) as isize));
     *(dst as *mut i32) = count as i32;
+    for (i, &p) in kept.iter().enumerate() {
+        *index.add(i) = p as i32;
+        for c in 0..nr {
+            *values.offset(i as isize * nr as isize + c as isize) = if c < live { at(p, c) } else { 0.0 };
+        }
+    }
+    SparsePanel::values_offset(count) + count * nr
 }
 
-/// Packs one B panel in the shape's format.
-unsafe fn pack_b_panel_as(s: &GemmShape, sparse: bool, src: *const f32, c0: i64, dst: *mut f32) {
-    if sparse {
-        pack_sparse_b_panel(&s.b, src, s.n, s.k, c0, s.tile.nr, dst)
-    } else {
-        pack_b_panel(&s.b, src, s.n, s.k, c0, s.tile.nr, dst)
+/// Packs columns [c0, c0 + nr) × all of k of B as sparse rows (`SparseRows`): each live
+/// column's runs of `block` k (starting at multiples of it) with a nonzero, their first k and
+/// values (zeros past k); columns past n keep no runs. Returns the floats written.
+unsafe fn pack_sparse_b_rows(b: &GemmOperand, src: *const f32, n: i64, k: i64, c0: i64, nr: i64, block: i64, dst: *mut f32) -> i64 {
+    let live = (n - c0).clamp(0, nr);
+    let layout = SparseRows { k, nr, block };
+    let header = dst as *mut i32;
+    let mut at_float = SparseRows::HEADER;
+    for c in 0..nr {
+        let value = |p: i64| if p < k { *src.offset((p * b.rows + (c0 + c) * b.cols) as isize) } else { 0.0 };
+        let runs: Vec<i64> = (0..layout.runs()).map(|r| r * block).filter(|&p0| c < live && (p0..p0 + block).any(|p| value(p) != 0.0)).collect();
+        let column = dst.offset(at_float as isize);
+        *header.offset(c as isize) = runs.len() as i32;
+        *header.offset((nr + c) as isize) = at_float as i32;
+        let values = column.add(runs.len());
+        for (i, &p0) in runs.iter().enumerate() {
+            *(column as *mut i32).add(i) = p0 as i32;
+            for j in 0..block {
+                *values.offset((i as i64 * block + j) as isize) = value(p0 + j);
+            }
+        }
+        at_float += runs.len() as i64 * (1 + block);
     }
+    at_float
+}
+
+/// Packs a sparse B (`src` at its first element) whole, in its format: the panel table, then
+/// each panel where the last one ended (`kernels::sparse::table_elems`).
+unsafe fn pack_sparse_b(s: &GemmShape, format: SparseFormat, src: *const f32, dst: *mut f32) {
+    let np = s.n_panels();
+    let mut at = table_elems(np);
+    for jp in 0..np {
+        *(dst as *mut i64).offset(jp as isize) = at;
+        let panel = dst.offset(at as isize);
+        let c0 = jp * s.tile.nr;
+        let used = match format {
+            SparseFormat::Panels(_) => pack_sparse_b_panel(&s.b, src, s.n, s.k, c0, s.tile.nr, panel),
+            SparseFormat::Rows(block) => pack_sparse_b_rows(&s.b, src, s.n, s.k, c0, s.tile.nr, block, panel),
+        };
+        at += padded(used);
+    }
+    assert!(at <= s.packed_b_elems(), "a sparse B past its buffer");
+}
+
+/// Column panel `jp` of a sparse B packed by `pack_sparse_b`.
+unsafe fn sparse_panel(packed: *const f32, jp: i64) -> *const f32 {
+    packed.offset(*(packed as *const i64).offset(jp as isize) as isize)
 }
 
 /// Whether any element of A (every batch) is an inf or a NaN: then a B zero that sparse
@@ -166,14 +202,17 @@ fn run_of(n: i64, parts: usize, p: usize) -> (i64, i64) {
 /// `src` is B's buffer, laid out as `s.b` says; `dst` writable for `s.packed_b_elems()` floats.
 pub unsafe fn pack_b(s: &GemmShape, src: *const f32, dst: *mut f32) {
     debug_assert!(s.b.batch_invariant());
-    pack_b_panels(s, src.offset(s.b.offset as isize), dst, 0, s.n_panels());
+    match s.sparse_b {
+        Some(format) => pack_sparse_b(s, format, src.offset(s.b.offset as isize), dst),
+        None => pack_b_panels(s, src.offset(s.b.offset as isize), dst, 0, s.n_panels()),
+    }
 }
 
 /// Packs column panels [lo, hi) of a batch-invariant B (`src` at B's first element) into
 /// their places in `dst`.
 unsafe fn pack_b_panels(s: &GemmShape, src: *const f32, dst: *mut f32, lo: i64, hi: i64) {
     for jp in lo..hi {
-        pack_b_panel_as(s, s.sparse_b, src, jp * s.tile.nr, dst.offset((jp * s.b_panel_elems()) as isize));
+        pack_b_panel(&s.b, src, s.n, s.k, jp * s.tile.nr, s.tile.nr, dst.offset((jp * s.tile.nr * s.k) as isize));
     }
 }
 
@@ -197,24 +236,28 @@ pub unsafe fn run(s: &GemmShape, ukr: MicrokernelFn, table: *const *mut u8, scra
     let a_src = (*table.add(s.a.buf.0 as usize) as *const f32).offset(s.a.offset as isize);
     let b_src = (*table.add(s.b.buf.0 as usize) as *const f32).offset(s.b.offset as isize);
     let pa = scratch;
-    // Sparse panels unless A holds an inf or a NaN: then B is packed dense for this call
-    // (the scratch has room: a sparse panel is larger than a dense one).
-    let dense_b = s.sparse_b && a_has_non_finite(s, a_src);
+    // A sparse B unless A holds an inf or a NaN: then B is packed dense for this call (the
+    // scratch has room: a sparse panel is larger than a dense one).
+    let dense_b = s.sparse_b.is_some() && a_has_non_finite(s, a_src);
     let prepacked_b = prepacked_b.filter(|_| !dense_b);
-    let sparse = s.sparse_b && !dense_b;
+    let format = s.sparse_b.filter(|_| !dense_b);
     let flags = if dense_b { DENSE_B } else { 0 };
     let pb = prepacked_b.map_or(scratch.offset(s.packed_b_offset() as isize), |p| p as *mut f32);
     let a_count = if s.a.batch_invariant() { 1 } else { batches };
     let b_count = if s.b.batch_invariant() { 1 } else { batches };
-    let (a_panel, b_panel) = (tile.mr * s.k, if sparse { s.b_panel_elems() } else { tile.nr * s.k });
+    let (a_panel, b_panel) = (s.a_panel_elems(), tile.nr * s.k);
     let parts = if s.flops() < PARALLEL_MIN_FLOPS { 1 } else { parallel::threads().min(tiles as usize) };
     let shared = Shared((a_src, b_src, pa, pb, table));
 
-    // Packing: A's panels, then B's, split evenly across the threads.
-    let b_tasks = if prepacked_b.is_some() { 0 } else { b_count * np };
+    // A sparse B not kept packed (its panels' places depend on the data: one pass), here.
+    if let (Some(format), None) = (format, prepacked_b) {
+        pack_sparse_b(s, format, b_src, pb);
+    }
+    // Packing: A's panels, then dense B's, split evenly across the threads.
+    let b_tasks = if prepacked_b.is_some() || format.is_some() { 0 } else { b_count * np };
     let pack_tasks = a_count * mp + b_tasks;
     // Packing a little (one row of A beside a kept weight) is not worth a parallel region.
-    let pack_elems = a_count * mp * a_panel + if prepacked_b.is_some() { 0 } else { b_count * np * b_panel };
+    let pack_elems = a_count * mp * a_panel + b_tasks * b_panel;
     let pack_parts = if pack_elems < PARALLEL_MIN_PACK { 1 } else { parts };
     let pack = |p: usize| {
         let (a_src, b_src, pa, pb, _) = shared.get();
@@ -225,12 +268,15 @@ pub unsafe fn run(s: &GemmShape, ukr: MicrokernelFn, table: *const *mut u8, scra
             if t < a_count * mp {
                 let (bi, ip) = (t / mp, t % mp);
                 let off = batch_offset(&s.batch, &s.a.batch_strides, bi, coords);
-                pack_a_panel(&s.a, a_src.offset(off as isize), s.m, s.k, ip * tile.mr, tile.mr, pa.offset((t * a_panel) as isize));
+                let dst = pa.offset((t * a_panel) as isize);
+                pack_a_panel(&s.a, a_src.offset(off as isize), s.m, s.k, ip * tile.mr, tile.mr, dst);
+                // Zeros past k, where a sparse run's last vector reads (`a_panel_elems`).
+                std::ptr::write_bytes(dst.offset((tile.mr * s.k) as isize), 0, (a_panel - tile.mr * s.k) as usize);
             } else {
                 let t = t - a_count * mp;
                 let (bi, jp) = (t / np, t % np);
                 let off = batch_offset(&s.batch, &s.b.batch_strides, bi, coords);
-                pack_b_panel_as(s, sparse, b_src.offset(off as isize), jp * tile.nr, pb.offset((t * b_panel) as isize));
+                pack_b_panel(&s.b, b_src.offset(off as isize), s.n, s.k, jp * tile.nr, tile.nr, pb.offset((t * b_panel) as isize));
             }
         }
     };
@@ -246,7 +292,10 @@ pub unsafe fn run(s: &GemmShape, ukr: MicrokernelFn, table: *const *mut u8, scra
             coords[nb] = ip * tile.mr;
             coords[nb + 1] = jp * tile.nr;
             let a = pa.offset((((if a_count == 1 { 0 } else { bi }) * mp + ip) * a_panel) as isize);
-            let b = pb.offset((((if b_count == 1 { 0 } else { bi }) * np + jp) * b_panel) as isize);
+            let b = match format {
+                Some(_) => sparse_panel(pb, jp),
+                None => pb.offset((((if b_count == 1 { 0 } else { bi }) * np + jp) * b_panel) as isize),
+            };
             let rows = (s.m - ip * tile.mr).min(tile.mr);
             let cols = (s.n - jp * tile.nr).min(tile.nr);
             ukr(table, a, b, s.k, coords.as_ptr(), rows, cols, std::ptr::null(), std::ptr::null_mut(), flags);

@@ -30,7 +30,7 @@
 //! call the runtime packed dense: its A holds an inf or a NaN).
 
 use super::{GemmSpec, DENSE_B, FROM_PARTIAL, TO_PARTIAL};
-use crate::kernels::sparse::SparsePanel;
+use crate::kernels::sparse::{SparseFormat, SparsePanel};
 use crate::codegen::loops::{llvm_type, num_params, set_target_attrs, used_buffers, Emitter, R};
 use crate::codegen::target::Target;
 use crate::codegen::CodegenError;
@@ -49,6 +49,10 @@ use std::collections::HashMap;
 /// k steps per iteration of the main loop (a remainder loop takes the rest): enough
 /// independent work between loop branches; LLVM does not unroll a runtime trip count itself.
 const UNROLL: i64 = 4;
+
+/// Independent sums per output element over sparse rows: FMA latency 4, and each step's
+/// three loads (its k, a run of B, a run of A) allow about one step a cycle.
+const ROW_CHAINS: usize = 4;
 
 /// The epilogue's innermost statements: the body of the loop over the output's columns.
 /// Its loops, in any order, are dims of the product (a dim of size 1 may have none): the
@@ -128,12 +132,24 @@ pub fn emit<'ctx>(ctx: &'ctx Context, module: &Module<'ctx>, k: &Kernel, spec: &
     let col0 = coord(spec.batch_vars.len() + 1)?;
 
     // The register tile (one set of accumulators per chain of sums).
-    let chains = if spec.shape.sparse_b { tile.sparse_chains() } else { 1 };
+    let chains = if matches!(spec.shape.sparse_b, Some(SparseFormat::Panels(_))) { tile.sparse_chains() } else { 1 };
     let chain_accs: Vec<Vec<PointerValue>> = (0..chains).map(|_| (0..mr * nv).map(|_| b.build_alloca(vt, "c")).collect::<Result<_, _>>()).collect::<Result<_, _>>()?;
     for a in chain_accs.iter().flatten() {
         b.build_store(*a, vt.const_zero())?;
     }
     let tile_accs = &chain_accs[0];
+    // Every alloca in the entry block, where SROA promotes them to registers (a k counter or
+    // a sum left in memory puts a store-to-load forward into each step).
+    let p_slot = b.build_alloca(i64t, "p")?;
+    let row_type: inkwell::types::BasicTypeEnum = match spec.shape.sparse_b {
+        Some(SparseFormat::Rows(block)) if block > 1 => f32t.vec_type(block as u32).into(),
+        _ => f32t.into(),
+    };
+    let row_slots: Vec<PointerValue> = (0..ROW_CHAINS).map(|_| b.build_alloca(row_type, "s")).collect::<Result<_, _>>()?;
+    let (r_slot, j_slot) = (b.build_alloca(i64t, "r")?, b.build_alloca(i64t, "j")?);
+    // The stack tile the epilogue reads.
+    let tile_mem = b.build_array_alloca(f32t, i64t.const_int((mr * tile.nr) as u64, false), "tile")?;
+    tile_mem.as_instruction().unwrap().set_alignment(64).map_err(|e| CodegenError::Llvm(e.to_string()))?;
     let flag = |bit: i64| -> R<IntValue<'ctx>> {
         let set = b.build_and(flags, i64t.const_int(bit as u64, false), "")?;
         Ok(b.build_int_compare(IntPredicate::NE, set, i64t.const_zero(), "")?)
@@ -190,7 +206,6 @@ pub fn emit<'ctx>(ctx: &'ctx Context, module: &Module<'ctx>, k: &Kernel, spec: &
         Ok(())
     };
     // Main loop, UNROLL steps at a time, then the remainder one step at a time.
-    let p_slot = b.build_alloca(i64t, "p")?;
     let k_loop = |direct: Option<i64>| -> R<()> {
         b.build_store(p_slot, i64t.const_zero())?;
         let main_end = b.build_int_sub(kc, i64t.const_int(UNROLL as u64 - 1, false), "")?;
@@ -208,9 +223,9 @@ pub fn emit<'ctx>(ctx: &'ctx Context, module: &Module<'ctx>, k: &Kernel, spec: &
         let i32t = ctx.i32_type();
         let count = b.build_int_s_extend(b.build_load(i32t, pb, "count")?.into_int_value(), i64t, "")?;
         let index = unsafe { b.build_in_bounds_gep(f32t, pb, &[i64t.const_int(SparsePanel::HEADER as u64, false)], "")? };
-        // values_offset for this k: the header, then k indices padded to a whole vector.
-        let padded_k = b.build_and(b.build_int_add(kc, i64t.const_int((super::LANES - 1) as u64, false), "")?, i64t.const_int((-super::LANES) as u64, true), "")?;
-        let values_at = b.build_int_add(padded_k, i64t.const_int(SparsePanel::HEADER as u64, false), "")?;
+        // The values follow the header and the kept rows' indices, padded to a whole vector.
+        let padded_count = b.build_and(b.build_int_add(count, i64t.const_int((super::LANES - 1) as u64, false), "")?, i64t.const_int((-super::LANES) as u64, true), "")?;
+        let values_at = b.build_int_add(padded_count, i64t.const_int(SparsePanel::HEADER as u64, false), "")?;
         let values = unsafe { b.build_in_bounds_gep(f32t, pb, &[values_at], "")? };
         let row_k = |i: IntValue<'ctx>| -> R<IntValue<'ctx>> {
             let slot = unsafe { b.build_in_bounds_gep(i32t, index, &[i], "")? };
@@ -239,6 +254,71 @@ pub fn emit<'ctx>(ctx: &'ctx Context, module: &Module<'ctx>, k: &Kernel, spec: &
         }
         Ok(())
     };
+    // Sparse rows: each of the tile's columns (one row of A) a dot product over its kept runs,
+    // `ROW_CHAINS` sums in turn; the sums go into the register tile's vector.
+    let rows_loop = |block: i64| -> R<()> {
+        let i32t = ctx.i32_type();
+        let c64 = |x: i64| i64t.const_int(x as u64, true);
+        let (rt, chain_slots) = (row_type, &row_slots);
+        let row_fma = Intrinsic::find("llvm.fma").and_then(|i| i.get_declaration(module, &[rt])).expect("llvm.fma");
+        let mut tile_vector = vt.get_undef();
+        for c in 0..tile.nr {
+            let count = b.build_int_s_extend(b.build_load(i32t, unsafe { b.build_in_bounds_gep(i32t, pb, &[c64(c)], "")? }, "")?.into_int_value(), i64t, "")?;
+            // The column's runs: their k, then their values (`SparseRows`).
+            let column_at = b.build_int_s_extend(b.build_load(i32t, unsafe { b.build_in_bounds_gep(i32t, pb, &[c64(tile.nr + c)], "")? }, "")?.into_int_value(), i64t, "")?;
+            let column = unsafe { b.build_in_bounds_gep(f32t, pb, &[column_at], "")? };
+            let values = unsafe { b.build_in_bounds_gep(f32t, column, &[count], "")? };
+            for slot in chain_slots {
+                b.build_store(*slot, rt.const_zero())?;
+            }
+            let step = |i: IntValue<'ctx>, chain: usize| -> R<()> {
+                let p = b.build_int_s_extend(b.build_load(i32t, unsafe { b.build_in_bounds_gep(i32t, column, &[i], "")? }, "")?.into_int_value(), i64t, "")?;
+                let w = b.build_load(rt, unsafe { b.build_in_bounds_gep(f32t, values, &[b.build_int_mul(i, c64(block), "")?], "")? }, "")?;
+                let x = b.build_load(rt, unsafe { b.build_in_bounds_gep(f32t, pa, &[p], "")? }, "")?;
+                for v in [w, x] {
+                    v.as_instruction_value().unwrap().set_alignment(4).map_err(|e| CodegenError::Llvm(e.to_string()))?;
+                }
+                let acc = b.build_load(rt, chain_slots[chain], "")?;
+                let args: [BasicMetadataValueEnum; 3] = [w.into(), x.into(), acc.into()];
+                let inkwell::values::ValueKind::Basic(sum) = b.build_call(row_fma, &args, "")?.try_as_basic_value() else { unreachable!("fma returns a value") };
+                b.build_store(chain_slots[chain], sum)?;
+                Ok(())
+            };
+            b.build_store(p_slot, i64t.const_zero())?;
+            let main_end = b.build_int_sub(count, c64(ROW_CHAINS as i64 - 1), "")?;
+            counted_loop(ctx, &b, f, p_slot, main_end, ROW_CHAINS as i64, |i| {
+                for u in 0..ROW_CHAINS {
+                    step(b.build_int_add(i, c64(u as i64), "")?, u)?;
+                }
+                Ok(())
+            })?;
+            counted_loop(ctx, &b, f, p_slot, count, 1, |i| step(i, 0))?;
+            // (s0 + s1) + (s2 + s3), then a vector's lanes in order.
+            let load = |i: usize| b.build_load(rt, chain_slots[i], "");
+            let pair = |x: usize, y: usize| -> R<inkwell::values::BasicValueEnum<'ctx>> {
+                Ok(if block == 1 {
+                    b.build_float_add(load(x)?.into_float_value(), load(y)?.into_float_value(), "")?.into()
+                } else {
+                    b.build_float_add(load(x)?.into_vector_value(), load(y)?.into_vector_value(), "")?.into()
+                })
+            };
+            let (lo, hi) = (pair(0, 1)?, pair(2, 3)?);
+            let sum = if block == 1 {
+                b.build_float_add(lo.into_float_value(), hi.into_float_value(), "")?
+            } else {
+                let v = b.build_float_add(lo.into_vector_value(), hi.into_vector_value(), "")?;
+                let mut total = b.build_extract_element(v, ctx.i32_type().const_zero(), "")?.into_float_value();
+                for lane in 1..block {
+                    let x = b.build_extract_element(v, ctx.i32_type().const_int(lane as u64, false), "")?.into_float_value();
+                    total = b.build_float_add(total, x, "")?;
+                }
+                total
+            };
+            tile_vector = b.build_insert_element(tile_vector, sum, ctx.i32_type().const_int(c as u64, false), "")?;
+        }
+        b.build_store(chain_accs[0][0], tile_vector)?;
+        Ok(())
+    };
     match &spec.shape.im2col {
         Some(w) => {
             let (packed_bb, direct_bb, done_bb) = (ctx.append_basic_block(f, "packed"), ctx.append_basic_block(f, "direct"), ctx.append_basic_block(f, "product"));
@@ -251,11 +331,14 @@ pub fn emit<'ctx>(ctx: &'ctx Context, module: &Module<'ctx>, k: &Kernel, spec: &
             b.build_unconditional_branch(done_bb)?;
             b.position_at_end(done_bb);
         }
-        None if spec.shape.sparse_b => {
+        None if spec.shape.sparse_b.is_some() => {
             let (sparse_bb, dense_bb, done_bb) = (ctx.append_basic_block(f, "sparse"), ctx.append_basic_block(f, "dense"), ctx.append_basic_block(f, "product"));
             b.build_conditional_branch(flag(DENSE_B)?, dense_bb, sparse_bb)?;
             b.position_at_end(sparse_bb);
-            sparse_loop()?;
+            match spec.shape.sparse_b {
+                Some(SparseFormat::Rows(block)) => rows_loop(block)?,
+                _ => sparse_loop()?,
+            }
             b.build_unconditional_branch(done_bb)?;
             b.position_at_end(dense_bb);
             k_loop(None)?;
@@ -278,8 +361,6 @@ pub fn emit<'ctx>(ctx: &'ctx Context, module: &Module<'ctx>, k: &Kernel, spec: &
 
     // Epilogue: the tile goes through memory on the stack (L1), so the epilogue is scalar
     // code over a column loop the vectoriser widens, the same expression code as any kernel.
-    let tile_mem = b.build_array_alloca(f32t, i64t.const_int((mr * tile.nr) as u64, false), "tile")?;
-    tile_mem.as_instruction().unwrap().set_alignment(64).map_err(|e| CodegenError::Llvm(e.to_string()))?;
     for r in 0..mr {
         for v in 0..nv {
             let addr = unsafe { b.build_in_bounds_gep(f32t, tile_mem, &[i64t.const_int((r * tile.nr + v * lanes) as u64, false)], "")? };
@@ -290,9 +371,7 @@ pub fn emit<'ctx>(ctx: &'ctx Context, module: &Module<'ctx>, k: &Kernel, spec: &
     let mut e = Emitter { ctx, module, b: &b, k, f, bufs, vars, accs, memo: HashMap::new(), params, interleave: opts.interleave, eager_avx512: target.eager_avx512() };
     // One loop over the tile's rows around the column loop: the epilogue's code exists once
     // (unrolled per row, a gelu over an 8-row tile was 50 KB of code and ~100 ms of LLVM).
-    let r_slot = b.build_alloca(i64t, "r")?;
     b.build_store(r_slot, i64t.const_zero())?;
-    let j_slot = b.build_alloca(i64t, "j")?;
     let row_end = b.build_select(b.build_int_compare(IntPredicate::SLT, rows, i64t.const_int(mr as u64, false), "")?, rows, i64t.const_int(mr as u64, false), "")?.into_int_value();
     counted_loop(ctx, &b, f, r_slot, row_end, 1, |r| {
         let row = b.build_int_add(row0, r, "")?;

@@ -14,6 +14,8 @@
 
 pub mod microkernel;
 
+use crate::kernels::sparse::{SparseFormat, SparsePanel, SparseRows};
+
 use crate::lower::loop_ir::{AccId, BufId, VarId};
 
 /// The register tile: `mr` rows × `nr` columns of the output, `nr` a multiple of the vector
@@ -96,6 +98,12 @@ impl GemmTile {
     /// 16 registers), else 8 (a row panel of 12 over 16 rows would be a third padding).
     pub fn sparse(m: i64, lanes: i64) -> GemmTile {
         GemmTile { mr: if m <= 12 { m.max(1) } else { 8 }, nr: lanes, lanes }
+    }
+
+    /// The tile over sparse rows (`SparseFormat::Rows`): one row of the output, 8 columns
+    /// (each a dot product of its own; the vectors are the dense loop's, `DENSE_B`).
+    pub fn sparse_rows() -> GemmTile {
+        GemmTile { mr: 1, nr: 8, lanes: 8 }
     }
 
     pub fn vectors(&self) -> i64 {
@@ -274,9 +282,9 @@ pub struct GemmShape {
     /// A convolution: A is these windows of the image in `a.buf` (`a.rows`, `a.cols`
     /// unused), packed one row panel at a time as the tiles need it.
     pub im2col: Option<Im2col>,
-    /// B is packed as sparse panels (`kernels::sparse::SparsePanel`, `tile.nr` columns): only
-    /// the k rows of each panel with a nonzero, which the microkernel walks.
-    pub sparse_b: bool,
+    /// B is packed sparse (`kernels::sparse`): panels of `tile.nr` columns keeping their k
+    /// rows with a nonzero, or each column's nonzero runs; the microkernel walks them.
+    pub sparse_b: Option<SparseFormat>,
 }
 
 impl GemmShape {
@@ -302,18 +310,27 @@ impl GemmShape {
         if self.im2col.is_some() {
             return 0;
         }
-        self.packed_count(&self.a) * self.m_panels() * self.tile.mr * self.k
+        self.packed_count(&self.a) * self.m_panels() * self.a_panel_elems()
     }
     /// Floats of one packed B panel (dense: k × nr; sparse: room for every row kept).
     pub fn b_panel_elems(&self) -> i64 {
-        if self.sparse_b {
-            crate::kernels::sparse::SparsePanel { k: self.k, nr: self.tile.nr }.elems()
-        } else {
-            self.tile.nr * self.k
+        match self.sparse_b {
+            Some(SparseFormat::Panels(_)) => SparsePanel { k: self.k, nr: self.tile.nr }.elems(),
+            Some(SparseFormat::Rows(block)) => SparseRows { k: self.k, nr: self.tile.nr, block }.elems(),
+            None => self.tile.nr * self.k,
+        }
+    }
+    /// Floats of one packed A panel: mr × k, and for sparse rows k rounded up to whole runs
+    /// (zeros past k: a run's last vector of A reads them).
+    pub fn a_panel_elems(&self) -> i64 {
+        match self.sparse_b {
+            Some(SparseFormat::Rows(block)) => self.tile.mr * ((self.k + block - 1) / block * block),
+            _ => self.tile.mr * self.k,
         }
     }
     pub fn packed_b_elems(&self) -> i64 {
-        self.packed_count(&self.b) * self.n_panels() * self.b_panel_elems()
+        let table = if self.sparse_b.is_some() { crate::kernels::sparse::table_elems(self.n_panels()) } else { 0 };
+        table + self.packed_count(&self.b) * self.n_panels() * self.b_panel_elems()
     }
     /// Where B's panels start in the scratch (after A's, 64-byte aligned: the microkernel's
     /// loads of B are aligned).
