@@ -118,6 +118,82 @@ def build(make, args, how):
     return m, torch.jit.freeze(ts)
 
 
+TOOLS = ["kiln", "eager", "torchscript", "ts+onednn", "torch.compile", "onnxruntime"]
+
+
+def measure(make, inputs, how, threads, reps, kiln_variants=None):
+    """Median µs of the model under every tool of `TOOLS` (and of Kiln once more per entry of
+    `kiln_variants`, {column: {env var: value}}, set while that variant lowers and runs), each
+    checked against eager; and notes on what ran in Kiln."""
+    import torch_kiln
+
+    times, notes = {}, []
+    with torch.no_grad():
+        eager, _ = build(make, inputs, how)
+        want = eager(*inputs)
+
+        def run(tool, fn):
+            try:
+                for _ in range(3):
+                    out = fn(*inputs)
+                torch.testing.assert_close(out, want, rtol=1e-4, atol=1e-4)
+                times[tool] = median_us(fn, inputs, reps)
+            except Exception as e:  # one broken tool must not hide the others
+                times[tool] = f"failed: {type(e).__name__}: {str(e).splitlines()[0][:60] if str(e) else ''}"
+
+        # Kiln first: other tools leave threads spinning for a while after their runs
+        # (OpenMP, ONNX Runtime), which would take the cores from Kiln's pool.
+        for tool, env in [("kiln", {}), *(kiln_variants or {}).items()]:
+            saved = {k: os.environ.get(k) for k in env}
+            os.environ.update(env)
+            try:
+                torch_kiln.enable(num_threads=threads, background=False)
+                torch_kiln.reset()
+                k = build(make, inputs, how)[1]
+                run(tool, k)
+                text = torch_kiln.explain(k)
+            finally:
+                for key, v in saved.items():
+                    if v is None:
+                        os.environ.pop(key)
+                    else:
+                        os.environ[key] = v
+            if tool == "kiln":
+                left = [line.split("]")[1].split(": ")[0].strip() for line in text.splitlines() if line.startswith("  [torchscript]")]
+                notes.append(f"{len(left)} op(s) left in TorchScript" + (f": {', '.join(sorted(set(left)))[:80]}" if left else ""))
+                notes += sorted({line.strip() for line in text.splitlines() if line.strip().startswith("weight ")})
+            torch_kiln.disable()
+        run("eager", eager)
+        run("torchscript", build(make, inputs, how)[1])
+        torch.jit.enable_onednn_fusion(True)
+        try:
+            run("ts+onednn", build(make, inputs, how)[1])
+        finally:
+            torch.jit.enable_onednn_fusion(False)
+        run("torch.compile", torch.compile(eager))
+        try:
+            ensure("onnx", "onnxruntime", "onnxscript")
+            import onnxruntime as ort
+
+            path = os.path.join(tempfile.mkdtemp(), "m.onnx")
+            names = [f"i{i}" for i in range(len(inputs))]
+            torch.onnx.export(eager, inputs, path, input_names=names, dynamo=True, verbose=False)
+            opts = ort.SessionOptions()
+            opts.intra_op_num_threads, opts.inter_op_num_threads = threads, 1
+            sess = ort.InferenceSession(path, opts, providers=["CPUExecutionProvider"])
+
+            def ort_fn(*xs):
+                outs = sess.run(None, {n: x.numpy() for n, x in zip(names, xs)})
+                outs = [torch.from_numpy(o) for o in outs]
+                return outs[0] if len(outs) == 1 else tuple(outs)
+
+            run("onnxruntime", ort_fn)
+            del sess, ort_fn  # its threads go with it
+        except Exception as e:
+            times["onnxruntime"] = f"failed: {type(e).__name__}"
+    return times, notes
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--threads", type=int, default=2)
@@ -126,67 +202,15 @@ def main():
     ap.add_argument("--png", default="bench/models.png")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    import torch_kiln
 
-    tools = ["kiln", "eager", "torchscript", "ts+onednn", "torch.compile", "onnxruntime"]
+    tools = TOOLS
     peak = peak_gflops(args.threads)
     rows = []
     for name in args.models:
         make, inputs, how = models()[name]
-        times, notes = {}, []
-        with torch.no_grad():
-            eager, _ = build(make, inputs, how)
-            want = eager(*inputs)
-
-            def run(tool, fn):
-                try:
-                    for _ in range(3):
-                        out = fn(*inputs)
-                    torch.testing.assert_close(out, want, rtol=1e-4, atol=1e-4)
-                    times[tool] = median_us(fn, inputs, args.reps)
-                except Exception as e:  # one broken tool must not hide the others
-                    times[tool] = f"failed: {type(e).__name__}: {str(e).splitlines()[0][:60] if str(e) else ''}"
-
-            # Kiln first: other tools leave threads spinning for a while after their runs
-            # (OpenMP, ONNX Runtime), which would take the cores from Kiln's pool.
-            torch_kiln.enable(num_threads=args.threads, background=False)
-            torch_kiln.reset()
-            k = build(make, inputs, how)[1]
-            run("kiln", k)
-            text = torch_kiln.explain(k)
-            left = [line.split("]")[1].split(": ")[0].strip() for line in text.splitlines() if line.startswith("  [torchscript]")]
-            notes.append(f"{len(left)} op(s) left in TorchScript" + (f": {', '.join(sorted(set(left)))[:80]}" if left else ""))
-            torch_kiln.disable()
-            run("eager", eager)
-            run("torchscript", build(make, inputs, how)[1])
-            torch.jit.enable_onednn_fusion(True)
-            try:
-                run("ts+onednn", build(make, inputs, how)[1])
-            finally:
-                torch.jit.enable_onednn_fusion(False)
-            run("torch.compile", torch.compile(eager))
-            try:
-                ensure("onnx", "onnxruntime", "onnxscript")
-                import onnxruntime as ort
-
-                path = os.path.join(tempfile.mkdtemp(), "m.onnx")
-                names = [f"i{i}" for i in range(len(inputs))]
-                torch.onnx.export(eager, inputs, path, input_names=names, dynamo=True, verbose=False)
-                opts = ort.SessionOptions()
-                opts.intra_op_num_threads, opts.inter_op_num_threads = args.threads, 1
-                sess = ort.InferenceSession(path, opts, providers=["CPUExecutionProvider"])
-
-                def ort_fn(*xs):
-                    outs = sess.run(None, {n: x.numpy() for n, x in zip(names, xs)})
-                    outs = [torch.from_numpy(o) for o in outs]
-                    return outs[0] if len(outs) == 1 else tuple(outs)
-
-                run("onnxruntime", ort_fn)
-                del sess, ort_fn  # its threads go with it
-            except Exception as e:
-                times["onnxruntime"] = f"failed: {type(e).__name__}"
+        times, notes = measure(make, inputs, how, args.threads, args.reps)
         if name in dict(CLASSIFIERS) and isinstance(times.get("kiln"), float):
-            flops = conv_flops(eager, inputs)
+            flops = conv_flops(build(make, inputs, how)[0], inputs)
             rate = flops / times["kiln"] / 1e3
             notes.append(f"{flops / 1e9:.2f} GFLOP: {rate:.0f} GFLOP/s" + (f" = {rate / peak:.0%} of the {peak:.0f} GFLOP/s peak" if peak else ""))
         rows.append((name, times, notes))

@@ -1517,6 +1517,12 @@ impl Lower<'_> {
         }
         let shape = self.g.ty(p).static_shape().unwrap_or_default();
         let m = shape.iter().rev().skip(1).product::<i64>();
+        // `KILN_SPARSE_WEIGHTS=0`: the dense kernel for every weight (what the benchmarks
+        // compare the sparse kernels with; read per lowering, and in the graph's text).
+        if std::env::var("KILN_SPARSE_WEIGHTS").as_deref() == Ok("0") {
+            self.weight_choices.push(format!("weight {}x{} of %{}: dense (KILN_SPARSE_WEIGHTS=0)", facts.rows, facts.cols, p.0));
+            return;
+        }
         let choice = kiln_compiler::kernels::sparse::choose(facts, true, kiln_compiler::kernels::gemm::host_lanes(), m);
         self.weight_choices.push(format!("weight {}x{} of %{}: {}", facts.rows, facts.cols, p.0, choice.reason));
         if let Some(format) = choice.format {

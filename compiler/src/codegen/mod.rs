@@ -66,7 +66,6 @@ pub fn compile_kernel(k: &Kernel, buffer_dtypes: &[DType], target: &Target, opts
     })?;
     Phase::Optimize.time(|| module.run_passes(&opts.pipeline, &tm, PassBuilderOptions::create()).map_err(|e| CodegenError::Llvm(e.to_string())))?;
     let buf = Phase::MachineCode.time(|| tm.write_to_memory_buffer(&module, FileType::Object).map_err(|e| CodegenError::Llvm(e.to_string())))?;
-    if std::env::var("KILN_TMP_DUMP").is_ok() { std::fs::write(format!("/tmp/sp/{symbol}.o"), buf.as_slice()).ok(); }
     let kind = if k.gemm.is_some() { "gemm" } else { "loops" };
     tracing::debug!(symbol, kind, bytes = buf.get_size(), ms = start.elapsed().as_secs_f64() * 1e3, "compiled kernel");
     Ok(buf.as_slice().to_vec())

@@ -42,8 +42,10 @@ pub fn fuse(kernels: &mut Vec<Kernel>, buffers: &mut [BufferDecl]) {
             let product = stores(&kernels[i])[0];
             kernels[i] = fused;
             kernels.remove(j);
-            // The product's buffer is no longer written or read: it takes no scratch.
+            // The product's buffer is no longer written or read: it takes no scratch (one dim
+            // of none, its order with it: a disk entry's buffer table is checked for that).
             buffers[product.0 as usize].sizes = vec![0];
+            buffers[product.0 as usize].order = vec![0];
         }
         i += 1;
     }

@@ -1,0 +1,171 @@
+"""Pruned models (issue 13): a frozen module's weights with zeros run on Kiln's sparse kernels,
+chosen from the weights' own zeros (explain() says which and why), and compute what eager
+computes — every batch, pattern and special value in the activations; a weight that is not a
+constant (unfrozen) stays on the dense kernel. Products are compared with float64: no
+further from it than eager's float32 (the kernels' order of summation differs from MKL's)."""
+
+import pytest
+import torch
+import torch.nn.utils.prune as prune
+
+import kiln_check
+import torch_kiln
+
+
+class TwoLinear(torch.nn.Module):
+    def __init__(self, n=256, k=256, out=256):
+        super().__init__()
+        self.a, self.b = torch.nn.Linear(k, n), torch.nn.Linear(n, out)
+
+    def forward(self, x):
+        return torch.relu(self.b(torch.relu(self.a(x))))
+
+
+def zero_blocks(w, block, zeros, gen):
+    """w with blocks (rows × cols) zeroed at random, about `zeros` of them."""
+    r, c = block
+    keep = (torch.rand((w.shape[0] + r - 1) // r, (w.shape[1] + c - 1) // c, generator=gen) >= zeros).float()
+    mask = keep.repeat_interleave(r, 0).repeat_interleave(c, 1)[: w.shape[0], : w.shape[1]]
+    return w * mask
+
+
+def pruned_model(block=None, zeros=0.9, seed=0, **sizes):
+    torch.manual_seed(seed)
+    m = TwoLinear(**sizes).eval()
+    gen = torch.Generator().manual_seed(seed)
+    for lin in (m.a, m.b):
+        if block is None:
+            prune.l1_unstructured(lin, "weight", amount=zeros)
+            prune.remove(lin, "weight")
+        else:
+            with torch.no_grad():
+                lin.weight.copy_(zero_blocks(lin.weight, block, zeros, gen))
+    return m
+
+
+def weight_lines(scripted):
+    return [line.strip() for line in torch_kiln.explain(scripted).splitlines() if line.strip().startswith("weight ")]
+
+
+def check_against_float64(frozen, eager, x):
+    out, _ = kiln_check.run_compiled(frozen, (x,), check=lambda out: None)
+    with torch.no_grad():
+        exact = eager.double()(x.double())
+        eager.float()
+        kiln_check.no_worse_than_float32(out, [eager(x)], exact)
+    return out
+
+
+@pytest.mark.parametrize("block,zeros,batch", [
+    (None, 0.9, 1), (None, 0.95, 16), ((16, 1), 0.9, 1), ((16, 1), 0.8, 16), ((1, 8), 0.9, 1),
+    ((1, 4), 0.9, 3), ((4, 4), 0.9, 1), ((4, 4), 0.9, 33),
+])
+def test_pruned_linears_run_sparse_and_match_eager(block, zeros, batch):
+    m = pruned_model(block, zeros)
+    with torch.no_grad():
+        frozen = torch.jit.freeze(torch.jit.script(m))
+        check_against_float64(frozen, m, torch.randn(batch, 256))
+    lines = weight_lines(frozen)
+    assert len(lines) == 2 and all("sparse" in line and "dense:" not in line for line in lines), lines
+    assert "sparse_b=" in torch_kiln.explain(frozen)
+
+
+def test_odd_sizes_all_zero_rows_and_a_three_dim_input():
+    torch.manual_seed(1)
+    m = TwoLinear(n=77, k=45, out=19).eval()
+    with torch.no_grad():
+        m.a.weight[::2] = 0.0  # every other output feature: an all-zero row
+        m.a.weight[:, 5:40] = 0.0  # inputs no feature reads: all-zero columns
+        m.b.weight.mul_((torch.rand_like(m.b.weight) < 0.1).float())
+        frozen = torch.jit.freeze(torch.jit.script(m))
+        check_against_float64(frozen, m, torch.randn(2, 3, 45))
+    assert any("sparse" in line and "dense:" not in line for line in weight_lines(frozen)), weight_lines(frozen)
+
+
+def test_an_all_zero_weight_gives_the_bias():
+    m = pruned_model(None, 0.9)
+    with torch.no_grad():
+        m.a.weight.zero_()
+        frozen = torch.jit.freeze(torch.jit.script(m))
+        x = torch.randn(4, 256)
+        out = check_against_float64(frozen, m, x)
+        torch.testing.assert_close(out, m(x))
+
+
+@pytest.mark.parametrize("batch", [1, 16])
+def test_infs_and_nans_in_the_activations_make_eagers_nans(batch):
+    # 0 · inf is NaN: a zero the sparse kernel skips must still make one (the call runs B dense).
+    m = pruned_model((16, 1), 0.9)
+    with torch.no_grad():
+        frozen = torch.jit.freeze(torch.jit.script(m))
+        x = torch.randn(batch, 256)
+        x[0, 7], x[-1, 100] = float("inf"), float("nan")
+        out, _ = kiln_check.run_compiled(frozen, (x,), m(x))
+        assert out.isnan().any()
+        # And a finite call after it is sparse again and right.
+        y = torch.randn(batch, 256)
+        torch.testing.assert_close(frozen(y), m(y))
+
+
+def test_dynamic_batch_keeps_the_sparse_kernel():
+    m = pruned_model((1, 8), 0.9)
+    with torch.no_grad():
+        frozen = torch.jit.freeze(torch.jit.script(m))
+        for batch in [1, 2, 5, 17, 64, 3]:
+            x = torch.randn(batch, 256)
+            kiln_check.run_compiled(frozen, (x,), m(x))
+    assert all("sparse" in line for line in weight_lines(frozen)), weight_lines(frozen)
+
+
+def test_weights_that_are_not_constants_stay_dense():
+    # Unfrozen: the weights are module attributes, read at run time; Kiln never sees their
+    # values when it lowers, so it keeps the dense kernel (and no facts are counted).
+    m = pruned_model(None, 0.95)
+    with torch.no_grad():
+        s = torch.jit.script(m)
+        x = torch.randn(1, 256)
+        kiln_check.run_compiled(s, (x,), m(x))
+    assert weight_lines(s) == []
+    assert "sparse_b=" not in torch_kiln.explain(s)
+
+
+def test_dense_weights_keep_the_dense_kernel():
+    torch.manual_seed(2)
+    m = TwoLinear().eval()
+    with torch.no_grad():
+        frozen = torch.jit.freeze(torch.jit.script(m))
+        x = torch.randn(1, 256)
+        kiln_check.run_compiled(frozen, (x,), m(x))
+    # Too few zeros to count: no facts at all.
+    assert weight_lines(frozen) == []
+
+
+def test_a_cache_entry_is_code_for_any_weight_of_its_choice(tmp_path):
+    # Sparse code is weight-independent: the key holds the choice (the format, in the graph's
+    # text), not the weights. A fresh process with compile="never" runs a model with other
+    # weights but the same choice from the first process's entry, with its own weights; one
+    # whose weights choose another kernel (too few zeros: dense) finds no entry (another key)
+    # and runs TorchScript. (This also loads a GEMM with a fused epilogue from disk: its
+    # fused-away product buffer's table entry was once malformed.)
+    here = kiln_check.__file__.rsplit("/", 1)[0]
+    body = """
+    import sys
+    sys.path.insert(0, {here!r})
+    import test_sparse as t
+    torch_kiln.enable(cache_dir={dir!r}, compile={mode!r})
+    for seed, block, zeros in {models}:
+        m = t.pruned_model(block, zeros, seed=seed)
+        with torch.no_grad():
+            f = torch.jit.freeze(torch.jit.script(m))
+            x = torch.randn(16, 256)
+            runs = torch_kiln.stats()["kernel_runs"]
+            for _ in range(3):
+                out = f(x)
+            torch.testing.assert_close(out, m(x), rtol=1e-4, atol=1e-5)
+        print(seed, torch_kiln.stats()["kernel_runs"] > runs, t.weight_lines(f))
+    """
+    first = kiln_check.run_isolated(body.format(here=here, dir=str(tmp_path), mode="lazy", models=[(0, (16, 1), 0.9)]))
+    assert first.split()[1] == "True", first
+    second = kiln_check.run_isolated(body.format(here=here, dir=str(tmp_path), mode="never", models=[(1, (16, 1), 0.9), (2, None, 0.3)]))
+    ran = {int(line.split()[0]): line.split()[1] == "True" for line in second.strip().splitlines()}
+    assert ran == {1: True, 2: False}, second
