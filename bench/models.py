@@ -194,6 +194,21 @@ def measure(make, inputs, how, threads, reps, kiln_variants=None):
     return times, notes
 
 
+def print_table(title, rows, tools):
+    """Rows of (model, times, notes) as a table of each tool's time and ratio to Kiln's, the
+    notes under each model, then every tool's failure in full."""
+    print(f"\n{title}")
+    print(f"{'model':20}" + "".join(f"{t:>22}" for t in tools))
+    for name, times, notes in rows:
+        print(f"{name:20}" + ratio_cells(times, tools, 22, 1))
+        for n in notes:
+            print(f"{'':20}kiln: {n}")
+    for name, times, _ in rows:
+        for t, v in times.items():
+            if not isinstance(v, float):
+                print(f"  {name} / {t}: {v}")
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--threads", type=int, default=2)
@@ -215,16 +230,8 @@ def main():
             notes.append(f"{flops / 1e9:.2f} GFLOP: {rate:.0f} GFLOP/s" + (f" = {rate / peak:.0%} of the {peak:.0f} GFLOP/s peak" if peak else ""))
         rows.append((name, times, notes))
 
-    print(f"\nmodels, {args.threads} threads, median µs (x = time / Kiln's); FP32 peak {peak:.0f} GFLOP/s" if peak else f"\nmodels, {args.threads} threads, median µs (x = time / Kiln's)")
-    print(f"{'model':20}" + "".join(f"{t:>22}" for t in tools))
-    for name, times, notes in rows:
-        print(f"{name:20}" + ratio_cells(times, tools, 22, 1))
-        for n in notes:
-            print(f"{'':20}kiln: {n}")
-    for name, times, _ in rows:
-        for t, v in times.items():
-            if not isinstance(v, float):
-                print(f"  {name} / {t}: {v}")
+    title = f"models, {args.threads} threads, median µs (x = time / Kiln's)"
+    print_table(title + (f"; FP32 peak {peak:.0f} GFLOP/s" if peak else ""), rows, tools)
     try:
         import matplotlib
 

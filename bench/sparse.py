@@ -25,8 +25,8 @@ import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
 from gemm import peak_gflops  # noqa: E402
-from models import TOOLS, WaveStep, measure  # noqa: E402
-from pointwise import ensure, ratio_cells  # noqa: E402
+from models import TOOLS, WaveStep, measure, print_table  # noqa: E402
+from pointwise import ensure  # noqa: E402
 
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
 
@@ -138,16 +138,7 @@ def main():
     for name, (make, inputs, how) in cases.items():
         times, notes = measure(make, inputs, how, args.threads, args.reps, {"kiln dense": {"KILN_SPARSE_WEIGHTS": "0"}})
         results.append((name, times, notes))
-    print(f"\npruned models, {args.threads} threads, median µs (x = time / Kiln's)")
-    print(f"{'model':16}" + "".join(f"{t:>22}" for t in tools))
-    for name, times, notes in results:
-        print(f"{name:16}" + ratio_cells(times, tools, 22, 1))
-        for n in notes:
-            print(f"{'':16}kiln: {n}")
-    for name, times, _ in results:
-        for t, v in times.items():
-            if not isinstance(v, float):
-                print(f"  {name} / {t}: {v}")
+    print_table(f"pruned models, {args.threads} threads, median µs (x = time / Kiln's)", results, tools)
     t = dict((n, times) for n, times, _ in results)
     ok = lambda x: isinstance(x, float)  # noqa: E731
     if ok(t["two_linear_90"].get("kiln")) and ok(t["two_linear_90"].get("onnxruntime")):

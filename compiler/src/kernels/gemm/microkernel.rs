@@ -22,12 +22,15 @@
 //! the sums are stored back there and the epilogue is left for the last chunk. 0 is the
 //! whole product in one call.
 //!
-//! Over sparse B panels (`GemmShape::sparse_b`, `kernels::sparse::SparsePanel`) the k loop
-//! walks the panel's kept rows: step i reads B's row i of the panel's values and A at the
-//! row's k index. A tile of few rows keeps `sparse_chains` sums per element (the kept rows
-//! taken in turn), added pairwise before the epilogue, so that the FMAs' latency is hidden
-//! by independent chains rather than by rows. Flag `DENSE_B` takes the dense loop instead (a
-//! call the runtime packed dense: its A holds an inf or a NaN).
+//! Over a sparse B (`GemmShape::sparse_b`, `kernels::sparse`): in sparse panels the k loop
+//! walks the panel's kept rows (step i reads B's row i of the panel's values and A at the
+//! row's k index), and a tile of few rows keeps `sparse_chains` sums per element (the kept
+//! rows taken in turn), added pairwise before the epilogue, so that the FMAs' latency is
+//! hidden by independent chains rather than by rows; in sparse rows each of the tile's
+//! columns is a dot product of A's row with the column's kept runs (`ROW_CHAINS` sums),
+//! inserted into the register tile's vector. Either way the epilogue is the dense one. Flag
+//! `DENSE_B` takes the dense loop instead (a call the runtime packed dense: its A holds an
+//! inf or a NaN).
 
 use super::{GemmSpec, DENSE_B, FROM_PARTIAL, TO_PARTIAL};
 use crate::kernels::sparse::{SparseFormat, SparsePanel};
