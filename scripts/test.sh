@@ -9,5 +9,5 @@ cd "$KILN_ROOT"
 export LD_LIBRARY_PATH="$(.venv/bin/python -c 'import os, torch; print(os.path.join(os.path.dirname(torch.__file__), "lib"))')${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
 cargo test --release --workspace --exclude torch-kiln
 # The kernel tests again with the AVX2 tiles (on an AVX-512 host they are not picked).
-KILN_VECTOR_LANES=8 cargo test --release -p kiln-compiler --test gemm --test conv
+KILN_VECTOR_LANES=8 cargo test --release -p kiln-compiler --test gemm --test conv --test sparse
 .venv/bin/python -m pytest -q tests "$@"
