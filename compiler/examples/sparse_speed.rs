@@ -4,8 +4,7 @@
 //! blocks 1×1, 1×4, 1×8, 4×4, 16×1 and 50–95%
 //! zeros, and prints one line per case: `n batch block zeros dense=µs` then µs per sparse
 //! format, `best=` the format the cost model predicts fastest (`kernels::sparse::choose`),
-//! `predicted=` its time over dense's, `chosen=` what the frontend picks (the dense time is
-//! measured once per layer and batch: it does not depend on the values). Both programs compute
+//! `predicted=` its time over dense's, `chosen=` what the frontend picks. Both programs compute
 //! `x · Wᵀ` with W a kept weight packed once, as a frozen model's is. `bench/sparse.py` runs
 //! it and makes the table and chart.
 use kiln_compiler::graph::ir::parse_graph;
@@ -81,10 +80,6 @@ fn main() {
                 formats.extend([1, 4, 8].map(SparseFormat::Rows));
             }
             let sparse: Vec<(SparseFormat, CompiledProgram)> = formats.iter().map(|&f| (f, program(m, n, k, Some(f)))).collect();
-            // The dense kernel's time does not depend on the weight's values: the best of
-            // three measurements for every case of this layer and batch.
-            let w: Vec<f32> = (0..n * k).map(|_| rng.uniform() - 0.5).collect();
-            let d = (0..3).map(|_| time(&dense, &x, &w, &mut out)).fold(f64::MAX, f64::min);
             for block in [(1i64, 1i64), (1, 4), (1, 8), (4, 4), (16, 1)] {
                 for zeros in [0.5f32, 0.7, 0.8, 0.9, 0.95] {
                     let per_row = k / block.1;
@@ -93,8 +88,14 @@ fn main() {
                     let facts = unsafe { WeightFacts::measure(w.as_ptr(), n, k, k, 1) };
                     let choice = choose(&facts, true, host_lanes(), m);
                     // Every format's time, and the model's pick (taken or not).
+                    // Dense beside the sparse kernels, at the same moments (this VM's speed drifts
+                    // by a third over minutes: a dense time from elsewhere in the run would
+                    // skew the ratio).
+                    let d = time(&dense, &x, &w, &mut out);
                     let times: Vec<String> = sparse.iter().map(|(f, p)| format!("{f}={:.2}", time(p, &x, &w, &mut out))).collect();
-                    println!("{n} {m} {}x{} {zeros} dense={d:.2} {} best={} predicted={:.3} chosen={} blocks={}", block.0, block.1, times.join(" "), choice.best, choice.work, choice.format.map_or("dense".to_string(), |f| f.to_string()), facts.nonzero_blocks.iter().map(|b| b.to_string()).collect::<Vec<_>>().join(","));
+                    let blocks: Vec<String> = facts.nonzero_blocks.iter().map(|b| b.to_string()).collect();
+                    let chosen = choice.format.map_or("dense".to_string(), |f| f.to_string());
+                    println!("{n} {m} {}x{} {zeros} dense={d:.2} {} best={} predicted={:.3} chosen={chosen} blocks={}", block.0, block.1, times.join(" "), choice.best, choice.work, blocks.join(","));
                 }
             }
         }
