@@ -782,7 +782,7 @@ struct Fuser {
   }
 
   // A constant float32 matrix (a frozen module's weight, lifted to an input): what its zeros
-  // look like, for the GEMM's choice of sparse panels (`weight` line; counted in Rust).
+  // look like, for the GEMM's choice of a sparse format (`weight` line; counted in Rust).
   static void weight_facts(const Value* v, const std::string& name, std::ostream& os) {
     if (v->node()->kind() != prim::Constant) return;
     auto iv = toIValue(v);

@@ -1507,9 +1507,10 @@ impl Lower<'_> {
         Ok(self.g.matmul(a, b).map_err(|e| e.0)?)
     }
 
-    /// Product `p` (of something and `w`ᵀ) over sparse B panels where `w` is a constant weight
-    /// whose zeros leave enough panel rows empty (`kernels::sparse::choose`); the choice and
-    /// its reason are kept for `explain()`.
+    /// Product `p` (of something and `w`ᵀ) over a sparse B where `w` is a constant weight
+    /// whose zeros a sparse format skips faster than the dense kernel runs
+    /// (`kernels::sparse::choose`, for all of `p`'s rows); the choice and its reason are kept
+    /// for `explain()`.
     fn skip_zeros_of(&mut self, w: ValueId, p: ValueId) {
         let Some(facts) = self.weights.get(&w) else { return };
         if !matches!(self.g.node(p).op, Op::MatMul { .. }) || self.g.ty(p).dtype != DType::F32 {

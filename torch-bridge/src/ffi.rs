@@ -196,7 +196,7 @@ pub unsafe extern "C" fn kiln_rs_node_supported(dump: *const c_char, len: usize,
 
 /// The zeros of a constant float32 matrix (a frozen module's weight, element (r, c) at
 /// `data[r · s0 + c · s1]`) as `WeightFacts` text in `out`: 1, or 0 where it has too few zeros
-/// for sparse panels to pay (under a quarter: no counting beyond that first pass).
+/// for a sparse kernel to pay (under a quarter: no counting beyond that first pass).
 #[no_mangle]
 pub unsafe extern "C" fn kiln_rs_weight_facts(data: *const f32, rows: i64, cols: i64, s0: i64, s1: i64, out: *mut c_char, cap: usize) -> i32 {
     guarded(0, || {

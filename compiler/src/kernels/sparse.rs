@@ -1,22 +1,22 @@
-//! Weights with zeros: what a constant weight's zeros look like ([`WeightFacts`], measured
-//! once from its values by the frontend), whether the GEMM skips them ([`choose`]), and the
-//! packed layout that skips them ([`SparsePanel`]).
+//! Weights with zeros: what a constant weight's zeros look like ([`WeightFacts`], counted
+//! once from its values by the frontend), which kernel skips them best ([`choose`], a cost
+//! model), and the packed layouts the GEMM microkernel walks ([`SparseFormat`]).
 //!
-//! The GEMM's B panels are `nr` columns (one vector: `lanes` floats) by k rows; a panel row
-//! that is zero in all its columns contributes nothing to any output. A *sparse* B keeps, per
-//! panel, only its rows with a nonzero: their k indices and their values. The microkernel
-//! (`gemm::microkernel`, `GemmShape::sparse_b`) walks that list instead of 0..k and reads A
-//! at each listed k. This is block sparsity with blocks of `lanes` output features × 1 input
-//! (16×1 on AVX-512, 8×1 on AVX2): a weight pruned in such blocks loses all the work of its
-//! zeros; any other pattern (unstructured, 1×8 along the inputs, 4×4) loses the work of the
-//! panel rows it leaves empty, which the facts count exactly, so the choice is made from
-//! the weight's own numbers, never guessed from its zero fraction.
+//! Two formats, each a packing of B (k × n, n the output features) that the microkernel
+//! reads instead of dense panels, with the same fused epilogue:
+//! - [`SparseFormat::Panels`]: B's column panels one vector wide keep only their k rows
+//!   with a nonzero ([`SparsePanel`]); blocks of `lanes` features × 1 input lose all their
+//!   work, any other pattern the work of the panel rows it leaves empty.
+//! - [`SparseFormat::Rows`]: each feature keeps its nonzero runs of 1, 4 or 8 inputs
+//!   ([`SparseRows`]), a dot product per output element (batch 1–3).
+//! The facts count exactly the blocks each format keeps, so the choice is made from the
+//! weight's own numbers, never guessed from its zero fraction.
 //!
-//! The code is weight-independent: which rows a panel keeps is data, packed from the call's
-//! weight when it is packed (`runtime::gemm::pack_b`), and any weight — another one of the
-//! same shape, all zeros or none — runs correctly on it. Only the *choice* (sparse panels of
-//! some width, or dense) comes from the weight seen when the frontend lowered, and it is in
-//! the graph's text (so in the cache key); the facts themselves are not.
+//! The code is weight-independent: what a panel keeps is data, packed from the call's weight
+//! when it is packed (`runtime::gemm::pack_b`), and any weight — another one of the same
+//! shape, all zeros or none — runs correctly on it. Only the *choice* comes from the weight
+//! seen when the frontend lowered, and it is in the graph's text (so in the cache key); the
+//! facts themselves are not.
 
 use crate::kernels::gemm::{GemmTile, LANES};
 
@@ -236,7 +236,7 @@ pub fn choose(facts: &WeightFacts, n_dim_rows: bool, host_lanes: i64, m: i64) ->
 /// up: sparse rows of a 1024² layer ran at 4 GB/s). Sized for every row kept, so the
 /// buffer's size does not depend on the weight.
 pub fn table_elems(panels: i64) -> i64 {
-    (2 * panels + LANES - 1) / LANES * LANES
+    padded(2 * panels)
 }
 
 /// Rounds a count of floats up to whole vectors.
@@ -257,6 +257,7 @@ pub struct SparseRows {
 }
 
 impl SparseRows {
+    /// Two i32 per column (count, offset): room for the 8 columns of `GemmTile::sparse_rows`.
     pub const HEADER: i64 = LANES;
     /// Runs a column has room for.
     pub fn runs(&self) -> i64 {
