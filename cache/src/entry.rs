@@ -266,18 +266,13 @@ fn parse_body(body: &[u8]) -> Result<ProgramImage, String> {
                 let (m, n, k) = (num(w.next(), "gemm m")?, num(w.next(), "gemm n")?, num(w.next(), "gemm k")?);
                 let (a, b) = (operand(&mut w, "gemm operand a")?, operand(&mut w, "gemm operand b")?);
                 // The vector width is the host's (the target, in the key, compiled this code),
-                // except over sparse panels: one vector a panel.
+                // except over a sparse B: its format's.
                 let (mr, nr) = (num(w.next(), "gemm tile")?, num(w.next(), "gemm tile")?);
                 let sparse_b = match w.next() {
                     None => None,
                     Some(f) => Some(SparseFormat::parse(f).ok_or("a gemm line with a bad B format")?),
                 };
-                let lanes = match sparse_b {
-                    Some(SparseFormat::Panels(l)) => l,
-                    Some(SparseFormat::Rows(_)) => GemmTile::sparse_rows().lanes,
-                    None => kiln_compiler::kernels::gemm::host_lanes(),
-                };
-                let tile = GemmTile { mr, nr, lanes };
+                let tile = GemmTile { mr, nr, lanes: sparse_b.map_or_else(kiln_compiler::kernels::gemm::host_lanes, |f| f.lanes()) };
                 let kernel = image.kernels.last_mut().ok_or("a gemm line before any kernel")?;
                 kernel.gemm = Some(GemmShape { batch, m, n, k, a, b, tile, im2col: None, sparse_b });
             }

@@ -196,18 +196,20 @@ pub unsafe extern "C" fn kiln_rs_node_supported(dump: *const c_char, len: usize,
 
 /// The zeros of a constant float32 matrix (a frozen module's weight, element (r, c) at
 /// `data[r · s0 + c · s1]`) as `WeightFacts` text in `out`: 1, or 0 where it has too few zeros
-/// for a sparse kernel to pay (under a quarter: no counting beyond that first pass).
+/// for a sparse kernel to pay (under a quarter: no blocks counted).
 #[no_mangle]
 pub unsafe extern "C" fn kiln_rs_weight_facts(data: *const f32, rows: i64, cols: i64, s0: i64, s1: i64, out: *mut c_char, cap: usize) -> i32 {
     guarded(0, || {
         if data.is_null() || rows <= 0 || cols <= 0 {
             return 0;
         }
-        let zeros = (0..rows * cols).filter(|i| *data.offset(((i / cols) * s0 + (i % cols) * s1) as isize) == 0.0).count() as i64;
+        use kiln_compiler::kernels::sparse::WeightFacts;
+        let mask = WeightFacts::nonzero_mask(data, rows, cols, s0, s1);
+        let zeros = mask.iter().filter(|&&nonzero| !nonzero).count() as i64;
         if zeros * 4 < rows * cols {
             return 0;
         }
-        let facts = kiln_compiler::kernels::sparse::WeightFacts::measure(data, rows, cols, s0, s1);
+        let facts = WeightFacts::of_mask(&mask, rows, cols);
         write_reason(&facts.to_text(), out, cap);
         1
     })

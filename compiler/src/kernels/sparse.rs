@@ -50,6 +50,14 @@ impl SparseFormat {
         };
         f.valid().then_some(f)
     }
+    /// The float32 lanes of the microkernel's vectors over this format: a panel's width;
+    /// the sparse-rows tile's (its dense loop's, `DENSE_B`).
+    pub fn lanes(&self) -> i64 {
+        match *self {
+            SparseFormat::Panels(l) => l,
+            SparseFormat::Rows(_) => GemmTile::sparse_rows().lanes,
+        }
+    }
     /// Widths the kernels have: panels of one AVX2 or AVX-512 vector, runs of 1, 4 or 8.
     pub fn valid(&self) -> bool {
         match *self {
@@ -75,27 +83,32 @@ pub struct WeightFacts {
 }
 
 impl WeightFacts {
-    /// Counts the blocks of a float32 matrix, element (r, c) at `data[r · row_stride + c ·
-    /// col_stride]`.
+    /// Which elements of a float32 matrix are nonzero (NaN counts), row-major; element
+    /// (r, c) at `data[r · row_stride + c · col_stride]`.
+    ///
+    /// # Safety
+    /// Every element the strides reach is readable.
+    pub unsafe fn nonzero_mask(data: *const f32, rows: i64, cols: i64, row_stride: i64, col_stride: i64) -> Vec<bool> {
+        (0..rows * cols).map(|i| *data.offset(((i / cols) * row_stride + (i % cols) * col_stride) as isize) != 0.0).collect()
+    }
+
+    /// Counts the blocks of a float32 matrix (see [`nonzero_mask`](Self::nonzero_mask)).
     ///
     /// # Safety
     /// Every element the strides reach is readable.
     pub unsafe fn measure(data: *const f32, rows: i64, cols: i64, row_stride: i64, col_stride: i64) -> WeightFacts {
-        let nonzero: Vec<bool> = (0..rows * cols).map(|i| *data.offset(((i / cols) * row_stride + (i % cols) * col_stride) as isize) != 0.0).collect();
-        WeightFacts::of_mask(&nonzero, rows, cols)
+        WeightFacts::of_mask(&Self::nonzero_mask(data, rows, cols, row_stride, col_stride), rows, cols)
     }
 
-    /// The facts of a row-major mask of nonzeros.
+    /// The facts of a row-major mask of nonzeros (one pass over the mask; each block shape
+    /// then visits the nonzeros only).
     pub fn of_mask(nonzero: &[bool], rows: i64, cols: i64) -> WeightFacts {
+        let at: Vec<(i64, i64)> = (0..rows * cols).filter(|&i| nonzero[i as usize]).map(|i| (i / cols, i % cols)).collect();
         let count = |(br, bc): (i64, i64)| -> i64 {
             let (nr, nc) = ((rows + br - 1) / br, (cols + bc - 1) / bc);
             let mut hit = vec![false; (nr * nc) as usize];
-            for r in 0..rows {
-                for c in 0..cols {
-                    if nonzero[(r * cols + c) as usize] {
-                        hit[((r / br) * nc + c / bc) as usize] = true;
-                    }
-                }
+            for &(r, c) in &at {
+                hit[((r / br) * nc + c / bc) as usize] = true;
             }
             hit.iter().filter(|&&h| h).count() as i64
         };

@@ -324,7 +324,7 @@ impl GemmShape {
     /// (zeros past k: a run's last vector of A reads them).
     pub fn a_panel_elems(&self) -> i64 {
         match self.sparse_b {
-            Some(SparseFormat::Rows(block)) => self.tile.mr * ((self.k + block - 1) / block * block),
+            Some(SparseFormat::Rows(block)) => self.tile.mr * SparseRows { k: self.k, nr: self.tile.nr, block }.runs() * block,
             _ => self.tile.mr * self.k,
         }
     }
