@@ -110,6 +110,10 @@ pub fn encode(header: &EntryHeader, image: &ProgramImage) -> Vec<u8> {
             let sparse = g.sparse_b.map_or(String::new(), |f| format!(" {f}"));
             let line = format!("gemm {} {} {} {} {} {} {} {}{sparse}\n", list(&g.batch), g.m, g.n, g.k, operand(&g.a), operand(&g.b), g.tile.mr, g.tile.nr);
             body.extend(line.bytes());
+            if let Some(q) = &g.quant {
+                let bias = q.bias.map_or(String::new(), |b| format!(" {}", b.0));
+                body.extend(format!("quant {} {} {} {}{bias}\n", q.scale.0, q.zero_point.0, q.per_column as u8, q.reduce_range as u8).bytes());
+            }
             if let Some(w) = &g.im2col {
                 let mut nums = vec![w.channels, w.out_h, w.out_w];
                 for pair in [w.kernel, w.in_size, w.pad, w.stride, w.dilation] {
@@ -274,7 +278,20 @@ fn parse_body(body: &[u8]) -> Result<ProgramImage, String> {
                 };
                 let tile = GemmTile { mr, nr, lanes: sparse_b.map_or_else(kiln_compiler::kernels::gemm::host_lanes, |f| f.lanes()) };
                 let kernel = image.kernels.last_mut().ok_or("a gemm line before any kernel")?;
-                kernel.gemm = Some(GemmShape { batch, m, n, k, a, b, tile, im2col: None, sparse_b });
+                kernel.gemm = Some(GemmShape { batch, m, n, k, a, b, tile, im2col: None, sparse_b, quant: None });
+            }
+            Some("quant") => {
+                let scale = BufId(num(w.next(), "quant scale buffer")?);
+                let zero_point = BufId(num(w.next(), "quant zero point buffer")?);
+                let per_column = num::<u8>(w.next(), "quant per-column flag")? == 1;
+                let reduce_range = num::<u8>(w.next(), "quant range flag")? == 1;
+                let bias = match w.next() {
+                    None => None,
+                    Some(b) => Some(BufId(b.parse().map_err(|_| "a quant line with a bad bias buffer")?)),
+                };
+                let g = image.kernels.last_mut().and_then(|k| k.gemm.as_mut()).ok_or("a quant line before any gemm")?;
+                g.quant = Some(kiln_compiler::kernels::quantized::QuantizedB { scale, zero_point, per_column, reduce_range, bias });
+                g.tile.lanes = GemmTile::int8(g.m).lanes;
             }
             Some("im2col") => {
                 let mut next = || num::<i64>(w.next(), "im2col");
@@ -351,9 +368,21 @@ fn check_consistent(image: &ProgramImage) -> Result<(), String> {
 /// buffers of the program, sizes that are not negative, a tile the microkernel has.
 fn check_gemm(image: &ProgramImage, k: &KernelDecl, g: &GemmShape) -> Result<(), String> {
     let buf = |b: BufId| k.buffers.get(b.0 as usize).and_then(|&b| image.buffers.get(b as usize)).ok_or_else(|| "a gemm buffer index out of range".to_string());
-    for o in [&g.a, &g.b] {
-        if buf(o.buf)?.dtype != DType::F32 || o.batch_strides.len() != g.batch.len() || o.offset < 0 {
-            return Err("a gemm operand that is not a float32 buffer of the batch's rank".into());
+    let b_dtype = if g.quant.is_some() { DType::I32 } else { DType::F32 };
+    for (o, dtype) in [(&g.a, DType::F32), (&g.b, b_dtype)] {
+        if buf(o.buf)?.dtype != dtype || o.batch_strides.len() != g.batch.len() || o.offset < 0 {
+            return Err("a gemm operand that is not a buffer of its dtype and of the batch's rank".into());
+        }
+    }
+    if let Some(q) = &g.quant {
+        let n = if q.per_column { g.n } else { 1 };
+        let vector = |b: BufId, dtype: DType| buf(b).map(|d| d.dtype == dtype && d.sizes == [n]);
+        let bias_ok = match q.bias {
+            None => true,
+            Some(b) => buf(b).map(|d| d.dtype == DType::F32 && d.sizes == [g.n])?,
+        };
+        if !bias_ok || !vector(q.scale, DType::F32)? || !vector(q.zero_point, DType::I32)? || g.tile != GemmTile::int8(g.m) || g.im2col.is_some() || g.sparse_b.is_some() || !g.batch.is_empty() {
+            return Err("an int8 gemm with bad scales, zero points or tile".into());
         }
     }
     let sparse_ok = match g.sparse_b {

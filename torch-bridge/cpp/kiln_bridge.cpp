@@ -11,6 +11,7 @@
 #include <ATen/EmptyTensor.h>
 #include <ATen/Parallel.h>
 #include <ATen/autocast_mode.h>
+#include <ATen/native/quantized/PackedParams.h>
 #include <c10/core/DefaultDtype.h>
 #include <c10/core/GradMode.h>
 #include <c10/core/impl/LocalDispatchKeySet.h>
@@ -102,6 +103,10 @@ Symbol marker_attr() { static Symbol s = Symbol::attr("kiln_marker"); return s; 
 Symbol inplace_attr() { static Symbol s = Symbol::attr("kiln_inplace"); return s; }
 // On a group: the outputs it returns undefined, as eager does (Rust computes the others).
 Symbol undefined_attr() { static Symbol s = Symbol::attr("kiln_undefined"); return s; }
+// A dynamically quantized linear as the pass sees it (unpack_quantized_linears), and on it the
+// quantized op it stands for.
+Symbol quantized_linear_kind() { static Symbol s = Symbol::fromQualString("kiln::linear_dynamic"); return s; }
+Symbol quantized_attr() { static Symbol s = Symbol::attr("kiln_quantized"); return s; }
 
 std::string dtype_name(at::ScalarType t) {
   switch (t) {
@@ -329,9 +334,12 @@ struct Dumper {
   }
   bool node(const Node* n, std::string* why) {
     if (!is_tensor_op(n)) { *why = "not a tensor op"; return false; }
-    for (auto* in : n->inputs()) if (!declare(in, why)) return false;
+    // kiln::linear_dynamic's packed weight (its last input) is TorchScript's; Kiln reads
+    // the unpacked tensors before it.
+    size_t count = n->kind() == quantized_linear_kind() ? n->inputs().size() - 1 : n->inputs().size();
+    for (size_t i = 0; i < count; ++i) if (!declare(n->input(i), why)) return false;
     os << "node " << name(n->output()) << " " << (n->hasAttribute(inplace_attr()) ? n->s(inplace_attr()) : std::string(n->kind().toQualString()));
-    for (auto* in : n->inputs()) os << " " << name(in);
+    for (size_t i = 0; i < count; ++i) os << " " << name(n->input(i));
     recorded_type(n->output());
     os << "\n";
     return true;
@@ -499,7 +507,7 @@ bool is_shape_op(const Node* n) {
   auto all = [](auto vs, auto pred) { return std::all_of(vs.begin(), vs.end(), pred); };
   if (n->kind() == aten::size)
     return n->outputs().size() == 1 && n->input(0)->type()->cast<TensorType>() && (n->inputs().size() == 1 ? is_ints(n->output()) : is_int(n->output()));
-  if (n->kind() == aten::dim) return n->inputs().size() == 1 && n->input(0)->type()->cast<TensorType>();
+  if (n->kind() == aten::dim || n->kind() == prim::dtype) return n->inputs().size() == 1 && n->input(0)->type()->cast<TensorType>();
   if ((n->kind() == aten::mul || n->kind() == aten::add || n->kind() == aten::sub || n->kind() == aten::floordiv) && n->inputs().size() == 2 &&
       all(n->inputs(), is_int) && is_int(n->output()))
     return true;
@@ -595,6 +603,103 @@ Node* with_kind(Node* n, Symbol kind) {
   return m;
 }
 
+// The dynamically quantized linears of `torch.ao.quantization.quantize_dynamic`, frozen:
+// `quantized::linear_dynamic(x, packed, reduce_range)` (and `linear_relu_dynamic`) whose packed
+// weight is a constant. For the pass, each becomes `kiln::linear_dynamic(x, w, w_scale,
+// w_zero_point, bias, reduce_range, relu, packed)`: the packed weight unpacked (fbgemm's own
+// `unpack()`) into tensor constants that the pass lifts into group inputs like any frozen
+// weight — the int8 values widened to int32 (Kiln has no int8 tensors), the scales as float32
+// as fbgemm keeps them, the zero points as int32, per tensor (1 element) or per output
+// channel — and the packed object kept last, for TorchScript. Whatever is left outside a
+// group, and every fallback copy, gets the quantized op back (restore_quantized).
+
+void unpack_quantized_linears(Block* b) {
+  static const Symbol plain = Symbol::fromQualString("quantized::linear_dynamic");
+  static const Symbol relu = Symbol::fromQualString("quantized::linear_relu_dynamic");
+  for (auto it = b->nodes().begin(); it != b->nodes().end();) {
+    Node* n = *it;
+    ++it;
+    for (Block* sub : n->blocks()) unpack_quantized_linears(sub);
+    if ((n->kind() != plain && n->kind() != relu) || n->inputs().size() != 3 || n->hasAttribute(fallback_attr())) continue;
+    Value* packed = n->input(1);
+    auto iv = toIValue(packed);
+    auto rr = toIValue(n->input(2));
+    if (packed->node()->kind() != prim::Constant || !iv || !iv->isObject() || !rr || !rr->isBool()) continue;
+    at::Tensor w, scale, zero_point;
+    std::optional<at::Tensor> bias;
+    try {
+      auto params = iv->toCustomClass<LinearPackedParamsBase>();
+      std::tie(w, bias) = params->unpack();
+      if (!w.is_quantized() || w.scalar_type() != at::kQInt8 || w.dim() != 2) continue;
+      if (w.qscheme() == at::kPerTensorAffine) {
+        scale = at::full({1}, static_cast<float>(w.q_scale()), at::kFloat);
+        zero_point = at::full({1}, w.q_zero_point(), at::kInt);
+      } else if (w.qscheme() == at::kPerChannelAffine && w.q_per_channel_axis() == 0) {
+        scale = w.q_per_channel_scales().to(at::kFloat).contiguous();
+        zero_point = w.q_per_channel_zero_points().to(at::kInt).contiguous();
+      } else {
+        continue;
+      }
+      w = w.int_repr().to(at::kInt).contiguous();
+    } catch (const std::exception&) {
+      continue;  // not fbgemm's packed weight (qnnpack, onednn): TorchScript runs it
+    }
+    Graph* g = n->owningGraph();
+    WithInsertPoint guard(n);
+    auto tensor = [g](const at::Tensor& x) {
+      at::Tensor t = x.detach();  // (the bias is the float module's parameter)
+      Node* c = g->insertNode(g->create(prim::Constant));
+      c->t_(attr::value, t);
+      c->output()->inferTypeFrom(t);
+      return c->output();
+    };
+    Value* none = g->insertNode(g->createNone())->output();
+    Value* bias_v = bias && bias->defined() ? tensor(bias->to(at::kFloat).contiguous()) : none;
+    Value* relu_v = g->insertConstant(n->kind() == relu);
+    std::vector<Value*> inputs = {n->input(0), tensor(w), tensor(scale), tensor(zero_point), bias_v, n->input(2), relu_v, packed};
+    Node* q = g->create(quantized_linear_kind(), inputs, 1);
+    q->s_(quantized_attr(), n->kind().toQualString());
+    q->setSourceRange(n->sourceRange());
+    if (n->scope()) q->setScope(n->scope());
+    q->insertBefore(n);
+    q->output()->copyMetadata(n->output());
+    n->output()->replaceAllUsesWith(q->output());
+    n->destroy();
+  }
+}
+
+void restore_quantized(Block* b) {
+  for (auto it = b->nodes().begin(); it != b->nodes().end();) {
+    Node* n = *it;
+    ++it;
+    for (Block* sub : n->blocks()) restore_quantized(sub);
+    if (n->kind() != quantized_linear_kind()) continue;
+    Node* m = n->owningGraph()->create(Symbol::fromQualString(n->s(quantized_attr())), {n->input(0), n->input(7), n->input(5)}, 1);
+    for (Symbol a : {reason_attr(), fallback_attr()})
+      if (n->hasAttribute(a)) m->i_(a, n->i(a));
+    m->setSourceRange(n->sourceRange());
+    if (n->scope()) m->setScope(n->scope());
+    m->insertBefore(n);
+    m->output()->copyMetadata(n->output());
+    n->output()->replaceAllUsesWith(m->output());
+    n->destroy();
+  }
+}
+
+// kiln::linear_dynamic as TorchScript would run it (restore_quantized leaves none in a graph
+// that runs; this is for one that escapes it): the packed weight's own op.
+Operation quantized_linear_op(const Node*) {
+  return [](Stack& stack) {
+    auto in = last(stack, 8);
+    at::Tensor x = in[0].toTensor();
+    bool rr = in[5].toBool(), relu = in[6].toBool();
+    auto params = in[7].toCustomClass<LinearPackedParamsBase>();
+    at::Tensor y = relu ? params->apply_dynamic_relu(x, rr) : params->apply_dynamic(x, rr);
+    drop(stack, 8);
+    push(stack, std::move(y));
+  };
+}
+
 // In-place ops whose write nothing else sees (writes_unobserved) become their functional op
 // for the pass, remembering their kind. TorchScript's alias analysis cannot tell that such a
 // write is private: a write to a part of a list (a traced GRU cell's unsafe_chunk) would keep
@@ -668,7 +773,7 @@ std::string ask_node(const Node* n) {
     char reason[512] = {0};
     return kiln_rs_node_supported(text.data(), text.size(), reason, sizeof(reason)) ? "" : reason;
   }
-  if (n->kind().ns() != c10::Symbol::fromQualString("namespaces::aten")) return "not an aten op";
+  if (n->kind().ns() != c10::Symbol::fromQualString("namespaces::aten") && n->kind() != quantized_linear_kind()) return "not an aten op";
   if (n->outputs().size() != 1)
     return "has " + std::to_string(n->outputs().size()) + " outputs: not an op Kiln supports yet";
   if (!kiln_rs_known_op(n->kind().toQualString())) return "not an op Kiln supports yet";
@@ -826,6 +931,8 @@ struct Fuser {
         if (!d.parts(n, why)) return "";
         continue;
       }
+      // A packed weight merged in with its kiln::linear_dynamic: TorchScript's, never dumped.
+      if (n->kind() == prim::Constant && n->output()->type()->kind() == TypeKind::ClassType) continue;
       if (n->kind() == prim::Constant || n->kind() == prim::ListConstruct) {
         // Constants merged into the subgraph: a tracer's wrapped numbers (tensor constants
         // that are not are inputs by now, see lift_tensor_constants).
@@ -885,6 +992,7 @@ struct Fuser {
     Node* fb = g->create(prim::FallbackGraph, group->inputs(), group->outputs().size());
     auto fallback = group->g(attr::Subgraph)->copy();
     restore_in_place(fallback->block());
+    restore_quantized(fallback->block());
     // A None merged in as an optional's constant (`Tensor? = prim::Constant()`) is a value
     // TorchScript's interpreter cannot emit in a graph of its own: it is None.
     for (Node* n : fallback->nodes())
@@ -951,6 +1059,7 @@ struct Fuser {
 
   void run() {
     functionalize(graph->block());
+    unpack_quantized_linears(graph->block());
     unshare_shape_ops(graph->block());
     db = std::make_unique<AliasDb>(graph);
     fuse_block(graph->block());
@@ -975,6 +1084,7 @@ struct Fuser {
     // Nodes outside groups: say why they stayed in TorchScript.
     record_rest(graph->block());
     restore_in_place(graph->block());
+    restore_quantized(graph->block());
   }
 };
 
@@ -999,6 +1109,7 @@ void kiln_pass(std::shared_ptr<Graph>& graph) {
     try {
       unmerge_all(graph->block());
       restore_in_place(graph->block());
+      restore_quantized(graph->block());
     } catch (...) {}
   }
 }
@@ -1237,6 +1348,7 @@ int32_t kiln_cpp_enable() {
       // CONSERVATIVE: an op with a side effect (dead-code elimination keeps it); it has no
       // inputs or outputs, so it orders nothing else.
       registerOperator(Operator(ran_kind(), fallbacks_ran_op, c10::AliasAnalysisKind::CONSERVATIVE));
+      registerOperator(Operator(quantized_linear_kind(), quantized_linear_op, c10::AliasAnalysisKind::PURE_FUNCTION));
       g_registered_ops = true;
     }
     if (!g_pass_registered) {

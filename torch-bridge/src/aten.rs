@@ -166,6 +166,8 @@ fn shape_value(g: &Graph, kind: &str, args: &[Arg]) -> R<Const> {
             Const::Int(s[wrap_dim(int(d)?, s.len())?])
         }
         ("aten::dim", [Arg::Tensor(t)]) => Const::Int(g.ty(*t).rank() as i64),
+        // (the guard checks the dtype)
+        ("prim::dtype", [Arg::Tensor(t)]) => Const::Int(scalar_type_code(g.ty(*t).dtype) as i64),
         ("aten::__getitem__", [Arg::Const(Const::Ints(xs)), i]) => {
             let i = int(i)?;
             let at = if i < 0 { i + xs.len() as i64 } else { i };
@@ -253,7 +255,7 @@ fn eager_strides(kind: &str, shape: &[i64], dtype: DType, mut operands: Vec<Oper
         // Products are computed into new contiguous tensors (mm, bmm, and matmul folding its
         // batch dims; `Lower::matmul` refuses the rank combinations eager transposes).
         "aten::linear" | "aten::matmul" | "aten::mm" | "aten::bmm" | "aten::addmm" | "aten::baddbmm" | "aten::scaled_dot_product_attention"
-        | "aten::_native_multi_head_attention" => return contiguous_strides(shape),
+        | "aten::_native_multi_head_attention" | "kiln::linear_dynamic" => return contiguous_strides(shape),
         "aten::layer_norm" | "aten::_transformer_encoder_layer_fwd" | "aten::contiguous" | "aten::cat" | "aten::gru_cell" | "aten::lstm_cell" | "aten::stack" | "aten::zeros" | "aten::ones"
         // (masked_fill clones its broadcast input contiguous, then fills it.)
         | "aten::masked_fill" => {
@@ -324,6 +326,8 @@ pub const KINDS: &[&str] = &[
     "aten::channel_shuffle", "aten::native_channel_shuffle", "aten::max_pool2d", "aten::avg_pool2d",
     "aten::conv2d", "aten::conv1d", "aten::convolution", "aten::_convolution",
     "aten::adaptive_max_pool2d", "aten::upsample_nearest2d", "aten::upsample_bilinear2d",
+    // quantized::linear_dynamic with its packed weight unpacked by the pass.
+    "kiln::linear_dynamic",
 ];
 
 /// The ops whose in-place form (`aten::add_`...) Kiln computes as the op itself, where the
@@ -590,8 +594,13 @@ impl Lower<'_> {
     fn cast_to(&mut self, x: &Arg, dtype: DType) -> R<ValueId> {
         let x = self.tensor(x)?;
         if self.g.ty(x).dtype == dtype {
-            // A no-op conversion returns its input; as a group output there would be nothing
-            // to compute, and `copy=True` semantics are TorchScript's business.
+            // A no-op conversion returns its input. Of a value the group computes, that is the
+            // value (the `.to(x.dtype)` after a dynamically quantized linear); of a group input,
+            // there would be nothing to compute, and `copy=True` semantics are TorchScript's
+            // business.
+            if !matches!(self.g.node(x).op, Op::Input(_)) {
+                return Ok(x);
+            }
             return Err("conversion to the same dtype".into());
         }
         Ok(self.g.cast(x, dtype))
@@ -768,6 +777,7 @@ impl Lower<'_> {
                 Ok(self.g.reduce(op, x, &dims, bool_arg(keepdim)?).map_err(|e| e.0)?)
             }
             ("aten::linear", [x, w, bias]) => self.linear(x, w, bias),
+            ("kiln::linear_dynamic", [x, w, scale, zero_point, bias, reduce_range, relu]) => self.linear_dynamic(x, [w, scale, zero_point, bias], bool_arg(reduce_range)?, bool_arg(relu)?),
             ("aten::matmul", [x, y]) => self.matmul(x, y, None),
             ("aten::mm", [x, y]) => self.matmul(x, y, Some(2)),
             ("aten::bmm", [x, y]) => self.matmul(x, y, Some(3)),
@@ -1545,6 +1555,41 @@ impl Lower<'_> {
             Arg::Tensor(b) if self.g.ty(*b).dtype == self.g.ty(p).dtype => Ok(self.g.binary(BinaryOp::Add, p, *b).map_err(|e| e.0)?),
             _ => Err("a bias of another dtype".into()),
         }
+    }
+
+    /// A dynamically quantized linear (`quantized::linear_dynamic`, as the pass unpacked it:
+    /// `kiln::linear_dynamic` in the shim): x's leading dims flattened into the rows of the
+    /// int8 product (the whole tensor shares one scale) with its float bias, then the relu of
+    /// `linear_relu_dynamic`, as fbgemm applies them.
+    fn linear_dynamic(&mut self, x: &Arg, [w, scale, zero_point, bias]: [&Arg; 4], reduce_range: bool, relu: bool) -> R<ValueId> {
+        let (x, w, scale, zero_point) = (self.tensor(x)?, self.tensor(w)?, self.tensor(scale)?, self.tensor(zero_point)?);
+        let shape = self.g.ty(x).static_shape().ok_or("symbolic sizes")?;
+        if shape.len() < 2 || self.g.ty(x).dtype != DType::F32 {
+            return Err("an input that is not a float32 matrix or batch of them (eager raises)".into());
+        }
+        let k = shape[shape.len() - 1];
+        let rows: i64 = shape[..shape.len() - 1].iter().product();
+        let x2 = if shape.len() == 2 { x } else { self.g.reshape(x, &[rows, k]).map_err(|e| e.0)? };
+        let wt = self.g.permute(w, &[1, 0]).map_err(|e| e.0)?;
+        let bias = match bias {
+            Arg::Tensor(b) => Some(*b),
+            _ => None,
+        };
+        let mut y = self.g.qmatmul_dynamic(x2, wt, scale, zero_point, bias, reduce_range).map_err(|e| e.0)?;
+        if relu {
+            y = self.g.unary(UnaryOp::Relu, y).map_err(|e| e.0)?;
+        }
+        let mut out = shape.clone();
+        *out.last_mut().unwrap() = self.g.ty(y).static_shape().unwrap()[1];
+        if out.len() == 2 {
+            return Ok(y);
+        }
+        // The product's rows back in x's leading dims. A reshape alone would be a view, which a
+        // group does not return (eager's result is a tensor of its own): a multiply by one
+        // (exact for every value, -0 and NaN included) stores it, for batches of matrices only.
+        let y = self.g.reshape(y, &out).map_err(|e| e.0)?;
+        let one = self.g.constant(Scalar::Float(1.0), DType::F32);
+        Ok(self.g.binary(BinaryOp::Mul, y, one).map_err(|e| e.0)?)
     }
 
     /// beta · bias + alpha · p (addmm, baddbmm): eager skips the bias when beta is 0 (so a NaN

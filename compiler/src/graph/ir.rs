@@ -164,6 +164,15 @@ pub enum Op {
     /// what it computes — B (a weight with zeros) packed in that sparse format
     /// (`kernels::sparse`), a choice the frontend made from the weight's values.
     MatMul { sparse_b: Option<crate::kernels::sparse::SparseFormat> },
+    /// Matrix product of a float32 a[m, k] and an int8 weight b[k, n] (held as int32) with
+    /// its scales and zero points (float32 / int32, one per tensor or one per column), a
+    /// quantized per call as fbgemm's dynamic linear does (`kernels::quantized`): a's range
+    /// gives its scale and zero point (7 bits with `reduce_range`), a is rounded to uint8,
+    /// the product is exact in int32 and dequantized as float(Σ (a − za)(b − zb)) · (sa·sb).
+    /// With a fifth input, a float32 bias b[n], each element is fma(float(Σ …), sa·sb, bias):
+    /// `quantized::linear_dynamic` as PyTorch's build of fbgemm computes it (its compiler
+    /// contracts the dequantizing multiply and the bias add into one fused multiply-add).
+    QuantizedMatMul { reduce_range: bool },
     /// The inputs one after another along `dim` (torch.cat): stored, each input written into
     /// its part of the buffer by a kernel of its own.
     Cat { dim: usize },
@@ -203,6 +212,7 @@ impl Op {
             Op::Reshape => "reshape",
             Op::Expand => "expand",
             Op::MatMul { .. } => "matmul",
+            Op::QuantizedMatMul { .. } => "qmatmul_dynamic",
             Op::Cat { .. } => "cat",
             Op::Iota { .. } => "iota",
             Op::Unfold { .. } => "unfold",
@@ -213,7 +223,7 @@ impl Op {
     /// Pointwise ops are inlined into their consumers; the others own a kernel. A permute is
     /// "pointwise" in that sense: its consumers read through it.
     pub fn is_pointwise(&self) -> bool {
-        !matches!(self, Op::Reduce { .. } | Op::Softmax { .. } | Op::Input(_) | Op::MatMul { .. } | Op::Cat { .. } | Op::Conv2d { .. })
+        !matches!(self, Op::Reduce { .. } | Op::Softmax { .. } | Op::Input(_) | Op::MatMul { .. } | Op::QuantizedMatMul { .. } | Op::Cat { .. } | Op::Conv2d { .. })
     }
 }
 
@@ -493,6 +503,27 @@ impl Graph {
         Ok(self.push(Op::MatMul { sparse_b: None }, vec![a, b], TensorType { dtype: ta.dtype, shape }))
     }
 
+    /// See [`Op::QuantizedMatMul`]: `a` f32 [m, k], `b` i32 [k, n] (int8 values), `scale`
+    /// f32 and `zero_point` i32, both [1] or [n]; `bias` f32 [n].
+    pub fn qmatmul_dynamic(&mut self, a: ValueId, b: ValueId, scale: ValueId, zero_point: ValueId, bias: Option<ValueId>, reduce_range: bool) -> Result<ValueId, IrError> {
+        let (ta, tb, ts, tz) = (self.ty(a).clone(), self.ty(b).clone(), self.ty(scale).clone(), self.ty(zero_point).clone());
+        let (Some(sa), Some(sb), Some(ss), Some(sz)) = (ta.static_shape(), tb.static_shape(), ts.static_shape(), tz.static_shape()) else {
+            return err("qmatmul_dynamic takes static shapes");
+        };
+        if ta.dtype != DType::F32 || tb.dtype != DType::I32 || ts.dtype != DType::F32 || tz.dtype != DType::I32 {
+            return err(format!("qmatmul_dynamic takes f32, i32, f32, i32, not {}, {}, {}, {}", ta.dtype, tb.dtype, ts.dtype, tz.dtype));
+        }
+        if sa.len() != 2 || sb.len() != 2 || sa[1] != sb[0] || ss.len() != 1 || ss != sz || !(ss[0] == 1 || ss[0] == sb[1]) {
+            return err(format!("qmatmul_dynamic: {ta} x {tb} with scales {ts} and zero points {tz} do not match"));
+        }
+        if let Some(bias) = bias {
+            if self.ty(bias).dtype != DType::F32 || self.ty(bias).static_shape() != Some(vec![sb[1]]) {
+                return err(format!("qmatmul_dynamic: a bias {} for {} columns", self.ty(bias), sb[1]));
+            }
+        }
+        Ok(self.push(Op::QuantizedMatMul { reduce_range }, [a, b, scale, zero_point].into_iter().chain(bias).collect(), TensorType::new(DType::F32, &[sa[0], sb[1]])))
+    }
+
     /// [`matmul`](Self::matmul) over B packed in sparse `format`.
     pub fn matmul_sparse_b(&mut self, a: ValueId, b: ValueId, format: crate::kernels::sparse::SparseFormat) -> Result<ValueId, IrError> {
         if !format.valid() || self.ty(a).dtype != DType::F32 {
@@ -618,6 +649,7 @@ impl fmt::Display for Graph {
                 Op::Expand => format!("expand({args})"),
                 Op::MatMul { sparse_b: None } => format!("matmul({args})"),
                 Op::MatMul { sparse_b: Some(format) } => format!("matmul({args}) sparse_b={format}"),
+                Op::QuantizedMatMul { reduce_range } => format!("qmatmul_dynamic({args}) reduce_range={reduce_range}"),
                 Op::Cat { dim } => format!("cat({args}) dim={dim}"),
                 Op::Iota { dim } => format!("iota() dim={dim}"),
                 Op::Unfold { dim, size, step, dilation } => format!("unfold({args}) dim={dim} size={size} step={step} dilation={dilation}"),
@@ -731,6 +763,13 @@ pub fn parse_graph(text: &str) -> Result<Graph, IrError> {
                         None => g.matmul(i[0], i[1])?,
                         Some(f) => g.matmul_sparse_b(i[0], i[1], crate::kernels::sparse::SparseFormat::parse(f).ok_or_else(|| IrError(format!("bad sparse_b in {line}")))?)?,
                     }
+                }
+                "qmatmul_dynamic" => {
+                    let i = ins()?;
+                    if i.len() < 4 {
+                        return Err(IrError(format!("qmatmul_dynamic takes 4 or 5 inputs: {line}")));
+                    }
+                    g.qmatmul_dynamic(i[0], i[1], i[2], i[3], i.get(4).copied(), attr("reduce_range") == Some("true"))?
                 }
                 "cat" => {
                     let dim = attr("dim").and_then(|d| d.parse().ok()).ok_or_else(|| IrError("cat needs dim=".into()))?;

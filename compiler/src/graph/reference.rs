@@ -266,6 +266,28 @@ fn matmul(a: &Tensor, b: &Tensor, out_sizes: &[i64]) -> Vec<Scalar> {
         .collect()
 }
 
+/// fbgemm's dynamically quantized product (`kernels::quantized`), element by element.
+fn qmatmul_dynamic(a: &Tensor, b: &Tensor, scale: &Tensor, zero_point: &Tensor, bias: Option<&Tensor>, reduce_range: bool) -> Vec<Scalar> {
+    use crate::kernels::quantized::{choose_activation_params, dequantize, inverse, min_max, quantize};
+    let (m, k, n) = (a.sizes[0], a.sizes[1], b.sizes[1]);
+    let (lo, hi) = min_max(a.data.iter().map(|x| f(*x) as f32));
+    let p = choose_activation_params(lo, hi, reduce_range);
+    let qa: Vec<i32> = a.data.iter().map(|x| quantize(f(*x) as f32, inverse(p.scale), p.zero_point as f32) as i32).collect();
+    let qb = |p: i64, j: i64| int(b.data[(p * n + j) as usize]) as i32;
+    let per = |t: &Tensor, j: i64| t.data[if t.sizes[0] == 1 { 0 } else { j as usize }];
+    let mut out = Vec::with_capacity((m * n) as usize);
+    for i in 0..m {
+        let a_sum = (0..k).map(|p| qa[(i * k + p) as usize]).fold(0i32, i32::wrapping_add);
+        for j in 0..n {
+            let dot = (0..k).map(|p| qa[(i * k + p) as usize].wrapping_mul(qb(p, j))).fold(0i32, i32::wrapping_add);
+            let b_sum = (0..k).map(|p| qb(p, j)).fold(0i32, i32::wrapping_add);
+            let v = dequantize(dot, p, a_sum, b_sum, k, f(per(scale, j)) as f32, int(per(zero_point, j)) as i32, bias.map(|t| f(t.data[j as usize]) as f32));
+            out.push(Scalar::Float(v as f64));
+        }
+    }
+    out
+}
+
 /// Each element the exact-as-f64 sum of its window's products, rounded once to float32.
 fn conv2d(x: &Tensor, w: &Tensor, kernel: [i64; 2], stride: [i64; 2], dilation: [i64; 2], padding: [i64; 4], out_sizes: &[i64]) -> Vec<Scalar> {
     let channels = x.sizes[1];
@@ -318,6 +340,7 @@ pub fn eval(g: &Graph, inputs: &[Tensor]) -> Vec<Tensor> {
                 at(arg(0), &src)
             }),
             Op::MatMul { .. } => matmul(arg(0), arg(1), &sizes),
+            Op::QuantizedMatMul { reduce_range } => qmatmul_dynamic(arg(0), arg(1), arg(2), arg(3), (n.inputs.len() > 4).then(|| arg(4)), *reduce_range),
             Op::Cat { dim } => pointwise(&|c| {
                 let mut c = c.to_vec();
                 for i in 0..n.inputs.len() {

@@ -3,4 +3,5 @@
 //! the target's register tile, with the blocking as data.
 
 pub mod gemm;
+pub mod quantized;
 pub mod sparse;

@@ -126,7 +126,7 @@ impl<'a> KernelBuilder<'a> {
                 Op::Compare(c) => Expr::Compare(*c, args[0], args[1]),
                 Op::Where => Expr::Select(args[0], args[1], args[2]),
                 Op::Cast => Expr::Cast(args[0]),
-                Op::Input(_) | Op::Reduce { .. } | Op::Softmax { .. } | Op::MatMul { .. } | Op::Cat { .. } | Op::Conv2d { .. } | Op::Permute(_) | Op::Slice { .. } | Op::Reshape | Op::Expand | Op::Unfold { .. } => {
+                Op::Input(_) | Op::Reduce { .. } | Op::Softmax { .. } | Op::MatMul { .. } | Op::QuantizedMatMul { .. } | Op::Cat { .. } | Op::Conv2d { .. } | Op::Permute(_) | Op::Slice { .. } | Op::Reshape | Op::Expand | Op::Unfold { .. } => {
                     unreachable!("not pointwise, or handled above")
                 }
             };

@@ -118,6 +118,13 @@ impl Kernel {
         if let Some(g) = &mut k.gemm {
             local(&mut g.shape.a.buf);
             local(&mut g.shape.b.buf);
+            if let Some(q) = &mut g.shape.quant {
+                local(&mut q.scale);
+                local(&mut q.zero_point);
+                if let Some(b) = &mut q.bias {
+                    local(b);
+                }
+            }
         }
         for (e, _) in &mut k.exprs {
             if let Expr::Load { buf, .. } = e {
@@ -263,7 +270,7 @@ impl fmt::Display for Kernel {
             writeln!(
                 out,
                 "  gemm acc{} = {} x {}{}: batch {:?} m {} n {} k {}, tile {}x{}, epilogue per element:",
-                g.acc.0, operand(&s.a), operand(&s.b), s.sparse_b.map_or(String::new(), |f| format!(" (sparse {f})")), s.batch, s.m, s.n, s.k, s.tile.mr, s.tile.nr
+                g.acc.0, operand(&s.a), operand(&s.b), s.sparse_b.map_or(String::new(), |f| format!(" (sparse {f})")) + &s.quant.map_or(String::new(), |q| format!(" (int8, scales b{}, zero points b{})", q.scale.0, q.zero_point.0)), s.batch, s.m, s.n, s.k, s.tile.mr, s.tile.nr
             )
             .unwrap();
         }

@@ -33,6 +33,8 @@ pub enum LowerError {
     Symbolic,
     #[error("input {0} has {1} strides for rank {2}")]
     BadStrides(usize, usize, usize),
+    #[error("{0}")]
+    Unsupported(String),
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -178,6 +180,10 @@ pub fn lower(g: &Graph, input_strides: &[Vec<i64>]) -> Result<LoopProgram, Lower
                 Some(shape) => kernels.push(b.gemm(v, shape)),
                 None => kernels.push(b.matmul_loops(v)),
             },
+            Op::QuantizedMatMul { reduce_range } => {
+                let shape = quantized_gemm_shape(g, v, &b, *reduce_range)?;
+                kernels.push(b.gemm(v, shape))
+            }
             Op::Cat { dim } => {
                 let mut start = 0;
                 for part in 0..n.inputs.len() {
@@ -236,7 +242,7 @@ fn channels_last_temps(g: &Graph) -> Vec<ValueId> {
             }
         }
     }
-    let stored_kind = |op: &Op| !views::is_view(op) && !matches!(op, Op::Input(_) | Op::MatMul { .. } | Op::Softmax { .. });
+    let stored_kind = |op: &Op| !views::is_view(op) && !matches!(op, Op::Input(_) | Op::MatMul { .. } | Op::QuantizedMatMul { .. } | Op::Softmax { .. });
     (0..g.nodes.len())
         .filter(|&i| from_image[i] && !flattened[i] && g.nodes[i].ty.rank() == 4 && stored_kind(&g.nodes[i].op))
         .map(|i| ValueId(i as u32))
@@ -280,7 +286,7 @@ fn gemm_shape(g: &Graph, v: ValueId, b: &KernelBuilder) -> Option<crate::kernels
             _ => None,
         };
         if let Some(tile) = tile.filter(|_| bop.batch_invariant()) {
-            return Some(GemmShape { batch: out[..r - 2].to_vec(), m, n, k, a, b: bop, tile, im2col: None, sparse_b: Some(format) });
+            return Some(GemmShape { batch: out[..r - 2].to_vec(), m, n, k, a, b: bop, tile, im2col: None, sparse_b: Some(format), quant: None });
         }
     }
     // The loop nest is a dot product per element, fast only when both operands step by one
@@ -290,7 +296,37 @@ fn gemm_shape(g: &Graph, v: ValueId, b: &KernelBuilder) -> Option<crate::kernels
     if m < GEMM_MIN_ROWS && a.cols == 1 && bop.rows == 1 {
         return None;
     }
-    Some(GemmShape { batch: out[..r - 2].to_vec(), m, n, k, a, b: bop, tile: GemmTile::for_rows(m), im2col: None, sparse_b: None })
+    Some(GemmShape { batch: out[..r - 2].to_vec(), m, n, k, a, b: bop, tile: GemmTile::for_rows(m), im2col: None, sparse_b: None, quant: None })
+}
+
+/// Dynamically quantized product `v` (`kernels::quantized`) on the int8 GEMM: A and B as
+/// any matmul's operands, B's scales and zero points read by the microkernel from their
+/// buffers (contiguous, as the frontend's constants are).
+fn quantized_gemm_shape(g: &Graph, v: ValueId, b: &KernelBuilder, reduce_range: bool) -> Result<crate::kernels::gemm::GemmShape, LowerError> {
+    use crate::kernels::gemm::{GemmOperand, GemmShape, GemmTile};
+    let ins = &g.node(v).inputs;
+    let out = g.ty(v).static_shape().ok_or(LowerError::Symbolic)?;
+    let k = g.ty(ins[0]).static_shape().ok_or(LowerError::Symbolic)?[1];
+    let refuse = |what: &str| LowerError::Unsupported(format!("qmatmul_dynamic: {what}"));
+    let operand = |x: ValueId| -> Result<GemmOperand, LowerError> {
+        let (buf, strides, offset) = b.strided(x).ok_or_else(|| refuse("an operand not in memory"))?;
+        Ok(GemmOperand { buf, offset, batch_strides: vec![], rows: strides[0], cols: strides[1] })
+    };
+    let vector = |x: ValueId| -> Result<BufId, LowerError> {
+        match b.strided(x) {
+            Some((buf, strides, 0)) if strides == [1] || g.ty(x).static_shape() == Some(vec![1]) => Ok(buf),
+            _ => Err(refuse("scales or zero points that are not a contiguous vector")),
+        }
+    };
+    let bias = match ins.get(4) {
+        Some(&x) => Some(vector(x)?),
+        None => None,
+    };
+    let quant = crate::kernels::quantized::QuantizedB { scale: vector(ins[2])?, zero_point: vector(ins[3])?, per_column: g.ty(ins[2]).static_shape() != Some(vec![1]), reduce_range, bias };
+    if !reduce_range {
+        return Err(refuse("8-bit activations (fbgemm's AVX2 kernel saturates their pair sums; Kiln takes reduce_range=True)"));
+    }
+    Ok(GemmShape { batch: vec![], m: out[0], n: out[1], k, a: operand(ins[0])?, b: operand(ins[1])?, tile: GemmTile::int8(out[0]), im2col: None, sparse_b: None, quant: Some(quant) })
 }
 
 /// Convolution `v` as a GEMM over its image's windows: rows the output pixels, columns the
@@ -309,7 +345,7 @@ fn conv_gemm_shape(g: &Graph, v: ValueId, b: &KernelBuilder, kernel: [i64; 2], s
     let bop = GemmOperand { buf: wbuf, offset: woff, batch_strides: vec![0], rows: wst[0], cols: wst[1] };
     let k = xs[1] * kernel[0] * kernel[1];
     let tile = conv_tile(&im2col, out[1]);
-    GemmShape { batch: vec![out[0]], m: out[2] * out[3], n: out[1], k, a, b: bop, tile, im2col: Some(im2col), sparse_b: None }
+    GemmShape { batch: vec![out[0]], m: out[2] * out[3], n: out[1], k, a, b: bop, tile, im2col: Some(im2col), sparse_b: None, quant: None }
 }
 
 /// A convolution's tile: `GemmTile::for_columns`, or 7 × 48 where output rows of 7 or 14

@@ -202,6 +202,9 @@ fn run_of(n: i64, parts: usize, p: usize) -> (i64, i64) {
 /// `src` is B's buffer, laid out as `s.b` says; `dst` writable for `s.packed_b_elems()` floats.
 pub unsafe fn pack_b(s: &GemmShape, src: *const f32, dst: *mut f32) {
     debug_assert!(s.b.batch_invariant());
+    if s.quant.is_some() {
+        return crate::runtime::qgemm::pack_b(s, src as *const i32, dst as *mut i32);
+    }
     match s.sparse_b {
         Some(format) => pack_sparse_b(s, format, src.offset(s.b.offset as isize), dst),
         None => pack_b_panels(s, src.offset(s.b.offset as isize), dst, 0, s.n_panels()),
@@ -225,6 +228,9 @@ unsafe fn pack_b_panels(s: &GemmShape, src: *const f32, dst: *mut f32, lo: i64, 
 pub unsafe fn run(s: &GemmShape, ukr: MicrokernelFn, table: *const *mut u8, scratch: *mut f32, prepacked_b: Option<*const f32>) {
     if let Some(w) = &s.im2col {
         return run_im2col(s, w, ukr, table, scratch, prepacked_b);
+    }
+    if s.quant.is_some() {
+        return crate::runtime::qgemm::run(s, ukr, table, scratch, prepacked_b);
     }
     let tile = s.tile;
     let (mp, np) = (s.m_panels(), s.n_panels());

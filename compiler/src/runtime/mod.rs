@@ -6,4 +6,5 @@ pub mod gemm;
 pub mod jit;
 pub mod parallel;
 pub mod program;
+pub mod qgemm;
 pub mod thread_pool;

@@ -86,6 +86,8 @@ pub fn emit<'ctx>(ctx: &'ctx Context, module: &Module<'ctx>, k: &Kernel, spec: &
     let i64t = ctx.i64_type();
     let f32t = ctx.f32_type();
     let vt = f32t.vec_type(lanes as u32);
+    // An int8 product's tile sums in int32 (`kernels::quantized`).
+    let acc_type = if spec.shape.quant.is_some() { ctx.i32_type().vec_type(lanes as u32) } else { vt };
     let fn_type = ctx.void_type().fn_type(&[ptr.into(), ptr.into(), ptr.into(), i64t.into(), ptr.into(), i64t.into(), i64t.into(), ptr.into(), ptr.into(), i64t.into()], false);
     let f = module.add_function(name, fn_type, None);
     set_target_attrs(ctx, f, target);
@@ -136,9 +138,9 @@ pub fn emit<'ctx>(ctx: &'ctx Context, module: &Module<'ctx>, k: &Kernel, spec: &
 
     // The register tile (one set of accumulators per chain of sums).
     let chains = if matches!(spec.shape.sparse_b, Some(SparseFormat::Panels(_))) { tile.sparse_chains() } else { 1 };
-    let chain_accs: Vec<Vec<PointerValue>> = (0..chains).map(|_| (0..mr * nv).map(|_| b.build_alloca(vt, "c")).collect::<Result<_, _>>()).collect::<Result<_, _>>()?;
+    let chain_accs: Vec<Vec<PointerValue>> = (0..chains).map(|_| (0..mr * nv).map(|_| b.build_alloca(acc_type, "c")).collect::<Result<_, _>>()).collect::<Result<_, _>>()?;
     for a in chain_accs.iter().flatten() {
-        b.build_store(*a, vt.const_zero())?;
+        b.build_store(*a, acc_type.const_zero())?;
     }
     let tile_accs = &chain_accs[0];
     // Every alloca in the entry block, where SROA promotes them to registers (a k counter or
@@ -322,7 +324,58 @@ pub fn emit<'ctx>(ctx: &'ctx Context, module: &Module<'ctx>, k: &Kernel, spec: &
         b.build_store(chain_accs[0][0], tile_vector)?;
         Ok(())
     };
+    // An int8 product: per quad of k, each row's four uint8 of A broadcast against each
+    // vector of B's eight columns × four int8: `vpmaddubsw` (u8 × s8 pair sums in int16, exact
+    // with 7-bit A), `vpmaddwd` by ones (the pairs' sums in int32), added to the tile.
+    let int8_loop = || -> R<()> {
+        let i32t = ctx.i32_type();
+        let (bytes, pairs) = (ctx.i8_type().vec_type(32), ctx.i16_type().vec_type(16));
+        let maddubs = Intrinsic::find("llvm.x86.avx2.pmadd.ub.sw").and_then(|i| i.get_declaration(module, &[])).expect("llvm.x86.avx2.pmadd.ub.sw");
+        let maddwd = Intrinsic::find("llvm.x86.avx2.pmadd.wd").and_then(|i| i.get_declaration(module, &[])).expect("llvm.x86.avx2.pmadd.wd");
+        let ones = VectorType::const_vector(&vec![ctx.i16_type().const_int(1, false); pairs.get_size() as usize]);
+        let c64 = |x: i64| i64t.const_int(x as u64, true);
+        let step = |q: IntValue<'ctx>| -> R<()> {
+            let b_at = b.build_int_add(b.build_int_mul(q, c64(tile.nr), "")?, c64(tile.nr), "")?;
+            let mut bv = vec![];
+            for v in 0..nv {
+                let addr = unsafe { b.build_in_bounds_gep(i32t, pb, &[b.build_int_add(b_at, c64(v * lanes), "")?], "")? };
+                let load = b.build_load(acc_type, addr, "")?;
+                load.as_instruction_value().unwrap().set_alignment(32).map_err(|e| CodegenError::Llvm(e.to_string()))?;
+                bv.push(b.build_bit_cast(load, bytes, "")?);
+            }
+            let a_at = b.build_int_add(b.build_int_mul(q, c64(mr), "")?, c64(crate::kernels::quantized::A_HEADER), "")?;
+            for r in 0..mr {
+                let addr = unsafe { b.build_in_bounds_gep(i32t, pa, &[b.build_int_add(a_at, c64(r), "")?], "")? };
+                let quad = b.build_load(i32t, addr, "")?.into_int_value();
+                let one = b.build_insert_element(acc_type.get_undef(), quad, i32t.const_zero(), "")?;
+                let splat = b.build_shuffle_vector(one, acc_type.get_undef(), i32t.vec_type(lanes as u32).const_zero(), "")?;
+                let a = b.build_bit_cast(splat, bytes, "")?;
+                for v in 0..nv {
+                    let call = |f: FunctionValue<'ctx>, x: BasicMetadataValueEnum<'ctx>, y: BasicMetadataValueEnum<'ctx>| -> R<inkwell::values::BasicValueEnum<'ctx>> {
+                        let inkwell::values::ValueKind::Basic(r) = b.build_call(f, &[x, y], "")?.try_as_basic_value() else { unreachable!("a value") };
+                        Ok(r)
+                    };
+                    let p16 = call(maddubs, a.into(), bv[v as usize].into())?;
+                    let p32 = call(maddwd, p16.into(), ones.into())?.into_vector_value();
+                    let slot = chain_accs[0][(r * nv + v) as usize];
+                    let sum = b.build_int_add(b.build_load(acc_type, slot, "")?.into_vector_value(), p32, "")?;
+                    b.build_store(slot, sum)?;
+                }
+            }
+            Ok(())
+        };
+        b.build_store(p_slot, i64t.const_zero())?;
+        let main_end = b.build_int_sub(kc, c64(UNROLL - 1), "")?;
+        counted_loop(ctx, &b, f, p_slot, main_end, UNROLL, |q| {
+            for u in 0..UNROLL {
+                step(b.build_int_add(q, c64(u), "")?)?;
+            }
+            Ok(())
+        })?;
+        counted_loop(ctx, &b, f, p_slot, kc, 1, step)
+    };
     match &spec.shape.im2col {
+        _ if spec.shape.quant.is_some() => int8_loop()?,
         Some(w) => {
             let (packed_bb, direct_bb, done_bb) = (ctx.append_basic_block(f, "packed"), ctx.append_basic_block(f, "direct"), ctx.append_basic_block(f, "product"));
             b.build_conditional_branch(b.build_is_null(a_steps, "")?, packed_bb, direct_bb)?;
@@ -364,10 +417,17 @@ pub fn emit<'ctx>(ctx: &'ctx Context, module: &Module<'ctx>, k: &Kernel, spec: &
 
     // Epilogue: the tile goes through memory on the stack (L1), so the epilogue is scalar
     // code over a column loop the vectoriser widens, the same expression code as any kernel.
+    let dequantized = match &spec.shape.quant {
+        Some(q) => Some(dequantize(ctx, module, &b, &spec.shape, q, table, pa, pb, col0, cols, tile_accs)?),
+        None => None,
+    };
     for r in 0..mr {
         for v in 0..nv {
             let addr = unsafe { b.build_in_bounds_gep(f32t, tile_mem, &[i64t.const_int((r * tile.nr + v * lanes) as u64, false)], "")? };
-            let c = b.build_load(vt, tile_accs[(r * nv + v) as usize], "")?;
+            let c = match &dequantized {
+                Some(tile) => tile[(r * nv + v) as usize].into(),
+                None => b.build_load(vt, tile_accs[(r * nv + v) as usize], "")?,
+            };
             b.build_store(addr, c)?.set_alignment(vector_align).map_err(|e| CodegenError::Llvm(e.to_string()))?;
         }
     }
@@ -419,6 +479,96 @@ pub fn emit<'ctx>(ctx: &'ctx Context, module: &Module<'ctx>, k: &Kernel, spec: &
     })?;
     b.build_return(None)?;
     Ok(())
+}
+
+/// An int8 tile's sums dequantized (`kernels::quantized`): the offsets of A's zero point
+/// (times B's column sums less zb·k) and of B's (times A's row sums) taken off in int32, the
+/// result converted and multiplied by sa·sb in float32 (with a bias: one fused multiply-add)
+/// — fbgemm's `ReQuantizeForFloat` as PyTorch's build computes it.
+/// A's zero point, scale, k and row sums head its panel; B's column sums its; B's scales and zero
+/// points are read from their buffers (one for all columns, or one a column: clamped to the
+/// last column past the matrix edge).
+#[allow(clippy::too_many_arguments)]
+fn dequantize<'ctx>(
+    ctx: &'ctx Context,
+    module: &Module<'ctx>,
+    b: &inkwell::builder::Builder<'ctx>,
+    shape: &crate::kernels::gemm::GemmShape,
+    q: &crate::kernels::quantized::QuantizedB,
+    table: PointerValue<'ctx>,
+    pa: PointerValue<'ctx>,
+    pb: PointerValue<'ctx>,
+    col0: IntValue<'ctx>,
+    cols: IntValue<'ctx>,
+    accs: &[PointerValue<'ctx>],
+) -> R<Vec<VectorValue<'ctx>>> {
+    let (i64t, i32t, f32t) = (ctx.i64_type(), ctx.i32_type(), ctx.f32_type());
+    let tile = shape.tile;
+    let (mr, nv, lanes) = (tile.mr, tile.vectors(), tile.lanes);
+    let (iv, fv) = (i32t.vec_type(lanes as u32), f32t.vec_type(lanes as u32));
+    let c64 = |x: i64| i64t.const_int(x as u64, true);
+    let splat_int = |x: IntValue<'ctx>| -> R<VectorValue<'ctx>> {
+        let one = b.build_insert_element(iv.get_undef(), x, i32t.const_zero(), "")?;
+        Ok(b.build_shuffle_vector(one, iv.get_undef(), iv.const_zero(), "")?)
+    };
+    let word = |base: PointerValue<'ctx>, i: i64| -> R<IntValue<'ctx>> {
+        let addr = unsafe { b.build_in_bounds_gep(i32t, base, &[c64(i)], "")? };
+        Ok(b.build_load(i32t, addr, "")?.into_int_value())
+    };
+    let buffer = |buf: crate::lower::loop_ir::BufId| -> R<PointerValue<'ctx>> {
+        let slot = unsafe { b.build_in_bounds_gep(ctx.ptr_type(AddressSpace::default()), table, &[c64(buf.0 as i64)], "")? };
+        Ok(b.build_load(ctx.ptr_type(AddressSpace::default()), slot, "")?.into_pointer_value())
+    };
+    // Columns v·lanes.. of B's scales or zero points (as int32 bits).
+    let per_column = |base: PointerValue<'ctx>, v: i64, per_column: bool| -> R<VectorValue<'ctx>> {
+        if !per_column {
+            return splat_int(word(base, 0)?);
+        }
+        let mut out = iv.get_undef();
+        let last = b.build_int_sub(cols, c64(1), "")?;
+        for lane in 0..lanes {
+            let j = c64(v * lanes + lane);
+            let j = b.build_select(b.build_int_compare(IntPredicate::SLT, j, cols, "")?, j, last, "")?.into_int_value();
+            let addr = unsafe { b.build_in_bounds_gep(i32t, base, &[b.build_int_add(col0, j, "")?], "")? };
+            let x = b.build_load(i32t, addr, "")?.into_int_value();
+            out = b.build_insert_element(out, x, i32t.const_int(lane as u64, false), "")?;
+        }
+        Ok(out)
+    };
+    let a_zero_point = splat_int(word(pa, 0)?)?;
+    let a_scale = b.build_bit_cast(splat_int(word(pa, 1)?)?, fv, "")?.into_vector_value();
+    let (scales, zero_points) = (buffer(q.scale)?, buffer(q.zero_point)?);
+    let k = splat_int(word(pa, 2)?)?;
+    let fma = Intrinsic::find("llvm.fma").and_then(|i| i.get_declaration(module, &[fv.into()])).expect("llvm.fma");
+    let mut out = vec![None; (mr * nv) as usize];
+    for v in 0..nv {
+        let addr = unsafe { b.build_in_bounds_gep(i32t, pb, &[c64(v * lanes)], "")? };
+        let col_sums = b.build_load(iv, addr, "")?.into_vector_value();
+        let zb = per_column(zero_points, v, q.per_column)?;
+        let sb = b.build_bit_cast(per_column(scales, v, q.per_column)?, fv, "")?.into_vector_value();
+        let bias = match q.bias {
+            Some(buf) => Some(b.build_bit_cast(per_column(buffer(buf)?, v, true)?, fv, "")?.into_vector_value()),
+            None => None,
+        };
+        let col_offsets = b.build_int_sub(col_sums, b.build_int_mul(zb, k, "")?, "")?;
+        let a_offsets = b.build_int_mul(a_zero_point, col_offsets, "")?;
+        let multiplier = b.build_float_mul(a_scale, sb, "")?;
+        for r in 0..mr {
+            let row_sum = splat_int(word(pa, 3 + r)?)?;
+            let acc = b.build_load(iv, accs[(r * nv + v) as usize], "")?.into_vector_value();
+            let raw = b.build_int_sub(b.build_int_sub(acc, a_offsets, "")?, b.build_int_mul(row_sum, zb, "")?, "")?;
+            let x = b.build_signed_int_to_float(raw, fv, "")?;
+            out[(r * nv + v) as usize] = Some(match bias {
+                Some(bias) => {
+                    let args: [BasicMetadataValueEnum; 3] = [x.into(), multiplier.into(), bias.into()];
+                    let inkwell::values::ValueKind::Basic(y) = b.build_call(fma, &args, "")?.try_as_basic_value() else { unreachable!("fma returns a value") };
+                    y.into_vector_value()
+                }
+                None => b.build_float_mul(x, multiplier, "")?,
+            });
+        }
+    }
+    Ok(out.into_iter().map(|x| x.expect("every vector of the tile")).collect())
 }
 
 fn splat<'ctx>(b: &inkwell::builder::Builder<'ctx>, ctx: &'ctx Context, vt: VectorType<'ctx>, x: inkwell::values::FloatValue<'ctx>) -> R<VectorValue<'ctx>> {

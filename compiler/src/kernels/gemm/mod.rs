@@ -14,6 +14,7 @@
 
 pub mod microkernel;
 
+use crate::kernels::quantized::{self, QuantizedB};
 use crate::kernels::sparse::{SparseFormat, SparsePanel, SparseRows};
 
 use crate::lower::loop_ir::{AccId, BufId, VarId};
@@ -104,6 +105,13 @@ impl GemmTile {
     /// (each a dot product of its own; the vectors are the dense loop's, `DENSE_B`).
     pub fn sparse_rows() -> GemmTile {
         GemmTile { mr: 1, nr: 8, lanes: 8 }
+    }
+
+    /// The tile of an int8 product (`kernels::quantized`, AVX2 integer vectors of 8 int32
+    /// sums): 4 × 16 keeps 8 accumulators, 2 B vectors, the broadcast quad of A, the ones of
+    /// `vpmaddwd` and a product in 16 registers; a thinner output a tile of its own height.
+    pub fn int8(m: i64) -> GemmTile {
+        GemmTile { mr: m.clamp(1, 4).min(quantized::MAX_ROWS), nr: 16, lanes: 8 }
     }
 
     pub fn vectors(&self) -> i64 {
@@ -285,6 +293,9 @@ pub struct GemmShape {
     /// B is packed sparse (`kernels::sparse`): panels of `tile.nr` columns keeping their k
     /// rows with a nonzero, or each column's nonzero runs; the microkernel walks them.
     pub sparse_b: Option<SparseFormat>,
+    /// An int8 product (`kernels::quantized`): A is quantized per call, B holds int8
+    /// values (as int32) with these scales and zero points; panels are packed in quads of k.
+    pub quant: Option<QuantizedB>,
 }
 
 impl GemmShape {
@@ -314,6 +325,9 @@ impl GemmShape {
     }
     /// Floats of one packed B panel (dense: k × nr; sparse: room for every row kept).
     pub fn b_panel_elems(&self) -> i64 {
+        if self.quant.is_some() {
+            return quantized::b_panel_words(self.k, self.tile.nr);
+        }
         match self.sparse_b {
             Some(SparseFormat::Panels(_)) => SparsePanel { k: self.k, nr: self.tile.nr }.elems(),
             Some(SparseFormat::Rows(block)) => SparseRows { k: self.k, nr: self.tile.nr, block }.elems(),
@@ -323,6 +337,9 @@ impl GemmShape {
     /// Floats of one packed A panel: mr × k, and for sparse rows k rounded up to whole runs
     /// (zeros past k: a run's last vector of A reads them).
     pub fn a_panel_elems(&self) -> i64 {
+        if self.quant.is_some() {
+            return quantized::a_panel_words(self.k, self.tile.mr);
+        }
         match self.sparse_b {
             Some(SparseFormat::Rows(block)) => self.tile.mr * SparseRows { k: self.k, nr: self.tile.nr, block }.runs() * block,
             _ => self.tile.mr * self.k,
@@ -402,7 +419,7 @@ impl GemmShape {
             GemmOperand { buf: op.buf, offset, batch_strides, rows: take(), cols: take() }
         };
         let (a, b) = (operand(&self.a), operand(&self.b));
-        GemmShape { batch, m, n, k, a, b, tile: self.tile, im2col: self.im2col.clone(), sparse_b: self.sparse_b }
+        GemmShape { batch, m, n, k, a, b, tile: self.tile, im2col: self.im2col.clone(), sparse_b: self.sparse_b, quant: self.quant }
     }
     /// Multiply-adds, for the parallel grain.
     pub fn flops(&self) -> i64 {

@@ -1,0 +1,252 @@
+//! The loops around the int8 microkernel (`kernels::quantized`, `kernels::gemm::microkernel`):
+//! per call, A's range and its quantization parameters, A quantized into row panels with
+//! their row sums; B (a weight, usually packed once and kept) into column panels of int8
+//! quads with their column sums; then the microkernel on every tile, threads splitting the
+//! tiles as for float32 (`runtime::gemm`).
+//!
+//! The quantization runs on AVX2 + FMA vectors, the instructions fbgemm's `QuantizeAvx2`
+//! uses, so that every element rounds as PyTorch's does (`kernels::quantized::quantize` is
+//! the same arithmetic one element at a time, for the rows' last elements and the reference).
+
+use crate::kernels::gemm::GemmShape;
+use crate::kernels::quantized::{self, choose_activation_params, quads, ActivationParams, A_HEADER};
+use crate::runtime::gemm::MicrokernelFn;
+use crate::runtime::parallel;
+
+/// Below this many multiply-adds the product runs on the calling thread.
+const PARALLEL_MIN_MACS: i64 = 1 << 18;
+
+#[derive(Clone, Copy)]
+struct Shared<T>(T);
+// Raw pointers into buffers the caller vouches for for the duration of `run`; threads write
+// disjoint panels and tiles.
+unsafe impl<T> Sync for Shared<T> {}
+impl<T: Copy> Shared<T> {
+    fn get(&self) -> T {
+        self.0
+    }
+}
+
+/// Splits `0..n` into `parts` contiguous runs and returns run `p`.
+fn run_of(n: i64, parts: usize, p: usize) -> (i64, i64) {
+    let chunk = (n + parts as i64 - 1) / parts as i64;
+    ((p as i64 * chunk).min(n), ((p as i64 + 1) * chunk).min(n))
+}
+
+/// Whether the host has what the vector paths below use (every x86 host Kiln's int8 code runs
+/// on: the microkernel itself is AVX2).
+fn has_avx2_fma() -> bool {
+    std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
+}
+
+/// The smallest and largest of `len` floats from `src` (0, 0 for none).
+unsafe fn row_min_max(src: *const f32, len: usize, acc: &mut Option<(f32, f32)>) {
+    let xs = std::slice::from_raw_parts(src, len);
+    let (mut lo, mut hi) = match *acc {
+        Some(p) => p,
+        None if len > 0 => (xs[0], xs[0]),
+        None => return,
+    };
+    if has_avx2_fma() {
+        let (l, h) = min_max_avx(xs);
+        lo = if l < lo { l } else { lo };
+        hi = if h > hi { h } else { hi };
+    } else {
+        for &x in xs {
+            lo = if x < lo { x } else { lo };
+            hi = if x > hi { x } else { hi };
+        }
+    }
+    *acc = Some((lo, hi));
+}
+
+#[target_feature(enable = "avx2,fma")]
+unsafe fn min_max_avx(xs: &[f32]) -> (f32, f32) {
+    use std::arch::x86_64::*;
+    let (mut lo, mut hi) = (xs[0], xs[0]);
+    let chunks = xs.len() / 8;
+    if chunks > 0 {
+        let (mut vlo, mut vhi) = (_mm256_set1_ps(lo), _mm256_set1_ps(hi));
+        for c in 0..chunks {
+            let v = _mm256_loadu_ps(xs.as_ptr().add(c * 8));
+            vlo = _mm256_min_ps(vlo, v);
+            vhi = _mm256_max_ps(vhi, v);
+        }
+        let (mut l, mut h) = ([0f32; 8], [0f32; 8]);
+        _mm256_storeu_ps(l.as_mut_ptr(), vlo);
+        _mm256_storeu_ps(h.as_mut_ptr(), vhi);
+        for i in 0..8 {
+            lo = if l[i] < lo { l[i] } else { lo };
+            hi = if h[i] > hi { h[i] } else { hi };
+        }
+    }
+    for &x in &xs[chunks * 8..] {
+        lo = if x < lo { x } else { lo };
+        hi = if x > hi { x } else { hi };
+    }
+    (lo, hi)
+}
+
+/// A's range over all of it (rows of `k` floats, `row_stride` apart, columns `col_stride`).
+unsafe fn a_range(src: *const f32, m: i64, k: i64, row_stride: i64, col_stride: i64) -> (f32, f32) {
+    let mut acc = None;
+    let mut row = vec![];
+    for i in 0..m {
+        let r = src.offset((i * row_stride) as isize);
+        if col_stride == 1 {
+            row_min_max(r, k as usize, &mut acc);
+        } else {
+            row.clear();
+            row.extend((0..k).map(|p| *r.offset((p * col_stride) as isize)));
+            row_min_max(row.as_ptr(), row.len(), &mut acc);
+        }
+    }
+    acc.unwrap_or((0.0, 0.0))
+}
+
+/// `len` floats quantized into `dst` (fbgemm's rounding; see the module doc).
+unsafe fn quantize_row(src: *const f32, len: usize, p: ActivationParams, dst: &mut [u8]) {
+    let (inv, zp) = (quantized::inverse(p.scale), p.zero_point as f32);
+    let mut i = 0;
+    if has_avx2_fma() {
+        i = quantize_avx(src, len, inv, zp, dst);
+    }
+    for j in i..len {
+        dst[j] = quantized::quantize(*src.add(j), inv, zp);
+    }
+}
+
+/// The whole vectors of a row, as `QuantizeAvx2`: fma, capped below 2³¹, converted to nearest
+/// even, clamped to 0..=255. Returns how many it did.
+#[target_feature(enable = "avx2,fma")]
+unsafe fn quantize_avx(src: *const f32, len: usize, inv: f32, zp: f32, dst: &mut [u8]) -> usize {
+    use std::arch::x86_64::*;
+    let (inv, zp, cap) = (_mm256_set1_ps(inv), _mm256_set1_ps(zp), _mm256_set1_ps(2147483520.0));
+    let (lo, hi) = (_mm256_setzero_si256(), _mm256_set1_epi32(255));
+    let chunks = len / 8;
+    for c in 0..chunks {
+        let x = _mm256_loadu_ps(src.add(c * 8));
+        let t = _mm256_min_ps(_mm256_fmadd_ps(x, inv, zp), cap);
+        let q = _mm256_min_epi32(_mm256_max_epi32(_mm256_cvtps_epi32(t), lo), hi);
+        let mut words = [0i32; 8];
+        _mm256_storeu_si256(words.as_mut_ptr() as *mut __m256i, q);
+        for (d, w) in dst[c * 8..c * 8 + 8].iter_mut().zip(words) {
+            *d = w as u8;
+        }
+    }
+    chunks * 8
+}
+
+/// Packs and quantizes rows [r0, r0 + mr) of A into one panel (`kernels::quantized`: header,
+/// then per quad mr rows × 4 bytes, zero past k and past the last row).
+unsafe fn pack_a_panel(s: &GemmShape, src: *const f32, p: ActivationParams, r0: i64, dst: *mut i32, row: &mut Vec<u8>) {
+    let (mr, k) = (s.tile.mr, s.k);
+    let kq = quads(k);
+    std::ptr::write_bytes(dst, 0, quantized::a_panel_words(k, mr) as usize);
+    *dst = p.zero_point;
+    *dst.add(1) = p.scale.to_bits() as i32;
+    *dst.add(2) = k as i32;
+    let bytes = dst.add(A_HEADER as usize) as *mut u8;
+    row.resize((kq * 4) as usize, 0);
+    let mut strided = vec![];
+    for r in 0..mr.min(s.m - r0) {
+        let a_row = src.offset(((r0 + r) * s.a.rows) as isize);
+        let data = if s.a.cols == 1 {
+            a_row
+        } else {
+            strided.clear();
+            strided.extend((0..k).map(|c| *a_row.offset((c * s.a.cols) as isize)));
+            strided.as_ptr()
+        };
+        quantize_row(data, k as usize, p, &mut row[..k as usize]);
+        *dst.add(3 + r as usize) = row[..k as usize].iter().map(|&x| x as i32).sum();
+        for q in 0..kq {
+            std::ptr::copy_nonoverlapping(row.as_ptr().add((q * 4) as usize), bytes.add(((q * mr + r) * 4) as usize), 4);
+        }
+    }
+}
+
+/// Packs column panel `jp` of B (int8 values held as int32): its column sums, then per quad
+/// nr columns × 4 int8, zero past k and past the last column.
+unsafe fn pack_b_panel(s: &GemmShape, src: *const i32, jp: i64, dst: *mut i32) {
+    let (nr, k) = (s.tile.nr, s.k);
+    std::ptr::write_bytes(dst, 0, quantized::b_panel_words(k, nr) as usize);
+    let bytes = dst.add(nr as usize) as *mut i8;
+    for c in 0..nr.min(s.n - jp * nr) {
+        let col = src.offset(((jp * nr + c) * s.b.cols) as isize);
+        let mut sum = 0i32;
+        for p in 0..k {
+            let w = *col.offset((p * s.b.rows) as isize);
+            sum = sum.wrapping_add(w);
+            *bytes.add(((p / 4 * nr + c) * 4 + p % 4) as usize) = w as i8;
+        }
+        *dst.add(c as usize) = sum;
+    }
+}
+
+/// Packs the whole of B (a weight): the layout `run` reads.
+///
+/// # Safety
+/// `src` is B's buffer, laid out as `s.b` says; `dst` writable for `s.packed_b_elems()` words.
+pub unsafe fn pack_b(s: &GemmShape, src: *const i32, dst: *mut i32) {
+    let src = src.offset(s.b.offset as isize);
+    for jp in 0..s.n_panels() {
+        pack_b_panel(s, src, jp, dst.offset((jp * s.b_panel_elems()) as isize));
+    }
+}
+
+/// Runs one int8 GEMM kernel. `prepacked_b`: B already packed by [`pack_b`] from this call's
+/// data.
+///
+/// # Safety
+/// As `runtime::gemm::run`.
+pub unsafe fn run(s: &GemmShape, ukr: MicrokernelFn, table: *const *mut u8, scratch: *mut f32, prepacked_b: Option<*const f32>) {
+    let (mp, np) = (s.m_panels(), s.n_panels());
+    let tiles = mp * np;
+    if tiles == 0 {
+        return;
+    }
+    let a_src = (*table.add(s.a.buf.0 as usize) as *const f32).offset(s.a.offset as isize);
+    let b_src = (*table.add(s.b.buf.0 as usize) as *const i32).offset(s.b.offset as isize);
+    let (lo, hi) = a_range(a_src, s.m, s.k, s.a.rows, s.a.cols);
+    let reduce_range = s.quant.is_some_and(|q| q.reduce_range);
+    let params = choose_activation_params(lo, hi, reduce_range);
+    let pa = scratch as *mut i32;
+    let pb = prepacked_b.map_or(scratch.offset(s.packed_b_offset() as isize) as *mut i32, |p| p as *mut i32);
+    let (a_panel, b_panel) = (s.a_panel_elems(), s.b_panel_elems());
+    let macs = s.m * s.n * s.k;
+    let parts = if macs < PARALLEL_MIN_MACS { 1 } else { parallel::threads().min(tiles as usize) };
+    let b_tasks = if prepacked_b.is_some() { 0 } else { np };
+    let pack_tasks = mp + b_tasks;
+    let shared = Shared((a_src, b_src, pa, pb, table));
+    let pack = |p: usize| {
+        let (a_src, b_src, pa, pb, _) = shared.get();
+        let mut row = vec![];
+        let (lo, hi) = run_of(pack_tasks, parts, p);
+        for t in lo..hi {
+            if t < mp {
+                pack_a_panel(s, a_src, params, t * s.tile.mr, pa.offset((t * a_panel) as isize), &mut row);
+            } else {
+                let jp = t - mp;
+                pack_b_panel(s, b_src, jp, pb.offset((jp * b_panel) as isize));
+            }
+        }
+    };
+    let compute = |p: usize| {
+        let (_, _, pa, pb, table) = shared.get();
+        let (lo, hi) = run_of(tiles, parts, p);
+        let mut coords = [0i64; 2];
+        for t in lo..hi {
+            let (jp, ip) = (t / mp, t % mp);
+            coords[0] = ip * s.tile.mr;
+            coords[1] = jp * s.tile.nr;
+            let rows = (s.m - ip * s.tile.mr).min(s.tile.mr);
+            let cols = (s.n - jp * s.tile.nr).min(s.tile.nr);
+            let a = pa.offset((ip * a_panel) as isize) as *const f32;
+            let b = pb.offset((jp * b_panel) as isize) as *const f32;
+            ukr(table, a, b, quads(s.k), coords.as_ptr(), rows, cols, std::ptr::null(), std::ptr::null_mut(), 0);
+        }
+    };
+    parallel::run(parts, &pack);
+    parallel::run(parts, &compute);
+}

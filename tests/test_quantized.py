@@ -1,0 +1,192 @@
+"""Dynamically quantized models (issue 13): `quantize_dynamic`'s linears, frozen, run on Kiln's
+int8 kernel and return exactly what PyTorch's fbgemm kernels return — bit for bit, for every
+shape (remainders of every tile and of k's groups of four), per-tensor and per-channel weights,
+with and without bias, a fused relu, batches of matrices, non-contiguous inputs, activations of
+one sign, all zeros, a tiny range, large values. Every test asserts the Kiln group ran the
+quantized op."""
+
+import pytest
+import torch
+
+import kiln_check
+import torch_kiln
+
+nn = torch.nn
+qd = torch.ao.quantization
+
+
+class Single(nn.Module):
+    def __init__(self, k, n, bias=True):
+        super().__init__()
+        self.lin = nn.Linear(k, n, bias=bias)
+
+    def forward(self, x):
+        return self.lin(x)
+
+
+class ReluMLP(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.l1, self.l2, self.l3 = nn.Linear(96, 200), nn.Linear(200, 130), nn.Linear(130, 24)
+
+    def forward(self, x):
+        return self.l3(torch.relu(self.l2(torch.relu(self.l1(x)))))
+
+
+def quantized(model, per_channel=False, seed=0):
+    torch.manual_seed(seed)
+    model = model.eval()
+    spec = {nn.Linear: qd.per_channel_dynamic_qconfig} if per_channel else {nn.Linear}
+    return qd.quantize_dynamic(model, spec, dtype=torch.qint8)
+
+
+def frozen(q):
+    return torch.jit.freeze(torch.jit.script(q))
+
+
+def assert_in_kiln(scripted, op="kiln::linear_dynamic"):
+    text = torch_kiln.explain(scripted)
+    grouped = [line for line in text.splitlines() if line.strip().startswith("[kiln group")]
+    assert any(op in line for line in grouped), text
+
+
+def exactly(expected):
+    def check(out):
+        assert out.dtype == expected.dtype and out.shape == expected.shape and out.stride() == expected.stride()
+        assert torch.equal(out, expected), f"differs in {(out != expected).sum().item()} elements, by up to {(out - expected).abs().max().item()}"
+    return check
+
+
+def activations(kind, shape, gen):
+    if kind == "normal":
+        return torch.randn(shape, generator=gen)
+    if kind == "positive":
+        return torch.rand(shape, generator=gen) * 3
+    if kind == "negative":
+        return -torch.rand(shape, generator=gen)
+    if kind == "zeros":
+        return torch.zeros(shape)
+    if kind == "tiny":
+        return torch.randn(shape, generator=gen) * 1e-6
+    if kind == "large":
+        return torch.randn(shape, generator=gen) * 1e4
+    raise ValueError(kind)
+
+
+@pytest.mark.parametrize("m,k,n", [(1, 7, 5), (2, 16, 16), (3, 33, 17), (5, 4, 31), (13, 100, 48), (64, 512, 1024), (9, 1, 3)])
+@pytest.mark.parametrize("per_channel", [False, True])
+def test_linear_dynamic_equals_fbgemm(m, k, n, per_channel):
+    gen = torch.Generator().manual_seed(m * 1000 + k * 10 + n)
+    q = quantized(Single(k, n, bias=(m + n) % 2 == 0), per_channel, seed=k + n)
+    f = frozen(q)
+    x = activations("normal", (m, k), gen)
+    with torch.no_grad():
+        kiln_check.run_compiled(f, (x,), check=exactly(q(x)))
+    assert_in_kiln(f)
+
+
+@pytest.mark.parametrize("kind", ["positive", "negative", "zeros", "tiny", "large"])
+def test_activation_ranges(kind):
+    gen = torch.Generator().manual_seed(5)
+    q = quantized(Single(40, 24))
+    f = frozen(q)
+    x = activations(kind, (6, 40), gen)
+    with torch.no_grad():
+        kiln_check.run_compiled(f, (x,), check=exactly(q(x)))
+    assert_in_kiln(f)
+
+
+def test_batches_of_matrices_and_strided_inputs():
+    gen = torch.Generator().manual_seed(6)
+    q = quantized(Single(24, 20), per_channel=True)
+    f = frozen(q)
+    x = torch.randn(3, 5, 24, generator=gen)
+    t = torch.randn(24, 7, generator=gen).t()  # not contiguous
+    with torch.no_grad():
+        kiln_check.run_compiled(f, (x,), check=exactly(q(x)))
+        kiln_check.run_compiled(f, (t,), check=exactly(q(t)))
+    assert_in_kiln(f)
+
+
+class Direct(nn.Module):
+    """A packed weight called through the quantized op itself."""
+
+    def __init__(self, packed, op, reduce_range):
+        super().__init__()
+        self.packed, self.relu, self.reduce_range = packed, op == "linear_relu_dynamic", reduce_range
+
+    def forward(self, x):
+        if self.relu:
+            return torch.ops.quantized.linear_relu_dynamic(x, self.packed, self.reduce_range)
+        return torch.ops.quantized.linear_dynamic(x, self.packed, self.reduce_range)
+
+
+@pytest.mark.parametrize("per_channel", [False, True])
+def test_fused_relu(per_channel):
+    gen = torch.Generator().manual_seed(7)
+    packed = quantized(Single(30, 18), per_channel).lin._packed_params._packed_params
+    f = torch.jit.freeze(torch.jit.script(Direct(packed, "linear_relu_dynamic", True).eval()))
+    assert "linear_relu_dynamic" in str(f.graph)
+    x = torch.randn(4, 30, generator=gen)
+    with torch.no_grad():
+        expected = torch.ops.quantized.linear_relu_dynamic(x, packed, True)
+        kiln_check.run_compiled(f, (x,), check=exactly(expected))
+    assert_in_kiln(f)
+
+
+@pytest.mark.parametrize("per_channel", [False, True])
+def test_a_relu_mlp_equals_eager(per_channel):
+    """Relu is exact, so the whole model is fbgemm's result bit for bit, each layer's
+    activations quantized from the previous one's output."""
+    gen = torch.Generator().manual_seed(8)
+    q = quantized(ReluMLP(), per_channel)
+    f = frozen(q)
+    x = torch.randn(10, 96, generator=gen)
+    with torch.no_grad():
+        kiln_check.run_compiled(f, (x,), check=exactly(q(x)))
+    assert_in_kiln(f)
+    text = torch_kiln.explain(f)
+    assert "[torchscript]" not in text, text
+
+
+def test_gelu_mlp_is_as_close_to_float_as_eager():
+    """With gelu between the layers (Kiln's gelu is not ATen's to the last bit, so a value
+    near a rounding boundary of the next layer's quantization may land one step away), the
+    int8 model is no further from the float model than eager's int8 model is, give or take
+    that step."""
+    gen = torch.Generator().manual_seed(9)
+    torch.manual_seed(9)
+    fp = nn.Sequential(nn.Linear(64, 128), nn.GELU(), nn.Linear(128, 32)).eval()
+    q = qd.quantize_dynamic(fp, {nn.Linear}, dtype=torch.qint8)
+    f = frozen(q)
+    x = torch.randn(16, 64, generator=gen)
+    with torch.no_grad():
+        out, _ = kiln_check.run_compiled(f, (x,), check=lambda out: None)
+        eager_err = (q(x) - fp(x)).abs().max().item()
+        assert (out - fp(x)).abs().max().item() <= 1.5 * eager_err
+    assert_in_kiln(f)
+
+
+def test_unfrozen_modules_stay_in_torchscript():
+    """Without freezing, the packed weight is an attribute that may change: not Kiln's."""
+    gen = torch.Generator().manual_seed(10)
+    q = quantized(Single(16, 16))
+    s = torch.jit.script(q)
+    x = torch.randn(4, 16, generator=gen)
+    with torch.no_grad():
+        for _ in range(4):
+            assert torch.equal(s(x), q(x))
+    assert "kiln::linear_dynamic" not in torch_kiln.explain(s)
+
+
+def test_8_bit_activations_stay_in_torchscript():
+    """`reduce_range=False` (modules saved before version 4) gives fbgemm's AVX2 kernel 16-bit
+    pair sums that saturate; Kiln leaves those calls to fbgemm and says why."""
+    q = quantized(Single(16, 16))
+    f = torch.jit.freeze(torch.jit.script(Direct(q.lin._packed_params._packed_params, "linear_dynamic", False).eval()))
+    x = torch.randn(4, 16)
+    with torch.no_grad():
+        expected = torch.ops.quantized.linear_dynamic(x, q.lin._packed_params._packed_params, False)
+        for _ in range(4):
+            assert torch.equal(f(x), expected)
+    assert "reduce_range" in torch_kiln.explain(f)
