@@ -121,10 +121,13 @@ def build(make, args, how):
 TOOLS = ["kiln", "eager", "torchscript", "ts+onednn", "torch.compile", "onnxruntime"]
 
 
-def measure(make, inputs, how, threads, reps, kiln_variants=None):
+def measure(make, inputs, how, threads, reps, kiln_variants=None, tolerance=1e-4, onnx_model=None):
     """Median µs of the model under every tool of `TOOLS` (and of Kiln once more per entry of
     `kiln_variants`, {column: {env var: value}}, set while that variant lowers and runs), each
-    checked against eager; and notes on what ran in Kiln."""
+    checked against eager (to `tolerance`, relative and absolute; a dict gives a tool's own,
+    key None the others'); and notes on what ran in
+    Kiln. `onnx_model(eager, inputs, path)` writes the ONNX file ONNX Runtime runs (default:
+    eager exported)."""
     import torch_kiln
 
     times, notes = {}, []
@@ -136,7 +139,8 @@ def measure(make, inputs, how, threads, reps, kiln_variants=None):
             try:
                 for _ in range(3):
                     out = fn(*inputs)
-                torch.testing.assert_close(out, want, rtol=1e-4, atol=1e-4)
+                tol = tolerance.get(tool, tolerance[None]) if isinstance(tolerance, dict) else tolerance
+                torch.testing.assert_close(out, want, rtol=tol, atol=tol)
                 times[tool] = median_us(fn, inputs, reps)
             except Exception as e:  # one broken tool must not hide the others
                 times[tool] = f"failed: {type(e).__name__}: {str(e).splitlines()[0][:60] if str(e) else ''}"
@@ -177,7 +181,10 @@ def measure(make, inputs, how, threads, reps, kiln_variants=None):
 
             path = os.path.join(tempfile.mkdtemp(), "m.onnx")
             names = [f"i{i}" for i in range(len(inputs))]
-            torch.onnx.export(eager, inputs, path, input_names=names, dynamo=True, verbose=False)
+            if onnx_model is None:
+                torch.onnx.export(eager, inputs, path, input_names=names, dynamo=True, verbose=False)
+            else:
+                onnx_model(eager, inputs, path, names)
             opts = ort.SessionOptions()
             opts.intra_op_num_threads, opts.inter_op_num_threads = threads, 1
             sess = ort.InferenceSession(path, opts, providers=["CPUExecutionProvider"])

@@ -190,3 +190,101 @@ def test_8_bit_activations_stay_in_torchscript():
         for _ in range(4):
             assert torch.equal(f(x), expected)
     assert "reduce_range" in torch_kiln.explain(f)
+
+
+def test_dynamic_batch():
+    """Batches of every size, after two sizes code for symbolic sizes: each call's activations
+    quantized with their own range, as fbgemm does."""
+    gen = torch.Generator().manual_seed(11)
+    q = quantized(ReluMLP(), per_channel=True)
+    f = frozen(q)
+    with torch.no_grad():
+        for batch in [1, 2, 5, 17, 64, 3, 1]:
+            x = torch.randn(batch, 96, generator=gen)
+            kiln_check.run_compiled(f, (x,), check=exactly(q(x)))
+    assert_in_kiln(f)
+
+
+def test_a_cache_entry_serves_other_weights(tmp_path):
+    """int8 code is weight-independent (weights, scales, zero points and bias are inputs): a
+    fresh process with compile="never" runs a model of the same shapes with other weights from
+    the first process's entry, bit for bit."""
+    here = kiln_check.__file__.rsplit("/", 1)[0]
+    body = """
+    import sys
+    sys.path.insert(0, {here!r})
+    import test_quantized as t
+    torch_kiln.enable(cache_dir={dir!r}, compile={mode!r})
+    q = t.quantized(t.ReluMLP(), per_channel=True, seed={seed})
+    with torch.no_grad():
+        f = t.frozen(q)
+        x = torch.randn(10, 96)
+        runs = torch_kiln.stats()["kernel_runs"]
+        for _ in range(3):
+            out = f(x)
+        assert torch.equal(out, q(x))
+    print(torch_kiln.stats()["kernel_runs"] > runs, torch_kiln.stats()["disk_hits"])
+    """
+    first = kiln_check.run_isolated(body.format(here=here, dir=str(tmp_path), mode="lazy", seed=0))
+    assert first.split()[0] == "True", first
+    second = kiln_check.run_isolated(body.format(here=here, dir=str(tmp_path), mode="never", seed=1))
+    assert second.split() == ["True", "1"], second
+
+
+class WaveStep(nn.Module):
+    """A WaveRNN-style sampling step: linears and a GRU cell, all dynamically quantized."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Linear(40, 24)
+        self.gru = nn.GRUCell(24 + 12, 48)
+        self.fc = nn.Linear(48, 20)
+
+    def forward(self, prev, cond, h):
+        h = self.gru(torch.cat([self.embed(prev), cond], 1), h)
+        return torch.softmax(self.fc(torch.relu(h)), 1), h
+
+
+@pytest.mark.parametrize("per_channel", [False, True])
+def test_a_quantized_gru_cell_step(per_channel):
+    """quantized_gru_cell_dynamic: both projections on the int8 kernel (exact), the gates in
+    float32 as ATen's GRUCell orders them (Kiln's sigmoid and tanh are its own: compared as
+    float32 results are)."""
+    gen = torch.Generator().manual_seed(12)
+    torch.manual_seed(12)
+    spec = {nn.Linear: qd.per_channel_dynamic_qconfig, nn.GRUCell: qd.per_channel_dynamic_qconfig} if per_channel else {nn.Linear, nn.GRUCell}
+    q = qd.quantize_dynamic(WaveStep().eval(), spec, dtype=torch.qint8)
+    f = frozen(q)
+    assert "quantized_gru_cell_dynamic" in str(f.graph)
+    args = (torch.randn(3, 40, generator=gen), torch.randn(3, 12, generator=gen), torch.randn(3, 48, generator=gen))
+    with torch.no_grad():
+        kiln_check.run_compiled(f, args, q(*args))
+    assert_in_kiln(f, "kiln::gru_cell_dynamic")
+    assert "[torchscript]" not in torch_kiln.explain(f)
+
+
+class LSTMStep(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.cell = nn.LSTMCell(30, 40)
+        self.out = nn.Linear(40, 10)
+
+    def forward(self, x, h, c):
+        h, c = self.cell(x, (h, c))
+        return self.out(h), h, c
+
+
+@pytest.mark.parametrize("per_channel", [False, True])
+def test_a_quantized_lstm_cell_step(per_channel):
+    """quantized_lstm_cell_dynamic (two outputs): as the GRU cell."""
+    gen = torch.Generator().manual_seed(13)
+    torch.manual_seed(13)
+    spec = {nn.Linear: qd.per_channel_dynamic_qconfig, nn.LSTMCell: qd.per_channel_dynamic_qconfig} if per_channel else {nn.Linear, nn.LSTMCell}
+    q = qd.quantize_dynamic(LSTMStep().eval(), spec, dtype=torch.qint8)
+    f = frozen(q)
+    assert "quantized_lstm_cell_dynamic" in str(f.graph)
+    args = (torch.randn(2, 30, generator=gen), torch.randn(2, 40, generator=gen), torch.randn(2, 40, generator=gen))
+    with torch.no_grad():
+        kiln_check.run_compiled(f, args, q(*args))
+    assert_in_kiln(f, "kiln::lstm_cell_dynamic")
+    assert "[torchscript]" not in torch_kiln.explain(f)

@@ -103,10 +103,18 @@ Symbol marker_attr() { static Symbol s = Symbol::attr("kiln_marker"); return s; 
 Symbol inplace_attr() { static Symbol s = Symbol::attr("kiln_inplace"); return s; }
 // On a group: the outputs it returns undefined, as eager does (Rust computes the others).
 Symbol undefined_attr() { static Symbol s = Symbol::attr("kiln_undefined"); return s; }
-// A dynamically quantized linear as the pass sees it (unpack_quantized_linears), and on it the
-// quantized op it stands for.
+// A dynamically quantized linear or RNN cell as the pass sees it (unpack_quantized_ops), and on
+// it the quantized op it stands for.
 Symbol quantized_linear_kind() { static Symbol s = Symbol::fromQualString("kiln::linear_dynamic"); return s; }
 Symbol quantized_attr() { static Symbol s = Symbol::attr("kiln_quantized"); return s; }
+Symbol quantized_gru_kind() { static Symbol s = Symbol::fromQualString("kiln::gru_cell_dynamic"); return s; }
+Symbol quantized_lstm_kind() { static Symbol s = Symbol::fromQualString("kiln::lstm_cell_dynamic"); return s; }
+// On it: how many of its inputs Kiln reads, and where the quantized op's own inputs are.
+Symbol args_attr() { static Symbol s = Symbol::attr("kiln_args"); return s; }
+Symbol original_attr() { static Symbol s = Symbol::attr("kiln_original"); return s; }
+bool is_unpacked_quantized(const Node* n) {
+  return n->kind() == quantized_linear_kind() || n->kind() == quantized_gru_kind() || n->kind() == quantized_lstm_kind();
+}
 
 std::string dtype_name(at::ScalarType t) {
   switch (t) {
@@ -334,9 +342,9 @@ struct Dumper {
   }
   bool node(const Node* n, std::string* why) {
     if (!is_tensor_op(n)) { *why = "not a tensor op"; return false; }
-    // kiln::linear_dynamic's packed weight (its last input) is TorchScript's; Kiln reads
-    // the unpacked tensors before it.
-    size_t count = n->kind() == quantized_linear_kind() ? n->inputs().size() - 1 : n->inputs().size();
+    // An unpacked quantized op's inputs past `kiln_args` (the packed weights) are
+    // TorchScript's; Kiln reads the unpacked tensors before them.
+    size_t count = is_unpacked_quantized(n) ? static_cast<size_t>(n->i(args_attr())) : n->inputs().size();
     for (size_t i = 0; i < count; ++i) if (!declare(n->input(i), why)) return false;
     os << "node " << name(n->output()) << " " << (n->hasAttribute(inplace_attr()) ? n->s(inplace_attr()) : std::string(n->kind().toQualString()));
     for (size_t i = 0; i < count; ++i) os << " " << name(n->input(i));
@@ -357,9 +365,10 @@ struct Dumper {
     } else {
       // A ListUnpack's parts are its split's; an op with several outputs is its own.
       const Node* op = n->kind() == prim::ListUnpack ? n->input()->node() : n;
-      for (auto* in : op->inputs()) if (!declare(in, why)) return false;
+      size_t count = is_unpacked_quantized(op) ? static_cast<size_t>(op->i(args_attr())) : op->inputs().size();
+      for (size_t i = 0; i < count; ++i) if (!declare(op->input(i), why)) return false;
       kind = op->kind().toQualString();
-      for (auto* in : op->inputs()) args.push_back(name(in));
+      for (size_t i = 0; i < count; ++i) args.push_back(name(op->input(i)));
     }
     std::string count = constant("int " + std::to_string(n->outputs().size()));
     for (size_t i = 0; i < n->outputs().size(); ++i) {
@@ -521,7 +530,7 @@ bool is_shape_op(const Node* n) {
 
 // An aten op with several tensor outputs (lstm_cell): dumped as its parts, as a split is.
 bool is_multi_output_op(const Node* n) {
-  if (n->outputs().size() < 2 || n->kind().ns() != c10::Symbol::fromQualString("namespaces::aten")) return false;
+  if (n->outputs().size() < 2 || (n->kind().ns() != c10::Symbol::fromQualString("namespaces::aten") && !is_unpacked_quantized(n))) return false;
   for (const Value* o : n->outputs())
     if (!o->type()->cast<TensorType>()) return false;
   return true;
@@ -603,68 +612,106 @@ Node* with_kind(Node* n, Symbol kind) {
   return m;
 }
 
-// The dynamically quantized linears of `torch.ao.quantization.quantize_dynamic`, frozen:
-// `quantized::linear_dynamic(x, packed, reduce_range)` (and `linear_relu_dynamic`) whose packed
-// weight is a constant. For the pass, each becomes `kiln::linear_dynamic(x, w, w_scale,
-// w_zero_point, bias, reduce_range, relu, packed)`: the packed weight unpacked (fbgemm's own
-// `unpack()`) into tensor constants that the pass lifts into group inputs like any frozen
-// weight — the int8 values widened to int32 (Kiln has no int8 tensors), the scales as float32
-// as fbgemm keeps them, the zero points as int32, per tensor (1 element) or per output
-// channel — and the packed object kept last, for TorchScript. Whatever is left outside a
-// group, and every fallback copy, gets the quantized op back (restore_quantized).
+// The dynamically quantized ops of `torch.ao.quantization.quantize_dynamic`, frozen, whose
+// packed weights are constants: `quantized::linear_dynamic(x, packed, reduce_range)` (and
+// `linear_relu_dynamic`), and the cells `quantized::quantized_gru_cell_dynamic(x, h, packed_ih,
+// packed_hh, b_ih, b_hh)` and `quantized_lstm_cell_dynamic(x, [h, c], ...)` (which take their
+// biases from the packed weights, as ATen's `QuantizedCellParamsDynamic` does, with
+// reduce_range). For the pass each becomes a Kiln node
+// (`kiln::linear_dynamic(x, w, w_scale, w_zero_point, bias, reduce_range, relu, ...)`,
+// `kiln::gru_cell_dynamic(x, h, w, s, z, b of ih, the same of hh, ...)`): each packed weight
+// unpacked (fbgemm's own `unpack()`) into tensor constants that the pass lifts into group inputs
+// like any frozen weight — the int8 values widened to int32 (Kiln has no int8 tensors), the
+// scales as float32 as fbgemm keeps them, the zero points as int32, per tensor (1 element) or
+// per output channel, the bias — and after those (`kiln_args` of them Kiln reads) the original
+// op's inputs Kiln does not read. Whatever is left outside a group, and every fallback copy,
+// gets the quantized op back (restore_quantized, from `kiln_original`: where the original
+// inputs are).
 
-void unpack_quantized_linears(Block* b) {
+// A constant fbgemm packed weight as [w (int32), scale, zero point, bias or None] constants
+// inserted before the current insertion point; empty where it is none.
+std::vector<Value*> unpacked_weight(Graph* g, Value* packed) {
+  auto iv = toIValue(packed);
+  if (packed->node()->kind() != prim::Constant || !iv || !iv->isObject()) return {};
+  at::Tensor w, scale, zero_point;
+  std::optional<at::Tensor> bias;
+  try {
+    auto params = iv->toCustomClass<LinearPackedParamsBase>();
+    std::tie(w, bias) = params->unpack();
+    if (!w.is_quantized() || w.scalar_type() != at::kQInt8 || w.dim() != 2) return {};
+    if (w.qscheme() == at::kPerTensorAffine) {
+      scale = at::full({1}, static_cast<float>(w.q_scale()), at::kFloat);
+      zero_point = at::full({1}, w.q_zero_point(), at::kInt);
+    } else if (w.qscheme() == at::kPerChannelAffine && w.q_per_channel_axis() == 0) {
+      scale = w.q_per_channel_scales().to(at::kFloat).contiguous();
+      zero_point = w.q_per_channel_zero_points().to(at::kInt).contiguous();
+    } else {
+      return {};
+    }
+    w = w.int_repr().to(at::kInt).contiguous();
+  } catch (const std::exception&) {
+    return {};  // not fbgemm's packed weight (qnnpack, onednn): TorchScript runs it
+  }
+  auto tensor = [g](const at::Tensor& x) {
+    at::Tensor t = x.detach();  // (the bias is the float module's parameter)
+    Node* c = g->insertNode(g->create(prim::Constant));
+    c->t_(attr::value, t);
+    c->output()->inferTypeFrom(t);
+    return c->output();
+  };
+  Value* b = bias && bias->defined() ? tensor(bias->to(at::kFloat).contiguous()) : g->insertNode(g->createNone())->output();
+  return {tensor(w), tensor(scale), tensor(zero_point), b};
+}
+
+// Puts `m` (not yet in a block) where `n` is, its outputs for n's, and destroys n.
+void replace_node(Node* n, Node* m) {
+  m->setSourceRange(n->sourceRange());
+  if (n->scope()) m->setScope(n->scope());
+  m->insertBefore(n);
+  for (size_t i = 0; i < n->outputs().size(); ++i) {
+    m->outputs()[i]->copyMetadata(n->outputs()[i]);
+    n->outputs()[i]->replaceAllUsesWith(m->outputs()[i]);
+  }
+  n->destroy();
+}
+
+void unpack_quantized_ops(Block* b) {
   static const Symbol plain = Symbol::fromQualString("quantized::linear_dynamic");
   static const Symbol relu = Symbol::fromQualString("quantized::linear_relu_dynamic");
+  static const Symbol gru = Symbol::fromQualString("quantized::quantized_gru_cell_dynamic");
+  static const Symbol lstm = Symbol::fromQualString("quantized::quantized_lstm_cell_dynamic");
   for (auto it = b->nodes().begin(); it != b->nodes().end();) {
     Node* n = *it;
     ++it;
-    for (Block* sub : n->blocks()) unpack_quantized_linears(sub);
-    if ((n->kind() != plain && n->kind() != relu) || n->inputs().size() != 3 || n->hasAttribute(fallback_attr())) continue;
-    Value* packed = n->input(1);
-    auto iv = toIValue(packed);
-    auto rr = toIValue(n->input(2));
-    if (packed->node()->kind() != prim::Constant || !iv || !iv->isObject() || !rr || !rr->isBool()) continue;
-    at::Tensor w, scale, zero_point;
-    std::optional<at::Tensor> bias;
-    try {
-      auto params = iv->toCustomClass<LinearPackedParamsBase>();
-      std::tie(w, bias) = params->unpack();
-      if (!w.is_quantized() || w.scalar_type() != at::kQInt8 || w.dim() != 2) continue;
-      if (w.qscheme() == at::kPerTensorAffine) {
-        scale = at::full({1}, static_cast<float>(w.q_scale()), at::kFloat);
-        zero_point = at::full({1}, w.q_zero_point(), at::kInt);
-      } else if (w.qscheme() == at::kPerChannelAffine && w.q_per_channel_axis() == 0) {
-        scale = w.q_per_channel_scales().to(at::kFloat).contiguous();
-        zero_point = w.q_per_channel_zero_points().to(at::kInt).contiguous();
-      } else {
-        continue;
-      }
-      w = w.int_repr().to(at::kInt).contiguous();
-    } catch (const std::exception&) {
-      continue;  // not fbgemm's packed weight (qnnpack, onednn): TorchScript runs it
-    }
+    for (Block* sub : n->blocks()) unpack_quantized_ops(sub);
+    if (n->hasAttribute(fallback_attr())) continue;
     Graph* g = n->owningGraph();
     WithInsertPoint guard(n);
-    auto tensor = [g](const at::Tensor& x) {
-      at::Tensor t = x.detach();  // (the bias is the float module's parameter)
-      Node* c = g->insertNode(g->create(prim::Constant));
-      c->t_(attr::value, t);
-      c->output()->inferTypeFrom(t);
-      return c->output();
-    };
-    Value* none = g->insertNode(g->createNone())->output();
-    Value* bias_v = bias && bias->defined() ? tensor(bias->to(at::kFloat).contiguous()) : none;
-    Value* relu_v = g->insertConstant(n->kind() == relu);
-    std::vector<Value*> inputs = {n->input(0), tensor(w), tensor(scale), tensor(zero_point), bias_v, n->input(2), relu_v, packed};
-    Node* q = g->create(quantized_linear_kind(), inputs, 1);
+    std::vector<Value*> inputs;
+    std::vector<int64_t> original;
+    int64_t args = 0;
+    Symbol kind;
+    if ((n->kind() == plain || n->kind() == relu) && n->inputs().size() == 3 && n->outputs().size() == 1) {
+      auto rr = toIValue(n->input(2));
+      if (!rr || !rr->isBool()) continue;
+      auto w = unpacked_weight(g, n->input(1));
+      if (w.empty()) continue;
+      inputs = {n->input(0), w[0], w[1], w[2], w[3], n->input(2), g->insertConstant(n->kind() == relu), n->input(1)};
+      kind = quantized_linear_kind(), args = 7, original = {0, 7, 5};
+    } else if ((n->kind() == gru || n->kind() == lstm) && n->inputs().size() == 6 && n->outputs().size() == (n->kind() == gru ? 1 : 2)) {
+      auto ih = unpacked_weight(g, n->input(2));
+      auto hh = unpacked_weight(g, n->input(3));
+      if (ih.empty() || hh.empty()) continue;
+      inputs = {n->input(0), n->input(1), ih[0], ih[1], ih[2], ih[3], hh[0], hh[1], hh[2], hh[3], n->input(2), n->input(3), n->input(4), n->input(5)};
+      kind = n->kind() == gru ? quantized_gru_kind() : quantized_lstm_kind(), args = 10, original = {0, 1, 10, 11, 12, 13};
+    } else {
+      continue;
+    }
+    Node* q = g->create(kind, inputs, n->outputs().size());
     q->s_(quantized_attr(), n->kind().toQualString());
-    q->setSourceRange(n->sourceRange());
-    if (n->scope()) q->setScope(n->scope());
-    q->insertBefore(n);
-    q->output()->copyMetadata(n->output());
-    n->output()->replaceAllUsesWith(q->output());
-    n->destroy();
+    q->i_(args_attr(), args);
+    q->is_(original_attr(), original);
+    replace_node(n, q);
   }
 }
 
@@ -673,30 +720,29 @@ void restore_quantized(Block* b) {
     Node* n = *it;
     ++it;
     for (Block* sub : n->blocks()) restore_quantized(sub);
-    if (n->kind() != quantized_linear_kind()) continue;
-    Node* m = n->owningGraph()->create(Symbol::fromQualString(n->s(quantized_attr())), {n->input(0), n->input(7), n->input(5)}, 1);
+    if (!is_unpacked_quantized(n)) continue;
+    std::vector<Value*> inputs;
+    for (int64_t i : n->is(original_attr())) inputs.push_back(n->input(i));
+    Node* m = n->owningGraph()->create(Symbol::fromQualString(n->s(quantized_attr())), inputs, n->outputs().size());
     for (Symbol a : {reason_attr(), fallback_attr()})
       if (n->hasAttribute(a)) m->i_(a, n->i(a));
-    m->setSourceRange(n->sourceRange());
-    if (n->scope()) m->setScope(n->scope());
-    m->insertBefore(n);
-    m->output()->copyMetadata(n->output());
-    n->output()->replaceAllUsesWith(m->output());
-    n->destroy();
+    replace_node(n, m);
   }
 }
 
-// kiln::linear_dynamic as TorchScript would run it (restore_quantized leaves none in a graph
-// that runs; this is for one that escapes it): the packed weight's own op.
-Operation quantized_linear_op(const Node*) {
-  return [](Stack& stack) {
-    auto in = last(stack, 8);
-    at::Tensor x = in[0].toTensor();
-    bool rr = in[5].toBool(), relu = in[6].toBool();
-    auto params = in[7].toCustomClass<LinearPackedParamsBase>();
-    at::Tensor y = relu ? params->apply_dynamic_relu(x, rr) : params->apply_dynamic(x, rr);
-    drop(stack, 8);
-    push(stack, std::move(y));
+// An unpacked quantized node as TorchScript would run it (restore_quantized leaves none in a
+// graph that runs; this is for one that escapes it): the original op, on its original inputs.
+Operation unpacked_quantized_op(const Node* node) {
+  auto op = c10::Dispatcher::singleton().findSchemaOrThrow(node->s(quantized_attr()).c_str(), "");
+  std::vector<int64_t> original = node->is(original_attr());
+  size_t n = node->inputs().size();
+  return [op, original, n](Stack& stack) {
+    auto in = last(stack, n);
+    Stack call;
+    for (int64_t i : original) call.push_back(in[i]);
+    drop(stack, n);
+    op.callBoxed(call);
+    for (auto& v : call) stack.push_back(std::move(v));
   };
 }
 
@@ -773,7 +819,7 @@ std::string ask_node(const Node* n) {
     char reason[512] = {0};
     return kiln_rs_node_supported(text.data(), text.size(), reason, sizeof(reason)) ? "" : reason;
   }
-  if (n->kind().ns() != c10::Symbol::fromQualString("namespaces::aten") && n->kind() != quantized_linear_kind()) return "not an aten op";
+  if (n->kind().ns() != c10::Symbol::fromQualString("namespaces::aten") && !is_unpacked_quantized(n)) return "not an aten op";
   if (n->outputs().size() != 1)
     return "has " + std::to_string(n->outputs().size()) + " outputs: not an op Kiln supports yet";
   if (!kiln_rs_known_op(n->kind().toQualString())) return "not an op Kiln supports yet";
@@ -808,7 +854,8 @@ bool is_tensor_list(const Node* n) {
   auto list = n->output()->type()->cast<ListType>();
   if (!list || !list->getElementType()->cast<TensorType>()) return false;
   for (const Use& u : n->output()->uses())
-    if (u.user->kind() != aten::cat && u.user->kind() != aten::stack && u.user->kind() != aten::lstm_cell && u.user->kind() != group_kind())
+    if (u.user->kind() != aten::cat && u.user->kind() != aten::stack && u.user->kind() != aten::lstm_cell && u.user->kind() != quantized_lstm_kind() &&
+        u.user->kind() != group_kind())
       return false;
   return true;
 }
@@ -1059,7 +1106,7 @@ struct Fuser {
 
   void run() {
     functionalize(graph->block());
-    unpack_quantized_linears(graph->block());
+    unpack_quantized_ops(graph->block());
     unshare_shape_ops(graph->block());
     db = std::make_unique<AliasDb>(graph);
     fuse_block(graph->block());
@@ -1348,7 +1395,8 @@ int32_t kiln_cpp_enable() {
       // CONSERVATIVE: an op with a side effect (dead-code elimination keeps it); it has no
       // inputs or outputs, so it orders nothing else.
       registerOperator(Operator(ran_kind(), fallbacks_ran_op, c10::AliasAnalysisKind::CONSERVATIVE));
-      registerOperator(Operator(quantized_linear_kind(), quantized_linear_op, c10::AliasAnalysisKind::PURE_FUNCTION));
+      for (Symbol k : {quantized_linear_kind(), quantized_gru_kind(), quantized_lstm_kind()})
+        registerOperator(Operator(k, unpacked_quantized_op, c10::AliasAnalysisKind::PURE_FUNCTION));
       g_registered_ops = true;
     }
     if (!g_pass_registered) {

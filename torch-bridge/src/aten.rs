@@ -256,6 +256,7 @@ fn eager_strides(kind: &str, shape: &[i64], dtype: DType, mut operands: Vec<Oper
         // batch dims; `Lower::matmul` refuses the rank combinations eager transposes).
         "aten::linear" | "aten::matmul" | "aten::mm" | "aten::bmm" | "aten::addmm" | "aten::baddbmm" | "aten::scaled_dot_product_attention"
         | "aten::_native_multi_head_attention" | "kiln::linear_dynamic" => return contiguous_strides(shape),
+        "kiln::gru_cell_dynamic" | "kiln::lstm_cell_dynamic" => return contiguous_strides(shape),
         "aten::layer_norm" | "aten::_transformer_encoder_layer_fwd" | "aten::contiguous" | "aten::cat" | "aten::gru_cell" | "aten::lstm_cell" | "aten::stack" | "aten::zeros" | "aten::ones"
         // (masked_fill clones its broadcast input contiguous, then fills it.)
         | "aten::masked_fill" => {
@@ -305,6 +306,14 @@ fn wraps_a_scalar(kind: &str, args: &[Arg]) -> bool {
     operands.iter().any(|a| matches!(a, Arg::Const(Const::Int(_) | Const::Float(_) | Const::Bool(_)) | Arg::Number(_)))
 }
 
+/// The weights of an RNN cell's projection: float32 (weight, bias), or an unpacked int8 weight
+/// (weight, scales, zero points, bias: `kiln::gru_cell_dynamic`, `kiln::lstm_cell_dynamic`).
+#[derive(Clone, Copy)]
+enum Projection<'a> {
+    Float(&'a Arg, &'a Arg),
+    Quantized([&'a Arg; 4]),
+}
+
 /// The ops `Lower::node` knows, for regions whose types are not known until they run.
 pub const KINDS: &[&str] = &[
     "aten::add", "aten::sub", "aten::rsub", "aten::mul", "aten::div", "aten::true_divide", "aten::maximum",
@@ -326,8 +335,9 @@ pub const KINDS: &[&str] = &[
     "aten::channel_shuffle", "aten::native_channel_shuffle", "aten::max_pool2d", "aten::avg_pool2d",
     "aten::conv2d", "aten::conv1d", "aten::convolution", "aten::_convolution",
     "aten::adaptive_max_pool2d", "aten::upsample_nearest2d", "aten::upsample_bilinear2d",
-    // quantized::linear_dynamic with its packed weight unpacked by the pass.
-    "kiln::linear_dynamic",
+    // quantized::linear_dynamic and the quantized RNN cells with their packed weights
+    // unpacked by the pass.
+    "kiln::linear_dynamic", "kiln::gru_cell_dynamic", "kiln::lstm_cell_dynamic",
 ];
 
 /// The ops whose in-place form (`aten::add_`...) Kiln computes as the op itself, where the
@@ -1036,15 +1046,21 @@ impl Lower<'_> {
                 let filled = self.g.expand(value, &self.sizes(xv)?).map_err(|e| e.0)?;
                 Ok(self.g.copy(filled))
             }
-            ("aten::gru_cell", [x, hx, w_ih, w_hh, b_ih, b_hh]) => self.gru_cell(x, hx, (w_ih, b_ih), (w_hh, b_hh)),
+            ("aten::gru_cell", [x, hx, w_ih, w_hh, b_ih, b_hh]) => self.gru_cell(x, hx, Projection::Float(w_ih, b_ih), Projection::Float(w_hh, b_hh)),
+            ("kiln::gru_cell_dynamic", [x, hx, w1, s1, z1, b1, w2, s2, z2, b2]) => self.gru_cell(x, hx, Projection::Quantized([w1, s1, z1, b1]), Projection::Quantized([w2, s2, z2, b2])),
             ("aten::lstm_cell", [x, Arg::List(hx, _), w_ih, w_hh, b_ih, b_hh, Arg::Const(Const::Int(index)), Arg::Const(Const::Int(2))]) => {
                 let [h, c] = hx[..] else { return Err(format!("an LSTM state of {} tensors (eager raises)", hx.len())) };
-                let (hy, cy) = self.lstm_cell(x, h, c, (w_ih, b_ih), (w_hh, b_hh))?;
+                let (hy, cy) = self.lstm_cell(x, h, c, Projection::Float(w_ih, b_ih), Projection::Float(w_hh, b_hh))?;
                 match index {
                     0 => Ok(hy),
                     1 => Ok(cy),
                     _ => Err("lstm_cell has two outputs".into()),
                 }
+            }
+            ("kiln::lstm_cell_dynamic", [x, Arg::List(hx, _), w1, s1, z1, b1, w2, s2, z2, b2, Arg::Const(Const::Int(index)), Arg::Const(Const::Int(2))]) => {
+                let [h, c] = hx[..] else { return Err(format!("an LSTM state of {} tensors (eager raises)", hx.len())) };
+                let (hy, cy) = self.lstm_cell(x, h, c, Projection::Quantized([w1, s1, z1, b1]), Projection::Quantized([w2, s2, z2, b2]))?;
+                Ok(if *index == 0 { hy } else { cy })
             }
             ("aten::stack", [Arg::List(xs, strides), Arg::Const(Const::Int(dim))]) => {
                 let Some(&first) = xs.first() else { return Err("stack of no tensors (eager raises)".into()) };
@@ -1354,15 +1370,15 @@ impl Lower<'_> {
 
     /// gru_cell as ATen's `GRUCell` computes it: gates from both projections (chunks as
     /// slices), r = σ(h_r + i_r), z = σ(h_z + i_z), n = tanh(i_n + h_n·r), h' = (h - n)·z + n.
-    fn gru_cell(&mut self, x: &Arg, hx: &Arg, ih: (&Arg, &Arg), hh: (&Arg, &Arg)) -> R<ValueId> {
+    fn gru_cell(&mut self, x: &Arg, hx: &Arg, ih: Projection, hh: Projection) -> R<ValueId> {
         let (xv, h) = (self.tensor(x)?, self.tensor(hx)?);
         let hs = self.sizes(h)?;
         if self.g.ty(xv).rank() != 2 || hs.len() != 2 {
             return Err("an unbatched GRU cell (1-d input)".into());
         }
         let n = hs[1];
-        let gi = self.linear(x, ih.0, ih.1)?;
-        let gh = self.linear(hx, hh.0, hh.1)?;
+        let gi = self.project(x, ih)?;
+        let gh = self.project(hx, hh)?;
         let e = |r: Result<ValueId, kiln_compiler::graph::ir::IrError>| r.map_err(|e| e.0);
         let mut part = |g: ValueId, i: i64| -> R<ValueId> { e(self.g.slice(g, 1, i * n, n)) };
         let (i_r, i_z, i_n) = (part(gi, 0)?, part(gi, 1)?, part(gi, 2)?);
@@ -1381,15 +1397,15 @@ impl Lower<'_> {
 
     /// lstm_cell as ATen's `LSTMCell` computes it: gates = (h·W_hhᵀ + b_hh) + (x·W_ihᵀ + b_ih) in
     /// four chunks i, f, g, o; c' = σ(f)·c + σ(i)·tanh(g), h' = σ(o)·tanh(c'). (h', c').
-    fn lstm_cell(&mut self, x: &Arg, h: ValueId, c: ValueId, ih: (&Arg, &Arg), hh: (&Arg, &Arg)) -> R<(ValueId, ValueId)> {
+    fn lstm_cell(&mut self, x: &Arg, h: ValueId, c: ValueId, ih: Projection, hh: Projection) -> R<(ValueId, ValueId)> {
         let xv = self.tensor(x)?;
         let hs = self.sizes(h)?;
         if self.g.ty(xv).rank() != 2 || hs.len() != 2 || self.sizes(c)? != hs {
             return Err("an unbatched LSTM cell (1-d input) or a cell state of another shape".into());
         }
         let n = hs[1];
-        let gh = self.linear(&Arg::Tensor(h), hh.0, hh.1)?;
-        let gi = self.linear(x, ih.0, ih.1)?;
+        let gh = self.project(&Arg::Tensor(h), hh)?;
+        let gi = self.project(x, ih)?;
         let e = |r: Result<ValueId, kiln_compiler::graph::ir::IrError>| r.map_err(|e| e.0);
         let gates = e(self.g.binary(BinaryOp::Add, gh, gi))?;
         let mut gate = |i: i64, op: UnaryOp| -> R<ValueId> {
@@ -1584,12 +1600,19 @@ impl Lower<'_> {
         if out.len() == 2 {
             return Ok(y);
         }
-        // The product's rows back in x's leading dims. A reshape alone would be a view, which a
-        // group does not return (eager's result is a tensor of its own): a multiply by one
-        // (exact for every value, -0 and NaN included) stores it, for batches of matrices only.
+        // The product's rows back in x's leading dims: a copy, since a group never returns a
+        // view (eager's result is a tensor of its own).
         let y = self.g.reshape(y, &out).map_err(|e| e.0)?;
-        let one = self.g.constant(Scalar::Float(1.0), DType::F32);
-        Ok(self.g.binary(BinaryOp::Mul, y, one).map_err(|e| e.0)?)
+        Ok(self.g.copy(y))
+    }
+
+    /// An RNN cell's x · Wᵀ + b: float32 (`linear`), or dynamically quantized as ATen's
+    /// `QuantizedCellParamsDynamic` computes it (`linear_dynamic`, reduce_range).
+    fn project(&mut self, x: &Arg, p: Projection) -> R<ValueId> {
+        match p {
+            Projection::Float(w, b) => self.linear(x, w, b),
+            Projection::Quantized(wszb) => self.linear_dynamic(x, wszb, true, false),
+        }
     }
 
     /// beta · bias + alpha · p (addmm, baddbmm): eager skips the bias when beta is 0 (so a NaN
