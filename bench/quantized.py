@@ -1,4 +1,5 @@
-"""Dynamically quantized int8 models (issue 13): Kiln's int8 kernels beside Kiln's own float32
+"""Dynamically quantized int8 models (issue 13: the MLP of the dense issue, and the WaveRNN
+step with its linears and GRU cell quantized): Kiln's int8 kernels beside Kiln's own float32
 code for the same model, and the int8 model under eager, TorchScript, TorchScript + oneDNN
 fusion, torch.compile and ONNX Runtime (its own `quantize_dynamic` of the float model,
 QInt8 weights, 2 threads), in one run, as ratios to Kiln.
@@ -19,15 +20,15 @@ import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
 from gemm import peak_gflops  # noqa: E402
-from models import MLP, TOOLS, build, ensure, measure, median_us, print_table  # noqa: E402
+from models import MLP, TOOLS, build, ensure, measure, median_us, models, print_table  # noqa: E402
 
 nn = torch.nn
 
 
-def dynamic(make):
+def dynamic(make, modules):
     def quantized():
         torch.manual_seed(0)
-        return torch.ao.quantization.quantize_dynamic(make().eval(), {nn.Linear}, dtype=torch.qint8)
+        return torch.ao.quantization.quantize_dynamic(make().eval(), modules, dtype=torch.qint8)
     return quantized
 
 
@@ -53,18 +54,21 @@ def ort_int8(float_make):
 def linear_macs(model, inputs):
     """Multiply-adds of a model's linears for these inputs."""
     total = 0
-    rows = inputs[0].numel() // inputs[0].shape[-1]
+    rows = inputs[0].shape[0]
     for m in model.modules():
         if isinstance(m, nn.Linear):
             total += rows * m.in_features * m.out_features
+        if isinstance(m, (nn.GRUCell, nn.LSTMCell)):
+            total += rows * (m.input_size + m.hidden_size) * m.weight_ih.shape[0]
     return total
 
 
 MODELS = {
-    # (float model, inputs)
-    "mlp_b64": (MLP, (torch.randn(64, 512),)),
-    "relu_mlp_b64": (ReluMLP, (torch.randn(64, 512),)),
-    "mlp_b1": (MLP, (torch.randn(1, 512),)),
+    # (float model, inputs, the modules quantize_dynamic quantizes)
+    "mlp_b64": (MLP, (torch.randn(64, 512),), {nn.Linear}),
+    "relu_mlp_b64": (ReluMLP, (torch.randn(64, 512),), {nn.Linear}),
+    "mlp_b1": (MLP, (torch.randn(1, 512),), {nn.Linear}),
+    "wavestep": (models()["wavestep"][0], models()["wavestep"][1], {nn.Linear, nn.GRUCell}),
 }
 
 
@@ -80,7 +84,7 @@ def main():
     peak = peak_gflops(args.threads)
     rows = []
     for name in args.models:
-        make, inputs = MODELS[name]
+        make, inputs, modules = MODELS[name]
         # Kiln on the float model (the target's reference), in the same run.
         torch_kiln.enable(num_threads=args.threads, background=False)
         torch_kiln.reset()
@@ -95,7 +99,7 @@ def main():
         # exactness where it is defined): compared to 1e-2 here; ONNX Runtime quantizes its
         # own way (8-bit activations, its own rounding): to 0.25, against a broken run only.
         tolerance = {None: 1e-2, "onnxruntime": 0.25}
-        times, notes = measure(dynamic(make), inputs, "script", args.threads, args.reps, tolerance=tolerance, onnx_model=ort_int8(make))
+        times, notes = measure(dynamic(make, modules), inputs, "script", args.threads, args.reps, tolerance=tolerance, onnx_model=ort_int8(make))
         times["kiln fp32"] = kiln_fp32
         macs = linear_macs(make(), inputs)
         if isinstance(times.get("kiln"), float):

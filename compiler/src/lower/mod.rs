@@ -326,6 +326,10 @@ fn quantized_gemm_shape(g: &Graph, v: ValueId, b: &KernelBuilder, reduce_range: 
     if !reduce_range {
         return Err(refuse("8-bit activations (fbgemm's AVX2 kernel saturates their pair sums; Kiln takes reduce_range=True)"));
     }
+    // (Lowering is for the host, as the float32 tiles are: `host_lanes`.)
+    if !crate::codegen::target::Target::host().has_feature("avx2") {
+        return Err(refuse("a host without AVX2 (the int8 tile's instructions)"));
+    }
     Ok(GemmShape { batch: vec![], m: out[0], n: out[1], k, a: operand(ins[0])?, b: operand(ins[1])?, tile: GemmTile::int8(out[0]), im2col: None, sparse_b: None, quant: Some(quant) })
 }
 
