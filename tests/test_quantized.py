@@ -245,25 +245,9 @@ class WaveStep(nn.Module):
         return torch.softmax(self.fc(torch.relu(h)), 1), h
 
 
-@pytest.mark.parametrize("per_channel", [False, True])
-def test_a_quantized_gru_cell_step(per_channel):
-    """quantized_gru_cell_dynamic: both projections on the int8 kernel (exact), the gates in
-    float32 as ATen's GRUCell orders them (Kiln's sigmoid and tanh are its own: compared as
-    float32 results are)."""
-    gen = torch.Generator().manual_seed(12)
-    torch.manual_seed(12)
-    spec = {nn.Linear: qd.per_channel_dynamic_qconfig, nn.GRUCell: qd.per_channel_dynamic_qconfig} if per_channel else {nn.Linear, nn.GRUCell}
-    q = qd.quantize_dynamic(WaveStep().eval(), spec, dtype=torch.qint8)
-    f = frozen(q)
-    assert "quantized_gru_cell_dynamic" in str(f.graph)
-    args = (torch.randn(3, 40, generator=gen), torch.randn(3, 12, generator=gen), torch.randn(3, 48, generator=gen))
-    with torch.no_grad():
-        kiln_check.run_compiled(f, args, q(*args))
-    assert_in_kiln(f, "kiln::gru_cell_dynamic")
-    assert "[torchscript]" not in torch_kiln.explain(f)
-
-
 class LSTMStep(nn.Module):
+    """An LSTM cell and a linear, dynamically quantized."""
+
     def __init__(self):
         super().__init__()
         self.cell = nn.LSTMCell(30, 40)
@@ -274,17 +258,28 @@ class LSTMStep(nn.Module):
         return self.out(h), h, c
 
 
+CELLS = {
+    # model, its cell's module, its quantized op, the model's inputs' sizes
+    "gru": (WaveStep, nn.GRUCell, "quantized_gru_cell_dynamic", [(3, 40), (3, 12), (3, 48)]),
+    "lstm": (LSTMStep, nn.LSTMCell, "quantized_lstm_cell_dynamic", [(2, 30), (2, 40), (2, 40)]),
+}
+
+
+@pytest.mark.parametrize("cell", list(CELLS))
 @pytest.mark.parametrize("per_channel", [False, True])
-def test_a_quantized_lstm_cell_step(per_channel):
-    """quantized_lstm_cell_dynamic (two outputs): as the GRU cell."""
-    gen = torch.Generator().manual_seed(13)
-    torch.manual_seed(13)
-    spec = {nn.Linear: qd.per_channel_dynamic_qconfig, nn.LSTMCell: qd.per_channel_dynamic_qconfig} if per_channel else {nn.Linear, nn.LSTMCell}
-    q = qd.quantize_dynamic(LSTMStep().eval(), spec, dtype=torch.qint8)
+def test_a_quantized_rnn_cell_step(cell, per_channel):
+    """quantized_gru_cell_dynamic and quantized_lstm_cell_dynamic (two outputs): both
+    projections on the int8 kernel (exact), the gates in float32 as ATen's cells order them
+    (Kiln's sigmoid and tanh are its own: compared as float32 results are)."""
+    make, module, op, sizes = CELLS[cell]
+    gen = torch.Generator().manual_seed(12)
+    torch.manual_seed(12)
+    spec = {nn.Linear: qd.per_channel_dynamic_qconfig, module: qd.per_channel_dynamic_qconfig} if per_channel else {nn.Linear, module}
+    q = qd.quantize_dynamic(make().eval(), spec, dtype=torch.qint8)
     f = frozen(q)
-    assert "quantized_lstm_cell_dynamic" in str(f.graph)
-    args = (torch.randn(2, 30, generator=gen), torch.randn(2, 40, generator=gen), torch.randn(2, 40, generator=gen))
+    assert op in str(f.graph)
+    args = tuple(torch.randn(size, generator=gen) for size in sizes)
     with torch.no_grad():
         kiln_check.run_compiled(f, args, q(*args))
-    assert_in_kiln(f, "kiln::lstm_cell_dynamic")
+    assert_in_kiln(f, f"kiln::{cell}_cell_dynamic")
     assert "[torchscript]" not in torch_kiln.explain(f)

@@ -30,12 +30,12 @@ pub const MAX_BATCH_DIMS: usize = 8;
 /// The most rows a convolution's tile has (`GemmTile::for_columns` stays below).
 pub const MAX_WINDOW_ROWS: i64 = 32;
 
-struct Shared<T>(T);
+pub(crate) struct Shared<T>(pub(crate) T);
 // Raw pointers into buffers the caller vouches for for the duration of `run`; threads write
 // disjoint panels and tiles.
 unsafe impl<T> Sync for Shared<T> {}
 impl<T: Copy> Shared<T> {
-    fn get(&self) -> T {
+    pub(crate) fn get(&self) -> T {
         self.0
     }
 }
@@ -191,7 +191,7 @@ unsafe fn a_has_non_finite(s: &GemmShape, a_src: *const f32) -> bool {
 }
 
 /// Splits `0..n` into `parts` contiguous runs and returns run `p`.
-fn run_of(n: i64, parts: usize, p: usize) -> (i64, i64) {
+pub(crate) fn run_of(n: i64, parts: usize, p: usize) -> (i64, i64) {
     let chunk = (n + parts as i64 - 1) / parts as i64;
     ((p as i64 * chunk).min(n), ((p as i64 + 1) * chunk).min(n))
 }

@@ -10,28 +10,11 @@
 
 use crate::kernels::gemm::GemmShape;
 use crate::kernels::quantized::{self, choose_activation_params, quads, ActivationParams, A_HEADER};
-use crate::runtime::gemm::MicrokernelFn;
+use crate::runtime::gemm::{run_of, MicrokernelFn, Shared};
 use crate::runtime::parallel;
 
 /// Below this many multiply-adds the product runs on the calling thread.
 const PARALLEL_MIN_MACS: i64 = 1 << 18;
-
-#[derive(Clone, Copy)]
-struct Shared<T>(T);
-// Raw pointers into buffers the caller vouches for for the duration of `run`; threads write
-// disjoint panels and tiles.
-unsafe impl<T> Sync for Shared<T> {}
-impl<T: Copy> Shared<T> {
-    fn get(&self) -> T {
-        self.0
-    }
-}
-
-/// Splits `0..n` into `parts` contiguous runs and returns run `p`.
-fn run_of(n: i64, parts: usize, p: usize) -> (i64, i64) {
-    let chunk = (n + parts as i64 - 1) / parts as i64;
-    ((p as i64 * chunk).min(n), ((p as i64 + 1) * chunk).min(n))
-}
 
 /// Whether the host has what the vector paths below use (every x86 host Kiln's int8 code runs
 /// on: the microkernel itself is AVX2).

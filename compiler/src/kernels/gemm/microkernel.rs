@@ -31,6 +31,11 @@
 //! inserted into the register tile's vector. Either way the epilogue is the dense one. Flag
 //! `DENSE_B` takes the dense loop instead (a call the runtime packed dense: its A holds an
 //! inf or a NaN).
+//!
+//! An int8 product (`GemmShape::quant`, `kernels::quantized`): the panels hold quads of k (A
+//! uint8, B int8, each with its header of sums), `k` is the number of quads, the tile sums in
+//! int32 vectors, and before the epilogue the tile is dequantized to float32 (`dequantize`):
+//! from there on it is the float32 epilogue.
 
 use super::{GemmSpec, DENSE_B, FROM_PARTIAL, TO_PARTIAL};
 use crate::kernels::sparse::{SparseFormat, SparsePanel};
