@@ -1592,6 +1592,9 @@ impl Lower<'_> {
             _ => None,
         };
         let mut y = self.g.qmatmul_dynamic(x2, wt, scale, zero_point, bias, reduce_range).map_err(|e| e.0)?;
+        let [n, _] = self.sizes(w)?[..] else { return Err("a weight that is not a matrix".into()) };
+        let per = if self.sizes(scale)? == [1] { "per tensor" } else { "per output channel" };
+        self.weight_choices.push(format!("weight {n}x{k} of %{}: int8 ({per}), activations quantized per call to 7 bits as fbgemm does", y.0));
         if relu {
             y = self.g.unary(UnaryOp::Relu, y).map_err(|e| e.0)?;
         }

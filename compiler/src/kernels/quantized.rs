@@ -108,6 +108,9 @@ pub fn choose_activation_params(min: f32, max: f32, reduce_range: bool) -> Activ
         qmin
     } else if initial > qmax as f64 {
         qmax
+    } else if initial.is_nan() {
+        // (an infinite range: x86 converts NaN to the "integer indefinite", i32::MIN)
+        i32::MIN
     } else {
         initial.round_ties_even() as i32
     };

@@ -71,8 +71,16 @@ unsafe fn min_max_avx(xs: &[f32]) -> (f32, f32) {
 }
 
 /// A's range over all of it (rows of `k` floats, `row_stride` apart, columns `col_stride`).
+/// A contiguous A is one run of floats, as fbgemm's `FindMinMax` reads the tensor: its vector
+/// lanes then hold the same elements as fbgemm's, which matters for a NaN (`vminps` takes its
+/// second operand: a NaN enters a lane and the next element replaces it; the lanes' final
+/// comparison ignores it) — a strided A is made contiguous by PyTorch first.
 unsafe fn a_range(src: *const f32, m: i64, k: i64, row_stride: i64, col_stride: i64) -> (f32, f32) {
     let mut acc = None;
+    if col_stride == 1 && (row_stride == k || m == 1) {
+        row_min_max(src, (m * k) as usize, &mut acc);
+        return acc.unwrap_or((0.0, 0.0));
+    }
     let mut row = vec![];
     for i in 0..m {
         let r = src.offset((i * row_stride) as isize);
