@@ -305,3 +305,22 @@ def test_a_quantized_rnn_cell_step(cell, per_channel):
         kiln_check.run_compiled(f, args, q(*args))
     assert_in_kiln(f, f"kiln::{cell}_cell_dynamic")
     assert "[torchscript]" not in torch_kiln.explain(f)
+
+
+@pytest.mark.parametrize("how", ["trace", "load"])
+def test_traced_and_loaded_models(how, tmp_path):
+    """A traced model, and a scripted one saved and loaded back (packed weights go through
+    their own serialization), then frozen: the same exact results."""
+    gen = torch.Generator().manual_seed(14)
+    q = quantized(ReluMLP(), per_channel=True)
+    x = torch.randn(7, 96, generator=gen)
+    if how == "trace":
+        m = torch.jit.trace(q, (x,))
+    else:
+        path = str(tmp_path / "q.pt")
+        torch.jit.save(torch.jit.script(q), path)
+        m = torch.jit.load(path)
+    f = torch.jit.freeze(m.eval())
+    with torch.no_grad():
+        kiln_check.run_compiled(f, (x,), check=exactly(q(x)))
+    assert_in_kiln(f)
