@@ -628,9 +628,9 @@ Node* with_kind(Node* n, Symbol kind) {
 // gets the quantized op back (restore_quantized, from `kiln_original`: where the original
 // inputs are).
 
-// A constant fbgemm packed weight as [w (int32), scale, zero point, bias or None] constants
-// inserted before the current insertion point; empty where it is none.
-std::vector<Value*> unpacked_weight(Graph* g, Value* packed) {
+// A constant fbgemm packed weight as [w (int32), scale, zero point, bias (undefined if none)];
+// empty where it is none.
+std::vector<at::Tensor> unpacked_weight(Value* packed) {
   auto iv = toIValue(packed);
   if (packed->node()->kind() != prim::Constant || !iv || !iv->isObject()) return {};
   at::Tensor w, scale, zero_point;
@@ -652,15 +652,24 @@ std::vector<Value*> unpacked_weight(Graph* g, Value* packed) {
   } catch (const std::exception&) {
     return {};  // not fbgemm's packed weight (qnnpack, onednn): TorchScript runs it
   }
-  auto tensor = [g](const at::Tensor& x) {
-    at::Tensor t = x.detach();  // (the bias is the float module's parameter)
+  // (the bias is the float module's parameter)
+  return {w, scale, zero_point, bias && bias->defined() ? bias->detach().to(at::kFloat).contiguous() : at::Tensor()};
+}
+
+// Those tensors as constants at the current insertion point (None for no bias).
+std::vector<Value*> weight_constants(Graph* g, const std::vector<at::Tensor>& ts) {
+  std::vector<Value*> out;
+  for (const at::Tensor& t : ts) {
+    if (!t.defined()) {
+      out.push_back(g->insertNode(g->createNone())->output());
+      continue;
+    }
     Node* c = g->insertNode(g->create(prim::Constant));
     c->t_(attr::value, t);
     c->output()->inferTypeFrom(t);
-    return c->output();
-  };
-  Value* b = bias && bias->defined() ? tensor(bias->to(at::kFloat).contiguous()) : g->insertNode(g->createNone())->output();
-  return {tensor(w), tensor(scale), tensor(zero_point), b};
+    out.push_back(c->output());
+  }
+  return out;
 }
 
 // Puts `m` (not yet in a block) where `n` is, its outputs for n's, and destroys n.
@@ -694,14 +703,15 @@ void unpack_quantized_ops(Block* b) {
     if ((n->kind() == plain || n->kind() == relu) && n->inputs().size() == 3 && n->outputs().size() == 1) {
       auto rr = toIValue(n->input(2));
       if (!rr || !rr->isBool()) continue;
-      auto w = unpacked_weight(g, n->input(1));
-      if (w.empty()) continue;
+      auto unpacked = unpacked_weight(n->input(1));
+      if (unpacked.empty()) continue;
+      auto w = weight_constants(g, unpacked);
       inputs = {n->input(0), w[0], w[1], w[2], w[3], n->input(2), g->insertConstant(n->kind() == relu), n->input(1)};
       kind = quantized_linear_kind(), args = 7, original = {0, 7, 5};
     } else if ((n->kind() == gru || n->kind() == lstm) && n->inputs().size() == 6 && n->outputs().size() == (n->kind() == gru ? 1 : 2)) {
-      auto ih = unpacked_weight(g, n->input(2));
-      auto hh = unpacked_weight(g, n->input(3));
-      if (ih.empty() || hh.empty()) continue;
+      auto ih_tensors = unpacked_weight(n->input(2)), hh_tensors = unpacked_weight(n->input(3));
+      if (ih_tensors.empty() || hh_tensors.empty()) continue;
+      auto ih = weight_constants(g, ih_tensors), hh = weight_constants(g, hh_tensors);
       inputs = {n->input(0), n->input(1), ih[0], ih[1], ih[2], ih[3], hh[0], hh[1], hh[2], hh[3], n->input(2), n->input(3), n->input(4), n->input(5)};
       kind = n->kind() == gru ? quantized_gru_kind() : quantized_lstm_kind(), args = 10, original = {0, 1, 10, 11, 12, 13};
     } else {

@@ -352,9 +352,7 @@ pub fn emit<'ctx>(ctx: &'ctx Context, module: &Module<'ctx>, k: &Kernel, spec: &
             for r in 0..mr {
                 let addr = unsafe { b.build_in_bounds_gep(i32t, pa, &[b.build_int_add(a_at, c64(r), "")?], "")? };
                 let quad = b.build_load(i32t, addr, "")?.into_int_value();
-                let one = b.build_insert_element(acc_type.get_undef(), quad, i32t.const_zero(), "")?;
-                let splat = b.build_shuffle_vector(one, acc_type.get_undef(), i32t.vec_type(lanes as u32).const_zero(), "")?;
-                let a = b.build_bit_cast(splat, bytes, "")?;
+                let a = b.build_bit_cast(splat(&b, ctx, acc_type, quad)?, bytes, "")?;
                 for v in 0..nv {
                     let call = |f: FunctionValue<'ctx>, x: BasicMetadataValueEnum<'ctx>, y: BasicMetadataValueEnum<'ctx>| -> R<inkwell::values::BasicValueEnum<'ctx>> {
                         let inkwell::values::ValueKind::Basic(r) = b.build_call(f, &[x, y], "")?.try_as_basic_value() else { unreachable!("a value") };
@@ -512,10 +510,7 @@ fn dequantize<'ctx>(
     let (mr, nv, lanes) = (tile.mr, tile.vectors(), tile.lanes);
     let (iv, fv) = (i32t.vec_type(lanes as u32), f32t.vec_type(lanes as u32));
     let c64 = |x: i64| i64t.const_int(x as u64, true);
-    let splat_int = |x: IntValue<'ctx>| -> R<VectorValue<'ctx>> {
-        let one = b.build_insert_element(iv.get_undef(), x, i32t.const_zero(), "")?;
-        Ok(b.build_shuffle_vector(one, iv.get_undef(), iv.const_zero(), "")?)
-    };
+    let splat_int = |x: IntValue<'ctx>| splat(b, ctx, iv, x);
     let word = |base: PointerValue<'ctx>, i: i64| -> R<IntValue<'ctx>> {
         let addr = unsafe { b.build_in_bounds_gep(i32t, base, &[c64(i)], "")? };
         Ok(b.build_load(i32t, addr, "")?.into_int_value())
@@ -576,9 +571,10 @@ fn dequantize<'ctx>(
     Ok(out.into_iter().map(|x| x.expect("every vector of the tile")).collect())
 }
 
-fn splat<'ctx>(b: &inkwell::builder::Builder<'ctx>, ctx: &'ctx Context, vt: VectorType<'ctx>, x: inkwell::values::FloatValue<'ctx>) -> R<VectorValue<'ctx>> {
+/// `x` (a float or an int of `vt`'s element type) in every lane of a `vt`.
+fn splat<'ctx>(b: &inkwell::builder::Builder<'ctx>, ctx: &'ctx Context, vt: VectorType<'ctx>, x: impl BasicValue<'ctx>) -> R<VectorValue<'ctx>> {
     let i32t = ctx.i32_type();
-    let one = b.build_insert_element(vt.get_undef(), x, i32t.const_zero(), "")?;
+    let one = b.build_insert_element(vt.get_undef(), x.as_basic_value_enum(), i32t.const_zero(), "")?;
     let mask = i32t.vec_type(vt.get_size()).const_zero();
     Ok(b.build_shuffle_vector(one, vt.get_undef(), mask, "")?)
 }
