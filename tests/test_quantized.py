@@ -14,6 +14,10 @@ import torch_kiln
 nn = torch.nn
 qd = torch.ao.quantization
 
+# fbgemm's packed weights, whatever the host: the x86 engine packs symmetric weights for oneDNN
+# on a host with VNNI, whose arithmetic Kiln does not compute (those stay in TorchScript).
+torch.backends.quantized.engine = "fbgemm"
+
 
 class Single(nn.Module):
     def __init__(self, k, n, bias=True):

@@ -113,6 +113,17 @@ pub fn encode(header: &EntryHeader, image: &ProgramImage) -> Vec<u8> {
             if let Some(q) = &g.quant {
                 let bias = q.bias.map_or(String::new(), |b| format!(" {}", b.0));
                 body.extend(format!("quant {} {} {} {}{bias}\n", q.scale.0, q.zero_point.0, q.per_column as u8, q.reduce_range as u8).bytes());
+                if let Some(p) = &q.requantize {
+                    body.extend(format!("requantize {} {} {} {} {}\n", p.a.scale_bits, p.a.zero_point, p.out.scale_bits, p.out.zero_point, p.relu as u8).bytes());
+                }
+                if let Some(w) = &q.windows {
+                    let mut nums = vec![w.channels];
+                    for pair in [w.kernel, w.out_size, w.in_size, w.pad, w.stride, w.dilation] {
+                        nums.extend(pair);
+                    }
+                    nums.extend(w.strides);
+                    body.extend(format!("qwindows {}\n", nums.iter().map(i64::to_string).collect::<Vec<_>>().join(" ")).bytes());
+                }
             }
             if let Some(w) = &g.im2col {
                 let mut nums = vec![w.channels, w.out_h, w.out_w];
@@ -290,8 +301,25 @@ fn parse_body(body: &[u8]) -> Result<ProgramImage, String> {
                     Some(b) => Some(BufId(b.parse().map_err(|_| "a quant line with a bad bias buffer")?)),
                 };
                 let g = image.kernels.last_mut().and_then(|k| k.gemm.as_mut()).ok_or("a quant line before any gemm")?;
-                g.quant = Some(kiln_compiler::kernels::quantized::QuantizedB { scale, zero_point, per_column, reduce_range, bias });
+                g.quant = Some(kiln_compiler::kernels::quantized::QuantizedB { scale, zero_point, per_column, reduce_range, bias, requantize: None, windows: None });
                 g.tile.lanes = GemmTile::int8(g.m).lanes;
+            }
+            Some("requantize") => {
+                use kiln_compiler::kernels::quantized::{QuantParamBits, StaticProduct};
+                let a = QuantParamBits { scale_bits: num(w.next(), "requantize")?, zero_point: num(w.next(), "requantize")? };
+                let out = QuantParamBits { scale_bits: num(w.next(), "requantize")?, zero_point: num(w.next(), "requantize")? };
+                let relu = num::<u8>(w.next(), "requantize relu")? == 1;
+                let q = image.kernels.last_mut().and_then(|k| k.gemm.as_mut()).and_then(|g| g.quant.as_mut()).ok_or("a requantize line before any quant line")?;
+                q.requantize = Some(StaticProduct { a, out, relu });
+            }
+            Some("qwindows") => {
+                let mut next = || num::<i64>(w.next(), "qwindows");
+                let channels = next()?;
+                let mut pair = || -> Result<[i64; 2], String> { Ok([next()?, next()?]) };
+                let (kernel, out_size, in_size, pad, stride, dilation) = (pair()?, pair()?, pair()?, pair()?, pair()?, pair()?);
+                let strides = [next()?, next()?, next()?, next()?];
+                let q = image.kernels.last_mut().and_then(|k| k.gemm.as_mut()).and_then(|g| g.quant.as_mut()).ok_or("a qwindows line before any quant line")?;
+                q.windows = Some(kiln_compiler::kernels::quantized::QuantizedWindows { channels, kernel, out_size, in_size, pad, stride, dilation, strides });
             }
             Some("im2col") => {
                 let mut next = || num::<i64>(w.next(), "im2col");
@@ -383,6 +411,14 @@ fn check_gemm(image: &ProgramImage, k: &KernelDecl, g: &GemmShape) -> Result<(),
         };
         if !bias_ok || !vector(q.scale, DType::F32)? || !vector(q.zero_point, DType::I32)? || g.tile != GemmTile::int8(g.m) || g.im2col.is_some() || g.sparse_b.is_some() || !g.batch.is_empty() {
             return Err("an int8 gemm with bad scales, zero points or tile".into());
+        }
+        if let Some(w) = &q.windows {
+            let positive = [w.kernel, w.out_size, w.in_size, w.stride, w.dilation].iter().flatten().all(|&n| n > 0) && w.pad.iter().chain(&w.strides).all(|&n| n >= 0);
+            let consistent = w.channels * w.kernel[0] * w.kernel[1] == g.k && g.m % (w.out_size[0] * w.out_size[1]) == 0 && q.requantize.is_some();
+            let weight = buf(g.b.buf)?.sizes.iter().product::<i64>() == g.n * g.k;
+            if !positive || !consistent || !weight {
+                return Err("a quantized convolution's windows that do not match its gemm".into());
+            }
         }
     }
     let sparse_ok = match g.sparse_b {

@@ -28,6 +28,7 @@
 #include <mutex>
 #include <sstream>
 #include <unordered_map>
+#include <typeinfo>
 #include <unordered_set>
 
 using namespace torch::jit;
@@ -112,8 +113,11 @@ Symbol quantized_lstm_kind() { static Symbol s = Symbol::fromQualString("kiln::l
 // On it: how many of its inputs Kiln reads, and where the quantized op's own inputs are.
 Symbol args_attr() { static Symbol s = Symbol::attr("kiln_args"); return s; }
 Symbol original_attr() { static Symbol s = Symbol::attr("kiln_original"); return s; }
+Symbol static_linear_kind() { static Symbol s = Symbol::fromQualString("kiln::linear_quantized"); return s; }
+Symbol static_conv_kind() { static Symbol s = Symbol::fromQualString("kiln::conv2d_quantized"); return s; }
 bool is_unpacked_quantized(const Node* n) {
-  return n->kind() == quantized_linear_kind() || n->kind() == quantized_gru_kind() || n->kind() == quantized_lstm_kind();
+  return n->kind() == quantized_linear_kind() || n->kind() == quantized_gru_kind() || n->kind() == quantized_lstm_kind() ||
+         n->kind() == static_linear_kind() || n->kind() == static_conv_kind();
 }
 
 std::string dtype_name(at::ScalarType t) {
@@ -628,6 +632,52 @@ Node* with_kind(Node* n, Symbol kind) {
 // gets the quantized op back (restore_quantized, from `kiln_original`: where the original
 // inputs are).
 
+// Whether a packed weight is fbgemm's (`PackedLinearWeight`, `PackedConvWeight<2>`): what
+// Kiln computes is fbgemm's arithmetic. oneDNN's (the x86 engine's choice on a host with
+// VNNI for symmetric weights) and qnnpack's round otherwise: TorchScript runs those.
+template <typename T>
+bool is_fbgemm_packed(const T& params, const char* name) {
+  const char* dynamic_name = typeid(params).name();
+  return std::strstr(dynamic_name, name) != nullptr && std::strstr(dynamic_name, "Onednn") == nullptr && std::strstr(dynamic_name, "Fp16") == nullptr;
+}
+
+// [w (int32), scale, zero point] of a quantized int8 weight (dim dims), per tensor or per
+// output channel; empty where it is neither.
+std::vector<at::Tensor> int8_weight(at::Tensor w, int64_t dim) {
+  if (!w.is_quantized() || w.scalar_type() != at::kQInt8 || w.dim() != dim) return {};
+  at::Tensor scale, zero_point;
+  if (w.qscheme() == at::kPerTensorAffine) {
+    scale = at::full({1}, static_cast<float>(w.q_scale()), at::kFloat);
+    zero_point = at::full({1}, w.q_zero_point(), at::kInt);
+  } else if (w.qscheme() == at::kPerChannelAffine && w.q_per_channel_axis() == 0) {
+    scale = w.q_per_channel_scales().to(at::kFloat).contiguous();
+    zero_point = w.q_per_channel_zero_points().to(at::kInt).contiguous();
+  } else {
+    return {};
+  }
+  return {w.int_repr().to(at::kInt).contiguous(), scale, zero_point};
+}
+
+// A constant fbgemm packed conv weight (one group, not transposed) as [w, scale, zero point,
+// bias] (int8_weight's, and the float bias, undefined if none) with its stride, padding and
+// dilation; empty where it is none.
+std::vector<at::Tensor> unpacked_conv_weight(Value* packed, std::vector<std::vector<int64_t>>* window) {
+  auto iv = toIValue(packed);
+  if (packed->node()->kind() != prim::Constant || !iv || !iv->isObject()) return {};
+  try {
+    auto params = iv->toCustomClass<ConvPackedParamsBase<2>>();
+    if (!is_fbgemm_packed(*params, "PackedConvWeight") || params->groups() != 1 || params->transpose()) return {};
+    auto [w, bias] = params->unpack();
+    auto out = int8_weight(w, 4);
+    if (out.empty()) return {};
+    out.push_back(bias && bias->defined() ? bias->detach().to(at::kFloat).contiguous() : at::Tensor());
+    *window = {params->stride().vec(), params->padding().vec(), params->dilation().vec()};
+    return out;
+  } catch (const std::exception&) {
+    return {};
+  }
+}
+
 // A constant fbgemm packed weight as [w (int32), scale, zero point, bias (undefined if none)];
 // empty where it is none.
 std::vector<at::Tensor> unpacked_weight(Value* packed) {
@@ -637,6 +687,7 @@ std::vector<at::Tensor> unpacked_weight(Value* packed) {
   std::optional<at::Tensor> bias;
   try {
     auto params = iv->toCustomClass<LinearPackedParamsBase>();
+    if (!is_fbgemm_packed(*params, "PackedLinearWeight")) return {};
     std::tie(w, bias) = params->unpack();
     if (!w.is_quantized() || w.scalar_type() != at::kQInt8 || w.dim() != 2) return {};
     if (w.qscheme() == at::kPerTensorAffine) {
@@ -689,6 +740,10 @@ void unpack_quantized_ops(Block* b) {
   static const Symbol relu = Symbol::fromQualString("quantized::linear_relu_dynamic");
   static const Symbol gru = Symbol::fromQualString("quantized::quantized_gru_cell_dynamic");
   static const Symbol lstm = Symbol::fromQualString("quantized::quantized_lstm_cell_dynamic");
+  static const Symbol static_linear = Symbol::fromQualString("quantized::linear");
+  static const Symbol static_linear_relu = Symbol::fromQualString("quantized::linear_relu");
+  static const Symbol static_conv = Symbol::fromQualString("quantized::conv2d");
+  static const Symbol static_conv_relu = Symbol::fromQualString("quantized::conv2d_relu");
   for (auto it = b->nodes().begin(); it != b->nodes().end();) {
     Node* n = *it;
     ++it;
@@ -708,6 +763,22 @@ void unpack_quantized_ops(Block* b) {
       auto w = weight_constants(g, unpacked);
       inputs = {n->input(0), w[0], w[1], w[2], w[3], n->input(2), g->insertConstant(n->kind() == relu), n->input(1)};
       kind = quantized_linear_kind(), args = 7, original = {0, 7, 5};
+    } else if ((n->kind() == static_linear || n->kind() == static_linear_relu) && n->inputs().size() == 4 && n->outputs().size() == 1) {
+      // quantized::linear(x, packed, output scale, output zero point)
+      auto unpacked = unpacked_weight(n->input(1));
+      if (unpacked.empty()) continue;
+      auto w = weight_constants(g, unpacked);
+      inputs = {n->input(0), w[0], w[1], w[2], w[3], n->input(2), n->input(3), g->insertConstant(n->kind() == static_linear_relu), n->input(1)};
+      kind = static_linear_kind(), args = 8, original = {0, 8, 5, 6};
+    } else if ((n->kind() == static_conv || n->kind() == static_conv_relu) && n->inputs().size() == 4 && n->outputs().size() == 1) {
+      // quantized::conv2d(x, packed, output scale, output zero point)
+      std::vector<std::vector<int64_t>> window;
+      auto unpacked = unpacked_conv_weight(n->input(1), &window);
+      if (unpacked.empty() || window.size() != 3) continue;
+      auto w = weight_constants(g, unpacked);
+      inputs = {n->input(0), w[0], w[1], w[2], w[3], g->insertConstant(window[0]), g->insertConstant(window[1]), g->insertConstant(window[2]),
+                n->input(2), n->input(3), g->insertConstant(n->kind() == static_conv_relu), n->input(1)};
+      kind = static_conv_kind(), args = 11, original = {0, 11, 8, 9};
     } else if ((n->kind() == gru || n->kind() == lstm) && n->inputs().size() == 6 && n->outputs().size() == (n->kind() == gru ? 1 : 2)) {
       auto ih_tensors = unpacked_weight(n->input(2)), hh_tensors = unpacked_weight(n->input(3));
       if (ih_tensors.empty() || hh_tensors.empty()) continue;
@@ -829,7 +900,9 @@ std::string ask_node(const Node* n) {
     char reason[512] = {0};
     return kiln_rs_node_supported(text.data(), text.size(), reason, sizeof(reason)) ? "" : reason;
   }
-  if (n->kind().ns() != c10::Symbol::fromQualString("namespaces::aten") && !is_unpacked_quantized(n)) return "not an aten op";
+  // (quantized::add and add_relu are ops on quantized tensors Kiln computes.)
+  static const Symbol quantized_ns = c10::Symbol::fromQualString("namespaces::quantized");
+  if (n->kind().ns() != c10::Symbol::fromQualString("namespaces::aten") && n->kind().ns() != quantized_ns && !is_unpacked_quantized(n)) return "not an aten op";
   if (n->outputs().size() != 1)
     return "has " + std::to_string(n->outputs().size()) + " outputs: not an op Kiln supports yet";
   if (!kiln_rs_known_op(n->kind().toQualString())) return "not an op Kiln supports yet";
@@ -1405,7 +1478,7 @@ int32_t kiln_cpp_enable() {
       // CONSERVATIVE: an op with a side effect (dead-code elimination keeps it); it has no
       // inputs or outputs, so it orders nothing else.
       registerOperator(Operator(ran_kind(), fallbacks_ran_op, c10::AliasAnalysisKind::CONSERVATIVE));
-      for (Symbol k : {quantized_linear_kind(), quantized_gru_kind(), quantized_lstm_kind()})
+      for (Symbol k : {quantized_linear_kind(), quantized_gru_kind(), quantized_lstm_kind(), static_linear_kind(), static_conv_kind()})
         registerOperator(Operator(k, unpacked_quantized_op, c10::AliasAnalysisKind::PURE_FUNCTION));
       g_registered_ops = true;
     }

@@ -6,7 +6,7 @@
 //! the node then stays in TorchScript.
 
 use crate::ts_dump::{Const, Item, Region};
-use kiln_compiler::graph::ir::{BinaryOp, CmpOp, Graph, Op, ReduceOp, UnaryOp};
+use kiln_compiler::graph::ir::{BinaryOp, CmpOp, ConvWindow, Graph, Op, QuantParams, ReduceOp, UnaryOp};
 use kiln_compiler::graph::layout::{contiguous_strides, dense_strides, elementwise_order, elementwise_strides, is_channels_last, is_contiguous, is_non_overlapping_and_dense, order_of};
 use kiln_compiler::{DType, Scalar, TensorType, ValueId};
 use kiln_compiler::kernels::sparse::WeightFacts;
@@ -60,6 +60,7 @@ fn lower_region(r: &Region, view_outputs: bool) -> R<Lowered> {
     // Graph values of the constant weights whose zeros the dump counted.
     let mut weights: HashMap<ValueId, &WeightFacts> = HashMap::new();
     let mut weight_choices = vec![];
+    let mut quant: HashMap<ValueId, QuantParams> = HashMap::new();
     for (i, item) in r.items.iter().enumerate() {
         let (arg, layout) = match item {
             Item::Input(None) => return Err("input types are not known".into()),
@@ -67,6 +68,14 @@ fn lower_region(r: &Region, view_outputs: bool) -> R<Lowered> {
                 let dtype = d.dtype.clone().map_err(|name| format!("dtype {name} is not supported"))?;
                 input_strides.push(vec![]);
                 (Arg::Number(g.input(TensorType::new(dtype, &[]))), None)
+            }
+            // A quantized tensor never enters a group (its values are TorchScript's); asked
+            // about one op on one, Kiln answers for the op (`quant_input_placeholder`).
+            Item::Input(Some(d)) if view_outputs && d.dtype.as_ref().is_err_and(|n| is_quantized_dtype(n)) => {
+                input_strides.push(canonical_strides(&d.sizes, &d.strides));
+                let v = g.input(TensorType::new(DType::F32, &d.sizes));
+                quant.insert(v, QuantParams { scale: 1.0, zero_point: 0 });
+                (Arg::Tensor(v), Some(kiln_guards::guarded_strides(&d.sizes, &d.strides)))
             }
             Item::Input(Some(d)) => {
                 let dtype = d.dtype.clone().map_err(|name| format!("dtype {name} is not supported"))?;
@@ -91,10 +100,23 @@ fn lower_region(r: &Region, view_outputs: bool) -> R<Lowered> {
             }
             Item::Node { kind, args, expect } => {
                 let arg_vals: Vec<Arg> = args.iter().map(|&a| vals[a].clone()).collect();
-                let v = Lower { g: &mut g, default_float: &r.default_float, weights: &weights, weight_choices: &mut weight_choices }.node(kind, &arg_vals).map_err(|e| format!("{kind}: {e}"))?;
+                let quantized_in = arg_vals.iter().any(|a| matches!(a, Arg::Tensor(t) if quant.contains_key(t)));
+                if quantized_in && !QUANTIZED_OPERANDS.contains(&kind.as_str()) {
+                    return Err(format!("{kind} of a quantized tensor (Kiln computes quantize_per_tensor, dequantize, the quantized convolutions, linears and adds, max_pool2d, adaptive_avg_pool2d to 1×1 and views on quantized tensors)"));
+                }
+                let v = Lower { g: &mut g, default_float: &r.default_float, weights: &weights, weight_choices: &mut weight_choices, quant: &mut quant }.node(kind, &arg_vals).map_err(|e| format!("{kind}: {e}"))?;
+                // Pooling and views keep a quantized tensor's parameters.
+                let keeps_parameters = ["aten::max_pool2d", "aten::flatten", "aten::view", "aten::reshape", "aten::contiguous"].contains(&kind.as_str());
+                if let (true, Some(Arg::Tensor(t))) = (quantized_in && keeps_parameters, arg_vals.first()) {
+                    if let Some(p) = quant.get(t).copied() {
+                        quant.insert(v, p);
+                    }
+                }
                 let ty = g.ty(v);
                 if let Some((dtype, sizes)) = expect {
-                    let same = dtype.as_ref().ok() == Some(&ty.dtype) && ty.static_shape().as_deref() == Some(sizes.as_slice());
+                    // (A quantized value is uint8 values held as float32.)
+                    let dtype_same = dtype.as_ref().ok() == Some(&ty.dtype) || (quant.contains_key(&v) && dtype.as_ref().is_err_and(|n| is_quantized_dtype(n)));
+                    let same = dtype_same && ty.static_shape().as_deref() == Some(sizes.as_slice());
                     if !same {
                         return Err(format!("{kind}: Kiln infers {ty}, TorchScript recorded {}{sizes:?}", dtype.clone().map(|d| d.to_string()).unwrap_or_else(|n| n)));
                     }
@@ -133,6 +155,9 @@ fn lower_region(r: &Region, view_outputs: bool) -> R<Lowered> {
         })
         .collect::<R<Vec<_>>>()?;
     for (i, o) in outputs.iter().enumerate() {
+        if !view_outputs && quant.contains_key(o) {
+            return Err("a quantized tensor leaves the group (Kiln's groups take and return float tensors: the op using it stays in TorchScript)".into());
+        }
         // (A single view node may be the identity: in a group it is read through.)
         if !view_outputs && (g.inputs.contains(o) || outputs[..i].contains(o)) {
             return Err("an output is an input or another output (nothing to compute)".into());
@@ -256,7 +281,9 @@ fn eager_strides(kind: &str, shape: &[i64], dtype: DType, mut operands: Vec<Oper
         // batch dims; `Lower::matmul` refuses the rank combinations eager transposes).
         "aten::linear" | "aten::matmul" | "aten::mm" | "aten::bmm" | "aten::addmm" | "aten::baddbmm" | "aten::scaled_dot_product_attention"
         | "aten::_native_multi_head_attention" | "kiln::linear_dynamic" => return contiguous_strides(shape),
-        "kiln::gru_cell_dynamic" | "kiln::lstm_cell_dynamic" => return contiguous_strides(shape),
+        "kiln::gru_cell_dynamic" | "kiln::lstm_cell_dynamic" | "kiln::linear_quantized" => return contiguous_strides(shape),
+        // fbgemm's quantized convolution computes channels-last.
+        "kiln::conv2d_quantized" => return dense_strides(shape, &[0, 2, 3, 1]),
         "aten::layer_norm" | "aten::_transformer_encoder_layer_fwd" | "aten::contiguous" | "aten::cat" | "aten::gru_cell" | "aten::lstm_cell" | "aten::stack" | "aten::zeros" | "aten::ones"
         // (masked_fill clones its broadcast input contiguous, then fills it.)
         | "aten::masked_fill" => {
@@ -338,7 +365,23 @@ pub const KINDS: &[&str] = &[
     // quantized::linear_dynamic and the quantized RNN cells with their packed weights
     // unpacked by the pass.
     "kiln::linear_dynamic", "kiln::gru_cell_dynamic", "kiln::lstm_cell_dynamic",
+    // Static quantization: quantized::linear(_relu) and conv2d(_relu) unpacked by the pass,
+    // and the ops on quantized tensors Kiln computes.
+    "kiln::linear_quantized", "kiln::conv2d_quantized", "aten::quantize_per_tensor", "aten::dequantize", "quantized::add", "quantized::add_relu",
 ];
+
+/// The ops Kiln computes on a statically quantized tensor: those making or reading one, and
+/// the ones whose result has its input's parameters (PyTorch's max pooling and views of a
+/// quantized tensor keep its scale and zero point; the 1×1 average pool too).
+const QUANTIZED_OPERANDS: &[&str] = &[
+    "aten::dequantize", "quantized::add", "quantized::add_relu", "kiln::linear_quantized", "kiln::conv2d_quantized", "aten::max_pool2d",
+    "aten::adaptive_avg_pool2d", "aten::flatten", "aten::view", "aten::reshape", "aten::contiguous",
+];
+
+/// The dtype names (`ts_dump`: those Kiln has no dtype for) of quantized tensors.
+fn is_quantized_dtype(name: &str) -> bool {
+    ["QUInt8", "QInt8", "QInt32"].iter().any(|q| name.ends_with(q))
+}
 
 /// The ops whose in-place form (`aten::add_`...) Kiln computes as the op itself, where the
 /// pass found that nothing else reads what it writes (`writes_unobserved` in the shim).
@@ -411,6 +454,9 @@ struct Lower<'a> {
     /// The constant weights' zeros (`kernels::sparse`), by graph value.
     weights: &'a HashMap<ValueId, &'a WeightFacts>,
     weight_choices: &'a mut Vec<String>,
+    /// The statically quantized values the group computes (uint8 values held as float32,
+    /// `kernels::quantized`): their scale and zero point.
+    quant: &'a mut HashMap<ValueId, QuantParams>,
 }
 
 impl Lower<'_> {
@@ -788,6 +834,48 @@ impl Lower<'_> {
             }
             ("aten::linear", [x, w, bias]) => self.linear(x, w, bias),
             ("kiln::linear_dynamic", [x, w, scale, zero_point, bias, reduce_range, relu]) => self.linear_dynamic(x, [w, scale, zero_point, bias], bool_arg(reduce_range)?, bool_arg(relu)?),
+            ("aten::quantize_per_tensor", [x, Arg::Const(scale), Arg::Const(Const::Int(zero_point)), Arg::Const(Const::Int(13))]) => {
+                let v = self.tensor(x)?;
+                if self.g.ty(v).dtype != DType::F32 {
+                    return Err("quantize_per_tensor of a tensor that is not float32".into());
+                }
+                let p = QuantParams { scale: scalar(scale)?.as_f64() as f32, zero_point: *zero_point as i32 };
+                let q = self.g.quantize(v, p).map_err(|e| e.0)?;
+                self.quant.insert(q, p);
+                Ok(q)
+            }
+            ("aten::quantize_per_tensor", _) => Err("quantize_per_tensor to another dtype than quint8, or with parameters computed at run time".into()),
+            ("aten::dequantize", [x]) => {
+                let q = self.tensor(x)?;
+                let p = *self.quant.get(&q).ok_or("dequantize of a tensor the group did not quantize")?;
+                self.dequantized(q, p)
+            }
+            ("quantized::add" | "quantized::add_relu", [a, b, Arg::Const(scale), Arg::Const(Const::Int(zero_point))]) => {
+                // As ATen's qadd: both dequantized, added (a relu), quantized.
+                let (a, b) = (self.quantized(a)?, self.quantized(b)?);
+                let (da, db) = (self.dequantized(a.0, a.1)?, self.dequantized(b.0, b.1)?);
+                let mut sum = self.g.binary(BinaryOp::Add, da, db).map_err(|e| e.0)?;
+                if kind == "quantized::add_relu" {
+                    sum = self.g.unary(UnaryOp::Relu, sum).map_err(|e| e.0)?;
+                }
+                let p = QuantParams { scale: scalar(scale)?.as_f64() as f32, zero_point: *zero_point as i32 };
+                let q = self.g.quantize(sum, p).map_err(|e| e.0)?;
+                self.quant.insert(q, p);
+                Ok(q)
+            }
+            ("kiln::linear_quantized", [x, w, scale, zero_point, bias, Arg::Const(out_scale), Arg::Const(Const::Int(out_zp)), relu]) => {
+                let out = QuantParams { scale: scalar(out_scale)?.as_f64() as f32, zero_point: *out_zp as i32 };
+                self.linear_quantized(x, [w, scale, zero_point, bias], out, bool_arg(relu)?)
+            }
+            (
+                "kiln::conv2d_quantized",
+                [x, w, scale, zero_point, bias, Arg::Const(Const::Ints(stride)), Arg::Const(Const::Ints(padding)), Arg::Const(Const::Ints(dilation)), Arg::Const(out_scale), Arg::Const(Const::Int(out_zp)), relu],
+            ) => {
+                let out = QuantParams { scale: scalar(out_scale)?.as_f64() as f32, zero_point: *out_zp as i32 };
+                let pair = |xs: &[i64]| -> R<[i64; 2]> { xs.try_into().map_err(|_| "a window of other than two dims".to_string()) };
+                let (stride, padding, dilation) = (pair(stride)?, pair(padding)?, pair(dilation)?);
+                self.conv2d_quantized(x, [w, scale, zero_point, bias], stride, padding, dilation, out, bool_arg(relu)?)
+            }
             ("aten::matmul", [x, y]) => self.matmul(x, y, None),
             ("aten::mm", [x, y]) => self.matmul(x, y, Some(2)),
             ("aten::bmm", [x, y]) => self.matmul(x, y, Some(3)),
@@ -928,6 +1016,24 @@ impl Lower<'_> {
                 self.batch_norm_eval(v, weight, bias, mean, var, *eps)
             }
             ("aten::batch_norm", _) => Err("batch_norm in training mode (Kiln computes inference)".into()),
+            ("aten::adaptive_avg_pool2d", [Arg::Tensor(q), Arg::Const(Const::Ints(out))]) if self.quant.contains_key(q) => {
+                // ATen's quantized average: the window's sum less its zero points, times
+                // 1 / size, to nearest even, plus the zero point, in the input's parameters —
+                // the mean of the uint8 values rounded to nearest even (the sum is exact, and
+                // a tie is exactly representable).
+                let p = self.quant[q];
+                let sizes = self.sizes(*q)?;
+                let rank = sizes.len();
+                if out[..] != [1, 1] || !(3..=4).contains(&rank) || sizes[rank - 2..].contains(&0) {
+                    return Err("a quantized adaptive_avg_pool2d to other than 1×1".into());
+                }
+                let sum = self.g.reduce(ReduceOp::Sum, *q, &[rank - 2, rank - 1], true).map_err(|e| e.0)?;
+                let size = self.g.constant(Scalar::Int(sizes[rank - 2] * sizes[rank - 1]), DType::F32);
+                let mean = self.g.binary(BinaryOp::Div, sum, size).map_err(|e| e.0)?;
+                let v = self.g.quantize(mean, QuantParams { scale: 1.0, zero_point: 0 }).map_err(|e| e.0)?;
+                self.quant.insert(v, p);
+                Ok(v)
+            }
             ("aten::adaptive_avg_pool2d", [x, Arg::Const(Const::Ints(out))]) if out[..] == [1, 1] => {
                 // The mean over H and W: eager sums each window, then divides by its size.
                 let v = self.float_only(x)?;
@@ -1571,6 +1677,82 @@ impl Lower<'_> {
             Arg::Tensor(b) if self.g.ty(*b).dtype == self.g.ty(p).dtype => Ok(self.g.binary(BinaryOp::Add, p, *b).map_err(|e| e.0)?),
             _ => Err("a bias of another dtype".into()),
         }
+    }
+
+    /// A statically quantized value of the group and its parameters.
+    fn quantized(&self, x: &Arg) -> R<(ValueId, QuantParams)> {
+        match x {
+            Arg::Tensor(t) => self.quant.get(t).map(|p| (*t, *p)).ok_or_else(|| "an operand that is not a quantized tensor of the group".into()),
+            _ => Err("an operand that is not a tensor".into()),
+        }
+    }
+
+    /// (q − zero point) · scale in float32, as ATen's dequantize.
+    fn dequantized(&mut self, q: ValueId, p: QuantParams) -> R<ValueId> {
+        let zp = self.g.constant(Scalar::Int(p.zero_point as i64), DType::F32);
+        let scale = self.g.constant(Scalar::Float(p.scale as f64), DType::F32);
+        let centered = self.g.binary(BinaryOp::Sub, q, zp).map_err(|e| e.0)?;
+        Ok(self.g.binary(BinaryOp::Mul, centered, scale).map_err(|e| e.0)?)
+    }
+
+    /// The int8 weight's description for explain().
+    fn explain_weight(&mut self, w: ValueId, scale: ValueId, y: ValueId) -> R<()> {
+        let sizes = self.sizes(w)?.iter().map(i64::to_string).collect::<Vec<_>>().join("x");
+        let per = if self.sizes(scale)? == [1] { "per tensor" } else { "per output channel" };
+        self.weight_choices.push(format!("weight {sizes} of %{}: int8 ({per}), static activations, requantized to uint8 as fbgemm does", y.0));
+        Ok(())
+    }
+
+    /// A statically quantized linear (`quantized::linear(_relu)`, unpacked by the pass:
+    /// `kiln::linear_quantized`): x's leading dims the rows of the int8 product, requantized
+    /// to the output's parameters.
+    fn linear_quantized(&mut self, x: &Arg, [w, scale, zero_point, bias]: [&Arg; 4], out: QuantParams, relu: bool) -> R<ValueId> {
+        let (x, pa) = self.quantized(x)?;
+        let (w, scale, zero_point) = (self.tensor(w)?, self.tensor(scale)?, self.tensor(zero_point)?);
+        let shape = self.g.ty(x).static_shape().ok_or("symbolic sizes")?;
+        if shape.len() < 2 {
+            return Err("an input that is not a matrix or batch of them (eager raises)".into());
+        }
+        let k = shape[shape.len() - 1];
+        let rows: i64 = shape[..shape.len() - 1].iter().product();
+        let x2 = if shape.len() == 2 { x } else { self.g.reshape(x, &[rows, k]).map_err(|e| e.0)? };
+        let wt = self.g.permute(w, &[1, 0]).map_err(|e| e.0)?;
+        let bias = match bias {
+            Arg::Tensor(b) => Some(*b),
+            _ => None,
+        };
+        let y = self.g.quantized_product(x2, wt, scale, zero_point, bias, pa, out, relu, None).map_err(|e| e.0)?;
+        self.explain_weight(w, scale, y)?;
+        let mut out_shape = shape.clone();
+        *out_shape.last_mut().unwrap() = self.g.ty(y).static_shape().unwrap()[1];
+        let y = if out_shape.len() == 2 { y } else { self.g.reshape(y, &out_shape).map_err(|e| e.0)? };
+        self.quant.insert(y, out);
+        Ok(y)
+    }
+
+    /// A statically quantized convolution (`quantized::conv2d(_relu)`, one group, unpacked by
+    /// the pass: `kiln::conv2d_quantized`): the int8 product over x's windows (its zero point
+    /// as the padding), computed channels-last as fbgemm does, viewed as [N, O, OH, OW].
+    #[allow(clippy::too_many_arguments)]
+    fn conv2d_quantized(&mut self, x: &Arg, [w, scale, zero_point, bias]: [&Arg; 4], stride: [i64; 2], padding: [i64; 2], dilation: [i64; 2], out: QuantParams, relu: bool) -> R<ValueId> {
+        let (x, pa) = self.quantized(x)?;
+        let (w, scale, zero_point) = (self.tensor(w)?, self.tensor(scale)?, self.tensor(zero_point)?);
+        let (xs, ws) = (self.sizes(x)?, self.sizes(w)?);
+        if xs.len() != 4 || ws.len() != 4 {
+            return Err("an input that is not N, C, H, W (eager raises)".into());
+        }
+        let window = ConvWindow { kernel: [ws[2], ws[3]], stride, dilation, padding: [padding[0], padding[0], padding[1], padding[1]] };
+        let [oh, ow] = window.output_size(xs[2], xs[3]).ok_or("a window larger than the padded input (eager raises)")?;
+        let bias = match bias {
+            Arg::Tensor(b) => Some(*b),
+            _ => None,
+        };
+        let y = self.g.quantized_product(x, w, scale, zero_point, bias, pa, out, relu, Some(window)).map_err(|e| e.0)?;
+        self.explain_weight(w, scale, y)?;
+        let y = self.g.reshape(y, &[xs[0], oh, ow, ws[0]]).map_err(|e| e.0)?;
+        let y = self.g.permute(y, &[0, 3, 1, 2]).map_err(|e| e.0)?;
+        self.quant.insert(y, out);
+        Ok(y)
     }
 
     /// A dynamically quantized linear (`quantized::linear_dynamic`, as the pass unpacked it:

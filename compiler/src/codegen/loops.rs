@@ -181,7 +181,7 @@ fn transcendental(k: &Kernel, body: &[Stmt]) -> bool {
             Expr::Binary(BinaryOp::Div | BinaryOp::Pow, _, _) => return true,
             Expr::Binary(_, a, b) | Expr::Compare(_, a, b) => stack.extend([*a, *b]),
             Expr::Select(c, a, b) => stack.extend([*c, *a, *b]),
-            Expr::Cast(x) => stack.push(*x),
+            Expr::Cast(x) | Expr::Quantize { x, .. } => stack.push(*x),
             Expr::Load { .. } | Expr::Const(_) | Expr::Param(_) | Expr::Acc(_) | Expr::Index(_) => {}
         }
     }
@@ -431,9 +431,30 @@ impl<'a, 'ctx> Emitter<'a, 'ctx> {
                 let xv = self.expr(x)?;
                 self.cast(xv, from, d)?
             }
+            Expr::Quantize { x, inverse_scale, zero_point } => {
+                let xv = self.expr(x)?.into_float_value();
+                self.quantize(xv, inverse_scale, zero_point)?.into()
+            }
         };
         self.memo.insert(id, v);
         Ok(v)
+    }
+
+    /// `kernels::quantized::quantize` on a float32: fma(x, 1/scale, zp), capped below 2³¹ (a NaN
+    /// too: `vminps` returns the cap), to nearest even, clamped to 0..=255 (what converts to
+    /// −2³¹ clamps to 0).
+    fn quantize(&self, x: FloatValue<'ctx>, inverse_scale: f32, zero_point: f32) -> R<FloatValue<'ctx>> {
+        let m = self.math();
+        let c = |v: f32| x.get_type().const_float(v as f64);
+        let t = m.intrinsic("llvm.fma", &[x, c(inverse_scale), c(zero_point)])?;
+        let below = self.b.build_float_compare(FloatPredicate::OLT, t, c(2147483520.0), "")?;
+        let t = self.b.build_select(below, t, c(2147483520.0), "")?.into_float_value();
+        let r = m.intrinsic("llvm.roundeven", &[t])?;
+        // (−0, what rounds to zero from below, is 0 as well)
+        let pos = self.b.build_float_compare(FloatPredicate::OGT, r, c(0.0), "")?;
+        let r = self.b.build_select(pos, r, c(0.0), "")?.into_float_value();
+        let big = self.b.build_float_compare(FloatPredicate::OGT, r, c(255.0), "")?;
+        Ok(self.b.build_select(big, c(255.0), r, "")?.into_float_value())
     }
 
     fn cast(&self, v: BasicValueEnum<'ctx>, from: DType, to: DType) -> R<BasicValueEnum<'ctx>> {

@@ -192,6 +192,41 @@ pub enum Op {
     /// (`kernels::gemm::Im2col`); bias and activations are pointwise ops after it, fused into
     /// its epilogue.
     Conv2d { kernel: [i64; 2], stride: [i64; 2], dilation: [i64; 2], padding: [i64; 4] },
+    /// Float32 to a uint8 tensor's values (held as float32, `kernels::quantized`): each element
+    /// rounded as `quantize_per_tensor` (fbgemm) does, fma(x, 1/scale, zero point) to nearest
+    /// even, clamped to 0..=255.
+    Quantize(QuantParams),
+    /// A statically quantized product (`quantized::linear`, `quantized::conv2d`,
+    /// `kernels::quantized`): a holds uint8 values with parameters `a`, b an int8 weight (as
+    /// int32) with its scales and zero points (one per tensor or per output channel) and an
+    /// optional float32 bias; the int32 sum of (a − za)(b − zb), with the AVX2 kernel's pair
+    /// saturation, requantized to uint8 values with parameters `out` (and a relu). Without
+    /// `conv`: a[m, k] · b[k, n] → [m, n]. With it: x[N, C, H, W] convolved with w[O, C, KH, KW]
+    /// (padding with a's zero point), the output channels-last as a matrix [N·OH·OW, O].
+    QuantizedProduct { a: QuantParams, out: QuantParams, relu: bool, conv: Option<ConvWindow> },
+}
+
+pub use crate::kernels::quantized::QuantParams;
+
+/// A convolution's window: kernel, stride, dilation and padding (top, bottom, left, right).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct ConvWindow {
+    pub kernel: [i64; 2],
+    pub stride: [i64; 2],
+    pub dilation: [i64; 2],
+    pub padding: [i64; 4],
+}
+
+impl ConvWindow {
+    /// The output's height and width for an input of `h` × `w` (None where the window does not fit).
+    pub fn output_size(&self, h: i64, w: i64) -> Option<[i64; 2]> {
+        let out = |d: usize, n: i64| {
+            let span = self.dilation[d] * (self.kernel[d] - 1) + 1;
+            let padded = n + self.padding[2 * d] + self.padding[2 * d + 1];
+            (padded >= span).then(|| (padded - span) / self.stride[d] + 1)
+        };
+        Some([out(0, h)?, out(1, w)?])
+    }
 }
 
 impl Op {
@@ -217,13 +252,16 @@ impl Op {
             Op::Iota { .. } => "iota",
             Op::Unfold { .. } => "unfold",
             Op::Conv2d { .. } => "conv2d",
+            Op::Quantize(_) => "quantize",
+            Op::QuantizedProduct { conv: None, .. } => "qlinear",
+            Op::QuantizedProduct { conv: Some(_), .. } => "qconv2d",
         }
     }
 
     /// Pointwise ops are inlined into their consumers; the others own a kernel. A permute is
     /// "pointwise" in that sense: its consumers read through it.
     pub fn is_pointwise(&self) -> bool {
-        !matches!(self, Op::Reduce { .. } | Op::Softmax { .. } | Op::Input(_) | Op::MatMul { .. } | Op::QuantizedMatMul { .. } | Op::Cat { .. } | Op::Conv2d { .. })
+        !matches!(self, Op::Reduce { .. } | Op::Softmax { .. } | Op::Input(_) | Op::MatMul { .. } | Op::QuantizedMatMul { .. } | Op::QuantizedProduct { .. } | Op::Cat { .. } | Op::Conv2d { .. })
     }
 }
 
@@ -524,6 +562,52 @@ impl Graph {
         Ok(self.push(Op::QuantizedMatMul { reduce_range }, [a, b, scale, zero_point].into_iter().chain(bias).collect(), TensorType::new(DType::F32, &[sa[0], sb[1]])))
     }
 
+    /// See [`Op::Quantize`].
+    pub fn quantize(&mut self, x: ValueId, p: QuantParams) -> Result<ValueId, IrError> {
+        if self.ty(x).dtype != DType::F32 || !((0..=255).contains(&p.zero_point) && p.scale > 0.0 && p.scale.is_finite()) {
+            return err(format!("quantize takes float32 to scale > 0 and zero point 0..=255, not {} to {p:?}", self.ty(x)));
+        }
+        let ty = self.ty(x).clone();
+        Ok(self.push(Op::Quantize(p), vec![x], ty))
+    }
+
+    /// See [`Op::QuantizedProduct`]: `a` f32 [m, k] (or [N, C, H, W] with `conv`), `b` i32
+    /// [k, n] (or [O, C, KH, KW]), `scale` f32 and `zero_point` i32, both [1] or [n]; `bias` f32 [n].
+    #[allow(clippy::too_many_arguments)]
+    pub fn quantized_product(&mut self, a: ValueId, b: ValueId, scale: ValueId, zero_point: ValueId, bias: Option<ValueId>, pa: QuantParams, out: QuantParams, relu: bool, conv: Option<ConvWindow>) -> Result<ValueId, IrError> {
+        let name = if conv.is_some() { "qconv2d" } else { "qlinear" };
+        let (ta, tb, ts, tz) = (self.ty(a).clone(), self.ty(b).clone(), self.ty(scale).clone(), self.ty(zero_point).clone());
+        let (Some(sa), Some(sb), Some(ss), Some(sz)) = (ta.static_shape(), tb.static_shape(), ts.static_shape(), tz.static_shape()) else {
+            return err(format!("{name} takes static shapes"));
+        };
+        if ta.dtype != DType::F32 || tb.dtype != DType::I32 || ts.dtype != DType::F32 || tz.dtype != DType::I32 {
+            return err(format!("{name} takes f32, i32, f32, i32, not {}, {}, {}, {}", ta.dtype, tb.dtype, ts.dtype, tz.dtype));
+        }
+        for p in [pa, out] {
+            if !((0..=255).contains(&p.zero_point) && p.scale > 0.0 && p.scale.is_finite()) {
+                return err(format!("{name}: quantization parameters {p:?}"));
+            }
+        }
+        let (shape, n) = match conv {
+            None if sa.len() == 2 && sb.len() == 2 && sa[1] == sb[0] => (vec![sa[0], sb[1]], sb[1]),
+            Some(w) if sa.len() == 4 && sb.len() == 4 && sa[1] == sb[1] && sb[2..] == w.kernel && w.kernel.iter().chain(&w.stride).chain(&w.dilation).all(|&x| x > 0) && w.padding.iter().all(|&x| x >= 0) => {
+                let [oh, ow] = w.output_size(sa[2], sa[3]).ok_or_else(|| IrError(format!("qconv2d: the window {w:?} does not fit {ta}")))?;
+                (vec![sa[0] * oh * ow, sb[0]], sb[0])
+            }
+            _ => return err(format!("{name}: {ta} and {tb} do not match")),
+        };
+        if ss.len() != 1 || ss != sz || !(ss[0] == 1 || ss[0] == n) {
+            return err(format!("{name}: scales {ts} and zero points {tz} for {n} columns"));
+        }
+        if let Some(bias) = bias {
+            if self.ty(bias).dtype != DType::F32 || self.ty(bias).static_shape() != Some(vec![n]) {
+                return err(format!("{name}: a bias {} for {n} columns", self.ty(bias)));
+            }
+        }
+        let inputs = [a, b, scale, zero_point].into_iter().chain(bias).collect();
+        Ok(self.push(Op::QuantizedProduct { a: pa, out, relu, conv }, inputs, TensorType::new(DType::F32, &shape)))
+    }
+
     /// [`matmul`](Self::matmul) over B packed in sparse `format`.
     pub fn matmul_sparse_b(&mut self, a: ValueId, b: ValueId, format: crate::kernels::sparse::SparseFormat) -> Result<ValueId, IrError> {
         if !format.valid() || self.ty(a).dtype != DType::F32 {
@@ -654,6 +738,12 @@ impl fmt::Display for Graph {
                 Op::Iota { dim } => format!("iota() dim={dim}"),
                 Op::Unfold { dim, size, step, dilation } => format!("unfold({args}) dim={dim} size={size} step={step} dilation={dilation}"),
                 Op::Conv2d { kernel, stride, dilation, padding } => format!("conv2d({args}) kernel={kernel:?} stride={stride:?} dilation={dilation:?} padding={padding:?}"),
+                Op::Quantize(p) => format!("quantize({args}) scale={} zero_point={}", p.scale, p.zero_point),
+                Op::QuantizedProduct { a, out, relu, conv } => {
+                    let window = conv.map_or(String::new(), |w| format!(" kernel={:?} stride={:?} dilation={:?} padding={:?}", w.kernel, w.stride, w.dilation, w.padding));
+                    let name = if conv.is_some() { "qconv2d" } else { "qlinear" };
+                    format!("{name}({args}){window} a_scale={} a_zero_point={} scale={} zero_point={} relu={relu}", a.scale, a.zero_point, out.scale, out.zero_point)
+                }
             };
             writeln!(f, "  %{i} = {head} : {}", n.ty)?;
         }
@@ -793,6 +883,29 @@ pub fn parse_graph(text: &str) -> Result<Graph, IrError> {
                     let num = |k: &str| attr(k).and_then(|d| d.parse::<i64>().ok()).ok_or_else(|| IrError(format!("unfold needs {k}=")));
                     g.unfold(ins()?[0], num("dim")? as usize, num("size")?, num("step")?, num("dilation")?)?
                 }
+                "quantize" => {
+                    let p = quant_params(&attr, "")?;
+                    g.quantize(ins()?[0], p)?
+                }
+                "qlinear" | "qconv2d" => {
+                    let i = ins()?;
+                    if i.len() < 4 {
+                        return Err(IrError(format!("{opname} takes 4 or 5 inputs: {line}")));
+                    }
+                    let conv = if opname == "qconv2d" {
+                        let list = |k: &str| -> Result<Vec<i64>, IrError> {
+                            let v = attr(k).ok_or_else(|| IrError(format!("qconv2d needs {k}=")))?;
+                            Ok(v.trim_matches(|c| c == '[' || c == ']').split(',').map(|s| s.trim().parse().unwrap_or(-1)).collect())
+                        };
+                        let pair = |k: &str| -> Result<[i64; 2], IrError> { list(k)?.try_into().map_err(|_| IrError(format!("qconv2d: {k} is two numbers"))) };
+                        let padding: [i64; 4] = list("padding")?.try_into().map_err(|_| IrError("qconv2d: padding is four numbers".into()))?;
+                        Some(ConvWindow { kernel: pair("kernel")?, stride: pair("stride")?, dilation: pair("dilation")?, padding })
+                    } else {
+                        None
+                    };
+                    let (pa, out) = (quant_params(&attr, "a_")?, quant_params(&attr, "")?);
+                    g.quantized_product(i[0], i[1], i[2], i[3], i.get(4).copied(), pa, out, attr("relu") == Some("true"), conv)?
+                }
                 "conv2d" => {
                     let list = |k: &str| -> Result<Vec<i64>, IrError> {
                         let v = attr(k).ok_or_else(|| IrError(format!("conv2d needs {k}=")))?;
@@ -817,6 +930,14 @@ pub fn parse_graph(text: &str) -> Result<Graph, IrError> {
         names.insert(name.trim().to_string(), v);
     }
     Ok(g)
+}
+
+/// `{prefix}scale=` and `{prefix}zero_point=` of a quantized op's text.
+fn quant_params<'a>(attr: &impl Fn(&str) -> Option<&'a str>, prefix: &str) -> Result<QuantParams, IrError> {
+    let get = |k: &str| attr(&format!("{prefix}{k}")).ok_or_else(|| IrError(format!("needs {prefix}{k}=")));
+    let scale = get("scale")?.parse().map_err(|_| IrError(format!("bad {prefix}scale")))?;
+    let zero_point = get("zero_point")?.parse().map_err(|_| IrError(format!("bad {prefix}zero_point")))?;
+    Ok(QuantParams { scale, zero_point })
 }
 
 fn split_top(s: &str) -> Vec<&str> {

@@ -288,6 +288,69 @@ fn qmatmul_dynamic(a: &Tensor, b: &Tensor, scale: &Tensor, zero_point: &Tensor, 
     out
 }
 
+/// A statically quantized product (`kernels::quantized`), element by element: A's uint8
+/// values (a convolution's windows in (kh, kw, c) order, the zero point outside the image)
+/// against B's int8 ones, summed as the AVX2 kernel does (pairs saturated to int16), the zero
+/// points' offsets taken off and the sum requantized.
+#[allow(clippy::too_many_arguments)]
+fn quantized_product(a: &Tensor, b: &Tensor, scale: &Tensor, zero_point: &Tensor, bias: Option<&Tensor>, pa: crate::kernels::quantized::QuantParams, out: crate::kernels::quantized::QuantParams, relu: bool, conv: Option<crate::graph::ir::ConvWindow>, sizes: &[i64]) -> Vec<Scalar> {
+    use crate::kernels::quantized::{requantize, saturating_dot};
+    let (rows, n) = (sizes[0], sizes[1]);
+    // Row i of A (its k values) and column j of B, in the same k order.
+    type Vector<'a> = Box<dyn Fn(i64) -> Vec<i32> + 'a>;
+    let (a_row, b_col): (Vector, Vector) = match conv {
+        None => {
+            let (k, n) = (a.sizes[1], b.sizes[1]);
+            (Box::new(move |i| (0..k).map(|p| int(a.data[(i * k + p) as usize]) as i32).collect()), Box::new(move |j| (0..k).map(|p| int(b.data[(p * n + j) as usize]) as i32).collect()))
+        }
+        Some(w) => {
+            let [oh_n, ow_n] = w.output_size(a.sizes[2], a.sizes[3]).expect("checked by the builder");
+            let (c_n, [kh_n, kw_n]) = (a.sizes[1], w.kernel);
+            let a_row = move |i: i64| {
+                let (img, oh, ow) = (i / (oh_n * ow_n), i / ow_n % oh_n, i % ow_n);
+                let mut row = vec![];
+                for kh in 0..kh_n {
+                    for kw in 0..kw_n {
+                        let (ih, iw) = (oh * w.stride[0] + kh * w.dilation[0] - w.padding[0], ow * w.stride[1] + kw * w.dilation[1] - w.padding[2]);
+                        let inside = ih >= 0 && iw >= 0 && ih < a.sizes[2] && iw < a.sizes[3];
+                        row.extend((0..c_n).map(|c| if inside { int(at(a, &[img, c, ih, iw])) as i32 } else { pa.zero_point }));
+                    }
+                }
+                row
+            };
+            let b_col = move |j: i64| {
+                let mut col = vec![];
+                for kh in 0..kh_n {
+                    for kw in 0..kw_n {
+                        col.extend((0..c_n).map(|c| int(at(b, &[j, c, kh, kw])) as i32));
+                    }
+                }
+                col
+            };
+            (Box::new(a_row), Box::new(b_col))
+        }
+    };
+    let per = |t: &Tensor, j: i64| t.data[if t.sizes[0] == 1 { 0 } else { j as usize }];
+    let per_column = scale.sizes[0] != 1;
+    let cols: Vec<Vec<i32>> = (0..n).map(b_col).collect();
+    let mut data = Vec::with_capacity((rows * n) as usize);
+    for i in 0..rows {
+        let row = a_row(i);
+        let a_sum = row.iter().fold(0i32, |s, x| s.wrapping_add(*x));
+        for (j, col) in cols.iter().enumerate() {
+            let j = j as i64;
+            let zb = int(per(zero_point, j)) as i32;
+            let k = row.len() as i32;
+            let b_sum = col.iter().fold(0i32, |s, x| s.wrapping_add(*x));
+            let dot = saturating_dot(row.iter().copied(), col.iter().copied());
+            let raw = dot.wrapping_sub(pa.zero_point.wrapping_mul(b_sum.wrapping_sub(zb.wrapping_mul(k)))).wrapping_sub(a_sum.wrapping_mul(zb));
+            let q = requantize(raw, bias.map(|t| f(t.data[j as usize]) as f32), pa.scale, f(per(scale, j)) as f32, per_column, out, relu);
+            data.push(Scalar::Float(q as f64));
+        }
+    }
+    data
+}
+
 /// Each element the exact-as-f64 sum of its window's products, rounded once to float32.
 fn conv2d(x: &Tensor, w: &Tensor, kernel: [i64; 2], stride: [i64; 2], dilation: [i64; 2], padding: [i64; 4], out_sizes: &[i64]) -> Vec<Scalar> {
     let channels = x.sizes[1];
@@ -366,6 +429,11 @@ pub fn eval(g: &Graph, inputs: &[Tensor]) -> Vec<Tensor> {
                 at(arg(0), &src)
             }),
             Op::Conv2d { kernel, stride, dilation, padding } => conv2d(arg(0), arg(1), *kernel, *stride, *dilation, *padding, &sizes),
+            Op::Quantize(p) => {
+                let inv = crate::kernels::quantized::inverse(p.scale);
+                pointwise(&|c| Scalar::Float(crate::kernels::quantized::quantize(f(at(arg(0), c)) as f32, inv, p.zero_point as f32) as f64))
+            }
+            Op::QuantizedProduct { a, out, relu, conv } => quantized_product(arg(0), arg(1), arg(2), arg(3), (n.inputs.len() > 4).then(|| arg(4)), *a, *out, *relu, *conv, &sizes),
         };
         vals.push(Tensor { dtype: d, sizes, data });
     }

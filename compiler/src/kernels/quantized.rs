@@ -29,18 +29,146 @@
 //! then per quad `nr` columns × 4 int8: one 32-byte vector holds 8 columns' quad, so
 //! `vpmaddubsw` against a row's quad broadcast gives each column's pair sums.
 
+//!
+//! Static quantization (`torch.ao.quantization.prepare` / `convert`: `quantize_per_tensor`,
+//! `quantized::linear`, `quantized::conv2d`, ...) fixes every activation's scale and zero point
+//! when the model is converted ([`QuantParams`], constants of the frozen graph). Inside a Kiln
+//! group a quantized tensor is its uint8 values held as float32 (exact integers 0..=255; Kiln
+//! has no uint8 tensors, and a quantized tensor never crosses a group's edge). `quantize_per_tensor`
+//! rounds as the dynamic path's activations do ([`quantize`]); a product's int32 sum is
+//! requantized to uint8 as fbgemm's `requantizeOutputProcessingAvx2` does ([`requantize`]). Its
+//! A values take all 8 bits, so the AVX2 pair sums saturate where fbgemm's do: the pairs are
+//! k = (2i, 2i + 1) in the same order as fbgemm's (a convolution's k is (kh, kw, c), as its
+//! im2col), and the microkernel uses the same instruction (measured against PyTorch: with
+//! saturation emulated, every element equal; without, hundreds differ per layer).
+
 use crate::lower::loop_ir::BufId;
 
-/// What the GEMM needs besides A and B to run a dynamically quantized product: the
-/// buffers of B's scales and zero points (1 or n elements each) and whether A takes 7 bits.
+/// What the GEMM needs besides A and B to run a quantized product: the buffers of B's scales
+/// and zero points (1 or n elements each) and how A is quantized.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct QuantizedB {
     pub scale: BufId,
     pub zero_point: BufId,
     pub per_column: bool,
     pub reduce_range: bool,
-    /// The bias buffer (n float32), added by the fused multiply-add.
+    /// The bias buffer (n float32): added by the fused multiply-add (dynamic), or before the
+    /// requantization (static).
     pub bias: Option<BufId>,
+    /// Static quantization: A holds uint8 values with these parameters, and the product is
+    /// requantized to uint8 with `requantize`'s.
+    pub requantize: Option<StaticProduct>,
+    /// A convolution: A is these windows of an image, packed from it per call.
+    pub windows: Option<QuantizedWindows>,
+}
+
+/// A quantized convolution's A: row i of A is output pixel (n, oh, ow) (row-major over
+/// [N, OH, OW]), column p is (kh, kw, c) row-major over [KH, KW, C] (fbgemm's im2col order,
+/// whose pairs of k the AVX2 kernel saturates), the element the image at (n, c,
+/// oh·stride₀ + kh·dilation₀ − pad₀, ow·stride₁ + kw·dilation₁ − pad₁), A's zero point outside
+/// it. B is the weight [O, C, KH, KW], contiguous, read in the same k order.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct QuantizedWindows {
+    pub channels: i64,
+    pub kernel: [i64; 2],
+    pub out_size: [i64; 2],
+    pub in_size: [i64; 2],
+    /// The padding before the first row and column.
+    pub pad: [i64; 2],
+    pub stride: [i64; 2],
+    pub dilation: [i64; 2],
+    /// The image's element strides along (n, c, h, w).
+    pub strides: [i64; 4],
+}
+
+impl QuantizedWindows {
+    /// The weight's element offset of k index `p` (B is [O, C, KH, KW], contiguous).
+    pub fn weight_offset(&self, p: i64) -> i64 {
+        let (taps, c) = (p / self.channels, p % self.channels);
+        c * self.kernel[0] * self.kernel[1] + taps
+    }
+}
+
+/// A statically quantized product's parameters: A's (its values are already uint8) and the
+/// output's, and a fused relu.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct StaticProduct {
+    pub a: QuantParamBits,
+    pub out: QuantParamBits,
+    pub relu: bool,
+}
+
+/// [`QuantParams`] with the scale as its bits (hashable, for the GEMM's description).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct QuantParamBits {
+    pub scale_bits: u32,
+    pub zero_point: i32,
+}
+
+/// A uint8 tensor's scale (float32, as fbgemm takes it) and zero point (0..=255).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct QuantParams {
+    pub scale: f32,
+    pub zero_point: i32,
+}
+
+impl QuantParams {
+    pub fn bits(self) -> QuantParamBits {
+        QuantParamBits { scale_bits: self.scale.to_bits(), zero_point: self.zero_point }
+    }
+}
+
+impl QuantParamBits {
+    pub fn params(self) -> QuantParams {
+        QuantParams { scale: f32::from_bits(self.scale_bits), zero_point: self.zero_point }
+    }
+}
+
+/// One output element of a statically quantized product from its int32 sum `raw` (both zero
+/// points' offsets taken off), as fbgemm's `requantizeOutputProcessingAvx2` computes it in
+/// PyTorch's build (measured against PyTorch on random convolutions and linears):
+///
+/// ```text
+/// s   = sa · sw[j]                                 (float32)
+/// x   = float(raw) + bias[j] / s                   (per output channel: a division, then the add)
+///     = fma(bias, 1 / s, float(raw))               (per tensor: the reciprocal, contracted)
+/// q   = cvtps(x · (s / so))                        (float32 multiply, ties to even)
+/// out = clamp(clamp(q, int16) + zo, relu ? zo : 0, 255)
+/// ```
+pub fn requantize(raw: i32, bias: Option<f32>, a_scale: f32, w_scale: f32, per_column: bool, out: QuantParams, relu: bool) -> u8 {
+    let s = a_scale * w_scale;
+    let x = match bias {
+        Some(b) if per_column => raw as f32 + b / s,
+        Some(b) => b.mul_add(1.0 / s, raw as f32),
+        None => raw as f32,
+    };
+    let t = x * (s / out.scale);
+    let q = cvtps(t).clamp(-32768, 32767) + out.zero_point;
+    q.clamp(if relu { out.zero_point } else { 0 }, 255) as u8
+}
+
+/// x86's float to int32 conversion (`cvtps2dq`): ties to even; NaN and what is out of range
+/// become −2³¹.
+pub fn cvtps(t: f32) -> i32 {
+    let r = t.round_ties_even();
+    if (-2147483648.0..2147483648.0).contains(&r) { r as i32 } else { i32::MIN }
+}
+
+/// Σₖ a[k]·b[k] as the AVX2 int8 kernels sum it: uint8 × int8 in pairs (k, k + 1) from k = 0,
+/// each pair's sum saturated to int16 (`vpmaddubsw`), the pairs added in int32.
+pub fn saturating_dot(a: impl Iterator<Item = i32>, b: impl Iterator<Item = i32>) -> i32 {
+    let mut sum = 0i32;
+    let mut pair: Option<i32> = None;
+    for (x, w) in a.zip(b) {
+        match pair.take() {
+            None => pair = Some(x * w),
+            Some(p) => sum = sum.wrapping_add((p + x * w).clamp(-32768, 32767)),
+        }
+    }
+    if let Some(p) = pair {
+        sum = sum.wrapping_add(p);
+    }
+    sum
 }
 
 /// int32 words before A's quads in a row panel: zero point, scale bits, k (the call's: code

@@ -126,7 +126,8 @@ impl<'a> KernelBuilder<'a> {
                 Op::Compare(c) => Expr::Compare(*c, args[0], args[1]),
                 Op::Where => Expr::Select(args[0], args[1], args[2]),
                 Op::Cast => Expr::Cast(args[0]),
-                Op::Input(_) | Op::Reduce { .. } | Op::Softmax { .. } | Op::MatMul { .. } | Op::QuantizedMatMul { .. } | Op::Cat { .. } | Op::Conv2d { .. } | Op::Permute(_) | Op::Slice { .. } | Op::Reshape | Op::Expand | Op::Unfold { .. } => {
+                Op::Quantize(p) => Expr::Quantize { x: args[0], inverse_scale: crate::kernels::quantized::inverse(p.scale), zero_point: p.zero_point as f32 },
+                Op::QuantizedProduct { .. } | Op::Input(_) | Op::Reduce { .. } | Op::Softmax { .. } | Op::MatMul { .. } | Op::QuantizedMatMul { .. } | Op::Cat { .. } | Op::Conv2d { .. } | Op::Permute(_) | Op::Slice { .. } | Op::Reshape | Op::Expand | Op::Unfold { .. } => {
                     unreachable!("not pointwise, or handled above")
                 }
             };

@@ -42,6 +42,8 @@ pub enum Expr {
     Compare(CmpOp, ExprId, ExprId),
     Select(ExprId, ExprId, ExprId),
     Cast(ExprId),
+    /// A float32 rounded to a uint8 value (as float32), `kernels::quantized::quantize`.
+    Quantize { x: ExprId, inverse_scale: f32, zero_point: f32 },
     /// The value of an index expression (int64): an iota's coordinate.
     Index(Index),
 }
@@ -203,6 +205,11 @@ impl Kernel {
             Expr::Binary(op, a, b) => self.fmt_call(op.name(), &[*a, *b], out),
             Expr::Compare(op, a, b) => self.fmt_call(op.name(), &[*a, *b], out),
             Expr::Select(c, a, b) => self.fmt_call("select", &[*c, *a, *b], out),
+            Expr::Quantize { x, inverse_scale, zero_point } => {
+                out.push_str("quantize(");
+                self.fmt_expr(*x, out);
+                write!(out, ", {inverse_scale}, {zero_point})").unwrap();
+            }
             Expr::Cast(x) => {
                 write!(out, "cast<{dtype}>(").unwrap();
                 self.fmt_expr(*x, out);

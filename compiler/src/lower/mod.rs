@@ -181,7 +181,15 @@ pub fn lower(g: &Graph, input_strides: &[Vec<i64>]) -> Result<LoopProgram, Lower
                 None => kernels.push(b.matmul_loops(v)),
             },
             Op::QuantizedMatMul { reduce_range } => {
-                let shape = quantized_gemm_shape(g, v, &b, *reduce_range)?;
+                let shape = quantized_gemm_shape(g, v, &b, *reduce_range, None)?;
+                kernels.push(b.gemm(v, shape))
+            }
+            Op::QuantizedProduct { a, out, relu, conv } => {
+                let product = crate::kernels::quantized::StaticProduct { a: a.bits(), out: out.bits(), relu: *relu };
+                let mut shape = quantized_gemm_shape(g, v, &b, true, Some(product))?;
+                if let Some(w) = conv {
+                    quantized_windows(g, v, &b, w, &mut shape)?;
+                }
                 kernels.push(b.gemm(v, shape))
             }
             Op::Cat { dim } => {
@@ -229,7 +237,7 @@ fn channels_last_temps(g: &Graph) -> Vec<ValueId> {
     // Whether a value is computed from a channels-last image (any rank: views of one count).
     let mut from_image = vec![false; g.nodes.len()];
     for (i, n) in g.nodes.iter().enumerate() {
-        from_image[i] = matches!(n.op, Op::Conv2d { .. }) || n.inputs.iter().any(|x| from_image[x.0 as usize]);
+        from_image[i] = matches!(n.op, Op::Conv2d { .. } | Op::QuantizedProduct { conv: Some(_), .. }) || n.inputs.iter().any(|x| from_image[x.0 as usize]);
     }
     // A value a reshape flattens (through views) stays row-major: no strides express the
     // flattened channels-last image (a classifier's `flatten`).
@@ -242,7 +250,7 @@ fn channels_last_temps(g: &Graph) -> Vec<ValueId> {
             }
         }
     }
-    let stored_kind = |op: &Op| !views::is_view(op) && !matches!(op, Op::Input(_) | Op::MatMul { .. } | Op::QuantizedMatMul { .. } | Op::Softmax { .. });
+    let stored_kind = |op: &Op| !views::is_view(op) && !matches!(op, Op::Input(_) | Op::MatMul { .. } | Op::QuantizedMatMul { .. } | Op::QuantizedProduct { .. } | Op::Softmax { .. });
     (0..g.nodes.len())
         .filter(|&i| from_image[i] && !flattened[i] && g.nodes[i].ty.rank() == 4 && stored_kind(&g.nodes[i].op))
         .map(|i| ValueId(i as u32))
@@ -302,12 +310,15 @@ fn gemm_shape(g: &Graph, v: ValueId, b: &KernelBuilder) -> Option<crate::kernels
 /// Dynamically quantized product `v` (`kernels::quantized`) on the int8 GEMM: A and B as
 /// any matmul's operands, B's scales and zero points read by the microkernel from their
 /// buffers (contiguous, as the frontend's constants are).
-fn quantized_gemm_shape(g: &Graph, v: ValueId, b: &KernelBuilder, reduce_range: bool) -> Result<crate::kernels::gemm::GemmShape, LowerError> {
+fn quantized_gemm_shape(g: &Graph, v: ValueId, b: &KernelBuilder, reduce_range: bool, requantize: Option<crate::kernels::quantized::StaticProduct>) -> Result<crate::kernels::gemm::GemmShape, LowerError> {
     use crate::kernels::gemm::{GemmOperand, GemmShape, GemmTile};
     let ins = &g.node(v).inputs;
     let out = g.ty(v).static_shape().ok_or(LowerError::Symbolic)?;
-    let k = g.ty(ins[0]).static_shape().ok_or(LowerError::Symbolic)?[1];
-    let refuse = |what: &str| LowerError::Unsupported(format!("qmatmul_dynamic: {what}"));
+    let in_shape = g.ty(ins[0]).static_shape().ok_or(LowerError::Symbolic)?;
+    // (A convolution's k is its window's: `quantized_windows` sets it.)
+    let k = in_shape[1];
+    let name = g.node(v).op.name_for_errors();
+    let refuse = |what: &str| LowerError::Unsupported(format!("{name}: {what}"));
     let operand = |x: ValueId| -> Result<GemmOperand, LowerError> {
         let (buf, strides, offset) = b.strided(x).ok_or_else(|| refuse("an operand not in memory"))?;
         Ok(GemmOperand { buf, offset, batch_strides: vec![], rows: strides[0], cols: strides[1] })
@@ -322,15 +333,50 @@ fn quantized_gemm_shape(g: &Graph, v: ValueId, b: &KernelBuilder, reduce_range: 
         Some(&x) => Some(vector(x)?),
         None => None,
     };
-    let quant = crate::kernels::quantized::QuantizedB { scale: vector(ins[2])?, zero_point: vector(ins[3])?, per_column: g.ty(ins[2]).static_shape() != Some(vec![1]), reduce_range, bias };
+    let quant = crate::kernels::quantized::QuantizedB { scale: vector(ins[2])?, zero_point: vector(ins[3])?, per_column: g.ty(ins[2]).static_shape() != Some(vec![1]), reduce_range, bias, requantize, windows: None };
     if !reduce_range {
         return Err(refuse("8-bit activations (fbgemm's AVX2 kernel saturates their pair sums; Kiln takes reduce_range=True)"));
     }
     // (Lowering is for the host, as the float32 tiles are: `host_lanes`.)
-    if !crate::codegen::target::Target::host().has_feature("avx2") {
+    let host = crate::codegen::target::Target::host();
+    if !host.has_feature("avx2") {
         return Err(refuse("a host without AVX2 (the int8 tile's instructions)"));
     }
+    // A static product's activations take 8 bits: fbgemm's AVX2 kernel saturates their pair
+    // sums and so does Kiln's, but on a host with VNNI fbgemm's `vpdpbusd` does not (and the
+    // x86 engine packs symmetric weights for oneDNN there). Kiln has no VNNI tile yet.
+    if requantize.is_some() && (host.has_feature("avx512vnni") || host.has_feature("avxvnni")) {
+        return Err(refuse("a host with VNNI (fbgemm's VNNI kernels sum 8-bit activations without the AVX2 kernel's saturation; Kiln's int8 tile is AVX2's)"));
+    }
     Ok(GemmShape { batch: vec![], m: out[0], n: out[1], k, a: operand(ins[0])?, b: operand(ins[1])?, tile: GemmTile::int8(out[0]), im2col: None, sparse_b: None, quant: Some(quant) })
+}
+
+/// A quantized convolution's A: the windows of its image (`QuantizedWindows`), B the weight
+/// [O, C, KH, KW] read in their k order.
+fn quantized_windows(g: &Graph, v: ValueId, b: &KernelBuilder, w: &crate::graph::ir::ConvWindow, shape: &mut crate::kernels::gemm::GemmShape) -> Result<(), LowerError> {
+    use crate::kernels::quantized::QuantizedWindows;
+    let (x, wv) = (g.node(v).inputs[0], g.node(v).inputs[1]);
+    let xs = g.ty(x).static_shape().ok_or(LowerError::Symbolic)?;
+    let ws = g.ty(wv).static_shape().ok_or(LowerError::Symbolic)?;
+    let refuse = |what: &str| LowerError::Unsupported(format!("qconv2d: {what}"));
+    let (_, xst, xoff) = b.strided(x).ok_or_else(|| refuse("an image not in memory"))?;
+    let (_, wst, woff) = b.strided(wv).ok_or_else(|| refuse("a weight not in memory"))?;
+    let dense = crate::graph::layout::dense_strides(&ws, &crate::graph::layout::row_major(4));
+    if (0..4).any(|d| ws[d] != 1 && wst[d] != dense[d]) || woff != 0 {
+        return Err(refuse("a weight that is not contiguous"));
+    }
+    let out_size = w.output_size(xs[2], xs[3]).expect("checked by the builder");
+    let windows = QuantizedWindows { channels: xs[1], kernel: w.kernel, out_size, in_size: [xs[2], xs[3]], pad: [w.padding[0], w.padding[2]], stride: w.stride, dilation: w.dilation, strides: [xst[0], xst[1], xst[2], xst[3]] };
+    shape.k = xs[1] * w.kernel[0] * w.kernel[1];
+    shape.a.offset = xoff;
+    shape.a.rows = 0;
+    shape.a.cols = 0;
+    shape.b.rows = 0;
+    shape.b.cols = 0;
+    if let Some(q) = &mut shape.quant {
+        q.windows = Some(windows);
+    }
+    Ok(())
 }
 
 /// Convolution `v` as a GEMM over its image's windows: rows the output pixels, columns the

@@ -127,7 +127,7 @@ pub fn plan(g: &Graph, input_strides: &[Vec<i64>], output_orders: &HashMap<Value
                     let (from, to) = (g.ty(n.inputs[0]).static_shape().unwrap_or_default(), n.ty.static_shape().unwrap_or_default());
                     if only_unit_dims(&from, &to) { vec![] } else { vec![source(n.inputs[0])] }
                 }
-                Op::MatMul { .. } | Op::QuantizedMatMul { .. } | Op::Conv2d { .. } => n.inputs.iter().copied().filter(|x| layouts[x.0 as usize].is_none()).collect(),
+                Op::MatMul { .. } | Op::QuantizedMatMul { .. } | Op::QuantizedProduct { .. } | Op::Conv2d { .. } => n.inputs.iter().copied().filter(|x| layouts[x.0 as usize].is_none()).collect(),
                 _ => vec![],
             };
             more.extend(needs.into_iter().filter(|x| !matches!(g.node(*x).op, Op::Input(_))));

@@ -128,28 +128,73 @@ unsafe fn quantize_avx(src: *const f32, len: usize, inv: f32, zp: f32, dst: &mut
     chunks * 8
 }
 
+/// How A's float32 values become its uint8 ones: quantized per call with the parameters of
+/// its range (dynamic), or already uint8 values (static: converted, with the header's
+/// parameters those of the model).
+#[derive(Clone, Copy)]
+struct AQuantization {
+    /// What the panel header says (the microkernel's offsets and scale).
+    header: ActivationParams,
+    /// What the values are rounded with (scale 1, zero point 0 for values already uint8).
+    convert: ActivationParams,
+}
+
+/// Row `i` of A (k floats) into `out`: a row of the matrix, or a convolution's window of an
+/// output pixel (`QuantizedWindows`: A's zero point outside the image).
+unsafe fn a_row(s: &GemmShape, src: *const f32, i: i64, q: AQuantization, out: &mut [u8], strided: &mut Vec<f32>) {
+    let k = s.k as usize;
+    let Some(w) = s.quant.and_then(|q| q.windows) else {
+        let a_row = src.offset((i * s.a.rows) as isize);
+        let data = if s.a.cols == 1 {
+            a_row
+        } else {
+            strided.clear();
+            strided.extend((0..s.k).map(|c| *a_row.offset((c * s.a.cols) as isize)));
+            strided.as_ptr()
+        };
+        return quantize_row(data, k, q.convert, &mut out[..k]);
+    };
+    let [oh_n, ow_n] = w.out_size;
+    let (img, oh, ow) = (i / (oh_n * ow_n), i / ow_n % oh_n, i % ow_n);
+    let c = w.channels as usize;
+    let mut at = 0;
+    for kh in 0..w.kernel[0] {
+        let ih = oh * w.stride[0] + kh * w.dilation[0] - w.pad[0];
+        for kw in 0..w.kernel[1] {
+            let iw = ow * w.stride[1] + kw * w.dilation[1] - w.pad[1];
+            let dst = &mut out[at..at + c];
+            at += c;
+            if ih < 0 || iw < 0 || ih >= w.in_size[0] || iw >= w.in_size[1] {
+                dst.fill(q.header.zero_point as u8);
+                continue;
+            }
+            let pixel = src.offset((img * w.strides[0] + ih * w.strides[2] + iw * w.strides[3]) as isize);
+            let data = if w.strides[1] == 1 {
+                pixel
+            } else {
+                strided.clear();
+                strided.extend((0..w.channels).map(|ch| *pixel.offset((ch * w.strides[1]) as isize)));
+                strided.as_ptr()
+            };
+            quantize_row(data, c, q.convert, dst);
+        }
+    }
+}
+
 /// Packs and quantizes rows [r0, r0 + mr) of A into one panel (`kernels::quantized`: header,
 /// then per quad mr rows × 4 bytes, zero past k and past the last row).
-unsafe fn pack_a_panel(s: &GemmShape, src: *const f32, p: ActivationParams, r0: i64, dst: *mut i32, row: &mut Vec<u8>) {
+unsafe fn pack_a_panel(s: &GemmShape, src: *const f32, q: AQuantization, r0: i64, dst: *mut i32, row: &mut Vec<u8>) {
     let (mr, k) = (s.tile.mr, s.k);
     let kq = quads(k);
     std::ptr::write_bytes(dst, 0, quantized::a_panel_words(k, mr) as usize);
-    *dst = p.zero_point;
-    *dst.add(1) = p.scale.to_bits() as i32;
+    *dst = q.header.zero_point;
+    *dst.add(1) = q.header.scale.to_bits() as i32;
     *dst.add(2) = k as i32;
     let bytes = dst.add(A_HEADER as usize) as *mut u8;
     row.resize((kq * 4) as usize, 0);
     let mut strided = vec![];
     for r in 0..mr.min(s.m - r0) {
-        let a_row = src.offset(((r0 + r) * s.a.rows) as isize);
-        let data = if s.a.cols == 1 {
-            a_row
-        } else {
-            strided.clear();
-            strided.extend((0..k).map(|c| *a_row.offset((c * s.a.cols) as isize)));
-            strided.as_ptr()
-        };
-        quantize_row(data, k as usize, p, &mut row[..k as usize]);
+        a_row(s, src, r0 + r, q, &mut row[..k as usize], &mut strided);
         *dst.add(3 + r as usize) = row[..k as usize].iter().map(|&x| x as i32).sum();
         for q in 0..kq {
             std::ptr::copy_nonoverlapping(row.as_ptr().add((q * 4) as usize), bytes.add(((q * mr + r) * 4) as usize), 4);
@@ -163,11 +208,18 @@ unsafe fn pack_b_panel(s: &GemmShape, src: *const i32, jp: i64, dst: *mut i32) {
     let (nr, k) = (s.tile.nr, s.k);
     std::ptr::write_bytes(dst, 0, quantized::b_panel_words(k, nr) as usize);
     let bytes = dst.add(nr as usize) as *mut i8;
+    let windows = s.quant.and_then(|q| q.windows);
     for c in 0..nr.min(s.n - jp * nr) {
-        let col = src.offset(((jp * nr + c) * s.b.cols) as isize);
+        let col = match windows {
+            Some(_) => src.offset(((jp * nr + c) * k) as isize),
+            None => src.offset(((jp * nr + c) * s.b.cols) as isize),
+        };
         let mut sum = 0i32;
         for p in 0..k {
-            let w = *col.offset((p * s.b.rows) as isize);
+            let w = match windows {
+                Some(win) => *col.offset(win.weight_offset(p) as isize),
+                None => *col.offset((p * s.b.rows) as isize),
+            };
             sum = sum.wrapping_add(w);
             *bytes.add(((p / 4 * nr + c) * 4 + p % 4) as usize) = w as i8;
         }
@@ -199,9 +251,17 @@ pub unsafe fn run(s: &GemmShape, ukr: MicrokernelFn, table: *const *mut u8, scra
     }
     let a_src = (*table.add(s.a.buf.0 as usize) as *const f32).offset(s.a.offset as isize);
     let b_src = (*table.add(s.b.buf.0 as usize) as *const i32).offset(s.b.offset as isize);
-    let (lo, hi) = a_range(a_src, s.m, s.k, s.a.rows, s.a.cols);
-    let reduce_range = s.quant.is_some_and(|q| q.reduce_range);
-    let params = choose_activation_params(lo, hi, reduce_range);
+    let params = match s.quant.and_then(|q| q.requantize) {
+        Some(p) => {
+            let a = p.a.params();
+            AQuantization { header: ActivationParams { scale: a.scale, zero_point: a.zero_point }, convert: ActivationParams { scale: 1.0, zero_point: 0 } }
+        }
+        None => {
+            let (lo, hi) = a_range(a_src, s.m, s.k, s.a.rows, s.a.cols);
+            let p = choose_activation_params(lo, hi, s.quant.is_some_and(|q| q.reduce_range));
+            AQuantization { header: p, convert: p }
+        }
+    };
     let pa = scratch as *mut i32;
     let pb = prepacked_b.map_or(scratch.offset(s.packed_b_offset() as isize) as *mut i32, |p| p as *mut i32);
     let (a_panel, b_panel) = (s.a_panel_elems(), s.b_panel_elems());
