@@ -1,5 +1,6 @@
-"""Dynamically quantized int8 models (issue 13: the MLP of the dense issue, and the WaveRNN
-step with its linears and GRU cell quantized): Kiln's int8 kernels beside Kiln's own float32
+"""Quantized int8 models (issue 13): dynamically quantized, the MLP of the dense issue and the
+WaveRNN step with its linears and GRU cell quantized; statically quantized, ResNet-18
+(`resnet18_int8`, fbgemm backend, per-channel weights). Kiln's int8 kernels beside Kiln's own float32
 code for the same model, and the int8 model under eager, TorchScript, TorchScript + oneDNN
 fusion, torch.compile and ONNX Runtime (its own `quantize_dynamic` of the float model,
 QInt8 weights, 2 threads), in one run, as ratios to Kiln.
@@ -66,6 +67,78 @@ def linear_macs(model, inputs):
     return total
 
 
+def static_resnet18():
+    """torchvision's ResNet-18 (random weights), fused, statically quantized for fbgemm (per
+    channel weights, histogram-calibrated activations on random images), built once: each
+    call returns a copy."""
+    import copy
+
+    if not hasattr(static_resnet18, "model"):
+        from torchvision.models.quantization import resnet18
+
+        torch.backends.quantized.engine = "fbgemm"
+        torch.manual_seed(0)
+        m = resnet18(weights=None, quantize=False).eval()
+        m.fuse_model()
+        m.qconfig = torch.ao.quantization.get_default_qconfig("fbgemm")
+        torch.ao.quantization.prepare(m, inplace=True)
+        with torch.no_grad():
+            for _ in range(4):
+                m(torch.randn(2, 3, 224, 224))
+        static_resnet18.model = torch.ao.quantization.convert(m, inplace=True)
+    return copy.deepcopy(static_resnet18.model)
+
+
+def float_resnet18():
+    from torchvision.models import resnet18
+
+    torch.manual_seed(0)
+    return resnet18(weights=None)
+
+
+def ort_static_int8(_eager, inputs, path, names):
+    """ONNX Runtime's own static quantization of the float ResNet-18 (QDQ, per channel,
+    calibrated on the same kind of random images): what an ORT user runs."""
+    ensure("onnx", "onnxruntime", "onnxscript")
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+
+    class Images(CalibrationDataReader):
+        def __init__(self):
+            torch.manual_seed(0)
+            self.batches = iter([{names[0]: torch.randn(1, 3, 224, 224).numpy()} for _ in range(4)])
+
+        def get_next(self):
+            return next(self.batches, None)
+
+    tmp = path + ".fp32.onnx"
+    torch.onnx.export(float_resnet18().eval(), inputs, tmp, input_names=names, dynamo=False, verbose=False)
+    quantize_static(tmp, path, Images(), quant_format=QuantFormat.QDQ, per_channel=True, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
+
+
+def conv_macs(model, inputs):
+    """Multiply-adds of a float model's convolutions and linears for these inputs."""
+    total = 0
+
+    def count(mod, args, out):
+        nonlocal total
+        if isinstance(mod, nn.Conv2d):
+            total += out.numel() * mod.in_channels // mod.groups * mod.kernel_size[0] * mod.kernel_size[1]
+        elif isinstance(mod, nn.Linear):
+            total += out.numel() * mod.in_features
+
+    hooks = [m.register_forward_hook(count) for m in model.modules()]
+    with torch.no_grad():
+        model.eval()(*inputs)
+    for h in hooks:
+        h.remove()
+    return total
+
+
+# Statically quantized models: (int8 model, float model, inputs, how TorchScript gets them).
+STATIC = {
+    "resnet18_int8": (static_resnet18, float_resnet18, (torch.randn(1, 3, 224, 224),), "trace"),
+}
+
 MODELS = {
     # (float model, inputs, the modules quantize_dynamic quantizes)
     "mlp_b64": (MLP, (torch.randn(64, 512),), {nn.Linear}),
@@ -79,14 +152,18 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--reps", type=int, default=300)
-    ap.add_argument("--models", nargs="+", default=list(MODELS))
+    ap.add_argument("--models", nargs="+", default=list(MODELS) + list(STATIC))
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    torch.backends.quantized.engine = "fbgemm"
     import torch_kiln
 
     peak = peak_gflops(args.threads)
     rows = []
     for name in args.models:
+        if name in STATIC:
+            rows.append(static_row(name, args, peak))
+            continue
         make, inputs, modules = MODELS[name]
         # The target's ratio, Kiln int8 against Kiln float32 on the same model: both measured
         # in turn, five rounds, each the best of its rounds' medians (this VM has slow windows
@@ -113,8 +190,38 @@ def main():
         notes.append(f"int8 (best of 5) {rate:.0f} G multiply-adds/s" + (f" = {rate / peak:.0%} of the int8 ceiling ({peak:.0f} G multiply-adds/s, 2x the float32 peak's)" if peak else ""))
         notes.append(f"target: Kiln fp32 / Kiln int8 = {best['fp32']:.1f} / {best['int8']:.1f} µs = {best['fp32'] / best['int8']:.2f}x (best of 5 alternating rounds)")
         rows.append((name, times, notes))
-    title = f"dynamically quantized int8, {args.threads} threads, median µs (x = time / Kiln int8's)"
+    title = f"quantized int8, {args.threads} threads, median µs (x = time / Kiln int8's)"
     print_table(title + (f"; FP32 peak {peak:.0f} GFLOP/s" if peak else ""), rows, TOOLS)
+
+
+def static_row(name, args, peak):
+    """A statically quantized model under every tool, and Kiln int8 against Kiln float32 on
+    the float model (alternating, best of five rounds)."""
+    import torch_kiln
+
+    make, float_make, inputs, how = STATIC[name]
+    reps = max(args.reps // 10, 20)
+    torch_kiln.enable(num_threads=args.threads, background=False)
+    torch_kiln.reset()
+    with torch.no_grad():
+        pair = {"fp32": build(float_make, inputs, how)[1], "int8": build(make, inputs, how)[1]}
+        best = {}
+        for _ in range(5):
+            for kind, fn in pair.items():
+                for _ in range(3):
+                    fn(*inputs)
+                best[kind] = min(best.get(kind, float("inf")), median_us(fn, inputs, max(reps // 5, 10)))
+    torch_kiln.disable()
+    # Kiln and TorchScript return PyTorch's int8 result exactly (tests/test_static_quantized.py);
+    # ONNX Runtime quantizes its own way (its own calibration and rounding): compared loosely,
+    # against a broken run only.
+    tolerance = {None: 1e-4, "onnxruntime": 10.0}
+    times, notes = measure(make, inputs, how, args.threads, reps, tolerance=tolerance, onnx_model=ort_static_int8)
+    macs = conv_macs(float_make(), inputs)
+    rate = macs / best["int8"] / 1e3
+    notes.append(f"int8 (best of 5) {rate:.0f} G multiply-adds/s" + (f" = {rate / peak:.0%} of the int8 ceiling ({peak:.0f} G multiply-adds/s, 2x the float32 peak's)" if peak else ""))
+    notes.append(f"target: Kiln fp32 / Kiln int8 = {best['fp32']:.0f} / {best['int8']:.0f} µs = {best['fp32'] / best['int8']:.2f}x (best of 5 alternating rounds; target >= 2x)")
+    return (name, times, notes)
 
 
 if __name__ == "__main__":

@@ -27,8 +27,8 @@
 #include <cstring>
 #include <mutex>
 #include <sstream>
-#include <unordered_map>
 #include <typeinfo>
+#include <unordered_map>
 #include <unordered_set>
 
 using namespace torch::jit;
@@ -683,28 +683,18 @@ std::vector<at::Tensor> unpacked_conv_weight(Value* packed, std::vector<std::vec
 std::vector<at::Tensor> unpacked_weight(Value* packed) {
   auto iv = toIValue(packed);
   if (packed->node()->kind() != prim::Constant || !iv || !iv->isObject()) return {};
-  at::Tensor w, scale, zero_point;
-  std::optional<at::Tensor> bias;
   try {
     auto params = iv->toCustomClass<LinearPackedParamsBase>();
     if (!is_fbgemm_packed(*params, "PackedLinearWeight")) return {};
-    std::tie(w, bias) = params->unpack();
-    if (!w.is_quantized() || w.scalar_type() != at::kQInt8 || w.dim() != 2) return {};
-    if (w.qscheme() == at::kPerTensorAffine) {
-      scale = at::full({1}, static_cast<float>(w.q_scale()), at::kFloat);
-      zero_point = at::full({1}, w.q_zero_point(), at::kInt);
-    } else if (w.qscheme() == at::kPerChannelAffine && w.q_per_channel_axis() == 0) {
-      scale = w.q_per_channel_scales().to(at::kFloat).contiguous();
-      zero_point = w.q_per_channel_zero_points().to(at::kInt).contiguous();
-    } else {
-      return {};
-    }
-    w = w.int_repr().to(at::kInt).contiguous();
+    auto [w, bias] = params->unpack();
+    auto out = int8_weight(w, 2);
+    if (out.empty()) return {};
+    // (the bias is the float module's parameter)
+    out.push_back(bias && bias->defined() ? bias->detach().to(at::kFloat).contiguous() : at::Tensor());
+    return out;
   } catch (const std::exception&) {
-    return {};  // not fbgemm's packed weight (qnnpack, onednn): TorchScript runs it
+    return {};  // not a packed linear weight
   }
-  // (the bias is the float module's parameter)
-  return {w, scale, zero_point, bias && bias->defined() ? bias->detach().to(at::kFloat).contiguous() : at::Tensor()};
 }
 
 // Those tensors as constants at the current insertion point (None for no bias).
@@ -1082,7 +1072,14 @@ struct Fuser {
         undefined.push_back(static_cast<int64_t>(i));
         continue;
       }
-      d.os << "output " << d.name(sub->outputs()[i]) << "\n";
+      d.os << "output " << d.name(sub->outputs()[i]);
+      // Read outside only by shape ops (a scripted quantized module's rank check): Kiln may
+      // return its quantized values held as float32 there.
+      const auto& uses = group->outputs()[i]->uses();
+      bool shape_only = !uses.empty() && std::all_of(uses.begin(), uses.end(), [](const Use& u) {
+        return u.user->kind() == aten::size || u.user->kind() == aten::dim;
+      });
+      d.os << (shape_only ? " shape_only\n" : "\n");
     }
     if (!undefined.empty()) group->is_(undefined_attr(), undefined);
     return d.os.str();

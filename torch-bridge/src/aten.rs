@@ -102,7 +102,7 @@ fn lower_region(r: &Region, view_outputs: bool) -> R<Lowered> {
                 let arg_vals: Vec<Arg> = args.iter().map(|&a| vals[a].clone()).collect();
                 let quantized_in = arg_vals.iter().any(|a| matches!(a, Arg::Tensor(t) if quant.contains_key(t)));
                 if quantized_in && !QUANTIZED_OPERANDS.contains(&kind.as_str()) {
-                    return Err(format!("{kind} of a quantized tensor (Kiln computes quantize_per_tensor, dequantize, the quantized convolutions, linears and adds, max_pool2d, adaptive_avg_pool2d to 1×1 and views on quantized tensors)"));
+                    return Err(format!("{kind} of a quantized tensor (Kiln computes quantize_per_tensor, dequantize, the quantized convolutions, linears and adds, relu, max_pool2d, adaptive_avg_pool2d to 1×1 and views on quantized tensors)"));
                 }
                 let v = Lower { g: &mut g, default_float: &r.default_float, weights: &weights, weight_choices: &mut weight_choices, quant: &mut quant }.node(kind, &arg_vals).map_err(|e| format!("{kind}: {e}"))?;
                 // Pooling and views keep a quantized tensor's parameters.
@@ -146,7 +146,7 @@ fn lower_region(r: &Region, view_outputs: bool) -> R<Lowered> {
         vals.push(arg);
         eager.push(layout);
     }
-    let outputs = r
+    let mut outputs = r
         .outputs
         .iter()
         .map(|&o| match &vals[o] {
@@ -154,8 +154,16 @@ fn lower_region(r: &Region, view_outputs: bool) -> R<Lowered> {
             Arg::Const(_) | Arg::Number(_) | Arg::List(..) => Err("an output is a constant, a number or a list".to_string()),
         })
         .collect::<R<Vec<_>>>()?;
+    // An output only shape ops read may be a view inside the group (a quantized convolution's
+    // channels-last result): a copy of it has its sizes.
+    for &i in &r.shape_only {
+        if !view_outputs && is_view(&g.node(outputs[i]).op) {
+            outputs[i] = g.copy(outputs[i]);
+        }
+    }
     for (i, o) in outputs.iter().enumerate() {
-        if !view_outputs && quant.contains_key(o) {
+        // (Where only shape ops read it, the values held as float32 serve: same sizes.)
+        if !view_outputs && quant.contains_key(o) && !r.shape_only.contains(&i) {
             return Err("a quantized tensor leaves the group (Kiln's groups take and return float tensors: the op using it stays in TorchScript)".into());
         }
         // (A single view node may be the identity: in a group it is read through.)
@@ -375,7 +383,7 @@ pub const KINDS: &[&str] = &[
 /// quantized tensor keep its scale and zero point; the 1×1 average pool too).
 const QUANTIZED_OPERANDS: &[&str] = &[
     "aten::dequantize", "quantized::add", "quantized::add_relu", "kiln::linear_quantized", "kiln::conv2d_quantized", "aten::max_pool2d",
-    "aten::adaptive_avg_pool2d", "aten::flatten", "aten::view", "aten::reshape", "aten::contiguous",
+    "aten::adaptive_avg_pool2d", "aten::flatten", "aten::view", "aten::reshape", "aten::contiguous", "aten::relu",
 ];
 
 /// The dtype names (`ts_dump`: those Kiln has no dtype for) of quantized tensors.
@@ -692,6 +700,14 @@ impl Lower<'_> {
             }
             ("aten::neg", [x]) => self.unary_same(U::Neg, x),
             ("aten::abs", [x]) => self.unary_same(U::Abs, x),
+            ("aten::relu", [Arg::Tensor(q)]) if self.quant.contains_key(q) => {
+                // A quantized relu: max(q, zero point), in the input's parameters.
+                let p = self.quant[q];
+                let zp = self.g.constant(Scalar::Int(p.zero_point as i64), DType::F32);
+                let v = self.g.binary(BinaryOp::Max, *q, zp).map_err(|e| e.0)?;
+                self.quant.insert(v, p);
+                Ok(v)
+            }
             ("aten::relu", [x]) => self.unary_same(U::Relu, x),
             ("aten::reciprocal", [x]) => self.unary_float(U::Reciprocal, x),
             ("aten::sigmoid", [x]) => self.unary_float(U::Sigmoid, x),
@@ -1971,6 +1987,38 @@ mod tests {
                   %2 = sum(%1) dims=[1] keepdim=true : i64[2, 1]
                   return (%2)
                 }
+            "#]],
+        );
+    }
+
+    #[test]
+    fn static_quantization_stays_inside_the_group() {
+        // quantize_per_tensor → relu → dequantize: uint8 values held as float32 in between.
+        check(
+            "input %0 f32 [4] [1]\nconst %1 float 0.5\nconst %2 int 3\nconst %3 int 13\nnode %4 aten::quantize_per_tensor %0 %1 %2 %3\nnode %5 aten::relu %4\nnode %6 aten::dequantize %5\noutput %6",
+            expect![[r#"
+                graph(%0: f32[4]) {
+                  %1 = quantize(%0) scale=0.5 zero_point=3 : f32[4]
+                  %2 = constant(3.0) : f32[]
+                  %3 = max(%1, %2) : f32[4]
+                  %4 = constant(0.5) : f32[]
+                  %5 = sub(%3, %2) : f32[4]
+                  %6 = mul(%5, %4) : f32[4]
+                  return (%6)
+                }
+            "#]],
+        );
+        // A quantized result would leave the group: refused, unless only shape ops read it.
+        let dump = "input %0 f32 [4] [1]\nconst %1 float 0.5\nconst %2 int 3\nconst %3 int 13\nnode %4 aten::quantize_per_tensor %0 %1 %2 %3\nnode %5 aten::dequantize %4\noutput %5\noutput %4";
+        check(dump, expect![[r#"
+            error: a quantized tensor leaves the group (Kiln's groups take and return float tensors: the op using it stays in TorchScript)
+        "#]]);
+        assert!(parse(&format!("{dump} shape_only")).and_then(|r| lower(&r)).is_ok());
+        // Another op on a quantized tensor: not Kiln's.
+        check(
+            "input %0 f32 [4] [1]\nconst %1 float 0.5\nconst %2 int 3\nconst %3 int 13\nnode %4 aten::quantize_per_tensor %0 %1 %2 %3\nnode %5 aten::sigmoid %4\nnode %6 aten::dequantize %5\noutput %6",
+            expect![[r#"
+                error: aten::sigmoid of a quantized tensor (Kiln computes quantize_per_tensor, dequantize, the quantized convolutions, linears and adds, relu, max_pool2d, adaptive_avg_pool2d to 1×1 and views on quantized tensors)
             "#]],
         );
     }

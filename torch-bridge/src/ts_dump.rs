@@ -72,11 +72,14 @@ pub struct Region {
     pub default_float: Result<DType, String>,
     /// The zeros of inputs that are constant weights, by item.
     pub weights: Vec<(usize, WeightFacts)>,
+    /// The outputs (positions in `outputs`) that only shape ops read outside the group
+    /// (`output %n shape_only`): a scripted quantized module's rank check.
+    pub shape_only: Vec<usize>,
 }
 
 impl Default for Region {
     fn default() -> Self {
-        Region { items: vec![], outputs: vec![], default_float: Ok(DType::F32), weights: vec![] }
+        Region { items: vec![], outputs: vec![], default_float: Ok(DType::F32), weights: vec![], shape_only: vec![] }
     }
 }
 
@@ -116,7 +119,7 @@ impl Region {
                 other => other.clone(),
             })
             .collect();
-        Region { items, outputs: self.outputs.clone(), default_float, weights: self.weights.clone() }
+        Region { items, outputs: self.outputs.clone(), default_float, weights: self.weights.clone(), shape_only: self.shape_only.clone() }
     }
 }
 
@@ -135,6 +138,9 @@ pub fn parse(text: &str) -> Result<Region, String> {
                 continue;
             }
             "output" => {
+                if rest == ["shape_only"] {
+                    r.shape_only.push(r.outputs.len());
+                }
                 r.outputs.push(lookup(name)?);
                 continue;
             }

@@ -237,7 +237,14 @@ fn channels_last_temps(g: &Graph) -> Vec<ValueId> {
     // Whether a value is computed from a channels-last image (any rank: views of one count).
     let mut from_image = vec![false; g.nodes.len()];
     for (i, n) in g.nodes.iter().enumerate() {
-        from_image[i] = matches!(n.op, Op::Conv2d { .. } | Op::QuantizedProduct { conv: Some(_), .. }) || n.inputs.iter().any(|x| from_image[x.0 as usize]);
+        // (A quantized image, `quantize_per_tensor`'s, is the next quantized convolution's
+        // input: its windows are gathered along channel runs.)
+        let image = match n.op {
+            Op::Conv2d { .. } | Op::QuantizedProduct { conv: Some(_), .. } => true,
+            Op::Quantize(_) => n.ty.rank() == 4,
+            _ => false,
+        };
+        from_image[i] = image || n.inputs.iter().any(|x| from_image[x.0 as usize]);
     }
     // A value a reshape flattens (through views) stays row-major: no strides express the
     // flattened channels-last image (a classifier's `flatten`).

@@ -128,15 +128,20 @@ unsafe fn quantize_avx(src: *const f32, len: usize, inv: f32, zp: f32, dst: &mut
     chunks * 8
 }
 
-/// How A's float32 values become its uint8 ones: quantized per call with the parameters of
-/// its range (dynamic), or already uint8 values (static: converted, with the header's
-/// parameters those of the model).
+/// How A's float32 values become its uint8 ones, and what its panels' headers say (the
+/// microkernel's offsets and scale).
 #[derive(Clone, Copy)]
 struct AQuantization {
-    /// What the panel header says (the microkernel's offsets and scale).
     header: ActivationParams,
-    /// What the values are rounded with (scale 1, zero point 0 for values already uint8).
-    convert: ActivationParams,
+    values: AValues,
+}
+
+#[derive(Clone, Copy)]
+enum AValues {
+    /// Quantized per call with its range's parameters (dynamic).
+    Rounded(ActivationParams),
+    /// uint8 values already (static: a quantized tensor's, held as float32): converted.
+    Exact,
 }
 
 /// Row `i` of A (k floats) into `out`: a row of the matrix, or a convolution's window of an
@@ -152,14 +157,25 @@ unsafe fn a_row(s: &GemmShape, src: *const f32, i: i64, q: AQuantization, out: &
             strided.extend((0..s.k).map(|c| *a_row.offset((c * s.a.cols) as isize)));
             strided.as_ptr()
         };
-        return quantize_row(data, k, q.convert, &mut out[..k]);
+        return a_run(data, k, q, &mut out[..k]);
     };
     let [oh_n, ow_n] = w.out_size;
     let (img, oh, ow) = (i / (oh_n * ow_n), i / ow_n % oh_n, i % ow_n);
     let c = w.channels as usize;
+    // Channels-last rows: a window row's taps are one run of KW · C floats where it is inside
+    // the image.
+    let runs = w.strides[1] == 1 && w.strides[3] == w.channels && w.dilation[1] == 1;
     let mut at = 0;
     for kh in 0..w.kernel[0] {
         let ih = oh * w.stride[0] + kh * w.dilation[0] - w.pad[0];
+        let iw0 = ow * w.stride[1] - w.pad[1];
+        if runs && ih >= 0 && ih < w.in_size[0] && iw0 >= 0 && iw0 + w.kernel[1] <= w.in_size[1] {
+            let len = c * w.kernel[1] as usize;
+            let pixel = src.offset((img * w.strides[0] + ih * w.strides[2] + iw0 * w.strides[3]) as isize);
+            a_run(pixel, len, q, &mut out[at..at + len]);
+            at += len;
+            continue;
+        }
         for kw in 0..w.kernel[1] {
             let iw = ow * w.stride[1] + kw * w.dilation[1] - w.pad[1];
             let dst = &mut out[at..at + c];
@@ -176,8 +192,62 @@ unsafe fn a_row(s: &GemmShape, src: *const f32, i: i64, q: AQuantization, out: &
                 strided.extend((0..w.channels).map(|ch| *pixel.offset((ch * w.strides[1]) as isize)));
                 strided.as_ptr()
             };
-            quantize_row(data, c, q.convert, dst);
+            a_run(data, c, q, dst);
         }
+    }
+}
+
+/// `len` floats that are uint8 values already (a statically quantized tensor's: exact
+/// integers 0..=255) as bytes.
+unsafe fn convert_row(src: *const f32, len: usize, dst: &mut [u8]) {
+    let mut i = 0;
+    if has_avx2_fma() {
+        i = convert_avx(src, len, dst);
+    }
+    for j in i..len {
+        dst[j] = *src.add(j) as u8;
+    }
+}
+
+/// A row of at least 8 in groups of 32, then of 8 (the last overlapping the one before):
+/// conversions to int32, packed to int16 and then to uint8 (`vpackssdw`, `vpackuswb` work
+/// within 128-bit halves: a permutation puts the groups of 4 back in order). Returns how many
+/// it did.
+#[target_feature(enable = "avx2")]
+unsafe fn convert_avx(src: *const f32, len: usize, dst: &mut [u8]) -> usize {
+    use std::arch::x86_64::*;
+    let order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+    let int = |at: usize| _mm256_cvttps_epi32(_mm256_loadu_ps(src.add(at)));
+    let out = dst.as_mut_ptr();
+    let mut i = 0;
+    while i + 32 <= len {
+        let (ab, cd) = (_mm256_packs_epi32(int(i), int(i + 8)), _mm256_packs_epi32(int(i + 16), int(i + 24)));
+        let bytes = _mm256_permutevar8x32_epi32(_mm256_packus_epi16(ab, cd), order);
+        _mm256_storeu_si256(out.add(i) as *mut __m256i, bytes);
+        i += 32;
+    }
+    let eight = |at: usize| {
+        let a = _mm256_packs_epi32(int(at), int(at));
+        let bytes = _mm256_permutevar8x32_epi32(_mm256_packus_epi16(a, a), order);
+        _mm_storel_epi64(out.add(at) as *mut __m128i, _mm256_castsi256_si128(bytes));
+    };
+    while i + 8 <= len {
+        eight(i);
+        i += 8;
+    }
+    // The last few again with the 8 before them (a window row's run of 21 is 8 + 8 + 8).
+    if i < len && len >= 8 {
+        eight(len - 8);
+        i = len;
+    }
+    i
+}
+
+/// `len` floats of A into bytes: quantized (dynamic) or converted (static).
+unsafe fn a_run(src: *const f32, len: usize, q: AQuantization, dst: &mut [u8]) {
+    match q.values {
+        AValues::Exact => convert_row(src, len, dst),
+        AValues::Rounded(p) => quantize_row(src, len, p, dst),
     }
 }
 
@@ -254,12 +324,12 @@ pub unsafe fn run(s: &GemmShape, ukr: MicrokernelFn, table: *const *mut u8, scra
     let params = match s.quant.and_then(|q| q.requantize) {
         Some(p) => {
             let a = p.a.params();
-            AQuantization { header: ActivationParams { scale: a.scale, zero_point: a.zero_point }, convert: ActivationParams { scale: 1.0, zero_point: 0 } }
+            AQuantization { header: ActivationParams { scale: a.scale, zero_point: a.zero_point }, values: AValues::Exact }
         }
         None => {
             let (lo, hi) = a_range(a_src, s.m, s.k, s.a.rows, s.a.cols);
             let p = choose_activation_params(lo, hi, s.quant.is_some_and(|q| q.reduce_range));
-            AQuantization { header: p, convert: p }
+            AQuantization { header: p, values: AValues::Rounded(p) }
         }
     };
     let pa = scratch as *mut i32;
