@@ -199,3 +199,15 @@ def test_a_quantized_result_stays_in_torchscript():
     scripted, out, expected = run_both(model, x)
     assert out.is_quantized and torch.equal(out.int_repr(), expected.int_repr())
     assert "quantized tensor leaves the group" in torch_kiln.explain(scripted)
+
+
+def test_other_batch_sizes():
+    """Batch sizes the model was not traced with: PyTorch's results at each, from Kiln's code."""
+    gen = torch.Generator().manual_seed(6)
+    model = convert(Block(), [(torch.randn(2, 8, 14, 14, generator=gen),)], fuse=[["conv1", "relu1"]])
+    scripted = torch.jit.freeze(torch.jit.trace(model, torch.randn(2, 8, 14, 14, generator=gen)))
+    with torch.no_grad():
+        for batch in [2, 3, 1, 5, 2, 4]:
+            x = torch.randn(batch, 8, 14, 14, generator=gen)
+            exactly(scripted(x), model(x))
+    assert_ran(scripted, ("kiln::conv2d_quantized",))

@@ -1711,6 +1711,19 @@ impl Lower<'_> {
         Ok(self.g.binary(BinaryOp::Mul, centered, scale).map_err(|e| e.0)?)
     }
 
+    /// x's leading dims flattened into the rows of a matrix (x itself when it is one), and x's
+    /// sizes: the rows of a linear's product.
+    fn as_rows(&mut self, x: ValueId) -> R<(ValueId, Vec<i64>)> {
+        let shape = self.g.ty(x).static_shape().ok_or("symbolic sizes")?;
+        if shape.len() < 2 {
+            return Err("an input that is not a matrix or batch of them (eager raises)".into());
+        }
+        let k = shape[shape.len() - 1];
+        let rows: i64 = shape[..shape.len() - 1].iter().product();
+        let x2 = if shape.len() == 2 { x } else { self.g.reshape(x, &[rows, k]).map_err(|e| e.0)? };
+        Ok((x2, shape))
+    }
+
     /// The int8 weight's description for explain().
     fn explain_weight(&mut self, w: ValueId, scale: ValueId, y: ValueId) -> R<()> {
         let sizes = self.sizes(w)?.iter().map(i64::to_string).collect::<Vec<_>>().join("x");
@@ -1725,19 +1738,9 @@ impl Lower<'_> {
     fn linear_quantized(&mut self, x: &Arg, [w, scale, zero_point, bias]: [&Arg; 4], out: QuantParams, relu: bool) -> R<ValueId> {
         let (x, pa) = self.quantized(x)?;
         let (w, scale, zero_point) = (self.tensor(w)?, self.tensor(scale)?, self.tensor(zero_point)?);
-        let shape = self.g.ty(x).static_shape().ok_or("symbolic sizes")?;
-        if shape.len() < 2 {
-            return Err("an input that is not a matrix or batch of them (eager raises)".into());
-        }
-        let k = shape[shape.len() - 1];
-        let rows: i64 = shape[..shape.len() - 1].iter().product();
-        let x2 = if shape.len() == 2 { x } else { self.g.reshape(x, &[rows, k]).map_err(|e| e.0)? };
+        let (x2, shape) = self.as_rows(x)?;
         let wt = self.g.permute(w, &[1, 0]).map_err(|e| e.0)?;
-        let bias = match bias {
-            Arg::Tensor(b) => Some(*b),
-            _ => None,
-        };
-        let y = self.g.quantized_product(x2, wt, scale, zero_point, bias, pa, out, relu, None).map_err(|e| e.0)?;
+        let y = self.g.quantized_product(x2, wt, scale, zero_point, optional_tensor(bias), pa, out, relu, None).map_err(|e| e.0)?;
         self.explain_weight(w, scale, y)?;
         let mut out_shape = shape.clone();
         *out_shape.last_mut().unwrap() = self.g.ty(y).static_shape().unwrap()[1];
@@ -1759,11 +1762,7 @@ impl Lower<'_> {
         }
         let window = ConvWindow { kernel: [ws[2], ws[3]], stride, dilation, padding: [padding[0], padding[0], padding[1], padding[1]] };
         let [oh, ow] = window.output_size(xs[2], xs[3]).ok_or("a window larger than the padded input (eager raises)")?;
-        let bias = match bias {
-            Arg::Tensor(b) => Some(*b),
-            _ => None,
-        };
-        let y = self.g.quantized_product(x, w, scale, zero_point, bias, pa, out, relu, Some(window)).map_err(|e| e.0)?;
+        let y = self.g.quantized_product(x, w, scale, zero_point, optional_tensor(bias), pa, out, relu, Some(window)).map_err(|e| e.0)?;
         self.explain_weight(w, scale, y)?;
         let y = self.g.reshape(y, &[xs[0], oh, ow, ws[0]]).map_err(|e| e.0)?;
         let y = self.g.permute(y, &[0, 3, 1, 2]).map_err(|e| e.0)?;
@@ -1777,19 +1776,13 @@ impl Lower<'_> {
     /// `linear_relu_dynamic`, as fbgemm applies them.
     fn linear_dynamic(&mut self, x: &Arg, [w, scale, zero_point, bias]: [&Arg; 4], reduce_range: bool, relu: bool) -> R<ValueId> {
         let (x, w, scale, zero_point) = (self.tensor(x)?, self.tensor(w)?, self.tensor(scale)?, self.tensor(zero_point)?);
-        let shape = self.g.ty(x).static_shape().ok_or("symbolic sizes")?;
-        if shape.len() < 2 || self.g.ty(x).dtype != DType::F32 {
-            return Err("an input that is not a float32 matrix or batch of them (eager raises)".into());
+        if self.g.ty(x).dtype != DType::F32 {
+            return Err("an input that is not float32 (eager raises)".into());
         }
+        let (x2, shape) = self.as_rows(x)?;
         let k = shape[shape.len() - 1];
-        let rows: i64 = shape[..shape.len() - 1].iter().product();
-        let x2 = if shape.len() == 2 { x } else { self.g.reshape(x, &[rows, k]).map_err(|e| e.0)? };
         let wt = self.g.permute(w, &[1, 0]).map_err(|e| e.0)?;
-        let bias = match bias {
-            Arg::Tensor(b) => Some(*b),
-            _ => None,
-        };
-        let mut y = self.g.qmatmul_dynamic(x2, wt, scale, zero_point, bias, reduce_range).map_err(|e| e.0)?;
+        let mut y = self.g.qmatmul_dynamic(x2, wt, scale, zero_point, optional_tensor(bias), reduce_range).map_err(|e| e.0)?;
         let [n, _] = self.sizes(w)?[..] else { return Err("a weight that is not a matrix".into()) };
         let per = if self.sizes(scale)? == [1] { "per tensor" } else { "per output channel" };
         self.weight_choices.push(format!("weight {n}x{k} of %{}: int8 ({per}), activations quantized per call to 7 bits as fbgemm does", y.0));
@@ -1872,6 +1865,14 @@ fn scalar(c: &Const) -> R<Scalar> {
         Const::Int(i) => Ok(Scalar::Int(*i)),
         Const::Float(f) => Ok(Scalar::Float(*f)),
         c => Err(format!("expected a number, got {c:?}")),
+    }
+}
+
+/// An optional tensor argument (a bias): None unless it is a tensor.
+fn optional_tensor(a: &Arg) -> Option<ValueId> {
+    match a {
+        Arg::Tensor(t) => Some(*t),
+        _ => None,
     }
 }
 
