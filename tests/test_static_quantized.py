@@ -211,3 +211,50 @@ def test_other_batch_sizes():
             x = torch.randn(batch, 8, 14, 14, generator=gen)
             exactly(scripted(x), model(x))
     assert_ran(scripted, ("kiln::conv2d_quantized",))
+
+
+@pytest.mark.parametrize("params", [(0.05, 10, 0.07, 20, 0.09, 5), (0.0186, 114, 0.1234567, 64, 0.1, 60), (0.1, 3, 0.1, 3, 0.1, 3)])
+def test_cat_of_every_value(params):
+    """quantized::cat requantizes each input to the output's parameters: every uint8 value of
+    each, against PyTorch's."""
+    s1, z1, s2, z2, so, zo = params
+    code = f"""
+def f(a, b):
+    qa = torch.quantize_per_tensor(a, {s1}, {z1}, torch.quint8)
+    qb = torch.quantize_per_tensor(b, {s2}, {z2}, torch.quint8)
+    return torch.ops.quantized.cat([qa, qb], 1, {so}, {zo}).dequantize()
+"""
+    f = torch.jit.CompilationUnit(code).f
+    q = torch.arange(256.0).reshape(2, 128)
+    a, b = ((q - z1) * s1).float(), ((q - z2) * s2).float()
+    expected = torch.ops.quantized.cat([torch.quantize_per_tensor(a, s1, z1, torch.quint8), torch.quantize_per_tensor(b, s2, z2, torch.quint8)], 1, so, zo).dequantize()
+    for _ in range(3):
+        out = f(a, b)
+    exactly(out, expected)
+    text = torch_kiln.explain(f)
+    assert VNNI or "[kiln group" in text and "quantized::cat" in text, text
+
+
+class Branches(nn.Module):
+    """Two convolutions of one image concatenated along the channels (an Inception-style
+    block), then a convolution of the concatenation."""
+
+    def __init__(self):
+        super().__init__()
+        self.quant, self.dequant = qd.QuantStub(), qd.DeQuantStub()
+        self.a, self.b = nn.Conv2d(4, 8, 1), nn.Conv2d(4, 8, 3, padding=1)
+        self.cat = nn.quantized.FloatFunctional()
+        self.c = nn.Conv2d(16, 8, 3)
+
+    def forward(self, x):
+        x = self.quant(x)
+        return self.dequant(self.c(self.cat.cat([self.a(x), self.b(x)], dim=1)))
+
+
+def test_a_concatenation_of_branches():
+    gen = torch.Generator().manual_seed(7)
+    model = convert(Branches(), [(torch.randn(2, 4, 9, 9, generator=gen),)])
+    x = torch.randn(2, 4, 9, 9, generator=gen) * 1.5
+    scripted, out, expected = run_both(model, x)
+    exactly(out, expected)
+    assert_ran(scripted, ("quantized::cat", "kiln::conv2d_quantized"))

@@ -115,6 +115,7 @@ Symbol args_attr() { static Symbol s = Symbol::attr("kiln_args"); return s; }
 Symbol original_attr() { static Symbol s = Symbol::attr("kiln_original"); return s; }
 Symbol static_linear_kind() { static Symbol s = Symbol::fromQualString("kiln::linear_quantized"); return s; }
 Symbol static_conv_kind() { static Symbol s = Symbol::fromQualString("kiln::conv2d_quantized"); return s; }
+Symbol quantized_cat_kind() { static Symbol s = Symbol::fromQualString("quantized::cat"); return s; }
 bool is_unpacked_quantized(const Node* n) {
   return n->kind() == quantized_linear_kind() || n->kind() == quantized_gru_kind() || n->kind() == quantized_lstm_kind() ||
          n->kind() == static_linear_kind() || n->kind() == static_conv_kind();
@@ -928,7 +929,7 @@ bool is_tensor_list(const Node* n) {
   if (!list || !list->getElementType()->cast<TensorType>()) return false;
   for (const Use& u : n->output()->uses())
     if (u.user->kind() != aten::cat && u.user->kind() != aten::stack && u.user->kind() != aten::lstm_cell && u.user->kind() != quantized_lstm_kind() &&
-        u.user->kind() != group_kind())
+        u.user->kind() != quantized_cat_kind() && u.user->kind() != group_kind())
       return false;
   return true;
 }

@@ -100,9 +100,13 @@ fn lower_region(r: &Region, view_outputs: bool) -> R<Lowered> {
             }
             Item::Node { kind, args, expect } => {
                 let arg_vals: Vec<Arg> = args.iter().map(|&a| vals[a].clone()).collect();
-                let quantized_in = arg_vals.iter().any(|a| matches!(a, Arg::Tensor(t) if quant.contains_key(t)));
+                let quantized_in = arg_vals.iter().any(|a| match a {
+                    Arg::Tensor(t) => quant.contains_key(t),
+                    Arg::List(ts, _) => ts.iter().any(|t| quant.contains_key(t)),
+                    _ => false,
+                });
                 if quantized_in && !QUANTIZED_OPERANDS.contains(&kind.as_str()) {
-                    return Err(format!("{kind} of a quantized tensor (Kiln computes quantize_per_tensor, dequantize, the quantized convolutions, linears and adds, relu, max_pool2d, adaptive_avg_pool2d to 1×1 and views on quantized tensors)"));
+                    return Err(format!("{kind} of a quantized tensor (Kiln computes quantize_per_tensor, dequantize, the quantized convolutions, linears, adds and cat, relu, max_pool2d, adaptive_avg_pool2d to 1×1 and views on quantized tensors)"));
                 }
                 let v = Lower { g: &mut g, default_float: &r.default_float, weights: &weights, weight_choices: &mut weight_choices, quant: &mut quant }.node(kind, &arg_vals).map_err(|e| format!("{kind}: {e}"))?;
                 // Pooling and views keep a quantized tensor's parameters.
@@ -122,12 +126,16 @@ fn lower_region(r: &Region, view_outputs: bool) -> R<Lowered> {
                     }
                 }
                 let shape = ty.static_shape().ok_or_else(|| format!("{kind}: symbolic shape"))?;
+                // (A list's tensors are operands too: quantized::cat's layout is its first's.)
+                let operand = |t: ValueId, strides: Option<Vec<i64>>| Some(Operand { sizes: g.ty(t).static_shape()?, strides: strides?, dtype: g.ty(t).dtype });
                 let operands: Vec<Operand> = args
                     .iter()
-                    .filter_map(|&a| {
-                        let t = g.ty(match vals[a] { Arg::Tensor(t) => t, _ => return None });
-                        Some(Operand { sizes: t.static_shape()?, strides: eager[a].clone()?, dtype: t.dtype })
+                    .flat_map(|&a| match &vals[a] {
+                        Arg::Tensor(t) => vec![operand(*t, eager[a].clone())],
+                        Arg::List(ts, strides) => ts.iter().zip(strides).map(|(t, s)| operand(*t, Some(s.clone()))).collect(),
+                        _ => vec![],
                     })
+                    .flatten()
                     .collect();
                 let view_of = |x: ValueId| args.iter().find(|&&a| matches!(vals[a], Arg::Tensor(t) if t == x)).and_then(|&a| eager[a].clone());
                 let strides = match &g.node(v).op {
@@ -301,7 +309,7 @@ fn eager_strides(kind: &str, shape: &[i64], dtype: DType, mut operands: Vec<Oper
         "aten::to" | "aten::type_as" | "aten::zeros_like" | "aten::ones_like" => return converted_strides(&operands[0]),
         // `empty_like(input, input.suggest_memory_format())`, and a pool's output in the
         // input's memory format.
-        "aten::batch_norm" | "aten::adaptive_avg_pool2d" | "aten::constant_pad_nd" | "aten::pad" | "aten::channel_shuffle" | "aten::native_channel_shuffle"
+        "aten::batch_norm" | "aten::adaptive_avg_pool2d" | "aten::constant_pad_nd" | "aten::pad" | "aten::channel_shuffle" | "aten::native_channel_shuffle" | "quantized::cat"
         | "aten::max_pool2d" | "aten::avg_pool2d" | "aten::adaptive_max_pool2d" | "aten::upsample_nearest2d" | "aten::upsample_bilinear2d" => {
             let x = &operands[0];
             return if shape.len() == 4 && is_channels_last(&x.sizes, &x.strides) && !is_contiguous(&x.sizes, &x.strides) {
@@ -376,13 +384,14 @@ pub const KINDS: &[&str] = &[
     // Static quantization: quantized::linear(_relu) and conv2d(_relu) unpacked by the pass,
     // and the ops on quantized tensors Kiln computes.
     "kiln::linear_quantized", "kiln::conv2d_quantized", "aten::quantize_per_tensor", "aten::dequantize", "quantized::add", "quantized::add_relu",
+    "quantized::cat",
 ];
 
 /// The ops Kiln computes on a statically quantized tensor: those making or reading one, and
 /// the ones whose result has its input's parameters (PyTorch's max pooling and views of a
 /// quantized tensor keep its scale and zero point; the 1×1 average pool too).
 const QUANTIZED_OPERANDS: &[&str] = &[
-    "aten::dequantize", "quantized::add", "quantized::add_relu", "kiln::linear_quantized", "kiln::conv2d_quantized", "aten::max_pool2d",
+    "aten::dequantize", "quantized::add", "quantized::add_relu", "quantized::cat", "kiln::linear_quantized", "kiln::conv2d_quantized", "aten::max_pool2d",
     "aten::adaptive_avg_pool2d", "aten::flatten", "aten::view", "aten::reshape", "aten::contiguous", "aten::relu",
 ];
 
@@ -856,9 +865,7 @@ impl Lower<'_> {
                     return Err("quantize_per_tensor of a tensor that is not float32".into());
                 }
                 let p = QuantParams { scale: scalar(scale)?.as_f64() as f32, zero_point: *zero_point as i32 };
-                let q = self.g.quantize(v, p).map_err(|e| e.0)?;
-                self.quant.insert(q, p);
-                Ok(q)
+                self.quantized_as(v, p)
             }
             ("aten::quantize_per_tensor", _) => Err("quantize_per_tensor to another dtype than quint8, or with parameters computed at run time".into()),
             ("aten::dequantize", [x]) => {
@@ -875,9 +882,7 @@ impl Lower<'_> {
                     sum = self.g.unary(UnaryOp::Relu, sum).map_err(|e| e.0)?;
                 }
                 let p = QuantParams { scale: scalar(scale)?.as_f64() as f32, zero_point: *zero_point as i32 };
-                let q = self.g.quantize(sum, p).map_err(|e| e.0)?;
-                self.quant.insert(q, p);
-                Ok(q)
+                self.quantized_as(sum, p)
             }
             ("kiln::linear_quantized", [x, w, scale, zero_point, bias, Arg::Const(out_scale), Arg::Const(Const::Int(out_zp)), relu]) => {
                 let out = QuantParams { scale: scalar(out_scale)?.as_f64() as f32, zero_point: *out_zp as i32 };
@@ -1222,6 +1227,25 @@ impl Lower<'_> {
                     return Ok(first);
                 }
                 Ok(self.g.cat(xs, wrap_dim(*dim, rank)?).map_err(|e| e.0)?)
+            }
+            ("quantized::cat", [Arg::List(xs, _), Arg::Const(Const::Int(dim)), Arg::Const(scale), Arg::Const(zero_point)]) => {
+                // As ATen's qcat: each input requantized to the output's parameters (the first
+                // input's where none are given) where its own differ, then concatenated.
+                let parts: Vec<(ValueId, QuantParams)> = xs.iter().map(|&x| self.quantized(&Arg::Tensor(x))).collect::<R<_>>()?;
+                let Some(&(first, first_params)) = parts.first() else { return Err("cat of no tensors".into()) };
+                let out = match (scale, zero_point) {
+                    (Const::None, Const::None) => first_params,
+                    (scale, Const::Int(zp)) => QuantParams { scale: scalar(scale)?.as_f64() as f32, zero_point: *zp as i32 },
+                    _ => return Err("a scale without a zero point".into()),
+                };
+                let mut values = vec![];
+                for (x, p) in parts {
+                    values.push(if p == out { x } else { self.requantized(x, p, out)? });
+                }
+                let rank = self.g.ty(first).rank();
+                let v = if values.len() == 1 { values[0] } else { self.g.cat(&values, wrap_dim(*dim, rank)?).map_err(|e| e.0)? };
+                self.quant.insert(v, out);
+                Ok(v)
             }
             (
                 "aten::chunk" | "aten::unsafe_chunk" | "aten::split" | "aten::unsafe_split" | "aten::split_with_sizes" | "aten::unsafe_split_with_sizes",
@@ -1724,6 +1748,19 @@ impl Lower<'_> {
         Ok((x2, shape))
     }
 
+    /// Float32 `x` quantized with parameters `p`: a quantized value of the group.
+    fn quantized_as(&mut self, x: ValueId, p: QuantParams) -> R<ValueId> {
+        let q = self.g.quantize(x, p).map_err(|e| e.0)?;
+        self.quant.insert(q, p);
+        Ok(q)
+    }
+
+    /// Quantized `q` (parameters `p`) in the parameters `out`: dequantized, then quantized.
+    fn requantized(&mut self, q: ValueId, p: QuantParams, out: QuantParams) -> R<ValueId> {
+        let d = self.dequantized(q, p)?;
+        self.quantized_as(d, out)
+    }
+
     /// The int8 weight's description for explain().
     fn explain_weight(&mut self, w: ValueId, scale: ValueId, y: ValueId) -> R<()> {
         let sizes = self.sizes(w)?.iter().map(i64::to_string).collect::<Vec<_>>().join("x");
@@ -2019,7 +2056,7 @@ mod tests {
         check(
             "input %0 f32 [4] [1]\nconst %1 float 0.5\nconst %2 int 3\nconst %3 int 13\nnode %4 aten::quantize_per_tensor %0 %1 %2 %3\nnode %5 aten::sigmoid %4\nnode %6 aten::dequantize %5\noutput %6",
             expect![[r#"
-                error: aten::sigmoid of a quantized tensor (Kiln computes quantize_per_tensor, dequantize, the quantized convolutions, linears and adds, relu, max_pool2d, adaptive_avg_pool2d to 1×1 and views on quantized tensors)
+                error: aten::sigmoid of a quantized tensor (Kiln computes quantize_per_tensor, dequantize, the quantized convolutions, linears, adds and cat, relu, max_pool2d, adaptive_avg_pool2d to 1×1 and views on quantized tensors)
             "#]],
         );
     }
