@@ -519,21 +519,20 @@ fn dequantize<'ctx>(
         let slot = unsafe { b.build_in_bounds_gep(ctx.ptr_type(AddressSpace::default()), table, &[c64(buf.0 as i64)], "")? };
         Ok(b.build_load(ctx.ptr_type(AddressSpace::default()), slot, "")?.into_pointer_value())
     };
-    // Columns v·lanes.. of B's scales or zero points (as int32 bits).
+    // Columns v·lanes.. of B's scales or zero points (as int32 bits): one masked load (`vpmaskmovd`)
+    // of the tile's columns, zero past its last (lanes the tile does not store).
+    let lane_index = VectorType::const_vector(&(0..lanes).map(|l| i64t.const_int(l as u64, false)).collect::<Vec<_>>());
+    let masked_load = Intrinsic::find("llvm.masked.load").and_then(|i| i.get_declaration(module, &[iv.into(), ctx.ptr_type(AddressSpace::default()).into()])).expect("llvm.masked.load");
     let per_column = |base: PointerValue<'ctx>, v: i64, per_column: bool| -> R<VectorValue<'ctx>> {
         if !per_column {
             return splat_int(word(base, 0)?);
         }
-        let mut out = iv.get_undef();
-        let last = b.build_int_sub(cols, c64(1), "")?;
-        for lane in 0..lanes {
-            let j = c64(v * lanes + lane);
-            let j = b.build_select(b.build_int_compare(IntPredicate::SLT, j, cols, "")?, j, last, "")?.into_int_value();
-            let addr = unsafe { b.build_in_bounds_gep(i32t, base, &[b.build_int_add(col0, j, "")?], "")? };
-            let x = b.build_load(i32t, addr, "")?.into_int_value();
-            out = b.build_insert_element(out, x, i32t.const_int(lane as u64, false), "")?;
-        }
-        Ok(out)
+        let left = splat(b, ctx, i64t.vec_type(lanes as u32), b.build_int_sub(cols, c64(v * lanes), "")?)?;
+        let mask = b.build_int_compare(IntPredicate::SLT, lane_index, left, "")?;
+        let addr = unsafe { b.build_in_bounds_gep(i32t, base, &[b.build_int_add(col0, c64(v * lanes), "")?], "")? };
+        let args: [BasicMetadataValueEnum; 4] = [addr.into(), i32t.const_int(4, false).into(), mask.into(), iv.const_zero().into()];
+        let inkwell::values::ValueKind::Basic(x) = b.build_call(masked_load, &args, "")?.try_as_basic_value() else { unreachable!("a load returns a value") };
+        Ok(x.into_vector_value())
     };
     let a_zero_point = splat_int(word(pa, 0)?)?;
     let a_scale = b.build_bit_cast(splat_int(word(pa, 1)?)?, fv, "")?.into_vector_value();
