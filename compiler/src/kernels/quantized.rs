@@ -28,7 +28,6 @@
 //! then per quad `mr` rows × 4 uint8. A column panel of B is `nr` int32 column sums Σₖ qb,
 //! then per quad `nr` columns × 4 int8: one 32-byte vector holds 8 columns' quad, so
 //! `vpmaddubsw` against a row's quad broadcast gives each column's pair sums.
-
 //!
 //! Static quantization (`torch.ao.quantization.prepare` / `convert`: `quantize_per_tensor`,
 //! `quantized::linear`, `quantized::conv2d`, ...) fixes every activation's scale and zero point
