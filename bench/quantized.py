@@ -24,7 +24,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
 from gemm import peak_gflops  # noqa: E402
-from models import MLP, TOOLS, build, ensure, measure, median_us, models, print_table  # noqa: E402
+from models import MLP, TOOLS, build, conv_flops, ensure, measure, median_us, models, print_table  # noqa: E402
 
 nn = torch.nn
 
@@ -115,25 +115,6 @@ def ort_static_int8(_eager, inputs, path, names):
     quantize_static(tmp, path, Images(), quant_format=QuantFormat.QDQ, per_channel=True, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
 
 
-def conv_macs(model, inputs):
-    """Multiply-adds of a float model's convolutions and linears for these inputs."""
-    total = 0
-
-    def count(mod, args, out):
-        nonlocal total
-        if isinstance(mod, nn.Conv2d):
-            total += out.numel() * mod.in_channels // mod.groups * mod.kernel_size[0] * mod.kernel_size[1]
-        elif isinstance(mod, nn.Linear):
-            total += out.numel() * mod.in_features
-
-    hooks = [m.register_forward_hook(count) for m in model.modules()]
-    with torch.no_grad():
-        model.eval()(*inputs)
-    for h in hooks:
-        h.remove()
-    return total
-
-
 # Statically quantized models: (int8 model, float model, inputs, how TorchScript gets them).
 STATIC = {
     "resnet18_int8": (static_resnet18, float_resnet18, (torch.randn(1, 3, 224, 224),), "trace"),
@@ -156,8 +137,6 @@ def main():
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     torch.backends.quantized.engine = "fbgemm"
-    import torch_kiln
-
     peak = peak_gflops(args.threads)
     rows = []
     for name in args.models:
@@ -165,63 +144,63 @@ def main():
             rows.append(static_row(name, args, peak))
             continue
         make, inputs, modules = MODELS[name]
-        # The target's ratio, Kiln int8 against Kiln float32 on the same model: both measured
-        # in turn, five rounds, each the best of its rounds' medians (this VM has slow windows
-        # of a second or more, which would otherwise land on one of the two).
-        torch_kiln.enable(num_threads=args.threads, background=False)
-        torch_kiln.reset()
-        with torch.no_grad():
-            pair = {"fp32": build(make, inputs, "script")[1], "int8": build(dynamic(make, modules), inputs, "script")[1]}
-            best = {}
-            for _ in range(5):
-                for kind, fn in pair.items():
-                    for _ in range(3):
-                        fn(*inputs)
-                    best[kind] = min(best.get(kind, float("inf")), median_us(fn, inputs, max(args.reps // 5, 20)))
-        torch_kiln.disable()
+        # The target's ratio: Kiln int8 against Kiln float32 on the same model.
+        best = alternating_best({"fp32": (make, "script"), "int8": (dynamic(make, modules), "script")}, inputs, args.threads, max(args.reps // 5, 20))
         # Quantized outputs differ from eager's by a quantization step where Kiln's gelu and
         # ATen's round a value to either side of a boundary (tests/test_quantized.py checks
         # exactness where it is defined): compared to 1e-2 here; ONNX Runtime quantizes its
         # own way (8-bit activations, its own rounding): to 0.25, against a broken run only.
         tolerance = {None: 1e-2, "onnxruntime": 0.25}
         times, notes = measure(dynamic(make, modules), inputs, "script", args.threads, args.reps, tolerance=tolerance, onnx_model=ort_int8(make))
-        macs = linear_macs(make(), inputs)
-        rate = macs / best["int8"] / 1e3
-        notes.append(f"int8 (best of 5) {rate:.0f} G multiply-adds/s" + (f" = {rate / peak:.0%} of the int8 ceiling ({peak:.0f} G multiply-adds/s, 2x the float32 peak's)" if peak else ""))
-        notes.append(f"target: Kiln fp32 / Kiln int8 = {best['fp32']:.1f} / {best['int8']:.1f} µs = {best['fp32'] / best['int8']:.2f}x (best of 5 alternating rounds)")
+        notes += target_notes(best, linear_macs(make(), inputs), peak)
         rows.append((name, times, notes))
     title = f"quantized int8, {args.threads} threads, median µs (x = time / Kiln int8's)"
     print_table(title + (f"; FP32 peak {peak:.0f} GFLOP/s" if peak else ""), rows, TOOLS)
 
 
+def alternating_best(models, inputs, threads, reps):
+    """Each of `models` ({kind: (make, how)}) under Kiln, measured in turn, five rounds: the best
+    of each one's round medians (µs). This VM has slow windows of a second or more, which one
+    median each would let land on one of them."""
+    import torch_kiln
+
+    torch_kiln.enable(num_threads=threads, background=False)
+    torch_kiln.reset()
+    best = {}
+    with torch.no_grad():
+        built = {kind: build(make, inputs, how)[1] for kind, (make, how) in models.items()}
+        for _ in range(5):
+            for kind, fn in built.items():
+                for _ in range(3):
+                    fn(*inputs)
+                best[kind] = min(best.get(kind, float("inf")), median_us(fn, inputs, reps))
+    torch_kiln.disable()
+    return best
+
+
 def static_row(name, args, peak):
     """A statically quantized model under every tool, and Kiln int8 against Kiln float32 on
     the float model (alternating, best of five rounds)."""
-    import torch_kiln
-
     make, float_make, inputs, how = STATIC[name]
     reps = max(args.reps // 10, 20)
-    torch_kiln.enable(num_threads=args.threads, background=False)
-    torch_kiln.reset()
-    with torch.no_grad():
-        pair = {"fp32": build(float_make, inputs, how)[1], "int8": build(make, inputs, how)[1]}
-        best = {}
-        for _ in range(5):
-            for kind, fn in pair.items():
-                for _ in range(3):
-                    fn(*inputs)
-                best[kind] = min(best.get(kind, float("inf")), median_us(fn, inputs, max(reps // 5, 10)))
-    torch_kiln.disable()
+    best = alternating_best({"fp32": (float_make, how), "int8": (make, how)}, inputs, args.threads, max(reps // 5, 10))
     # Kiln and TorchScript return PyTorch's int8 result exactly (tests/test_static_quantized.py);
     # ONNX Runtime quantizes its own way (its own calibration and rounding): compared loosely,
     # against a broken run only.
     tolerance = {None: 1e-4, "onnxruntime": 10.0}
     times, notes = measure(make, inputs, how, args.threads, reps, tolerance=tolerance, onnx_model=ort_static_int8)
-    macs = conv_macs(float_make(), inputs)
-    rate = macs / best["int8"] / 1e3
-    notes.append(f"int8 (best of 5) {rate:.0f} G multiply-adds/s" + (f" = {rate / peak:.0%} of the int8 ceiling ({peak:.0f} G multiply-adds/s, 2x the float32 peak's)" if peak else ""))
-    notes.append(f"target: Kiln fp32 / Kiln int8 = {best['fp32']:.0f} / {best['int8']:.0f} µs = {best['fp32'] / best['int8']:.2f}x (best of 5 alternating rounds; target >= 2x)")
+    notes += target_notes(best, conv_flops(float_make().eval(), inputs) // 2, peak, "; target >= 2x")
     return (name, times, notes)
+
+
+def target_notes(best, macs, peak, target=""):
+    """The int8 rate against the int8 ceiling, and the target's ratio Kiln fp32 / Kiln int8."""
+    rate = macs / best["int8"] / 1e3
+    ceiling = f" = {rate / peak:.0%} of the int8 ceiling ({peak:.0f} G multiply-adds/s, 2x the float32 peak's)" if peak else ""
+    return [
+        f"int8 (best of 5) {rate:.0f} G multiply-adds/s" + ceiling,
+        f"target: Kiln fp32 / Kiln int8 = {best['fp32']:.1f} / {best['int8']:.1f} µs = {best['fp32'] / best['int8']:.2f}x (best of 5 alternating rounds{target})",
+    ]
 
 
 if __name__ == "__main__":

@@ -60,13 +60,19 @@ fn check(rng: &mut Rng, m: i64, n: i64, k: i64, per_column: bool, epilogue: bool
     }
 }
 
+/// A product's m, n, k for random case `case`: sizes around every tile's and quad's remainder,
+/// a third of the cases a column panel wider, a quarter a k nine times longer.
+fn random_mnk(rng: &mut Rng, case: u64) -> (i64, i64, i64) {
+    let sizes = [1i64, 2, 3, 4, 5, 7, 8, 13, 16, 17, 33];
+    let mut pick = || sizes[(rng.next_u64() % sizes.len() as u64) as usize];
+    (pick(), pick() + if case % 3 == 0 { 16 } else { 0 }, pick() * if case % 4 == 0 { 9 } else { 1 })
+}
+
 #[test]
 fn int8_gemm_matches_the_reference_bit_for_bit() {
     let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
-    let sizes = [1i64, 2, 3, 4, 5, 7, 8, 13, 16, 17, 33];
     for case in 0..80 {
-        let pick = |rng: &mut Rng| sizes[(rng.next_u64() % sizes.len() as u64) as usize];
-        let (m, n, k) = (pick(&mut rng), pick(&mut rng) + if case % 3 == 0 { 16 } else { 0 }, pick(&mut rng) * if case % 4 == 0 { 9 } else { 1 });
+        let (m, n, k) = random_mnk(&mut rng, case);
         let (per_column, epilogue) = (rng.next_u64() % 2 == 0, rng.next_u64() % 2 == 0);
         let kind = rng.next_u64() % 5;
         let x: Vec<f32> = (0..m * k)
@@ -145,10 +151,8 @@ fn static_params(rng: &mut Rng, relu: bool) -> String {
 #[test]
 fn static_linear_matches_the_reference_bit_for_bit() {
     let mut rng = Rng(0x5151_7a7a_1234_0001);
-    let sizes = [1i64, 2, 3, 4, 5, 7, 8, 13, 16, 17, 33];
     for case in 0..60 {
-        let pick = |rng: &mut Rng| sizes[(rng.next_u64() % sizes.len() as u64) as usize];
-        let (m, n, k) = (pick(&mut rng), pick(&mut rng) + if case % 3 == 0 { 16 } else { 0 }, pick(&mut rng) * if case % 4 == 0 { 9 } else { 1 });
+        let (m, n, k) = random_mnk(&mut rng, case);
         let (per_column, bias, relu, saturate) = (rng.next_u64() % 2 == 0, rng.next_u64() % 2 == 0, rng.next_u64() % 2 == 0, case % 5 == 0);
         let s = if per_column { n } else { 1 };
         let b = if bias { ", %4" } else { "" };

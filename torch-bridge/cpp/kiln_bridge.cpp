@@ -659,6 +659,12 @@ std::vector<at::Tensor> int8_weight(at::Tensor w, int64_t dim) {
   return {w.int_repr().to(at::kInt).contiguous(), scale, zero_point};
 }
 
+// A packed weight's float bias as a float32 constant tensor (undefined where it has none: the
+// bias is the float module's parameter).
+at::Tensor float_bias(const std::optional<at::Tensor>& bias) {
+  return bias && bias->defined() ? bias->detach().to(at::kFloat).contiguous() : at::Tensor();
+}
+
 // A constant fbgemm packed conv weight (one group, not transposed) as [w, scale, zero point,
 // bias] (int8_weight's, and the float bias, undefined if none) with its stride, padding and
 // dilation; empty where it is none.
@@ -671,7 +677,7 @@ std::vector<at::Tensor> unpacked_conv_weight(Value* packed, std::vector<std::vec
     auto [w, bias] = params->unpack();
     auto out = int8_weight(w, 4);
     if (out.empty()) return {};
-    out.push_back(bias && bias->defined() ? bias->detach().to(at::kFloat).contiguous() : at::Tensor());
+    out.push_back(float_bias(bias));
     *window = {params->stride().vec(), params->padding().vec(), params->dilation().vec()};
     return out;
   } catch (const std::exception&) {
@@ -690,8 +696,7 @@ std::vector<at::Tensor> unpacked_weight(Value* packed) {
     auto [w, bias] = params->unpack();
     auto out = int8_weight(w, 2);
     if (out.empty()) return {};
-    // (the bias is the float module's parameter)
-    out.push_back(bias && bias->defined() ? bias->detach().to(at::kFloat).contiguous() : at::Tensor());
+    out.push_back(float_bias(bias));
     return out;
   } catch (const std::exception&) {
     return {};  // not a packed linear weight

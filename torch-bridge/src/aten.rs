@@ -109,9 +109,7 @@ fn lower_region(r: &Region, view_outputs: bool) -> R<Lowered> {
                     return Err(format!("{kind} of a quantized tensor (Kiln computes quantize_per_tensor, dequantize, the quantized convolutions, linears, adds and cat, relu, max_pool2d, adaptive_avg_pool2d to 1×1 and views on quantized tensors)"));
                 }
                 let v = Lower { g: &mut g, default_float: &r.default_float, weights: &weights, weight_choices: &mut weight_choices, quant: &mut quant }.node(kind, &arg_vals).map_err(|e| format!("{kind}: {e}"))?;
-                // Pooling and views keep a quantized tensor's parameters.
-                let keeps_parameters = ["aten::max_pool2d", "aten::flatten", "aten::view", "aten::reshape", "aten::contiguous"].contains(&kind.as_str());
-                if let (true, Some(Arg::Tensor(t))) = (quantized_in && keeps_parameters, arg_vals.first()) {
+                if let (true, Some(Arg::Tensor(t))) = (quantized_in && KEEP_PARAMETERS.contains(&kind.as_str()), arg_vals.first()) {
                     if let Some(p) = quant.get(t).copied() {
                         quant.insert(v, p);
                     }
@@ -394,6 +392,11 @@ const QUANTIZED_OPERANDS: &[&str] = &[
     "aten::dequantize", "quantized::add", "quantized::add_relu", "quantized::cat", "kiln::linear_quantized", "kiln::conv2d_quantized", "aten::max_pool2d",
     "aten::adaptive_avg_pool2d", "aten::flatten", "aten::view", "aten::reshape", "aten::contiguous", "aten::relu",
 ];
+
+/// Of those, the ops whose result is computed as for a float tensor and has its input's
+/// parameters (max pooling and views of a quantized tensor: ATen's keep its scale and zero
+/// point).
+const KEEP_PARAMETERS: &[&str] = &["aten::max_pool2d", "aten::flatten", "aten::view", "aten::reshape", "aten::contiguous"];
 
 /// The dtype names (`ts_dump`: those Kiln has no dtype for) of quantized tensors.
 fn is_quantized_dtype(name: &str) -> bool {
@@ -864,8 +867,7 @@ impl Lower<'_> {
                 if self.g.ty(v).dtype != DType::F32 {
                     return Err("quantize_per_tensor of a tensor that is not float32".into());
                 }
-                let p = QuantParams { scale: scalar(scale)?.as_f64() as f32, zero_point: *zero_point as i32 };
-                self.quantized_as(v, p)
+                self.quantized_as(v, quant_params(scale, *zero_point)?)
             }
             ("aten::quantize_per_tensor", _) => Err("quantize_per_tensor to another dtype than quint8, or with parameters computed at run time".into()),
             ("aten::dequantize", [x]) => {
@@ -881,21 +883,18 @@ impl Lower<'_> {
                 if kind == "quantized::add_relu" {
                     sum = self.g.unary(UnaryOp::Relu, sum).map_err(|e| e.0)?;
                 }
-                let p = QuantParams { scale: scalar(scale)?.as_f64() as f32, zero_point: *zero_point as i32 };
-                self.quantized_as(sum, p)
+                self.quantized_as(sum, quant_params(scale, *zero_point)?)
             }
             ("kiln::linear_quantized", [x, w, scale, zero_point, bias, Arg::Const(out_scale), Arg::Const(Const::Int(out_zp)), relu]) => {
-                let out = QuantParams { scale: scalar(out_scale)?.as_f64() as f32, zero_point: *out_zp as i32 };
-                self.linear_quantized(x, [w, scale, zero_point, bias], out, bool_arg(relu)?)
+                self.linear_quantized(x, [w, scale, zero_point, bias], quant_params(out_scale, *out_zp)?, bool_arg(relu)?)
             }
             (
                 "kiln::conv2d_quantized",
                 [x, w, scale, zero_point, bias, Arg::Const(Const::Ints(stride)), Arg::Const(Const::Ints(padding)), Arg::Const(Const::Ints(dilation)), Arg::Const(out_scale), Arg::Const(Const::Int(out_zp)), relu],
             ) => {
-                let out = QuantParams { scale: scalar(out_scale)?.as_f64() as f32, zero_point: *out_zp as i32 };
                 let pair = |xs: &[i64]| -> R<[i64; 2]> { xs.try_into().map_err(|_| "a window of other than two dims".to_string()) };
                 let (stride, padding, dilation) = (pair(stride)?, pair(padding)?, pair(dilation)?);
-                self.conv2d_quantized(x, [w, scale, zero_point, bias], stride, padding, dilation, out, bool_arg(relu)?)
+                self.conv2d_quantized(x, [w, scale, zero_point, bias], stride, padding, dilation, quant_params(out_scale, *out_zp)?, bool_arg(relu)?)
             }
             ("aten::matmul", [x, y]) => self.matmul(x, y, None),
             ("aten::mm", [x, y]) => self.matmul(x, y, Some(2)),
@@ -1235,7 +1234,7 @@ impl Lower<'_> {
                 let Some(&(first, first_params)) = parts.first() else { return Err("cat of no tensors".into()) };
                 let out = match (scale, zero_point) {
                     (Const::None, Const::None) => first_params,
-                    (scale, Const::Int(zp)) => QuantParams { scale: scalar(scale)?.as_f64() as f32, zero_point: *zp as i32 },
+                    (scale, Const::Int(zp)) => quant_params(scale, *zp)?,
                     _ => return Err("a scale without a zero point".into()),
                 };
                 let mut values = vec![];
@@ -1748,6 +1747,16 @@ impl Lower<'_> {
         Ok((x2, shape))
     }
 
+    /// A product `y` of `as_rows(x)` with x's leading dims back (`y` where x is a matrix).
+    fn in_rows_of(&mut self, y: ValueId, x_shape: &[i64]) -> R<ValueId> {
+        if x_shape.len() == 2 {
+            return Ok(y);
+        }
+        let mut shape = x_shape.to_vec();
+        *shape.last_mut().unwrap() = self.sizes(y)?[1];
+        Ok(self.g.reshape(y, &shape).map_err(|e| e.0)?)
+    }
+
     /// Float32 `x` quantized with parameters `p`: a quantized value of the group.
     fn quantized_as(&mut self, x: ValueId, p: QuantParams) -> R<ValueId> {
         let q = self.g.quantize(x, p).map_err(|e| e.0)?;
@@ -1761,11 +1770,12 @@ impl Lower<'_> {
         self.quantized_as(d, out)
     }
 
-    /// The int8 weight's description for explain().
-    fn explain_weight(&mut self, w: ValueId, scale: ValueId, y: ValueId) -> R<()> {
+    /// An int8 weight's line in explain(): its sizes, scales and how the activations are
+    /// quantized.
+    fn explain_weight(&mut self, w: ValueId, scale: ValueId, y: ValueId, activations: &str) -> R<()> {
         let sizes = self.sizes(w)?.iter().map(i64::to_string).collect::<Vec<_>>().join("x");
         let per = if self.sizes(scale)? == [1] { "per tensor" } else { "per output channel" };
-        self.weight_choices.push(format!("weight {sizes} of %{}: int8 ({per}), static activations, requantized to uint8 as fbgemm does", y.0));
+        self.weight_choices.push(format!("weight {sizes} of %{}: int8 ({per}), {activations}", y.0));
         Ok(())
     }
 
@@ -1778,10 +1788,8 @@ impl Lower<'_> {
         let (x2, shape) = self.as_rows(x)?;
         let wt = self.g.permute(w, &[1, 0]).map_err(|e| e.0)?;
         let y = self.g.quantized_product(x2, wt, scale, zero_point, optional_tensor(bias), pa, out, relu, None).map_err(|e| e.0)?;
-        self.explain_weight(w, scale, y)?;
-        let mut out_shape = shape.clone();
-        *out_shape.last_mut().unwrap() = self.g.ty(y).static_shape().unwrap()[1];
-        let y = if out_shape.len() == 2 { y } else { self.g.reshape(y, &out_shape).map_err(|e| e.0)? };
+        self.explain_weight(w, scale, y, STATIC_ACTIVATIONS)?;
+        let y = self.in_rows_of(y, &shape)?;
         self.quant.insert(y, out);
         Ok(y)
     }
@@ -1800,7 +1808,7 @@ impl Lower<'_> {
         let window = ConvWindow { kernel: [ws[2], ws[3]], stride, dilation, padding: [padding[0], padding[0], padding[1], padding[1]] };
         let [oh, ow] = window.output_size(xs[2], xs[3]).ok_or("a window larger than the padded input (eager raises)")?;
         let y = self.g.quantized_product(x, w, scale, zero_point, optional_tensor(bias), pa, out, relu, Some(window)).map_err(|e| e.0)?;
-        self.explain_weight(w, scale, y)?;
+        self.explain_weight(w, scale, y, STATIC_ACTIVATIONS)?;
         let y = self.g.reshape(y, &[xs[0], oh, ow, ws[0]]).map_err(|e| e.0)?;
         let y = self.g.permute(y, &[0, 3, 1, 2]).map_err(|e| e.0)?;
         self.quant.insert(y, out);
@@ -1817,23 +1825,17 @@ impl Lower<'_> {
             return Err("an input that is not float32 (eager raises)".into());
         }
         let (x2, shape) = self.as_rows(x)?;
-        let k = shape[shape.len() - 1];
         let wt = self.g.permute(w, &[1, 0]).map_err(|e| e.0)?;
         let mut y = self.g.qmatmul_dynamic(x2, wt, scale, zero_point, optional_tensor(bias), reduce_range).map_err(|e| e.0)?;
-        let [n, _] = self.sizes(w)?[..] else { return Err("a weight that is not a matrix".into()) };
-        let per = if self.sizes(scale)? == [1] { "per tensor" } else { "per output channel" };
-        self.weight_choices.push(format!("weight {n}x{k} of %{}: int8 ({per}), activations quantized per call to 7 bits as fbgemm does", y.0));
+        self.explain_weight(w, scale, y, "activations quantized per call to 7 bits as fbgemm does")?;
         if relu {
             y = self.g.unary(UnaryOp::Relu, y).map_err(|e| e.0)?;
         }
-        let mut out = shape.clone();
-        *out.last_mut().unwrap() = self.g.ty(y).static_shape().unwrap()[1];
-        if out.len() == 2 {
+        if shape.len() == 2 {
             return Ok(y);
         }
-        // The product's rows back in x's leading dims: a copy, since a group never returns a
-        // view (eager's result is a tensor of its own).
-        let y = self.g.reshape(y, &out).map_err(|e| e.0)?;
+        // A copy, since a group never returns a view (eager's result is a tensor of its own).
+        let y = self.in_rows_of(y, &shape)?;
         Ok(self.g.copy(y))
     }
 
@@ -1903,6 +1905,14 @@ fn scalar(c: &Const) -> R<Scalar> {
         Const::Float(f) => Ok(Scalar::Float(*f)),
         c => Err(format!("expected a number, got {c:?}")),
     }
+}
+
+/// How a static product's activations are quantized, for explain().
+const STATIC_ACTIVATIONS: &str = "static activations, requantized to uint8 as fbgemm does";
+
+/// A quantized op's scale and zero point, as ATen takes them (the double scale as float).
+fn quant_params(scale: &Const, zero_point: i64) -> R<QuantParams> {
+    Ok(QuantParams { scale: scalar(scale)?.as_f64() as f32, zero_point: zero_point as i32 })
 }
 
 /// An optional tensor argument (a bias): None unless it is a tensor.

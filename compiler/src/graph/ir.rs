@@ -564,7 +564,7 @@ impl Graph {
 
     /// See [`Op::Quantize`].
     pub fn quantize(&mut self, x: ValueId, p: QuantParams) -> Result<ValueId, IrError> {
-        if self.ty(x).dtype != DType::F32 || !((0..=255).contains(&p.zero_point) && p.scale > 0.0 && p.scale.is_finite()) {
+        if self.ty(x).dtype != DType::F32 || !p.is_static() {
             return err(format!("quantize takes float32 to scale > 0 and zero point 0..=255, not {} to {p:?}", self.ty(x)));
         }
         let ty = self.ty(x).clone();
@@ -583,10 +583,8 @@ impl Graph {
         if ta.dtype != DType::F32 || tb.dtype != DType::I32 || ts.dtype != DType::F32 || tz.dtype != DType::I32 {
             return err(format!("{name} takes f32, i32, f32, i32, not {}, {}, {}, {}", ta.dtype, tb.dtype, ts.dtype, tz.dtype));
         }
-        for p in [pa, out] {
-            if !((0..=255).contains(&p.zero_point) && p.scale > 0.0 && p.scale.is_finite()) {
-                return err(format!("{name}: quantization parameters {p:?}"));
-            }
+        if let Some(p) = [pa, out].into_iter().find(|p| !p.is_static()) {
+            return err(format!("{name}: quantization parameters {p:?}"));
         }
         let (shape, n) = match conv {
             None if sa.len() == 2 && sb.len() == 2 && sa[1] == sb[0] => (vec![sa[0], sb[1]], sb[1]),
@@ -892,29 +890,14 @@ pub fn parse_graph(text: &str) -> Result<Graph, IrError> {
                     if i.len() < 4 {
                         return Err(IrError(format!("{opname} takes 4 or 5 inputs: {line}")));
                     }
-                    let conv = if opname == "qconv2d" {
-                        let list = |k: &str| -> Result<Vec<i64>, IrError> {
-                            let v = attr(k).ok_or_else(|| IrError(format!("qconv2d needs {k}=")))?;
-                            Ok(v.trim_matches(|c| c == '[' || c == ']').split(',').map(|s| s.trim().parse().unwrap_or(-1)).collect())
-                        };
-                        let pair = |k: &str| -> Result<[i64; 2], IrError> { list(k)?.try_into().map_err(|_| IrError(format!("qconv2d: {k} is two numbers"))) };
-                        let padding: [i64; 4] = list("padding")?.try_into().map_err(|_| IrError("qconv2d: padding is four numbers".into()))?;
-                        Some(ConvWindow { kernel: pair("kernel")?, stride: pair("stride")?, dilation: pair("dilation")?, padding })
-                    } else {
-                        None
-                    };
+                    let conv = if opname == "qconv2d" { Some(conv_window(&attr, opname)?) } else { None };
                     let (pa, out) = (quant_params(&attr, "a_")?, quant_params(&attr, "")?);
                     g.quantized_product(i[0], i[1], i[2], i[3], i.get(4).copied(), pa, out, attr("relu") == Some("true"), conv)?
                 }
                 "conv2d" => {
-                    let list = |k: &str| -> Result<Vec<i64>, IrError> {
-                        let v = attr(k).ok_or_else(|| IrError(format!("conv2d needs {k}=")))?;
-                        Ok(v.trim_matches(|c| c == '[' || c == ']').split(',').map(|s| s.trim().parse().unwrap_or(-1)).collect())
-                    };
-                    let pair = |k: &str| -> Result<[i64; 2], IrError> { list(k)?.try_into().map_err(|_| IrError(format!("conv2d: {k} is two numbers"))) };
-                    let padding: [i64; 4] = list("padding")?.try_into().map_err(|_| IrError("conv2d: padding is four numbers".into()))?;
+                    let w = conv_window(&attr, opname)?;
                     let i = ins()?;
-                    g.conv2d(i[0], i[1], pair("kernel")?, pair("stride")?, pair("dilation")?, padding)?
+                    g.conv2d(i[0], i[1], w.kernel, w.stride, w.dilation, w.padding)?
                 }
                 "reshape" | "expand" => {
                     let shape = ty.static_shape().ok_or_else(|| IrError(format!("{opname} needs a static result type")))?;
@@ -930,6 +913,17 @@ pub fn parse_graph(text: &str) -> Result<Graph, IrError> {
         names.insert(name.trim().to_string(), v);
     }
     Ok(g)
+}
+
+/// `kernel=`, `stride=`, `dilation=` and `padding=` of a convolution's text.
+fn conv_window<'a>(attr: &impl Fn(&str) -> Option<&'a str>, op: &str) -> Result<ConvWindow, IrError> {
+    let list = |k: &str| -> Result<Vec<i64>, IrError> {
+        let v = attr(k).ok_or_else(|| IrError(format!("{op} needs {k}=")))?;
+        Ok(v.trim_matches(|c| c == '[' || c == ']').split(',').map(|s| s.trim().parse().unwrap_or(-1)).collect())
+    };
+    let pair = |k: &str| -> Result<[i64; 2], IrError> { list(k)?.try_into().map_err(|_| IrError(format!("{op}: {k} is two numbers"))) };
+    let padding: [i64; 4] = list("padding")?.try_into().map_err(|_| IrError(format!("{op}: padding is four numbers")))?;
+    Ok(ConvWindow { kernel: pair("kernel")?, stride: pair("stride")?, dilation: pair("dilation")?, padding })
 }
 
 /// `{prefix}scale=` and `{prefix}zero_point=` of a quantized op's text.

@@ -104,7 +104,8 @@ pub struct QuantParamBits {
     pub zero_point: i32,
 }
 
-/// A uint8 tensor's scale (float32, as fbgemm takes it) and zero point (0..=255).
+/// A uint8 tensor's scale (float32, as fbgemm takes it) and zero point: a static model's
+/// (0..=255), or one call's activations' (`choose_activation_params`).
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct QuantParams {
     pub scale: f32,
@@ -112,6 +113,11 @@ pub struct QuantParams {
 }
 
 impl QuantParams {
+    /// Whether these are a static model's parameters: a finite positive scale, a zero point
+    /// in 0..=255.
+    pub fn is_static(self) -> bool {
+        (0..=255).contains(&self.zero_point) && self.scale > 0.0 && self.scale.is_finite()
+    }
     pub fn bits(self) -> QuantParamBits {
         QuantParamBits { scale_bits: self.scale.to_bits(), zero_point: self.zero_point }
     }
@@ -193,19 +199,12 @@ pub fn b_panel_words(k: i64, nr: i64) -> i64 {
     nr + quads(k) * nr
 }
 
-/// An activation's scale and zero point for one call.
-#[derive(Clone, Copy, Debug, PartialEq)]
-pub struct ActivationParams {
-    pub scale: f32,
-    pub zero_point: i32,
-}
-
 /// PyTorch's choice of uint8 parameters for values in [min, max] (qmin 0, qmax 255, or 0..127
 /// with `reduce_range`; no sparsity preserving, no power-of-two scale): the range widened to
 /// hold 0, its scale in double then float, a scale too small cut off at 6.1e-5 (the range
 /// widened to match), the zero point from whichever end loses less to rounding, nudged into
 /// [qmin, qmax] and rounded to nearest even.
-pub fn choose_activation_params(min: f32, max: f32, reduce_range: bool) -> ActivationParams {
+pub fn choose_activation_params(min: f32, max: f32, reduce_range: bool) -> QuantParams {
     let (qmin, qmax) = if reduce_range { (0i32, 127i32) } else { (0, 255) };
     let (mut min, mut max) = (min.min(0.0), max.max(0.0));
     let mut scale = (max as f64 - min as f64) / (qmax - qmin) as f64;
@@ -241,7 +240,7 @@ pub fn choose_activation_params(min: f32, max: f32, reduce_range: bool) -> Activ
     } else {
         initial.round_ties_even() as i32
     };
-    ActivationParams { scale: scale as f32, zero_point }
+    QuantParams { scale: scale as f32, zero_point }
 }
 
 /// One element as fbgemm's `QuantizeAvx2` rounds it: fma(x, 1/scale, zp), capped below 2³¹
@@ -275,7 +274,7 @@ pub fn min_max(xs: impl Iterator<Item = f32>) -> (f32, f32) {
 
 /// The dequantized product of one output element from its int32 parts (see the module doc).
 #[allow(clippy::too_many_arguments)]
-pub fn dequantize(dot: i32, a: ActivationParams, a_sum: i32, b_sum: i32, k: i64, b_scale: f32, b_zero_point: i32, bias: Option<f32>) -> f32 {
+pub fn dequantize(dot: i32, a: QuantParams, a_sum: i32, b_sum: i32, k: i64, b_scale: f32, b_zero_point: i32, bias: Option<f32>) -> f32 {
     let col_offset = b_sum.wrapping_sub(b_zero_point.wrapping_mul(k as i32));
     let raw = dot.wrapping_sub(a.zero_point.wrapping_mul(col_offset)).wrapping_sub(a_sum.wrapping_mul(b_zero_point));
     match bias {
@@ -293,9 +292,9 @@ mod tests {
         // torch.ops.quantized.linear_dynamic's choice for a tensor spanning [-1, 3]:
         // scale 4/127, zero point round(127/4) = 32 (from the min end).
         let p = choose_activation_params(-1.0, 3.0, true);
-        assert_eq!(p, ActivationParams { scale: (4.0f64 / 127.0) as f32, zero_point: 32 });
+        assert_eq!(p, QuantParams { scale: (4.0f64 / 127.0) as f32, zero_point: 32 });
         // All zeros: scale 0.1, zero point 0.
-        assert_eq!(choose_activation_params(0.0, 0.0, true), ActivationParams { scale: 0.1, zero_point: 0 });
+        assert_eq!(choose_activation_params(0.0, 0.0, true), QuantParams { scale: 0.1, zero_point: 0 });
         // Positive only: the range starts at 0.
         assert_eq!(choose_activation_params(2.0, 5.0, false).zero_point, 0);
         // A tiny range: the scale is cut off at 6.1e-5.

@@ -9,7 +9,7 @@
 //! the same arithmetic one element at a time, for the rows' last elements and the reference).
 
 use crate::kernels::gemm::GemmShape;
-use crate::kernels::quantized::{self, choose_activation_params, quads, ActivationParams, A_HEADER};
+use crate::kernels::quantized::{self, choose_activation_params, quads, QuantParams, A_HEADER};
 use crate::runtime::gemm::{run_of, MicrokernelFn, Shared};
 use crate::runtime::parallel;
 
@@ -96,7 +96,7 @@ unsafe fn a_range(src: *const f32, m: i64, k: i64, row_stride: i64, col_stride: 
 }
 
 /// `len` floats quantized into `dst` (fbgemm's rounding; see the module doc).
-unsafe fn quantize_row(src: *const f32, len: usize, p: ActivationParams, dst: &mut [u8]) {
+unsafe fn quantize_row(src: *const f32, len: usize, p: QuantParams, dst: &mut [u8]) {
     let (inv, zp) = (quantized::inverse(p.scale), p.zero_point as f32);
     let mut i = 0;
     if has_avx2_fma() {
@@ -132,14 +132,14 @@ unsafe fn quantize_avx(src: *const f32, len: usize, inv: f32, zp: f32, dst: &mut
 /// microkernel's offsets and scale).
 #[derive(Clone, Copy)]
 struct AQuantization {
-    header: ActivationParams,
+    header: QuantParams,
     values: AValues,
 }
 
 #[derive(Clone, Copy)]
 enum AValues {
     /// Quantized per call with its range's parameters (dynamic).
-    Rounded(ActivationParams),
+    Rounded(QuantParams),
     /// uint8 values already (static: a quantized tensor's, held as float32): converted.
     Exact,
 }
@@ -149,14 +149,7 @@ enum AValues {
 unsafe fn a_row(s: &GemmShape, src: *const f32, i: i64, q: AQuantization, out: &mut [u8], strided: &mut Vec<f32>) {
     let k = s.k as usize;
     let Some(w) = s.quant.and_then(|q| q.windows) else {
-        let a_row = src.offset((i * s.a.rows) as isize);
-        let data = if s.a.cols == 1 {
-            a_row
-        } else {
-            strided.clear();
-            strided.extend((0..s.k).map(|c| *a_row.offset((c * s.a.cols) as isize)));
-            strided.as_ptr()
-        };
+        let data = contiguous(src.offset((i * s.a.rows) as isize), s.k, s.a.cols, strided);
         return a_run(data, k, q, &mut out[..k]);
     };
     let [oh_n, ow_n] = w.out_size;
@@ -185,16 +178,20 @@ unsafe fn a_row(s: &GemmShape, src: *const f32, i: i64, q: AQuantization, out: &
                 continue;
             }
             let pixel = src.offset((img * w.strides[0] + ih * w.strides[2] + iw * w.strides[3]) as isize);
-            let data = if w.strides[1] == 1 {
-                pixel
-            } else {
-                strided.clear();
-                strided.extend((0..w.channels).map(|ch| *pixel.offset((ch * w.strides[1]) as isize)));
-                strided.as_ptr()
-            };
-            a_run(data, c, q, dst);
+            a_run(contiguous(pixel, w.channels, w.strides[1], strided), c, q, dst);
         }
     }
+}
+
+/// `len` floats `stride` apart from `src`: in place where they are contiguous, else copied into
+/// `scratch`.
+unsafe fn contiguous(src: *const f32, len: i64, stride: i64, scratch: &mut Vec<f32>) -> *const f32 {
+    if stride == 1 {
+        return src;
+    }
+    scratch.clear();
+    scratch.extend((0..len).map(|i| *src.offset((i * stride) as isize)));
+    scratch.as_ptr()
 }
 
 /// `len` floats that are uint8 values already (a statically quantized tensor's: exact
@@ -278,18 +275,16 @@ unsafe fn pack_b_panel(s: &GemmShape, src: *const i32, jp: i64, dst: *mut i32) {
     let (nr, k) = (s.tile.nr, s.k);
     std::ptr::write_bytes(dst, 0, quantized::b_panel_words(k, nr) as usize);
     let bytes = dst.add(nr as usize) as *mut i8;
+    // B's element (p, j): a matrix's, or a convolution's weight [O, C, KH, KW] in its k order.
     let windows = s.quant.and_then(|q| q.windows);
+    let at = |p: i64, j: i64| match windows {
+        Some(w) => j * k + w.weight_offset(p),
+        None => p * s.b.rows + j * s.b.cols,
+    };
     for c in 0..nr.min(s.n - jp * nr) {
-        let col = match windows {
-            Some(_) => src.offset(((jp * nr + c) * k) as isize),
-            None => src.offset(((jp * nr + c) * s.b.cols) as isize),
-        };
         let mut sum = 0i32;
         for p in 0..k {
-            let w = match windows {
-                Some(win) => *col.offset(win.weight_offset(p) as isize),
-                None => *col.offset((p * s.b.rows) as isize),
-            };
+            let w = *src.offset(at(p, jp * nr + c) as isize);
             sum = sum.wrapping_add(w);
             *bytes.add(((p / 4 * nr + c) * 4 + p % 4) as usize) = w as i8;
         }
@@ -322,10 +317,7 @@ pub unsafe fn run(s: &GemmShape, ukr: MicrokernelFn, table: *const *mut u8, scra
     let a_src = (*table.add(s.a.buf.0 as usize) as *const f32).offset(s.a.offset as isize);
     let b_src = (*table.add(s.b.buf.0 as usize) as *const i32).offset(s.b.offset as isize);
     let params = match s.quant.and_then(|q| q.requantize) {
-        Some(p) => {
-            let a = p.a.params();
-            AQuantization { header: ActivationParams { scale: a.scale, zero_point: a.zero_point }, values: AValues::Exact }
-        }
+        Some(p) => AQuantization { header: p.a.params(), values: AValues::Exact },
         None => {
             let (lo, hi) = a_range(a_src, s.m, s.k, s.a.rows, s.a.cols);
             let p = choose_activation_params(lo, hi, s.quant.is_some_and(|q| q.reduce_range));

@@ -552,13 +552,17 @@ fn dequantize<'ctx>(
         let col_offsets = b.build_int_sub(col_sums, b.build_int_mul(zb, k, "")?, "")?;
         let a_offsets = b.build_int_mul(a_zero_point, col_offsets, "")?;
         let multiplier = b.build_float_mul(a_scale, sb, "")?;
+        let requantization = match q.requantize {
+            Some(p) => Some(Requantization::of_columns(ctx, module, b, multiplier, bias, q.per_column, p)?),
+            None => None,
+        };
         for r in 0..mr {
             let row_sum = splat_int(word(pa, 3 + r)?)?;
             let acc = b.build_load(iv, accs[(r * nv + v) as usize], "")?.into_vector_value();
             let raw = b.build_int_sub(b.build_int_sub(acc, a_offsets, "")?, b.build_int_mul(row_sum, zb, "")?, "")?;
             let x = b.build_signed_int_to_float(raw, fv, "")?;
-            if let Some(p) = q.requantize {
-                out[(r * nv + v) as usize] = Some(requantize(ctx, module, b, x, multiplier, bias, q.per_column, p)?);
+            if let Some(rq) = &requantization {
+                out[(r * nv + v) as usize] = Some(rq.apply(ctx, b, x)?);
                 continue;
             }
             out[(r * nv + v) as usize] = Some(match bias {
@@ -574,53 +578,68 @@ fn dequantize<'ctx>(
     Ok(out.into_iter().map(|x| x.expect("every vector of the tile")).collect())
 }
 
-/// A statically quantized tile's float sums `x` requantized to uint8 values (as float32), as
-/// `kernels::quantized::requantize`: `scale` is sa · sb per column; the bias divided by it
-/// (per column) or multiplied by its reciprocal in a fused multiply-add (per tensor); then the
-/// multiplier sa · sb / so, x86's conversion (ties to even), int16 saturation, the zero point,
-/// the uint8 clamp (from the zero point with a relu).
-#[allow(clippy::too_many_arguments)]
-fn requantize<'ctx>(
-    ctx: &'ctx Context,
-    module: &Module<'ctx>,
-    b: &inkwell::builder::Builder<'ctx>,
-    x: VectorValue<'ctx>,
-    scale: VectorValue<'ctx>,
-    bias: Option<VectorValue<'ctx>>,
-    per_column: bool,
+/// How a statically quantized tile's float sums become uint8 values (as float32), as
+/// `kernels::quantized::requantize`, for one vector of columns (computed once, applied to each
+/// row): the bias divided by sa · sb (per column) or its reciprocal for a fused multiply-add (per
+/// tensor), and the multiplier sa · sb / so.
+struct Requantization<'ctx> {
+    bias: BiasTerm<'ctx>,
+    multiplier: VectorValue<'ctx>,
+    convert: FunctionValue<'ctx>,
     p: crate::kernels::quantized::StaticProduct,
-) -> R<VectorValue<'ctx>> {
-    let (i32t, f32t) = (ctx.i32_type(), ctx.f32_type());
-    let lanes = x.get_type().get_size();
-    let (iv, fv) = (i32t.vec_type(lanes), f32t.vec_type(lanes));
-    let fconst = |v: f32| splat(b, ctx, fv, f32t.const_float(v as f64));
-    let iconst = |v: i32| splat(b, ctx, iv, i32t.const_int(v as u32 as u64, true));
-    let call = |name: &str, types: &[inkwell::types::BasicTypeEnum<'ctx>], args: &[BasicMetadataValueEnum<'ctx>]| -> R<VectorValue<'ctx>> {
-        let f = Intrinsic::find(name).and_then(|i| i.get_declaration(module, types)).unwrap_or_else(|| panic!("intrinsic {name}"));
-        let inkwell::values::ValueKind::Basic(y) = b.build_call(f, args, "")?.try_as_basic_value() else { unreachable!("{name} returns a value") };
-        Ok(y.into_vector_value())
-    };
-    let x = match bias {
-        Some(bias) if per_column => b.build_float_add(x, b.build_float_div(bias, scale, "")?, "")?,
-        Some(bias) => {
-            let reciprocal = b.build_float_div(fconst(1.0)?, scale, "")?;
-            call("llvm.fma", &[fv.into()], &[bias.into(), reciprocal.into(), x.into()])?
-        }
-        None => x,
-    };
-    let out = p.out.params();
-    let multiplier = b.build_float_div(scale, fconst(out.scale)?, "")?;
-    let t = b.build_float_mul(x, multiplier, "")?;
-    let q = call("llvm.x86.avx.cvt.ps2dq.256", &[], &[t.into()])?;
-    let clamp = |v: VectorValue<'ctx>, lo: i32, hi: i32| -> R<VectorValue<'ctx>> {
-        let (lo, hi) = (iconst(lo)?, iconst(hi)?);
-        let v = b.build_select(b.build_int_compare(IntPredicate::SLT, v, lo, "")?, lo, v, "")?.into_vector_value();
-        Ok(b.build_select(b.build_int_compare(IntPredicate::SGT, v, hi, "")?, hi, v, "")?.into_vector_value())
-    };
-    let q = clamp(q, -32768, 32767)?;
-    let q = b.build_int_add(q, iconst(out.zero_point)?, "")?;
-    let q = clamp(q, if p.relu { out.zero_point } else { 0 }, 255)?;
-    Ok(b.build_signed_int_to_float(q, fv, "")?)
+}
+
+enum BiasTerm<'ctx> {
+    None,
+    /// Added: bias / (sa · sb).
+    Add(VectorValue<'ctx>),
+    /// fma(bias, 1 / (sa · sb), x), with `llvm.fma`.
+    Fma(VectorValue<'ctx>, VectorValue<'ctx>, FunctionValue<'ctx>),
+}
+
+impl<'ctx> Requantization<'ctx> {
+    /// `scale` is sa · sb of the vector's columns.
+    #[allow(clippy::too_many_arguments)]
+    fn of_columns(ctx: &'ctx Context, module: &Module<'ctx>, b: &inkwell::builder::Builder<'ctx>, scale: VectorValue<'ctx>, bias: Option<VectorValue<'ctx>>, per_column: bool, p: crate::kernels::quantized::StaticProduct) -> R<Requantization<'ctx>> {
+        let fv = scale.get_type();
+        let fconst = |v: f32| splat(b, ctx, fv, ctx.f32_type().const_float(v as f64));
+        let intrinsic = |name: &str, types: &[inkwell::types::BasicTypeEnum<'ctx>]| Intrinsic::find(name).and_then(|i| i.get_declaration(module, types)).unwrap_or_else(|| panic!("intrinsic {name}"));
+        let bias = match bias {
+            Some(bias) if per_column => BiasTerm::Add(b.build_float_div(bias, scale, "")?),
+            Some(bias) => BiasTerm::Fma(bias, b.build_float_div(fconst(1.0)?, scale, "")?, intrinsic("llvm.fma", &[fv.into()])),
+            None => BiasTerm::None,
+        };
+        let multiplier = b.build_float_div(scale, fconst(p.out.params().scale)?, "")?;
+        Ok(Requantization { bias, multiplier, convert: intrinsic("llvm.x86.avx.cvt.ps2dq.256", &[]), p })
+    }
+
+    /// One row's vector `x`: the bias, the multiplier, x86's conversion (ties to even), int16
+    /// saturation, the zero point, the uint8 clamp (from the zero point with a relu).
+    fn apply(&self, ctx: &'ctx Context, b: &inkwell::builder::Builder<'ctx>, x: VectorValue<'ctx>) -> R<VectorValue<'ctx>> {
+        let i32t = ctx.i32_type();
+        let (fv, iv) = (x.get_type(), i32t.vec_type(x.get_type().get_size()));
+        let iconst = |v: i32| splat(b, ctx, iv, i32t.const_int(v as u32 as u64, true));
+        let call = |f: FunctionValue<'ctx>, args: &[BasicMetadataValueEnum<'ctx>]| -> R<VectorValue<'ctx>> {
+            let inkwell::values::ValueKind::Basic(y) = b.build_call(f, args, "")?.try_as_basic_value() else { unreachable!("an intrinsic with a value") };
+            Ok(y.into_vector_value())
+        };
+        let x = match self.bias {
+            BiasTerm::None => x,
+            BiasTerm::Add(term) => b.build_float_add(x, term, "")?,
+            BiasTerm::Fma(bias, reciprocal, fma) => call(fma, &[bias.into(), reciprocal.into(), x.into()])?,
+        };
+        let q = call(self.convert, &[b.build_float_mul(x, self.multiplier, "")?.into()])?;
+        let clamp = |v: VectorValue<'ctx>, lo: i32, hi: i32| -> R<VectorValue<'ctx>> {
+            let (lo, hi) = (iconst(lo)?, iconst(hi)?);
+            let v = b.build_select(b.build_int_compare(IntPredicate::SLT, v, lo, "")?, lo, v, "")?.into_vector_value();
+            Ok(b.build_select(b.build_int_compare(IntPredicate::SGT, v, hi, "")?, hi, v, "")?.into_vector_value())
+        };
+        let out = self.p.out.params();
+        let q = clamp(q, -32768, 32767)?;
+        let q = b.build_int_add(q, iconst(out.zero_point)?, "")?;
+        let q = clamp(q, if self.p.relu { out.zero_point } else { 0 }, 255)?;
+        Ok(b.build_signed_int_to_float(q, fv, "")?)
+    }
 }
 
 /// `x` (a float or an int of `vt`'s element type) in every lane of a `vt`.
