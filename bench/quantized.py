@@ -1,6 +1,7 @@
 """Quantized int8 models (issue 13): dynamically quantized, the MLP of the dense issue and the
 WaveRNN step with its linears and GRU cell quantized; statically quantized, ResNet-18
-(`resnet18_int8`, fbgemm backend, per-channel weights). Kiln's int8 kernels beside Kiln's own float32
+(`resnet18_int8`, fbgemm backend, per-channel weights); a two-layer LSTM over 50 frames
+(`speech_lstm`, `aten::quantized_lstm`, unrolled). Kiln's int8 kernels beside Kiln's own float32
 code for the same model, and the int8 model under eager, TorchScript, TorchScript + oneDNN
 fusion, torch.compile and ONNX Runtime (its own `quantize_dynamic` of the float model,
 QInt8 weights, 2 threads), in one run, as ratios to Kiln.
@@ -55,11 +56,31 @@ def ort_int8(float_make):
     return write
 
 
+class SpeechLSTM(nn.Module):
+    """A speech-style acoustic model at batch 1: two LSTM layers over 50 frames of 80
+    features, a linear over each frame's state."""
+
+    def __init__(self):
+        super().__init__()
+        self.rnn = nn.LSTM(80, 256, num_layers=2)
+        self.fc = nn.Linear(256, 40)
+
+    def forward(self, x):
+        return self.fc(self.rnn(x)[0])
+
+
 def linear_macs(model, inputs):
-    """Multiply-adds of a model's linears for these inputs."""
+    """Multiply-adds of a model's linears (and RNNs) for these inputs."""
     total = 0
     rows = inputs[0].shape[0]
+    if isinstance(getattr(model, "rnn", None), (nn.LSTM, nn.GRU)):
+        rows = inputs[0].shape[0] * inputs[0].shape[1]  # (time-major: every frame is a row)
     for m in model.modules():
+        if isinstance(m, (nn.LSTM, nn.GRU)):
+            gates = 4 if isinstance(m, nn.LSTM) else 3
+            for layer in range(m.num_layers):
+                fan_in = m.input_size if layer == 0 else m.hidden_size * (2 if m.bidirectional else 1)
+                total += (2 if m.bidirectional else 1) * rows * (fan_in + m.hidden_size) * gates * m.hidden_size
         if isinstance(m, nn.Linear):
             total += rows * m.in_features * m.out_features
         if isinstance(m, (nn.GRUCell, nn.LSTMCell)):
@@ -126,6 +147,8 @@ MODELS = {
     "relu_mlp_b64": (ReluMLP, (torch.randn(64, 512),), {nn.Linear}),
     "mlp_b1": (MLP, (torch.randn(1, 512),), {nn.Linear}),
     "wavestep": (models()["wavestep"][0], models()["wavestep"][1], {nn.Linear, nn.GRUCell}),
+    # (Kiln has no float32 LSTM: its fp32 column is TorchScript's own, oneDNN's LSTM.)
+    "speech_lstm": (SpeechLSTM, (torch.randn(50, 1, 80),), {nn.Linear, nn.LSTM}),
 }
 
 

@@ -328,3 +328,110 @@ def test_traced_and_loaded_models(how, tmp_path):
     with torch.no_grad():
         kiln_check.run_compiled(f, (x,), check=exactly(q(x)))
     assert_in_kiln(f)
+
+
+class Sequence(nn.Module):
+    """A whole-sequence LSTM or GRU (`aten::quantized_lstm` / `quantized_gru` once dynamically
+    quantized), its output through a linear, the final states returned."""
+
+    def __init__(self, kind, layers, bidirectional, batch_first, inputs=12, hidden=20):
+        super().__init__()
+        rnn = nn.LSTM if kind == "lstm" else nn.GRU
+        self.rnn = rnn(inputs, hidden, num_layers=layers, bidirectional=bidirectional, batch_first=batch_first)
+        self.out = nn.Linear(hidden * (2 if bidirectional else 1), 6)
+
+    def forward(self, x):
+        y, state = self.rnn(x)
+        return self.out(y), y, state
+
+
+class LSTMWithState(nn.Module):
+    """The caller's initial state (h, c)."""
+
+    def __init__(self):
+        super().__init__()
+        self.rnn = nn.LSTM(12, 20, num_layers=2)
+
+    def forward(self, x, h, c):
+        return self.rnn(x, (h, c))
+
+
+class GRUWithState(nn.Module):
+    """The caller's initial state h."""
+
+    def __init__(self):
+        super().__init__()
+        self.rnn = nn.GRU(12, 20, num_layers=2)
+
+    def forward(self, x, h):
+        return self.rnn(x, h)
+
+
+def sequence_model(make, per_channel, modules=(nn.LSTM, nn.GRU, nn.Linear)):
+    torch.manual_seed(21)
+    config = qd.per_channel_dynamic_qconfig if per_channel else qd.default_dynamic_qconfig
+    return qd.quantize_dynamic(make().eval(), {m: config for m in modules}, dtype=torch.qint8)
+
+
+def flat(out):
+    """A model's result as a list of tensors (tuples of states flattened)."""
+    if isinstance(out, torch.Tensor):
+        return [out]
+    return [t for part in out for t in flat(part)]
+
+
+def same_layouts(expected):
+    """A check that every result is close to eager's (Kiln's sigmoid and tanh are its own:
+    compared as float32 results are) with eager's sizes and strides."""
+
+    def check(out):
+        for got, want in zip(flat(out), flat(expected), strict=True):
+            assert got.shape == want.shape and got.stride() == want.stride(), (got.shape, got.stride(), want.stride())
+            kiln_check.close(got, want)
+
+    return check
+
+
+@pytest.mark.parametrize("kind", ["lstm", "gru"])
+@pytest.mark.parametrize("layers,bidirectional,batch_first,steps,batch", [(1, False, False, 7, 3), (2, True, False, 5, 2), (2, True, True, 4, 5), (3, False, True, 1, 1)])
+@pytest.mark.parametrize("per_channel", [False, True])
+def test_a_quantized_sequence_rnn(kind, layers, bidirectional, batch_first, steps, batch, per_channel):
+    """The whole-sequence quantized RNN, unrolled in one group: per layer and direction the
+    input projected at once (one activation range, as ATen's layers on CPU do), each step's
+    state quantized with its own range; the outputs in eager's layout (a batch-first output
+    is a transposed view there), the final states stacked by layer and direction."""
+    q = sequence_model(lambda: Sequence(kind, layers, bidirectional, batch_first), per_channel)
+    f = frozen(q)
+    assert f"aten::quantized_{kind}" in str(f.graph)
+    gen = torch.Generator().manual_seed(22)
+    x = torch.randn((batch, steps, 12) if batch_first else (steps, batch, 12), generator=gen)
+    with torch.no_grad():
+        kiln_check.run_compiled(f, (x,), check=same_layouts(q(x)))
+    assert_in_kiln(f, f"kiln::{kind}_dynamic")
+    assert "[torchscript]" not in torch_kiln.explain(f)
+
+
+@pytest.mark.parametrize("kind", ["lstm", "gru"])
+def test_a_quantized_sequence_from_a_given_state(kind):
+    """An initial state the caller passes (non-zero, so each first step's activation range
+    is its own), other inputs of the same shapes on a later call, then a longer sequence
+    (code of its own: the steps are unrolled)."""
+    q = sequence_model(LSTMWithState if kind == "lstm" else GRUWithState, per_channel=True)
+    f = frozen(q)
+    gen = torch.Generator().manual_seed(23)
+    for steps in (6, 6, 9):
+        args = (torch.randn(steps, 3, 12, generator=gen), torch.randn(2, 3, 20, generator=gen), torch.randn(2, 3, 20, generator=gen))
+        args = args if kind == "lstm" else args[:2]
+        with torch.no_grad():
+            kiln_check.run_compiled(f, args, check=same_layouts(q(*args)))
+    assert_in_kiln(f, f"kiln::{kind}_dynamic")
+
+
+def test_a_long_sequence_stays_in_torchscript():
+    """Past the steps a group unrolls, TorchScript runs the RNN (and says why)."""
+    q = sequence_model(lambda: Sequence("gru", 2, True, False), per_channel=False, modules=(nn.GRU,))
+    f = frozen(q)
+    x = torch.randn(300, 1, 12)
+    with torch.no_grad():
+        kiln_check.run_compiled(f, (x,), check=same_layouts(q(x)), must_compile=False)
+    assert "Kiln unrolls at most 1024 cell steps" in torch_kiln.explain(f), torch_kiln.explain(f)

@@ -110,6 +110,9 @@ Symbol quantized_linear_kind() { static Symbol s = Symbol::fromQualString("kiln:
 Symbol quantized_attr() { static Symbol s = Symbol::attr("kiln_quantized"); return s; }
 Symbol quantized_gru_kind() { static Symbol s = Symbol::fromQualString("kiln::gru_cell_dynamic"); return s; }
 Symbol quantized_lstm_kind() { static Symbol s = Symbol::fromQualString("kiln::lstm_cell_dynamic"); return s; }
+// The whole-sequence `aten::quantized_lstm` / `quantized_gru` with their cells' weights unpacked.
+Symbol quantized_lstm_sequence_kind() { static Symbol s = Symbol::fromQualString("kiln::lstm_dynamic"); return s; }
+Symbol quantized_gru_sequence_kind() { static Symbol s = Symbol::fromQualString("kiln::gru_dynamic"); return s; }
 // On it: how many of its inputs Kiln reads, and where the quantized op's own inputs are.
 Symbol args_attr() { static Symbol s = Symbol::attr("kiln_args"); return s; }
 Symbol original_attr() { static Symbol s = Symbol::attr("kiln_original"); return s; }
@@ -118,7 +121,8 @@ Symbol static_conv_kind() { static Symbol s = Symbol::fromQualString("kiln::conv
 Symbol quantized_cat_kind() { static Symbol s = Symbol::fromQualString("quantized::cat"); return s; }
 bool is_unpacked_quantized(const Node* n) {
   return n->kind() == quantized_linear_kind() || n->kind() == quantized_gru_kind() || n->kind() == quantized_lstm_kind() ||
-         n->kind() == static_linear_kind() || n->kind() == static_conv_kind();
+         n->kind() == static_linear_kind() || n->kind() == static_conv_kind() || n->kind() == quantized_lstm_sequence_kind() ||
+         n->kind() == quantized_gru_sequence_kind();
 }
 
 std::string dtype_name(at::ScalarType t) {
@@ -521,7 +525,7 @@ bool is_shape_op(const Node* n) {
   auto all = [](auto vs, auto pred) { return std::all_of(vs.begin(), vs.end(), pred); };
   if (n->kind() == aten::size)
     return n->outputs().size() == 1 && n->input(0)->type()->cast<TensorType>() && (n->inputs().size() == 1 ? is_ints(n->output()) : is_int(n->output()));
-  if (n->kind() == aten::dim || n->kind() == prim::dtype) return n->inputs().size() == 1 && n->input(0)->type()->cast<TensorType>();
+  if (n->kind() == aten::dim || n->kind() == prim::dtype || n->kind() == prim::device) return n->inputs().size() == 1 && n->input(0)->type()->cast<TensorType>();
   if ((n->kind() == aten::mul || n->kind() == aten::add || n->kind() == aten::sub || n->kind() == aten::floordiv) && n->inputs().size() == 2 &&
       all(n->inputs(), is_int) && is_int(n->output()))
     return true;
@@ -617,6 +621,14 @@ Node* with_kind(Node* n, Symbol kind) {
   return m;
 }
 
+// Whether only unpacked quantized nodes read `v`, each among the original op's inputs past
+// the `kiln_args` Kiln reads (a whole-sequence RNN's `CellParamsBase[]`, built at run time).
+bool read_by_torchscript_only(const Value* v) {
+  for (const Use& u : v->uses())
+    if (!is_unpacked_quantized(u.user) || u.offset < static_cast<size_t>(u.user->i(args_attr()))) return false;
+  return !v->uses().empty();
+}
+
 // The dynamically quantized ops of `torch.ao.quantization.quantize_dynamic`, frozen, whose
 // packed weights are constants: `quantized::linear_dynamic(x, packed, reduce_range)` (and
 // `linear_relu_dynamic`), and the cells `quantized::quantized_gru_cell_dynamic(x, h, packed_ih,
@@ -687,11 +699,10 @@ std::vector<at::Tensor> unpacked_conv_weight(Value* packed, std::vector<std::vec
 
 // A constant fbgemm packed weight as [w (int32), scale, zero point, bias (undefined if none)];
 // empty where it is none.
-std::vector<at::Tensor> unpacked_weight(Value* packed) {
-  auto iv = toIValue(packed);
-  if (packed->node()->kind() != prim::Constant || !iv || !iv->isObject()) return {};
+std::vector<at::Tensor> unpacked_weight(const IValue& iv) {
+  if (!iv.isObject()) return {};
   try {
-    auto params = iv->toCustomClass<LinearPackedParamsBase>();
+    auto params = iv.toCustomClass<LinearPackedParamsBase>();
     if (!is_fbgemm_packed(*params, "PackedLinearWeight")) return {};
     auto [w, bias] = params->unpack();
     auto out = int8_weight(w, 2);
@@ -700,6 +711,68 @@ std::vector<at::Tensor> unpacked_weight(Value* packed) {
     return out;
   } catch (const std::exception&) {
     return {};  // not a packed linear weight
+  }
+}
+
+std::vector<at::Tensor> unpacked_weight(Value* packed) {
+  auto iv = toIValue(packed);
+  if (packed->node()->kind() != prim::Constant || !iv) return {};
+  return unpacked_weight(*iv);
+}
+
+// The constant objects of a list `rnn` reads: a ListConstruct of constants, or (as a scripted
+// quantized RNN builds its `CellParamsBase[]`) an empty ListConstruct filled by `aten::append`s
+// of constants before `rnn` and used by nothing else. Empty where it is neither.
+std::vector<IValue> constant_objects(Value* list, const Node* rnn) {
+  Node* n = list->node();
+  if (n->kind() != prim::ListConstruct) return {};
+  std::vector<Node*> appends;
+  for (const Use& u : list->uses()) {
+    if (u.user == rnn) continue;
+    if (u.user->kind() != aten::append || u.offset != 0 || u.user->owningBlock() != rnn->owningBlock() || !u.user->isBefore(rnn)) return {};
+    appends.push_back(u.user);
+  }
+  if (!appends.empty() && n->inputs().size() > 0) return {};
+  std::sort(appends.begin(), appends.end(), [](Node* a, Node* b) { return a->isBefore(b); });
+  std::vector<Value*> items(n->inputs().begin(), n->inputs().end());
+  for (Node* a : appends) items.push_back(a->input(1));
+  std::vector<IValue> out;
+  for (Value* v : items) {
+    auto iv = toIValue(v);
+    if (v->node()->kind() != prim::Constant || !iv || !iv->isObject()) return {};
+    out.push_back(*iv);
+  }
+  return out;
+}
+
+// A dynamically quantized RNN's cell parameters (ATen's `QuantizedCellParamsDynamic`, seen
+// through its TorchScript class's `__getstate__`: ("quantized_dynamic", [b_ih, b_hh], [],
+// [reduce_range], [packed ih, packed hh])) as the two projections' [w, scale, zero point,
+// bias] (the packed biases: what `apply_dynamic` adds) and reduce_range; empty where the
+// cell is another kind (fp16, the legacy `quantized`) or a projection has no bias.
+std::vector<at::Tensor> unpacked_cell(const IValue& cell, bool* reduce_range) {
+  try {
+    auto& type = *cell.toObjectRef().type();
+    auto* getstate = type.findMethod("__getstate__");
+    if (!getstate) return {};
+    Stack stack{cell};
+    getstate->run(stack);
+    auto state = stack.back().toTuple();
+    const auto& parts = state->elements();
+    if (parts.size() != 5 || !parts[0].isString() || parts[0].toStringRef() != "quantized_dynamic") return {};
+    auto longs = parts[3].toIntVector();
+    *reduce_range = !longs.empty() && longs[0] != 0;
+    auto packed = parts[4].toList();
+    if (packed.size() != 2) return {};
+    std::vector<at::Tensor> out;
+    for (size_t i = 0; i < 2; ++i) {
+      auto w = unpacked_weight(packed.get(i));
+      if (w.size() != 4 || !w[3].defined()) return {};
+      out.insert(out.end(), w.begin(), w.end());
+    }
+    return out;
+  } catch (const std::exception&) {
+    return {};
   }
 }
 
@@ -740,6 +813,8 @@ void unpack_quantized_ops(Block* b) {
   static const Symbol static_linear_relu = Symbol::fromQualString("quantized::linear_relu");
   static const Symbol static_conv = Symbol::fromQualString("quantized::conv2d");
   static const Symbol static_conv_relu = Symbol::fromQualString("quantized::conv2d_relu");
+  static const Symbol lstm_sequence = Symbol::fromQualString("aten::quantized_lstm");
+  static const Symbol gru_sequence = Symbol::fromQualString("aten::quantized_gru");
   for (auto it = b->nodes().begin(); it != b->nodes().end();) {
     Node* n = *it;
     ++it;
@@ -781,6 +856,37 @@ void unpack_quantized_ops(Block* b) {
       auto ih = weight_constants(g, ih_tensors), hh = weight_constants(g, hh_tensors);
       inputs = {n->input(0), n->input(1), ih[0], ih[1], ih[2], ih[3], hh[0], hh[1], hh[2], hh[3], n->input(2), n->input(3), n->input(4), n->input(5)};
       kind = n->kind() == gru ? quantized_gru_kind() : quantized_lstm_kind(), args = 10, original = {0, 1, 10, 11, 12, 13};
+    } else if (((n->kind() == lstm_sequence && n->inputs().size() == 11 && n->outputs().size() == 3) ||
+                (n->kind() == gru_sequence && n->inputs().size() == 9 && n->outputs().size() == 2)) &&
+               n->maybeSchema() && n->maybeSchema()->overload_name() == "input") {
+      // quantized_lstm(x, hx, params, has_biases, num_layers, dropout, train, bidirectional,
+      // batch_first, dtype, use_dynamic) and quantized_gru (without the last two), in eval.
+      // Becomes kiln::lstm_dynamic(x, hx, [w, s, z, b of ih, the same of hh, per cell],
+      // num_layers, bidirectional, batch_first, reduce_range, the op's inputs...).
+      auto layers = toIValue(n->input(4)), dropout = toIValue(n->input(5)), train = toIValue(n->input(6));
+      if (!layers || !layers->isInt() || !dropout || !train || !train->isBool() || (train->toBool() && dropout->toDouble() != 0.0)) continue;
+      if (n->kind() == lstm_sequence) {
+        auto dtype = toIValue(n->input(9));
+        if (!dtype || !(dtype->isNone() || dtype->toInt() == static_cast<int64_t>(at::kQInt8) || dtype->toInt() == static_cast<int64_t>(at::kChar))) continue;
+      }
+      auto cells = constant_objects(n->input(2), n);
+      if (cells.empty()) continue;
+      std::vector<at::Tensor> tensors;
+      bool first_rr = false, same = true;
+      for (size_t i = 0; i < cells.size() && same; ++i) {
+        bool rr = false;
+        auto unpacked = unpacked_cell(cells[i], &rr);
+        if (i == 0) first_rr = rr;
+        same = !unpacked.empty() && rr == first_rr;
+        tensors.insert(tensors.end(), unpacked.begin(), unpacked.end());
+      }
+      if (!same) continue;
+      auto w = weight_constants(g, tensors);
+      Node* list = g->insertNode(g->createList(TensorType::get(), w));
+      inputs = {n->input(0), n->input(1), list->output(), n->input(4), n->input(7), n->input(8), g->insertConstant(first_rr)};
+      for (size_t i = 0; i < n->inputs().size(); ++i) original.push_back(static_cast<int64_t>(inputs.size() + i));
+      inputs.insert(inputs.end(), n->inputs().begin(), n->inputs().end());
+      kind = n->kind() == lstm_sequence ? quantized_lstm_sequence_kind() : quantized_gru_sequence_kind(), args = 7;
     } else {
       continue;
     }
@@ -810,7 +916,9 @@ void restore_quantized(Block* b) {
 // An unpacked quantized node as TorchScript would run it (restore_quantized leaves none in a
 // graph that runs; this is for one that escapes it): the original op, on its original inputs.
 Operation unpacked_quantized_op(const Node* node) {
-  auto op = c10::Dispatcher::singleton().findSchemaOrThrow(node->s(quantized_attr()).c_str(), "");
+  // (The whole-sequence RNNs' overload is `input`; the others have one.)
+  bool sequence = node->kind() == quantized_lstm_sequence_kind() || node->kind() == quantized_gru_sequence_kind();
+  auto op = c10::Dispatcher::singleton().findSchemaOrThrow(node->s(quantized_attr()).c_str(), sequence ? "input" : "");
   std::vector<int64_t> original = node->is(original_attr());
   size_t n = node->inputs().size();
   return [op, original, n](Stack& stack) {
@@ -934,6 +1042,7 @@ bool is_tensor_list(const Node* n) {
   if (!list || !list->getElementType()->cast<TensorType>()) return false;
   for (const Use& u : n->output()->uses())
     if (u.user->kind() != aten::cat && u.user->kind() != aten::stack && u.user->kind() != aten::lstm_cell && u.user->kind() != quantized_lstm_kind() &&
+        u.user->kind() != quantized_lstm_sequence_kind() && u.user->kind() != quantized_gru_sequence_kind() &&
         u.user->kind() != quantized_cat_kind() && u.user->kind() != group_kind())
       return false;
   return true;
@@ -1039,6 +1148,8 @@ struct Fuser {
         if (!tensor_input_text(outer, d.os, why)) return "";
         d.os << "\n";
         weight_facts(outer, d.names[sub->inputs()[i]], d.os);
+      } else if (input_kind(outer) == InputKind::Unsupported && read_by_torchscript_only(sub->inputs()[i])) {
+        continue;  // (not passed to Rust either: passed_to_rust)
       } else if (!non_tensor_text(outer, d.names[sub->inputs()[i]], d.os, why)) {
         return "";
       }
@@ -1481,7 +1592,8 @@ int32_t kiln_cpp_enable() {
       // CONSERVATIVE: an op with a side effect (dead-code elimination keeps it); it has no
       // inputs or outputs, so it orders nothing else.
       registerOperator(Operator(ran_kind(), fallbacks_ran_op, c10::AliasAnalysisKind::CONSERVATIVE));
-      for (Symbol k : {quantized_linear_kind(), quantized_gru_kind(), quantized_lstm_kind(), static_linear_kind(), static_conv_kind()})
+      for (Symbol k : {quantized_linear_kind(), quantized_gru_kind(), quantized_lstm_kind(), static_linear_kind(), static_conv_kind(),
+                       quantized_lstm_sequence_kind(), quantized_gru_sequence_kind()})
         registerOperator(Operator(k, unpacked_quantized_op, c10::AliasAnalysisKind::PURE_FUNCTION));
       g_registered_ops = true;
     }

@@ -11,7 +11,7 @@ use kiln_compiler::graph::layout::{contiguous_strides, dense_strides, elementwis
 use kiln_compiler::{DType, Scalar, TensorType, ValueId};
 use kiln_compiler::kernels::sparse::WeightFacts;
 use kiln_profiler::canonical_strides;
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 
 /// A region as Kiln IR, ready to compile.
 #[derive(Debug)]
@@ -61,6 +61,7 @@ fn lower_region(r: &Region, view_outputs: bool) -> R<Lowered> {
     let mut weights: HashMap<ValueId, &WeightFacts> = HashMap::new();
     let mut weight_choices = vec![];
     let mut quant: HashMap<ValueId, QuantParams> = HashMap::new();
+    let mut explained: HashSet<ValueId> = HashSet::new();
     for (i, item) in r.items.iter().enumerate() {
         let (arg, layout) = match item {
             Item::Input(None) => return Err("input types are not known".into()),
@@ -108,7 +109,7 @@ fn lower_region(r: &Region, view_outputs: bool) -> R<Lowered> {
                 if quantized_in && !QUANTIZED_OPERANDS.contains(&kind.as_str()) {
                     return Err(format!("{kind} of a quantized tensor (Kiln computes quantize_per_tensor, dequantize, the quantized convolutions, linears, adds and cat, relu, max_pool2d, adaptive_avg_pool2d to 1×1 and views on quantized tensors)"));
                 }
-                let v = Lower { g: &mut g, default_float: &r.default_float, weights: &weights, weight_choices: &mut weight_choices, quant: &mut quant }.node(kind, &arg_vals).map_err(|e| format!("{kind}: {e}"))?;
+                let v = Lower { g: &mut g, default_float: &r.default_float, weights: &weights, weight_choices: &mut weight_choices, explained: &mut explained, quant: &mut quant }.node(kind, &arg_vals).map_err(|e| format!("{kind}: {e}"))?;
                 if let (true, Some(Arg::Tensor(t))) = (quantized_in && KEEP_PARAMETERS.contains(&kind.as_str()), arg_vals.first()) {
                     if let Some(p) = quant.get(t).copied() {
                         quant.insert(v, p);
@@ -144,6 +145,7 @@ fn lower_region(r: &Region, view_outputs: bool) -> R<Lowered> {
                     op if is_view(op) && view_of(g.node(v).inputs[0]).is_some() => view_of_strides(&g, v, &view_of(g.node(v).inputs[0]).unwrap()),
                     // An identity (t of a vector, dropout in eval) is its input.
                     _ if view_of(v).is_some() => view_of(v).unwrap(),
+                    _ if sequence_strides(kind, &arg_vals, &shape).is_some() => sequence_strides(kind, &arg_vals, &shape).unwrap(),
                     _ => eager_strides(kind, &shape, ty.dtype, operands, wraps_a_scalar(kind, &arg_vals)),
                 };
                 (Arg::Tensor(v), Some(strides))
@@ -207,6 +209,8 @@ fn shape_value(g: &Graph, kind: &str, args: &[Arg]) -> R<Const> {
         ("aten::dim", [Arg::Tensor(t)]) => Const::Int(g.ty(*t).rank() as i64),
         // (the guard checks the dtype)
         ("prim::dtype", [Arg::Tensor(t)]) => Const::Int(scalar_type_code(g.ty(*t).dtype) as i64),
+        // (A group reads CPU tensors only: the admission check refuses others at run time.)
+        ("prim::device", [Arg::Tensor(_)]) => Const::Str("cpu".into()),
         ("aten::__getitem__", [Arg::Const(Const::Ints(xs)), i]) => {
             let i = int(i)?;
             let at = if i < 0 { i + xs.len() as i64 } else { i };
@@ -296,6 +300,8 @@ fn eager_strides(kind: &str, shape: &[i64], dtype: DType, mut operands: Vec<Oper
         "aten::linear" | "aten::matmul" | "aten::mm" | "aten::bmm" | "aten::addmm" | "aten::baddbmm" | "aten::scaled_dot_product_attention"
         | "aten::_native_multi_head_attention" | "kiln::linear_dynamic" => return contiguous_strides(shape),
         "kiln::gru_cell_dynamic" | "kiln::lstm_cell_dynamic" | "kiln::linear_quantized" => return contiguous_strides(shape),
+        // (A batch-first output is a transpose of the [T, B, H] result: `sequence_strides`.)
+        "kiln::lstm_dynamic" | "kiln::gru_dynamic" => return contiguous_strides(shape),
         // fbgemm's quantized convolution computes channels-last.
         "kiln::conv2d_quantized" => return dense_strides(shape, &[0, 2, 3, 1]),
         "aten::layer_norm" | "aten::_transformer_encoder_layer_fwd" | "aten::contiguous" | "aten::cat" | "aten::gru_cell" | "aten::lstm_cell" | "aten::stack" | "aten::zeros" | "aten::ones"
@@ -352,7 +358,36 @@ fn wraps_a_scalar(kind: &str, args: &[Arg]) -> bool {
 #[derive(Clone, Copy)]
 enum Projection<'a> {
     Float(&'a Arg, &'a Arg),
-    Quantized([&'a Arg; 4]),
+    /// (and reduce_range)
+    Quantized([&'a Arg; 4], bool),
+}
+
+/// A whole-sequence RNN's layout: its layers, directions, batch_first and reduce_range.
+#[derive(Clone, Copy)]
+struct Sequence {
+    layers: i64,
+    bidirectional: bool,
+    batch_first: bool,
+    reduce_range: bool,
+}
+
+/// The recurrence of a whole-sequence RNN op.
+#[derive(Clone, Copy, PartialEq)]
+enum Recurrence {
+    Lstm,
+    Gru,
+}
+
+/// The most cell steps (sequence length × layers × directions) a group unrolls: each is a
+/// product of its own (the state's activation range is the step's) and a fused gate kernel.
+const MAX_UNROLLED_STEPS: i64 = 1024;
+
+/// Eager's strides of output `index` of a whole-sequence RNN (shape `shape`): with
+/// batch_first, the output is ATen's [T, B, H] result transposed (a view: dims 1, 0, 2 in
+/// memory order); the rest are contiguous.
+fn sequence_strides(kind: &str, args: &[Arg], shape: &[i64]) -> Option<Vec<i64>> {
+    let (Some(Arg::Const(Const::Bool(true))), Some(Arg::Const(Const::Int(0)))) = (args.get(5), args.get(args.len().wrapping_sub(2))) else { return None };
+    (matches!(kind, "kiln::lstm_dynamic" | "kiln::gru_dynamic") && shape.len() == 3).then(|| dense_strides(shape, &[1, 0, 2]))
 }
 
 /// The ops `Lower::node` knows, for regions whose types are not known until they run.
@@ -379,6 +414,8 @@ pub const KINDS: &[&str] = &[
     // quantized::linear_dynamic and the quantized RNN cells with their packed weights
     // unpacked by the pass.
     "kiln::linear_dynamic", "kiln::gru_cell_dynamic", "kiln::lstm_cell_dynamic",
+    // ... and the whole-sequence aten::quantized_lstm / quantized_gru.
+    "kiln::lstm_dynamic", "kiln::gru_dynamic",
     // Static quantization: quantized::linear(_relu) and conv2d(_relu) unpacked by the pass,
     // and the ops on quantized tensors Kiln computes.
     "kiln::linear_quantized", "kiln::conv2d_quantized", "aten::quantize_per_tensor", "aten::dequantize", "quantized::add", "quantized::add_relu",
@@ -474,6 +511,8 @@ struct Lower<'a> {
     /// The constant weights' zeros (`kernels::sparse`), by graph value.
     weights: &'a HashMap<ValueId, &'a WeightFacts>,
     weight_choices: &'a mut Vec<String>,
+    /// The int8 weights `weight_choices` explains already.
+    explained: &'a mut HashSet<ValueId>,
     /// The statically quantized values the group computes (uint8 values held as float32,
     /// `kernels::quantized`): their scale and zero point.
     quant: &'a mut HashMap<ValueId, QuantParams>,
@@ -1138,7 +1177,10 @@ impl Lower<'_> {
                 let layer = EncoderLayer { heads: *h, embed: *e, qkv: (qkv_w, qkv_b), proj: (proj_w, proj_b), norm1: (nw1, nb1), norm2: (nw2, nb2), ffn1: (w1, b1), ffn2: (w2, b2), gelu: *gelu, norm_first: *norm_first, eps: *eps };
                 self.encoder_layer(src, &layer)
             }
-            ("aten::zeros" | "aten::ones", [Arg::Const(Const::Ints(size)), dtype, layout, Arg::Const(Const::None), pin]) => {
+            ("aten::zeros" | "aten::ones", [Arg::Const(Const::Ints(size)), dtype, layout, device, pin]) => {
+                if !matches!(device, Arg::Const(Const::None)) && !matches!(device, Arg::Const(Const::Str(d)) if d == "cpu") {
+                    return Err("a device other than the CPU".into());
+                }
                 if !matches!(layout, Arg::Const(Const::None | Const::Int(0))) || !matches!(pin, Arg::Const(Const::None | Const::Bool(false))) {
                     return Err("a layout or pinned memory Kiln does not make".into());
                 }
@@ -1173,7 +1215,26 @@ impl Lower<'_> {
                 Ok(self.g.copy(filled))
             }
             ("aten::gru_cell", [x, hx, w_ih, w_hh, b_ih, b_hh]) => self.gru_cell(x, hx, Projection::Float(w_ih, b_ih), Projection::Float(w_hh, b_hh)),
-            ("kiln::gru_cell_dynamic", [x, hx, w1, s1, z1, b1, w2, s2, z2, b2]) => self.gru_cell(x, hx, Projection::Quantized([w1, s1, z1, b1]), Projection::Quantized([w2, s2, z2, b2])),
+            // (The cell ops always quantize with reduce_range: ATen's DEFINE_QUANTIZED_RNN_CELL_DYNAMIC.)
+            ("kiln::gru_cell_dynamic", [x, hx, w1, s1, z1, b1, w2, s2, z2, b2]) => {
+                self.gru_cell(x, hx, Projection::Quantized([w1, s1, z1, b1], true), Projection::Quantized([w2, s2, z2, b2], true))
+            }
+            (
+                "kiln::lstm_dynamic" | "kiln::gru_dynamic",
+                [x, hx, Arg::List(weights, _), Arg::Const(Const::Int(layers)), bidirectional, batch_first, reduce_range, Arg::Const(Const::Int(index)), Arg::Const(Const::Int(count))],
+            ) => {
+                let (recurrence, outputs) = if kind == "kiln::lstm_dynamic" { (Recurrence::Lstm, 3) } else { (Recurrence::Gru, 2) };
+                if *count != outputs || *index < 0 || *index >= outputs {
+                    return Err(format!("output {index} of {count} (the op has {outputs})"));
+                }
+                let state = match hx {
+                    Arg::List(hc, _) => hc.clone(),
+                    _ => vec![self.tensor(hx)?],
+                };
+                let shape = Sequence { layers: *layers, bidirectional: bool_arg(bidirectional)?, batch_first: bool_arg(batch_first)?, reduce_range: bool_arg(reduce_range)? };
+                let outputs = self.sequence(recurrence, x, &state, weights, shape)?;
+                Ok(outputs[*index as usize])
+            }
             ("aten::lstm_cell", [x, Arg::List(hx, _), w_ih, w_hh, b_ih, b_hh, Arg::Const(Const::Int(index)), Arg::Const(Const::Int(2))]) => {
                 let [h, c] = hx[..] else { return Err(format!("an LSTM state of {} tensors (eager raises)", hx.len())) };
                 let (hy, cy) = self.lstm_cell(x, h, c, Projection::Float(w_ih, b_ih), Projection::Float(w_hh, b_hh))?;
@@ -1185,7 +1246,7 @@ impl Lower<'_> {
             }
             ("kiln::lstm_cell_dynamic", [x, Arg::List(hx, _), w1, s1, z1, b1, w2, s2, z2, b2, Arg::Const(Const::Int(index)), Arg::Const(Const::Int(2))]) => {
                 let [h, c] = hx[..] else { return Err(format!("an LSTM state of {} tensors (eager raises)", hx.len())) };
-                let (hy, cy) = self.lstm_cell(x, h, c, Projection::Quantized([w1, s1, z1, b1]), Projection::Quantized([w2, s2, z2, b2]))?;
+                let (hy, cy) = self.lstm_cell(x, h, c, Projection::Quantized([w1, s1, z1, b1], true), Projection::Quantized([w2, s2, z2, b2], true))?;
                 Ok(if *index == 0 { hy } else { cy })
             }
             ("aten::stack", [Arg::List(xs, strides), Arg::Const(Const::Int(dim))]) => {
@@ -1517,13 +1578,18 @@ impl Lower<'_> {
     /// slices), r = σ(h_r + i_r), z = σ(h_z + i_z), n = tanh(i_n + h_n·r), h' = (h - n)·z + n.
     fn gru_cell(&mut self, x: &Arg, hx: &Arg, ih: Projection, hh: Projection) -> R<ValueId> {
         let (xv, h) = (self.tensor(x)?, self.tensor(hx)?);
-        let hs = self.sizes(h)?;
-        if self.g.ty(xv).rank() != 2 || hs.len() != 2 {
+        if self.g.ty(xv).rank() != 2 || self.g.ty(h).rank() != 2 {
             return Err("an unbatched GRU cell (1-d input)".into());
         }
-        let n = hs[1];
         let gi = self.project(x, ih)?;
-        let gh = self.project(hx, hh)?;
+        self.gru_step(gi, h, hh)
+    }
+
+    /// A GRU step from its input's projection `gi` (computed for the whole sequence at once,
+    /// as ATen's layers on CPU do) and the state `h` [B, H].
+    fn gru_step(&mut self, gi: ValueId, h: ValueId, hh: Projection) -> R<ValueId> {
+        let n = self.sizes(h)?[1];
+        let gh = self.project(&Arg::Tensor(h), hh)?;
         let e = |r: Result<ValueId, kiln_compiler::graph::ir::IrError>| r.map_err(|e| e.0);
         let mut part = |g: ValueId, i: i64| -> R<ValueId> { e(self.g.slice(g, 1, i * n, n)) };
         let (i_r, i_z, i_n) = (part(gi, 0)?, part(gi, 1)?, part(gi, 2)?);
@@ -1544,13 +1610,21 @@ impl Lower<'_> {
     /// four chunks i, f, g, o; c' = σ(f)·c + σ(i)·tanh(g), h' = σ(o)·tanh(c'). (h', c').
     fn lstm_cell(&mut self, x: &Arg, h: ValueId, c: ValueId, ih: Projection, hh: Projection) -> R<(ValueId, ValueId)> {
         let xv = self.tensor(x)?;
+        if self.g.ty(xv).rank() != 2 {
+            return Err("an unbatched LSTM cell (1-d input)".into());
+        }
+        let gi = self.project(x, ih)?;
+        self.lstm_step(gi, h, c, hh)
+    }
+
+    /// An LSTM step from its input's projection `gi` and the state (h, c), each [B, H].
+    fn lstm_step(&mut self, gi: ValueId, h: ValueId, c: ValueId, hh: Projection) -> R<(ValueId, ValueId)> {
         let hs = self.sizes(h)?;
-        if self.g.ty(xv).rank() != 2 || hs.len() != 2 || self.sizes(c)? != hs {
-            return Err("an unbatched LSTM cell (1-d input) or a cell state of another shape".into());
+        if hs.len() != 2 || self.sizes(c)? != hs {
+            return Err("an LSTM state of other ranks, or a cell state of another shape".into());
         }
         let n = hs[1];
         let gh = self.project(&Arg::Tensor(h), hh)?;
-        let gi = self.project(x, ih)?;
         let e = |r: Result<ValueId, kiln_compiler::graph::ir::IrError>| r.map_err(|e| e.0);
         let gates = e(self.g.binary(BinaryOp::Add, gh, gi))?;
         let mut gate = |i: i64, op: UnaryOp| -> R<ValueId> {
@@ -1564,6 +1638,91 @@ impl Lower<'_> {
         let t = e(self.g.unary(UnaryOp::Tanh, cy))?;
         let hy = e(self.g.binary(BinaryOp::Mul, o, t))?;
         Ok((hy, cy))
+    }
+
+    /// A whole-sequence RNN (`aten::quantized_lstm` / `quantized_gru`, input form) as ATen's
+    /// `_lstm_impl` / `_rnn_impl` run it on CPU, unrolled: per layer and direction, the
+    /// layer's whole input projected at once ([T, B, in] rows: one activation range), then
+    /// each step's cell on its slice of that (the reverse direction from the last step),
+    /// the outputs stacked (both directions concatenated on the last dim), the next layer
+    /// reading them. `weights`: per cell (layer-major, forward before reverse) the ih and hh
+    /// projections' [w, scale, zero point, bias]. Returns (output, h_n[, c_n]); a batch-first
+    /// output is the [T, B, H] result transposed (`sequence_strides`).
+    fn sequence(&mut self, recurrence: Recurrence, x: &Arg, state: &[ValueId], weights: &[ValueId], shape: Sequence) -> R<Vec<ValueId>> {
+        let e = |r: Result<ValueId, kiln_compiler::graph::ir::IrError>| r.map_err(|e| e.0);
+        let xv = self.tensor(x)?;
+        if self.g.ty(xv).dtype != DType::F32 {
+            return Err("an input that is not float32 (eager raises)".into());
+        }
+        let xs = self.g.ty(xv).static_shape().ok_or("a sequence length or batch that changes between calls (Kiln unrolls the steps)")?;
+        if xs.len() != 3 {
+            return Err(format!("an input of {} dims (eager raises)", xs.len()));
+        }
+        let mut input = if shape.batch_first { e(self.g.permute(xv, &[1, 0, 2]))? } else { xv };
+        let (steps, batch) = if shape.batch_first { (xs[1], xs[0]) } else { (xs[0], xs[1]) };
+        let directions = if shape.bidirectional { 2 } else { 1 };
+        let cells = shape.layers * directions;
+        let held = if recurrence == Recurrence::Lstm { 2 } else { 1 };
+        if steps == 0 {
+            return Err("an empty sequence (eager raises)".into());
+        }
+        if steps * cells > MAX_UNROLLED_STEPS {
+            return Err(format!("{steps} steps × {cells} cells (Kiln unrolls at most {MAX_UNROLLED_STEPS} cell steps in a group)"));
+        }
+        if shape.layers < 1 || weights.len() as i64 != 8 * cells || state.len() != held {
+            return Err("cell weights or states of another number than the layers need (eager raises)".into());
+        }
+        let hidden = self.sizes(weights[4])?[1];
+        for &s in state {
+            if self.sizes(s)? != [cells, batch, hidden] {
+                return Err(format!("a state of shape {:?} (eager raises or broadcasts it)", self.sizes(s)?));
+            }
+        }
+        let arg = |v: ValueId| Arg::Tensor(v);
+        let mut finals: Vec<Vec<ValueId>> = vec![vec![]; held];
+        for layer in 0..shape.layers {
+            let mut outputs = vec![];
+            for direction in 0..directions {
+                let cell = (layer * directions + direction) as usize;
+                let w: Vec<Arg> = weights[8 * cell..8 * cell + 8].iter().map(|&v| arg(v)).collect();
+                let ih = Projection::Quantized([&w[0], &w[1], &w[2], &w[3]], shape.reduce_range);
+                let hh = Projection::Quantized([&w[4], &w[5], &w[6], &w[7]], shape.reduce_range);
+                let gi = self.project(&arg(input), ih)?;
+                let width = self.sizes(gi)?[2];
+                let mut held_state = vec![];
+                for &s in state {
+                    let one = e(self.g.slice(s, 0, cell as i64, 1))?;
+                    held_state.push(e(self.g.reshape(one, &[batch, hidden]))?);
+                }
+                let mut step_outputs = vec![None; steps as usize];
+                let order: Vec<i64> = if direction == 0 { (0..steps).collect() } else { (0..steps).rev().collect() };
+                for t in order {
+                    let gi_t = e(self.g.slice(gi, 0, t, 1))?;
+                    let gi_t = e(self.g.reshape(gi_t, &[batch, width]))?;
+                    held_state = match recurrence {
+                        Recurrence::Lstm => {
+                            let (h, c) = self.lstm_step(gi_t, held_state[0], held_state[1], hh)?;
+                            vec![h, c]
+                        }
+                        Recurrence::Gru => vec![self.gru_step(gi_t, held_state[0], hh)?],
+                    };
+                    step_outputs[t as usize] = Some(e(self.g.reshape(held_state[0], &[1, batch, hidden]))?);
+                }
+                let parts: Vec<ValueId> = step_outputs.into_iter().map(|v| v.expect("every step ran")).collect();
+                outputs.push(if parts.len() == 1 { parts[0] } else { e(self.g.cat(&parts, 0))? });
+                for (f, s) in finals.iter_mut().zip(held_state) {
+                    f.push(e(self.g.reshape(s, &[1, batch, hidden]))?);
+                }
+            }
+            input = if outputs.len() == 1 { outputs[0] } else { e(self.g.cat(&outputs, 2))? };
+        }
+        let output = if shape.batch_first { e(self.g.permute(input, &[1, 0, 2]))? } else { input };
+        let mut results = vec![self.fresh(output)];
+        for f in finals {
+            let stacked = if f.len() == 1 { f[0] } else { e(self.g.cat(&f, 0))? };
+            results.push(self.fresh(stacked));
+        }
+        Ok(results)
     }
 
     /// A bool [rows, cols] mask: column - row `cmp` diagonal (triu: ≥, tril and causal: ≤).
@@ -1774,6 +1933,10 @@ impl Lower<'_> {
     /// quantized.
     fn explain_weight(&mut self, w: ValueId, scale: ValueId, y: ValueId, activations: &str) -> R<()> {
         let sizes = self.sizes(w)?.iter().map(i64::to_string).collect::<Vec<_>>().join("x");
+        // (Once per weight: an unrolled RNN multiplies by its hh weight at every step.)
+        if !self.explained.insert(w) {
+            return Ok(());
+        }
         let per = if self.sizes(scale)? == [1] { "per tensor" } else { "per output channel" };
         self.weight_choices.push(format!("weight {sizes} of %{}: int8 ({per}), {activations}", y.0));
         Ok(())
@@ -1844,7 +2007,7 @@ impl Lower<'_> {
     fn project(&mut self, x: &Arg, p: Projection) -> R<ValueId> {
         match p {
             Projection::Float(w, b) => self.linear(x, w, b),
-            Projection::Quantized(wszb) => self.linear_dynamic(x, wszb, true, false),
+            Projection::Quantized(wszb, reduce_range) => self.linear_dynamic(x, wszb, reduce_range, false),
         }
     }
 

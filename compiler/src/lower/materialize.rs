@@ -61,7 +61,10 @@ pub fn choose(g: &Graph) -> HashSet<ValueId> {
                     // softmax reads its input in two passes (max, then exp stored), log_softmax
                     // in three (max, sum of exp, write).
                     Op::Softmax { log, .. } => ctx.extend((0..if *log { 3 } else { 2 }).map(|pass| (u.0, pass))),
-                    Op::Reduce { .. } => {
+                    // A reduction, a product, a convolution... reads it in a kernel of its own
+                    // (an RNN's cell state feeds the next step's gates and this step's output,
+                    // whose product needs it stored: each step is a kernel of its own).
+                    op if !op.is_pointwise() => {
                         ctx.insert((u.0, 0));
                     }
                     _ if next.contains(&u) => {
@@ -142,6 +145,21 @@ mod tests {
         assert_eq!(chosen(g), Vec::<u32>::new());
         assert_eq!(chosen(&g.replace("softmax(%1)", "softmax(%2)")), vec![2]);
         assert_eq!(chosen(&g.replace("softmax(%1)", "log_softmax(%1)")), vec![1]);
+    }
+
+    #[test]
+    fn a_value_a_product_also_reads_is_stored_once() {
+        // An RNN step's state: read by the next product (a kernel of its own) and by the
+        // pointwise output. Counted as one context, it was inlined into every later step.
+        let g = "graph(%0: f32[2, 4], %1: f32[4, 4]) {
+ %2 = tanh(%0) : f32[2, 4]
+ %3 = sigmoid(%2) : f32[2, 4]
+ %4 = matmul(%3, %1) : f32[2, 4]
+ %5 = add(%4, %3) : f32[2, 4]
+ return (%5)
+}";
+        assert_eq!(chosen(g), vec![3]);
+        assert_eq!(chosen(&g.replace("add(%4, %3)", "add(%4, %0)")), Vec::<u32>::new());
     }
 
     #[test]

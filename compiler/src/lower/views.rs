@@ -59,9 +59,12 @@ pub fn view_layout(g: &Graph, v: ValueId, input: &Layout) -> Option<Layout> {
 /// `g` with a copy (a cast to the same dtype, a pointwise node the lowering stores) before
 /// each reshape of an input that PyTorch's view rule cannot express over the input's strides
 /// (a flattened transpose): an input's memory is the caller's, so the copy is what gets a
-/// row-major buffer. None when no reshape needs one.
+/// row-major buffer. Likewise before a reshape of an output stored in another order than
+/// row-major (a batch-first RNN's output, time-major in memory, that a linear flattens): its
+/// layout is the caller's too. None when no reshape needs one.
 pub fn with_input_copies(g: &Graph, input_strides: &[Vec<i64>]) -> Option<Graph> {
     let layouts = layouts(g, input_strides, &HashMap::new(), &HashSet::new());
+    let reordered: HashSet<ValueId> = g.outputs.iter().zip(&g.output_orders).filter(|(_, order)| order.iter().enumerate().any(|(i, &d)| i != d)).map(|(&v, _)| v).collect();
     let needs_copy = |n: &crate::graph::ir::Node| {
         let x = n.inputs.first().copied();
         n.op == Op::Reshape
@@ -69,7 +72,8 @@ pub fn with_input_copies(g: &Graph, input_strides: &[Vec<i64>]) -> Option<Graph>
                 let from = g.ty(x).static_shape().unwrap_or_default();
                 let to = n.ty.static_shape().unwrap_or_default();
                 let input_based = layouts[x.0 as usize].as_ref().is_some_and(|l| matches!(g.node(l.base).op, Op::Input(_)));
-                input_based && !only_unit_dims(&from, &to) && view_strides(&from, &layouts[x.0 as usize].as_ref().unwrap().strides, &to).is_none()
+                let inexpressible = input_based && view_strides(&from, &layouts[x.0 as usize].as_ref().unwrap().strides, &to).is_none();
+                !only_unit_dims(&from, &to) && (inexpressible || reordered.contains(&view_root(g, x)))
             })
     };
     if !g.nodes.iter().any(needs_copy) {
