@@ -331,11 +331,13 @@ pub unsafe fn run(s: &GemmShape, ukr: MicrokernelFn, table: *const *mut u8, scra
     let parts = if macs < PARALLEL_MIN_MACS { 1 } else { parallel::threads().min(tiles as usize) };
     let b_tasks = if prepacked_b.is_some() { 0 } else { np };
     let pack_tasks = mp + b_tasks;
+    // (A row or two with B packed already is one task: a second thread would only wait.)
+    let pack_parts = parts.min(pack_tasks.max(1) as usize);
     let shared = Shared((a_src, b_src, pa, pb, table));
     let pack = |p: usize| {
         let (a_src, b_src, pa, pb, _) = shared.get();
         let mut row = vec![];
-        let (lo, hi) = run_of(pack_tasks, parts, p);
+        let (lo, hi) = run_of(pack_tasks, pack_parts, p);
         for t in lo..hi {
             if t < mp {
                 pack_a_panel(s, a_src, params, t * s.tile.mr, pa.offset((t * a_panel) as isize), &mut row);
@@ -360,6 +362,6 @@ pub unsafe fn run(s: &GemmShape, ukr: MicrokernelFn, table: *const *mut u8, scra
             ukr(table, a, b, quads(s.k), coords.as_ptr(), rows, cols, std::ptr::null(), std::ptr::null_mut(), 0);
         }
     };
-    parallel::run(parts, &pack);
+    parallel::run(pack_parts, &pack);
     parallel::run(parts, &compute);
 }
