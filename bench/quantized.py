@@ -147,7 +147,6 @@ MODELS = {
     "relu_mlp_b64": (ReluMLP, (torch.randn(64, 512),), {nn.Linear}),
     "mlp_b1": (MLP, (torch.randn(1, 512),), {nn.Linear}),
     "wavestep": (models()["wavestep"][0], models()["wavestep"][1], {nn.Linear, nn.GRUCell}),
-    # (Kiln has no float32 LSTM: its fp32 column is TorchScript's own, oneDNN's LSTM.)
     "speech_lstm": (SpeechLSTM, (torch.randn(50, 1, 80),), {nn.Linear, nn.LSTM}),
 }
 

@@ -409,3 +409,42 @@ def test_symbolic_products_of_two_inputs_follow_every_size():
         torch.testing.assert_close(fn(x, w), torch.relu(x @ w))
     s = torch_kiln.stats()
     assert s["symbolic_specializations"] >= 1 and s["kernel_runs"] >= 6, s
+
+
+class Recurrent(torch.nn.Module):
+    """A whole-sequence nn.LSTM or nn.GRU and a linear over its output."""
+
+    def __init__(self, kind, layers, bidirectional, batch_first, bias):
+        super().__init__()
+        rnn = torch.nn.LSTM if kind == "lstm" else torch.nn.GRU
+        self.rnn = rnn(12, 20, num_layers=layers, bidirectional=bidirectional, batch_first=batch_first, bias=bias)
+        self.out = torch.nn.Linear(40 if bidirectional else 20, 5)
+
+    def forward(self, x):
+        y, state = self.rnn(x)
+        return self.out(y), y, state
+
+
+@pytest.mark.parametrize("kind", ["lstm", "gru"])
+@pytest.mark.parametrize("how", ["script", "trace"])
+@pytest.mark.parametrize("layers,bidirectional,batch_first,bias", [(1, False, False, True), (2, True, True, True), (2, False, False, False)])
+def test_a_sequence_rnn_runs_in_kiln(kind, how, layers, bidirectional, batch_first, bias):
+    """Frozen, `aten::lstm` / `aten::gru` is unrolled in one group (its weights, one `Tensor[]`
+    constant, listed by the pass): each layer's input projected at once, each step's state
+    product and gates; every output in eager's sizes and strides (a batch-first output is a
+    transposed view in eager). Eager's LSTM is oneDNN's: compared as float32 results are."""
+    torch.manual_seed(0)
+    model = Recurrent(kind, layers, bidirectional, batch_first, bias).eval()
+    x = torch.randn((3, 7, 12) if batch_first else (7, 3, 12))
+    m = build(model, (x,), how, freeze=True)
+    with torch.no_grad():
+        want = model(x)
+        for _ in range(3):
+            got = m(x)
+    flat = lambda out: [out] if isinstance(out, torch.Tensor) else [t for part in out for t in flat(part)]
+    for g, w in zip(flat(got), flat(want), strict=True):
+        assert g.stride() == w.stride(), (g.shape, g.stride(), w.stride())
+        torch.testing.assert_close(g, w)
+    text = torch_kiln.explain(m)
+    assert any(line.strip().startswith("[kiln group") and f"aten::{kind}" in line for line in text.splitlines()), text
+    assert torch_kiln.stats()["kernel_runs"] > 0, text

@@ -898,6 +898,31 @@ void unpack_quantized_ops(Block* b) {
   }
 }
 
+// A float32 `aten::lstm` / `aten::gru` (input form) reads its weights as one `Tensor[]`
+// constant (a frozen module's `_flat_weights`); the dump takes tensors one by one. The constant
+// becomes a list of tensor constants (the pass lifts them into group inputs like any frozen
+// weight): the same tensors, so TorchScript's semantics do not change.
+void list_rnn_weights(Block* b) {
+  for (Node* n : b->nodes()) {
+    for (Block* sub : n->blocks()) list_rnn_weights(sub);
+    if (n->kind() != aten::lstm && n->kind() != aten::gru) continue;
+    if (!n->maybeSchema() || n->maybeSchema()->overload_name() != "input" || n->inputs().size() < 3) continue;
+    Value* params = n->input(2);
+    auto iv = toIValue(params);
+    if (params->node()->kind() != prim::Constant || !iv || !iv->isList()) continue;
+    std::vector<at::Tensor> tensors;
+    for (const IValue& t : iv->toListRef()) {
+      if (!t.isTensor()) break;
+      tensors.push_back(t.toTensor());
+    }
+    if (tensors.size() != iv->toListRef().size()) continue;
+    WithInsertPoint guard(n);
+    auto constants = weight_constants(n->owningGraph(), tensors);
+    Node* list = n->owningGraph()->insertNode(n->owningGraph()->createList(TensorType::get(), constants));
+    n->replaceInput(2, list->output());
+  }
+}
+
 void restore_quantized(Block* b) {
   for (auto it = b->nodes().begin(); it != b->nodes().end();) {
     Node* n = *it;
@@ -1042,7 +1067,8 @@ bool is_tensor_list(const Node* n) {
   if (!list || !list->getElementType()->cast<TensorType>()) return false;
   for (const Use& u : n->output()->uses())
     if (u.user->kind() != aten::cat && u.user->kind() != aten::stack && u.user->kind() != aten::lstm_cell && u.user->kind() != quantized_lstm_kind() &&
-        u.user->kind() != quantized_lstm_sequence_kind() && u.user->kind() != quantized_gru_sequence_kind() &&
+        u.user->kind() != quantized_lstm_sequence_kind() && u.user->kind() != quantized_gru_sequence_kind() && u.user->kind() != aten::lstm &&
+        u.user->kind() != aten::gru &&
         u.user->kind() != quantized_cat_kind() && u.user->kind() != group_kind())
       return false;
   return true;
@@ -1304,6 +1330,7 @@ struct Fuser {
   void run() {
     functionalize(graph->block());
     unpack_quantized_ops(graph->block());
+    list_rnn_weights(graph->block());
     unshare_shape_ops(graph->block());
     db = std::make_unique<AliasDb>(graph);
     fuse_block(graph->block());

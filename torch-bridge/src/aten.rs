@@ -301,7 +301,7 @@ fn eager_strides(kind: &str, shape: &[i64], dtype: DType, mut operands: Vec<Oper
         | "aten::_native_multi_head_attention" | "kiln::linear_dynamic" => return contiguous_strides(shape),
         "kiln::gru_cell_dynamic" | "kiln::lstm_cell_dynamic" | "kiln::linear_quantized" => return contiguous_strides(shape),
         // (A batch-first output is a transpose of the [T, B, H] result: `sequence_strides`.)
-        "kiln::lstm_dynamic" | "kiln::gru_dynamic" => return contiguous_strides(shape),
+        "kiln::lstm_dynamic" | "kiln::gru_dynamic" | "aten::lstm" | "aten::gru" => return contiguous_strides(shape),
         // fbgemm's quantized convolution computes channels-last.
         "kiln::conv2d_quantized" => return dense_strides(shape, &[0, 2, 3, 1]),
         "aten::layer_norm" | "aten::_transformer_encoder_layer_fwd" | "aten::contiguous" | "aten::cat" | "aten::gru_cell" | "aten::lstm_cell" | "aten::stack" | "aten::zeros" | "aten::ones"
@@ -362,13 +362,32 @@ enum Projection<'a> {
     Quantized([&'a Arg; 4], bool),
 }
 
-/// A whole-sequence RNN's layout: its layers, directions, batch_first and reduce_range.
+/// A whole-sequence RNN's layout: its layers, directions, batch_first, and how its cells'
+/// weights are given.
 #[derive(Clone, Copy)]
 struct Sequence {
     layers: i64,
     bidirectional: bool,
     batch_first: bool,
-    reduce_range: bool,
+    weights: CellWeights,
+}
+
+/// Per cell, in the op's weight list: float32 `aten::lstm` / `gru`'s w_ih, w_hh (then b_ih,
+/// b_hh with biases), or the unpacked int8 projections' [w, scale, zero point, bias] of ih,
+/// then of hh (with the cells' reduce_range).
+#[derive(Clone, Copy, PartialEq)]
+enum CellWeights {
+    Float { biases: bool },
+    Quantized { reduce_range: bool },
+}
+
+impl CellWeights {
+    fn per_cell(self) -> usize {
+        match self {
+            CellWeights::Float { biases } => if biases { 4 } else { 2 },
+            CellWeights::Quantized { .. } => 8,
+        }
+    }
 }
 
 /// The recurrence of a whole-sequence RNN op.
@@ -386,8 +405,13 @@ const MAX_UNROLLED_STEPS: i64 = 1024;
 /// batch_first, the output is ATen's [T, B, H] result transposed (a view: dims 1, 0, 2 in
 /// memory order); the rest are contiguous.
 fn sequence_strides(kind: &str, args: &[Arg], shape: &[i64]) -> Option<Vec<i64>> {
-    let (Some(Arg::Const(Const::Bool(true))), Some(Arg::Const(Const::Int(0)))) = (args.get(5), args.get(args.len().wrapping_sub(2))) else { return None };
-    (matches!(kind, "kiln::lstm_dynamic" | "kiln::gru_dynamic") && shape.len() == 3).then(|| dense_strides(shape, &[1, 0, 2]))
+    let batch_first = match kind {
+        "kiln::lstm_dynamic" | "kiln::gru_dynamic" => 5,
+        "aten::lstm" | "aten::gru" => 8,
+        _ => return None,
+    };
+    let (Some(Arg::Const(Const::Bool(true))), Some(Arg::Const(Const::Int(0)))) = (args.get(batch_first), args.get(args.len().wrapping_sub(2))) else { return None };
+    (shape.len() == 3).then(|| dense_strides(shape, &[1, 0, 2]))
 }
 
 /// The ops `Lower::node` knows, for regions whose types are not known until they run.
@@ -402,6 +426,7 @@ pub const KINDS: &[&str] = &[
     "aten::view", "aten::reshape", "aten::flatten", "aten::unflatten", "aten::unsqueeze", "aten::squeeze", "aten::contiguous",
     "aten::select", "aten::slice", "aten::narrow", "aten::expand", "aten::dropout", "aten::layer_norm",
     "aten::_transformer_encoder_layer_fwd", "aten::cat", "aten::stack", "aten::gru_cell", "aten::lstm_cell", "aten::zeros", "aten::ones",
+    "aten::lstm", "aten::gru",
     // A part of a split (the pass dumps a ListUnpack of one, or a ConstantChunk, as its parts).
     "aten::chunk", "aten::unsafe_chunk", "aten::split", "aten::unsafe_split", "aten::split_with_sizes",
     "aten::unsafe_split_with_sizes", "aten::masked_fill", "aten::triu", "aten::tril", "aten::scaled_dot_product_attention",
@@ -1223,18 +1248,18 @@ impl Lower<'_> {
                 "kiln::lstm_dynamic" | "kiln::gru_dynamic",
                 [x, hx, Arg::List(weights, _), Arg::Const(Const::Int(layers)), bidirectional, batch_first, reduce_range, Arg::Const(Const::Int(index)), Arg::Const(Const::Int(count))],
             ) => {
-                let (recurrence, outputs) = if kind == "kiln::lstm_dynamic" { (Recurrence::Lstm, 3) } else { (Recurrence::Gru, 2) };
-                if *count != outputs || *index < 0 || *index >= outputs {
-                    return Err(format!("output {index} of {count} (the op has {outputs})"));
-                }
-                let state = match hx {
-                    Arg::List(hc, _) => hc.clone(),
-                    _ => vec![self.tensor(hx)?],
-                };
-                let shape = Sequence { layers: *layers, bidirectional: bool_arg(bidirectional)?, batch_first: bool_arg(batch_first)?, reduce_range: bool_arg(reduce_range)? };
-                let outputs = self.sequence(recurrence, x, &state, weights, shape)?;
-                Ok(outputs[*index as usize])
+                let layout = Sequence { layers: *layers, bidirectional: bool_arg(bidirectional)?, batch_first: bool_arg(batch_first)?, weights: CellWeights::Quantized { reduce_range: bool_arg(reduce_range)? } };
+                self.sequence_output(kind == "kiln::lstm_dynamic", x, hx, weights, layout, *index, *count)
             }
+            // (dropout applies in training only: eval's is none.)
+            (
+                "aten::lstm" | "aten::gru",
+                [x, hx, Arg::List(weights, _), biases, Arg::Const(Const::Int(layers)), _, Arg::Const(Const::Bool(false)), bidirectional, batch_first, Arg::Const(Const::Int(index)), Arg::Const(Const::Int(count))],
+            ) => {
+                let layout = Sequence { layers: *layers, bidirectional: bool_arg(bidirectional)?, batch_first: bool_arg(batch_first)?, weights: CellWeights::Float { biases: bool_arg(biases)? } };
+                self.sequence_output(kind == "aten::lstm", x, hx, weights, layout, *index, *count)
+            }
+            ("aten::lstm" | "aten::gru", [.., Arg::Const(Const::Bool(true)), _, _, _, _]) => Err("a module in training (dropout between layers)".into()),
             ("aten::lstm_cell", [x, Arg::List(hx, _), w_ih, w_hh, b_ih, b_hh, Arg::Const(Const::Int(index)), Arg::Const(Const::Int(2))]) => {
                 let [h, c] = hx[..] else { return Err(format!("an LSTM state of {} tensors (eager raises)", hx.len())) };
                 let (hy, cy) = self.lstm_cell(x, h, c, Projection::Float(w_ih, b_ih), Projection::Float(w_hh, b_hh))?;
@@ -1640,19 +1665,37 @@ impl Lower<'_> {
         Ok((hy, cy))
     }
 
-    /// A whole-sequence RNN (`aten::quantized_lstm` / `quantized_gru`, input form) as ATen's
-    /// `_lstm_impl` / `_rnn_impl` run it on CPU, unrolled: per layer and direction, the
-    /// layer's whole input projected at once ([T, B, in] rows: one activation range), then
-    /// each step's cell on its slice of that (the reverse direction from the last step),
-    /// the outputs stacked (both directions concatenated on the last dim), the next layer
-    /// reading them. `weights`: per cell (layer-major, forward before reverse) the ih and hh
-    /// projections' [w, scale, zero point, bias]. Returns (output, h_n[, c_n]); a batch-first
-    /// output is the [T, B, H] result transposed (`sequence_strides`).
+    /// Output `index` (of `count`) of a whole-sequence LSTM (`lstm`) or GRU whose state is `hx`
+    /// (an LSTM's [h, c] list, a GRU's h).
+    #[allow(clippy::too_many_arguments)]
+    fn sequence_output(&mut self, lstm: bool, x: &Arg, hx: &Arg, weights: &[ValueId], layout: Sequence, index: i64, count: i64) -> R<ValueId> {
+        let (recurrence, outputs) = if lstm { (Recurrence::Lstm, 3) } else { (Recurrence::Gru, 2) };
+        if count != outputs || index < 0 || index >= outputs {
+            return Err(format!("output {index} of {count} (the op has {outputs})"));
+        }
+        let state = match hx {
+            Arg::List(hc, _) => hc.clone(),
+            _ => vec![self.tensor(hx)?],
+        };
+        Ok(self.sequence(recurrence, x, &state, weights, layout)?[index as usize])
+    }
+
+    /// A whole-sequence RNN (`aten::quantized_lstm` / `quantized_gru`, `aten::lstm` / `gru`,
+    /// input form) as ATen's `_lstm_impl` / `_rnn_impl` run it on CPU, unrolled: per layer
+    /// and direction, the layer's whole input projected at once ([T, B, in] rows: one
+    /// activation range when quantized), then each step's cell on its slice of that (the
+    /// reverse direction from the last step), the outputs stacked (both directions
+    /// concatenated on the last dim), the next layer reading them. `weights`: per cell
+    /// (layer-major, forward before reverse) as `shape.weights` says. Returns (output,
+    /// h_n[, c_n]); a batch-first output is the [T, B, H] result transposed
+    /// (`sequence_strides`). (Eager's float32 LSTM is oneDNN's: the same math, rounded its
+    /// own way.)
     fn sequence(&mut self, recurrence: Recurrence, x: &Arg, state: &[ValueId], weights: &[ValueId], shape: Sequence) -> R<Vec<ValueId>> {
+        let per_cell = shape.weights.per_cell();
         let e = |r: Result<ValueId, kiln_compiler::graph::ir::IrError>| r.map_err(|e| e.0);
         let xv = self.tensor(x)?;
         if self.g.ty(xv).dtype != DType::F32 {
-            return Err("an input that is not float32 (eager raises)".into());
+            return Err("an input that is not float32 (Kiln's RNNs are float32; a quantized one's eager raises)".into());
         }
         let xs = self.g.ty(xv).static_shape().ok_or("a sequence length or batch that changes between calls (Kiln unrolls the steps)")?;
         if xs.len() != 3 {
@@ -1669,10 +1712,11 @@ impl Lower<'_> {
         if steps * cells > MAX_UNROLLED_STEPS {
             return Err(format!("{steps} steps × {cells} cells (Kiln unrolls at most {MAX_UNROLLED_STEPS} cell steps in a group)"));
         }
-        if shape.layers < 1 || weights.len() as i64 != 8 * cells || state.len() != held {
+        if shape.layers < 1 || weights.len() as i64 != per_cell as i64 * cells || state.len() != held {
             return Err("cell weights or states of another number than the layers need (eager raises)".into());
         }
-        let hidden = self.sizes(weights[4])?[1];
+        // (w_hh is [gates · H, H] either way.)
+        let hidden = self.sizes(weights[if per_cell == 8 { 4 } else { 1 }])?[1];
         for &s in state {
             if self.sizes(s)? != [cells, batch, hidden] {
                 return Err(format!("a state of shape {:?} (eager raises or broadcasts it)", self.sizes(s)?));
@@ -1684,9 +1728,15 @@ impl Lower<'_> {
             let mut outputs = vec![];
             for direction in 0..directions {
                 let cell = (layer * directions + direction) as usize;
-                let w: Vec<Arg> = weights[8 * cell..8 * cell + 8].iter().map(|&v| arg(v)).collect();
-                let ih = Projection::Quantized([&w[0], &w[1], &w[2], &w[3]], shape.reduce_range);
-                let hh = Projection::Quantized([&w[4], &w[5], &w[6], &w[7]], shape.reduce_range);
+                let w: Vec<Arg> = weights[per_cell * cell..per_cell * (cell + 1)].iter().map(|&v| arg(v)).collect();
+                let none = Arg::Const(Const::None);
+                let (ih, hh) = match shape.weights {
+                    CellWeights::Quantized { reduce_range } => {
+                        (Projection::Quantized([&w[0], &w[1], &w[2], &w[3]], reduce_range), Projection::Quantized([&w[4], &w[5], &w[6], &w[7]], reduce_range))
+                    }
+                    CellWeights::Float { biases: true } => (Projection::Float(&w[0], &w[2]), Projection::Float(&w[1], &w[3])),
+                    CellWeights::Float { biases: false } => (Projection::Float(&w[0], &none), Projection::Float(&w[1], &none)),
+                };
                 let gi = self.project(&arg(input), ih)?;
                 let width = self.sizes(gi)?[2];
                 let mut held_state = vec![];
