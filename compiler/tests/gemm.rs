@@ -215,3 +215,35 @@ fn a_weight_packed_once_gives_the_same_result_as_packing_per_call() {
     assert!(per_call.iter().zip(&once).all(|(a, b)| a.to_bits() == b.to_bits()));
     assert!(per_call.iter().all(|v| v.is_finite()));
 }
+
+#[test]
+fn two_products_by_one_weight_share_its_packed_copy() {
+    // An RNN's steps: h1 = tanh(x · Wᵀ), h2 = h1 · Wᵀ. One packed copy serves both GEMMs.
+    let (m, k) = (5, 40);
+    let ir = format!("graph(%0: f32[{m}, {k}], %1: f32[{k}, {k}]) {{\n  %2 = permute(%1) dims=[1, 0] : f32[{k}, {k}]\n  %3 = matmul(%0, %2) : f32[{m}, {k}]\n  %4 = tanh(%3) : f32[{m}, {k}]\n  %5 = matmul(%4, %2) : f32[{m}, {k}]\n  return (%5)\n}}\n");
+    let strides = [vec![k, 1], vec![k, 1]];
+    let p = compile(&parse_graph(&ir).unwrap(), &strides, &Target::host(), &CompileOptions::default()).unwrap();
+    let weights = p.packable_weights().to_vec();
+    assert_eq!(weights.len(), 1, "{weights:?}");
+    assert_eq!(weights[0].shared_by.len(), 2, "{weights:?}");
+    let mut rng = Rng(8);
+    let mut vals = |len: i64| (0..len).map(|_| rng.uniform(-1.0, 1.0)).collect::<Vec<f32>>();
+    let (x, w) = (vals(m * k), vals(k * k));
+    #[derive(Clone, Copy)]
+    #[repr(align(64))]
+    #[allow(dead_code)] // storage only
+    struct Line([f32; 16]);
+    let mut packed = vec![Line([f32::NAN; 16]); weights[0].elems.div_ceil(16)];
+    unsafe { p.pack_weight(&weights[0], w.as_ptr() as _, packed.as_mut_ptr() as *mut f32) };
+    let ins = [x.as_ptr() as *const u8, w.as_ptr() as *const u8];
+    let run = |prepacked: bool| {
+        let mut out = vec![0f32; (m * k) as usize];
+        let mut slot = Some(out.as_mut_ptr() as *mut u8);
+        let ptr = packed.as_ptr() as *const f32;
+        unsafe { p.run_packed(|i| ins[i], |_| slot.take(), &|_| prepacked.then_some(ptr)) }.unwrap();
+        out
+    };
+    let (per_call, once) = (run(false), run(true));
+    assert!(per_call.iter().zip(&once).all(|(a, b)| a.to_bits() == b.to_bits()));
+    assert!(per_call.iter().all(|v| v.is_finite() && *v != 0.0));
+}

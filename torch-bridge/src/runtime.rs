@@ -632,7 +632,7 @@ impl Runtime {
         // Code for symbolic sizes keeps a packed copy only of a B whose layout does not move.
         let weights = crate::packed::PackedWeights::new(&program, |w| match &symbolic {
             None => true,
-            Some(run) => program.packs_at_every_size(w.kernel, &run.shapes),
+            Some(run) => w.shared_by.iter().all(|&k| program.packs_at_every_size(k, &run.shapes)),
         });
         let spec = Specialization {
             guards,

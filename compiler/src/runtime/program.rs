@@ -78,19 +78,30 @@ enum Code {
 /// [`CompiledProgram::packable_weights`].
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct PackableWeight {
+    /// The kernel it is packed for, and every kernel that reads the copy (those whose B is
+    /// the same input packed alike: `GemmShape::b_packing`).
     pub kernel: usize,
+    pub shared_by: Vec<usize>,
     pub input: usize,
     /// Floats of its packed copy.
     pub elems: usize,
 }
 
 fn packable_weights(image: &ProgramImage) -> Vec<PackableWeight> {
-    let mut out = vec![];
+    let mut out: Vec<PackableWeight> = vec![];
+    let mut packings: Vec<crate::kernels::gemm::GemmShape> = vec![];
     for (kernel, k) in image.kernels.iter().enumerate() {
         let Some(g) = &k.gemm else { continue };
         if let BufferKind::Input(input) = image.buffers[k.buffers[g.b.buf.0 as usize] as usize].kind {
             if g.b.batch_invariant() {
-                out.push(PackableWeight { kernel, input, elems: g.packed_b_elems() as usize });
+                let packing = g.b_packing();
+                match out.iter().zip(&packings).position(|(w, p)| w.input == input && *p == packing) {
+                    Some(w) => out[w].shared_by.push(kernel),
+                    None => {
+                        out.push(PackableWeight { kernel, shared_by: vec![kernel], input, elems: g.packed_b_elems() as usize });
+                        packings.push(packing);
+                    }
+                }
             }
         }
     }
@@ -269,7 +280,7 @@ impl CompiledProgram {
 
     /// The packed copy `packed` gives for kernel `k`'s weight, if it has one.
     fn packed_of(&self, k: usize, packed: &dyn Fn(usize) -> Option<*const f32>) -> Option<*const f32> {
-        self.weights.iter().position(|w| w.kernel == k).and_then(packed)
+        self.weights.iter().position(|w| w.shared_by.contains(&k)).and_then(packed)
     }
 
     /// The GEMM operands that are inputs of the program and the same matrix for every batch

@@ -299,6 +299,20 @@ pub struct GemmShape {
 }
 
 impl GemmShape {
+    /// This shape with what packing B does not read cleared (A, m, the buffer numbers, which
+    /// are the kernel's own): two GEMMs of one program whose B is the same input and whose
+    /// `b_packing` is equal read one packed copy (an unrolled RNN's steps, each multiplying by
+    /// the same W_hh).
+    pub fn b_packing(&self) -> GemmShape {
+        let none = BufId(0);
+        GemmShape {
+            m: 0,
+            a: GemmOperand { buf: none, offset: 0, batch_strides: vec![], rows: 0, cols: 0 },
+            b: GemmOperand { buf: none, ..self.b.clone() },
+            quant: self.quant.map(|q| QuantizedB { scale: none, zero_point: none, bias: q.bias.map(|_| none), ..q }),
+            ..self.clone()
+        }
+    }
     pub fn batch_count(&self) -> i64 {
         self.batch.iter().product()
     }
