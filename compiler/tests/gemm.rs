@@ -184,6 +184,25 @@ fn a_pointwise_tail_becomes_the_gemm_epilogue() {
     assert!(!text.contains("tanh(acc"), "the product's store was fused away:\n{text}");
 }
 
+/// The program's one output run on `ins` packing `weight` (data `w`) per call, and with a
+/// copy packed once beforehand.
+fn per_call_and_prepacked(p: &kiln_compiler::CompiledProgram, weight: &kiln_compiler::runtime::program::PackableWeight, w: &[f32], ins: &[*const u8], out_len: usize) -> (Vec<f32>, Vec<f32>) {
+    #[derive(Clone, Copy)]
+    #[repr(align(64))]
+    #[allow(dead_code)] // storage only
+    struct Line([f32; 16]);
+    let mut packed = vec![Line([f32::NAN; 16]); weight.elems.div_ceil(16)];
+    unsafe { p.pack_weight(weight, w.as_ptr() as _, packed.as_mut_ptr() as *mut f32) };
+    let run = |prepacked: bool| {
+        let mut out = vec![0f32; out_len];
+        let mut slot = Some(out.as_mut_ptr() as *mut u8);
+        let ptr = packed.as_ptr() as *const f32;
+        unsafe { p.run_packed(|i| ins[i], |_| slot.take(), &|_| prepacked.then_some(ptr)) }.unwrap();
+        out
+    };
+    (run(false), run(true))
+}
+
 #[test]
 fn a_weight_packed_once_gives_the_same_result_as_packing_per_call() {
     // x · Wᵀ + b with W an input: the program offers W for packing.
@@ -197,21 +216,8 @@ fn a_weight_packed_once_gives_the_same_result_as_packing_per_call() {
     let mut rng = Rng(7);
     let mut vals = |len: i64| (0..len).map(|_| rng.uniform(-1.0, 1.0)).collect::<Vec<f32>>();
     let (x, w, b) = (vals(m * k), vals(n * k), vals(n));
-    #[derive(Clone, Copy)]
-    #[repr(align(64))]
-    #[allow(dead_code)] // storage only
-    struct Line([f32; 16]);
-    let mut packed = vec![Line([f32::NAN; 16]); weights[0].elems.div_ceil(16)];
-    unsafe { p.pack_weight(&weights[0], w.as_ptr() as _, packed.as_mut_ptr() as *mut f32) };
     let ins = [x.as_ptr() as *const u8, w.as_ptr() as *const u8, b.as_ptr() as *const u8];
-    let run = |prepacked: bool| {
-        let mut out = vec![0f32; (m * n) as usize];
-        let mut slot = Some(out.as_mut_ptr() as *mut u8);
-        let ptr = packed.as_ptr() as *const f32;
-        unsafe { p.run_packed(|i| ins[i], |_| slot.take(), &|_| prepacked.then_some(ptr)) }.unwrap();
-        out
-    };
-    let (per_call, once) = (run(false), run(true));
+    let (per_call, once) = per_call_and_prepacked(&p, &weights[0], &w, &ins, (m * n) as usize);
     assert!(per_call.iter().zip(&once).all(|(a, b)| a.to_bits() == b.to_bits()));
     assert!(per_call.iter().all(|v| v.is_finite()));
 }
@@ -229,21 +235,8 @@ fn two_products_by_one_weight_share_its_packed_copy() {
     let mut rng = Rng(8);
     let mut vals = |len: i64| (0..len).map(|_| rng.uniform(-1.0, 1.0)).collect::<Vec<f32>>();
     let (x, w) = (vals(m * k), vals(k * k));
-    #[derive(Clone, Copy)]
-    #[repr(align(64))]
-    #[allow(dead_code)] // storage only
-    struct Line([f32; 16]);
-    let mut packed = vec![Line([f32::NAN; 16]); weights[0].elems.div_ceil(16)];
-    unsafe { p.pack_weight(&weights[0], w.as_ptr() as _, packed.as_mut_ptr() as *mut f32) };
     let ins = [x.as_ptr() as *const u8, w.as_ptr() as *const u8];
-    let run = |prepacked: bool| {
-        let mut out = vec![0f32; (m * k) as usize];
-        let mut slot = Some(out.as_mut_ptr() as *mut u8);
-        let ptr = packed.as_ptr() as *const f32;
-        unsafe { p.run_packed(|i| ins[i], |_| slot.take(), &|_| prepacked.then_some(ptr)) }.unwrap();
-        out
-    };
-    let (per_call, once) = (run(false), run(true));
+    let (per_call, once) = per_call_and_prepacked(&p, &weights[0], &w, &ins, (m * k) as usize);
     assert!(per_call.iter().zip(&once).all(|(a, b)| a.to_bits() == b.to_bits()));
     assert!(per_call.iter().all(|v| v.is_finite() && *v != 0.0));
 }
