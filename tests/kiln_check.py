@@ -75,6 +75,25 @@ def close(actual, expected):
     torch.testing.assert_close(actual, expected, equal_nan=True)
 
 
+def flat(out):
+    """A model's result as a list of tensors (tuples of states flattened)."""
+    if isinstance(out, torch.Tensor):
+        return [out]
+    return [t for part in out for t in flat(part)]
+
+
+def same_layouts(expected):
+    """A check that every result is `close` to eager's (Kiln's sigmoid and tanh are its own:
+    compared as float32 results are) with eager's sizes and strides."""
+
+    def check(out):
+        for got, want in zip(flat(out), flat(expected), strict=True):
+            assert got.shape == want.shape and got.stride() == want.stride(), (got.shape, got.stride(), want.stride())
+            close(got, want)
+
+    return check
+
+
 def no_worse_than_float32(out, evaluations, exact):
     """Kiln's `out` is nowhere further from `exact` than twice the largest error of the
     float32 `evaluations` (or than the default tolerance allows), NaN where exact is NaN."""

@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch_kiln
 
-from kiln_check import in_threads
+from kiln_check import in_threads, same_layouts
 
 FLOP_OPS = ("aten::linear", "aten::matmul", "aten::mm", "aten::bmm", "aten::addmm")
 
@@ -441,10 +441,7 @@ def test_a_sequence_rnn_runs_in_kiln(kind, how, layers, bidirectional, batch_fir
         want = model(x)
         for _ in range(3):
             got = m(x)
-    flat = lambda out: [out] if isinstance(out, torch.Tensor) else [t for part in out for t in flat(part)]
-    for g, w in zip(flat(got), flat(want), strict=True):
-        assert g.stride() == w.stride(), (g.shape, g.stride(), w.stride())
-        torch.testing.assert_close(g, w)
+    same_layouts(want)(got)
     text = torch_kiln.explain(m)
     assert any(line.strip().startswith("[kiln group") and f"aten::{kind}" in line for line in text.splitlines()), text
     assert torch_kiln.stats()["kernel_runs"] > 0, text

@@ -373,25 +373,6 @@ def sequence_model(make, per_channel, modules=(nn.LSTM, nn.GRU, nn.Linear)):
     return qd.quantize_dynamic(make().eval(), {m: config for m in modules}, dtype=torch.qint8)
 
 
-def flat(out):
-    """A model's result as a list of tensors (tuples of states flattened)."""
-    if isinstance(out, torch.Tensor):
-        return [out]
-    return [t for part in out for t in flat(part)]
-
-
-def same_layouts(expected):
-    """A check that every result is close to eager's (Kiln's sigmoid and tanh are its own:
-    compared as float32 results are) with eager's sizes and strides."""
-
-    def check(out):
-        for got, want in zip(flat(out), flat(expected), strict=True):
-            assert got.shape == want.shape and got.stride() == want.stride(), (got.shape, got.stride(), want.stride())
-            kiln_check.close(got, want)
-
-    return check
-
-
 @pytest.mark.parametrize("kind", ["lstm", "gru"])
 @pytest.mark.parametrize("layers,bidirectional,batch_first,steps,batch", [(1, False, False, 7, 3), (2, True, False, 5, 2), (2, True, True, 4, 5), (3, False, True, 1, 1)])
 @pytest.mark.parametrize("per_channel", [False, True])
@@ -406,7 +387,7 @@ def test_a_quantized_sequence_rnn(kind, layers, bidirectional, batch_first, step
     gen = torch.Generator().manual_seed(22)
     x = torch.randn((batch, steps, 12) if batch_first else (steps, batch, 12), generator=gen)
     with torch.no_grad():
-        kiln_check.run_compiled(f, (x,), check=same_layouts(q(x)))
+        kiln_check.run_compiled(f, (x,), check=kiln_check.same_layouts(q(x)))
     assert_in_kiln(f, f"kiln::{kind}_dynamic")
     assert "[torchscript]" not in torch_kiln.explain(f)
 
@@ -423,7 +404,7 @@ def test_a_quantized_sequence_from_a_given_state(kind):
         args = (torch.randn(steps, 3, 12, generator=gen), torch.randn(2, 3, 20, generator=gen), torch.randn(2, 3, 20, generator=gen))
         args = args if kind == "lstm" else args[:2]
         with torch.no_grad():
-            kiln_check.run_compiled(f, args, check=same_layouts(q(*args)))
+            kiln_check.run_compiled(f, args, check=kiln_check.same_layouts(q(*args)))
     assert_in_kiln(f, f"kiln::{kind}_dynamic")
 
 
@@ -433,5 +414,5 @@ def test_a_long_sequence_stays_in_torchscript():
     f = frozen(q)
     x = torch.randn(300, 1, 12)
     with torch.no_grad():
-        kiln_check.run_compiled(f, (x,), check=same_layouts(q(x)), must_compile=False)
+        kiln_check.run_compiled(f, (x,), check=kiln_check.same_layouts(q(x)), must_compile=False)
     assert "Kiln unrolls at most 1024 cell steps" in torch_kiln.explain(f), torch_kiln.explain(f)

@@ -145,8 +145,7 @@ fn lower_region(r: &Region, view_outputs: bool) -> R<Lowered> {
                     op if is_view(op) && view_of(g.node(v).inputs[0]).is_some() => view_of_strides(&g, v, &view_of(g.node(v).inputs[0]).unwrap()),
                     // An identity (t of a vector, dropout in eval) is its input.
                     _ if view_of(v).is_some() => view_of(v).unwrap(),
-                    _ if sequence_strides(kind, &arg_vals, &shape).is_some() => sequence_strides(kind, &arg_vals, &shape).unwrap(),
-                    _ => eager_strides(kind, &shape, ty.dtype, operands, wraps_a_scalar(kind, &arg_vals)),
+                    _ => sequence_strides(kind, &arg_vals, &shape).unwrap_or_else(|| eager_strides(kind, &shape, ty.dtype, operands, wraps_a_scalar(kind, &arg_vals))),
                 };
                 (Arg::Tensor(v), Some(strides))
             }
@@ -300,7 +299,8 @@ fn eager_strides(kind: &str, shape: &[i64], dtype: DType, mut operands: Vec<Oper
         "aten::linear" | "aten::matmul" | "aten::mm" | "aten::bmm" | "aten::addmm" | "aten::baddbmm" | "aten::scaled_dot_product_attention"
         | "aten::_native_multi_head_attention" | "kiln::linear_dynamic" => return contiguous_strides(shape),
         "kiln::gru_cell_dynamic" | "kiln::lstm_cell_dynamic" | "kiln::linear_quantized" => return contiguous_strides(shape),
-        // (A batch-first output is a transpose of the [T, B, H] result: `sequence_strides`.)
+        // (A batch-first output is a transpose of the [T, B, H] result: `sequence_strides`,
+        // asked first.)
         "kiln::lstm_dynamic" | "kiln::gru_dynamic" | "aten::lstm" | "aten::gru" => return contiguous_strides(shape),
         // fbgemm's quantized convolution computes channels-last.
         "kiln::conv2d_quantized" => return dense_strides(shape, &[0, 2, 3, 1]),
@@ -1249,7 +1249,7 @@ impl Lower<'_> {
                 [x, hx, Arg::List(weights, _), Arg::Const(Const::Int(layers)), bidirectional, batch_first, reduce_range, Arg::Const(Const::Int(index)), Arg::Const(Const::Int(count))],
             ) => {
                 let layout = Sequence { layers: *layers, bidirectional: bool_arg(bidirectional)?, batch_first: bool_arg(batch_first)?, weights: CellWeights::Quantized { reduce_range: bool_arg(reduce_range)? } };
-                self.sequence_output(kind == "kiln::lstm_dynamic", x, hx, weights, layout, *index, *count)
+                self.sequence_output(if kind == "kiln::lstm_dynamic" { Recurrence::Lstm } else { Recurrence::Gru }, x, hx, weights, layout, *index, *count)
             }
             // (dropout applies in training only: eval's is none.)
             (
@@ -1257,7 +1257,7 @@ impl Lower<'_> {
                 [x, hx, Arg::List(weights, _), biases, Arg::Const(Const::Int(layers)), _, Arg::Const(Const::Bool(false)), bidirectional, batch_first, Arg::Const(Const::Int(index)), Arg::Const(Const::Int(count))],
             ) => {
                 let layout = Sequence { layers: *layers, bidirectional: bool_arg(bidirectional)?, batch_first: bool_arg(batch_first)?, weights: CellWeights::Float { biases: bool_arg(biases)? } };
-                self.sequence_output(kind == "aten::lstm", x, hx, weights, layout, *index, *count)
+                self.sequence_output(if kind == "aten::lstm" { Recurrence::Lstm } else { Recurrence::Gru }, x, hx, weights, layout, *index, *count)
             }
             ("aten::lstm" | "aten::gru", [.., Arg::Const(Const::Bool(true)), _, _, _, _]) => Err("a module in training (dropout between layers)".into()),
             ("aten::lstm_cell", [x, Arg::List(hx, _), w_ih, w_hh, b_ih, b_hh, Arg::Const(Const::Int(index)), Arg::Const(Const::Int(2))]) => {
@@ -1665,11 +1665,12 @@ impl Lower<'_> {
         Ok((hy, cy))
     }
 
-    /// Output `index` (of `count`) of a whole-sequence LSTM (`lstm`) or GRU whose state is `hx`
-    /// (an LSTM's [h, c] list, a GRU's h).
+    /// Output `index` (of `count`) of a whole-sequence LSTM or GRU whose state is `hx` (an
+    /// LSTM's [h, c] list, a GRU's h).
     #[allow(clippy::too_many_arguments)]
-    fn sequence_output(&mut self, lstm: bool, x: &Arg, hx: &Arg, weights: &[ValueId], layout: Sequence, index: i64, count: i64) -> R<ValueId> {
-        let (recurrence, outputs) = if lstm { (Recurrence::Lstm, 3) } else { (Recurrence::Gru, 2) };
+    fn sequence_output(&mut self, recurrence: Recurrence, x: &Arg, hx: &Arg, weights: &[ValueId], layout: Sequence, index: i64, count: i64) -> R<ValueId> {
+        // (output and h_n, and an LSTM's c_n)
+        let outputs = if recurrence == Recurrence::Lstm { 3 } else { 2 };
         if count != outputs || index < 0 || index >= outputs {
             return Err(format!("output {index} of {count} (the op has {outputs})"));
         }
@@ -1982,11 +1983,11 @@ impl Lower<'_> {
     /// An int8 weight's line in explain(): its sizes, scales and how the activations are
     /// quantized.
     fn explain_weight(&mut self, w: ValueId, scale: ValueId, y: ValueId, activations: &str) -> R<()> {
-        let sizes = self.sizes(w)?.iter().map(i64::to_string).collect::<Vec<_>>().join("x");
         // (Once per weight: an unrolled RNN multiplies by its hh weight at every step.)
         if !self.explained.insert(w) {
             return Ok(());
         }
+        let sizes = self.sizes(w)?.iter().map(i64::to_string).collect::<Vec<_>>().join("x");
         let per = if self.sizes(scale)? == [1] { "per tensor" } else { "per output channel" };
         self.weight_choices.push(format!("weight {sizes} of %{}: int8 ({per}), {activations}", y.0));
         Ok(())

@@ -62,8 +62,14 @@ impl ProgramImage {
             })
             .collect();
         let weights = packable_weights(&self);
+        let mut weight_of = vec![None; self.kernels.len()];
+        for (w, weight) in weights.iter().enumerate() {
+            for &k in &weight.shared_by {
+                weight_of[k] = Some(w);
+            }
+        }
         let pack_bytes = pack_bytes(self.kernels.iter().map(|k| k.gemm.as_ref()));
-        Ok(CompiledProgram { image: self, fns, weights, pack_bytes, compile_time: Duration::ZERO })
+        Ok(CompiledProgram { image: self, fns, weights, weight_of, pack_bytes, compile_time: Duration::ZERO })
     }
 }
 
@@ -78,9 +84,8 @@ enum Code {
 /// [`CompiledProgram::packable_weights`].
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct PackableWeight {
-    /// The kernel it is packed for, and every kernel that reads the copy (those whose B is
-    /// the same input packed alike: `GemmShape::b_packing`).
-    pub kernel: usize,
+    /// The kernels that read the copy (those whose B is the same input packed alike:
+    /// `GemmShape::b_packing`); it is packed as the first one packs it.
     pub shared_by: Vec<usize>,
     pub input: usize,
     /// Floats of its packed copy.
@@ -98,7 +103,7 @@ fn packable_weights(image: &ProgramImage) -> Vec<PackableWeight> {
                 match out.iter().zip(&packings).position(|(w, p)| w.input == input && *p == packing) {
                     Some(w) => out[w].shared_by.push(kernel),
                     None => {
-                        out.push(PackableWeight { kernel, shared_by: vec![kernel], input, elems: g.packed_b_elems() as usize });
+                        out.push(PackableWeight { shared_by: vec![kernel], input, elems: g.packed_b_elems() as usize });
                         packings.push(packing);
                     }
                 }
@@ -119,6 +124,9 @@ pub struct CompiledProgram {
     /// The loaded code of `image.kernels[i]`.
     fns: Vec<Code>,
     weights: Vec<PackableWeight>,
+    /// Per kernel, the weight (of `weights`) whose packed copy it reads: looked up per GEMM
+    /// on every call.
+    weight_of: Vec<Option<usize>>,
     /// Scratch for packing GEMM operands, after the temporaries (see `pack_bytes`).
     pack_bytes: usize,
     /// Time to compile and load; zero when loaded from an image.
@@ -280,7 +288,7 @@ impl CompiledProgram {
 
     /// The packed copy `packed` gives for kernel `k`'s weight, if it has one.
     fn packed_of(&self, k: usize, packed: &dyn Fn(usize) -> Option<*const f32>) -> Option<*const f32> {
-        self.weights.iter().position(|w| w.shared_by.contains(&k)).and_then(packed)
+        self.weight_of[k].and_then(packed)
     }
 
     /// The GEMM operands that are inputs of the program and the same matrix for every batch
@@ -302,7 +310,7 @@ impl CompiledProgram {
     /// # Safety
     /// `data` as for `run`'s input `w.input`; `dst` writable for `w.elems` floats.
     pub unsafe fn pack_weight(&self, w: &PackableWeight, data: *const u8, dst: *mut f32) {
-        let shape = self.image.kernels[w.kernel].gemm.as_ref().expect("a packable weight is a GEMM operand");
+        let shape = self.image.kernels[w.shared_by[0]].gemm.as_ref().expect("a packable weight is a GEMM operand");
         crate::runtime::gemm::pack_b(shape, data as *const f32, dst);
     }
 
