@@ -1,6 +1,7 @@
 """Quantized int8 models (issue 13): dynamically quantized, the MLP of the dense issue and the
 WaveRNN step with its linears and GRU cell quantized; statically quantized, ResNet-18
-(`resnet18_int8`, fbgemm backend, per-channel weights); a two-layer LSTM over 50 frames
+(`resnet18_int8`, fbgemm backend, per-channel weights) and MobileNetV2 (`mobilenet_v2_int8`, its
+depthwise convolutions); a two-layer LSTM over 50 frames
 (`speech_lstm`, `aten::quantized_lstm`, unrolled). Kiln's int8 kernels beside Kiln's own float32
 code for the same model, and the int8 model under eager, TorchScript, TorchScript + oneDNN
 fusion, torch.compile and ONNX Runtime (its own `quantize_dynamic` of the float model,
@@ -88,57 +89,73 @@ def linear_macs(model, inputs):
     return total
 
 
-def static_resnet18():
-    """torchvision's ResNet-18 (random weights), fused, statically quantized for fbgemm (per
-    channel weights, histogram-calibrated activations on random images), built once: each
-    call returns a copy."""
+def static_torchvision(arch):
+    """torchvision's quantizable `arch` (random weights), fused, statically quantized for fbgemm
+    (per channel weights, histogram-calibrated activations on random images), built once:
+    each call returns a copy."""
     import copy
 
-    if not hasattr(static_resnet18, "model"):
-        from torchvision.models.quantization import resnet18
+    def make():
+        if arch not in static_torchvision.built:
+            from torchvision.models import quantization
 
-        torch.backends.quantized.engine = "fbgemm"
-        torch.manual_seed(0)
-        m = resnet18(weights=None, quantize=False).eval()
-        m.fuse_model()
-        m.qconfig = torch.ao.quantization.get_default_qconfig("fbgemm")
-        torch.ao.quantization.prepare(m, inplace=True)
-        with torch.no_grad():
-            for _ in range(4):
-                m(torch.randn(2, 3, 224, 224))
-        static_resnet18.model = torch.ao.quantization.convert(m, inplace=True)
-    return copy.deepcopy(static_resnet18.model)
-
-
-def float_resnet18():
-    from torchvision.models import resnet18
-
-    torch.manual_seed(0)
-    return resnet18(weights=None)
-
-
-def ort_static_int8(_eager, inputs, path, names):
-    """ONNX Runtime's own static quantization of the float ResNet-18 (QDQ, per channel,
-    calibrated on the same kind of random images): what an ORT user runs."""
-    ensure("onnx", "onnxruntime", "onnxscript")
-    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
-
-    class Images(CalibrationDataReader):
-        def __init__(self):
+            torch.backends.quantized.engine = "fbgemm"
             torch.manual_seed(0)
-            self.batches = iter([{names[0]: torch.randn(1, 3, 224, 224).numpy()} for _ in range(4)])
+            m = getattr(quantization, arch)(weights=None, quantize=False).eval()
+            m.fuse_model()
+            m.qconfig = torch.ao.quantization.get_default_qconfig("fbgemm")
+            torch.ao.quantization.prepare(m, inplace=True)
+            with torch.no_grad():
+                for _ in range(4):
+                    m(torch.randn(2, 3, 224, 224))
+            static_torchvision.built[arch] = torch.ao.quantization.convert(m, inplace=True)
+        return copy.deepcopy(static_torchvision.built[arch])
 
-        def get_next(self):
-            return next(self.batches, None)
-
-    tmp = path + ".fp32.onnx"
-    torch.onnx.export(float_resnet18().eval(), inputs, tmp, input_names=names, dynamo=False, verbose=False)
-    quantize_static(tmp, path, Images(), quant_format=QuantFormat.QDQ, per_channel=True, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
+    return make
 
 
-# Statically quantized models: (int8 model, float model, inputs, how TorchScript gets them).
+static_torchvision.built = {}
+
+
+def float_torchvision(arch):
+    def make():
+        import torchvision
+
+        torch.manual_seed(0)
+        return getattr(torchvision.models, arch)(weights=None)
+
+    return make
+
+
+def ort_static_int8(arch):
+    """ONNX Runtime's own static quantization of the float model (QDQ, per channel, calibrated
+    on the same kind of random images): what an ORT user runs."""
+
+    def write(_eager, inputs, path, names):
+        ensure("onnx", "onnxruntime", "onnxscript")
+        from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+
+        class Images(CalibrationDataReader):
+            def __init__(self):
+                torch.manual_seed(0)
+                self.batches = iter([{names[0]: torch.randn(1, 3, 224, 224).numpy()} for _ in range(4)])
+
+            def get_next(self):
+                return next(self.batches, None)
+
+        tmp = path + ".fp32.onnx"
+        torch.onnx.export(float_torchvision(arch)().eval(), inputs, tmp, input_names=names, dynamo=False, verbose=False)
+        quantize_static(tmp, path, Images(), quant_format=QuantFormat.QDQ, per_channel=True, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
+
+    return write
+
+
+# Statically quantized models: (torchvision architecture, inputs, how TorchScript gets them,
+# the issue's target for Kiln fp32 / Kiln int8).
 STATIC = {
-    "resnet18_int8": (static_resnet18, float_resnet18, (torch.randn(1, 3, 224, 224),), "trace"),
+    "resnet18_int8": ("resnet18", (torch.randn(1, 3, 224, 224),), "trace", "; target >= 2x"),
+    # Depthwise convolutions (`depthwise_int8` in the frontend) and quantized adds.
+    "mobilenet_v2_int8": ("mobilenet_v2", (torch.randn(1, 3, 224, 224),), "trace", ""),
 }
 
 MODELS = {
@@ -203,15 +220,16 @@ def alternating_best(models, inputs, threads, reps):
 def static_row(name, args, peak):
     """A statically quantized model under every tool, and Kiln int8 against Kiln float32 on
     the float model (alternating, best of five rounds)."""
-    make, float_make, inputs, how = STATIC[name]
+    arch, inputs, how, target = STATIC[name]
+    make, float_make = static_torchvision(arch), float_torchvision(arch)
     reps = max(args.reps // 10, 20)
     best = alternating_best({"fp32": (float_make, how), "int8": (make, how)}, inputs, args.threads, max(reps // 5, 10))
     # Kiln and TorchScript return PyTorch's int8 result exactly (tests/test_static_quantized.py);
     # ONNX Runtime quantizes its own way (its own calibration and rounding): compared loosely,
     # against a broken run only.
     tolerance = {None: 1e-4, "onnxruntime": 10.0}
-    times, notes = measure(make, inputs, how, args.threads, reps, tolerance=tolerance, onnx_model=ort_static_int8)
-    notes += target_notes(best, conv_flops(float_make().eval(), inputs) // 2, peak, "; target >= 2x")
+    times, notes = measure(make, inputs, how, args.threads, reps, tolerance=tolerance, onnx_model=ort_static_int8(arch))
+    notes += target_notes(best, conv_flops(float_make().eval(), inputs) // 2, peak, target)
     return (name, times, notes)
 
 

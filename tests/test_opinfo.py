@@ -26,7 +26,7 @@ CLAIMS = {
     "reciprocal": NUMERIC, "sigmoid": NUMERIC, "tanh": NUMERIC, "exp": NUMERIC, "log": NUMERIC,
     "log1p": NUMERIC, "sqrt": NUMERIC, "rsqrt": NUMERIC, "erf": NUMERIC,
     "pow": FLOAT, "nn.functional.leaky_relu": FLOAT, "nn.functional.gelu": FLOAT,
-    "nn.functional.silu": FLOAT,
+    "nn.functional.silu": FLOAT, "round": FLOAT,
     "clamp": NUMERIC, "clamp_min": NUMERIC, "clamp_max": NUMERIC, "where": ALL,
     "eq": ALL, "ne": ALL, "lt": NUMERIC, "le": NUMERIC, "gt": NUMERIC, "ge": NUMERIC,
     "logical_not": ALL,

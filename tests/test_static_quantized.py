@@ -43,11 +43,21 @@ def exactly(out, expected):
     assert torch.equal(out, expected), f"differs in {(out != expected).sum().item()} elements, by up to {(out - expected).abs().max().item()}"
 
 
+# Weight observers: fbgemm's default (per channel, symmetric), per tensor (symmetric), and per
+# channel with zero points (affine).
+WEIGHTS = {
+    True: None,
+    False: qd.default_weight_observer,
+    "affine": qd.PerChannelMinMaxObserver.with_args(dtype=torch.qint8, qscheme=torch.per_channel_affine),
+}
+
+
 def convert(model, calibration, per_channel=True, fuse=()):
     model = model.eval()
     if fuse:
         model = qd.fuse_modules(model, list(fuse))
-    model.qconfig = qd.get_default_qconfig("fbgemm") if per_channel else qd.QConfig(activation=qd.HistogramObserver.with_args(reduce_range=True), weight=qd.default_weight_observer)
+    weights = WEIGHTS[per_channel]
+    model.qconfig = qd.get_default_qconfig("fbgemm") if weights is None else qd.QConfig(activation=qd.HistogramObserver.with_args(reduce_range=True), weight=weights)
     qd.prepare(model, inplace=True)
     with torch.no_grad():
         for x in calibration:
@@ -56,10 +66,10 @@ def convert(model, calibration, per_channel=True, fuse=()):
 
 
 class Conv(nn.Module):
-    def __init__(self, c, o, k, stride, padding, dilation, bias, relu):
+    def __init__(self, c, o, k, stride, padding, dilation, bias, relu, groups=1):
         super().__init__()
         self.quant, self.dequant = qd.QuantStub(), qd.DeQuantStub()
-        self.conv = nn.Conv2d(c, o, k, stride=stride, padding=padding, dilation=dilation, bias=bias)
+        self.conv = nn.Conv2d(c, o, k, stride=stride, padding=padding, dilation=dilation, bias=bias, groups=groups)
         self.relu = nn.ReLU() if relu else nn.Identity()
 
     def forward(self, x):
@@ -89,6 +99,56 @@ def test_conv_equals_fbgemm(c, o, k, stride, padding, dilation, hw, per_channel,
     scripted, out, expected = run_both(model, x)
     exactly(out, expected)
     assert_ran(scripted)
+
+
+@pytest.mark.parametrize(
+    "c,m,k,stride,padding,dilation,hw",
+    # fbgemm's depthwise kernel (3×3, 5×5, 7×7 with "same" padding, strides 1 and 2, channels a
+    # multiple of 8, multipliers 1 and 2) and its im2col path (6 channels, no padding,
+    # dilation 2, a 2×3 window): the same sums.
+    [(32, 1, 3, 1, 1, 1, 9), (16, 1, 3, 2, 1, 1, 8), (24, 1, 5, 1, 2, 1, 9), (8, 1, 7, 2, 3, 1, 11), (16, 2, 3, 1, 1, 1, 7),
+     (6, 1, 3, 1, 1, 1, 7), (8, 1, 3, 1, 0, 1, 7), (16, 1, 3, 1, 1, 2, 9), (5, 3, (2, 3), 1, (1, 0), 1, 6)],
+)
+@pytest.mark.parametrize("weights", [True, False, "affine"])
+@pytest.mark.parametrize("relu", [False, True])
+def test_depthwise_conv_equals_fbgemm(c, m, k, stride, padding, dilation, hw, weights, relu):
+    """Depthwise convolutions (one input channel per group) are a chain of pointwise steps,
+    exact in float32, that saturate the pair sums where fbgemm's kernel does: every element
+    equal, for inputs past the calibrated range (pairs of large products saturate)."""
+    gen = torch.Generator().manual_seed(c * 100 + m * 10 + stride)
+    # (A per-tensor weight with a bias is refused: test_a_per_tensor_depthwise_bias_stays_in_torchscript.)
+    bias = weights is not False
+    float_model = Conv(c, c * m, k, stride, padding, dilation, bias=bias, relu=relu, groups=c)
+    with torch.no_grad():
+        # Most taps near the int8 extremes, of either sign, and inputs three times the
+        # calibrated range: many pairs of products saturate, both ways.
+        w = float_model.conv.weight
+        w.copy_(torch.sign(torch.randn(w.shape, generator=gen)) * (0.7 + 0.3 * torch.rand(w.shape, generator=gen)))
+    model = convert(float_model, [(torch.randn(2, c, hw, hw, generator=gen),)], weights, fuse=[["conv", "relu"]] if relu else ())
+    x = torch.randn(2, c, hw, hw, generator=gen) * 3
+    scripted, out, expected = run_both(model, x)
+    exactly(out, expected)
+    assert_ran(scripted)
+    assert VNNI or "depthwise" in torch_kiln.explain(scripted)
+
+
+def test_a_per_tensor_depthwise_bias_stays_in_torchscript():
+    """fbgemm adds a per-tensor weight's bias with a fused multiply-add that Kiln's chain does
+    not round alike: refused, with PyTorch's result."""
+    gen = torch.Generator().manual_seed(11)
+    model = convert(Conv(8, 8, 3, 1, 1, 1, bias=True, relu=False, groups=8), [(torch.randn(1, 8, 6, 6, generator=gen),)], per_channel=False)
+    scripted, out, expected = run_both(model, torch.randn(1, 8, 6, 6, generator=gen))
+    exactly(out, expected)
+    assert VNNI or "per-tensor quantized depthwise convolution with a bias" in torch_kiln.explain(scripted)
+
+
+def test_a_grouped_conv_stays_in_torchscript():
+    """Groups of more than one channel are not Kiln's yet: refused by name, PyTorch's result."""
+    gen = torch.Generator().manual_seed(12)
+    model = convert(Conv(8, 8, 3, 1, 1, 1, bias=True, relu=False, groups=4), [(torch.randn(1, 8, 6, 6, generator=gen),)])
+    scripted, out, expected = run_both(model, torch.randn(1, 8, 6, 6, generator=gen))
+    exactly(out, expected)
+    assert "2 input channels per group" in torch_kiln.explain(scripted)
 
 
 class Linear(nn.Module):
@@ -180,6 +240,20 @@ def test_resnet18_equals_eager(trace):
     scripted, out, expected = run_both(model, x, trace)
     exactly(out, expected)
     assert_ran(scripted, ("kiln::conv2d_quantized", "quantized::add_relu", "kiln::linear_quantized"))
+
+
+@pytest.mark.parametrize("trace", [True, False])
+def test_mobilenet_v2_equals_eager(trace):
+    """torchvision's quantized MobileNetV2: depthwise convolutions, quantized adds, one group."""
+    tv = pytest.importorskip("torchvision")
+    torch.manual_seed(0)
+    model = tv.models.quantization.mobilenet_v2(weights=None, quantize=False).eval()
+    model.fuse_model()
+    model = convert(model, [(torch.randn(1, 3, 64, 64),)])
+    x = torch.randn(1, 3, 64, 64) * 1.5
+    scripted, out, expected = run_both(model, x, trace)
+    exactly(out, expected)
+    assert_ran(scripted, ("kiln::conv2d_quantized", "quantized::add", "kiln::linear_quantized"))
 
 
 class QuantizedOut(nn.Module):

@@ -110,7 +110,7 @@ impl Gen {
             }
             3 => {
                 let a = self.value_of(|g, v| g.ty(v).dtype.is_float())?;
-                let op = self.pick(&[UnaryOp::Neg, UnaryOp::Abs, UnaryOp::Relu, UnaryOp::Exp, UnaryOp::Tanh, UnaryOp::Sigmoid, UnaryOp::Log1p, UnaryOp::Sqrt, UnaryOp::Erf, UnaryOp::Silu, UnaryOp::Gelu, UnaryOp::Reciprocal]);
+                let op = self.pick(&[UnaryOp::Neg, UnaryOp::Abs, UnaryOp::Relu, UnaryOp::Exp, UnaryOp::Tanh, UnaryOp::Sigmoid, UnaryOp::Log1p, UnaryOp::Sqrt, UnaryOp::Erf, UnaryOp::Silu, UnaryOp::Gelu, UnaryOp::Reciprocal, UnaryOp::Round]);
                 let v = self.g.unary(op, a).ok()?;
                 let inexact = !matches!(op, UnaryOp::Neg | UnaryOp::Abs | UnaryOp::Relu | UnaryOp::Reciprocal | UnaryOp::Sqrt);
                 return self.finish(v, inexact);

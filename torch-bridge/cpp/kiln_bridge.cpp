@@ -677,20 +677,20 @@ at::Tensor float_bias(const std::optional<at::Tensor>& bias) {
   return bias && bias->defined() ? bias->detach().to(at::kFloat).contiguous() : at::Tensor();
 }
 
-// A constant fbgemm packed conv weight (one group, not transposed) as [w, scale, zero point,
-// bias] (int8_weight's, and the float bias, undefined if none) with its stride, padding and
-// dilation; empty where it is none.
+// A constant fbgemm packed conv weight (not transposed) as [w, scale, zero point, bias]
+// (int8_weight's, and the float bias, undefined if none) with its stride, padding, dilation
+// and {groups}; empty where it is none.
 std::vector<at::Tensor> unpacked_conv_weight(Value* packed, std::vector<std::vector<int64_t>>* window) {
   auto iv = toIValue(packed);
   if (packed->node()->kind() != prim::Constant || !iv || !iv->isObject()) return {};
   try {
     auto params = iv->toCustomClass<ConvPackedParamsBase<2>>();
-    if (!is_fbgemm_packed(*params, "PackedConvWeight") || params->groups() != 1 || params->transpose()) return {};
+    if (!is_fbgemm_packed(*params, "PackedConvWeight") || params->transpose()) return {};
     auto [w, bias] = params->unpack();
     auto out = int8_weight(w, 4);
     if (out.empty()) return {};
     out.push_back(float_bias(bias));
-    *window = {params->stride().vec(), params->padding().vec(), params->dilation().vec()};
+    *window = {params->stride().vec(), params->padding().vec(), params->dilation().vec(), {params->groups()}};
     return out;
   } catch (const std::exception&) {
     return {};
@@ -845,11 +845,11 @@ void unpack_quantized_ops(Block* b) {
       // quantized::conv2d(x, packed, output scale, output zero point)
       std::vector<std::vector<int64_t>> window;
       auto unpacked = unpacked_conv_weight(n->input(1), &window);
-      if (unpacked.empty() || window.size() != 3) continue;
+      if (unpacked.empty() || window.size() != 4) continue;
       auto w = weight_constants(g, unpacked);
       inputs = {n->input(0), w[0], w[1], w[2], w[3], g->insertConstant(window[0]), g->insertConstant(window[1]), g->insertConstant(window[2]),
-                n->input(2), n->input(3), g->insertConstant(n->kind() == static_conv_relu), n->input(1)};
-      kind = static_conv_kind(), args = 11, original = {0, 11, 8, 9};
+                g->insertConstant(window[3][0]), n->input(2), n->input(3), g->insertConstant(n->kind() == static_conv_relu), n->input(1)};
+      kind = static_conv_kind(), args = 12, original = {0, 12, 9, 10};
     } else if ((n->kind() == gru || n->kind() == lstm) && n->inputs().size() == 6 && n->outputs().size() == (n->kind() == gru ? 1 : 2)) {
       auto ih_tensors = unpacked_weight(n->input(2)), hh_tensors = unpacked_weight(n->input(3));
       if (ih_tensors.empty() || hh_tensors.empty()) continue;

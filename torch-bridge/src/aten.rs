@@ -36,6 +36,7 @@ enum Arg {
 
 type R<T> = Result<T, String>;
 
+mod depthwise_int8;
 mod upsample;
 mod windows;
 
@@ -419,7 +420,7 @@ pub const KINDS: &[&str] = &[
     "aten::add", "aten::sub", "aten::rsub", "aten::mul", "aten::div", "aten::true_divide", "aten::maximum",
     "aten::minimum", "aten::pow", "aten::neg", "aten::abs", "aten::relu", "aten::reciprocal", "aten::sigmoid",
     "aten::tanh", "aten::exp", "aten::log", "aten::log1p", "aten::sqrt", "aten::rsqrt", "aten::erf", "aten::silu",
-    "aten::gelu", "aten::leaky_relu", "aten::clamp", "aten::clamp_min", "aten::clamp_max", "aten::where",
+    "aten::round", "aten::gelu", "aten::leaky_relu", "aten::clamp", "aten::clamp_min", "aten::clamp_max", "aten::where",
     "aten::eq", "aten::ne", "aten::lt", "aten::le", "aten::gt", "aten::ge", "aten::logical_not", "aten::to",
     "aten::type_as", "aten::sum", "aten::mean", "aten::amax", "aten::amin", "aten::softmax", "aten::log_softmax",
     "aten::linear", "aten::matmul", "aten::mm", "aten::bmm", "aten::addmm", "aten::baddbmm", "aten::t", "aten::transpose", "aten::permute",
@@ -795,6 +796,8 @@ impl Lower<'_> {
             ("aten::rsqrt", [x]) => self.unary_float(U::Rsqrt, x),
             ("aten::erf", [x]) => self.unary_float(U::Erf, x),
             ("aten::silu", [x]) => self.float_only(x).and_then(|_| self.unary_float(U::Silu, x)),
+            // (An integer tensor's round is itself, of its dtype: TorchScript runs it.)
+            ("aten::round", [x]) => self.float_only(x).and_then(|_| self.unary_float(U::Round, x)),
             ("aten::gelu", [x, Arg::Const(Const::Str(mode))]) => {
                 self.float_only(x)?;
                 match mode.as_str() {
@@ -954,11 +957,11 @@ impl Lower<'_> {
             }
             (
                 "kiln::conv2d_quantized",
-                [x, w, scale, zero_point, bias, Arg::Const(Const::Ints(stride)), Arg::Const(Const::Ints(padding)), Arg::Const(Const::Ints(dilation)), Arg::Const(out_scale), Arg::Const(Const::Int(out_zp)), relu],
+                [x, w, scale, zero_point, bias, Arg::Const(Const::Ints(stride)), Arg::Const(Const::Ints(padding)), Arg::Const(Const::Ints(dilation)), Arg::Const(Const::Int(groups)), Arg::Const(out_scale), Arg::Const(Const::Int(out_zp)), relu],
             ) => {
                 let pair = |xs: &[i64]| -> R<[i64; 2]> { xs.try_into().map_err(|_| "a window of other than two dims".to_string()) };
                 let (stride, padding, dilation) = (pair(stride)?, pair(padding)?, pair(dilation)?);
-                self.conv2d_quantized(x, [w, scale, zero_point, bias], stride, padding, dilation, quant_params(out_scale, *out_zp)?, bool_arg(relu)?)
+                self.conv2d_quantized(x, [w, scale, zero_point, bias], stride, padding, dilation, *groups, quant_params(out_scale, *out_zp)?, bool_arg(relu)?)
             }
             ("aten::matmul", [x, y]) => self.matmul(x, y, None),
             ("aten::mm", [x, y]) => self.matmul(x, y, Some(2)),
@@ -2008,11 +2011,12 @@ impl Lower<'_> {
         Ok(y)
     }
 
-    /// A statically quantized convolution (`quantized::conv2d(_relu)`, one group, unpacked by
-    /// the pass: `kiln::conv2d_quantized`): the int8 product over x's windows (its zero point
-    /// as the padding), computed channels-last as fbgemm does, viewed as [N, O, OH, OW].
+    /// A statically quantized convolution (`quantized::conv2d(_relu)`, unpacked by the pass:
+    /// `kiln::conv2d_quantized`): of one group, the int8 product over x's windows (its zero
+    /// point as the padding), computed channels-last as fbgemm does, viewed as [N, O, OH, OW];
+    /// depthwise (one input channel per group), a chain of pointwise ops (`depthwise_int8`).
     #[allow(clippy::too_many_arguments)]
-    fn conv2d_quantized(&mut self, x: &Arg, [w, scale, zero_point, bias]: [&Arg; 4], stride: [i64; 2], padding: [i64; 2], dilation: [i64; 2], out: QuantParams, relu: bool) -> R<ValueId> {
+    fn conv2d_quantized(&mut self, x: &Arg, [w, scale, zero_point, bias]: [&Arg; 4], stride: [i64; 2], padding: [i64; 2], dilation: [i64; 2], groups: i64, out: QuantParams, relu: bool) -> R<ValueId> {
         let (x, pa) = self.quantized(x)?;
         let (w, scale, zero_point) = (self.tensor(w)?, self.tensor(scale)?, self.tensor(zero_point)?);
         let (xs, ws) = (self.sizes(x)?, self.sizes(w)?);
@@ -2021,6 +2025,14 @@ impl Lower<'_> {
         }
         let window = ConvWindow { kernel: [ws[2], ws[3]], stride, dilation, padding: [padding[0], padding[0], padding[1], padding[1]] };
         let [oh, ow] = window.output_size(xs[2], xs[3]).ok_or("a window larger than the padded input (eager raises)")?;
+        if groups != 1 {
+            if groups != xs[1] {
+                return Err(format!("a grouped quantized convolution with {} input channels per group (Kiln takes 1 or all)", xs[1] / groups.max(1)));
+            }
+            let y = self.depthwise_quantized(x, pa, depthwise_int8::DepthwiseWeight { w, scale, zero_point, bias: optional_tensor(bias) }, window, out, relu)?;
+            self.explain_weight(w, scale, y, "depthwise: a chain of exact integer steps as fbgemm's kernel sums them")?;
+            return Ok(y);
+        }
         let y = self.g.quantized_product(x, w, scale, zero_point, optional_tensor(bias), pa, out, relu, Some(window)).map_err(|e| e.0)?;
         self.explain_weight(w, scale, y, STATIC_ACTIVATIONS)?;
         let y = self.g.reshape(y, &[xs[0], oh, ow, ws[0]]).map_err(|e| e.0)?;

@@ -536,6 +536,7 @@ impl<'a, 'ctx> Emitter<'a, 'ctx> {
                 self.b.build_select(neg, x.get_type().const_zero(), x, "")?.into_float_value()
             }
             UnaryOp::Sqrt => m.intrinsic("llvm.sqrt", &[x])?,
+            UnaryOp::Round => m.intrinsic("llvm.roundeven", &[x])?,
             UnaryOp::Rsqrt => self.b.build_float_div(one, m.intrinsic("llvm.sqrt", &[x])?, "")?,
             UnaryOp::Exp if f32_ => m.exp_f32(x)?,
             UnaryOp::Log if f32_ => m.log_f32(x)?,

@@ -74,6 +74,9 @@ pub enum UnaryOp {
     Gelu,
     GeluTanh,
     Silu,
+    /// To the nearest integer, ties to even (`torch.round`; the quantized kernels' x86
+    /// `cvtps2dq`).
+    Round,
     Not,
 }
 
@@ -120,7 +123,7 @@ macro_rules! names {
 names!(UnaryOp { Neg => "neg", Abs => "abs", Reciprocal => "reciprocal", Relu => "relu",
     Sigmoid => "sigmoid", Tanh => "tanh", Exp => "exp", Log => "log", Log1p => "log1p",
     Sqrt => "sqrt", Rsqrt => "rsqrt", Erf => "erf", Gelu => "gelu", GeluTanh => "gelu_tanh",
-    Silu => "silu", Not => "not" });
+    Silu => "silu", Round => "round", Not => "not" });
 names!(BinaryOp { Add => "add", Sub => "sub", Mul => "mul", Div => "div", Pow => "pow",
     Max => "max", Min => "min", And => "and", Or => "or" });
 names!(CmpOp { Eq => "eq", Ne => "ne", Lt => "lt", Le => "le", Gt => "gt", Ge => "ge" });

@@ -116,6 +116,7 @@ fn unary(op: UnaryOp, x: Scalar, d: DType) -> Scalar {
         UnaryOp::Gelu => 0.5 * v * (1.0 + erf(v / std::f64::consts::SQRT_2)),
         UnaryOp::GeluTanh => 0.5 * v * (1.0 + ((2.0 / std::f64::consts::PI).sqrt() * (v + 0.044715 * v * v * v)).tanh()),
         UnaryOp::Silu => v / (1.0 + (-v).exp()),
+        UnaryOp::Round => v.round_ties_even(),
         UnaryOp::Not => unreachable!("not on float"),
     })
 }
