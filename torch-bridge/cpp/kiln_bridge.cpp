@@ -679,7 +679,7 @@ at::Tensor float_bias(const std::optional<at::Tensor>& bias) {
 
 // A constant fbgemm packed conv weight (not transposed) as [w, scale, zero point, bias]
 // (int8_weight's, and the float bias, undefined if none) with its stride, padding, dilation
-// and {groups}; empty where it is none.
+// and {groups, 1 if every zero point of the weight is 0}; empty where it is none.
 std::vector<at::Tensor> unpacked_conv_weight(Value* packed, std::vector<std::vector<int64_t>>* window) {
   auto iv = toIValue(packed);
   if (packed->node()->kind() != prim::Constant || !iv || !iv->isObject()) return {};
@@ -690,7 +690,8 @@ std::vector<at::Tensor> unpacked_conv_weight(Value* packed, std::vector<std::vec
     auto out = int8_weight(w, 4);
     if (out.empty()) return {};
     out.push_back(float_bias(bias));
-    *window = {params->stride().vec(), params->padding().vec(), params->dilation().vec(), {params->groups()}};
+    int64_t symmetric = out[2].eq(0).all().item<bool>();
+    *window = {params->stride().vec(), params->padding().vec(), params->dilation().vec(), {params->groups(), symmetric}};
     return out;
   } catch (const std::exception&) {
     return {};
@@ -848,8 +849,8 @@ void unpack_quantized_ops(Block* b) {
       if (unpacked.empty() || window.size() != 4) continue;
       auto w = weight_constants(g, unpacked);
       inputs = {n->input(0), w[0], w[1], w[2], w[3], g->insertConstant(window[0]), g->insertConstant(window[1]), g->insertConstant(window[2]),
-                g->insertConstant(window[3][0]), n->input(2), n->input(3), g->insertConstant(n->kind() == static_conv_relu), n->input(1)};
-      kind = static_conv_kind(), args = 12, original = {0, 12, 9, 10};
+                g->insertConstant(window[3][0]), g->insertConstant(window[3][1] == 1), n->input(2), n->input(3), g->insertConstant(n->kind() == static_conv_relu), n->input(1)};
+      kind = static_conv_kind(), args = 13, original = {0, 13, 10, 11};
     } else if ((n->kind() == gru || n->kind() == lstm) && n->inputs().size() == 6 && n->outputs().size() == (n->kind() == gru ? 1 : 2)) {
       auto ih_tensors = unpacked_weight(n->input(2)), hh_tensors = unpacked_weight(n->input(3));
       if (ih_tensors.empty() || hh_tensors.empty()) continue;

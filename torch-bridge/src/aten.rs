@@ -957,11 +957,12 @@ impl Lower<'_> {
             }
             (
                 "kiln::conv2d_quantized",
-                [x, w, scale, zero_point, bias, Arg::Const(Const::Ints(stride)), Arg::Const(Const::Ints(padding)), Arg::Const(Const::Ints(dilation)), Arg::Const(Const::Int(groups)), Arg::Const(out_scale), Arg::Const(Const::Int(out_zp)), relu],
+                [x, w, scale, zero_point, bias, Arg::Const(Const::Ints(stride)), Arg::Const(Const::Ints(padding)), Arg::Const(Const::Ints(dilation)), Arg::Const(Const::Int(groups)), symmetric, Arg::Const(out_scale), Arg::Const(Const::Int(out_zp)), relu],
             ) => {
                 let pair = |xs: &[i64]| -> R<[i64; 2]> { xs.try_into().map_err(|_| "a window of other than two dims".to_string()) };
                 let (stride, padding, dilation) = (pair(stride)?, pair(padding)?, pair(dilation)?);
-                self.conv2d_quantized(x, [w, scale, zero_point, bias], stride, padding, dilation, *groups, quant_params(out_scale, *out_zp)?, bool_arg(relu)?)
+                let groups = Groups { count: *groups, symmetric: bool_arg(symmetric)? };
+                self.conv2d_quantized(x, [w, scale, zero_point, bias], stride, padding, dilation, groups, quant_params(out_scale, *out_zp)?, bool_arg(relu)?)
             }
             ("aten::matmul", [x, y]) => self.matmul(x, y, None),
             ("aten::mm", [x, y]) => self.matmul(x, y, Some(2)),
@@ -2016,7 +2017,7 @@ impl Lower<'_> {
     /// point as the padding), computed channels-last as fbgemm does, viewed as [N, O, OH, OW];
     /// depthwise (one input channel per group), a chain of pointwise ops (`depthwise_int8`).
     #[allow(clippy::too_many_arguments)]
-    fn conv2d_quantized(&mut self, x: &Arg, [w, scale, zero_point, bias]: [&Arg; 4], stride: [i64; 2], padding: [i64; 2], dilation: [i64; 2], groups: i64, out: QuantParams, relu: bool) -> R<ValueId> {
+    fn conv2d_quantized(&mut self, x: &Arg, [w, scale, zero_point, bias]: [&Arg; 4], stride: [i64; 2], padding: [i64; 2], dilation: [i64; 2], groups: Groups, out: QuantParams, relu: bool) -> R<ValueId> {
         let (x, pa) = self.quantized(x)?;
         let (w, scale, zero_point) = (self.tensor(w)?, self.tensor(scale)?, self.tensor(zero_point)?);
         let (xs, ws) = (self.sizes(x)?, self.sizes(w)?);
@@ -2025,11 +2026,12 @@ impl Lower<'_> {
         }
         let window = ConvWindow { kernel: [ws[2], ws[3]], stride, dilation, padding: [padding[0], padding[0], padding[1], padding[1]] };
         let [oh, ow] = window.output_size(xs[2], xs[3]).ok_or("a window larger than the padded input (eager raises)")?;
-        if groups != 1 {
-            if groups != xs[1] {
-                return Err(format!("a grouped quantized convolution with {} input channels per group (Kiln takes 1 or all)", xs[1] / groups.max(1)));
+        if groups.count != 1 {
+            if groups.count != xs[1] {
+                return Err(format!("a grouped quantized convolution with {} input channels per group (Kiln takes 1 or all)", xs[1] / groups.count.max(1)));
             }
-            let y = self.depthwise_quantized(x, pa, depthwise_int8::DepthwiseWeight { w, scale, zero_point, bias: optional_tensor(bias) }, window, out, relu)?;
+            let weight = depthwise_int8::DepthwiseWeight { w, scale, zero_point: (!groups.symmetric).then_some(zero_point), bias: optional_tensor(bias) };
+            let y = self.depthwise_quantized(x, pa, weight, window, out, relu)?;
             self.explain_weight(w, scale, y, "depthwise: a chain of exact integer steps as fbgemm's kernel sums them")?;
             return Ok(y);
         }
@@ -2142,6 +2144,14 @@ fn quant_params(scale: &Const, zero_point: i64) -> R<QuantParams> {
 }
 
 /// An optional tensor argument (a bias): None unless it is a tensor.
+/// A quantized convolution's groups, and whether its weight's zero points are all 0 (the pass
+/// looked: the depthwise chain then skips their term).
+#[derive(Clone, Copy)]
+struct Groups {
+    count: i64,
+    symmetric: bool,
+}
+
 fn optional_tensor(a: &Arg) -> Option<ValueId> {
     match a {
         Arg::Tensor(t) => Some(*t),

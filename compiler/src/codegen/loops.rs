@@ -191,7 +191,7 @@ fn transcendental(k: &Kernel, body: &[Stmt]) -> bool {
 /// Attaches `llvm.loop !{!self, !{"llvm.loop.interleave.count", i32 n}}` to a loop's latch
 /// branch. A loop ID must refer to itself, which inkwell cannot build: a temporary node
 /// stands in for the self reference and is then replaced.
-fn set_interleave_count(ctx: &Context, latch: inkwell::values::InstructionValue<'_>, n: u32) {
+pub(crate) fn set_interleave_count(ctx: &Context, latch: inkwell::values::InstructionValue<'_>, n: u32) {
     use inkwell::context::AsContextRef;
     use inkwell::llvm_sys::core::*;
     use inkwell::values::AsValueRef;

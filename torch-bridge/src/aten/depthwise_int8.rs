@@ -37,8 +37,8 @@ pub(super) struct DepthwiseWeight {
     pub w: ValueId,
     /// [1] (per tensor) or [C·m] float32.
     pub scale: ValueId,
-    /// [1] or [C·m] int32.
-    pub zero_point: ValueId,
+    /// [1] or [C·m] int32; None where every zero point is 0 (the pass checked).
+    pub zero_point: Option<ValueId>,
     /// [C·m] float32, the float module's.
     pub bias: Option<ValueId>,
 }
@@ -113,22 +113,36 @@ impl Lower<'_> {
         let sum = sum.expect("a window has a tap");
         // The zero points' offsets: Σ (a − za)(w − zw) = Σ a·w + Σₜ za·(zw − wₜ) − zw·Σ a. The
         // second is per channel: a reduction over the taps, so stored once, not recomputed
-        // per pixel.
-        let za = f(self, pa.zero_point as f64);
-        let zw = self.g.cast(wq.zero_point, DType::F32);
-        let zw = if per_channel { e(self.g.reshape(zw, &[c, m, 1, 1]))? } else { zw };
-        let centered = e(self.g.binary(BinaryOp::Sub, zw, w))?;
-        let centered = e(self.g.binary(BinaryOp::Mul, centered, za))?;
-        let offset = e(self.g.reduce(ReduceOp::Sum, centered, &[2, 3], false))?;
-        let offset = e(self.g.reshape(offset, &channel))?;
-        let mut raw = e(self.g.binary(BinaryOp::Add, sum, offset))?;
-        let zw = if per_channel { e(self.g.reshape(zw, &channel))? } else { zw };
-        let mut taps_sum = taps[0].0;
-        for &(a, _) in &taps[1..] {
-            taps_sum = e(self.g.binary(BinaryOp::Add, taps_sum, a))?;
+        // per pixel; it is 0 where za is (activations after a relu), the third where the
+        // weight is symmetric (fbgemm's default).
+        let zw = match wq.zero_point {
+            Some(z) => {
+                let z = self.g.cast(z, DType::F32);
+                Some(if per_channel { e(self.g.reshape(z, &[c, m, 1, 1]))? } else { z })
+            }
+            None => None,
+        };
+        let mut raw = sum;
+        if pa.zero_point != 0 {
+            let za = f(self, pa.zero_point as f64);
+            let centered = match zw {
+                Some(z) => e(self.g.binary(BinaryOp::Sub, z, w))?,
+                None => e(self.g.unary(UnaryOp::Neg, w))?,
+            };
+            let centered = e(self.g.binary(BinaryOp::Mul, centered, za))?;
+            let offset = e(self.g.reduce(ReduceOp::Sum, centered, &[2, 3], false))?;
+            let offset = e(self.g.reshape(offset, &channel))?;
+            raw = e(self.g.binary(BinaryOp::Add, raw, offset))?;
         }
-        let row = e(self.g.binary(BinaryOp::Mul, zw, taps_sum))?;
-        raw = e(self.g.binary(BinaryOp::Sub, raw, row))?;
+        if let Some(zw) = zw {
+            let zw = if per_channel { e(self.g.reshape(zw, &channel))? } else { zw };
+            let mut taps_sum = taps[0].0;
+            for &(a, _) in &taps[1..] {
+                taps_sum = e(self.g.binary(BinaryOp::Add, taps_sum, a))?;
+            }
+            let row = e(self.g.binary(BinaryOp::Mul, zw, taps_sum))?;
+            raw = e(self.g.binary(BinaryOp::Sub, raw, row))?;
+        }
         // requantize: s = sa · sw; x = raw + bias / s; q = cvtps(x · (s / so)).
         let sa = f(self, pa.scale as f64);
         let so = f(self, out.scale as f64);
@@ -145,14 +159,12 @@ impl Lower<'_> {
         let multiplier = self.per_channel(multiplier)?;
         let t = e(self.g.binary(BinaryOp::Mul, x, multiplier))?;
         let r = e(self.g.unary(UnaryOp::Round, t))?;
-        // cvtps2dq: what is out of int32's range (or NaN) becomes −2³¹, which int16 packing
-        // saturates to −32768.
-        // (Below −2³¹ the clamp gives −32768 too; NaN fails the comparison.)
+        // cvtps2dq: what is out of int32's range (or NaN) becomes −2³¹, which the int16 packing
+        // saturates to −32768; the packing's clamp to int16 itself changes nothing the clamp
+        // to 0..=255 after adding zo does not (below −2³¹ too; NaN fails the comparison).
         let hi32 = f(self, 2147483648.0);
         let inside = e(self.g.compare(CmpOp::Lt, r, hi32))?;
-        let q = e(self.g.binary(BinaryOp::Max, r, lo16))?;
-        let q = e(self.g.binary(BinaryOp::Min, q, hi16))?;
-        let q = e(self.g.where_(inside, q, lo16))?;
+        let q = e(self.g.where_(inside, r, lo16))?;
         let zo = f(self, out.zero_point as f64);
         let q = e(self.g.binary(BinaryOp::Add, q, zo))?;
         let floor = if relu { zo } else { f(self, 0.0) };

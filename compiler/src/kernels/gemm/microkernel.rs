@@ -464,7 +464,10 @@ pub fn emit<'ctx>(ctx: &'ctx Context, module: &Module<'ctx>, k: &Kernel, spec: &
         }
         b.build_store(j_slot, i64t.const_zero())?;
         let row_mem = unsafe { b.build_in_bounds_gep(f32t, tile_mem, &[b.build_int_mul(r, i64t.const_int(tile.nr as u64, false), "")?], "")? };
-        counted_loop(ctx, &b, f, j_slot, cols, 1, |j| {
+        // Not interleaved: a tile row (nr columns, a few vectors) is shorter than the
+        // vectoriser's default step of four vectors, which left every element of the
+        // epilogue to the scalar remainder loop.
+        counted_loop_interleaved(ctx, &b, f, j_slot, cols, 1, Some(1), |j| {
             b.build_store(e.vars[&spec.col_var], b.build_int_add(col0, j, "")?)?;
             let addr = unsafe { b.build_in_bounds_gep(f32t, row_mem, &[j], "")? };
             b.build_store(e.accs[spec.acc.0 as usize], b.build_load(f32t, addr, "")?)?;
@@ -651,7 +654,13 @@ fn splat<'ctx>(b: &inkwell::builder::Builder<'ctx>, ctx: &'ctx Context, vt: Vect
 }
 
 /// `while *slot < end { body(*slot); *slot += step }`, leaving the builder after the loop.
-fn counted_loop<'ctx>(ctx: &'ctx Context, b: &inkwell::builder::Builder<'ctx>, f: FunctionValue<'ctx>, slot: PointerValue<'ctx>, end: IntValue<'ctx>, step: i64, mut body: impl FnMut(IntValue<'ctx>) -> R<()>) -> R<()> {
+fn counted_loop<'ctx>(ctx: &'ctx Context, b: &inkwell::builder::Builder<'ctx>, f: FunctionValue<'ctx>, slot: PointerValue<'ctx>, end: IntValue<'ctx>, step: i64, body: impl FnMut(IntValue<'ctx>) -> R<()>) -> R<()> {
+    counted_loop_interleaved(ctx, b, f, slot, end, step, None, body)
+}
+
+/// [`counted_loop`] with the vectoriser's interleave count set (`llvm.loop.interleave.count`).
+#[allow(clippy::too_many_arguments)]
+fn counted_loop_interleaved<'ctx>(ctx: &'ctx Context, b: &inkwell::builder::Builder<'ctx>, f: FunctionValue<'ctx>, slot: PointerValue<'ctx>, end: IntValue<'ctx>, step: i64, interleave: Option<u32>, mut body: impl FnMut(IntValue<'ctx>) -> R<()>) -> R<()> {
     let i64t = ctx.i64_type();
     let header = ctx.append_basic_block(f, "loop");
     let body_bb = ctx.append_basic_block(f, "body");
@@ -665,7 +674,10 @@ fn counted_loop<'ctx>(ctx: &'ctx Context, b: &inkwell::builder::Builder<'ctx>, f
     body(i)?;
     let next = b.build_int_add(i, i64t.const_int(step as u64, false), "")?;
     b.build_store(slot, next)?;
-    b.build_unconditional_branch(header)?;
+    let latch = b.build_unconditional_branch(header)?;
+    if let Some(n) = interleave {
+        crate::codegen::loops::set_interleave_count(ctx, latch, n);
+    }
     b.position_at_end(exit);
     Ok(())
 }
