@@ -79,6 +79,7 @@ impl Lower<'_> {
         let (pixel, channel): (Vec<i64>, Vec<i64>) = if m == 1 { (vec![n, c, oh, ow], vec![c, 1, 1]) } else { (vec![n, c, 1, oh, ow], vec![c, m, 1, 1]) };
         let w = self.g.cast(wq.w, DType::F32);
         let w = e(self.g.reshape(w, &[c, m, kh, kw]))?;
+        let w_taps = self.taps_first(w)?;
         let taps: Vec<(ValueId, ValueId)> = {
             let mut t = Vec::new();
             for i in 0..kh {
@@ -86,8 +87,8 @@ impl Lower<'_> {
                     let a = e(self.g.slice(v, 4, i, 1))?;
                     let a = e(self.g.slice(a, 5, j, 1))?;
                     let a = e(self.g.reshape(a, &pixel))?;
-                    let k = e(self.g.slice(w, 2, i, 1))?;
-                    let k = e(self.g.slice(k, 3, j, 1))?;
+                    let k = e(self.g.slice(w_taps, 0, i, 1))?;
+                    let k = e(self.g.slice(k, 1, j, 1))?;
                     t.push((a, e(self.g.reshape(k, &channel))?));
                 }
             }

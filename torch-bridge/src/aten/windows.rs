@@ -215,14 +215,16 @@ impl Lower<'_> {
         let sizes = self.sizes(v)?;
         let c = sizes[1];
         let w3 = e(self.g.reshape(w, &[c, kernel[0], kernel[1]]))?;
+        let w_taps = self.taps_first(w3)?;
         let mut acc: Option<ValueId> = None;
         for i in 0..kernel[0] {
             for j in 0..kernel[1] {
                 let t = e(self.g.slice(v, 4, i, 1))?;
                 let t = e(self.g.slice(t, 5, j, 1))?;
                 let t = e(self.g.reshape(t, &sizes[..4]))?;
-                let k = e(self.g.slice(w3, 1, i, 1))?;
-                let k = e(self.g.slice(k, 2, j, 1))?;
+                let k = e(self.g.slice(w_taps, 0, i, 1))?;
+                let k = e(self.g.slice(k, 1, j, 1))?;
+                let k = e(self.g.reshape(k, &[c, 1, 1]))?;
                 let term = e(self.g.binary(BinaryOp::Mul, t, k))?;
                 acc = Some(match acc {
                     None => term,
@@ -231,6 +233,16 @@ impl Lower<'_> {
             }
         }
         Ok(acc.expect("a window has an element"))
+    }
+
+    /// A depthwise weight [C, (m,) KH, KW] stored as [KH, KW, C, (m)]: each tap's weights are
+    /// then one contiguous vector along the channels the chain's kernel runs over (read from
+    /// [C, ..., KH, KW], a vector of them was a gather of KH·KW-strided floats per tap).
+    pub(super) fn taps_first(&mut self, w: ValueId) -> R<ValueId> {
+        let r = self.g.ty(w).rank();
+        let dims: Vec<usize> = [r - 2, r - 1].into_iter().chain(0..r - 2).collect();
+        let t = e(self.g.permute(w, &dims))?;
+        Ok(self.g.copy(t))
     }
 
     /// max_pool2d / avg_pool2d as eager computes them (see the module comment). `divisor`:
