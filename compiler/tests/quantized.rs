@@ -188,6 +188,31 @@ fn static_convolution_matches_the_reference_bit_for_bit() {
     }
 }
 
+/// 1×1 convolutions without padding over channels-last images: the rows of A are the image's
+/// pixels, packed four at a time by the runtime's vector path (`qgemm::pack_four_rows`),
+/// strided or not; contiguous images take the general path.
+#[test]
+fn pointwise_convolution_matches_the_reference_bit_for_bit() {
+    let mut rng = Rng(0x5151_7a7a_1234_0004);
+    for case in 0..24 {
+        let r = |rng: &mut Rng, xs: &[i64]| xs[(rng.next_u64() % xs.len() as u64) as usize];
+        let (batch, c, o) = (r(&mut rng, &[1, 2]), r(&mut rng, &[1, 3, 8, 12, 16, 19, 33, 64]), r(&mut rng, &[1, 5, 16, 17, 33]));
+        let stride = r(&mut rng, &[1, 1, 2, 3]);
+        let (h, w) = (r(&mut rng, &[1, 2, 5, 7, 9]), r(&mut rng, &[1, 3, 6, 8, 11]));
+        let (oh, ow) = ((h - 1) / stride + 1, (w - 1) / stride + 1);
+        let (per_column, bias, relu, saturate, channels_last) = (rng.next_u64() % 2 == 0, rng.next_u64() % 2 == 0, rng.next_u64() % 2 == 0, case % 3 == 0, case % 4 != 3);
+        let s = if per_column { o } else { 1 };
+        let b = if bias { ", %4" } else { "" };
+        let params = static_params(&mut rng, relu);
+        let rows = batch * oh * ow;
+        let text = format!(
+            "graph(%0: f32[{batch}, {c}, {h}, {w}], %1: i32[{o}, {c}, 1, 1], %2: f32[{s}], %3: i32[{s}], %4: f32[{o}]) {{\n  %5 = qconv2d(%0, %1, %2, %3{b}) kernel=[1, 1] stride=[{stride}, {stride}] dilation=[1, 1] padding=[0, 0, 0, 0] {params} : f32[{rows}, {o}]\n  return (%5)\n}}\n"
+        );
+        let strides = if channels_last { vec![c * h * w, 1, w * c, c] } else { vec![c * h * w, h * w, w, 1] };
+        check_static(&mut rng, &text, &[batch, c, h, w], &strides, &[o, c, 1, 1], o, s, saturate, &format!("pointwise convolution case {case}"));
+    }
+}
+
 #[test]
 fn quantize_rounds_as_fbgemm() {
     let mut rng = Rng(0x5151_7a7a_1234_0003);

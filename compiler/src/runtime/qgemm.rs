@@ -248,6 +248,53 @@ unsafe fn a_run(src: *const f32, len: usize, q: AQuantization, dst: &mut [u8]) {
     }
 }
 
+/// Where row `i` of A is k contiguous floats of `src`: a matrix's row (its columns a step of
+/// one apart), or the window of a 1×1 convolution without padding over an image whose
+/// channels are a step of one apart (channels-last).
+unsafe fn contiguous_row(s: &GemmShape, src: *const f32, i: i64) -> Option<*const f32> {
+    let Some(w) = s.quant.and_then(|q| q.windows) else {
+        return (s.a.cols == 1).then(|| src.offset((i * s.a.rows) as isize));
+    };
+    if w.kernel != [1, 1] || w.pad != [0, 0] || w.strides[1] != 1 {
+        return None;
+    }
+    let [oh_n, ow_n] = w.out_size;
+    let (img, oh, ow) = (i / (oh_n * ow_n), i / ow_n % oh_n, i % ow_n);
+    Some(src.offset((img * w.strides[0] + oh * w.stride[0] * w.strides[2] + ow * w.stride[1] * w.strides[3]) as isize))
+}
+
+/// A panel of four rows that are uint8 values held as float32, each k contiguous floats
+/// (`contiguous_row`): 8 floats of each row at a time converted to int32, packed to int16
+/// and then to bytes, which lands quad 2j of the four rows in the low 128-bit half and quad
+/// 2j + 1 in the high one (`vpackssdw` / `vpackuswb` work within halves) — the panel's own
+/// order; the row sums kept in int32 vectors alongside. The last k % 8 one at a time.
+#[target_feature(enable = "avx2")]
+unsafe fn pack_four_rows(rows: [*const f32; 4], k: usize, sums: *mut i32, quads: *mut u8) {
+    use std::arch::x86_64::*;
+    let mut acc = [_mm256_setzero_si256(); 4];
+    let mut j = 0;
+    while j + 8 <= k {
+        let v: [__m256i; 4] = std::array::from_fn(|r| _mm256_cvttps_epi32(_mm256_loadu_ps(rows[r].add(j))));
+        for r in 0..4 {
+            acc[r] = _mm256_add_epi32(acc[r], v[r]);
+        }
+        let bytes = _mm256_packus_epi16(_mm256_packs_epi32(v[0], v[1]), _mm256_packs_epi32(v[2], v[3]));
+        _mm256_storeu_si256(quads.add(j * 4) as *mut __m256i, bytes);
+        j += 8;
+    }
+    for (r, a) in acc.iter().enumerate() {
+        let mut lanes = [0i32; 8];
+        _mm256_storeu_si256(lanes.as_mut_ptr() as *mut __m256i, *a);
+        let mut sum: i32 = lanes.iter().sum();
+        for p in j..k {
+            let x = *rows[r].add(p) as u8;
+            sum += x as i32;
+            *quads.add((p / 4 * 4 + r) * 4 + p % 4) = x;
+        }
+        *sums.add(r) = sum;
+    }
+}
+
 /// Packs and quantizes rows [r0, r0 + mr) of A into one panel (`kernels::quantized`: header,
 /// then per quad mr rows × 4 bytes, zero past k and past the last row).
 unsafe fn pack_a_panel(s: &GemmShape, src: *const f32, q: AQuantization, r0: i64, dst: *mut i32, row: &mut Vec<u8>) {
@@ -258,6 +305,12 @@ unsafe fn pack_a_panel(s: &GemmShape, src: *const f32, q: AQuantization, r0: i64
     *dst.add(1) = q.header.scale.to_bits() as i32;
     *dst.add(2) = k as i32;
     let bytes = dst.add(A_HEADER as usize) as *mut u8;
+    if mr == 4 && r0 + 4 <= s.m && matches!(q.values, AValues::Exact) && has_avx2_fma() {
+        let rows = [0, 1, 2, 3].map(|r| contiguous_row(s, src, r0 + r));
+        if let [Some(a), Some(b), Some(c), Some(d)] = rows {
+            return pack_four_rows([a, b, c, d], k as usize, dst.add(3), bytes);
+        }
+    }
     row.resize((kq * 4) as usize, 0);
     let mut strided = vec![];
     for r in 0..mr.min(s.m - r0) {
