@@ -230,30 +230,26 @@ def test_a_residual_block_equals_eager(trace):
 
 
 @pytest.mark.parametrize("trace", [True, False])
-def test_resnet18_equals_eager(trace):
+@pytest.mark.parametrize(
+    "arch,ops",
+    [
+        ("resnet18", ("kiln::conv2d_quantized", "quantized::add_relu", "kiln::linear_quantized")),
+        # Depthwise convolutions and quantized adds.
+        ("mobilenet_v2", ("kiln::conv2d_quantized", "quantized::add", "kiln::linear_quantized")),
+    ],
+)
+def test_torchvision_quantized_model_equals_eager(arch, ops, trace):
+    """torchvision's quantizable ResNet-18 and MobileNetV2 (random weights), fused and
+    converted: one group, PyTorch's result bit for bit."""
     tv = pytest.importorskip("torchvision")
     torch.manual_seed(0)
-    model = tv.models.quantization.resnet18(weights=None, quantize=False).eval()
+    model = getattr(tv.models.quantization, arch)(weights=None, quantize=False).eval()
     model.fuse_model()
     model = convert(model, [(torch.randn(1, 3, 64, 64),)])
     x = torch.randn(1, 3, 64, 64) * 1.5
     scripted, out, expected = run_both(model, x, trace)
     exactly(out, expected)
-    assert_ran(scripted, ("kiln::conv2d_quantized", "quantized::add_relu", "kiln::linear_quantized"))
-
-
-@pytest.mark.parametrize("trace", [True, False])
-def test_mobilenet_v2_equals_eager(trace):
-    """torchvision's quantized MobileNetV2: depthwise convolutions, quantized adds, one group."""
-    tv = pytest.importorskip("torchvision")
-    torch.manual_seed(0)
-    model = tv.models.quantization.mobilenet_v2(weights=None, quantize=False).eval()
-    model.fuse_model()
-    model = convert(model, [(torch.randn(1, 3, 64, 64),)])
-    x = torch.randn(1, 3, 64, 64) * 1.5
-    scripted, out, expected = run_both(model, x, trace)
-    exactly(out, expected)
-    assert_ran(scripted, ("kiln::conv2d_quantized", "quantized::add", "kiln::linear_quantized"))
+    assert_ran(scripted, ops)
 
 
 class QuantizedOut(nn.Module):

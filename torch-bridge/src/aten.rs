@@ -2143,7 +2143,6 @@ fn quant_params(scale: &Const, zero_point: i64) -> R<QuantParams> {
     Ok(QuantParams { scale: scalar(scale)?.as_f64() as f32, zero_point: zero_point as i32 })
 }
 
-/// An optional tensor argument (a bias): None unless it is a tensor.
 /// A quantized convolution's groups, and whether its weight's zero points are all 0 (the pass
 /// looked: the depthwise chain then skips their term).
 #[derive(Clone, Copy)]
@@ -2152,6 +2151,7 @@ struct Groups {
     symmetric: bool,
 }
 
+/// An optional tensor argument (a bias): None unless it is a tensor.
 fn optional_tensor(a: &Arg) -> Option<ValueId> {
     match a {
         Arg::Tensor(t) => Some(*t),

@@ -23,7 +23,8 @@
 //!
 //! [`requantize`]: kiln_compiler::kernels::quantized::requantize
 
-use super::{Lower, R};
+use super::{Arg, Lower, R};
+use crate::ts_dump::Const;
 use kiln_compiler::graph::ir::{BinaryOp, CmpOp, ConvWindow, IrError, QuantParams, ReduceOp, UnaryOp};
 use kiln_compiler::{DType, Scalar, ValueId};
 
@@ -49,7 +50,7 @@ impl Lower<'_> {
     pub(super) fn depthwise_quantized(&mut self, x: ValueId, pa: QuantParams, wq: DepthwiseWeight, window: ConvWindow, out: QuantParams, relu: bool) -> R<ValueId> {
         let host = kiln_compiler::codegen::target::Target::host();
         if host.has_feature("avx512vnni") || host.has_feature("avxvnni") {
-            // As the dense static products (lower::gemm_shape): fbgemm's kernels there are
+            // As the dense static products (`lower::quantized_gemm_shape`): fbgemm's kernels there are
             // other code, not measured.
             return Err("a quantized depthwise convolution on a host with VNNI (fbgemm's kernels there are not the AVX2 ones Kiln matches)".into());
         }
@@ -67,8 +68,7 @@ impl Lower<'_> {
         let [oh, ow] = window.output_size(xs[2], xs[3]).ok_or("a window larger than the padded input (eager raises)")?;
         let [top, bottom, left, right] = window.padding;
         let xp = if window.padding.iter().any(|&p| p > 0) {
-            use crate::ts_dump::Const;
-            self.constant_pad(&super::Arg::Tensor(x), &[left, right, top, bottom], &super::Arg::Const(Const::Int(pa.zero_point as i64)))?
+            self.constant_pad(&Arg::Tensor(x), &[left, right, top, bottom], &Arg::Const(Const::Int(pa.zero_point as i64)))?
         } else {
             x
         };
@@ -153,11 +153,11 @@ impl Lower<'_> {
         if let Some(b) = wq.bias {
             let b = e(self.g.reshape(b, &channel))?;
             let term = e(self.g.binary(BinaryOp::Div, b, s))?;
-            let term = self.per_channel(term)?;
+            let term = self.stored_per_channel(term)?;
             x = e(self.g.binary(BinaryOp::Add, x, term))?;
         }
         let multiplier = e(self.g.binary(BinaryOp::Div, s, so))?;
-        let multiplier = self.per_channel(multiplier)?;
+        let multiplier = self.stored_per_channel(multiplier)?;
         let t = e(self.g.binary(BinaryOp::Mul, x, multiplier))?;
         let r = e(self.g.unary(UnaryOp::Round, t))?;
         // cvtps2dq: what is out of int32's range (or NaN) becomes −2³¹, which the int16 packing
@@ -180,7 +180,7 @@ impl Lower<'_> {
     /// `v` (a value per channel) stored once rather than recomputed at every pixel: a sum over
     /// one element is a reduction, which the kernels read from its buffer (two float32
     /// divisions per pixel otherwise).
-    fn per_channel(&mut self, v: ValueId) -> R<ValueId> {
+    fn stored_per_channel(&mut self, v: ValueId) -> R<ValueId> {
         let mut shape = self.sizes(v)?;
         let unit = shape.len();
         shape.push(1);
