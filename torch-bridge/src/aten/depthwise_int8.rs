@@ -8,10 +8,10 @@
 //! (a last odd tap alone); its other grouped paths (im2col per group) pair the same taps, as
 //! the dense path's (kh, kw, c) order does for one channel. The int32 sum then loses both zero
 //! points' offsets and is requantized as a dense product's ([`requantize`]).
-//! Measured against PyTorch 2.13 on this host: 3×3, 5×5, strides 1 and 2, dilation 2, no
-//! padding, channel multipliers 1 and 2, channel counts that are and are not multiples of 8,
-//! per channel and per tensor, weight zero points 0 and not, relu: every element equal with
-//! the saturation, tens to hundreds per layer off without it.
+//! Measured against PyTorch 2.13 on this host: 3×3 to 7×7 and 2×3 windows, strides 1 and 2,
+//! dilation 2, no padding, channel multipliers 1 to 3, channel counts that are and are not
+//! multiples of 8, per channel and per tensor, weight zero points 0 and not, relu: every
+//! element equal with the saturation, tens to hundreds per layer off without it.
 //!
 //! Every step is exact in float32 up to the requantization (products ≤ 2¹⁵, sums < 2²⁴ for
 //! windows up to 7×7), so the chain computes what the integer kernel does, one vector of
@@ -23,14 +23,11 @@
 //!
 //! [`requantize`]: kiln_compiler::kernels::quantized::requantize
 
+use super::windows::e;
 use super::{Arg, Lower, R};
 use crate::ts_dump::Const;
-use kiln_compiler::graph::ir::{BinaryOp, CmpOp, ConvWindow, IrError, QuantParams, ReduceOp, UnaryOp};
+use kiln_compiler::graph::ir::{BinaryOp, CmpOp, ConvWindow, QuantParams, ReduceOp, UnaryOp};
 use kiln_compiler::{DType, Scalar, ValueId};
-
-fn e(r: Result<ValueId, IrError>) -> R<ValueId> {
-    r.map_err(|e| e.0)
-}
 
 /// The weight of a depthwise convolution and its quantization, as the pass unpacked it.
 pub(super) struct DepthwiseWeight {
@@ -79,21 +76,7 @@ impl Lower<'_> {
         let (pixel, channel): (Vec<i64>, Vec<i64>) = if m == 1 { (vec![n, c, oh, ow], vec![c, 1, 1]) } else { (vec![n, c, 1, oh, ow], vec![c, m, 1, 1]) };
         let w = self.g.cast(wq.w, DType::F32);
         let w = e(self.g.reshape(w, &[c, m, kh, kw]))?;
-        let w_taps = self.taps_first(w)?;
-        let taps: Vec<(ValueId, ValueId)> = {
-            let mut t = Vec::new();
-            for i in 0..kh {
-                for j in 0..kw {
-                    let a = e(self.g.slice(v, 4, i, 1))?;
-                    let a = e(self.g.slice(a, 5, j, 1))?;
-                    let a = e(self.g.reshape(a, &pixel))?;
-                    let k = e(self.g.slice(w_taps, 0, i, 1))?;
-                    let k = e(self.g.slice(k, 1, j, 1))?;
-                    t.push((a, e(self.g.reshape(k, &channel))?));
-                }
-            }
-            t
-        };
+        let taps = self.depthwise_taps(v, w, &pixel, &channel)?;
         let f = |this: &mut Self, v: f64| this.g.constant(Scalar::Float(v), DType::F32);
         let (lo16, hi16) = (f(self, -32768.0), f(self, 32767.0));
         // Σ over pairs of taps of sat16(a·w + a'·w').

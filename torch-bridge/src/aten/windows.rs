@@ -36,7 +36,7 @@ pub(super) fn gcd(a: i64, b: i64) -> i64 {
     if b == 0 { a } else { gcd(b, a % b) }
 }
 
-fn e(r: Result<ValueId, IrError>) -> R<ValueId> {
+pub(super) fn e(r: Result<ValueId, IrError>) -> R<ValueId> {
     r.map_err(|e| e.0)
 }
 
@@ -214,35 +214,40 @@ impl Lower<'_> {
     fn depthwise_chain(&mut self, v: ValueId, w: ValueId, kernel: [i64; 2]) -> R<ValueId> {
         let sizes = self.sizes(v)?;
         let c = sizes[1];
-        let w3 = e(self.g.reshape(w, &[c, kernel[0], kernel[1]]))?;
-        let w_taps = self.taps_first(w3)?;
+        let w = e(self.g.reshape(w, &[c, 1, kernel[0], kernel[1]]))?;
         let mut acc: Option<ValueId> = None;
-        for i in 0..kernel[0] {
-            for j in 0..kernel[1] {
-                let t = e(self.g.slice(v, 4, i, 1))?;
-                let t = e(self.g.slice(t, 5, j, 1))?;
-                let t = e(self.g.reshape(t, &sizes[..4]))?;
-                let k = e(self.g.slice(w_taps, 0, i, 1))?;
-                let k = e(self.g.slice(k, 1, j, 1))?;
-                let k = e(self.g.reshape(k, &[c, 1, 1]))?;
-                let term = e(self.g.binary(BinaryOp::Mul, t, k))?;
-                acc = Some(match acc {
-                    None => term,
-                    Some(a) => e(self.g.binary(BinaryOp::Add, a, term))?,
-                });
-            }
+        for (t, k) in self.depthwise_taps(v, w, &sizes[..4], &[c, 1, 1])? {
+            let term = e(self.g.binary(BinaryOp::Mul, t, k))?;
+            acc = Some(match acc {
+                None => term,
+                Some(a) => e(self.g.binary(BinaryOp::Add, a, term))?,
+            });
         }
         Ok(acc.expect("a window has an element"))
     }
 
-    /// A depthwise weight [C, (m,) KH, KW] stored as [KH, KW, C, (m)]: each tap's weights are
-    /// then one contiguous vector along the channels the chain's kernel runs over (read from
-    /// [C, ..., KH, KW], a vector of them was a gather of KH·KW-strided floats per tap).
-    pub(super) fn taps_first(&mut self, w: ValueId) -> R<ValueId> {
-        let r = self.g.ty(w).rank();
-        let dims: Vec<usize> = [r - 2, r - 1].into_iter().chain(0..r - 2).collect();
-        let t = e(self.g.permute(w, &dims))?;
-        Ok(self.g.copy(t))
+    /// A depthwise convolution's terms, one per window element row by row: the element of
+    /// every window (`v`: [N, C, OH, OW, KH, KW]) as `pixel`, and the weight's element (`w`:
+    /// [C, m, KH, KW]) as `channel`. The weight is read from a copy stored taps-first,
+    /// [KH, KW, C, m]: each tap's weights are then one contiguous vector along the channels
+    /// the chain's kernel runs over (read from [C, m, KH, KW], a vector of them was a gather
+    /// of KH·KW-strided floats per tap).
+    pub(super) fn depthwise_taps(&mut self, v: ValueId, w: ValueId, pixel: &[i64], channel: &[i64]) -> R<Vec<(ValueId, ValueId)>> {
+        let ws = self.sizes(w)?;
+        let taps_first = e(self.g.permute(w, &[2, 3, 0, 1]))?;
+        let taps_first = self.g.copy(taps_first);
+        let mut taps = Vec::new();
+        for i in 0..ws[2] {
+            for j in 0..ws[3] {
+                let a = e(self.g.slice(v, 4, i, 1))?;
+                let a = e(self.g.slice(a, 5, j, 1))?;
+                let a = e(self.g.reshape(a, pixel))?;
+                let k = e(self.g.slice(taps_first, 0, i, 1))?;
+                let k = e(self.g.slice(k, 1, j, 1))?;
+                taps.push((a, e(self.g.reshape(k, channel))?));
+            }
+        }
+        Ok(taps)
     }
 
     /// max_pool2d / avg_pool2d as eager computes them (see the module comment). `divisor`:
