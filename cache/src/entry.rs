@@ -15,6 +15,7 @@
 use crate::CacheKey;
 use kiln_compiler::lower::{BufferDecl, BufferKind};
 use kiln_compiler::kernels::gemm::{GemmOperand, GemmShape, GemmTile, Im2col};
+use kiln_compiler::kernels::quantized::ProductSums;
 use kiln_compiler::kernels::sparse::SparseFormat;
 use kiln_compiler::lower::loop_ir::BufId;
 use kiln_compiler::runtime::program::KernelDecl;
@@ -26,7 +27,7 @@ const MAGIC: &[u8; 8] = b"KILNCODE";
 /// 4: buffers carry their layout order (outputs follow eager's layout). 6: GEMMs pack into
 /// the runtime's scratch (no pack buffers). 7: an object per kernel, each kernel reading a
 /// table of its own buffers.
-pub const FORMAT: u32 = 8;
+pub const FORMAT: u32 = 9;
 const CHECKSUM: usize = 32;
 
 #[derive(thiserror::Error, Debug, Clone, PartialEq, Eq)]
@@ -112,7 +113,7 @@ pub fn encode(header: &EntryHeader, image: &ProgramImage) -> Vec<u8> {
             body.extend(line.bytes());
             if let Some(q) = &g.quant {
                 let bias = q.bias.map_or(String::new(), |b| format!(" {}", b.0));
-                body.extend(format!("quant {} {} {} {}{bias}\n", q.scale.0, q.zero_point.0, q.per_column as u8, q.reduce_range as u8).bytes());
+                body.extend(format!("quant {} {} {} {} {}{bias}\n", q.scale.0, q.zero_point.0, q.per_column as u8, q.reduce_range as u8, q.sums.name()).bytes());
                 if let Some(p) = &q.requantize {
                     body.extend(format!("requantize {} {} {} {} {}\n", p.a.scale_bits, p.a.zero_point, p.out.scale_bits, p.out.zero_point, p.relu as u8).bytes());
                 }
@@ -296,13 +297,14 @@ fn parse_body(body: &[u8]) -> Result<ProgramImage, String> {
                 let zero_point = BufId(num(w.next(), "quant zero point buffer")?);
                 let per_column = num::<u8>(w.next(), "quant per-column flag")? == 1;
                 let reduce_range = num::<u8>(w.next(), "quant range flag")? == 1;
+                let sums = w.next().and_then(ProductSums::parse).ok_or("a quant line without its sums")?;
                 let bias = match w.next() {
                     None => None,
                     Some(b) => Some(BufId(b.parse().map_err(|_| "a quant line with a bad bias buffer")?)),
                 };
                 let g = image.kernels.last_mut().and_then(|k| k.gemm.as_mut()).ok_or("a quant line before any gemm")?;
-                g.quant = Some(kiln_compiler::kernels::quantized::QuantizedB { scale, zero_point, per_column, reduce_range, bias, requantize: None, windows: None });
-                g.tile.lanes = GemmTile::int8(g.m).lanes;
+                g.quant = Some(kiln_compiler::kernels::quantized::QuantizedB { scale, zero_point, per_column, reduce_range, sums, bias, requantize: None, windows: None });
+                g.tile.lanes = GemmTile::int8(g.m, g.n, sums).lanes;
             }
             Some("requantize") => {
                 use kiln_compiler::kernels::quantized::{QuantParamBits, StaticProduct};
@@ -409,7 +411,7 @@ fn check_gemm(image: &ProgramImage, k: &KernelDecl, g: &GemmShape) -> Result<(),
             None => true,
             Some(b) => buf(b).map(|d| d.dtype == DType::F32 && d.sizes == [g.n])?,
         };
-        if !bias_ok || !vector(q.scale, DType::F32)? || !vector(q.zero_point, DType::I32)? || g.tile != GemmTile::int8(g.m) || g.im2col.is_some() || g.sparse_b.is_some() || !g.batch.is_empty() {
+        if !bias_ok || !vector(q.scale, DType::F32)? || !vector(q.zero_point, DType::I32)? || g.tile != GemmTile::int8(g.m, g.n, q.sums) || !q.sums.runs_on(&Target::host()) || g.im2col.is_some() || g.sparse_b.is_some() || !g.batch.is_empty() {
             return Err("an int8 gemm with bad scales, zero points or tile".into());
         }
         if let Some(w) = &q.windows {
@@ -519,8 +521,8 @@ mod tests {
     #[test]
     fn other_formats_and_files_are_refused() {
         let mut bytes = encode(&header(), &image());
-        bytes[8] = 9;
-        assert_eq!(decode(&bytes, &header()), Err(EntryError::Format(9)));
+        bytes[8] = FORMAT as u8 + 1;
+        assert_eq!(decode(&bytes, &header()), Err(EntryError::Format(FORMAT + 1)));
         assert_eq!(decode(b"\x7fELF\x02\x01\x01\0\0\0\0\0", &header()), Err(EntryError::NotAnEntry));
     }
 

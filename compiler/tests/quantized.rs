@@ -8,7 +8,7 @@
 mod common;
 use common::Rng;
 use kiln_compiler::dtype::{DType, Scalar};
-use kiln_compiler::graph::ir::parse_graph;
+use kiln_compiler::graph::ir::{parse_graph, ProductSums};
 use kiln_compiler::graph::reference::{eval, Tensor};
 use kiln_compiler::{compile, lower_graph, CompileOptions, Target};
 
@@ -140,51 +140,65 @@ fn check_static(rng: &mut Rng, text: &str, a_sizes: &[i64], a_strides: &[i64], w
     }
 }
 
-fn static_params(rng: &mut Rng, relu: bool) -> String {
+fn static_params(rng: &mut Rng, relu: bool, sums: ProductSums) -> String {
     let a_scale = rng.uniform(0.01, 0.1);
     let a_zp = rng.next_u64() % 256;
     let scale = rng.uniform(0.5, 4.0);
     let zp = rng.next_u64() % 256;
-    format!("a_scale={a_scale} a_zero_point={a_zp} scale={scale} zero_point={zp} relu={relu}")
+    format!("a_scale={a_scale} a_zero_point={a_zp} scale={scale} zero_point={zp} relu={relu} sums={}", sums.name())
+}
+
+/// The ways of summing this host's tiles have: the pairs (AVX2) everywhere, exact sums where
+/// the host has AVX-512 VNNI (elsewhere they are not built, and this says so once).
+fn sums_of_host() -> Vec<ProductSums> {
+    let exact = ProductSums::Exact.runs_on(&Target::host());
+    if !exact {
+        eprintln!("no AVX-512 VNNI on this host: the exact-sum int8 tile is not tested");
+    }
+    [ProductSums::SaturatedPairs].into_iter().chain(exact.then_some(ProductSums::Exact)).collect()
 }
 
 #[test]
 fn static_linear_matches_the_reference_bit_for_bit() {
-    let mut rng = Rng(0x5151_7a7a_1234_0001);
-    for case in 0..60 {
-        let (m, n, k) = random_mnk(&mut rng, case);
-        let (per_column, bias, relu, saturate) = (rng.next_u64() % 2 == 0, rng.next_u64() % 2 == 0, rng.next_u64() % 2 == 0, case % 5 == 0);
-        let s = if per_column { n } else { 1 };
-        let b = if bias { ", %4" } else { "" };
-        let params = static_params(&mut rng, relu);
-        let text = format!("graph(%0: f32[{m}, {k}], %1: i32[{n}, {k}], %2: f32[{s}], %3: i32[{s}], %4: f32[{n}]) {{\n  %5 = permute(%1) dims=[1, 0] : i32[{k}, {n}]\n  %6 = qlinear(%0, %5, %2, %3{b}) {params} : f32[{m}, {n}]\n  return (%6)\n}}\n");
-        check_static(&mut rng, &text, &[m, k], &[k, 1], &[n, k], n, s, saturate, &format!("linear case {case}"));
+    for sums in sums_of_host() {
+        let mut rng = Rng(0x5151_7a7a_1234_0001);
+        for case in 0..60 {
+            let (m, n, k) = random_mnk(&mut rng, case);
+            let (per_column, bias, relu, saturate) = (rng.next_u64() % 2 == 0, rng.next_u64() % 2 == 0, rng.next_u64() % 2 == 0, case % 5 == 0);
+            let s = if per_column { n } else { 1 };
+            let b = if bias { ", %4" } else { "" };
+            let params = static_params(&mut rng, relu, sums);
+            let text = format!("graph(%0: f32[{m}, {k}], %1: i32[{n}, {k}], %2: f32[{s}], %3: i32[{s}], %4: f32[{n}]) {{\n  %5 = permute(%1) dims=[1, 0] : i32[{k}, {n}]\n  %6 = qlinear(%0, %5, %2, %3{b}) {params} : f32[{m}, {n}]\n  return (%6)\n}}\n");
+            check_static(&mut rng, &text, &[m, k], &[k, 1], &[n, k], n, s, saturate, &format!("linear case {case} ({sums:?})"));
+        }
     }
 }
 
 #[test]
 fn static_convolution_matches_the_reference_bit_for_bit() {
-    let mut rng = Rng(0x5151_7a7a_1234_0002);
-    for case in 0..60 {
-        let r = |rng: &mut Rng, xs: &[i64]| xs[(rng.next_u64() % xs.len() as u64) as usize];
-        let (batch, c, o) = (r(&mut rng, &[1, 1, 2]), r(&mut rng, &[1, 3, 4, 5, 8, 16, 19]), r(&mut rng, &[1, 5, 8, 16, 17, 33]));
-        let kernel = r(&mut rng, &[1, 1, 2, 3, 3, 5, 7]);
-        let (stride, dilation) = (r(&mut rng, &[1, 1, 2, 3]), r(&mut rng, &[1, 1, 1, 2]));
-        let pad = [r(&mut rng, &[0, 1, 2, 3]), r(&mut rng, &[0, 1, 2]), r(&mut rng, &[0, 1, 3]), r(&mut rng, &[0, 1])];
-        let span = dilation * (kernel - 1) + 1;
-        let (h, w) = (r(&mut rng, &[1, 2, 5, 7, 9, 12]).max(span - pad[0] - pad[1]), r(&mut rng, &[1, 3, 6, 8, 11]).max(span - pad[2] - pad[3]));
-        let oh = (h + pad[0] + pad[1] - span) / stride + 1;
-        let ow = (w + pad[2] + pad[3] - span) / stride + 1;
-        let (per_column, bias, relu, saturate, channels_last) = (rng.next_u64() % 2 == 0, rng.next_u64() % 2 == 0, rng.next_u64() % 2 == 0, case % 5 == 0, rng.next_u64() % 2 == 0);
-        let s = if per_column { o } else { 1 };
-        let b = if bias { ", %4" } else { "" };
-        let params = static_params(&mut rng, relu);
-        let rows = batch * oh * ow;
-        let text = format!(
-            "graph(%0: f32[{batch}, {c}, {h}, {w}], %1: i32[{o}, {c}, {kernel}, {kernel}], %2: f32[{s}], %3: i32[{s}], %4: f32[{o}]) {{\n  %5 = qconv2d(%0, %1, %2, %3{b}) kernel=[{kernel}, {kernel}] stride=[{stride}, {stride}] dilation=[{dilation}, {dilation}] padding={pad:?} {params} : f32[{rows}, {o}]\n  return (%5)\n}}\n"
-        );
-        let strides = if channels_last { vec![c * h * w, 1, w * c, c] } else { vec![c * h * w, h * w, w, 1] };
-        check_static(&mut rng, &text, &[batch, c, h, w], &strides, &[o, c, kernel, kernel], o, s, saturate, &format!("convolution case {case}"));
+    for sums in sums_of_host() {
+        let mut rng = Rng(0x5151_7a7a_1234_0002);
+        for case in 0..60 {
+            let r = |rng: &mut Rng, xs: &[i64]| xs[(rng.next_u64() % xs.len() as u64) as usize];
+            let (batch, c, o) = (r(&mut rng, &[1, 1, 2]), r(&mut rng, &[1, 3, 4, 5, 8, 16, 19]), r(&mut rng, &[1, 5, 8, 16, 17, 33]));
+            let kernel = r(&mut rng, &[1, 1, 2, 3, 3, 5, 7]);
+            let (stride, dilation) = (r(&mut rng, &[1, 1, 2, 3]), r(&mut rng, &[1, 1, 1, 2]));
+            let pad = [r(&mut rng, &[0, 1, 2, 3]), r(&mut rng, &[0, 1, 2]), r(&mut rng, &[0, 1, 3]), r(&mut rng, &[0, 1])];
+            let span = dilation * (kernel - 1) + 1;
+            let (h, w) = (r(&mut rng, &[1, 2, 5, 7, 9, 12]).max(span - pad[0] - pad[1]), r(&mut rng, &[1, 3, 6, 8, 11]).max(span - pad[2] - pad[3]));
+            let oh = (h + pad[0] + pad[1] - span) / stride + 1;
+            let ow = (w + pad[2] + pad[3] - span) / stride + 1;
+            let (per_column, bias, relu, saturate, channels_last) = (rng.next_u64() % 2 == 0, rng.next_u64() % 2 == 0, rng.next_u64() % 2 == 0, case % 5 == 0, rng.next_u64() % 2 == 0);
+            let s = if per_column { o } else { 1 };
+            let b = if bias { ", %4" } else { "" };
+            let params = static_params(&mut rng, relu, sums);
+            let rows = batch * oh * ow;
+            let text = format!(
+                "graph(%0: f32[{batch}, {c}, {h}, {w}], %1: i32[{o}, {c}, {kernel}, {kernel}], %2: f32[{s}], %3: i32[{s}], %4: f32[{o}]) {{\n  %5 = qconv2d(%0, %1, %2, %3{b}) kernel=[{kernel}, {kernel}] stride=[{stride}, {stride}] dilation=[{dilation}, {dilation}] padding={pad:?} {params} : f32[{rows}, {o}]\n  return (%5)\n}}\n"
+            );
+            let strides = if channels_last { vec![c * h * w, 1, w * c, c] } else { vec![c * h * w, h * w, w, 1] };
+            check_static(&mut rng, &text, &[batch, c, h, w], &strides, &[o, c, kernel, kernel], o, s, saturate, &format!("convolution case {case} ({sums:?})"));
+        }
     }
 }
 
@@ -193,23 +207,25 @@ fn static_convolution_matches_the_reference_bit_for_bit() {
 /// strided or not; contiguous images take the general path.
 #[test]
 fn pointwise_convolution_matches_the_reference_bit_for_bit() {
-    let mut rng = Rng(0x5151_7a7a_1234_0004);
-    for case in 0..24 {
-        let r = |rng: &mut Rng, xs: &[i64]| xs[(rng.next_u64() % xs.len() as u64) as usize];
-        let (batch, c, o) = (r(&mut rng, &[1, 2]), r(&mut rng, &[1, 3, 8, 12, 16, 19, 33, 64]), r(&mut rng, &[1, 5, 16, 17, 33]));
-        let stride = r(&mut rng, &[1, 1, 2, 3]);
-        let (h, w) = (r(&mut rng, &[1, 2, 5, 7, 9]), r(&mut rng, &[1, 3, 6, 8, 11]));
-        let (oh, ow) = ((h - 1) / stride + 1, (w - 1) / stride + 1);
-        let (per_column, bias, relu, saturate, channels_last) = (rng.next_u64() % 2 == 0, rng.next_u64() % 2 == 0, rng.next_u64() % 2 == 0, case % 3 == 0, case % 4 != 3);
-        let s = if per_column { o } else { 1 };
-        let b = if bias { ", %4" } else { "" };
-        let params = static_params(&mut rng, relu);
-        let rows = batch * oh * ow;
-        let text = format!(
-            "graph(%0: f32[{batch}, {c}, {h}, {w}], %1: i32[{o}, {c}, 1, 1], %2: f32[{s}], %3: i32[{s}], %4: f32[{o}]) {{\n  %5 = qconv2d(%0, %1, %2, %3{b}) kernel=[1, 1] stride=[{stride}, {stride}] dilation=[1, 1] padding=[0, 0, 0, 0] {params} : f32[{rows}, {o}]\n  return (%5)\n}}\n"
-        );
-        let strides = if channels_last { vec![c * h * w, 1, w * c, c] } else { vec![c * h * w, h * w, w, 1] };
-        check_static(&mut rng, &text, &[batch, c, h, w], &strides, &[o, c, 1, 1], o, s, saturate, &format!("pointwise convolution case {case}"));
+    for sums in sums_of_host() {
+        let mut rng = Rng(0x5151_7a7a_1234_0004);
+        for case in 0..24 {
+            let r = |rng: &mut Rng, xs: &[i64]| xs[(rng.next_u64() % xs.len() as u64) as usize];
+            let (batch, c, o) = (r(&mut rng, &[1, 2]), r(&mut rng, &[1, 3, 8, 12, 16, 19, 33, 64]), r(&mut rng, &[1, 5, 16, 17, 33]));
+            let stride = r(&mut rng, &[1, 1, 2, 3]);
+            let (h, w) = (r(&mut rng, &[1, 2, 5, 7, 9]), r(&mut rng, &[1, 3, 6, 8, 11]));
+            let (oh, ow) = ((h - 1) / stride + 1, (w - 1) / stride + 1);
+            let (per_column, bias, relu, saturate, channels_last) = (rng.next_u64() % 2 == 0, rng.next_u64() % 2 == 0, rng.next_u64() % 2 == 0, case % 3 == 0, case % 4 != 3);
+            let s = if per_column { o } else { 1 };
+            let b = if bias { ", %4" } else { "" };
+            let params = static_params(&mut rng, relu, sums);
+            let rows = batch * oh * ow;
+            let text = format!(
+                "graph(%0: f32[{batch}, {c}, {h}, {w}], %1: i32[{o}, {c}, 1, 1], %2: f32[{s}], %3: i32[{s}], %4: f32[{o}]) {{\n  %5 = qconv2d(%0, %1, %2, %3{b}) kernel=[1, 1] stride=[{stride}, {stride}] dilation=[1, 1] padding=[0, 0, 0, 0] {params} : f32[{rows}, {o}]\n  return (%5)\n}}\n"
+            );
+            let strides = if channels_last { vec![c * h * w, 1, w * c, c] } else { vec![c * h * w, h * w, w, 1] };
+            check_static(&mut rng, &text, &[batch, c, h, w], &strides, &[o, c, 1, 1], o, s, saturate, &format!("pointwise convolution case {case} ({sums:?})"));
+        }
     }
 }
 

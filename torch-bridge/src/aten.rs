@@ -37,6 +37,7 @@ enum Arg {
 type R<T> = Result<T, String>;
 
 mod depthwise_int8;
+mod fbgemm;
 mod upsample;
 mod windows;
 
@@ -2005,7 +2006,7 @@ impl Lower<'_> {
         let (w, scale, zero_point) = (self.tensor(w)?, self.tensor(scale)?, self.tensor(zero_point)?);
         let (x2, shape) = self.as_rows(x)?;
         let wt = self.g.permute(w, &[1, 0]).map_err(|e| e.0)?;
-        let y = self.g.quantized_product(x2, wt, scale, zero_point, optional_tensor(bias), pa, out, relu, None).map_err(|e| e.0)?;
+        let y = self.g.quantized_product(x2, wt, scale, zero_point, optional_tensor(bias), pa, out, relu, None, fbgemm::gemm_sums()).map_err(|e| e.0)?;
         self.explain_weight(w, scale, y, STATIC_ACTIVATIONS)?;
         let y = self.in_rows_of(y, &shape)?;
         self.quant.insert(y, out);
@@ -2035,7 +2036,7 @@ impl Lower<'_> {
             self.explain_weight(w, scale, y, "depthwise: a chain of exact integer steps as fbgemm's kernel sums them")?;
             return Ok(y);
         }
-        let y = self.g.quantized_product(x, w, scale, zero_point, optional_tensor(bias), pa, out, relu, Some(window)).map_err(|e| e.0)?;
+        let y = self.g.quantized_product(x, w, scale, zero_point, optional_tensor(bias), pa, out, relu, Some(window), fbgemm::gemm_sums()).map_err(|e| e.0)?;
         self.explain_weight(w, scale, y, STATIC_ACTIVATIONS)?;
         let y = self.g.reshape(y, &[xs[0], oh, ow, ws[0]]).map_err(|e| e.0)?;
         let y = self.g.permute(y, &[0, 3, 1, 2]).map_err(|e| e.0)?;

@@ -202,14 +202,15 @@ pub enum Op {
     /// A statically quantized product (`quantized::linear`, `quantized::conv2d`,
     /// `kernels::quantized`): a holds uint8 values with parameters `a`, b an int8 weight (as
     /// int32) with its scales and zero points (one per tensor or per output channel) and an
-    /// optional float32 bias; the int32 sum of (a − za)(b − zb), with the AVX2 kernel's pair
-    /// saturation, requantized to uint8 values with parameters `out` (and a relu). Without
+    /// optional float32 bias; the int32 sum of (a − za)(b − zb), summed as `sums` says (the
+    /// AVX2 kernel's pair saturation, or exactly as VNNI's), requantized to uint8 values with
+    /// parameters `out` (and a relu). Without
     /// `conv`: a[m, k] · b[k, n] → [m, n]. With it: x[N, C, H, W] convolved with w[O, C, KH, KW]
     /// (padding with a's zero point), the output channels-last as a matrix [N·OH·OW, O].
-    QuantizedProduct { a: QuantParams, out: QuantParams, relu: bool, conv: Option<ConvWindow> },
+    QuantizedProduct { a: QuantParams, out: QuantParams, relu: bool, conv: Option<ConvWindow>, sums: ProductSums },
 }
 
-pub use crate::kernels::quantized::QuantParams;
+pub use crate::kernels::quantized::{ProductSums, QuantParams};
 
 /// A convolution's window: kernel, stride, dilation and padding (top, bottom, left, right).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -577,7 +578,7 @@ impl Graph {
     /// See [`Op::QuantizedProduct`]: `a` f32 [m, k] (or [N, C, H, W] with `conv`), `b` i32
     /// [k, n] (or [O, C, KH, KW]), `scale` f32 and `zero_point` i32, both [1] or [n]; `bias` f32 [n].
     #[allow(clippy::too_many_arguments)]
-    pub fn quantized_product(&mut self, a: ValueId, b: ValueId, scale: ValueId, zero_point: ValueId, bias: Option<ValueId>, pa: QuantParams, out: QuantParams, relu: bool, conv: Option<ConvWindow>) -> Result<ValueId, IrError> {
+    pub fn quantized_product(&mut self, a: ValueId, b: ValueId, scale: ValueId, zero_point: ValueId, bias: Option<ValueId>, pa: QuantParams, out: QuantParams, relu: bool, conv: Option<ConvWindow>, sums: ProductSums) -> Result<ValueId, IrError> {
         let name = if conv.is_some() { "qconv2d" } else { "qlinear" };
         let (ta, tb, ts, tz) = (self.ty(a).clone(), self.ty(b).clone(), self.ty(scale).clone(), self.ty(zero_point).clone());
         let (Some(sa), Some(sb), Some(ss), Some(sz)) = (ta.static_shape(), tb.static_shape(), ts.static_shape(), tz.static_shape()) else {
@@ -606,7 +607,7 @@ impl Graph {
             }
         }
         let inputs = [a, b, scale, zero_point].into_iter().chain(bias).collect();
-        Ok(self.push(Op::QuantizedProduct { a: pa, out, relu, conv }, inputs, TensorType::new(DType::F32, &shape)))
+        Ok(self.push(Op::QuantizedProduct { a: pa, out, relu, conv, sums }, inputs, TensorType::new(DType::F32, &shape)))
     }
 
     /// [`matmul`](Self::matmul) over B packed in sparse `format`.
@@ -740,10 +741,10 @@ impl fmt::Display for Graph {
                 Op::Unfold { dim, size, step, dilation } => format!("unfold({args}) dim={dim} size={size} step={step} dilation={dilation}"),
                 Op::Conv2d { kernel, stride, dilation, padding } => format!("conv2d({args}) kernel={kernel:?} stride={stride:?} dilation={dilation:?} padding={padding:?}"),
                 Op::Quantize(p) => format!("quantize({args}) scale={} zero_point={}", p.scale, p.zero_point),
-                Op::QuantizedProduct { a, out, relu, conv } => {
+                Op::QuantizedProduct { a, out, relu, conv, sums } => {
                     let window = conv.map_or(String::new(), |w| format!(" kernel={:?} stride={:?} dilation={:?} padding={:?}", w.kernel, w.stride, w.dilation, w.padding));
                     let name = if conv.is_some() { "qconv2d" } else { "qlinear" };
-                    format!("{name}({args}){window} a_scale={} a_zero_point={} scale={} zero_point={} relu={relu}", a.scale, a.zero_point, out.scale, out.zero_point)
+                    format!("{name}({args}){window} a_scale={} a_zero_point={} scale={} zero_point={} relu={relu} sums={}", a.scale, a.zero_point, out.scale, out.zero_point, sums.name())
                 }
             };
             writeln!(f, "  %{i} = {head} : {}", n.ty)?;
@@ -895,7 +896,8 @@ pub fn parse_graph(text: &str) -> Result<Graph, IrError> {
                     }
                     let conv = if opname == "qconv2d" { Some(conv_window(&attr, opname)?) } else { None };
                     let (pa, out) = (quant_params(&attr, "a_")?, quant_params(&attr, "")?);
-                    g.quantized_product(i[0], i[1], i[2], i[3], i.get(4).copied(), pa, out, attr("relu") == Some("true"), conv)?
+                    let sums = attr("sums").map_or(Some(ProductSums::SaturatedPairs), ProductSums::parse).ok_or_else(|| IrError(format!("{opname}: sums= takes pairs or exact: {line}")))?;
+                    g.quantized_product(i[0], i[1], i[2], i[3], i.get(4).copied(), pa, out, attr("relu") == Some("true"), conv, sums)?
                 }
                 "conv2d" => {
                     let w = conv_window(&attr, opname)?;

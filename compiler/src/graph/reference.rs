@@ -291,11 +291,11 @@ fn qmatmul_dynamic(a: &Tensor, b: &Tensor, scale: &Tensor, zero_point: &Tensor, 
 
 /// A statically quantized product (`kernels::quantized`), element by element: A's uint8
 /// values (a convolution's windows in (kh, kw, c) order, the zero point outside the image)
-/// against B's int8 ones, summed as the AVX2 kernel does (pairs saturated to int16), the zero
-/// points' offsets taken off and the sum requantized.
+/// against B's int8 ones, summed as `sums` says (pairs saturated to int16, or exactly), the
+/// zero points' offsets taken off and the sum requantized.
 #[allow(clippy::too_many_arguments)]
-fn quantized_product(a: &Tensor, b: &Tensor, scale: &Tensor, zero_point: &Tensor, bias: Option<&Tensor>, pa: crate::kernels::quantized::QuantParams, out: crate::kernels::quantized::QuantParams, relu: bool, conv: Option<crate::graph::ir::ConvWindow>, sizes: &[i64]) -> Vec<Scalar> {
-    use crate::kernels::quantized::{requantize, saturating_dot};
+fn quantized_product(a: &Tensor, b: &Tensor, scale: &Tensor, zero_point: &Tensor, bias: Option<&Tensor>, pa: crate::kernels::quantized::QuantParams, out: crate::kernels::quantized::QuantParams, relu: bool, conv: Option<crate::graph::ir::ConvWindow>, sums: crate::kernels::quantized::ProductSums, sizes: &[i64]) -> Vec<Scalar> {
+    use crate::kernels::quantized::requantize;
     let (rows, n) = (sizes[0], sizes[1]);
     // Row i of A (its k values) and column j of B, in the same k order.
     type Vector<'a> = Box<dyn Fn(i64) -> Vec<i32> + 'a>;
@@ -343,7 +343,7 @@ fn quantized_product(a: &Tensor, b: &Tensor, scale: &Tensor, zero_point: &Tensor
             let zb = int(per(zero_point, j)) as i32;
             let k = row.len() as i32;
             let b_sum = col.iter().fold(0i32, |s, x| s.wrapping_add(*x));
-            let dot = saturating_dot(row.iter().copied(), col.iter().copied());
+            let dot = sums.dot(row.iter().copied(), col.iter().copied());
             let raw = dot.wrapping_sub(pa.zero_point.wrapping_mul(b_sum.wrapping_sub(zb.wrapping_mul(k)))).wrapping_sub(a_sum.wrapping_mul(zb));
             let q = requantize(raw, bias.map(|t| f(t.data[j as usize]) as f32), pa.scale, f(per(scale, j)) as f32, per_column, out, relu);
             data.push(Scalar::Float(q as f64));
@@ -434,7 +434,7 @@ pub fn eval(g: &Graph, inputs: &[Tensor]) -> Vec<Tensor> {
                 let inv = crate::kernels::quantized::inverse(p.scale);
                 pointwise(&|c| Scalar::Float(crate::kernels::quantized::quantize(f(at(arg(0), c)) as f32, inv, p.zero_point as f32) as f64))
             }
-            Op::QuantizedProduct { a, out, relu, conv } => quantized_product(arg(0), arg(1), arg(2), arg(3), (n.inputs.len() > 4).then(|| arg(4)), *a, *out, *relu, *conv, &sizes),
+            Op::QuantizedProduct { a, out, relu, conv, sums } => quantized_product(arg(0), arg(1), arg(2), arg(3), (n.inputs.len() > 4).then(|| arg(4)), *a, *out, *relu, *conv, *sums, &sizes),
         };
         vals.push(Tensor { dtype: d, sizes, data });
     }

@@ -51,6 +51,10 @@ pub struct QuantizedB {
     pub zero_point: BufId,
     pub per_column: bool,
     pub reduce_range: bool,
+    /// How the tile sums the products (its instruction): the pairs where fbgemm saturates them
+    /// (a static product on a host without VNNI) or where no pair can (7-bit activations) and the
+    /// host has no VNNI; exact sums on `vpdpbusd` otherwise.
+    pub sums: ProductSums,
     /// The bias buffer (n float32): added by the fused multiply-add (dynamic), or before the
     /// requantization (static).
     pub bias: Option<BufId>,
@@ -157,6 +161,51 @@ pub fn requantize(raw: i32, bias: Option<f32>, a_scale: f32, w_scale: f32, per_c
 pub fn cvtps(t: f32) -> i32 {
     let r = t.round_ties_even();
     if (-2147483648.0..2147483648.0).contains(&r) { r as i32 } else { i32::MIN }
+}
+
+/// How an int8 product sums its uint8 × int8 products: what decides whether Kiln's result is
+/// fbgemm's where the activations take all 8 bits (static quantization), and which instruction
+/// the tile uses. fbgemm takes `SaturatedPairs` on AVX2 and AVX-512 hosts and `Exact` on hosts
+/// with AVX-512 VNNI (its `inst_set_t::avx512_vnni` kernels, unless `FBGEMM_ENABLE_INSTRUCTIONS`
+/// forces an older set); the frontend says which one the model's kernel computes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum ProductSums {
+    /// Pairs (k, k + 1) from k = 0, each pair's sum saturated to int16, the pairs added in
+    /// int32: `vpmaddubsw` then `vpmaddwd` by ones ([`saturating_dot`]). Any AVX2 host.
+    SaturatedPairs,
+    /// The exact sum in int32 (wrapping): `vpdpbusd`, four products a lane in one instruction.
+    /// Hosts with AVX-512 VNNI.
+    Exact,
+}
+
+impl ProductSums {
+    pub fn name(self) -> &'static str {
+        match self {
+            ProductSums::SaturatedPairs => "pairs",
+            ProductSums::Exact => "exact",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<ProductSums> {
+        [ProductSums::SaturatedPairs, ProductSums::Exact].into_iter().find(|p| p.name() == s)
+    }
+
+    /// Σₖ a[k]·b[k] summed this way.
+    pub fn dot(self, a: impl Iterator<Item = i32>, b: impl Iterator<Item = i32>) -> i32 {
+        match self {
+            ProductSums::SaturatedPairs => saturating_dot(a, b),
+            ProductSums::Exact => a.zip(b).fold(0i32, |s, (x, w)| s.wrapping_add(x * w)),
+        }
+    }
+
+    /// Whether `host` has the instructions: AVX2 for the pairs, AVX-512 VNNI (with VL, for
+    /// the 8-lane tile) for exact sums.
+    pub fn runs_on(self, host: &crate::codegen::target::Target) -> bool {
+        match self {
+            ProductSums::SaturatedPairs => host.has_feature("avx2"),
+            ProductSums::Exact => ["avx512f", "avx512vl", "avx512vnni"].iter().all(|f| host.has_feature(f)),
+        }
+    }
 }
 
 /// Σₖ a[k]·b[k] as the AVX2 int8 kernels sum it: uint8 × int8 in pairs (k, k + 1) from k = 0,

@@ -181,12 +181,12 @@ pub fn lower(g: &Graph, input_strides: &[Vec<i64>]) -> Result<LoopProgram, Lower
                 None => kernels.push(b.matmul_loops(v)),
             },
             Op::QuantizedMatMul { reduce_range } => {
-                let shape = quantized_gemm_shape(g, v, &b, *reduce_range, None)?;
+                let shape = quantized_gemm_shape(g, v, &b, *reduce_range, None, None)?;
                 kernels.push(b.gemm(v, shape))
             }
-            Op::QuantizedProduct { a, out, relu, conv } => {
+            Op::QuantizedProduct { a, out, relu, conv, sums } => {
                 let product = crate::kernels::quantized::StaticProduct { a: a.bits(), out: out.bits(), relu: *relu };
-                let mut shape = quantized_gemm_shape(g, v, &b, true, Some(product))?;
+                let mut shape = quantized_gemm_shape(g, v, &b, true, Some(product), Some(*sums))?;
                 if let Some(w) = conv {
                     quantized_windows(g, v, &b, w, &mut shape)?;
                 }
@@ -317,8 +317,12 @@ fn gemm_shape(g: &Graph, v: ValueId, b: &KernelBuilder) -> Option<crate::kernels
 /// Dynamically quantized product `v` (`kernels::quantized`) on the int8 GEMM: A and B as
 /// any matmul's operands, B's scales and zero points read by the microkernel from their
 /// buffers (contiguous, as the frontend's constants are).
-fn quantized_gemm_shape(g: &Graph, v: ValueId, b: &KernelBuilder, reduce_range: bool, requantize: Option<crate::kernels::quantized::StaticProduct>) -> Result<crate::kernels::gemm::GemmShape, LowerError> {
+/// A quantized product's GEMM. `sums`: how a static product must sum (what the model's kernel
+/// computes); a dynamic one's 7-bit activations never saturate a pair, so it takes the host's
+/// fastest instruction.
+fn quantized_gemm_shape(g: &Graph, v: ValueId, b: &KernelBuilder, reduce_range: bool, requantize: Option<crate::kernels::quantized::StaticProduct>, sums: Option<crate::kernels::quantized::ProductSums>) -> Result<crate::kernels::gemm::GemmShape, LowerError> {
     use crate::kernels::gemm::{GemmOperand, GemmShape, GemmTile};
+    use crate::kernels::quantized::ProductSums;
     let ins = &g.node(v).inputs;
     let out = g.ty(v).static_shape().ok_or(LowerError::Symbolic)?;
     let in_shape = g.ty(ins[0]).static_shape().ok_or(LowerError::Symbolic)?;
@@ -340,22 +344,20 @@ fn quantized_gemm_shape(g: &Graph, v: ValueId, b: &KernelBuilder, reduce_range: 
         Some(&x) => Some(vector(x)?),
         None => None,
     };
-    let quant = crate::kernels::quantized::QuantizedB { scale: vector(ins[2])?, zero_point: vector(ins[3])?, per_column: g.ty(ins[2]).static_shape() != Some(vec![1]), reduce_range, bias, requantize, windows: None };
     if !reduce_range {
         return Err(refuse("8-bit activations (fbgemm's AVX2 kernel saturates their pair sums; Kiln takes reduce_range=True)"));
     }
     // (Lowering is for the host, as the float32 tiles are: `host_lanes`.)
     let host = crate::codegen::target::Target::host();
-    if !host.has_feature("avx2") {
-        return Err(refuse("a host without AVX2 (the int8 tile's instructions)"));
+    let sums = sums.unwrap_or(if ProductSums::Exact.runs_on(&host) { ProductSums::Exact } else { ProductSums::SaturatedPairs });
+    if !sums.runs_on(&host) {
+        return Err(refuse(match sums {
+            ProductSums::SaturatedPairs => "a host without AVX2 (the int8 tile's instructions)",
+            ProductSums::Exact => "exact int8 sums on a host without AVX-512 VNNI",
+        }));
     }
-    // A static product's activations take 8 bits: fbgemm's AVX2 kernel saturates their pair
-    // sums and so does Kiln's, but on a host with VNNI fbgemm's `vpdpbusd` does not (and the
-    // x86 engine packs symmetric weights for oneDNN there). Kiln has no VNNI tile yet.
-    if requantize.is_some() && (host.has_feature("avx512vnni") || host.has_feature("avxvnni")) {
-        return Err(refuse("a host with VNNI (fbgemm's VNNI kernels sum 8-bit activations without the AVX2 kernel's saturation; Kiln's int8 tile is AVX2's)"));
-    }
-    Ok(GemmShape { batch: vec![], m: out[0], n: out[1], k, a: operand(ins[0])?, b: operand(ins[1])?, tile: GemmTile::int8(out[0]), im2col: None, sparse_b: None, quant: Some(quant) })
+    let quant = crate::kernels::quantized::QuantizedB { scale: vector(ins[2])?, zero_point: vector(ins[3])?, per_column: g.ty(ins[2]).static_shape() != Some(vec![1]), reduce_range, sums, bias, requantize, windows: None };
+    Ok(GemmShape { batch: vec![], m: out[0], n: out[1], k, a: operand(ins[0])?, b: operand(ins[1])?, tile: GemmTile::int8(out[0], out[1], sums), im2col: None, sparse_b: None, quant: Some(quant) })
 }
 
 /// A quantized convolution's A: the windows of its image (`QuantizedWindows`), B the weight

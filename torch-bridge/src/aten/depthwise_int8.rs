@@ -24,9 +24,9 @@
 //! [`requantize`]: kiln_compiler::kernels::quantized::requantize
 
 use super::windows::e;
-use super::{Arg, Lower, R};
+use super::{fbgemm, Arg, Lower, R};
 use crate::ts_dump::Const;
-use kiln_compiler::graph::ir::{BinaryOp, CmpOp, ConvWindow, QuantParams, ReduceOp, UnaryOp};
+use kiln_compiler::graph::ir::{BinaryOp, CmpOp, ConvWindow, ProductSums, QuantParams, ReduceOp, UnaryOp};
 use kiln_compiler::{DType, Scalar, ValueId};
 
 /// The weight of a depthwise convolution and its quantization, as the pass unpacked it.
@@ -45,12 +45,6 @@ impl Lower<'_> {
     /// `x` (uint8 values as float32, [N, C, H, W], parameters `pa`) convolved with each channel's
     /// own m filters (output channel c·m + j reads input channel c), requantized to `out`.
     pub(super) fn depthwise_quantized(&mut self, x: ValueId, pa: QuantParams, wq: DepthwiseWeight, window: ConvWindow, out: QuantParams, relu: bool) -> R<ValueId> {
-        let host = kiln_compiler::codegen::target::Target::host();
-        if host.has_feature("avx512vnni") || host.has_feature("avxvnni") {
-            // As the dense static products (`lower::quantized_gemm_shape`): fbgemm's kernels there are
-            // other code, not measured.
-            return Err("a quantized depthwise convolution on a host with VNNI (fbgemm's kernels there are not the AVX2 ones Kiln matches)".into());
-        }
         let (xs, ws) = (self.sizes(x)?, self.sizes(wq.w)?);
         let (n, c) = (xs[0], xs[1]);
         let (o, [kh, kw]) = (ws[0], window.kernel);
@@ -58,6 +52,11 @@ impl Lower<'_> {
             return Err("a grouped quantized convolution with more than one input channel per group".into());
         }
         let m = o / c;
+        // (Every sum exact in float32: |a·w| ≤ 255 · 128 = 32640, 514 of them < 2²⁴.)
+        if kh * kw > 514 {
+            return Err(format!("a quantized depthwise window of {kh}x{kw} taps (Kiln's chain is exact in float32 up to 514)"));
+        }
+        let sums = fbgemm::depthwise_sums(c, m, &window);
         let per_channel = self.sizes(wq.scale)? != [1];
         if !per_channel && wq.bias.is_some() {
             return Err("a per-tensor quantized depthwise convolution with a bias (fbgemm fuses its bias into a multiply-add Kiln's chain does not round alike)".into());
@@ -79,15 +78,17 @@ impl Lower<'_> {
         let taps = self.depthwise_taps(v, w, &pixel, &channel)?;
         let f = |this: &mut Self, v: f64| this.g.constant(Scalar::Float(v), DType::F32);
         let (lo16, hi16) = (f(self, -32768.0), f(self, 32767.0));
-        // Σ over pairs of taps of sat16(a·w + a'·w').
+        // Σ over pairs of taps of sat16(a·w + a'·w'), or Σ a·w where fbgemm sums exactly.
         let mut sum: Option<ValueId> = None;
         for pair in taps.chunks(2) {
             let mut p = e(self.g.binary(BinaryOp::Mul, pair[0].0, pair[0].1))?;
             if let [_, (a, k)] = pair {
                 let q = e(self.g.binary(BinaryOp::Mul, *a, *k))?;
                 p = e(self.g.binary(BinaryOp::Add, p, q))?;
-                p = e(self.g.binary(BinaryOp::Max, p, lo16))?;
-                p = e(self.g.binary(BinaryOp::Min, p, hi16))?;
+                if sums == ProductSums::SaturatedPairs {
+                    p = e(self.g.binary(BinaryOp::Max, p, lo16))?;
+                    p = e(self.g.binary(BinaryOp::Min, p, hi16))?;
+                }
             }
             sum = Some(match sum {
                 None => p,

@@ -330,13 +330,18 @@ pub fn emit<'ctx>(ctx: &'ctx Context, module: &Module<'ctx>, k: &Kernel, spec: &
         Ok(())
     };
     // An int8 product: per quad of k, each row's four uint8 of A broadcast against each
-    // vector of B's eight columns × four int8: `vpmaddubsw` (u8 × s8 pair sums in int16, exact
-    // with 7-bit A), `vpmaddwd` by ones (the pairs' sums in int32), added to the tile.
-    let int8_loop = || -> R<()> {
+    // vector of B's columns × four int8. Pairs (`ProductSums::SaturatedPairs`, 8 lanes):
+    // `vpmaddubsw` (u8 × s8 pair sums saturated to int16), `vpmaddwd` by ones (the pairs' sums
+    // in int32), added to the tile. Exact: `vpdpbusd`, the four products of each lane added to
+    // it in one instruction (8 or 16 lanes).
+    let int8_loop = |sums: crate::kernels::quantized::ProductSums| -> R<()> {
         let i32t = ctx.i32_type();
         let (bytes, pairs) = (ctx.i8_type().vec_type(32), ctx.i16_type().vec_type(16));
-        let maddubs = Intrinsic::find("llvm.x86.avx2.pmadd.ub.sw").and_then(|i| i.get_declaration(module, &[])).expect("llvm.x86.avx2.pmadd.ub.sw");
-        let maddwd = Intrinsic::find("llvm.x86.avx2.pmadd.wd").and_then(|i| i.get_declaration(module, &[])).expect("llvm.x86.avx2.pmadd.wd");
+        let intrinsic = |name: &str| Intrinsic::find(name).and_then(|i| i.get_declaration(module, &[])).unwrap_or_else(|| panic!("intrinsic {name}"));
+        let exact = sums == crate::kernels::quantized::ProductSums::Exact;
+        let (maddubs, maddwd) = (intrinsic("llvm.x86.avx2.pmadd.ub.sw"), intrinsic("llvm.x86.avx2.pmadd.wd"));
+        let dpbusd = intrinsic(if lanes == 16 { "llvm.x86.avx512.vpdpbusd.512" } else { "llvm.x86.avx512.vpdpbusd.256" });
+        assert!(exact || lanes == 8, "the pairs' tile is AVX2's");
         let ones = VectorType::const_vector(&vec![ctx.i16_type().const_int(1, false); pairs.get_size() as usize]);
         let c64 = |x: i64| i64t.const_int(x as u64, true);
         let step = |q: IntValue<'ctx>| -> R<()> {
@@ -345,23 +350,29 @@ pub fn emit<'ctx>(ctx: &'ctx Context, module: &Module<'ctx>, k: &Kernel, spec: &
             for v in 0..nv {
                 let addr = unsafe { b.build_in_bounds_gep(i32t, pb, &[b.build_int_add(b_at, c64(v * lanes), "")?], "")? };
                 let load = b.build_load(acc_type, addr, "")?;
-                load.as_instruction_value().unwrap().set_alignment(32).map_err(|e| CodegenError::Llvm(e.to_string()))?;
-                bv.push(b.build_bit_cast(load, bytes, "")?);
+                load.as_instruction_value().unwrap().set_alignment(vector_align).map_err(|e| CodegenError::Llvm(e.to_string()))?;
+                bv.push(load);
             }
             let a_at = b.build_int_add(b.build_int_mul(q, c64(mr), "")?, c64(crate::kernels::quantized::A_HEADER), "")?;
+            let call = |f: FunctionValue<'ctx>, args: &[BasicMetadataValueEnum<'ctx>]| -> R<inkwell::values::BasicValueEnum<'ctx>> {
+                let inkwell::values::ValueKind::Basic(r) = b.build_call(f, args, "")?.try_as_basic_value() else { unreachable!("a value") };
+                Ok(r)
+            };
             for r in 0..mr {
                 let addr = unsafe { b.build_in_bounds_gep(i32t, pa, &[b.build_int_add(a_at, c64(r), "")?], "")? };
                 let quad = b.build_load(i32t, addr, "")?.into_int_value();
-                let a = b.build_bit_cast(splat(&b, ctx, acc_type, quad)?, bytes, "")?;
+                let a = splat(&b, ctx, acc_type, quad)?;
                 for v in 0..nv {
-                    let call = |f: FunctionValue<'ctx>, x: BasicMetadataValueEnum<'ctx>, y: BasicMetadataValueEnum<'ctx>| -> R<inkwell::values::BasicValueEnum<'ctx>> {
-                        let inkwell::values::ValueKind::Basic(r) = b.build_call(f, &[x, y], "")?.try_as_basic_value() else { unreachable!("a value") };
-                        Ok(r)
-                    };
-                    let p16 = call(maddubs, a.into(), bv[v as usize].into())?;
-                    let p32 = call(maddwd, p16.into(), ones.into())?.into_vector_value();
                     let slot = chain_accs[0][(r * nv + v) as usize];
-                    let sum = b.build_int_add(b.build_load(acc_type, slot, "")?.into_vector_value(), p32, "")?;
+                    let acc = b.build_load(acc_type, slot, "")?;
+                    let sum = if exact {
+                        call(dpbusd, &[acc.into(), a.into(), bv[v as usize].into()])?.into_vector_value()
+                    } else {
+                        let (a, bytes_of_b) = (b.build_bit_cast(a, bytes, "")?, b.build_bit_cast(bv[v as usize], bytes, "")?);
+                        let p16 = call(maddubs, &[a.into(), bytes_of_b.into()])?;
+                        let p32 = call(maddwd, &[p16.into(), ones.into()])?.into_vector_value();
+                        b.build_int_add(acc.into_vector_value(), p32, "")?
+                    };
                     b.build_store(slot, sum)?;
                 }
             }
@@ -378,7 +389,7 @@ pub fn emit<'ctx>(ctx: &'ctx Context, module: &Module<'ctx>, k: &Kernel, spec: &
         counted_loop(ctx, &b, f, p_slot, kc, 1, step)
     };
     match &spec.shape.im2col {
-        _ if spec.shape.quant.is_some() => int8_loop()?,
+        _ if spec.shape.quant.is_some() => int8_loop(spec.shape.quant.expect("an int8 product").sums)?,
         Some(w) => {
             let (packed_bb, direct_bb, done_bb) = (ctx.append_basic_block(f, "packed"), ctx.append_basic_block(f, "direct"), ctx.append_basic_block(f, "product"));
             b.build_conditional_branch(b.build_is_null(a_steps, "")?, packed_bb, direct_bb)?;
@@ -588,8 +599,16 @@ fn dequantize<'ctx>(
 struct Requantization<'ctx> {
     bias: BiasTerm<'ctx>,
     multiplier: VectorValue<'ctx>,
-    convert: FunctionValue<'ctx>,
+    convert: Convert<'ctx>,
     p: crate::kernels::quantized::StaticProduct,
+}
+
+/// x86's float32 to int32 conversion (`cvtps2dq`: ties to even, −2³¹ out of range) of 8 or
+/// 16 lanes.
+#[derive(Clone, Copy)]
+enum Convert<'ctx> {
+    Avx(FunctionValue<'ctx>),
+    Avx512(FunctionValue<'ctx>),
 }
 
 enum BiasTerm<'ctx> {
@@ -613,7 +632,11 @@ impl<'ctx> Requantization<'ctx> {
             None => BiasTerm::None,
         };
         let multiplier = b.build_float_div(scale, fconst(p.out.params().scale)?, "")?;
-        Ok(Requantization { bias, multiplier, convert: intrinsic("llvm.x86.avx.cvt.ps2dq.256", &[]), p })
+        let convert = match fv.get_size() {
+            16 => Convert::Avx512(intrinsic("llvm.x86.avx512.mask.cvtps2dq.512", &[])),
+            _ => Convert::Avx(intrinsic("llvm.x86.avx.cvt.ps2dq.256", &[])),
+        };
+        Ok(Requantization { bias, multiplier, convert, p })
     }
 
     /// One row's vector `x`: the bias, the multiplier, x86's conversion (ties to even), int16
@@ -631,7 +654,12 @@ impl<'ctx> Requantization<'ctx> {
             BiasTerm::Add(term) => b.build_float_add(x, term, "")?,
             BiasTerm::Fma(bias, reciprocal, fma) => call(fma, &[bias.into(), reciprocal.into(), x.into()])?,
         };
-        let q = call(self.convert, &[b.build_float_mul(x, self.multiplier, "")?.into()])?;
+        let scaled = b.build_float_mul(x, self.multiplier, "")?;
+        let q = match self.convert {
+            Convert::Avx(f) => call(f, &[scaled.into()])?,
+            // (Every lane, the current rounding mode: `_MM_FROUND_CUR_DIRECTION`.)
+            Convert::Avx512(f) => call(f, &[scaled.into(), iv.const_zero().into(), ctx.i16_type().const_all_ones().into(), i32t.const_int(4, false).into()])?,
+        };
         let clamp = |v: VectorValue<'ctx>, lo: i32, hi: i32| -> R<VectorValue<'ctx>> {
             let (lo, hi) = (iconst(lo)?, iconst(hi)?);
             let v = b.build_select(b.build_int_compare(IntPredicate::SLT, v, lo, "")?, lo, v, "")?.into_vector_value();

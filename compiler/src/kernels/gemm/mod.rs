@@ -107,11 +107,23 @@ impl GemmTile {
         GemmTile { mr: 1, nr: 8, lanes: 8 }
     }
 
-    /// The tile of an int8 product (`kernels::quantized`, AVX2 integer vectors of 8 int32
-    /// sums): 4 × 16 keeps 8 accumulators, 2 B vectors, the broadcast quad of A, the ones of
-    /// `vpmaddwd` and a product in 16 registers; a thinner output a tile of its own height.
-    pub fn int8(m: i64) -> GemmTile {
-        GemmTile { mr: m.clamp(1, 4).min(quantized::MAX_ROWS), nr: 16, lanes: 8 }
+    /// The tile of an int8 product of m × n (`kernels::quantized`) summed as `sums` says.
+    /// Pairs (AVX2 integer vectors of 8 int32 sums): 4 × 16 keeps 8 accumulators, 2 B vectors,
+    /// the broadcast quad of A, the ones of `vpmaddwd` and a product in 16 registers. Exact
+    /// sums (`vpdpbusd`, one instruction a vector, 32 zmm registers): 8 × 32 (16 accumulators,
+    /// latency 5 × 2 ports plus the loads), 12 × 16 for 16 columns or fewer, one row 64 wide
+    /// (4 accumulators, the most a single row has); AVX2's 4 × 16 on 8 lanes
+    /// (`KILN_VECTOR_LANES=8`). A thinner output gets a tile of its own height.
+    pub fn int8(m: i64, n: i64, sums: quantized::ProductSums) -> GemmTile {
+        let tile = |rows: i64, nr: i64, lanes: i64| GemmTile { mr: m.clamp(1, rows).min(quantized::MAX_ROWS), nr, lanes };
+        match sums {
+            quantized::ProductSums::Exact if host_lanes() == 16 => match (m, n) {
+                (..=2, _) => tile(2, 64, 16),
+                (_, ..=16) => tile(12, 16, 16),
+                _ => tile(8, 32, 16),
+            },
+            _ => tile(4, 16, 8),
+        }
     }
 
     pub fn vectors(&self) -> i64 {
