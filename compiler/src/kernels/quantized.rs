@@ -40,6 +40,8 @@
 //! k = (2i, 2i + 1) in the same order as fbgemm's (a convolution's k is (kh, kw, c), as its
 //! im2col), and the microkernel uses the same instruction (measured against PyTorch: with
 //! saturation emulated, every element equal; without, hundreds differ per layer).
+//! On a host with AVX-512 VNNI fbgemm's kernels sum exactly (`vpdpbusd`), and so does Kiln's
+//! tile there: which of the two a product computes is its [`ProductSums`].
 
 use crate::lower::loop_ir::BufId;
 

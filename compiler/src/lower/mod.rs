@@ -314,12 +314,11 @@ fn gemm_shape(g: &Graph, v: ValueId, b: &KernelBuilder) -> Option<crate::kernels
     Some(GemmShape { batch: out[..r - 2].to_vec(), m, n, k, a, b: bop, tile: GemmTile::for_rows(m), im2col: None, sparse_b: None, quant: None })
 }
 
-/// Dynamically quantized product `v` (`kernels::quantized`) on the int8 GEMM: A and B as
-/// any matmul's operands, B's scales and zero points read by the microkernel from their
-/// buffers (contiguous, as the frontend's constants are).
-/// A quantized product's GEMM. `sums`: how a static product must sum (what the model's kernel
-/// computes); a dynamic one's 7-bit activations never saturate a pair, so it takes the host's
-/// fastest instruction.
+/// Quantized product `v` (`kernels::quantized`) on the int8 GEMM: A and B as any matmul's
+/// operands, B's scales and zero points read by the microkernel from their buffers
+/// (contiguous, as the frontend's constants are). `sums`: how a static product must sum (what
+/// the model's kernel computes); a dynamic one's 7-bit activations never saturate a pair, so
+/// it takes the host's fastest instruction.
 fn quantized_gemm_shape(g: &Graph, v: ValueId, b: &KernelBuilder, reduce_range: bool, requantize: Option<crate::kernels::quantized::StaticProduct>, sums: Option<crate::kernels::quantized::ProductSums>) -> Result<crate::kernels::gemm::GemmShape, LowerError> {
     use crate::kernels::gemm::{GemmOperand, GemmShape, GemmTile};
     use crate::kernels::quantized::ProductSums;
