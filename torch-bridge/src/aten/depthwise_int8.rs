@@ -5,9 +5,11 @@
 //! fbgemm's depthwise kernel (`GenerateI8Depthwise`, AVX2) takes the window's taps in row-major
 //! order (kh, kw), the padding as the input's zero point, and sums uint8 × int8 products in
 //! pairs of taps (0, 1), (2, 3), ... with `vpmaddubsw`, which saturates each pair's sum to int16
-//! (a last odd tap alone); its other grouped paths (im2col per group) pair the same taps, as
-//! the dense path's (kh, kw, c) order does for one channel. The int32 sum then loses both zero
-//! points' offsets and is requantized as a dense product's ([`requantize`]).
+//! (a last odd tap alone), on every host; its other grouped paths (im2col per group) take the
+//! GEMM kernel of the host, which pairs the same taps as the dense path's (kh, kw, c) order does
+//! for one channel, or sums them exactly on a host with AVX-512 VNNI (`fbgemm::depthwise_sums`
+//! says which; exact sums skip the pair clamp). The int32 sum then loses both zero points'
+//! offsets and is requantized as a dense product's ([`requantize`]).
 //! Measured against PyTorch 2.13 on this host: 3×3 to 7×7 and 2×3 windows, strides 1 and 2,
 //! dilation 2, no padding, channel multipliers 1 to 3, channel counts that are and are not
 //! multiples of 8, per channel and per tensor, weight zero points 0 and not, relu: every
