@@ -25,7 +25,9 @@
 //! Packed layouts (the runtime's `runtime::qgemm` packs, the microkernel reads): k is taken in
 //! groups of four ("quads", zero past k). A row panel of A is a header of
 //! [`A_HEADER`] int32 — the call's zero point, its scale's bits, k, then each row's Σₖ qa — and
-//! then per quad `mr` rows × 4 uint8. A column panel of B is `nr` int32 column sums Σₖ qb,
+//! then its `mr` rows one after the other, each k's uint8 padded to whole quads (row-major, as
+//! fbgemm packs A: a row is written by one contiguous conversion or copy, and the microkernel
+//! broadcasts a row's quad from its own run). A column panel of B is `nr` int32 column sums Σₖ qb,
 //! then per quad `nr` columns × 4 int8: one 32-byte vector holds 8 columns' quad, so
 //! `vpmaddubsw` against a row's quad broadcast gives each column's pair sums.
 //!

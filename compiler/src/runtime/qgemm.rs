@@ -144,18 +144,34 @@ enum AValues {
     Exact,
 }
 
-/// Row `i` of A (k floats) into `out`: a row of the matrix, or a convolution's window of an
+/// Where the packing reads A's values.
+#[derive(Clone, Copy)]
+enum ASource {
+    /// The float32 tensor.
+    Floats(*const f32),
+    /// A convolution's image of uint8 values as bytes, converted once for the call
+    /// (`image_bytes`; element offsets as the tensor's): every window over a pixel reads it
+    /// (nine under a 3 × 3 kernel), a copy of bytes instead of a conversion of floats.
+    Bytes(*const u8),
+}
+
+/// Row `i` of A (k values) into `out`: a row of the matrix, or a convolution's window of an
 /// output pixel (`QuantizedWindows`: A's zero point outside the image).
-unsafe fn a_row(s: &GemmShape, src: *const f32, i: i64, q: AQuantization, out: &mut [u8], strided: &mut Vec<f32>) {
+unsafe fn a_row(s: &GemmShape, a: ASource, i: i64, q: AQuantization, out: &mut [u8], strided: &mut Vec<f32>) {
     let k = s.k as usize;
+    // `len` values from element `at`, `stride` apart.
+    let mut read = |at: i64, len: usize, stride: i64, dst: &mut [u8]| match a {
+        ASource::Floats(src) => a_run(contiguous(src.offset(at as isize), len as i64, stride, strided), len, q, dst),
+        ASource::Bytes(img) if stride == 1 => std::ptr::copy_nonoverlapping(img.offset(at as isize), dst.as_mut_ptr(), len),
+        ASource::Bytes(img) => dst.iter_mut().enumerate().for_each(|(c, d)| *d = *img.offset((at + c as i64 * stride) as isize)),
+    };
     let Some(w) = s.quant.and_then(|q| q.windows) else {
-        let data = contiguous(src.offset((i * s.a.rows) as isize), s.k, s.a.cols, strided);
-        return a_run(data, k, q, &mut out[..k]);
+        return read(i * s.a.rows, k, s.a.cols, &mut out[..k]);
     };
     let [oh_n, ow_n] = w.out_size;
     let (img, oh, ow) = (i / (oh_n * ow_n), i / ow_n % oh_n, i % ow_n);
     let c = w.channels as usize;
-    // Channels-last rows: a window row's taps are one run of KW · C floats where it is inside
+    // Channels-last rows: a window row's taps are one run of KW · C values where it is inside
     // the image.
     let runs = w.strides[1] == 1 && w.strides[3] == w.channels && w.dilation[1] == 1;
     let mut at = 0;
@@ -164,8 +180,7 @@ unsafe fn a_row(s: &GemmShape, src: *const f32, i: i64, q: AQuantization, out: &
         let iw0 = ow * w.stride[1] - w.pad[1];
         if runs && ih >= 0 && ih < w.in_size[0] && iw0 >= 0 && iw0 + w.kernel[1] <= w.in_size[1] {
             let len = c * w.kernel[1] as usize;
-            let pixel = src.offset((img * w.strides[0] + ih * w.strides[2] + iw0 * w.strides[3]) as isize);
-            a_run(pixel, len, q, &mut out[at..at + len]);
+            read(img * w.strides[0] + ih * w.strides[2] + iw0 * w.strides[3], len, 1, &mut out[at..at + len]);
             at += len;
             continue;
         }
@@ -177,10 +192,27 @@ unsafe fn a_row(s: &GemmShape, src: *const f32, i: i64, q: AQuantization, out: &
                 dst.fill(q.header.zero_point as u8);
                 continue;
             }
-            let pixel = src.offset((img * w.strides[0] + ih * w.strides[2] + iw * w.strides[3]) as isize);
-            a_run(contiguous(pixel, w.channels, w.strides[1], strided), c, q, dst);
+            read(img * w.strides[0] + ih * w.strides[2] + iw * w.strides[3], c, w.strides[1], dst);
         }
     }
+}
+
+/// How many elements a convolution's image spans where they are all its own (its strides a
+/// dense layout, NCHW, channels-last or another order): it can be converted to bytes in one
+/// run. None for a view with gaps or overlaps.
+fn dense_image(s: &GemmShape) -> Option<usize> {
+    let w = s.quant.and_then(|q| q.windows)?;
+    let batch = s.m / (w.out_size[0] * w.out_size[1]).max(1);
+    let mut dims = [(w.strides[0], batch), (w.strides[1], w.channels), (w.strides[2], w.in_size[0]), (w.strides[3], w.in_size[1])];
+    dims.sort();
+    let mut extent = 1;
+    for (stride, size) in dims {
+        if size != 1 && stride != extent {
+            return None;
+        }
+        extent *= size;
+    }
+    Some(extent as usize)
 }
 
 /// `len` floats `stride` apart from `src`: in place where they are contiguous, else copied into
@@ -248,77 +280,47 @@ unsafe fn a_run(src: *const f32, len: usize, q: AQuantization, dst: &mut [u8]) {
     }
 }
 
-/// Where row `i` of A is k contiguous floats of `src`: a matrix's row (its columns a step of
-/// one apart), or the window of a 1×1 convolution without padding over an image whose
-/// channels are a step of one apart (channels-last).
-unsafe fn contiguous_row(s: &GemmShape, src: *const f32, i: i64) -> Option<*const f32> {
-    let Some(w) = s.quant.and_then(|q| q.windows) else {
-        return (s.a.cols == 1).then(|| src.offset((i * s.a.rows) as isize));
-    };
-    if w.kernel != [1, 1] || w.pad != [0, 0] || w.strides[1] != 1 {
-        return None;
+/// The sum of a row's bytes (`vpsadbw` against zero sums 8 bytes a lane).
+unsafe fn byte_sum(xs: &[u8]) -> i32 {
+    if has_avx2_fma() {
+        return byte_sum_avx(xs);
     }
-    let [oh_n, ow_n] = w.out_size;
-    let (img, oh, ow) = (i / (oh_n * ow_n), i / ow_n % oh_n, i % ow_n);
-    Some(src.offset((img * w.strides[0] + oh * w.stride[0] * w.strides[2] + ow * w.stride[1] * w.strides[3]) as isize))
+    xs.iter().map(|&x| x as i32).sum()
 }
 
-/// A panel of four rows that are uint8 values held as float32, each k contiguous floats
-/// (`contiguous_row`): 8 floats of each row at a time converted to int32, packed to int16
-/// and then to bytes, which lands quad 2j of the four rows in the low 128-bit half and quad
-/// 2j + 1 in the high one (`vpackssdw` / `vpackuswb` work within halves) — the panel's own
-/// order; the row sums kept in int32 vectors alongside. The last k % 8 one at a time.
 #[target_feature(enable = "avx2")]
-unsafe fn pack_four_rows(rows: [*const f32; 4], k: usize, sums: *mut i32, quads: *mut u8) {
+unsafe fn byte_sum_avx(xs: &[u8]) -> i32 {
     use std::arch::x86_64::*;
-    let mut acc = [_mm256_setzero_si256(); 4];
-    let mut j = 0;
-    while j + 8 <= k {
-        let v: [__m256i; 4] = std::array::from_fn(|r| _mm256_cvttps_epi32(_mm256_loadu_ps(rows[r].add(j))));
-        for r in 0..4 {
-            acc[r] = _mm256_add_epi32(acc[r], v[r]);
-        }
-        let bytes = _mm256_packus_epi16(_mm256_packs_epi32(v[0], v[1]), _mm256_packs_epi32(v[2], v[3]));
-        _mm256_storeu_si256(quads.add(j * 4) as *mut __m256i, bytes);
-        j += 8;
+    let (mut acc, zero) = (_mm256_setzero_si256(), _mm256_setzero_si256());
+    let chunks = xs.len() / 32;
+    for c in 0..chunks {
+        acc = _mm256_add_epi64(acc, _mm256_sad_epu8(_mm256_loadu_si256(xs.as_ptr().add(c * 32) as *const __m256i), zero));
     }
-    for (r, a) in acc.iter().enumerate() {
-        let mut lanes = [0i32; 8];
-        _mm256_storeu_si256(lanes.as_mut_ptr() as *mut __m256i, *a);
-        let mut sum: i32 = lanes.iter().sum();
-        for p in j..k {
-            let x = *rows[r].add(p) as u8;
-            sum += x as i32;
-            *quads.add((p / 4 * 4 + r) * 4 + p % 4) = x;
-        }
-        *sums.add(r) = sum;
-    }
+    let mut lanes = [0u64; 4];
+    _mm256_storeu_si256(lanes.as_mut_ptr() as *mut __m256i, acc);
+    let tail: u64 = xs[chunks * 32..].iter().map(|&x| x as u64).sum();
+    (lanes.iter().sum::<u64>() + tail) as i32
 }
 
 /// Packs and quantizes rows [r0, r0 + mr) of A into one panel (`kernels::quantized`: header,
-/// then per quad mr rows × 4 bytes, zero past k and past the last row).
-unsafe fn pack_a_panel(s: &GemmShape, src: *const f32, q: AQuantization, r0: i64, dst: *mut i32, row: &mut Vec<u8>) {
-    let (mr, k) = (s.tile.mr, s.k);
-    let kq = quads(k);
-    std::ptr::write_bytes(dst, 0, quantized::a_panel_words(k, mr) as usize);
+/// then each row's k bytes and zeros to a whole quad; rows past the last zero).
+unsafe fn pack_a_panel(s: &GemmShape, a: ASource, q: AQuantization, r0: i64, dst: *mut i32, strided: &mut Vec<f32>) {
+    let (mr, k) = (s.tile.mr, s.k as usize);
+    let row_bytes = quads(s.k) as usize * 4;
+    std::ptr::write_bytes(dst, 0, A_HEADER as usize);
     *dst = q.header.zero_point;
     *dst.add(1) = q.header.scale.to_bits() as i32;
     *dst.add(2) = k as i32;
     let bytes = dst.add(A_HEADER as usize) as *mut u8;
-    if mr == 4 && r0 + 4 <= s.m && matches!(q.values, AValues::Exact) && has_avx2_fma() {
-        let rows = [0, 1, 2, 3].map(|r| contiguous_row(s, src, r0 + r));
-        if let [Some(a), Some(b), Some(c), Some(d)] = rows {
-            return pack_four_rows([a, b, c, d], k as usize, dst.add(3), bytes);
+    for r in 0..mr {
+        let row = std::slice::from_raw_parts_mut(bytes.add(r as usize * row_bytes), row_bytes);
+        if r0 + r >= s.m {
+            row.fill(0);
+            continue;
         }
-    }
-    row.resize((kq * 4) as usize, 0);
-    let mut strided = vec![];
-    for r in 0..mr.min(s.m - r0) {
-        a_row(s, src, r0 + r, q, &mut row[..k as usize], &mut strided);
-        *dst.add(3 + r as usize) = row[..k as usize].iter().map(|&x| x as i32).sum();
-        for q in 0..kq {
-            std::ptr::copy_nonoverlapping(row.as_ptr().add((q * 4) as usize), bytes.add(((q * mr + r) * 4) as usize), 4);
-        }
+        a_row(s, a, r0 + r, q, &mut row[..k], strided);
+        row[k..].fill(0);
+        *dst.add(3 + r as usize) = byte_sum(&row[..k]);
     }
 }
 
@@ -386,35 +388,65 @@ pub unsafe fn run(s: &GemmShape, ukr: MicrokernelFn, table: *const *mut u8, scra
     let pack_tasks = mp + b_tasks;
     // (A row or two with B packed already is one task: a second thread would only wait.)
     let pack_parts = parts.min(pack_tasks.max(1) as usize);
-    let shared = Shared((a_src, b_src, pa, pb, table));
-    let pack = |p: usize| {
-        let (a_src, b_src, pa, pb, _) = shared.get();
-        let mut row = vec![];
-        let (lo, hi) = run_of(pack_tasks, pack_parts, p);
-        for t in lo..hi {
-            if t < mp {
-                pack_a_panel(s, a_src, params, t * s.tile.mr, pa.offset((t * a_panel) as isize), &mut row);
-            } else {
-                let jp = t - mp;
-                pack_b_panel(s, b_src, jp, pb.offset((jp * b_panel) as isize));
+    IMAGE.with(|image| {
+        let mut image = image.borrow_mut();
+        let a = a_source(s, a_src, params, pack_parts, &mut image);
+        let shared = Shared((a, b_src, pa, pb, table));
+        let pack = |p: usize| {
+            let (a_src, b_src, pa, pb, _) = shared.get();
+            let mut strided = vec![];
+            let (lo, hi) = run_of(pack_tasks, pack_parts, p);
+            for t in lo..hi {
+                if t < mp {
+                    pack_a_panel(s, a_src, params, t * s.tile.mr, pa.offset((t * a_panel) as isize), &mut strided);
+                } else {
+                    let jp = t - mp;
+                    pack_b_panel(s, b_src, jp, pb.offset((jp * b_panel) as isize));
+                }
             }
-        }
-    };
-    let compute = |p: usize| {
-        let (_, _, pa, pb, table) = shared.get();
-        let (lo, hi) = run_of(tiles, parts, p);
-        let mut coords = [0i64; 2];
-        for t in lo..hi {
-            let (jp, ip) = (t / mp, t % mp);
-            coords[0] = ip * s.tile.mr;
-            coords[1] = jp * s.tile.nr;
-            let rows = (s.m - ip * s.tile.mr).min(s.tile.mr);
-            let cols = (s.n - jp * s.tile.nr).min(s.tile.nr);
-            let a = pa.offset((ip * a_panel) as isize) as *const f32;
-            let b = pb.offset((jp * b_panel) as isize) as *const f32;
-            ukr(table, a, b, quads(s.k), coords.as_ptr(), rows, cols, std::ptr::null(), std::ptr::null_mut(), 0);
-        }
-    };
-    parallel::run(pack_parts, &pack);
-    parallel::run(parts, &compute);
+        };
+        let compute = |p: usize| {
+            let (_, _, pa, pb, table) = shared.get();
+            let (lo, hi) = run_of(tiles, parts, p);
+            let mut coords = [0i64; 2];
+            for t in lo..hi {
+                let (jp, ip) = (t / mp, t % mp);
+                coords[0] = ip * s.tile.mr;
+                coords[1] = jp * s.tile.nr;
+                let rows = (s.m - ip * s.tile.mr).min(s.tile.mr);
+                let cols = (s.n - jp * s.tile.nr).min(s.tile.nr);
+                let a = pa.offset((ip * a_panel) as isize) as *const f32;
+                let b = pb.offset((jp * b_panel) as isize) as *const f32;
+                ukr(table, a, b, quads(s.k), coords.as_ptr(), rows, cols, std::ptr::null(), std::ptr::null_mut(), 0);
+            }
+        };
+        parallel::run(pack_parts, &pack);
+        parallel::run(parts, &compute);
+    });
+}
+
+thread_local! {
+    /// The calling thread's bytes of a convolution's image (`ASource::Bytes`), kept from call
+    /// to call (the largest image it has seen).
+    static IMAGE: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// Where this call's packing reads A: a convolution's image converted to bytes once, in
+/// `parts`, into `image` where its windows read each pixel more than once on average and its
+/// values are uint8 already (static); the float32 tensor otherwise.
+unsafe fn a_source(s: &GemmShape, a_src: *const f32, q: AQuantization, parts: usize, image: &mut Vec<u8>) -> ASource {
+    let Some(w) = s.quant.and_then(|q| q.windows) else { return ASource::Floats(a_src) };
+    let reads = w.kernel[0] * w.kernel[1] > w.stride[0] * w.stride[1];
+    let (Some(len), AValues::Exact, true) = (dense_image(s), q.values, reads) else { return ASource::Floats(a_src) };
+    image.resize(len, 0);
+    const CHUNK: usize = 4096;
+    let chunks = len.div_ceil(CHUNK);
+    let shared = Shared((a_src, image.as_mut_ptr()));
+    parallel::run(parts.min(chunks), &|p| {
+        let (src, dst) = shared.get();
+        let (lo, hi) = run_of(chunks as i64, parts.min(chunks), p);
+        let (lo, hi) = (lo as usize * CHUNK, (hi as usize * CHUNK).min(len));
+        convert_row(src.add(lo), hi - lo, std::slice::from_raw_parts_mut(dst.add(lo), hi - lo));
+    });
+    ASource::Bytes(image.as_ptr())
 }

@@ -329,8 +329,8 @@ pub fn emit<'ctx>(ctx: &'ctx Context, module: &Module<'ctx>, k: &Kernel, spec: &
         b.build_store(chain_accs[0][0], tile_vector)?;
         Ok(())
     };
-    // An int8 product: per quad of k, each row's four uint8 of A broadcast against each
-    // vector of B's columns × four int8. Pairs (`ProductSums::SaturatedPairs`, 8 lanes):
+    // An int8 product: per quad of k, each row's four uint8 of A (from its row of the panel)
+    // broadcast against each vector of B's columns × four int8. Pairs (`ProductSums::SaturatedPairs`, 8 lanes):
     // `vpmaddubsw` (u8 × s8 pair sums saturated to int16), `vpmaddwd` by ones (the pairs' sums
     // in int32), added to the tile. Exact: `vpdpbusd`, the four products of each lane added to
     // it in one instruction (8 or 16 lanes).
@@ -344,6 +344,12 @@ pub fn emit<'ctx>(ctx: &'ctx Context, module: &Module<'ctx>, k: &Kernel, spec: &
         assert!(exact || lanes == 8, "the pairs' tile is AVX2's");
         let ones = VectorType::const_vector(&vec![ctx.i16_type().const_int(1, false); pairs.get_size() as usize]);
         let c64 = |x: i64| i64t.const_int(x as u64, true);
+        // A's rows lie one after the other, kc quads each, past the panel's header.
+        let mut a_rows = vec![];
+        for r in 0..mr {
+            let at = b.build_int_add(b.build_int_mul(kc, c64(r), "")?, c64(crate::kernels::quantized::A_HEADER), "")?;
+            a_rows.push(unsafe { b.build_in_bounds_gep(i32t, pa, &[at], "")? });
+        }
         let step = |q: IntValue<'ctx>| -> R<()> {
             let b_at = b.build_int_add(b.build_int_mul(q, c64(tile.nr), "")?, c64(tile.nr), "")?;
             let mut bv = vec![];
@@ -353,13 +359,12 @@ pub fn emit<'ctx>(ctx: &'ctx Context, module: &Module<'ctx>, k: &Kernel, spec: &
                 load.as_instruction_value().unwrap().set_alignment(vector_align).map_err(|e| CodegenError::Llvm(e.to_string()))?;
                 bv.push(load);
             }
-            let a_at = b.build_int_add(b.build_int_mul(q, c64(mr), "")?, c64(crate::kernels::quantized::A_HEADER), "")?;
             let call = |f: FunctionValue<'ctx>, args: &[BasicMetadataValueEnum<'ctx>]| -> R<inkwell::values::BasicValueEnum<'ctx>> {
                 let inkwell::values::ValueKind::Basic(r) = b.build_call(f, args, "")?.try_as_basic_value() else { unreachable!("a value") };
                 Ok(r)
             };
             for r in 0..mr {
-                let addr = unsafe { b.build_in_bounds_gep(i32t, pa, &[b.build_int_add(a_at, c64(r), "")?], "")? };
+                let addr = unsafe { b.build_in_bounds_gep(i32t, a_rows[r as usize], &[q], "")? };
                 let quad = b.build_load(i32t, addr, "")?.into_int_value();
                 let a = splat(&b, ctx, acc_type, quad)?;
                 for v in 0..nv {

@@ -110,17 +110,20 @@ impl GemmTile {
     /// The tile of an int8 product of m × n (`kernels::quantized`) summed as `sums` says.
     /// Pairs (AVX2 integer vectors of 8 int32 sums): 4 × 16 keeps 8 accumulators, 2 B vectors,
     /// the broadcast quad of A, the ones of `vpmaddwd` and a product in 16 registers. Exact
-    /// sums (`vpdpbusd`, one instruction a vector, 32 zmm registers): 8 × 32 (16 accumulators,
-    /// latency 5 × 2 ports plus the loads), 12 × 16 for 16 columns or fewer, one row 64 wide
-    /// (4 accumulators, the most a single row has); AVX2's 4 × 16 on 8 lanes
-    /// (`KILN_VECTOR_LANES=8`). A thinner output gets a tile of its own height.
+    /// sums (`vpdpbusd`, one instruction a vector, 32 zmm registers): 6 × 64 (24 accumulators,
+    /// 4 B vectors; each row of A is read from its own run of the panel, a general register
+    /// each, so tall tiles spill them — measured on quantized ResNet-18 at 2 threads on a
+    /// Sapphire-Rapids-class Xeon: 6 × 64 5.0 ms, 5 × 64 5.3, 4 × 64 5.3, 8 × 32 6.1, 8 × 48
+    /// 6.7, 10 × 32 7.0, 12 × 32 7.9), 8 × 16 for 16 columns or fewer, one or two rows 64 wide;
+    /// AVX2's 4 × 16 on 8 lanes (`KILN_VECTOR_LANES=8`). A thinner output gets a tile of its
+    /// own height.
     pub fn int8(m: i64, n: i64, sums: quantized::ProductSums) -> GemmTile {
         let tile = |rows: i64, nr: i64, lanes: i64| GemmTile { mr: m.clamp(1, rows).min(quantized::MAX_ROWS), nr, lanes };
         match sums {
             quantized::ProductSums::Exact if host_lanes() == 16 => match (m, n) {
                 (..=2, _) => tile(2, 64, 16),
-                (_, ..=16) => tile(12, 16, 16),
-                _ => tile(8, 32, 16),
+                (_, ..=16) => tile(8, 16, 16),
+                _ => tile(6, 64, 16),
             },
             _ => tile(4, 16, 8),
         }
