@@ -145,6 +145,29 @@ def test_a_per_tensor_depthwise_bias_stays_in_torchscript():
     assert "per-tensor quantized depthwise convolution with a bias" in torch_kiln.explain(scripted)
 
 
+def test_the_x86_engine():
+    """PyTorch's default engine packs for fbgemm, which Kiln computes, except symmetric weights
+    on a host with AVX-512 VNNI, which it packs for oneDNN (another rounding): those stay in
+    TorchScript, and explain names the packing."""
+    gen = torch.Generator().manual_seed(13)
+    torch.backends.quantized.engine = "x86"
+    try:
+        model = Conv(16, 32, 3, 1, 1, 1, bias=True, relu=False).eval()
+        model.qconfig = qd.get_default_qconfig("x86")
+        qd.prepare(model, inplace=True)
+        with torch.no_grad():
+            model(torch.randn(2, 16, 9, 9, generator=gen))
+        qd.convert(model, inplace=True)
+        scripted, out, expected = run_both(model, torch.randn(2, 16, 9, 9, generator=gen))
+    finally:
+        torch.backends.quantized.engine = "fbgemm"
+    exactly(out, expected)
+    if VNNI:
+        assert "its weight is packed for oneDNN" in torch_kiln.explain(scripted), torch_kiln.explain(scripted)
+    else:
+        assert_ran(scripted)
+
+
 def test_a_grouped_conv_stays_in_torchscript():
     """Groups of more than one channel are not Kiln's yet: refused by name, PyTorch's result."""
     gen = torch.Generator().manual_seed(12)

@@ -144,34 +144,18 @@ enum AValues {
     Exact,
 }
 
-/// Where the packing reads A's values.
-#[derive(Clone, Copy)]
-enum ASource {
-    /// The float32 tensor.
-    Floats(*const f32),
-    /// A convolution's image of uint8 values as bytes, converted once for the call
-    /// (`image_bytes`; element offsets as the tensor's): every window over a pixel reads it
-    /// (nine under a 3 × 3 kernel), a copy of bytes instead of a conversion of floats.
-    Bytes(*const u8),
-}
-
-/// Row `i` of A (k values) into `out`: a row of the matrix, or a convolution's window of an
+/// Row `i` of A (k floats) into `out`: a row of the matrix, or a convolution's window of an
 /// output pixel (`QuantizedWindows`: A's zero point outside the image).
-unsafe fn a_row(s: &GemmShape, a: ASource, i: i64, q: AQuantization, out: &mut [u8], strided: &mut Vec<f32>) {
+unsafe fn a_row(s: &GemmShape, src: *const f32, i: i64, q: AQuantization, out: &mut [u8], strided: &mut Vec<f32>) {
     let k = s.k as usize;
-    // `len` values from element `at`, `stride` apart.
-    let mut read = |at: i64, len: usize, stride: i64, dst: &mut [u8]| match a {
-        ASource::Floats(src) => a_run(contiguous(src.offset(at as isize), len as i64, stride, strided), len, q, dst),
-        ASource::Bytes(img) if stride == 1 => std::ptr::copy_nonoverlapping(img.offset(at as isize), dst.as_mut_ptr(), len),
-        ASource::Bytes(img) => dst.iter_mut().enumerate().for_each(|(c, d)| *d = *img.offset((at + c as i64 * stride) as isize)),
-    };
     let Some(w) = s.quant.and_then(|q| q.windows) else {
-        return read(i * s.a.rows, k, s.a.cols, &mut out[..k]);
+        let data = contiguous(src.offset((i * s.a.rows) as isize), s.k, s.a.cols, strided);
+        return a_run(data, k, q, &mut out[..k]);
     };
     let [oh_n, ow_n] = w.out_size;
     let (img, oh, ow) = (i / (oh_n * ow_n), i / ow_n % oh_n, i % ow_n);
     let c = w.channels as usize;
-    // Channels-last rows: a window row's taps are one run of KW · C values where it is inside
+    // Channels-last rows: a window row's taps are one run of KW · C floats where it is inside
     // the image.
     let runs = w.strides[1] == 1 && w.strides[3] == w.channels && w.dilation[1] == 1;
     let mut at = 0;
@@ -180,7 +164,8 @@ unsafe fn a_row(s: &GemmShape, a: ASource, i: i64, q: AQuantization, out: &mut [
         let iw0 = ow * w.stride[1] - w.pad[1];
         if runs && ih >= 0 && ih < w.in_size[0] && iw0 >= 0 && iw0 + w.kernel[1] <= w.in_size[1] {
             let len = c * w.kernel[1] as usize;
-            read(img * w.strides[0] + ih * w.strides[2] + iw0 * w.strides[3], len, 1, &mut out[at..at + len]);
+            let pixel = src.offset((img * w.strides[0] + ih * w.strides[2] + iw0 * w.strides[3]) as isize);
+            a_run(pixel, len, q, &mut out[at..at + len]);
             at += len;
             continue;
         }
@@ -192,27 +177,10 @@ unsafe fn a_row(s: &GemmShape, a: ASource, i: i64, q: AQuantization, out: &mut [
                 dst.fill(q.header.zero_point as u8);
                 continue;
             }
-            read(img * w.strides[0] + ih * w.strides[2] + iw * w.strides[3], c, w.strides[1], dst);
+            let pixel = src.offset((img * w.strides[0] + ih * w.strides[2] + iw * w.strides[3]) as isize);
+            a_run(contiguous(pixel, w.channels, w.strides[1], strided), c, q, dst);
         }
     }
-}
-
-/// How many elements a convolution's image spans where they are all its own (its strides a
-/// dense layout, NCHW, channels-last or another order): it can be converted to bytes in one
-/// run. None for a view with gaps or overlaps.
-fn dense_image(s: &GemmShape) -> Option<usize> {
-    let w = s.quant.and_then(|q| q.windows)?;
-    let batch = s.m / (w.out_size[0] * w.out_size[1]).max(1);
-    let mut dims = [(w.strides[0], batch), (w.strides[1], w.channels), (w.strides[2], w.in_size[0]), (w.strides[3], w.in_size[1])];
-    dims.sort();
-    let mut extent = 1;
-    for (stride, size) in dims {
-        if size != 1 && stride != extent {
-            return None;
-        }
-        extent *= size;
-    }
-    Some(extent as usize)
 }
 
 /// `len` floats `stride` apart from `src`: in place where they are contiguous, else copied into
@@ -304,7 +272,7 @@ unsafe fn byte_sum_avx(xs: &[u8]) -> i32 {
 
 /// Packs and quantizes rows [r0, r0 + mr) of A into one panel (`kernels::quantized`: header,
 /// then each row's k bytes and zeros to a whole quad; rows past the last zero).
-unsafe fn pack_a_panel(s: &GemmShape, a: ASource, q: AQuantization, r0: i64, dst: *mut i32, strided: &mut Vec<f32>) {
+unsafe fn pack_a_panel(s: &GemmShape, src: *const f32, q: AQuantization, r0: i64, dst: *mut i32, strided: &mut Vec<f32>) {
     let (mr, k) = (s.tile.mr, s.k as usize);
     let row_bytes = quads(s.k) as usize * 4;
     std::ptr::write_bytes(dst, 0, A_HEADER as usize);
@@ -318,7 +286,7 @@ unsafe fn pack_a_panel(s: &GemmShape, a: ASource, q: AQuantization, r0: i64, dst
             row.fill(0);
             continue;
         }
-        a_row(s, a, r0 + r, q, &mut row[..k], strided);
+        a_row(s, src, r0 + r, q, &mut row[..k], strided);
         row[k..].fill(0);
         *dst.add(3 + r as usize) = byte_sum(&row[..k]);
     }
@@ -388,65 +356,35 @@ pub unsafe fn run(s: &GemmShape, ukr: MicrokernelFn, table: *const *mut u8, scra
     let pack_tasks = mp + b_tasks;
     // (A row or two with B packed already is one task: a second thread would only wait.)
     let pack_parts = parts.min(pack_tasks.max(1) as usize);
-    IMAGE.with(|image| {
-        let mut image = image.borrow_mut();
-        let a = a_source(s, a_src, params, pack_parts, &mut image);
-        let shared = Shared((a, b_src, pa, pb, table));
-        let pack = |p: usize| {
-            let (a_src, b_src, pa, pb, _) = shared.get();
-            let mut strided = vec![];
-            let (lo, hi) = run_of(pack_tasks, pack_parts, p);
-            for t in lo..hi {
-                if t < mp {
-                    pack_a_panel(s, a_src, params, t * s.tile.mr, pa.offset((t * a_panel) as isize), &mut strided);
-                } else {
-                    let jp = t - mp;
-                    pack_b_panel(s, b_src, jp, pb.offset((jp * b_panel) as isize));
-                }
+    let shared = Shared((a_src, b_src, pa, pb, table));
+    let pack = |p: usize| {
+        let (a_src, b_src, pa, pb, _) = shared.get();
+        let mut strided = vec![];
+        let (lo, hi) = run_of(pack_tasks, pack_parts, p);
+        for t in lo..hi {
+            if t < mp {
+                pack_a_panel(s, a_src, params, t * s.tile.mr, pa.offset((t * a_panel) as isize), &mut strided);
+            } else {
+                let jp = t - mp;
+                pack_b_panel(s, b_src, jp, pb.offset((jp * b_panel) as isize));
             }
-        };
-        let compute = |p: usize| {
-            let (_, _, pa, pb, table) = shared.get();
-            let (lo, hi) = run_of(tiles, parts, p);
-            let mut coords = [0i64; 2];
-            for t in lo..hi {
-                let (jp, ip) = (t / mp, t % mp);
-                coords[0] = ip * s.tile.mr;
-                coords[1] = jp * s.tile.nr;
-                let rows = (s.m - ip * s.tile.mr).min(s.tile.mr);
-                let cols = (s.n - jp * s.tile.nr).min(s.tile.nr);
-                let a = pa.offset((ip * a_panel) as isize) as *const f32;
-                let b = pb.offset((jp * b_panel) as isize) as *const f32;
-                ukr(table, a, b, quads(s.k), coords.as_ptr(), rows, cols, std::ptr::null(), std::ptr::null_mut(), 0);
-            }
-        };
-        parallel::run(pack_parts, &pack);
-        parallel::run(parts, &compute);
-    });
-}
-
-thread_local! {
-    /// The calling thread's bytes of a convolution's image (`ASource::Bytes`), kept from call
-    /// to call (the largest image it has seen).
-    static IMAGE: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
-}
-
-/// Where this call's packing reads A: a convolution's image converted to bytes once, in
-/// `parts`, into `image` where its windows read each pixel more than once on average and its
-/// values are uint8 already (static); the float32 tensor otherwise.
-unsafe fn a_source(s: &GemmShape, a_src: *const f32, q: AQuantization, parts: usize, image: &mut Vec<u8>) -> ASource {
-    let Some(w) = s.quant.and_then(|q| q.windows) else { return ASource::Floats(a_src) };
-    let reads = w.kernel[0] * w.kernel[1] > w.stride[0] * w.stride[1];
-    let (Some(len), AValues::Exact, true) = (dense_image(s), q.values, reads) else { return ASource::Floats(a_src) };
-    image.resize(len, 0);
-    const CHUNK: usize = 4096;
-    let chunks = len.div_ceil(CHUNK);
-    let shared = Shared((a_src, image.as_mut_ptr()));
-    parallel::run(parts.min(chunks), &|p| {
-        let (src, dst) = shared.get();
-        let (lo, hi) = run_of(chunks as i64, parts.min(chunks), p);
-        let (lo, hi) = (lo as usize * CHUNK, (hi as usize * CHUNK).min(len));
-        convert_row(src.add(lo), hi - lo, std::slice::from_raw_parts_mut(dst.add(lo), hi - lo));
-    });
-    ASource::Bytes(image.as_ptr())
+        }
+    };
+    let compute = |p: usize| {
+        let (_, _, pa, pb, table) = shared.get();
+        let (lo, hi) = run_of(tiles, parts, p);
+        let mut coords = [0i64; 2];
+        for t in lo..hi {
+            let (jp, ip) = (t / mp, t % mp);
+            coords[0] = ip * s.tile.mr;
+            coords[1] = jp * s.tile.nr;
+            let rows = (s.m - ip * s.tile.mr).min(s.tile.mr);
+            let cols = (s.n - jp * s.tile.nr).min(s.tile.nr);
+            let a = pa.offset((ip * a_panel) as isize) as *const f32;
+            let b = pb.offset((jp * b_panel) as isize) as *const f32;
+            ukr(table, a, b, quads(s.k), coords.as_ptr(), rows, cols, std::ptr::null(), std::ptr::null_mut(), 0);
+        }
+    };
+    parallel::run(pack_parts, &pack);
+    parallel::run(parts, &compute);
 }
