@@ -330,9 +330,9 @@ pub fn emit<'ctx>(ctx: &'ctx Context, module: &Module<'ctx>, k: &Kernel, spec: &
         Ok(())
     };
     // An int8 product: per quad of k, each row's four uint8 of A (from its row of the panel)
-    // broadcast against each vector of B's columns × four int8. Pairs (`ProductSums::SaturatedPairs`, 8 lanes):
-    // `vpmaddubsw` (u8 × s8 pair sums saturated to int16), `vpmaddwd` by ones (the pairs' sums
-    // in int32), added to the tile. Exact: `vpdpbusd`, the four products of each lane added to
+    // broadcast against each vector of B's columns × four int8. Pairs
+    // (`ProductSums::SaturatedPairs`, 8 lanes): `vpmaddubsw` (u8 × s8 pair sums saturated to
+    // int16), `vpmaddwd` by ones (the pairs' sums in int32), added to the tile. Exact: `vpdpbusd`, the four products of each lane added to
     // it in one instruction (8 or 16 lanes).
     let int8_loop = |sums: crate::kernels::quantized::ProductSums| -> R<()> {
         let i32t = ctx.i32_type();
