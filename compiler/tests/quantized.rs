@@ -61,11 +61,12 @@ fn check(rng: &mut Rng, m: i64, n: i64, k: i64, per_column: bool, epilogue: bool
 }
 
 /// A product's m, n, k for random case `case`: sizes around every tile's and quad's remainder,
-/// a third of the cases a column panel wider, a quarter a k nine times longer.
+/// a third of the cases a column panel of the widest tile (64) wider, a quarter a k nine times
+/// longer.
 fn random_mnk(rng: &mut Rng, case: u64) -> (i64, i64, i64) {
     let sizes = [1i64, 2, 3, 4, 5, 7, 8, 13, 16, 17, 33];
     let mut pick = || sizes[(rng.next_u64() % sizes.len() as u64) as usize];
-    (pick(), pick() + if case % 3 == 0 { 16 } else { 0 }, pick() * if case % 4 == 0 { 9 } else { 1 })
+    (pick(), pick() + if case % 3 == 0 { 64 } else { 0 }, pick() * if case % 4 == 0 { 9 } else { 1 })
 }
 
 #[test]
