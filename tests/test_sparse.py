@@ -169,3 +169,81 @@ def test_a_cache_entry_is_code_for_any_weight_of_its_choice(tmp_path):
     second = kiln_check.run_isolated(body.format(here=here, dir=str(tmp_path), mode="never", models=[(1, (16, 1), 0.9), (2, None, 0.3)]))
     ran = {int(line.split()[0]): line.split()[1] == "True" for line in second.strip().splitlines()}
     assert ran == {1: True, 2: False}, second
+
+
+def in_code_checks():
+    c = torch_kiln.stats()["weights_in_code_checks"]
+    return c["same"], c["other"]
+
+
+@pytest.mark.parametrize("block,zeros,batch,sizes", [
+    (None, 0.9, 1, {}), (None, 0.95, 2, {}), (None, 0.95, 3, {}), ((4, 4), 0.9, 1, {}), ((16, 1), 0.95, 1, {}),
+    (None, 0.8, 1, {"n": 77, "k": 45, "out": 19}), (None, 0.9, 1, {"n": 200, "k": 300, "out": 33}),
+])
+def test_small_sparse_weights_go_into_code_and_match_eager(block, zeros, batch, sizes):
+    # Batch 1–3, a small weight: its values become the code's constants (explain says so),
+    # each kept weight is checked once against them and found to be them, and the product
+    # is eager's.
+    torch_kiln.reset()
+    m = pruned_model(block, zeros, **sizes)
+    with torch.no_grad():
+        frozen = torch.jit.freeze(torch.jit.script(m))
+        check_against_float64(frozen, m, torch.randn(batch, sizes.get("k", 256)))
+    lines = weight_lines(frozen)
+    assert lines and all("values in the code" in line for line in lines), lines
+    assert "sparse_b=code" in torch_kiln.explain(frozen)
+    same, other = in_code_checks()
+    assert same == len(lines) and other == 0, (same, other)
+
+
+def test_a_weight_in_code_changed_in_place_runs_dense_over_its_new_values():
+    # The code holds the values the weight had when it was compiled. A frozen model's
+    # constant changed in place since (its version counter moves) is checked again, found
+    # to be another weight, and that product runs dense over the new values.
+    torch_kiln.reset()
+    m = pruned_model(None, 0.9)
+    with torch.no_grad():
+        frozen = torch.jit.freeze(torch.jit.script(m))
+        x = torch.randn(1, 256)
+        kiln_check.run_compiled(frozen, (x,), m(x))
+        assert in_code_checks() == (2, 0)
+        consts = [n.output().toIValue() for n in frozen.graph.nodes() if n.kind() == "prim::Constant" and n.output().type().kind() == "TensorType"]
+        (w,) = [t for t in consts if t.shape == (256, 256) and torch.equal(t, m.a.weight)]
+        w[3, :] += 1.0  # a whole row of new nonzeros
+        m.a.weight[3, :] += 1.0
+        out, ran = kiln_check.run_compiled(frozen, (x,), m(x))
+        assert ran
+        assert in_code_checks()[1] >= 1
+        torch.testing.assert_close(out, m(x))
+
+
+def test_a_weight_in_code_is_never_served_to_other_weights(tmp_path):
+    # Code with a weight in it is keyed by the weight's values (their hash is in its format,
+    # in the graph's text). A fresh process with compile="never" finds the first process's
+    # entry for the same weights, and none for weights with the same zeros but other values
+    # (each nonzero doubled): those run TorchScript, and right.
+    here = kiln_check.__file__.rsplit("/", 1)[0]
+    body = """
+    import sys
+    sys.path.insert(0, {here!r})
+    import test_sparse as t
+    torch_kiln.enable(cache_dir={dir!r}, compile={mode!r})
+    for scale in {scales}:
+        m = t.pruned_model(None, 0.9, seed=0)
+        with torch.no_grad():
+            for lin in (m.a, m.b):
+                lin.weight.mul_(scale)
+            f = torch.jit.freeze(torch.jit.script(m))
+            x = torch.randn(1, 256)
+            runs = torch_kiln.stats()["kernel_runs"]
+            for _ in range(3):
+                out = f(x)
+            torch.testing.assert_close(out, m(x), rtol=1e-4, atol=1e-5)
+        in_code = sum("values in the code" in line for line in t.weight_lines(f))
+        print(scale, torch_kiln.stats()["kernel_runs"] > runs, in_code)
+    """
+    first = kiln_check.run_isolated(body.format(here=here, dir=str(tmp_path), mode="lazy", scales=[1.0]))
+    assert first.split()[1:] == ["True", "2"], first
+    second = kiln_check.run_isolated(body.format(here=here, dir=str(tmp_path), mode="never", scales=[1.0, 2.0]))
+    ran = {float(line.split()[0]): line.split()[1] == "True" for line in second.strip().splitlines()}
+    assert ran == {1.0: True, 2.0: False}, second

@@ -63,6 +63,13 @@ impl Rng {
     }
 }
 
+/// The format of `w` in code where the frontend would offer it (one to three rows, at most
+/// `weights_in_code::MAX_STEPS` steps), its values registered.
+fn in_code_format(facts: &WeightFacts, w: &[f32], m: i64, n: i64, k: i64) -> Option<SparseFormat> {
+    let fits = m <= 3 && facts.code_steps(host_lanes()) <= kiln_compiler::kernels::weights_in_code::MAX_STEPS;
+    fits.then(|| SparseFormat::InCode { lanes: host_lanes(), key: kiln_compiler::kernels::weights_in_code::register(n, k, w.to_vec()) })
+}
+
 fn main() {
     let threads = std::env::args().nth(1).and_then(|s| s.parse().ok()).unwrap_or(2);
     kiln_compiler::runtime::program::set_num_threads(threads).unwrap();
@@ -85,17 +92,27 @@ fn main() {
                     let per_row = k / block.1;
                     let keep: Vec<bool> = (0..(n / block.0) * per_row).map(|_| rng.uniform() >= zeros).collect();
                     let w: Vec<f32> = (0..n * k).map(|i| if keep[((i / k / block.0) * per_row + (i % k) / block.1) as usize] { rng.uniform() - 0.5 } else { 0.0 }).collect();
-                    let facts = unsafe { WeightFacts::measure(w.as_ptr(), n, k, k, 1) };
+                    let mut facts = unsafe { WeightFacts::measure(w.as_ptr(), n, k, k, 1) };
+                    if let Some(SparseFormat::InCode { key, .. }) = in_code_format(&facts, &w, m, n, k) {
+                        facts.key = Some(key);
+                    }
                     let choice = choose(&facts, true, host_lanes(), m);
                     // Every format's time, and the model's pick (taken or not).
                     // Dense beside the sparse kernels, at the same moments (this VM's speed drifts
                     // by a third over minutes: a dense time from elsewhere in the run would
                     // skew the ratio).
                     let d = time(&dense, &x, &w, &mut out);
-                    let times: Vec<String> = sparse.iter().map(|(f, p)| format!("{f}={:.2}", time(p, &x, &w, &mut out))).collect();
+                    let mut times: Vec<String> = sparse.iter().map(|(f, p)| format!("{f}={:.2}", time(p, &x, &w, &mut out))).collect();
+                    // The weight in code, where it is small enough (a program per weight).
+                    if let Some(SparseFormat::InCode { lanes, key }) = in_code_format(&facts, &w, m, n, k) {
+                        let t = Instant::now();
+                        let p = program(m, n, k, Some(SparseFormat::InCode { lanes, key }));
+                        let ms = t.elapsed().as_secs_f64() * 1e3;
+                        times.push(format!("code{lanes}={:.2} code_compile_ms={ms:.0}", time(&p, &x, &w, &mut out)));
+                    }
                     let blocks: Vec<String> = facts.nonzero_blocks.iter().map(|b| b.to_string()).collect();
                     let chosen = choice.format.map_or("dense".to_string(), |f| f.to_string());
-                    println!("{n} {m} {}x{} {zeros} dense={d:.2} {} best={} predicted={:.3} chosen={chosen} blocks={}", block.0, block.1, times.join(" "), choice.best, choice.work, blocks.join(","));
+                    println!("{n} {m} {}x{} {zeros} dense={d:.2} {} best={} predicted={:.3} chosen={chosen} blocks={} steps={}", block.0, block.1, times.join(" "), choice.best, choice.work, blocks.join(","), facts.code_steps(host_lanes()));
                 }
             }
         }

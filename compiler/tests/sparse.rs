@@ -1,5 +1,5 @@
-//! The GEMM over sparse B panels (`kernels::sparse`) against a float64 reference: random
-//! sparsity patterns (unstructured and in blocks of every shape the facts count), all-zero
+//! The GEMM over sparse B panels (`kernels::sparse`) and over a weight in code
+//! (`kernels::weights_in_code`) against a float64 reference: random sparsity patterns (unstructured and in blocks of every shape the facts count), all-zero
 //! rows and columns, an all-zero and a fully dense weight, odd sizes and remainders of every
 //! tile and chain, each packed per call and packed once; infs and NaNs in the activations
 //! (whose products with the skipped zeros are NaN, as in eager). Bound as in `gemm.rs`:
@@ -8,7 +8,9 @@
 mod common;
 use common::Rng;
 use kiln_compiler::graph::ir::parse_graph;
+use kiln_compiler::kernels::gemm::host_lanes;
 use kiln_compiler::kernels::sparse::{choose, SparseFormat, WeightFacts, BLOCK_SHAPES};
+use kiln_compiler::kernels::weights_in_code;
 use kiln_compiler::{compile, lower_graph, CompileOptions, CompiledProgram, Target};
 
 /// relu(x · Wᵀ + bias) (or x · Wᵀ alone) with W's zeros skipped in sparse `format`.
@@ -85,13 +87,19 @@ fn check(rng: &mut Rng, m: i64, n: i64, k: i64, format: SparseFormat, w: &[f32],
     }
 }
 
+/// The format of `w` (n × k) in code, its values registered.
+fn in_code(n: i64, k: i64, w: &[f32]) -> SparseFormat {
+    SparseFormat::InCode { lanes: host_lanes(), key: weights_in_code::register(n, k, w.to_vec()) }
+}
+
 #[test]
 fn sparse_panels_match_float64_on_random_patterns() {
-    // Every format the host has; sparse rows for one to three rows only.
-    let formats = |m: i64| -> Vec<SparseFormat> {
-        let mut f: Vec<SparseFormat> = [8, 16].into_iter().filter(|&l| l <= kiln_compiler::kernels::gemm::host_lanes()).map(SparseFormat::Panels).collect();
+    // Every format the host has; sparse rows and the weight in code for one to three rows.
+    let formats = |m: i64, n: i64, k: i64, w: &[f32]| -> Vec<SparseFormat> {
+        let mut f: Vec<SparseFormat> = [8, 16].into_iter().filter(|&l| l <= host_lanes()).map(SparseFormat::Panels).collect();
         if m <= 3 {
             f.extend([1, 4, 8].map(SparseFormat::Rows));
+            f.push(in_code(n, k, w));
         }
         f
     };
@@ -103,8 +111,11 @@ fn sparse_panels_match_float64_on_random_patterns() {
         let block = BLOCK_SHAPES[case % BLOCK_SHAPES.len()];
         let density = [0.05, 0.1, 0.3, 0.6][case / 2 % 4];
         let w = weight(&mut rng, n, k, block, density);
-        let fs = formats(m);
+        let fs = formats(m, n, k, &w);
         check(&mut rng, m, n, k, fs[case % fs.len()], &w, case % 2 == 0, &format!("{block:?} blocks at {density}"));
+        if m <= 3 {
+            check(&mut rng, m, n, k, in_code(n, k, &w), &w, case % 2 == 1, &format!("{block:?} blocks at {density} in code"));
+        }
     }
     // All zeros; fully dense; zero rows (features) and zero columns (inputs); long k.
     let (n, k) = (40, 77);
@@ -112,15 +123,66 @@ fn sparse_panels_match_float64_on_random_patterns() {
     let zero_cols: Vec<f32> = (0..n * k).map(|i| if (i % k) % 4 != 1 { 0.0 } else { 0.25 + (i % 5) as f32 * 0.1 }).collect();
     for (what, w) in [("all-zero", vec![0.0; (n * k) as usize]), ("dense", vec![0.75; (n * k) as usize]), ("zero rows", zero_rows), ("zero cols", zero_cols)] {
         for &m in &[1, 3, 4, 13] {
-            for f in formats(m) {
+            for f in formats(m, n, k, &w) {
                 check(&mut rng, m, n, k, f, &w, true, what);
             }
         }
     }
     let w = weight(&mut rng, 256, 1024, (1, 1), 0.1);
-    for f in formats(3) {
+    for f in formats(3, 256, 1024, &w) {
         check(&mut rng, 3, 256, 1024, f, &w, true, "long k");
     }
+}
+
+/// Code with a weight in it computes with that weight only where the call's B is it: B is
+/// checked when its copy is kept (`pack_weight`), and a call with another B (or no kept
+/// copy) runs the dense loop over the call's B. A forged verdict shows the code really
+/// holds the values it was made for.
+#[test]
+fn a_weight_in_code_runs_for_that_weight_only() {
+    let mut rng = Rng(0x1ced);
+    let (m, n, k) = (1, 37, 70);
+    let w = weight(&mut rng, n, k, (1, 1), 0.1);
+    let mut other = w.clone();
+    other[5] += 1.0;
+    other[(n * k - 1) as usize] = 0.5;
+    let format = in_code(n, k, &w);
+    let (p, _) = program(m, n, k, format, false);
+    let x: Vec<f32> = (0..m * k).map(|_| rng.uniform(-1.0, 1.0)).collect();
+    let product = |w: &[f32]| -> Vec<f32> { (0..n).map(|j| (0..k).map(|q| x[q as usize] as f64 * w[(j * k + q) as usize] as f64).sum::<f64>() as f32).collect() };
+    let close = |a: &[f32], b: &[f32]| a.iter().zip(b).all(|(a, b)| (a - b).abs() <= 1e-5 * (1.0 + b.abs()));
+    let weights = p.packable_weights().to_vec();
+    let run_with = |b: &[f32], verdict: f32| -> Vec<f32> {
+        #[repr(align(64))]
+        struct Line([f32; 16]);
+        let kept = Line([verdict; 16]);
+        assert_eq!(weights[0].elems, 16, "the kept copy of a weight in code is its verdict");
+        let ins = [x.as_ptr() as *const u8, b.as_ptr() as *const u8, std::ptr::null()];
+        let mut out = vec![0f32; n as usize];
+        let mut slot = Some(out.as_mut_ptr() as *mut u8);
+        let ptr = kept.0.as_ptr();
+        unsafe { p.run_packed(|i| ins[i], |_| slot.take(), &|_| Some(ptr)) }.unwrap();
+        out
+    };
+    let verdict = |b: &[f32]| -> f32 {
+        #[repr(align(64))]
+        struct Line([f32; 16]);
+        let mut kept = Line([f32::NAN; 16]);
+        unsafe { p.pack_weight(&weights[0], b.as_ptr() as _, kept.0.as_mut_ptr()) };
+        kept.0[0]
+    };
+    assert_eq!(verdict(&w), 1.0);
+    assert_eq!(verdict(&other), 0.0, "another weight is not the one in code");
+    assert!(close(&run_with(&w, 1.0), &product(&w)));
+    assert!(close(&run_with(&other, 0.0), &product(&other)), "another weight runs the dense loop over it");
+    // Forged: B is `other` but the verdict says it is `w`: the code's own values are used.
+    let forged = run_with(&other, 1.0);
+    assert!(close(&forged, &product(&w)) && !close(&forged, &product(&other)), "the code holds w's values");
+    // Values that were never registered: no code (the frontend falls back).
+    let unknown = SparseFormat::InCode { lanes: host_lanes(), key: weights_in_code::key_of(n, k, |r, c| other[(r * k + c) as usize] * 3.0) };
+    let ir = format!("graph(%0: f32[{m}, {k}], %1: f32[{n}, {k}]) {{\n  %2 = permute(%1) dims=[1, 0] : f32[{k}, {n}]\n  %3 = matmul(%0, %2) sparse_b={unknown} : f32[{m}, {n}]\n  return (%3)\n}}\n");
+    let err = compile(&parse_graph(&ir).unwrap(), &[vec![k, 1], vec![k, 1]], &Target::host(), &CompileOptions::default()).err().expect("no code for unknown values");
+    assert!(err.to_string().contains("not registered"), "{err}");
 }
 
 #[test]

@@ -179,6 +179,11 @@ fn stats(py: Python<'_>) -> PyResult<PyObject> {
     d.set_item("kernels_compiled", compiled)?;
     d.set_item("kernels_reused", reused)?;
     d.set_item("kernel_runs", s.runs)?;
+    let (same, other) = kiln_compiler::kernels::weights_in_code::check_counts();
+    let in_code = PyDict::new(py);
+    in_code.set_item("same", same)?;
+    in_code.set_item("other", other)?;
+    d.set_item("weights_in_code_checks", in_code)?;
     d.set_item("guard_passes", s.guard_passes)?;
     d.set_item("guard_misses", s.guard_misses)?;
     d.set_item("guard_failures", s.guard_failures)?;

@@ -196,7 +196,8 @@ pub unsafe extern "C" fn kiln_rs_node_supported(dump: *const c_char, len: usize,
 
 /// The zeros of a constant float32 matrix (a frozen module's weight, element (r, c) at
 /// `data[r · s0 + c · s1]`) as `WeightFacts` text in `out`: 1, or 0 where it has too few zeros
-/// for a sparse kernel to pay (under a quarter: no blocks counted).
+/// for a sparse kernel to pay (under a quarter: no blocks counted). A small one's values are
+/// registered for code (`weights_in_code::register`) and its key is in the facts.
 #[no_mangle]
 pub unsafe extern "C" fn kiln_rs_weight_facts(data: *const f32, rows: i64, cols: i64, s0: i64, s1: i64, out: *mut c_char, cap: usize) -> i32 {
     guarded(0, || {
@@ -209,7 +210,13 @@ pub unsafe extern "C" fn kiln_rs_weight_facts(data: *const f32, rows: i64, cols:
         if zeros * 4 < rows * cols {
             return 0;
         }
-        let facts = WeightFacts::of_mask(&mask, rows, cols);
+        let mut facts = WeightFacts::of_mask(&mask, rows, cols);
+        // A weight small enough for its values to go into code is registered for it (by
+        // content: the code is for these values only, `weights_in_code`).
+        if facts.code_steps(kiln_compiler::kernels::gemm::host_lanes()) <= kiln_compiler::kernels::weights_in_code::MAX_STEPS {
+            let values = (0..rows * cols).map(|i| *data.offset(((i / cols) * s0 + (i % cols) * s1) as isize)).collect();
+            facts.key = Some(kiln_compiler::kernels::weights_in_code::register(rows, cols, values));
+        }
         write_reason(&facts.to_text(), out, cap);
         1
     })

@@ -776,6 +776,7 @@ impl Runtime {
         self.cache.reset_counters();
         kiln_compiler::phases::reset();
         kiln_compiler::codegen::kernel_cache::reset_counts();
+        kiln_compiler::kernels::weights_in_code::reset_check_counts();
         QUEUE.counts.reset();
         let mut r = self.reasons.lock().unwrap_or_else(|e| e.into_inner());
         r.counts.clear();

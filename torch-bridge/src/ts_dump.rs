@@ -225,8 +225,9 @@ mod tests {
         let r = parse("input %0 f32 [2] [1]\nconst %1 int 0\nshape %2 aten::size %0 %1\n").unwrap();
         assert_eq!(r.items[2], Item::Shape { kind: "aten::size".into(), args: vec![0, 1] });
         assert!(r.node_kinds().is_empty(), "shape arithmetic is no op of the region");
-        let r = parse("input %0 f32 [2,2] [2,1]\nweight %0 2 2 1 1 1 1 1 1 1 1\n").unwrap();
+        let r = parse("input %0 f32 [2,2] [2,1]\nweight %0 2 2 1 1 1 1 1 1 1 1 2 2 code 000102030405060708090a0b0c0d0e0f\n").unwrap();
         assert_eq!(r.items.len(), 1);
-        assert_eq!(r.weights, vec![(0, WeightFacts { rows: 2, cols: 2, nonzero_blocks: vec![1; 8] })]);
+        let key = kiln_compiler::kernels::weights_in_code::WeightKey(std::array::from_fn(|i| i as u8));
+        assert_eq!(r.weights, vec![(0, WeightFacts { rows: 2, cols: 2, nonzero_blocks: vec![1; 8], code_steps: [2, 2], key: Some(key) })]);
     }
 }

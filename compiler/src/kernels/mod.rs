@@ -5,3 +5,4 @@
 pub mod gemm;
 pub mod quantized;
 pub mod sparse;
+pub mod weights_in_code;

@@ -2,23 +2,27 @@
 //! once from its values by the frontend), which kernel skips them best ([`choose`], a cost
 //! model), and the packed layouts the GEMM microkernel walks ([`SparseFormat`]).
 //!
-//! Two formats, each a packing of B (k × n, n the output features) that the microkernel
-//! reads instead of dense panels, with the same fused epilogue:
+//! Three formats. Two are packings of B (k × n, n the output features) that the microkernel
+//! reads instead of dense panels, the third is code; all three with the same fused epilogue:
 //! - [`SparseFormat::Panels`]: B's column panels one vector wide keep only their k rows
 //!   with a nonzero ([`SparsePanel`]); blocks of `lanes` features × 1 input lose all their
 //!   work, any other pattern the work of the panel rows it leaves empty.
 //! - [`SparseFormat::Rows`]: each feature keeps its nonzero runs of 1, 4 or 8 inputs
 //!   ([`SparseRows`]), a dot product per output element (batch 1–3).
+//! - [`SparseFormat::InCode`]: a small weight's nonzeros as constants of an unrolled product
+//!   (`kernels::weights_in_code`), batch 1–3.
 //! The facts count exactly the blocks each format keeps, so the choice is made from the
 //! weight's own numbers, never guessed from its zero fraction.
 //!
-//! The code is weight-independent: what a panel keeps is data, packed from the call's weight
-//! when it is packed (`runtime::gemm::pack_b`), and any weight — another one of the same
-//! shape, all zeros or none — runs correctly on it. Only the *choice* comes from the weight
-//! seen when the frontend lowered, and it is in the graph's text (so in the cache key); the
-//! facts themselves are not.
+//! Panels' and rows' code is weight-independent: what a panel keeps is data, packed from the
+//! call's weight when it is packed (`runtime::gemm::pack_b`), and any weight — another one of
+//! the same shape, all zeros or none — runs correctly on it. Only the *choice* comes from the
+//! weight seen when the frontend lowered, and it is in the graph's text (so in the cache
+//! key); the facts themselves are not. Code with the weight in it names the weight's hash in
+//! its format, so in the graph's text and the cache key (`kernels::weights_in_code`).
 
 use crate::kernels::gemm::{GemmTile, LANES};
+use crate::kernels::weights_in_code::{self, WeightKey};
 
 /// How a sparse B is packed (and so which loop the microkernel runs over it).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -30,6 +34,10 @@ pub enum SparseFormat {
     /// (1, 4 or 8: blocks of 1 feature × that many inputs) with their k ([`SparseRows`]); a
     /// dot product per output element, for products of one to three rows (batch 1).
     Rows(i64),
+    /// The weight's nonzeros in the code, for vectors of `lanes` floats
+    /// (`kernels::weights_in_code`): the weight whose values hash to `key`; products of one to
+    /// three rows.
+    InCode { lanes: i64, key: WeightKey },
 }
 
 impl std::fmt::Display for SparseFormat {
@@ -37,6 +45,7 @@ impl std::fmt::Display for SparseFormat {
         match self {
             SparseFormat::Panels(l) => write!(f, "panels{l}"),
             SparseFormat::Rows(b) => write!(f, "rows{b}"),
+            SparseFormat::InCode { lanes, key } => write!(f, "code{lanes}.{key}"),
         }
     }
 }
@@ -45,23 +54,25 @@ impl SparseFormat {
     pub fn parse(s: &str) -> Option<SparseFormat> {
         let f = if let Some(l) = s.strip_prefix("panels") {
             SparseFormat::Panels(l.parse().ok()?)
+        } else if let Some((l, key)) = s.strip_prefix("code").and_then(|c| c.split_once('.')) {
+            SparseFormat::InCode { lanes: l.parse().ok()?, key: WeightKey::parse(key)? }
         } else {
             SparseFormat::Rows(s.strip_prefix("rows")?.parse().ok()?)
         };
         f.valid().then_some(f)
     }
-    /// The float32 lanes of the microkernel's vectors over this format: a panel's width;
-    /// the sparse-rows tile's (its dense loop's, `DENSE_B`).
+    /// The float32 lanes of the microkernel's vectors over this format: a panel's width (and
+    /// the unrolled product's); the sparse-rows tile's (its dense loop's, `DENSE_B`).
     pub fn lanes(&self) -> i64 {
         match *self {
-            SparseFormat::Panels(l) => l,
+            SparseFormat::Panels(l) | SparseFormat::InCode { lanes: l, .. } => l,
             SparseFormat::Rows(_) => GemmTile::sparse_rows().lanes,
         }
     }
     /// Widths the kernels have: panels of one AVX2 or AVX-512 vector, runs of 1, 4 or 8.
     pub fn valid(&self) -> bool {
         match *self {
-            SparseFormat::Panels(l) => l == 8 || l == 16,
+            SparseFormat::Panels(l) | SparseFormat::InCode { lanes: l, .. } => l == 8 || l == 16,
             SparseFormat::Rows(b) => [1, 4, 8].contains(&b),
         }
     }
@@ -80,6 +91,11 @@ pub struct WeightFacts {
     pub cols: i64,
     /// Nonzero blocks of each shape of `BLOCK_SHAPES`, in that order.
     pub nonzero_blocks: Vec<i64>,
+    /// Steps of the unrolled product over the weight (`weights_in_code::steps`) at 8 and
+    /// at 16 lanes.
+    pub code_steps: [i64; 2],
+    /// The weight's key where its values are registered for code (`weights_in_code`).
+    pub key: Option<WeightKey>,
 }
 
 impl WeightFacts {
@@ -112,7 +128,13 @@ impl WeightFacts {
             }
             hit.iter().filter(|&&h| h).count() as i64
         };
-        WeightFacts { rows, cols, nonzero_blocks: BLOCK_SHAPES.iter().map(|&s| count(s)).collect() }
+        let code_steps = [8, 16].map(|lanes| weights_in_code::steps(nonzero, rows, cols, lanes));
+        WeightFacts { rows, cols, nonzero_blocks: BLOCK_SHAPES.iter().map(|&s| count(s)).collect(), code_steps, key: None }
+    }
+
+    /// Steps of the unrolled product at `lanes` lanes.
+    pub fn code_steps(&self, lanes: i64) -> i64 {
+        self.code_steps[(lanes == 16) as usize]
     }
 
     pub fn nonzeros(&self) -> i64 {
@@ -143,15 +165,22 @@ impl WeightFacts {
             .copied()
     }
 
-    /// Text form for the frontend's dump: `rows cols` then the counts of `BLOCK_SHAPES`.
+    /// Text form for the frontend's dump: `rows cols`, the counts of `BLOCK_SHAPES`, the
+    /// code steps at 8 and 16 lanes, and `code KEY` where the values are registered.
     pub fn to_text(&self) -> String {
-        let counts: Vec<String> = self.nonzero_blocks.iter().map(|c| c.to_string()).collect();
-        format!("{} {} {}", self.rows, self.cols, counts.join(" "))
+        let counts: Vec<String> = self.nonzero_blocks.iter().chain(&self.code_steps).map(|c| c.to_string()).collect();
+        let key = self.key.map_or(String::new(), |k| format!(" code {k}"));
+        format!("{} {} {}{key}", self.rows, self.cols, counts.join(" "))
     }
 
     pub fn parse(text: &str) -> Option<WeightFacts> {
-        let n: Vec<i64> = text.split_whitespace().map(|x| x.parse().ok()).collect::<Option<_>>()?;
-        (n.len() == 2 + BLOCK_SHAPES.len()).then(|| WeightFacts { rows: n[0], cols: n[1], nonzero_blocks: n[2..].to_vec() })
+        let (numbers, key) = match text.split_once(" code ") {
+            Some((numbers, key)) => (numbers, Some(WeightKey::parse(key.trim())?)),
+            None => (text, None),
+        };
+        let n: Vec<i64> = numbers.split_whitespace().map(|x| x.parse().ok()).collect::<Option<_>>()?;
+        let blocks = BLOCK_SHAPES.len();
+        (n.len() == 4 + blocks).then(|| WeightFacts { rows: n[0], cols: n[1], nonzero_blocks: n[2..2 + blocks].to_vec(), code_steps: [n[2 + blocks], n[3 + blocks]], key })
     }
 }
 
@@ -176,6 +205,13 @@ const L2_BYTES_PER_CYCLE: f64 = 14.0;
 const FAR_BYTES_PER_CYCLE: f64 = 11.0;
 const L2_BYTES: f64 = 512.0 * 1024.0;
 const CALL_CYCLES: f64 = 1300.0;
+/// The unrolled product's steps per cycle (a permute of x, an FMA, two constants loaded:
+/// its code and constants stream through once, in order, and the rate holds that) and what
+/// a tile costs besides (a switch, its epilogue). Fitted on the AVX-512 VNNI Xeon (not on
+/// Zen 3 as the rest: the format came later; dense's time there calibrates the units):
+/// `sparse_speed 1 256 1`, 200–4000 steps in 0.3–3.6 µs against dense's 4.9.
+const CODE_STEPS_PER_CYCLE: f64 = 0.33;
+const CODE_TILE_CYCLES: f64 = 10.0;
 
 /// The GEMM's choice for a weight B, from its facts: a sparse format, or dense.
 #[derive(Clone, Debug, PartialEq)]
@@ -198,7 +234,8 @@ fn cycles(steps: f64, rate: f64, overhead: f64, bytes: f64) -> f64 {
 
 /// Picks the format with the least predicted time for a product of `m` rows (sparse panels
 /// 8 or 16 columns wide, none wider than the host's vectors; sparse rows of runs of 1, 4 or 8
-/// for one to three rows) and takes it where it beats the dense kernel.
+/// for one to three rows; the weight in code for one to three rows, where its values are
+/// registered and it is small) and takes it where it beats the dense kernel.
 /// `n_dim_rows`: B's columns (n, the output features) are the weight's rows (a Linear's
 /// `x · Wᵀ`); else its columns (`x · W`, panels only).
 pub fn choose(facts: &WeightFacts, n_dim_rows: bool, host_lanes: i64, m: i64) -> SparseChoice {
@@ -227,6 +264,11 @@ pub fn choose(facts: &WeightFacts, n_dim_rows: bool, host_lanes: i64, m: i64) ->
             candidates.push((SparseFormat::Rows(block), cycles(runs * mf, rate, tiles * TILE_CYCLES, runs * (4 * block + 4) as f64)));
         }
     }
+    if let (Some(key), true, true) = (facts.key, n_dim_rows && m <= 3, facts.code_steps(host_lanes) <= weights_in_code::MAX_STEPS) {
+        let steps = facts.code_steps(host_lanes) as f64;
+        let tiles = mf * (n as f64 / host_lanes as f64).ceil();
+        candidates.push((SparseFormat::InCode { lanes: host_lanes, key }, cycles(steps * mf, CODE_STEPS_PER_CYCLE, tiles * CODE_TILE_CYCLES, 0.0)));
+    }
     let (best, time) = candidates.into_iter().min_by(|a, b| a.1.total_cmp(&b.1)).expect("panels of 8 are always a candidate");
     let work = time / dense;
     let zeros = format!("{:.0}% zeros, {}", 100.0 * facts.zero_fraction(), match facts.structure() {
@@ -234,10 +276,14 @@ pub fn choose(facts: &WeightFacts, n_dim_rows: bool, host_lanes: i64, m: i64) ->
         None => "unstructured".to_string(),
     });
     let sparse = work < 1.0;
+    let shown = match best {
+        SparseFormat::InCode { .. } => format!("{best} (the weight's values in the code)"),
+        _ => best.to_string(),
+    };
     let reason = if sparse {
-        format!("sparse {best}: predicted {:.0}% of the dense kernel's time ({zeros})", 100.0 * work)
+        format!("sparse {shown}: predicted {:.0}% of the dense kernel's time ({zeros})", 100.0 * work)
     } else {
-        format!("dense: sparse {best} predicted at {:.0}% of its time ({zeros})", 100.0 * work)
+        format!("dense: sparse {shown} predicted at {:.0}% of its time ({zeros})", 100.0 * work)
     };
     SparseChoice { format: sparse.then_some(best), best, work, reason }
 }

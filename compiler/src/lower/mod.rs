@@ -292,12 +292,14 @@ fn gemm_shape(g: &Graph, v: ValueId, b: &KernelBuilder) -> Option<crate::kernels
     let (a, bop) = (operand(a)?, operand(bv)?);
     // A sparse B (a weight with zeros, `kernels::sparse`): at any number of rows for panels
     // (the microkernel keeps several sums per element where the tile has few rows), one to
-    // three rows for sparse rows (A's rows then read along k in runs: packed contiguous).
+    // three rows for sparse rows and a weight in code (A's rows then read along k in runs:
+    // packed contiguous).
     if let Op::MatMul { sparse_b: Some(format) } = g.node(v).op {
         use crate::kernels::sparse::SparseFormat;
         let tile = match format {
             SparseFormat::Panels(lanes) if lanes <= crate::kernels::gemm::host_lanes() => Some(GemmTile::sparse(m, lanes)),
             SparseFormat::Rows(_) if m <= 3 => Some(GemmTile::sparse_rows()),
+            SparseFormat::InCode { lanes, .. } if m <= 3 && lanes <= crate::kernels::gemm::host_lanes() => Some(GemmTile::in_code(lanes)),
             _ => None,
         };
         if let Some(tile) = tile.filter(|_| bop.batch_invariant()) {

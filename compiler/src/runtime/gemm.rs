@@ -157,6 +157,7 @@ unsafe fn pack_sparse_b(s: &GemmShape, format: SparseFormat, src: *const f32, ds
         let used = match format {
             SparseFormat::Panels(_) => pack_sparse_b_panel(&s.b, src, s.n, s.k, c0, s.tile.nr, panel),
             SparseFormat::Rows(block) => pack_sparse_b_rows(&s.b, src, s.n, s.k, c0, s.tile.nr, block, panel),
+            SparseFormat::InCode { .. } => unreachable!("a weight in code runs without packing (`run`)"),
         };
         at += padded(used);
     }
@@ -206,9 +207,18 @@ pub unsafe fn pack_b(s: &GemmShape, src: *const f32, dst: *mut f32) {
         return crate::runtime::qgemm::pack_b(s, src as *const i32, dst as *mut i32);
     }
     match s.sparse_b {
+        Some(SparseFormat::InCode { key, .. }) => *dst = if is_weight(s, src.offset(s.b.offset as isize), key) { 1.0 } else { 0.0 },
         Some(format) => pack_sparse_b(s, format, src.offset(s.b.offset as isize), dst),
         None => pack_b_panels(s, src.offset(s.b.offset as isize), dst, 0, s.n_panels()),
     }
+}
+
+/// Whether B (`src` at its first element) is the weight whose values are in the code: W =
+/// Bᵀ, n × k, hashed as the frontend hashed it (`weights_in_code::key_of`).
+unsafe fn is_weight(s: &GemmShape, src: *const f32, key: crate::kernels::weights_in_code::WeightKey) -> bool {
+    let same = crate::kernels::weights_in_code::key_of(s.n, s.k, |r, c| *src.offset((c * s.b.rows + r * s.b.cols) as isize)) == key;
+    crate::kernels::weights_in_code::note_check(key, same);
+    same
 }
 
 /// Packs column panels [lo, hi) of a batch-invariant B (`src` at B's first element) into
@@ -243,8 +253,10 @@ pub unsafe fn run(s: &GemmShape, ukr: MicrokernelFn, table: *const *mut u8, scra
     let b_src = (*table.add(s.b.buf.0 as usize) as *const f32).offset(s.b.offset as isize);
     let pa = scratch;
     // A sparse B unless A holds an inf or a NaN: then B is packed dense for this call (the
-    // scratch has room: a sparse panel is larger than a dense one).
-    let dense_b = s.sparse_b.is_some() && a_has_non_finite(s, a_src);
+    // scratch has room: a sparse panel is larger than a dense one). A weight in code runs
+    // only where the kept copy says B is that weight (`pack_b`); else B is packed dense too.
+    let other_weight = matches!(s.sparse_b, Some(SparseFormat::InCode { .. })) && !prepacked_b.is_some_and(|p| *p == 1.0);
+    let dense_b = s.sparse_b.is_some() && (other_weight || a_has_non_finite(s, a_src));
     let prepacked_b = prepacked_b.filter(|_| !dense_b);
     let format = s.sparse_b.filter(|_| !dense_b);
     let flags = if dense_b { DENSE_B } else { 0 };
@@ -256,6 +268,7 @@ pub unsafe fn run(s: &GemmShape, ukr: MicrokernelFn, table: *const *mut u8, scra
     let shared = Shared((a_src, b_src, pa, pb, table));
 
     // A sparse B not kept packed (its panels' places depend on the data: one pass), here.
+    // (A weight in code is kept: its verdict.)
     if let (Some(format), None) = (format, prepacked_b) {
         pack_sparse_b(s, format, b_src, pb);
     }
@@ -299,6 +312,7 @@ pub unsafe fn run(s: &GemmShape, ukr: MicrokernelFn, table: *const *mut u8, scra
             coords[nb + 1] = jp * tile.nr;
             let a = pa.offset((((if a_count == 1 { 0 } else { bi }) * mp + ip) * a_panel) as isize);
             let b = match format {
+                Some(SparseFormat::InCode { .. }) => pb,
                 Some(_) => sparse_panel(pb, jp),
                 None => pb.offset((((if b_count == 1 { 0 } else { bi }) * np + jp) * b_panel) as isize),
             };

@@ -103,7 +103,7 @@ fn packable_weights(image: &ProgramImage) -> Vec<PackableWeight> {
                 match out.iter().zip(&packings).position(|(w, p)| w.input == input && *p == packing) {
                     Some(w) => out[w].shared_by.push(kernel),
                     None => {
-                        out.push(PackableWeight { shared_by: vec![kernel], input, elems: g.packed_b_elems() as usize });
+                        out.push(PackableWeight { shared_by: vec![kernel], input, elems: g.kept_b_elems() as usize });
                         packings.push(packing);
                     }
                 }

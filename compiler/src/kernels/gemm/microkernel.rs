@@ -28,7 +28,9 @@
 //! rows taken in turn), added pairwise before the epilogue, so that the FMAs' latency is
 //! hidden by independent chains rather than by rows; in sparse rows each of the tile's
 //! columns is a dot product of A's row with the column's kept runs (`ROW_CHAINS` sums),
-//! inserted into the register tile's vector. Either way the epilogue is the dense one. Flag
+//! inserted into the register tile's vector; over a weight in code (`weights_in_code`) the
+//! tile's panel of features is a switch case of unrolled steps, and `b_panel` is unused.
+//! Each way the epilogue is the dense one. Flag
 //! `DENSE_B` takes the dense loop instead (a call the runtime packed dense: its A holds an
 //! inf or a NaN).
 //!
@@ -329,6 +331,81 @@ pub fn emit<'ctx>(ctx: &'ctx Context, module: &Module<'ctx>, k: &Kernel, spec: &
         b.build_store(chain_accs[0][0], tile_vector)?;
         Ok(())
     };
+    // A weight in code (`kernels::weights_in_code`): the tile's panel of features, chosen by
+    // its first column, is a run of straight-line steps over the chunks of A's row, the
+    // steps' sums in `chains` in turn (FMA latency × 2 pipes), added pairwise at the end.
+    // Each step's picks and values are constants of the kernel's own tables, at addresses
+    // fixed in the code. (Not LLVM constants: as those, a permute by a constant mask went
+    // through the shuffle combiner and each vector through the constant pool's search for
+    // its duplicate, and a 256² layer at 90% zeros took 3–4 s to compile, 2000 steps 17 s.
+    // The tables are externally initialised so that no pass folds their loads back.)
+    let in_code_loop = |key: crate::kernels::weights_in_code::WeightKey| -> R<()> {
+        use crate::kernels::weights_in_code as wic;
+        let weight = wic::lookup(key).ok_or_else(|| CodegenError::Unsupported(format!("weight {key} in code: its values were not registered in this process")))?;
+        if weight.rows != spec.shape.n || weight.cols != spec.shape.k || mr != 1 || nv != 1 {
+            return Err(CodegenError::Unsupported(format!("weight {key} in code is {}x{}, not the product's {}x{} on a 1 x {lanes} tile", weight.rows, weight.cols, spec.shape.n, spec.shape.k)));
+        }
+        let plan = wic::plan(&weight, lanes);
+        let i32t = ctx.i32_type();
+        let it = i32t.vec_type(lanes as u32);
+        let steps: Vec<&wic::Step> = plan.iter().flatten().flat_map(|c| &c.steps).collect();
+        let table = |name: &str, ty: VectorType<'ctx>, init: inkwell::values::ArrayValue<'ctx>| -> PointerValue<'ctx> {
+            let g = module.add_global(ty.array_type(steps.len() as u32), None, &format!("{name}_{}", f.get_name().to_string_lossy()));
+            g.set_linkage(inkwell::module::Linkage::Internal);
+            g.set_externally_initialized(true);
+            g.set_alignment(64);
+            g.set_initializer(&init);
+            g.as_pointer_value()
+        };
+        let picks: Vec<VectorValue> = steps.iter().map(|s| VectorType::const_vector(&s.pick.iter().map(|p| i32t.const_int(p.unwrap_or(0) as u64, false)).collect::<Vec<_>>())).collect();
+        let values: Vec<VectorValue> = steps.iter().map(|s| VectorType::const_vector(&s.values.iter().map(|&v| f32t.const_float(v as f64)).collect::<Vec<_>>())).collect();
+        let (pick_table, value_table) = (table("picks", it, it.const_array(&picks)), table("values", vt, vt.const_array(&values)));
+        let permute_name = if lanes == 16 { "llvm.x86.avx512.permvar.sf.512" } else { "llvm.x86.avx2.permps" };
+        let permute = Intrinsic::find(permute_name).and_then(|i| i.get_declaration(module, &[])).unwrap_or_else(|| panic!("intrinsic {permute_name}"));
+        let chains = if lanes == 16 { 8 } else { 4 };
+        let panel = b.build_int_signed_div(col0, i64t.const_int(lanes as u64, false), "panel")?;
+        let (none_bb, done_bb) = (ctx.append_basic_block(f, "no_panel"), ctx.append_basic_block(f, "in_code_done"));
+        let blocks: Vec<_> = plan.iter().map(|_| ctx.append_basic_block(f, "panel")).collect();
+        let cases: Vec<_> = blocks.iter().enumerate().map(|(p, bb)| (i64t.const_int(p as u64, false), *bb)).collect();
+        b.build_switch(panel, none_bb, &cases)?;
+        b.position_at_end(none_bb);
+        b.build_store(chain_accs[0][0], vt.const_zero())?;
+        b.build_unconditional_branch(done_bb)?;
+        let call = |f: FunctionValue<'ctx>, args: &[BasicMetadataValueEnum<'ctx>]| -> R<VectorValue<'ctx>> {
+            let inkwell::values::ValueKind::Basic(r) = b.build_call(f, args, "")?.try_as_basic_value() else { unreachable!("a value") };
+            Ok(r.into_vector_value())
+        };
+        let mut t = 0u64;
+        for (chunks, bb) in plan.iter().zip(&blocks) {
+            b.position_at_end(*bb);
+            let mut sums = vec![vt.const_zero(); chains];
+            for (i, c) in chunks.iter().flat_map(|c| c.steps.iter().map(move |_| c)).enumerate() {
+                let at = |table: PointerValue<'ctx>, ty: VectorType<'ctx>| -> R<VectorValue<'ctx>> {
+                    let addr = unsafe { b.build_in_bounds_gep(ty.array_type(steps.len() as u32), table, &[i64t.const_zero(), i64t.const_int(t, false)], "")? };
+                    let load = b.build_load(ty, addr, "")?;
+                    load.as_instruction_value().unwrap().set_alignment(vector_align).map_err(|e| CodegenError::Llvm(e.to_string()))?;
+                    Ok(load.into_vector_value())
+                };
+                let x_addr = unsafe { b.build_in_bounds_gep(f32t, pa, &[i64t.const_int((c.chunk * lanes) as u64, false)], "")? };
+                let x = b.build_load(vt, x_addr, "x")?;
+                x.as_instruction_value().unwrap().set_alignment(4).map_err(|e| CodegenError::Llvm(e.to_string()))?;
+                let picked = call(permute, &[x.into(), at(pick_table, it)?.into()])?;
+                sums[i % chains] = call(fma, &[picked.into(), at(value_table, vt)?.into(), sums[i % chains].into()])?;
+                t += 1;
+            }
+            let mut width = 1;
+            while width < chains {
+                for c in (0..chains).step_by(2 * width) {
+                    sums[c] = b.build_float_add(sums[c], sums[c + width], "")?;
+                }
+                width *= 2;
+            }
+            b.build_store(chain_accs[0][0], sums[0])?;
+            b.build_unconditional_branch(done_bb)?;
+        }
+        b.position_at_end(done_bb);
+        Ok(())
+    };
     // An int8 product: per quad of k, each row's four uint8 of A (from its row of the panel)
     // broadcast against each vector of B's columns × four int8. Pairs
     // (`ProductSums::SaturatedPairs`, 8 lanes): `vpmaddubsw` (u8 × s8 pair sums saturated to
@@ -412,6 +489,7 @@ pub fn emit<'ctx>(ctx: &'ctx Context, module: &Module<'ctx>, k: &Kernel, spec: &
             b.position_at_end(sparse_bb);
             match spec.shape.sparse_b {
                 Some(SparseFormat::Rows(block)) => rows_loop(block)?,
+                Some(SparseFormat::InCode { key, .. }) => in_code_loop(key)?,
                 _ => sparse_loop()?,
             }
             b.build_unconditional_branch(done_bb)?;

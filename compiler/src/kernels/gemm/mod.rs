@@ -107,6 +107,12 @@ impl GemmTile {
         GemmTile { mr: 1, nr: 8, lanes: 8 }
     }
 
+    /// The tile of the unrolled product over a weight in code (`SparseFormat::InCode`): one
+    /// row of the output, one vector of its features (each call runs its panel's code).
+    pub fn in_code(lanes: i64) -> GemmTile {
+        GemmTile { mr: 1, nr: lanes, lanes }
+    }
+
     /// The tile of an int8 product of m × n (`kernels::quantized`) summed as `sums` says.
     /// Pairs (AVX2 integer vectors of 8 int32 sums): 4 × 16 keeps 8 accumulators, 2 B vectors,
     /// the broadcast quad of A, the ones of `vpmaddwd` and a product in 16 registers. Exact
@@ -360,7 +366,8 @@ impl GemmShape {
         match self.sparse_b {
             Some(SparseFormat::Panels(_)) => SparsePanel { k: self.k, nr: self.tile.nr }.elems(),
             Some(SparseFormat::Rows(block)) => SparseRows { k: self.k, nr: self.tile.nr, block }.elems(),
-            None => self.tile.nr * self.k,
+            // Nothing is packed for the code; room for B packed dense (`DENSE_B`).
+            Some(SparseFormat::InCode { .. }) | None => self.tile.nr * self.k,
         }
     }
     /// Floats of one packed A panel: mr × k, and for sparse rows k rounded up to whole runs
@@ -371,12 +378,21 @@ impl GemmShape {
         }
         match self.sparse_b {
             Some(SparseFormat::Rows(block)) => self.tile.mr * SparseRows { k: self.k, nr: self.tile.nr, block }.runs() * block,
+            Some(SparseFormat::InCode { lanes, .. }) => self.tile.mr * crate::kernels::weights_in_code::a_row_elems(self.k, lanes),
             _ => self.tile.mr * self.k,
         }
     }
     pub fn packed_b_elems(&self) -> i64 {
-        let table = if self.sparse_b.is_some() { crate::kernels::sparse::table_elems(self.n_panels()) } else { 0 };
+        let table = if matches!(self.sparse_b, Some(SparseFormat::Panels(_) | SparseFormat::Rows(_))) { crate::kernels::sparse::table_elems(self.n_panels()) } else { 0 };
         table + self.packed_count(&self.b) * self.n_panels() * self.b_panel_elems()
+    }
+    /// Floats of the copy of B a caller keeps between calls (`runtime::gemm::pack_b`): its
+    /// packing; for a weight in code, the verdict that the input is that weight.
+    pub fn kept_b_elems(&self) -> i64 {
+        match self.sparse_b {
+            Some(SparseFormat::InCode { .. }) => LANES,
+            _ => self.packed_b_elems(),
+        }
     }
     /// Where B's panels start in the scratch (after A's, 64-byte aligned: the microkernel's
     /// loads of B are aligned).
