@@ -68,7 +68,7 @@ def sweep(threads):
             continue
         f = line.split()
         kv = dict(x.split("=") for x in f[4:])
-        times = {k: float(v) for k, v in kv.items() if k not in ("best", "predicted", "chosen", "blocks")}
+        times = {k: float(v) for k, v in kv.items() if k not in ("best", "predicted", "chosen", "blocks", "steps", "code_compile_ms")}
         rows.append(dict(n=int(f[0]), batch=int(f[1]), block=f[2], zeros=float(f[3]), times=times, chosen=kv["chosen"], predicted=float(kv["predicted"])))
     return rows
 

@@ -3,8 +3,10 @@
 //! [batch]]]` sweeps square layers 256² and 1024² (or n) at batch 1 and 16 (or batch),
 //! blocks 1×1, 1×4, 1×8, 4×4, 16×1 and 50–95%
 //! zeros, and prints one line per case: `n batch block zeros dense=µs` then µs per sparse
-//! format, `best=` the format the cost model predicts fastest (`kernels::sparse::choose`),
-//! `predicted=` its time over dense's, `chosen=` what the frontend picks. Both programs compute
+//! format (`code16`: the weight in code, where it is small enough, with its compile time),
+//! `best=` the format the cost model predicts fastest (`kernels::sparse::choose`),
+//! `predicted=` its time over dense's, `chosen=` what the frontend picks, the weight's
+//! nonzero blocks and its steps in code. Both programs compute
 //! `x · Wᵀ` with W a kept weight packed once, as a frozen model's is. `bench/sparse.py` runs
 //! it and makes the table and chart.
 use kiln_compiler::graph::ir::parse_graph;
@@ -63,6 +65,11 @@ impl Rng {
     }
 }
 
+/// A format's name without a weight's key (`code16`, not `code16.<hash>`).
+fn short(f: SparseFormat) -> String {
+    f.to_string().split('.').next().unwrap_or_default().to_string()
+}
+
 /// The format of `w` in code where the frontend would offer it (one to three rows, at most
 /// `weights_in_code::MAX_STEPS` steps), its values registered.
 fn in_code_format(facts: &WeightFacts, w: &[f32], m: i64, n: i64, k: i64) -> Option<SparseFormat> {
@@ -111,8 +118,8 @@ fn main() {
                         times.push(format!("code{lanes}={:.2} code_compile_ms={ms:.0}", time(&p, &x, &w, &mut out)));
                     }
                     let blocks: Vec<String> = facts.nonzero_blocks.iter().map(|b| b.to_string()).collect();
-                    let chosen = choice.format.map_or("dense".to_string(), |f| f.to_string());
-                    println!("{n} {m} {}x{} {zeros} dense={d:.2} {} best={} predicted={:.3} chosen={chosen} blocks={} steps={}", block.0, block.1, times.join(" "), choice.best, choice.work, blocks.join(","), facts.code_steps(host_lanes()));
+                    let chosen = choice.format.map_or("dense".to_string(), short);
+                    println!("{n} {m} {}x{} {zeros} dense={d:.2} {} best={} predicted={:.3} chosen={chosen} blocks={} steps={}", block.0, block.1, times.join(" "), short(choice.best), choice.work, blocks.join(","), facts.code_steps(host_lanes()));
                 }
             }
         }
