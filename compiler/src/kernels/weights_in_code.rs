@@ -18,7 +18,7 @@
 //!
 //! The unrolled product, for x · Wᵀ of a row of x: the output's features in panels of one
 //! vector (lane j: feature j of the panel), k in chunks of one vector. A chunk of x is loaded
-//! once, and each step permutes it (a constant shuffle: each lane picks the x its next
+//! once, and each step permutes it (by the step's picks: each lane takes the x its next
 //! nonzero multiplies) and adds the product with a constant vector of those nonzeros. A
 //! lane takes its nonzeros in the chunk in turn, so a chunk costs the most nonzeros any of
 //! its panel's features has there ([`steps`]): at 90% unstructured zeros, 16 lanes and 16 k
@@ -31,10 +31,11 @@ use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
-/// The most steps ([`steps`]) of a weight whose values go into code: 512 KB of tables at 16
-/// lanes (64 bytes of picks and 64 of values a step), what an L2 holds on every host seen,
-/// and LLVM takes ~0.1 s a thousand steps. (A 256² layer at 90% unstructured zeros takes
-/// ~1000 steps, at 50% ~2900; a 1024² at 95% ~9000.)
+/// The most steps ([`steps`]) of a weight whose values go into code: 1.3 MB of tables at 16
+/// lanes (16 bytes of picks and 64 of values a step), and LLVM takes ~0.07 s a thousand
+/// steps. (A 256² layer at 90% unstructured zeros takes ~1000 steps, at 50% ~2900; a
+/// 1024² at 90% ~16300; the pruned WaveRNN step's 1536 × 512 GRU weight ~10700, and its
+/// tables stream from L3 at ~2 ns a step where a 256² layer's run at ~1 from L2.)
 pub const MAX_STEPS: i64 = 16384;
 
 /// Which weight's values a kernel holds: the first 128 bits of blake3 over its sizes and

@@ -347,19 +347,23 @@ pub fn emit<'ctx>(ctx: &'ctx Context, module: &Module<'ctx>, k: &Kernel, spec: &
         }
         let plan = wic::plan(&weight, lanes);
         let i32t = ctx.i32_type();
-        let it = i32t.vec_type(lanes as u32);
+        // Picks are bytes (zero-extended as they load: `vpmovzxbd`), 16 bytes a step
+        // beside the values' 64 where their i32 were 64 too.
+        let (i8t, it) = (ctx.i8_type(), i32t.vec_type(lanes as u32));
+        let bt = i8t.vec_type(lanes as u32);
         let steps: Vec<&wic::Step> = plan.iter().flatten().flat_map(|c| &c.steps).collect();
         let table = |name: &str, ty: VectorType<'ctx>, init: inkwell::values::ArrayValue<'ctx>| -> PointerValue<'ctx> {
             let g = module.add_global(ty.array_type(steps.len() as u32), None, &format!("{name}_{}", f.get_name().to_string_lossy()));
             g.set_linkage(inkwell::module::Linkage::Internal);
             g.set_externally_initialized(true);
             g.set_alignment(64);
+            g.set_constant(false);
             g.set_initializer(&init);
             g.as_pointer_value()
         };
-        let picks: Vec<VectorValue> = steps.iter().map(|s| VectorType::const_vector(&s.pick.iter().map(|p| i32t.const_int(p.unwrap_or(0) as u64, false)).collect::<Vec<_>>())).collect();
+        let picks: Vec<VectorValue> = steps.iter().map(|s| VectorType::const_vector(&s.pick.iter().map(|p| i8t.const_int(p.unwrap_or(0) as u64, false)).collect::<Vec<_>>())).collect();
         let values: Vec<VectorValue> = steps.iter().map(|s| VectorType::const_vector(&s.values.iter().map(|&v| f32t.const_float(v as f64)).collect::<Vec<_>>())).collect();
-        let (pick_table, value_table) = (table("picks", it, it.const_array(&picks)), table("values", vt, vt.const_array(&values)));
+        let (pick_table, value_table) = (table("picks", bt, bt.const_array(&picks)), table("values", vt, vt.const_array(&values)));
         let permute_name = if lanes == 16 { "llvm.x86.avx512.permvar.sf.512" } else { "llvm.x86.avx2.permps" };
         let permute = Intrinsic::find(permute_name).and_then(|i| i.get_declaration(module, &[])).unwrap_or_else(|| panic!("intrinsic {permute_name}"));
         let chains = if lanes == 16 { 8 } else { 4 };
@@ -380,17 +384,18 @@ pub fn emit<'ctx>(ctx: &'ctx Context, module: &Module<'ctx>, k: &Kernel, spec: &
             b.position_at_end(*bb);
             let mut sums = vec![vt.const_zero(); chains];
             for (i, c) in chunks.iter().flat_map(|c| c.steps.iter().map(move |_| c)).enumerate() {
-                let at = |table: PointerValue<'ctx>, ty: VectorType<'ctx>| -> R<VectorValue<'ctx>> {
+                let at = |table: PointerValue<'ctx>, ty: VectorType<'ctx>, align: u32| -> R<VectorValue<'ctx>> {
                     let addr = unsafe { b.build_in_bounds_gep(ty.array_type(steps.len() as u32), table, &[i64t.const_zero(), i64t.const_int(t, false)], "")? };
                     let load = b.build_load(ty, addr, "")?;
-                    load.as_instruction_value().unwrap().set_alignment(vector_align).map_err(|e| CodegenError::Llvm(e.to_string()))?;
+                    load.as_instruction_value().unwrap().set_alignment(align).map_err(|e| CodegenError::Llvm(e.to_string()))?;
                     Ok(load.into_vector_value())
                 };
                 let x_addr = unsafe { b.build_in_bounds_gep(f32t, pa, &[i64t.const_int((c.chunk * lanes) as u64, false)], "")? };
                 let x = b.build_load(vt, x_addr, "x")?;
                 x.as_instruction_value().unwrap().set_alignment(4).map_err(|e| CodegenError::Llvm(e.to_string()))?;
-                let picked = call(permute, &[x.into(), at(pick_table, it)?.into()])?;
-                sums[i % chains] = call(fma, &[picked.into(), at(value_table, vt)?.into(), sums[i % chains].into()])?;
+                let pick = b.build_int_z_extend(at(pick_table, bt, lanes as u32)?, it, "")?;
+                let picked = call(permute, &[x.into(), pick.into()])?;
+                sums[i % chains] = call(fma, &[picked.into(), at(value_table, vt, vector_align)?.into(), sums[i % chains].into()])?;
                 t += 1;
             }
             let mut width = 1;
