@@ -648,10 +648,24 @@ bool read_by_torchscript_only(const Value* v) {
 // Whether a packed weight is fbgemm's (`PackedLinearWeight`, `PackedConvWeight<2>`): what
 // Kiln computes is fbgemm's arithmetic. oneDNN's (the x86 engine's choice on a host with
 // VNNI for symmetric weights) and qnnpack's round otherwise: TorchScript runs those.
-template <typename T>
-bool is_fbgemm_packed(const T& params, const char* name) {
-  const char* dynamic_name = typeid(params).name();
-  return std::strstr(dynamic_name, name) != nullptr && std::strstr(dynamic_name, "Onednn") == nullptr && std::strstr(dynamic_name, "Fp16") == nullptr;
+// (`type`: the packed weight's dynamic C++ type name, `packed_weight_type`.)
+bool is_fbgemm_packed(const std::string& type, const char* name) {
+  return type.find(name) != std::string::npos && type.find("Onednn") == std::string::npos && type.find("Fp16") == std::string::npos;
+}
+
+// The dynamic C++ type name of a packed conv or linear weight (it says which library packed
+// it), or "" for any other value.
+std::string packed_weight_type(const IValue& iv) {
+  if (!iv.isObject()) return "";
+  try {
+    return typeid(*iv.toCustomClass<ConvPackedParamsBase<2>>()).name();
+  } catch (const std::exception&) {
+  }
+  try {
+    return typeid(*iv.toCustomClass<LinearPackedParamsBase>()).name();
+  } catch (const std::exception&) {
+  }
+  return "";
 }
 
 // [w (int32), scale, zero point] of a quantized int8 weight (dim dims), per tensor or per
@@ -685,7 +699,7 @@ std::vector<at::Tensor> unpacked_conv_weight(Value* packed, std::vector<std::vec
   if (packed->node()->kind() != prim::Constant || !iv || !iv->isObject()) return {};
   try {
     auto params = iv->toCustomClass<ConvPackedParamsBase<2>>();
-    if (!is_fbgemm_packed(*params, "PackedConvWeight") || params->transpose()) return {};
+    if (!is_fbgemm_packed(typeid(*params).name(), "PackedConvWeight") || params->transpose()) return {};
     auto [w, bias] = params->unpack();
     auto out = int8_weight(w, 4);
     if (out.empty()) return {};
@@ -704,7 +718,7 @@ std::vector<at::Tensor> unpacked_weight(const IValue& iv) {
   if (!iv.isObject()) return {};
   try {
     auto params = iv.toCustomClass<LinearPackedParamsBase>();
-    if (!is_fbgemm_packed(*params, "PackedLinearWeight")) return {};
+    if (!is_fbgemm_packed(typeid(*params).name(), "PackedLinearWeight")) return {};
     auto [w, bias] = params->unpack();
     auto out = int8_weight(w, 2);
     if (out.empty()) return {};
@@ -1025,19 +1039,8 @@ void restore_in_place(Block* b) {
 std::string foreign_packing(const Node* n) {
   if (n->inputs().size() < 2 || n->input(1)->node()->kind() != prim::Constant) return "";
   auto iv = toIValue(n->input(1));
-  if (!iv || !iv->isObject()) return "";
-  std::string name;
-  try {
-    auto params = iv->toCustomClass<ConvPackedParamsBase<2>>();
-    name = typeid(*params).name();
-  } catch (const std::exception&) {
-    try {
-      auto params = iv->toCustomClass<LinearPackedParamsBase>();
-      name = typeid(*params).name();
-    } catch (const std::exception&) {
-      return "";
-    }
-  }
+  if (!iv) return "";
+  std::string name = packed_weight_type(*iv);
   if (name.find("Onednn") != std::string::npos)
     return "its weight is packed for oneDNN (PyTorch's x86 engine packs symmetric weights so on a host with AVX-512 VNNI), which rounds otherwise than the fbgemm arithmetic Kiln computes; the fbgemm engine packs for fbgemm";
   if (name.find("Qnnp") != std::string::npos) return "its weight is packed for QNNPACK, which rounds otherwise than the fbgemm arithmetic Kiln computes";
