@@ -207,4 +207,20 @@ fn the_choice_follows_the_zeros_a_weight_has() {
     // Half zeros, unstructured, at batch 16: nearly every panel row keeps a nonzero: dense.
     let w = weight(&mut rng, 256, 256, (1, 1), 0.5);
     assert_eq!(choose(&facts(&w, 256, 256), true, 8, 16).format, None);
+    // A small weight at 90% unstructured zeros whose values are registered: in code at batch
+    // 1 to 3 (the same weight unregistered is not), never at batch 4 or more, nor past
+    // MAX_STEPS.
+    let w = weight(&mut rng, 256, 256, (1, 1), 0.1);
+    let mut f = facts(&w, 256, 256);
+    assert!(!matches!(choose(&f, true, 16, 1).format, Some(SparseFormat::InCode { .. })));
+    let key = weights_in_code::register(256, 256, w.clone());
+    f.key = Some(key);
+    for m in 1..=3 {
+        let c = choose(&f, true, 16, m);
+        assert_eq!(c.format, Some(SparseFormat::InCode { lanes: 16, key }), "{c:?}");
+        assert!(c.reason.contains("values in the code"), "{c:?}");
+    }
+    assert!(!matches!(choose(&f, true, 16, 4).format, Some(SparseFormat::InCode { .. })));
+    f.code_steps = [weights_in_code::MAX_STEPS + 1; 2];
+    assert!(!matches!(choose(&f, true, 16, 1).format, Some(SparseFormat::InCode { .. })));
 }
