@@ -6,7 +6,8 @@
    sparse_speed`, `x · Wᵀ` with W kept packed, as a frozen model's is). Table, and a chart of
    the chosen kernel's speedup (`--png`).
 2. The models: two Linear(256, 256) + ReLU with 90% of each weight zero (l1-unstructured
-   pruning, `prune.remove`), batch 1; the WaveRNN-style step of bench/models.py with its
+   pruning, `prune.remove`), batch 1, beside the floor of a call (a scripted `nn.Identity`,
+   one relu over the same input); the WaveRNN-style step of bench/models.py with its
    five linears (embedding, the GRU's two, fc1, fc2) 90% pruned. Kiln beside Kiln's dense
    kernels on the same weights (`KILN_SPARSE_WEIGHTS=0`), eager, TorchScript, TorchScript +
    oneDNN fusion, torch.compile and ONNX Runtime, in one process, median µs and ratios.
@@ -129,7 +130,11 @@ def main():
 
     onehot = torch.zeros(1, 256)
     onehot[0, 3] = 1.0
+    # The floor of a call (what the two linears' target has to fit in): a scripted module
+    # with no ops (no Kiln group), and one pointwise op over the same 256 floats (a group).
     cases = {
+        "call_identity": (lambda: torch.nn.Identity(), (torch.randn(1, 256),), "script"),
+        "call_relu_256": (lambda: torch.nn.Sequential(torch.nn.ReLU()), (torch.randn(1, 256),), "script"),
         "two_linear_90": (pruned(TwoLinear, 0.9), (torch.randn(1, 256),), "script"),
         "wavestep_90": (pruned(WaveStep, 0.9), (onehot, torch.randn(1, 80), torch.randn(1, 512)), "script"),
     }
