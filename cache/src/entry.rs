@@ -427,7 +427,7 @@ fn check_gemm(image: &ProgramImage, k: &KernelDecl, g: &GemmShape) -> Result<(),
         None => true,
         Some(SparseFormat::Panels(l)) => g.im2col.is_none() && g.tile.nr == l && l <= kiln_compiler::kernels::gemm::host_lanes(),
         Some(SparseFormat::Rows(_)) => g.im2col.is_none() && g.tile == GemmTile::sparse_rows(),
-        Some(SparseFormat::InCode { lanes, .. }) => g.im2col.is_none() && g.tile == GemmTile::in_code(lanes) && lanes <= kiln_compiler::kernels::gemm::host_lanes(),
+        Some(SparseFormat::InCode { lanes, .. }) => g.im2col.is_none() && g.tile == GemmTile::in_code(g.tile.mr, lanes) && lanes <= kiln_compiler::kernels::gemm::host_lanes(),
     };
     if !sparse_ok {
         return Err("a sparse B of a bad format".into());

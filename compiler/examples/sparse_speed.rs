@@ -85,7 +85,7 @@ fn main() {
     let only = |i: usize| std::env::args().nth(i).and_then(|s| s.parse::<i64>().ok());
     for n in [256i64, 1024].into_iter().filter(|&n| only(2).is_none_or(|o| o == n)) {
         let k = n;
-        for m in [1i64, 16].into_iter().filter(|&m| only(3).is_none_or(|o| o == m)) {
+        for m in only(3).map_or(vec![1i64, 16], |b| vec![b]) {
             let x: Vec<f32> = (0..m * k).map(|_| rng.uniform() - 0.5).collect();
             let mut out = vec![0f32; (m * n) as usize];
             let dense = program(m, n, k, None);

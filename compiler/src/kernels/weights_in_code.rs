@@ -16,7 +16,8 @@
 //!   or whose A holds an inf or a NaN (a skipped zero times it is NaN in eager's product),
 //!   runs the kernel's dense loop over B packed from the input (`DENSE_B`).
 //!
-//! The unrolled product, for x · Wᵀ of a row of x: the output's features in panels of one
+//! The unrolled product, for x · Wᵀ of one to three rows of x (each step's tables read once
+//! for all of them; shown here for one): the output's features in panels of one
 //! vector (lane j: feature j of the panel), k in chunks of one vector. A chunk of x is loaded
 //! once, and each step permutes it (by the step's picks: each lane takes the x its next
 //! nonzero multiplies) and adds the product with a constant vector of those nonzeros. A

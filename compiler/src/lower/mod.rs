@@ -299,7 +299,7 @@ fn gemm_shape(g: &Graph, v: ValueId, b: &KernelBuilder) -> Option<crate::kernels
         let tile = match format {
             SparseFormat::Panels(lanes) if lanes <= crate::kernels::gemm::host_lanes() => Some(GemmTile::sparse(m, lanes)),
             SparseFormat::Rows(_) if m <= 3 => Some(GemmTile::sparse_rows()),
-            SparseFormat::InCode { lanes, .. } if m <= 3 && lanes <= crate::kernels::gemm::host_lanes() => Some(GemmTile::in_code(lanes)),
+            SparseFormat::InCode { lanes, .. } if m <= crate::kernels::gemm::MAX_IN_CODE_ROWS && lanes <= crate::kernels::gemm::host_lanes() => Some(GemmTile::in_code(m, lanes)),
             _ => None,
         };
         if let Some(tile) = tile.filter(|_| bop.batch_invariant()) {

@@ -332,8 +332,9 @@ pub fn emit<'ctx>(ctx: &'ctx Context, module: &Module<'ctx>, k: &Kernel, spec: &
         Ok(())
     };
     // A weight in code (`kernels::weights_in_code`): the tile's panel of features, chosen by
-    // its first column, is a run of straight-line steps over the chunks of A's row, the
-    // steps' sums in `chains` in turn (FMA latency × 2 pipes), added pairwise at the end.
+    // its first column, is a run of straight-line steps over the chunks of A's rows (packed
+    // row-major), each row's sums in `chains` in turn (FMA latency × 2 pipes over the
+    // rows), added pairwise at the end. A step's picks and values serve every row.
     // Each step's picks and values are constants of the kernel's own tables, at addresses
     // fixed in the code. (Not LLVM constants: as those, a permute by a constant mask went
     // through the shuffle combiner and each vector through the constant pool's search for
@@ -342,9 +343,10 @@ pub fn emit<'ctx>(ctx: &'ctx Context, module: &Module<'ctx>, k: &Kernel, spec: &
     let in_code_loop = |key: crate::kernels::weights_in_code::WeightKey| -> R<()> {
         use crate::kernels::weights_in_code as wic;
         let weight = wic::lookup(key).ok_or_else(|| CodegenError::Unsupported(format!("weight {key} in code: its values were not registered in this process")))?;
-        if weight.rows != spec.shape.n || weight.cols != spec.shape.k || mr != 1 || nv != 1 {
-            return Err(CodegenError::Unsupported(format!("weight {key} in code is {}x{}, not the product's {}x{} on a 1 x {lanes} tile", weight.rows, weight.cols, spec.shape.n, spec.shape.k)));
+        if weight.rows != spec.shape.n || weight.cols != spec.shape.k || mr > super::MAX_IN_CODE_ROWS || nv != 1 {
+            return Err(CodegenError::Unsupported(format!("weight {key} in code is {}x{}, not the product's {}x{} on a {mr} x {lanes} tile", weight.rows, weight.cols, spec.shape.n, spec.shape.k)));
         }
+        let row_elems = wic::a_row_elems(spec.shape.k, lanes);
         let plan = wic::plan(&weight, lanes);
         let i32t = ctx.i32_type();
         // Picks are bytes (zero-extended as they load: `vpmovzxbd`), 16 bytes a step
@@ -366,14 +368,18 @@ pub fn emit<'ctx>(ctx: &'ctx Context, module: &Module<'ctx>, k: &Kernel, spec: &
         let (pick_table, value_table) = (table("picks", bt, bt.const_array(&picks)), table("values", vt, vt.const_array(&values)));
         let permute_name = if lanes == 16 { "llvm.x86.avx512.permvar.sf.512" } else { "llvm.x86.avx2.permps" };
         let permute = Intrinsic::find(permute_name).and_then(|i| i.get_declaration(module, &[])).unwrap_or_else(|| panic!("intrinsic {permute_name}"));
-        let chains = if lanes == 16 { 8 } else { 4 };
+        // Chains of sums per row: 8 in flight over all rows (4 on 16 ymm registers), two at
+        // least per row.
+        let chains = ((if lanes == 16 { 8 } else { 4 }) / mr as usize).max(2);
         let panel = b.build_int_signed_div(col0, i64t.const_int(lanes as u64, false), "panel")?;
         let (none_bb, done_bb) = (ctx.append_basic_block(f, "no_panel"), ctx.append_basic_block(f, "in_code_done"));
         let blocks: Vec<_> = plan.iter().map(|_| ctx.append_basic_block(f, "panel")).collect();
         let cases: Vec<_> = blocks.iter().enumerate().map(|(p, bb)| (i64t.const_int(p as u64, false), *bb)).collect();
         b.build_switch(panel, none_bb, &cases)?;
         b.position_at_end(none_bb);
-        b.build_store(chain_accs[0][0], vt.const_zero())?;
+        for r in 0..mr as usize {
+            b.build_store(chain_accs[0][r], vt.const_zero())?;
+        }
         b.build_unconditional_branch(done_bb)?;
         let call = |f: FunctionValue<'ctx>, args: &[BasicMetadataValueEnum<'ctx>]| -> R<VectorValue<'ctx>> {
             let inkwell::values::ValueKind::Basic(r) = b.build_call(f, args, "")?.try_as_basic_value() else { unreachable!("a value") };
@@ -382,7 +388,7 @@ pub fn emit<'ctx>(ctx: &'ctx Context, module: &Module<'ctx>, k: &Kernel, spec: &
         let mut t = 0u64;
         for (chunks, bb) in plan.iter().zip(&blocks) {
             b.position_at_end(*bb);
-            let mut sums = vec![vt.const_zero(); chains];
+            let mut sums = vec![vec![vt.const_zero(); chains]; mr as usize];
             for (i, c) in chunks.iter().flat_map(|c| c.steps.iter().map(move |_| c)).enumerate() {
                 let at = |table: PointerValue<'ctx>, ty: VectorType<'ctx>, align: u32| -> R<VectorValue<'ctx>> {
                     let addr = unsafe { b.build_in_bounds_gep(ty.array_type(steps.len() as u32), table, &[i64t.const_zero(), i64t.const_int(t, false)], "")? };
@@ -390,22 +396,27 @@ pub fn emit<'ctx>(ctx: &'ctx Context, module: &Module<'ctx>, k: &Kernel, spec: &
                     load.as_instruction_value().unwrap().set_alignment(align).map_err(|e| CodegenError::Llvm(e.to_string()))?;
                     Ok(load.into_vector_value())
                 };
-                let x_addr = unsafe { b.build_in_bounds_gep(f32t, pa, &[i64t.const_int((c.chunk * lanes) as u64, false)], "")? };
-                let x = b.build_load(vt, x_addr, "x")?;
-                x.as_instruction_value().unwrap().set_alignment(4).map_err(|e| CodegenError::Llvm(e.to_string()))?;
                 let pick = b.build_int_z_extend(at(pick_table, bt, lanes as u32)?, it, "")?;
-                let picked = call(permute, &[x.into(), pick.into()])?;
-                sums[i % chains] = call(fma, &[picked.into(), at(value_table, vt, vector_align)?.into(), sums[i % chains].into()])?;
+                let values = at(value_table, vt, vector_align)?;
+                for (r, sums) in sums.iter_mut().enumerate() {
+                    let x_addr = unsafe { b.build_in_bounds_gep(f32t, pa, &[i64t.const_int((r as i64 * row_elems + c.chunk * lanes) as u64, false)], "")? };
+                    let x = b.build_load(vt, x_addr, "x")?;
+                    x.as_instruction_value().unwrap().set_alignment(4).map_err(|e| CodegenError::Llvm(e.to_string()))?;
+                    let picked = call(permute, &[x.into(), pick.into()])?;
+                    sums[i % chains] = call(fma, &[picked.into(), values.into(), sums[i % chains].into()])?;
+                }
                 t += 1;
             }
-            let mut width = 1;
-            while width < chains {
-                for c in (0..chains).step_by(2 * width) {
-                    sums[c] = b.build_float_add(sums[c], sums[c + width], "")?;
+            for (r, sums) in sums.iter_mut().enumerate() {
+                let mut width = 1;
+                while width < chains {
+                    for c in (0..chains).step_by(2 * width).filter(|c| c + width < chains) {
+                        sums[c] = b.build_float_add(sums[c], sums[c + width], "")?;
+                    }
+                    width *= 2;
                 }
-                width *= 2;
+                b.build_store(chain_accs[0][r], sums[0])?;
             }
-            b.build_store(chain_accs[0][0], sums[0])?;
             b.build_unconditional_branch(done_bb)?;
         }
         b.position_at_end(done_bb);

@@ -107,10 +107,11 @@ impl GemmTile {
         GemmTile { mr: 1, nr: 8, lanes: 8 }
     }
 
-    /// The tile of the unrolled product over a weight in code (`SparseFormat::InCode`): one
-    /// row of the output, one vector of its features (each call runs its panel's code).
-    pub fn in_code(lanes: i64) -> GemmTile {
-        GemmTile { mr: 1, nr: lanes, lanes }
+    /// The tile of the unrolled product over a weight in code (`SparseFormat::InCode`): the
+    /// output's rows, up to `MAX_IN_CODE_ROWS` (each step's picks and values are read once
+    /// for all of them), one vector of its features (each call runs its panel's code).
+    pub fn in_code(m: i64, lanes: i64) -> GemmTile {
+        GemmTile { mr: m.clamp(1, MAX_IN_CODE_ROWS), nr: lanes, lanes }
     }
 
     /// The tile of an int8 product of m × n (`kernels::quantized`) summed as `sums` says.
@@ -280,6 +281,9 @@ pub enum ConvTiling {
     /// Over the flattened pixels, each tile's windows packed.
     Packed,
 }
+
+/// The most rows a product over a weight in code takes (`GemmTile::in_code`).
+pub const MAX_IN_CODE_ROWS: i64 = 3;
 
 /// Microkernel flags (its last argument): the tile starts from `partial`; the tile is stored
 /// to `partial` and the epilogue skipped (a chunk of k that is not the last).
