@@ -23,8 +23,9 @@
 //! nonzero multiplies) and adds the product with a constant vector of those nonzeros. A
 //! lane takes its nonzeros in the chunk in turn, so a chunk costs the most nonzeros any of
 //! its panel's features has there ([`steps`]): at 90% unstructured zeros, 16 lanes and 16 k
-//! per chunk, about 3.5 steps for the 26 multiply-adds of a panel's chunk, where a
-//! broadcast of x against a column of the panel (the sparse panels' step) would take 13.
+//! per chunk, about 4 steps for the 26 multiply-adds of a panel's chunk, where a broadcast
+//! of x against a column of the panel (the sparse panels' step) would take 13. With
+//! AVX-512 a chunk is two vectors of x ([`chunk_width`]), permuted from both at once.
 
 use crate::kernels::sparse::padded;
 use once_cell::sync::Lazy;
@@ -34,9 +35,9 @@ use std::sync::{Arc, Mutex};
 
 /// The most steps ([`steps`]) of a weight whose values go into code: 1.3 MB of tables at 16
 /// lanes (16 bytes of picks and 64 of values a step), and LLVM takes ~0.07 s a thousand
-/// steps. (A 256² layer at 90% unstructured zeros takes ~1000 steps, at 50% ~2900; a
-/// 1024² at 90% ~16300; the pruned WaveRNN step's 1536 × 512 GRU weight ~10700, and its
-/// tables stream from L3 at ~2 ns a step where a 256² layer's run at ~1 from L2.)
+/// steps. (At 16 lanes a 256² layer at 90% unstructured zeros takes ~840 steps, at 50%
+/// ~2700; a 1024² at 90% ~13000; the pruned WaveRNN step's 1536 × 512 GRU weight ~10000,
+/// and its tables stream from L3 at ~2 ns a step where a 256² layer's run at ~1 from L2.)
 pub const MAX_STEPS: i64 = 16384;
 
 /// Which weight's values a kernel holds: the first 128 bits of blake3 over its sizes and
@@ -137,19 +138,31 @@ pub fn reset_check_counts() {
     OTHER.store(0, Ordering::Relaxed);
 }
 
+/// Inputs per chunk of k at `lanes` lanes: two vectors where a permute picks from two
+/// registers (AVX-512's `vpermi2ps`: at 90% unstructured zeros a 256² layer takes ~830 steps
+/// in chunks of 32 against ~1020 in chunks of 16), else one (AVX2's `vpermps`).
+pub fn chunk_width(lanes: i64) -> i64 {
+    if lanes == 16 {
+        32
+    } else {
+        lanes
+    }
+}
+
 /// Steps of the unrolled product over a weight whose nonzeros are `nonzero` (row-major,
 /// `rows` features × `cols` inputs) at `lanes` lanes: over each panel of `lanes` features
-/// and each chunk of `lanes` inputs, the most nonzeros one feature has there.
+/// and each chunk of `chunk_width(lanes)` inputs, the most nonzeros one feature has there.
 pub fn steps(nonzero: &[bool], rows: i64, cols: i64, lanes: i64) -> i64 {
-    let chunks = (cols + lanes - 1) / lanes;
+    let width = chunk_width(lanes);
+    let chunks = (cols + width - 1) / width;
     let mut total = 0;
     for p in 0..(rows + lanes - 1) / lanes {
         let mut most = vec![0i64; chunks as usize];
         for r in p * lanes..(rows.min((p + 1) * lanes)) {
             let row = &nonzero[(r * cols) as usize..((r + 1) * cols) as usize];
             for (c, most) in most.iter_mut().enumerate() {
-                let lo = c * lanes as usize;
-                let count = row[lo..(lo + lanes as usize).min(cols as usize)].iter().filter(|&&nz| nz).count() as i64;
+                let lo = c * width as usize;
+                let count = row[lo..(lo + width as usize).min(cols as usize)].iter().filter(|&&nz| nz).count() as i64;
                 *most = (*most).max(count);
             }
         }
@@ -166,7 +179,7 @@ pub struct Step {
     pub values: Vec<f32>,
 }
 
-/// The steps over one chunk of k (`lanes` inputs from `chunk · lanes`).
+/// The steps over one chunk of k (`chunk_width(lanes)` inputs from `chunk · chunk_width`).
 #[derive(Clone, Debug, PartialEq)]
 pub struct ChunkSteps {
     pub chunk: i64,
@@ -176,7 +189,8 @@ pub struct ChunkSteps {
 /// The unrolled product's plan: per panel of `lanes` output features, its chunks with
 /// nonzeros and their steps (a NaN or an inf in the weight is a nonzero, kept).
 pub fn plan(w: &BakedWeight, lanes: i64) -> Vec<Vec<ChunkSteps>> {
-    let chunks = (w.cols + lanes - 1) / lanes;
+    let width = chunk_width(lanes);
+    let chunks = (w.cols + width - 1) / width;
     (0..(w.rows + lanes - 1) / lanes)
         .map(|p| {
             (0..chunks)
@@ -184,11 +198,11 @@ pub fn plan(w: &BakedWeight, lanes: i64) -> Vec<Vec<ChunkSteps>> {
                     let features: Vec<Vec<(u32, f32)>> = (0..lanes)
                         .map(|j| {
                             let r = p * lanes + j;
-                            let ks = c * lanes..(w.cols.min((c + 1) * lanes));
+                            let ks = c * width..(w.cols.min((c + 1) * width));
                             if r >= w.rows {
                                 return vec![];
                             }
-                            ks.filter(|&k| w.at(r, k) != 0.0 || w.at(r, k).is_nan()).map(|k| ((k - c * lanes) as u32, w.at(r, k))).collect()
+                            ks.filter(|&k| w.at(r, k) != 0.0 || w.at(r, k).is_nan()).map(|k| ((k - c * width) as u32, w.at(r, k))).collect()
                         })
                         .collect();
                     let count = features.iter().map(Vec::len).max().unwrap_or(0);
@@ -208,7 +222,8 @@ pub fn plan(w: &BakedWeight, lanes: i64) -> Vec<Vec<ChunkSteps>> {
 /// Floats of A's packed row for the unrolled product: k to whole chunks (zeros past k, which
 /// the last chunk's load reads).
 pub fn a_row_elems(k: i64, lanes: i64) -> i64 {
-    padded((k + lanes - 1) / lanes * lanes)
+    let width = chunk_width(lanes);
+    padded((k + width - 1) / width * width)
 }
 
 #[cfg(test)]

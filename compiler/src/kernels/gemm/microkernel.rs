@@ -366,7 +366,9 @@ pub fn emit<'ctx>(ctx: &'ctx Context, module: &Module<'ctx>, k: &Kernel, spec: &
         let picks: Vec<VectorValue> = steps.iter().map(|s| VectorType::const_vector(&s.pick.iter().map(|p| i8t.const_int(p.unwrap_or(0) as u64, false)).collect::<Vec<_>>())).collect();
         let values: Vec<VectorValue> = steps.iter().map(|s| VectorType::const_vector(&s.values.iter().map(|&v| f32t.const_float(v as f64)).collect::<Vec<_>>())).collect();
         let (pick_table, value_table) = (table("picks", bt, bt.const_array(&picks)), table("values", vt, vt.const_array(&values)));
-        let permute_name = if lanes == 16 { "llvm.x86.avx512.permvar.sf.512" } else { "llvm.x86.avx2.permps" };
+        // A chunk of two vectors picked from by `vpermi2ps` (AVX-512), or of one by `vpermps`.
+        let two = wic::chunk_width(lanes) == 2 * lanes;
+        let permute_name = if two { "llvm.x86.avx512.vpermi2var.ps.512" } else { "llvm.x86.avx2.permps" };
         let permute = Intrinsic::find(permute_name).and_then(|i| i.get_declaration(module, &[])).unwrap_or_else(|| panic!("intrinsic {permute_name}"));
         // Chains of sums per row: 8 in flight over all rows (4 on 16 ymm registers), two at
         // least per row.
@@ -399,10 +401,14 @@ pub fn emit<'ctx>(ctx: &'ctx Context, module: &Module<'ctx>, k: &Kernel, spec: &
                 let pick = b.build_int_z_extend(at(pick_table, bt, lanes as u32)?, it, "")?;
                 let values = at(value_table, vt, vector_align)?;
                 for (r, sums) in sums.iter_mut().enumerate() {
-                    let x_addr = unsafe { b.build_in_bounds_gep(f32t, pa, &[i64t.const_int((r as i64 * row_elems + c.chunk * lanes) as u64, false)], "")? };
-                    let x = b.build_load(vt, x_addr, "x")?;
-                    x.as_instruction_value().unwrap().set_alignment(4).map_err(|e| CodegenError::Llvm(e.to_string()))?;
-                    let picked = call(permute, &[x.into(), pick.into()])?;
+                    let x = |half: i64| -> R<VectorValue<'ctx>> {
+                        let at = r as i64 * row_elems + c.chunk * wic::chunk_width(lanes) + half * lanes;
+                        let addr = unsafe { b.build_in_bounds_gep(f32t, pa, &[i64t.const_int(at as u64, false)], "")? };
+                        let x = b.build_load(vt, addr, "x")?;
+                        x.as_instruction_value().unwrap().set_alignment(4).map_err(|e| CodegenError::Llvm(e.to_string()))?;
+                        Ok(x.into_vector_value())
+                    };
+                    let picked = if two { call(permute, &[x(0)?.into(), pick.into(), x(1)?.into()])? } else { call(permute, &[x(0)?.into(), pick.into()])? };
                     sums[i % chains] = call(fma, &[picked.into(), values.into(), sums[i % chains].into()])?;
                 }
                 t += 1;
