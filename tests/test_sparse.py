@@ -140,6 +140,39 @@ def test_dense_weights_keep_the_dense_kernel():
     assert weight_lines(frozen) == []
 
 
+# Runs pruned models in a fresh process with the disk cache in `dir`: each (seed, block,
+# zeros, scale, batch) is pruned_model(block, zeros, seed) with its weights times `scale`, run
+# on a random batch and compared with eager. Prints per model: seed, scale, whether a Kiln
+# group ran its last call, and how many of its weights are in code.
+DISK_CACHE_RUN = """
+import sys
+sys.path.insert(0, {here!r})
+import test_sparse as t
+torch_kiln.enable(cache_dir={dir!r}, compile={mode!r})
+for seed, block, zeros, scale, batch in {models}:
+    m = t.pruned_model(block, zeros, seed=seed)
+    with torch.no_grad():
+        for lin in (m.a, m.b):
+            lin.weight.mul_(scale)
+        f = torch.jit.freeze(torch.jit.script(m))
+        x = torch.randn(batch, 256)
+        runs = torch_kiln.stats()["kernel_runs"]
+        for _ in range(3):
+            out = f(x)
+        torch.testing.assert_close(out, m(x), rtol=1e-4, atol=1e-5)
+    in_code = sum("values in the code" in line for line in t.weight_lines(f))
+    print(seed, scale, torch_kiln.stats()["kernel_runs"] > runs, in_code)
+"""
+
+
+def run_from_disk_cache(tmp_path, mode, models):
+    """{(seed, scale): (whether Kiln ran it, weights in code)} of DISK_CACHE_RUN's models."""
+    here = kiln_check.__file__.rsplit("/", 1)[0]
+    out = kiln_check.run_isolated(DISK_CACHE_RUN.format(here=here, dir=str(tmp_path), mode=mode, models=models))
+    rows = [line.split() for line in out.strip().splitlines()]
+    return {(int(r[0]), float(r[1])): (r[2] == "True", int(r[3])) for r in rows}
+
+
 def test_a_cache_entry_is_code_for_any_weight_of_its_choice(tmp_path):
     # Sparse code is weight-independent: the key holds the choice (the format, in the graph's
     # text), not the weights. A fresh process with compile="never" runs a model with other
@@ -147,28 +180,10 @@ def test_a_cache_entry_is_code_for_any_weight_of_its_choice(tmp_path):
     # whose weights choose another kernel (too few zeros: dense) finds no entry (another key)
     # and runs TorchScript. (This also loads a GEMM with a fused epilogue from disk: its
     # fused-away product buffer's table entry was once malformed.)
-    here = kiln_check.__file__.rsplit("/", 1)[0]
-    body = """
-    import sys
-    sys.path.insert(0, {here!r})
-    import test_sparse as t
-    torch_kiln.enable(cache_dir={dir!r}, compile={mode!r})
-    for seed, block, zeros in {models}:
-        m = t.pruned_model(block, zeros, seed=seed)
-        with torch.no_grad():
-            f = torch.jit.freeze(torch.jit.script(m))
-            x = torch.randn(16, 256)
-            runs = torch_kiln.stats()["kernel_runs"]
-            for _ in range(3):
-                out = f(x)
-            torch.testing.assert_close(out, m(x), rtol=1e-4, atol=1e-5)
-        print(seed, torch_kiln.stats()["kernel_runs"] > runs, t.weight_lines(f))
-    """
-    first = kiln_check.run_isolated(body.format(here=here, dir=str(tmp_path), mode="lazy", models=[(0, (16, 1), 0.9)]))
-    assert first.split()[1] == "True", first
-    second = kiln_check.run_isolated(body.format(here=here, dir=str(tmp_path), mode="never", models=[(1, (16, 1), 0.9), (2, None, 0.3)]))
-    ran = {int(line.split()[0]): line.split()[1] == "True" for line in second.strip().splitlines()}
-    assert ran == {1: True, 2: False}, second
+    first = run_from_disk_cache(tmp_path, "lazy", [(0, (16, 1), 0.9, 1.0, 16)])
+    assert first[(0, 1.0)][0], first
+    second = run_from_disk_cache(tmp_path, "never", [(1, (16, 1), 0.9, 1.0, 16), (2, None, 0.3, 1.0, 16)])
+    assert {seed: ran for (seed, _), (ran, _) in second.items()} == {1: True, 2: False}, second
 
 
 def in_code_checks():
@@ -222,28 +237,7 @@ def test_a_weight_in_code_is_never_served_to_other_weights(tmp_path):
     # in the graph's text). A fresh process with compile="never" finds the first process's
     # entry for the same weights, and none for weights with the same zeros but other values
     # (each nonzero doubled): those run TorchScript, and right.
-    here = kiln_check.__file__.rsplit("/", 1)[0]
-    body = """
-    import sys
-    sys.path.insert(0, {here!r})
-    import test_sparse as t
-    torch_kiln.enable(cache_dir={dir!r}, compile={mode!r})
-    for scale in {scales}:
-        m = t.pruned_model(None, 0.9, seed=0)
-        with torch.no_grad():
-            for lin in (m.a, m.b):
-                lin.weight.mul_(scale)
-            f = torch.jit.freeze(torch.jit.script(m))
-            x = torch.randn(1, 256)
-            runs = torch_kiln.stats()["kernel_runs"]
-            for _ in range(3):
-                out = f(x)
-            torch.testing.assert_close(out, m(x), rtol=1e-4, atol=1e-5)
-        in_code = sum("values in the code" in line for line in t.weight_lines(f))
-        print(scale, torch_kiln.stats()["kernel_runs"] > runs, in_code)
-    """
-    first = kiln_check.run_isolated(body.format(here=here, dir=str(tmp_path), mode="lazy", scales=[1.0]))
-    assert first.split()[1:] == ["True", "2"], first
-    second = kiln_check.run_isolated(body.format(here=here, dir=str(tmp_path), mode="never", scales=[1.0, 2.0]))
-    ran = {float(line.split()[0]): line.split()[1] == "True" for line in second.strip().splitlines()}
-    assert ran == {1.0: True, 2.0: False}, second
+    first = run_from_disk_cache(tmp_path, "lazy", [(0, None, 0.9, 1.0, 1)])
+    assert first == {(0, 1.0): (True, 2)}, first
+    second = run_from_disk_cache(tmp_path, "never", [(0, None, 0.9, 1.0, 1), (0, None, 0.9, 2.0, 1)])
+    assert {scale: ran for (_, scale), (ran, _) in second.items()} == {1.0: True, 2.0: False}, second
