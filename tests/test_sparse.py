@@ -241,3 +241,16 @@ def test_a_weight_in_code_is_never_served_to_other_weights(tmp_path):
     assert first == {(0, 1.0): (True, 2)}, first
     second = run_from_disk_cache(tmp_path, "never", [(0, None, 0.9, 1.0, 1), (0, None, 0.9, 2.0, 1)])
     assert {scale: ran for (_, scale), (ran, _) in second.items()} == {1.0: True, 2.0: False}, second
+
+
+def test_weights_stay_out_of_code_when_asked(monkeypatch):
+    # KILN_WEIGHTS_IN_CODE=0 (read as the frontend lowers): the same small weight takes a
+    # weight-independent kernel, and the result is the same.
+    monkeypatch.setenv("KILN_WEIGHTS_IN_CODE", "0")
+    m = pruned_model(None, 0.9, seed=3)
+    with torch.no_grad():
+        frozen = torch.jit.freeze(torch.jit.script(m))
+        check_against_float64(frozen, m, torch.randn(1, 256))
+    lines = weight_lines(frozen)
+    assert len(lines) == 2 and not any("values in the code" in line for line in lines), lines
+    assert "sparse_b=code" not in torch_kiln.explain(frozen)

@@ -1910,7 +1910,14 @@ impl Lower<'_> {
             self.weight_choices.push(format!("weight {}x{} of %{}: dense (KILN_SPARSE_WEIGHTS=0)", facts.rows, facts.cols, p.0));
             return;
         }
-        let choice = kiln_compiler::kernels::sparse::choose(facts, true, kiln_compiler::kernels::gemm::host_lanes(), m);
+        // `KILN_WEIGHTS_IN_CODE=0`: no weight's values in code, so that every entry serves
+        // any weights of its shapes and choice (a cache prewarmed to ship with retrained
+        // weights).
+        let mut facts = kiln_compiler::kernels::sparse::WeightFacts::clone(facts);
+        if std::env::var("KILN_WEIGHTS_IN_CODE").as_deref() == Ok("0") {
+            facts.key = None;
+        }
+        let choice = kiln_compiler::kernels::sparse::choose(&facts, true, kiln_compiler::kernels::gemm::host_lanes(), m);
         self.weight_choices.push(format!("weight {}x{} of %{}: {}", facts.rows, facts.cols, p.0, choice.reason));
         if let Some(format) = choice.format {
             self.g.nodes[p.0 as usize].op = Op::MatMul { sparse_b: Some(format) };
