@@ -266,9 +266,11 @@ pub fn choose(facts: &WeightFacts, n_dim_rows: bool, host_lanes: i64, m: i64) ->
             candidates.push((SparseFormat::Rows(block), cycles(runs * mf, rate, tiles * TILE_CYCLES, runs * (4 * block + 4) as f64)));
         }
     }
-    if let (Some(key), true, true) = (facts.key, n_dim_rows && m <= 3, facts.code_steps(host_lanes) <= weights_in_code::MAX_STEPS) {
+    let small = facts.code_steps(host_lanes) <= weights_in_code::MAX_STEPS;
+    if let Some(key) = facts.key.filter(|_| n_dim_rows && m <= crate::kernels::gemm::MAX_IN_CODE_ROWS && small) {
         // All rows in one pass: a step's tables are read once, each row adds a permute and
-        // an FMA (measured at 256², 90% zeros: 1.56× one row's time for two, 1.85× for three).
+        // an FMA (measured at 256², 90% zeros: about 1.6× one row's time for two, 1.9× for
+        // three).
         let steps = facts.code_steps(host_lanes) as f64 * (1.0 + CODE_ROW_SHARE * (mf - 1.0));
         let tiles = (n as f64 / host_lanes as f64).ceil();
         candidates.push((SparseFormat::InCode { lanes: host_lanes, key }, cycles(steps, CODE_STEPS_PER_CYCLE, tiles * CODE_TILE_CYCLES, 0.0)));

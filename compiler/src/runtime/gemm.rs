@@ -78,17 +78,14 @@ unsafe fn pack_a_rows(a: &GemmOperand, src: *const f32, m: i64, k: i64, r0: i64,
     for r in 0..mr {
         let d = dst.offset((r * row) as isize);
         let live = if r0 + r < m { k } else { 0 };
-        let s = src.offset(((r0 + r) * a.rows) as isize);
-        for p in 0..live {
-            *d.offset(p as isize) = *s.offset((p * a.cols) as isize);
+        if live > 0 {
+            let s = src.offset(((r0 + r) * a.rows) as isize);
+            for p in 0..live {
+                *d.offset(p as isize) = *s.offset((p * a.cols) as isize);
+            }
         }
         std::ptr::write_bytes(d.offset(live as isize), 0, (row - live) as usize);
     }
-}
-
-/// Floats of a row of A packed for a product over a weight in code.
-fn in_code_row(k: i64, lanes: i64) -> i64 {
-    crate::kernels::weights_in_code::a_row_elems(k, lanes)
 }
 
 /// Packs columns [c0, c0 + nr) × all of k of B as k × nr floats.
@@ -309,7 +306,10 @@ pub unsafe fn run(s: &GemmShape, ukr: MicrokernelFn, table: *const *mut u8, scra
                 let off = batch_offset(&s.batch, &s.a.batch_strides, bi, coords);
                 let dst = pa.offset((t * a_panel) as isize);
                 match format {
-                    Some(SparseFormat::InCode { lanes, .. }) => pack_a_rows(&s.a, a_src.offset(off as isize), s.m, s.k, ip * tile.mr, tile.mr, in_code_row(s.k, lanes), dst),
+                    Some(SparseFormat::InCode { lanes, .. }) => {
+                        let row = crate::kernels::weights_in_code::a_row_elems(s.k, lanes);
+                        pack_a_rows(&s.a, a_src.offset(off as isize), s.m, s.k, ip * tile.mr, tile.mr, row, dst)
+                    }
                     _ => {
                         pack_a_panel(&s.a, a_src.offset(off as isize), s.m, s.k, ip * tile.mr, tile.mr, dst);
                         // Zeros past k, where a sparse run's last vector reads (`a_panel_elems`).
