@@ -17,6 +17,7 @@
 //! weight %1 256 256 6554 ...    what a constant weight's zeros look like (a frozen module's
 //!                               tensor constant the pass lifted to an input, %1):
 //!                               `kiln_compiler::kernels::sparse::WeightFacts` in text
+//!                               (`... code KEY` where its values are registered for code)
 //! output %2
 //! ```
 //!
