@@ -391,27 +391,36 @@ pub fn emit<'ctx>(ctx: &'ctx Context, module: &Module<'ctx>, k: &Kernel, spec: &
         for (chunks, bb) in plan.iter().zip(&blocks) {
             b.position_at_end(*bb);
             let mut sums = vec![vec![vt.const_zero(); chains]; mr as usize];
-            for (i, c) in chunks.iter().flat_map(|c| c.steps.iter().map(move |_| c)).enumerate() {
-                let at = |table: PointerValue<'ctx>, ty: VectorType<'ctx>, align: u32| -> R<VectorValue<'ctx>> {
-                    let addr = unsafe { b.build_in_bounds_gep(ty.array_type(steps.len() as u32), table, &[i64t.const_zero(), i64t.const_int(t, false)], "")? };
-                    let load = b.build_load(ty, addr, "")?;
-                    load.as_instruction_value().unwrap().set_alignment(align).map_err(|e| CodegenError::Llvm(e.to_string()))?;
-                    Ok(load.into_vector_value())
-                };
-                let pick = b.build_int_z_extend(at(pick_table, bt, lanes as u32)?, it, "")?;
-                let values = at(value_table, vt, vector_align)?;
-                for (r, sums) in sums.iter_mut().enumerate() {
-                    let x = |half: i64| -> R<VectorValue<'ctx>> {
-                        let at = r as i64 * row_elems + c.chunk * wic::chunk_width(lanes) + half * lanes;
+            let at = |table: PointerValue<'ctx>, ty: VectorType<'ctx>, step: u64, align: u32| -> R<VectorValue<'ctx>> {
+                let addr = unsafe { b.build_in_bounds_gep(ty.array_type(steps.len() as u32), table, &[i64t.const_zero(), i64t.const_int(step, false)], "")? };
+                let load = b.build_load(ty, addr, "")?;
+                load.as_instruction_value().unwrap().set_alignment(align).map_err(|e| CodegenError::Llvm(e.to_string()))?;
+                Ok(load.into_vector_value())
+            };
+            let mut i = 0;
+            for c in chunks {
+                // Each row's chunk of x, loaded once for the chunk's steps.
+                let mut xs = vec![];
+                for r in 0..mr {
+                    for half in 0..(wic::chunk_width(lanes) / lanes) {
+                        let at = r * row_elems + c.chunk * wic::chunk_width(lanes) + half * lanes;
                         let addr = unsafe { b.build_in_bounds_gep(f32t, pa, &[i64t.const_int(at as u64, false)], "")? };
                         let x = b.build_load(vt, addr, "x")?;
                         x.as_instruction_value().unwrap().set_alignment(4).map_err(|e| CodegenError::Llvm(e.to_string()))?;
-                        Ok(x.into_vector_value())
-                    };
-                    let picked = if two { call(permute, &[x(0)?.into(), pick.into(), x(1)?.into()])? } else { call(permute, &[x(0)?.into(), pick.into()])? };
-                    sums[i % chains] = call(fma, &[picked.into(), values.into(), sums[i % chains].into()])?;
+                        xs.push(x.into_vector_value());
+                    }
                 }
-                t += 1;
+                let per_row = xs.len() / mr as usize;
+                for _ in &c.steps {
+                    let pick = b.build_int_z_extend(at(pick_table, bt, t, lanes as u32)?, it, "")?;
+                    let values = at(value_table, vt, t, vector_align)?;
+                    for (r, sums) in sums.iter_mut().enumerate() {
+                        let x = &xs[r * per_row..(r + 1) * per_row];
+                        let picked = if two { call(permute, &[x[0].into(), pick.into(), x[1].into()])? } else { call(permute, &[x[0].into(), pick.into()])? };
+                        sums[i % chains] = call(fma, &[picked.into(), values.into(), sums[i % chains].into()])?;
+                    }
+                    (i, t) = (i + 1, t + 1);
+                }
             }
             for (r, sums) in sums.iter_mut().enumerate() {
                 let mut width = 1;
